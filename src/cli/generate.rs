@@ -1,0 +1,171 @@
+//! `billion generate`: one prompt in, streamed text out (or one JSON object with `--json`).
+
+use super::ModelArgs;
+use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
+use crate::model::device::{device_name, dtype_name};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt text (BOS is added when the model's tokenizer adds one)
+    #[arg(long, short = 'p', conflicts_with = "prompt_ids")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, used as given
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<String>>,
+    /// Most tokens to generate
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Penalty for tokens seen in the last 64 positions (1.0 = off)
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 299792458)]
+    pub seed: u64,
+    /// Stop when this text appears (repeatable)
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep only the last tokens of a prompt longer than the context window instead of refusing it
+    #[arg(long)]
+    pub truncate_prompt: bool,
+    /// Do not add BOS to a text prompt
+    #[arg(long)]
+    pub no_bos: bool,
+    /// Print one JSON object instead of streaming text
+    #[arg(long)]
+    pub json: bool,
+    /// Write the logits at every prompt position to this safetensors file (tensor `logits`, f32 [len, vocab])
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
+}
+
+fn parse_ids(ids: &[String]) -> Result<Vec<u32>> {
+    ids.iter()
+        .map(|s| s.trim().parse::<u32>().with_context(|| format!("--prompt-ids: `{s}` is not a token id")))
+        .collect()
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if let Some(t) = a.top_p {
+        if !(0.0..=1.0).contains(&t) || t == 0.0 {
+            bail!("--top-p must be in (0, 1], got {t}");
+        }
+    }
+    if a.temperature < 0.0 || !a.temperature.is_finite() {
+        bail!("--temperature must be a finite number ≥ 0, got {}", a.temperature);
+    }
+    if a.prompt.is_none() && a.prompt_ids.is_none() {
+        bail!("give --prompt TEXT or --prompt-ids 1,2,3");
+    }
+    let loaded = crate::model::load(&a.model.model, &a.model.load_options()?)?;
+    for name in &loaded.kept_dense {
+        eprintln!("note: {name} kept dense: its width is not a multiple of the quantization block");
+    }
+    let cfg = loaded.config().clone();
+    let mut prompt = match (&a.prompt, &a.prompt_ids) {
+        (Some(text), _) => loaded.tokenizer()?.encode(text, !a.no_bos)?,
+        (None, Some(ids)) => {
+            let ids = parse_ids(ids)?;
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                bail!("--prompt-ids: token id {bad} is out of range for a vocabulary of {} (valid: 0..{})", cfg.vocab_size, cfg.vocab_size - 1);
+            }
+            ids
+        }
+        _ => unreachable!(),
+    };
+    if prompt.is_empty() {
+        bail!("--prompt: the prompt encodes to no tokens");
+    }
+    let ctx = cfg.max_position_embeddings;
+    if prompt.len() > ctx {
+        if a.truncate_prompt {
+            eprintln!("note: prompt of {} tokens truncated to its last {ctx} (the context window)", prompt.len());
+            prompt.drain(..prompt.len() - ctx);
+        } else {
+            bail!(
+                "prompt has {} tokens but the model's context window is {ctx}; shorten it or pass --truncate-prompt to keep the last {ctx}",
+                prompt.len()
+            );
+        }
+    }
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repeat_penalty: a.repeat_penalty,
+            seed: a.seed,
+            ..Default::default()
+        },
+        eos_ids: loaded.eos_ids(),
+        stop_strings: a.stop.clone(),
+        keep_prompt_logits: a.logits_out.is_some(),
+    };
+    let mut cache = loaded.model.new_cache().with_capacity(prompt.len() + a.max_tokens);
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let gen = generate(&loaded.model, loaded.tokenizer.as_ref(), &prompt, &mut cache, &params, |t| {
+        if !json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    if let (Some(path), Some(logits)) = (&a.logits_out, &gen.prompt_logits) {
+        write_logits(path, logits)?;
+    }
+    if json {
+        let v = serde_json::json!({
+            "model": loaded.source.display().to_string(),
+            "architecture": cfg.architecture.name(),
+            "device": device_name(loaded.model.device()),
+            "dtype": dtype_name(loaded.model.dtype()),
+            "quantization": loaded.quantization,
+            "prompt_tokens": prompt,
+            "tokens": gen.tokens,
+            "text": gen.text,
+            "stop_reason": gen.stop_reason,
+            "timings": {
+                "load_s": loaded.load_seconds,
+                "prefill_tok_s": gen.prefill_tok_s(prompt.len()),
+                "decode_tok_s": gen.decode_tok_s(),
+                "ttft_ms": gen.ttft_seconds * 1000.0,
+            }
+        });
+        println!("{v}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s, ttft {:.1} ms, load {:.2} s]",
+            prompt.len(),
+            gen.tokens.len(),
+            gen.prefill_tok_s(prompt.len()),
+            gen.decode_tok_s(),
+            gen.ttft_seconds * 1000.0,
+            loaded.load_seconds
+        );
+    }
+    Ok(())
+}
+
+fn write_logits(path: &std::path::Path, logits: &candle_core::Tensor) -> Result<()> {
+    let logits = logits.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+    candle_core::safetensors::save(&std::collections::HashMap::from([("logits".to_string(), logits)]), &tmp)
+        .with_context(|| format!("--logits-out: cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("--logits-out: cannot write {}", path.display()))?;
+    Ok(())
+}

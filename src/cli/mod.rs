@@ -1,0 +1,79 @@
+//! Command line: one thin file per subcommand; each parses its flags and calls into the library.
+
+mod generate;
+mod info;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "billion", version, about = "Run, benchmark, chat with, fine-tune and speed up ~1B-parameter LLMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout
+    Generate(generate::GenerateArgs),
+    /// Describe a model: architecture, parameters, dtype, context, memory
+    Info(info::InfoArgs),
+}
+
+/// How to load a model; shared by every subcommand that takes `--model`.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face model folder, a .gguf file, or a config.json (with --random-weights)
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// cpu, cuda, cuda:N or metal (default: CUDA, then Metal, then CPU)
+    #[arg(long)]
+    pub device: Option<String>,
+    /// f32, f16 or bf16 (default: bf16 on CUDA, f16 on Metal, f32 on CPU)
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Quantize safetensors weights at load: none, q8_0, q4_0 or q4k
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// Use random weights of the config's exact shapes (no weight files needed)
+    #[arg(long)]
+    pub random_weights: bool,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> anyhow::Result<crate::model::LoadOptions> {
+        Ok(crate::model::LoadOptions {
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            quantize: match &self.quantize {
+                Some(q) => crate::model::weights::Quantize::parse(q)?,
+                None => None,
+            },
+            random_weights: self.random_weights,
+        })
+    }
+}
+
+/// Run the CLI; returns the process exit code. Errors print as one line on stderr.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Info(a) => info::run(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", msg.join(": ").replace('\n', " "));
+            1
+        }
+    }
+}

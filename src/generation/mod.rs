@@ -1,0 +1,190 @@
+//! Autoregressive generation: prefill the prompt, then decode token by token through the KV cache,
+//! streaming text as it becomes complete and stopping at EOS ids, stop strings, the token limit or the
+//! end of the context window.
+
+pub mod sampling;
+
+use crate::model::{KvCache, Model};
+use crate::tokenizer::{TokenStream, Tokenizer};
+use anyhow::{bail, Result};
+use candle_core::{Tensor, D};
+use sampling::{Sampler, SamplingParams};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub eos_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    /// Keep the logits of every prompt position (for `--logits-out`).
+    pub keep_prompt_logits: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    StopString,
+    MaxTokens,
+    ContextFull,
+}
+
+#[derive(Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    pub ttft_seconds: f64,
+    pub prompt_logits: Option<Tensor>,
+}
+
+impl Generation {
+    pub fn prefill_tok_s(&self, prompt_len: usize) -> f64 {
+        prompt_len as f64 / self.prefill_seconds.max(1e-9)
+    }
+
+    /// Tokens per second over the decode steps (every token after the first, which prefill produced).
+    pub fn decode_tok_s(&self) -> f64 {
+        let steps = self.tokens.len().saturating_sub(1);
+        if steps == 0 {
+            0.0
+        } else {
+            steps as f64 / self.decode_seconds.max(1e-9)
+        }
+    }
+}
+
+/// Logits `[vocab]` (f32) → next token, with a device-side argmax when greedy and unpenalised.
+fn next_token(logits: &Tensor, sampler: &mut Sampler, history: &[u32]) -> Result<u32> {
+    let p = sampler.params();
+    if p.is_greedy() && p.repeat_penalty == 1.0 {
+        return Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?);
+    }
+    let mut l = logits.to_vec1::<f32>()?;
+    sampler.penalize(&mut l, history);
+    Ok(sampler.sample(&l))
+}
+
+/// Length of the longest suffix of `text` that begins some stop string (held back from streaming).
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut hold = 0;
+    for s in stops {
+        for n in (1..s.len()).rev() {
+            if n <= text.len() && text.is_char_boundary(text.len() - n) && s.starts_with(&text[text.len() - n..]) {
+                hold = hold.max(n);
+                break;
+            }
+        }
+    }
+    hold
+}
+
+/// Generate after `prompt`, continuing `cache` (which must already hold anything before `prompt`).
+/// `on_text` receives text as it becomes final.
+pub fn generate(
+    model: &Model,
+    tokenizer: Option<&Tokenizer>,
+    prompt: &[u32],
+    cache: &mut KvCache,
+    params: &GenerateParams,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        bail!("the prompt is empty: give at least one token");
+    }
+    let vocab = model.config().vocab_size;
+    if let Some(bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+    }
+    if cache.len() + prompt.len() > cache.max_len() {
+        bail!(
+            "the prompt has {} tokens but the context window is {} tokens{}",
+            prompt.len(),
+            cache.max_len(),
+            if cache.is_empty() { String::new() } else { format!(" ({} already used)", cache.len()) }
+        );
+    }
+    let mut sampler = Sampler::new(params.sampling.clone());
+    let mut history: Vec<u32> = prompt.to_vec();
+    let start = Instant::now();
+    let input = model.input(prompt)?;
+    let (last, prompt_logits) = if params.keep_prompt_logits {
+        let all = model.forward(&input, cache)?.squeeze(0)?;
+        (all.get(prompt.len() - 1)?, Some(all))
+    } else {
+        (model.forward_last(&input, cache)?.squeeze(0)?, None)
+    };
+    if params.max_tokens == 0 {
+        let prefill_seconds = start.elapsed().as_secs_f64();
+        return Ok(Generation {
+            tokens: vec![],
+            text: String::new(),
+            stop_reason: StopReason::MaxTokens,
+            prefill_seconds,
+            decode_seconds: 0.0,
+            ttft_seconds: prefill_seconds,
+            prompt_logits,
+        });
+    }
+    let mut token = next_token(&last, &mut sampler, &history)?;
+    let ttft = start.elapsed().as_secs_f64();
+    let decode_start = Instant::now();
+
+    let mut stream = tokenizer.map(TokenStream::new);
+    let mut tokens = vec![];
+    let mut text = String::new();
+    let mut printed = 0;
+    let stop_reason;
+    loop {
+        if params.eos_ids.contains(&token) {
+            stop_reason = StopReason::Eos;
+            break;
+        }
+        tokens.push(token);
+        history.push(token);
+        if let Some(s) = stream.as_mut() {
+            if let Some(piece) = s.push(token)? {
+                text.push_str(&piece);
+            }
+        }
+        if let Some(pos) = params.stop_strings.iter().filter_map(|s| text[printed.min(text.len())..].find(s.as_str()).map(|p| p + printed)).min() {
+            text.truncate(pos);
+            if pos > printed {
+                on_text(&text[printed..]);
+            }
+            printed = text.len();
+            stop_reason = StopReason::StopString;
+            break;
+        }
+        let safe = text.len() - held_back(&text, &params.stop_strings);
+        if safe > printed {
+            on_text(&text[printed..safe]);
+            printed = safe;
+        }
+        if tokens.len() >= params.max_tokens {
+            stop_reason = StopReason::MaxTokens;
+            break;
+        }
+        if cache.len() >= cache.max_len() {
+            stop_reason = StopReason::ContextFull;
+            break;
+        }
+        let logits = model.forward_last(&model.input(&[token])?, cache)?.squeeze(0)?;
+        token = next_token(&logits, &mut sampler, &history)?;
+    }
+    if stop_reason != StopReason::StopString {
+        if let Some(s) = stream.as_mut() {
+            if let Some(rest) = s.finish()? {
+                text.push_str(&rest);
+            }
+        }
+        if text.len() > printed {
+            on_text(&text[printed..]);
+        }
+    }
+    let decode_seconds = decode_start.elapsed().as_secs_f64();
+    Ok(Generation { tokens, text, stop_reason, prefill_seconds: ttft, decode_seconds, ttft_seconds: ttft, prompt_logits })
+}

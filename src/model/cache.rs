@@ -1,0 +1,151 @@
+//! KV cache: per layer, a preallocated `[batch, kv_heads, capacity, head_dim]` buffer written in place.
+//! Growing doubles the capacity (amortised O(1) per token, never a concatenation per step); `truncate`
+//! rolls the cache back to any earlier length (speculative decoding, prompt-prefix reuse).
+
+use candle_core::{DType, Device, Result, Tensor};
+
+#[derive(Debug, Clone)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+    len: usize,
+    max_len: usize,
+    initial_capacity: usize,
+}
+
+impl KvCache {
+    /// `max_len` is the model's context window: appending past it is an error.
+    pub fn new(num_layers: usize, max_len: usize) -> Self {
+        Self { layers: vec![None; num_layers], len: 0, max_len, initial_capacity: 256.min(max_len.max(1)) }
+    }
+
+    /// Reserve room for `capacity` tokens on first use (avoids growth copies when the length is known).
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
+        self.initial_capacity = capacity.clamp(1, self.max_len.max(1));
+        self
+    }
+
+    /// Tokens currently held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Roll back to the first `len` tokens. Later writes overwrite what was dropped.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// Bytes allocated for keys and values.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Check that `extra` more tokens fit in the context window.
+    pub fn check_room(&self, extra: usize) -> Result<()> {
+        if self.len + extra > self.max_len {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's context window of {} tokens",
+                self.len + extra,
+                self.max_len
+            );
+        }
+        Ok(())
+    }
+
+    /// Write `k`, `v` (`[b, kv_heads, t, d]`) for `layer` at the current position and return views of the
+    /// whole cached sequence including them. Call `advance(t)` once all layers have appended.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, d) = k.dims4()?;
+        let needed = self.len + t;
+        if needed > self.max_len {
+            self.check_room(t)?;
+        }
+        let slot = &mut self.layers[layer];
+        let capacity = match slot.as_ref() { Some(c) => c.k.dim(2)?, None => 0 };
+        if needed > capacity {
+            let mut new_cap = capacity.max(self.initial_capacity);
+            while new_cap < needed {
+                new_cap *= 2;
+            }
+            let new_cap = new_cap.min(self.max_len);
+            let nk = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
+            if let Some(old) = slot.as_ref() {
+                if self.len > 0 {
+                    nk.slice_set(&old.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    nv.slice_set(&old.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+            }
+            *slot = Some(LayerCache { k: nk, v: nv });
+        }
+        let c = slot.as_ref().expect("allocated above");
+        c.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        c.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((c.k.narrow(2, 0, needed)?, c.v.narrow(2, 0, needed)?))
+    }
+
+    /// Move the write position forward after every layer appended `t` tokens.
+    pub fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
+    pub fn dtype(&self) -> Option<DType> {
+        self.layers.iter().flatten().next().map(|l| l.k.dtype())
+    }
+
+    pub fn device(&self) -> Option<Device> {
+        self.layers.iter().flatten().next().map(|l| l.k.device().clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_and_rolls_back() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(1, 1000).with_capacity(2);
+        for i in 0..5 {
+            let k = Tensor::full(i as f32, (1, 1, 1, 2), &dev)?;
+            let (ks, _) = c.append(0, &k, &k)?;
+            c.advance(1);
+            assert_eq!(ks.dim(2)?, i + 1);
+            assert_eq!(ks.flatten_all()?.to_vec1::<f32>()?[2 * i], i as f32);
+        }
+        c.truncate(2);
+        let k = Tensor::full(9f32, (1, 1, 1, 2), &dev)?;
+        let (ks, _) = c.append(0, &k, &k)?;
+        assert_eq!(ks.flatten_all()?.to_vec1::<f32>()?, vec![0., 0., 1., 1., 9., 9.]);
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_past_context() {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(1, 3);
+        let k = Tensor::zeros((1, 1, 4, 2), DType::F32, &dev).unwrap();
+        assert!(c.append(0, &k, &k).is_err());
+    }
+}

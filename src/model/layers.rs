@@ -1,0 +1,279 @@
+//! Building blocks shared by the architectures: norms, rotary embeddings, embeddings, activations and the
+//! attention core. Each op has a fused path (candle's kernels, inference) and a differentiable path built
+//! from primitive ops (training), picked by [`Ops`].
+
+use super::cache::KvCache;
+use super::config::{Activation, ModelConfig, RopeScaling};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use std::sync::{Arc, Mutex};
+
+/// Which implementation of the non-matmul ops to use. Candle's fused kernels (rms_norm, layer_norm, rope,
+/// softmax_last_dim) record no gradients, so anything that needs backprop selects `Differentiable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ops {
+    #[default]
+    Fused,
+    Differentiable,
+}
+
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Rms { weight: Tensor, eps: f64 },
+    Layer { weight: Tensor, bias: Option<Tensor>, eps: f64 },
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        match (self, ops) {
+            (Norm::Rms { weight, eps }, Ops::Fused) => candle_nn::ops::rms_norm(x, weight, *eps as f32),
+            (Norm::Rms { weight, eps }, Ops::Differentiable) => {
+                let dtype = x.dtype();
+                let x32 = x.to_dtype(DType::F32)?;
+                let norm = x32.broadcast_div(&(x32.sqr()?.mean_keepdim(D::Minus1)? + *eps)?.sqrt()?)?;
+                norm.to_dtype(dtype)?.broadcast_mul(weight)
+            }
+            (Norm::Layer { weight, bias, eps }, _) => {
+                let zeros;
+                let bias = match bias {
+                    Some(b) => b,
+                    None => {
+                        zeros = weight.zeros_like()?;
+                        &zeros
+                    }
+                };
+                match ops {
+                    Ops::Fused => candle_nn::ops::layer_norm(x, weight, bias, *eps as f32),
+                    Ops::Differentiable => {
+                        let dtype = x.dtype();
+                        let x32 = x.to_dtype(DType::F32)?;
+                        let mean = x32.mean_keepdim(D::Minus1)?;
+                        let centered = x32.broadcast_sub(&mean)?;
+                        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+                        let normed = centered.broadcast_div(&(var + *eps)?.sqrt()?)?;
+                        normed.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Token embeddings: dense, or still quantized (GGUF) and dequantized row by row on lookup.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>, DType),
+}
+
+impl Embedding {
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(w) => {
+                let mut dims = ids.dims().to_vec();
+                dims.push(w.dim(1)?);
+                w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+            }
+            Embedding::Quantized(q, dtype) => q.embedding(ids)?.to_dtype(*dtype),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Embedding::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Embedding::Quantized(q, _) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::Silu => candle_nn::ops::silu(x),
+        Activation::Gelu => x.gelu_erf(),
+        Activation::GeluTanh => x.gelu(),
+    }
+}
+
+/// Rotary position embeddings over the first `rotary_dim` dims of each head. The cos/sin table grows on
+/// demand (doubling) up to the context window, so long-context models do not allocate it all up front.
+#[derive(Debug)]
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+    rotary_dim: usize,
+    head_dim: usize,
+    interleaved: bool,
+    max_len: usize,
+    dtype: DType,
+    device: Device,
+    table: Mutex<(Tensor, Tensor)>,
+}
+
+impl Rotary {
+    pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let dim = cfg.rotary_dim;
+        let mut inv_freq: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dim as f64) as f32)
+            .collect();
+        match &cfg.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Llama3(s) => {
+                // transformers' `_compute_llama3_parameters`, computed in f64 like its torch code in f32.
+                let old_ctx = s.original_max_position_embeddings as f64;
+                let low_wavelen = old_ctx / s.low_freq_factor;
+                let high_wavelen = old_ctx / s.high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let freq = *f as f64;
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    let new = if wavelen > low_wavelen {
+                        freq / s.factor
+                    } else if wavelen < high_wavelen {
+                        freq
+                    } else {
+                        let smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                        (1.0 - smooth) * freq / s.factor + smooth * freq
+                    };
+                    *f = new as f32;
+                }
+            }
+            RopeScaling::Factors(factors) => {
+                for (f, d) in inv_freq.iter_mut().zip(factors) {
+                    *f /= *d;
+                }
+            }
+        }
+        let initial = 1024.min(cfg.max_position_embeddings.max(1));
+        let table = Self::build(&inv_freq, initial, dtype, device)?;
+        Ok(Self {
+            inv_freq,
+            rotary_dim: dim,
+            head_dim: cfg.head_dim,
+            interleaved: cfg.rope_interleaved,
+            max_len: cfg.max_position_embeddings,
+            dtype,
+            device: device.clone(),
+            table: Mutex::new(table),
+        })
+    }
+
+    fn build(inv_freq: &[f32], len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in 0..len {
+            for f in inv_freq {
+                // f32 product like the reference, then cos/sin in f64 for accuracy.
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    fn cos_sin(&self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let mut table = self.table.lock().expect("rotary table lock");
+        let have = table.0.dim(0)?;
+        if offset + len > have {
+            let mut new_len = have.max(1);
+            while new_len < offset + len {
+                new_len *= 2;
+            }
+            *table = Self::build(&self.inv_freq, new_len.min(self.max_len.max(offset + len)), self.dtype, &self.device)?;
+        }
+        Ok((table.0.narrow(0, offset, len)?, table.1.narrow(0, offset, len)?))
+    }
+
+    /// Rotate `x` (`[b, heads, t, head_dim]`) for positions `offset..offset+t`.
+    pub fn apply(&self, x: &Tensor, offset: usize, ops: Ops) -> Result<Tensor> {
+        if self.rotary_dim == 0 {
+            return Ok(x.clone());
+        }
+        let t = x.dim(2)?;
+        let (cos, sin) = self.cos_sin(offset, t)?;
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            let x = x.contiguous()?;
+            match (self.interleaved, ops) {
+                (false, Ops::Fused) => candle_nn::rotary_emb::rope(&x, &cos, &sin),
+                (true, Ops::Fused) => candle_nn::rotary_emb::rope_i(&x, &cos, &sin),
+                (false, Ops::Differentiable) => candle_nn::rotary_emb::rope_slow(&x, &cos, &sin),
+                (true, Ops::Differentiable) => candle_nn::rotary_emb::rope_i_slow(&x, &cos, &sin),
+            }
+        };
+        if self.rotary_dim == self.head_dim {
+            rope(x)
+        } else {
+            let rot = rope(&x.narrow(3, 0, self.rotary_dim)?)?;
+            let pass = x.narrow(3, self.rotary_dim, self.head_dim - self.rotary_dim)?;
+            Tensor::cat(&[&rot, &pass], 3)
+        }
+    }
+}
+
+/// Causal mask for `t` new tokens after `offset` cached ones: `[t, offset + t]`, -inf above the diagonal.
+pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let total = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)
+}
+
+/// Scaled dot-product attention over the cache, with grouped-query heads handled by reshaping the queries
+/// (no copies of K/V per query head).
+/// `q`: `[b, heads, t, d]` (already rotated), `k`/`v`: `[b, kv_heads, t, d]` for the new tokens.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cache: &mut KvCache,
+    layer: usize,
+    mask: Option<&Tensor>,
+    ops: Ops,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let groups = h / kv_heads;
+    let (k_all, v_all) = cache.append(layer, k, v)?;
+    let total = k_all.dim(2)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = (q.contiguous()? * scale)?.reshape((b, kv_heads, groups * t, d))?;
+    let scores = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
+    let in_dtype = scores.dtype();
+    let scores = scores.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((b, kv_heads, groups, t, total))?
+            .broadcast_add(&m.to_dtype(DType::F32)?)?
+            .reshape((b, kv_heads, groups * t, total))?,
+        None => scores,
+    };
+    let probs = match ops {
+        Ops::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+        Ops::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+    };
+    let out = probs.to_dtype(in_dtype)?.matmul(&v_all)?; // [b, kv, g*t, d]
+    out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+/// The last-position or all-position selection of hidden states before the LM head.
+pub fn select_positions(x: &Tensor, all: bool) -> Result<Tensor> {
+    if all {
+        Ok(x.clone())
+    } else {
+        let t = x.dim(1)?;
+        x.narrow(1, t - 1, 1)
+    }
+}
+
+/// Split `[b, t, heads*d]` into `[b, heads, t, d]`.
+pub fn split_heads(x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    x.reshape((b, t, heads, d))?.transpose(1, 2)
+}
+
+/// Apply a module to `x`; a tiny helper so architectures read as the math.
+pub fn apply<M: Module>(m: &M, x: &Tensor) -> Result<Tensor> {
+    m.forward(x)
+}

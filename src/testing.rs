@@ -1,0 +1,239 @@
+//! Tiny random models of every architecture, written by our own code (safetensors folders and GGUF
+//! files), for self-contained tests and examples. Weights are seeded, so a seed always gives the same model.
+
+use crate::model::config::{Architecture, ModelConfig};
+use crate::model::gguf::write_gguf;
+use anyhow::Result;
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// config.json for a tiny model of `arch` (hidden 64, 2 layers, 4 heads, vocab `vocab`).
+pub fn tiny_config(arch: Architecture, vocab: usize) -> serde_json::Value {
+    match arch {
+        Architecture::Llama => serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "max_position_embeddings": 256, "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2,
+            "hidden_act": "silu"
+        }),
+        Architecture::StableLm => serde_json::json!({
+            "architectures": ["StableLmForCausalLM"], "model_type": "stablelm", "vocab_size": vocab,
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "layer_norm_eps": 1e-5, "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+            "use_qkv_bias": true, "qk_layernorm": true, "use_parallel_residual": false,
+            "max_position_embeddings": 256, "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 0,
+            "hidden_act": "silu"
+        }),
+        Architecture::GptNeoX => serde_json::json!({
+            "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": vocab,
+            "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "layer_norm_eps": 1e-5, "rotary_emb_base": 10000, "rotary_pct": 0.25, "use_parallel_residual": true,
+            "max_position_embeddings": 256, "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 0,
+            "hidden_act": "gelu"
+        }),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Fill {
+    Matrix,
+    Norm,
+    Bias,
+}
+
+/// Every tensor a Hugging Face checkpoint of this config holds, with its shape.
+fn hf_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Fill)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let mut t: Vec<(String, Vec<usize>, Fill)> = vec![];
+    let mut add = |n: String, s: Vec<usize>, f: Fill| t.push((n, s, f));
+    match cfg.architecture {
+        Architecture::Llama | Architecture::StableLm => {
+            let layer_norm = cfg.architecture == Architecture::StableLm;
+            add("model.embed_tokens.weight".into(), vec![v, h], Fill::Matrix);
+            for l in 0..cfg.num_layers {
+                let p = format!("model.layers.{l}");
+                for norm in ["input_layernorm", "post_attention_layernorm"] {
+                    if norm == "post_attention_layernorm" && layer_norm && cfg.parallel_residual {
+                        continue;
+                    }
+                    add(format!("{p}.{norm}.weight"), vec![h], Fill::Norm);
+                    if layer_norm {
+                        add(format!("{p}.{norm}.bias"), vec![h], Fill::Bias);
+                    }
+                }
+                for (n, o) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                    add(format!("{p}.self_attn.{n}.weight"), vec![o, h], Fill::Matrix);
+                    if cfg.attention_bias {
+                        add(format!("{p}.self_attn.{n}.bias"), vec![o], Fill::Bias);
+                    }
+                }
+                add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], Fill::Matrix);
+                if cfg.qk_layernorm {
+                    for hh in 0..cfg.num_heads {
+                        add(format!("{p}.self_attn.q_layernorm.norms.{hh}.weight"), vec![cfg.head_dim], Fill::Norm);
+                    }
+                    for hh in 0..cfg.num_kv_heads {
+                        add(format!("{p}.self_attn.k_layernorm.norms.{hh}.weight"), vec![cfg.head_dim], Fill::Norm);
+                    }
+                }
+                add(format!("{p}.mlp.gate_proj.weight"), vec![i, h], Fill::Matrix);
+                add(format!("{p}.mlp.up_proj.weight"), vec![i, h], Fill::Matrix);
+                add(format!("{p}.mlp.down_proj.weight"), vec![h, i], Fill::Matrix);
+            }
+            add("model.norm.weight".into(), vec![h], Fill::Norm);
+            if layer_norm {
+                add("model.norm.bias".into(), vec![h], Fill::Bias);
+            }
+            if !cfg.tie_word_embeddings {
+                add("lm_head.weight".into(), vec![v, h], Fill::Matrix);
+            }
+        }
+        Architecture::GptNeoX => {
+            add("gpt_neox.embed_in.weight".into(), vec![v, h], Fill::Matrix);
+            for l in 0..cfg.num_layers {
+                let p = format!("gpt_neox.layers.{l}");
+                for norm in ["input_layernorm", "post_attention_layernorm"] {
+                    add(format!("{p}.{norm}.weight"), vec![h], Fill::Norm);
+                    add(format!("{p}.{norm}.bias"), vec![h], Fill::Bias);
+                }
+                add(format!("{p}.attention.query_key_value.weight"), vec![3 * q, h], Fill::Matrix);
+                add(format!("{p}.attention.query_key_value.bias"), vec![3 * q], Fill::Bias);
+                add(format!("{p}.attention.dense.weight"), vec![h, q], Fill::Matrix);
+                add(format!("{p}.attention.dense.bias"), vec![h], Fill::Bias);
+                add(format!("{p}.mlp.dense_h_to_4h.weight"), vec![i, h], Fill::Matrix);
+                add(format!("{p}.mlp.dense_h_to_4h.bias"), vec![i], Fill::Bias);
+                add(format!("{p}.mlp.dense_4h_to_h.weight"), vec![h, i], Fill::Matrix);
+                add(format!("{p}.mlp.dense_4h_to_h.bias"), vec![h], Fill::Bias);
+            }
+            add("gpt_neox.final_layer_norm.weight".into(), vec![h], Fill::Norm);
+            add("gpt_neox.final_layer_norm.bias".into(), vec![h], Fill::Bias);
+            add("embed_out.weight".into(), vec![v, h], Fill::Matrix);
+        }
+    }
+    t
+}
+
+fn normal(rng: &mut StdRng, std: f32) -> f32 {
+    // Box–Muller: enough for test weights without another dependency.
+    let u1: f32 = rng.random::<f32>().max(1e-7);
+    let u2: f32 = rng.random::<f32>();
+    std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}
+
+/// Random f32 tensors of every weight of `cfg`, seeded.
+pub fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    hf_tensors(cfg)
+        .into_iter()
+        .map(|(name, shape, fill)| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n)
+                .map(|_| match fill {
+                    Fill::Matrix => normal(&mut rng, 0.1),
+                    Fill::Norm => 0.8 + 0.4 * rng.random::<f32>(),
+                    Fill::Bias => normal(&mut rng, 0.05),
+                })
+                .collect();
+            Ok((name, Tensor::from_vec(data, shape, &Device::Cpu)?))
+        })
+        .collect()
+}
+
+/// Write a Hugging Face style folder (config.json, model.safetensors f32, generation_config.json).
+pub fn write_hf_model(dir: &Path, config: &serde_json::Value, seed: u64) -> Result<ModelConfig> {
+    std::fs::create_dir_all(dir)?;
+    let cfg = ModelConfig::from_hf_json(config)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config)?)?;
+    let tensors: HashMap<String, Tensor> = random_tensors(&cfg, seed)?.into_iter().collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    let gen = serde_json::json!({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids});
+    std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&gen)?)?;
+    Ok(cfg)
+}
+
+/// llama.cpp's q/k row permutation: HF's half-split rotary layout → interleaved pairs.
+fn permute_for_interleaved_rope(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / heads;
+    Ok(w.reshape((heads, 2, hd / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
+/// A tiny SentencePiece-style vocabulary: specials, the 256 byte tokens and a few pieces.
+pub fn tiny_spm_vocab(size: usize) -> (Vec<String>, Vec<f32>, Vec<i32>) {
+    let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];
+    let mut types = vec![2, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    let pieces = ["▁", "e", "t", "a", "o", "h", "▁t", "he", "▁the", "▁a", "n", "s", "▁s", "in", "er", "▁w"];
+    for p in pieces {
+        if tokens.len() < size {
+            tokens.push(p.to_string());
+            types.push(1);
+        }
+    }
+    while tokens.len() < size {
+        tokens.push(format!("▁w{}", tokens.len()));
+        types.push(1);
+    }
+    let scores = (0..tokens.len()).map(|i| -(i as f32)).collect();
+    (tokens, scores, types)
+}
+
+/// Write a llama GGUF of the same weights as `write_hf_model(config, seed)`, with linear weights stored as
+/// `dtype` (Q8_0, Q4_0, F32 …) and a tiny SentencePiece vocabulary in the metadata.
+pub fn write_llama_gguf(path: &Path, config: &serde_json::Value, seed: u64, dtype: GgmlDType) -> Result<()> {
+    let cfg = ModelConfig::from_hf_json(config)?;
+    anyhow::ensure!(cfg.architecture == Architecture::Llama, "write_llama_gguf writes llama models");
+    let arch = cfg.architecture;
+    let mut qtensors: Vec<(String, QTensor)> = vec![];
+    for (name, t) in random_tensors(&cfg, seed)? {
+        let t = if name.ends_with("q_proj.weight") {
+            permute_for_interleaved_rope(&t, cfg.num_heads)?
+        } else if name.ends_with("k_proj.weight") {
+            permute_for_interleaved_rope(&t, cfg.num_kv_heads)?
+        } else {
+            t
+        };
+        let is_matrix = t.rank() == 2;
+        let q = if is_matrix && t.dim(1)? % dtype.block_size() == 0 {
+            QTensor::quantize(&t, dtype)?
+        } else {
+            QTensor::quantize(&t, GgmlDType::F32)?
+        };
+        let gname = crate::model::weights::gguf_name(arch, &name).expect("llama names map to GGUF");
+        qtensors.push((gname, q));
+    }
+    let (tokens, scores, types) = tiny_spm_vocab(cfg.vocab_size);
+    let md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.name".into(), Value::String("tiny-llama-test".into())),
+        ("llama.context_length".into(), Value::U32(cfg.max_position_embeddings as u32)),
+        ("llama.embedding_length".into(), Value::U32(cfg.hidden_size as u32)),
+        ("llama.block_count".into(), Value::U32(cfg.num_layers as u32)),
+        ("llama.feed_forward_length".into(), Value::U32(cfg.intermediate_size as u32)),
+        ("llama.attention.head_count".into(), Value::U32(cfg.num_heads as u32)),
+        ("llama.attention.head_count_kv".into(), Value::U32(cfg.num_kv_heads as u32)),
+        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(cfg.norm_eps as f32)),
+        ("llama.rope.freq_base".into(), Value::F32(cfg.rope_theta as f32)),
+        ("llama.rope.dimension_count".into(), Value::U32(cfg.rotary_dim as u32)),
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.scores".into(), Value::Array(scores.into_iter().map(Value::F32).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
+    ];
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    write_gguf(path, &md_refs, &t_refs)
+}
