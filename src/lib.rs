@@ -3,6 +3,7 @@
 //! The data path: `cli` (one file per subcommand) → `model` (loader, device, linear seam, KV cache, one
 //! file per architecture) → `tokenizer` → `generation` (sampling, streaming) → tasks and reports.
 
+pub mod bench;
 pub mod cli;
 pub mod generation;
 pub mod model;

@@ -26,11 +26,18 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("architecture   {}", info.architecture);
     println!("parameters     {} ({:.3} B)", info.parameters, params / 1e9);
     println!("weights        {} (compute dtype {})", info.weights_dtype, info.compute_dtype);
-    println!("layers         {} (hidden {}, heads {}, kv heads {}, head dim {})", info.layers, info.hidden_size, info.heads, info.kv_heads, info.head_dim);
+    println!(
+        "layers         {} (hidden {}, heads {}, kv heads {}, head dim {})",
+        info.layers, info.hidden_size, info.heads, info.kv_heads, info.head_dim
+    );
     println!("vocabulary     {}", info.vocab_size);
     println!("context        {} tokens", info.context_length);
     println!("memory         weights {}", human_bytes(info.weights_bytes));
-    println!("               KV cache {} per token, {} at full context", human_bytes(info.kv_cache_bytes_per_token), human_bytes(info.kv_cache_bytes_per_token * info.context_length as u64));
+    println!(
+        "               KV cache {} per token, {} at full context",
+        human_bytes(info.kv_cache_bytes_per_token),
+        human_bytes(info.kv_cache_bytes_per_token * info.context_length as u64)
+    );
     println!("               total at full context {}", human_bytes(info.total_bytes_full_context));
     Ok(())
 }

@@ -150,7 +150,12 @@ pub fn generate(
                 text.push_str(&piece);
             }
         }
-        if let Some(pos) = params.stop_strings.iter().filter_map(|s| text[printed.min(text.len())..].find(s.as_str()).map(|p| p + printed)).min() {
+        if let Some(pos) = params
+            .stop_strings
+            .iter()
+            .filter_map(|s| text[printed.min(text.len())..].find(s.as_str()).map(|p| p + printed))
+            .min()
+        {
             text.truncate(pos);
             if pos > printed {
                 on_text(&text[printed..]);
@@ -186,5 +191,13 @@ pub fn generate(
         }
     }
     let decode_seconds = decode_start.elapsed().as_secs_f64();
-    Ok(Generation { tokens, text, stop_reason, prefill_seconds: ttft, decode_seconds, ttft_seconds: ttft, prompt_logits })
+    Ok(Generation {
+        tokens,
+        text,
+        stop_reason,
+        prefill_seconds: ttft,
+        decode_seconds,
+        ttft_seconds: ttft,
+        prompt_logits,
+    })
 }

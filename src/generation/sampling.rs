@@ -160,8 +160,14 @@ mod tests {
     fn seeded_sampling_repeats() {
         let logits = [0.5f32, 0.4, 0.3, 0.2];
         let params = SamplingParams { temperature: 1.0, seed: 7, ..Default::default() };
-        let a: Vec<u32> = { let mut s = Sampler::new(params.clone()); (0..20).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(params); (0..20).map(|_| s.sample(&logits)).collect() };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(params.clone());
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(params);
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
     }
 

@@ -54,11 +54,7 @@ impl KvCache {
 
     /// Bytes allocated for keys and values.
     pub fn allocated_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes())
-            .sum()
+        self.layers.iter().flatten().map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes()).sum()
     }
 
     /// Check that `extra` more tokens fit in the context window.
@@ -82,7 +78,10 @@ impl KvCache {
             self.check_room(t)?;
         }
         let slot = &mut self.layers[layer];
-        let capacity = match slot.as_ref() { Some(c) => c.k.dim(2)?, None => 0 };
+        let capacity = match slot.as_ref() {
+            Some(c) => c.k.dim(2)?,
+            None => 0,
+        };
         if needed > capacity {
             let mut new_cap = capacity.max(self.initial_capacity);
             while new_cap < needed {

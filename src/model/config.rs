@@ -116,10 +116,10 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read model config {}", path.display()))?;
-        let value: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read model config {}", path.display()))?;
+        let value: Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
         Self::from_hf_json(&value).with_context(|| format!("in model config {}", path.display()))
     }
 
@@ -127,9 +127,8 @@ impl ModelConfig {
         let raw: RawHfConfig =
             serde_json::from_value(v.clone()).context("config.json does not have the expected fields")?;
         let architecture = Architecture::from_hf(&raw.architectures, raw.model_type.as_deref())?;
-        let need = |field: Option<usize>, name: &str| -> Result<usize> {
-            field.with_context(|| format!("missing `{name}`"))
-        };
+        let need =
+            |field: Option<usize>, name: &str| -> Result<usize> { field.with_context(|| format!("missing `{name}`")) };
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
@@ -145,11 +144,8 @@ impl ModelConfig {
         // Rotary settings live in `rope_parameters` (transformers 5) or at the top level (transformers 4).
         let rp = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
         let rp_get = |k: &str| rp.and_then(|o| o.get(k));
-        let rope_theta = rp_get("rope_theta")
-            .and_then(Value::as_f64)
-            .or(raw.rope_theta)
-            .or(raw.rotary_emb_base)
-            .unwrap_or(10_000.0);
+        let rope_theta =
+            rp_get("rope_theta").and_then(Value::as_f64).or(raw.rope_theta).or(raw.rotary_emb_base).unwrap_or(10_000.0);
         let partial = rp_get("partial_rotary_factor")
             .and_then(Value::as_f64)
             .or(raw.partial_rotary_factor)
@@ -231,7 +227,7 @@ impl ModelConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.rotary_dim % 2 != 0 || self.rotary_dim > self.head_dim {
+        if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
             bail!("rotary dimension {} must be even and at most head_dim {}", self.rotary_dim, self.head_dim);
         }
         if self.architecture == Architecture::GptNeoX && self.num_kv_heads != self.num_heads {
@@ -260,11 +256,8 @@ impl ModelConfig {
             _ => 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 },
         };
         let qk_norm = if self.qk_layernorm { ((self.num_heads + self.num_kv_heads) * self.head_dim) as u64 } else { 0 };
-        let per_layer_norms = if self.architecture == Architecture::StableLm && self.parallel_residual {
-            norm
-        } else {
-            2 * norm
-        };
+        let per_layer_norms =
+            if self.architecture == Architecture::StableLm && self.parallel_residual { norm } else { 2 * norm };
         let layers = self.num_layers as u64 * (attn + mlp + per_layer_norms + qk_norm);
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + layers + norm + head

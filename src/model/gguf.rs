@@ -64,7 +64,9 @@ pub fn config_from_gguf(c: &gguf_file::Content, path: &Path) -> Result<ModelConf
     };
     let key = |k: &str| format!("{arch_name}.{k}");
     let need = |k: &str| -> Result<usize> {
-        meta_u64(c, &key(k)).map(|x| x as usize).with_context(|| format!("{}: GGUF metadata lacks `{}`", path.display(), key(k)))
+        meta_u64(c, &key(k))
+            .map(|x| x as usize)
+            .with_context(|| format!("{}: GGUF metadata lacks `{}`", path.display(), key(k)))
     };
     let hidden_size = need("embedding_length")?;
     let num_heads = need("attention.head_count")?;
@@ -142,7 +144,9 @@ pub fn write_gguf(
 ) -> Result<()> {
     let tmp = path.with_extension("gguf.tmp");
     {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
+        );
         gguf_file::write(&mut f, metadata, tensors)?;
         use std::io::Write;
         f.flush()?;

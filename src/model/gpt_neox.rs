@@ -52,7 +52,13 @@ impl GptNeoX {
         Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, rotary })
     }
 
-    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, all_logits: bool, ops: Ops) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        all_logits: bool,
+        ops: Ops,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.len();
         cache.check_room(t)?;
@@ -97,8 +103,11 @@ impl GptNeoX {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        let lin: usize =
-            self.blocks.iter().map(|b| [&b.qkv, &b.dense, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>()).sum();
+        let lin: usize = self
+            .blocks
+            .iter()
+            .map(|b| [&b.qkv, &b.dense, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>())
+            .sum();
         lin + self.embed.bytes() + self.lm_head.weight_bytes()
     }
 }

@@ -111,9 +111,8 @@ pub struct Rotary {
 impl Rotary {
     pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let dim = cfg.rotary_dim;
-        let mut inv_freq: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dim as f64) as f32)
-            .collect();
+        let mut inv_freq: Vec<f32> =
+            (0..dim / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dim as f64) as f32).collect();
         match &cfg.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Llama3(s) => {
@@ -180,7 +179,8 @@ impl Rotary {
             while new_len < offset + len {
                 new_len *= 2;
             }
-            *table = Self::build(&self.inv_freq, new_len.min(self.max_len.max(offset + len)), self.dtype, &self.device)?;
+            *table =
+                Self::build(&self.inv_freq, new_len.min(self.max_len.max(offset + len)), self.dtype, &self.device)?;
         }
         Ok((table.0.narrow(0, offset, len)?, table.1.narrow(0, offset, len)?))
     }
@@ -214,9 +214,8 @@ impl Rotary {
 /// Causal mask for `t` new tokens after `offset` cached ones: `[t, offset + t]`, -inf above the diagonal.
 pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let total = offset + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)
 }
 

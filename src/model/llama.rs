@@ -58,7 +58,13 @@ impl Llama {
         Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, rotary })
     }
 
-    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, all_logits: bool, ops: Ops) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        all_logits: bool,
+        ops: Ops,
+    ) -> candle_core::Result<Tensor> {
         let (_b, t) = ids.dims2()?;
         let offset = cache.len();
         cache.check_room(t)?;

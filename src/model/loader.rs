@@ -39,7 +39,10 @@ impl LoadedModel {
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().with_context(|| {
-            format!("{}: the model has no tokenizer (tokenizer.json); pass --prompt-ids instead of text", self.source.display())
+            format!(
+                "{}: the model has no tokenizer (tokenizer.json); pass --prompt-ids instead of text",
+                self.source.display()
+            )
         })
     }
 

@@ -32,7 +32,7 @@ impl PerHeadNorm {
             .norms
             .iter()
             .enumerate()
-            .map(|(h, n)| n.forward(&x.narrow(1, h, 1)?, ops))
+            .map(|(h, n)| n.forward(&x.narrow(1, h, 1)?.contiguous()?, ops))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&parts, 1)
     }
@@ -103,7 +103,13 @@ impl StableLm {
         Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, rotary })
     }
 
-    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, all_logits: bool, ops: Ops) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        all_logits: bool,
+        ops: Ops,
+    ) -> candle_core::Result<Tensor> {
         let (_b, t) = ids.dims2()?;
         let offset = cache.len();
         cache.check_room(t)?;

