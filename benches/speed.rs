@@ -21,7 +21,15 @@ struct Args {
 }
 
 fn parse() -> Result<Args> {
-    let mut a = Args { models: vec![], prompt: 512, gen: 128, reps: 5, quantize: vec![None], opts: LoadOptions::default(), json: false };
+    let mut a = Args {
+        models: vec![],
+        prompt: 512,
+        gen: 128,
+        reps: 5,
+        quantize: vec![None],
+        opts: LoadOptions::default(),
+        json: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -48,7 +56,10 @@ fn parse() -> Result<Args> {
 fn main() -> Result<()> {
     let args = parse()?;
     if !args.json {
-        println!("| model | weights | device | dtype | pp{} tok/s | tg{} tok/s | load s | peak RSS |", args.prompt, args.gen);
+        println!(
+            "| model | weights | device | dtype | pp{} tok/s | tg{} tok/s | load s | peak RSS |",
+            args.prompt, args.gen
+        );
         println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     }
     for model in &args.models {

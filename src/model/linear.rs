@@ -5,6 +5,9 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use std::sync::Arc;
 
+/// From this many input rows on, a quantized CPU matmul dequantizes and uses a dense GEMM.
+const DEQUANT_GEMM_ROWS: usize = 16;
+
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     /// `[out, in]`, in the model's compute dtype.
@@ -107,6 +110,19 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, &self.qmatmul) {
+            // Many rows on the CPU: dequantizing the weight once and running one f32 GEMM is far faster
+            // than candle's per-row quantized dot products (prefill, scoring, training).
+            (LinearWeight::Quantized(q), _)
+                if x.device().is_cpu() && x.elem_count() / self.in_features >= DEQUANT_GEMM_ROWS =>
+            {
+                let w = q.dequantize(x.device())?;
+                let dtype = x.dtype();
+                let x32 = x.to_dtype(DType::F32)?;
+                let rows = x.elem_count() / self.in_features;
+                let mut out_dims = x.dims().to_vec();
+                *out_dims.last_mut().expect("rank ≥ 1") = self.out_features;
+                x32.reshape((rows, self.in_features))?.matmul(&w.t()?)?.reshape(out_dims)?.to_dtype(dtype)?
+            }
             (LinearWeight::Quantized(_), Some(qm)) => {
                 let dtype = x.dtype();
                 let y = qm.forward(&x.to_dtype(DType::F32)?)?;
