@@ -7,9 +7,9 @@ use super::layers::{Embedding, Norm};
 use super::linear::Linear;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -49,8 +49,70 @@ impl Quantize {
     }
 }
 
+/// One memory-mapped safetensors file. Tensors are copied out on demand and their pages are then released
+/// from this process (`MADV_DONTNEED`), so a load peaks near the size of the loaded weights, not twice it.
+struct MappedSafetensors {
+    mmap: memmap2::Mmap,
+    /// name → (dtype, shape, byte range in the file)
+    tensors: HashMap<String, (DType, Vec<usize>, std::ops::Range<usize>)>,
+}
+
+impl MappedSafetensors {
+    fn open(path: &Path) -> Result<Self> {
+        let header = check_safetensors_header(path)?;
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: mapped read-only; the file is not expected to change while the model loads.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let mut tensors = HashMap::new();
+        let base = 8 + header.len;
+        for (name, v) in header.json.as_object().into_iter().flatten() {
+            if name == "__metadata__" {
+                continue;
+            }
+            let bad = || anyhow::anyhow!("{}: malformed entry for tensor `{name}`", path.display());
+            let dtype = match v.get("dtype").and_then(|d| d.as_str()).ok_or_else(bad)? {
+                "F32" => DType::F32,
+                "F16" => DType::F16,
+                "BF16" => DType::BF16,
+                "F64" => DType::F64,
+                "I64" => DType::I64,
+                "U32" => DType::U32,
+                "U8" => DType::U8,
+                other => bail!("{}: tensor `{name}` has unsupported dtype {other}", path.display()),
+            };
+            let shape: Vec<usize> = v
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .ok_or_else(bad)?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(bad))
+                .collect::<Result<_>>()?;
+            let offsets = v.get("data_offsets").and_then(|o| o.as_array()).ok_or_else(bad)?;
+            let (a, b) = (
+                offsets.first().and_then(|x| x.as_u64()).ok_or_else(bad)? as usize,
+                offsets.get(1).and_then(|x| x.as_u64()).ok_or_else(bad)? as usize,
+            );
+            if b < a || (b - a) != shape.iter().product::<usize>() * dtype.size_in_bytes() {
+                bail!("{}: tensor `{name}` has {} bytes for shape {shape:?}", path.display(), b.saturating_sub(a));
+            }
+            tensors.insert(name.clone(), (dtype, shape, base + a..base + b));
+        }
+        Ok(Self { mmap, tensors })
+    }
+
+    fn load(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
+        let Some((dtype, shape, range)) = self.tensors.get(name) else { return Ok(None) };
+        let t = Tensor::from_raw_buffer(&self.mmap[range.clone()], *dtype, shape, &Device::Cpu)?.to_device(device)?;
+        // SAFETY: the mapping is read-only and file-backed, and no reference into this range outlives the copy
+        // above; dropped pages are simply read again from the file if touched.
+        let _ =
+            unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len()) };
+        Ok(Some(t))
+    }
+}
+
 enum Source {
-    SafeTensors { st: MmapedSafetensors, files: Vec<PathBuf> },
+    SafeTensors { st: Vec<MappedSafetensors>, files: Vec<PathBuf> },
     Gguf { content: gguf_file::Content, file: RefCell<std::fs::File>, path: PathBuf },
     Random { std: f64 },
 }
@@ -68,12 +130,7 @@ pub struct Weights {
 
 impl Weights {
     pub fn safetensors(files: Vec<PathBuf>, arch: Architecture, dtype: DType, device: &Device) -> Result<Self> {
-        for f in &files {
-            check_safetensors_header(f)?;
-        }
-        // SAFETY: the files are opened read-only and not expected to change while the model is loaded.
-        let st = unsafe { MmapedSafetensors::multi(&files) }
-            .with_context(|| format!("cannot read safetensors {}", display_list(&files)))?;
+        let st = files.iter().map(|f| MappedSafetensors::open(f)).collect::<Result<Vec<_>>>()?;
         Ok(Self::new(Source::SafeTensors { st, files }, arch, dtype, device))
     }
 
@@ -115,7 +172,7 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
-            Source::SafeTensors { st, .. } => st.get(name).is_ok(),
+            Source::SafeTensors { st, .. } => st.iter().any(|f| f.tensors.contains_key(name)),
             Source::Gguf { content, .. } => {
                 gguf_name(self.arch, name).is_some_and(|n| content.tensor_infos.contains_key(&n))
             }
@@ -136,7 +193,14 @@ impl Weights {
     pub fn tensor(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = match &self.source {
             Source::SafeTensors { st, .. } => {
-                st.load(name, &self.device).with_context(|| format!("{}: tensor `{name}`", self.origin()))?
+                let mut found = None;
+                for f in st {
+                    if let Some(t) = f.load(name, &self.device)? {
+                        found = Some(t);
+                        break;
+                    }
+                }
+                found.with_context(|| format!("{}: no tensor `{name}`", self.origin()))?
             }
             Source::Gguf { .. } => self.gguf_tensor(name)?.dequantize(&self.device)?,
             Source::Random { std } => match init {
@@ -243,7 +307,12 @@ fn display_list(files: &[PathBuf]) -> String {
 
 /// Validate a safetensors header and that the file holds every byte it declares, so a truncated download
 /// is a clear error instead of a fault on first touch of the mapping.
-pub fn check_safetensors_header(path: &Path) -> Result<()> {
+pub struct SafetensorsHeader {
+    pub len: usize,
+    pub json: serde_json::Value,
+}
+
+pub fn check_safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let file_len = f.metadata()?.len();
@@ -279,7 +348,7 @@ pub fn check_safetensors_header(path: &Path) -> Result<()> {
             path.display()
         );
     }
-    Ok(())
+    Ok(SafetensorsHeader { len: header_len as usize, json })
 }
 
 /// Map a Hugging Face tensor name to its llama.cpp GGUF name.
