@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod cli;
 pub mod generation;
+pub mod hub;
 pub mod model;
 pub mod testing;
 pub mod tokenizer;

@@ -1,5 +1,6 @@
 //! Command line: one thin file per subcommand; each parses its flags and calls into the library.
 
+mod download;
 mod generate;
 mod info;
 
@@ -14,6 +15,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Download models or datasets from the Hugging Face Hub (verified, resumable)
+    Download(download::DownloadArgs),
     /// Generate text from a prompt, streaming it to stdout
     Generate(generate::GenerateArgs),
     /// Describe a model: architecture, parameters, dtype, context, memory
@@ -23,7 +26,8 @@ enum Command {
 /// How to load a model; shared by every subcommand that takes `--model`.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A Hugging Face model folder, a .gguf file, or a config.json (with --random-weights)
+    /// A Hugging Face model folder, a .gguf file, a config.json (with --random-weights), or a hub name
+    /// (alias such as tinyllama, or org/name), resolved from the HF cache and downloaded if missing
     #[arg(long, short = 'm')]
     pub model: String,
     /// cpu, cuda, cuda:N or metal (default: CUDA, then Metal, then CPU)
@@ -65,6 +69,7 @@ pub fn main() -> i32 {
         }
     };
     let result = match cli.command {
+        Command::Download(a) => download::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Info(a) => info::run(a),
     };

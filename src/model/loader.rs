@@ -68,9 +68,13 @@ pub enum ModelSource {
 }
 
 pub fn resolve(model: &str, random_weights: bool) -> Result<ModelSource> {
-    let p = PathBuf::from(model);
+    let mut p = PathBuf::from(model);
     if !p.exists() {
-        bail!("--model {model}: no such file or folder");
+        if crate::hub::is_hub_name(model) {
+            p = crate::hub::resolve_model(model, "main")?;
+        } else {
+            bail!("--model {model}: no such file or folder (and not a hub name: use an alias from `billion download --list` or org/name)");
+        }
     }
     if p.is_dir() {
         let cfg = p.join("config.json");
