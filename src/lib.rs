@@ -4,6 +4,7 @@
 //! file per architecture) → `tokenizer` → `generation` (sampling, streaming) → tasks and reports.
 
 pub mod bench;
+pub mod chat;
 pub mod cli;
 pub mod generation;
 pub mod hub;

@@ -116,6 +116,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         eos_ids: loaded.eos_ids(),
         stop_strings: a.stop.clone(),
         keep_prompt_logits: a.logits_out.is_some(),
+        interrupt: None,
     };
     let mut cache = loaded.model.new_cache().with_capacity(prompt.len() + a.max_tokens);
     let stdout = std::io::stdout();

@@ -1,5 +1,6 @@
 //! Command line: one thin file per subcommand; each parses its flags and calls into the library.
 
+mod chat;
 mod download;
 mod generate;
 mod info;
@@ -15,6 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Chat with a model: streamed replies in its own chat template
+    Chat(chat::ChatArgs),
     /// Download models or datasets from the Hugging Face Hub (verified, resumable)
     Download(download::DownloadArgs),
     /// Generate text from a prompt, streaming it to stdout
@@ -69,6 +72,7 @@ pub fn main() -> i32 {
         }
     };
     let result = match cli.command {
+        Command::Chat(a) => chat::run(a),
         Command::Download(a) => download::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Info(a) => info::run(a),

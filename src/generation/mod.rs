@@ -19,6 +19,14 @@ pub struct GenerateParams {
     pub stop_strings: Vec<String>,
     /// Keep the logits of every prompt position (for `--logits-out`).
     pub keep_prompt_logits: bool,
+    /// Checked before every decode step: set it (Ctrl-C) to end the reply early.
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl GenerateParams {
+    pub fn new(max_tokens: usize, sampling: SamplingParams, eos_ids: Vec<u32>) -> Self {
+        Self { max_tokens, sampling, eos_ids, stop_strings: vec![], keep_prompt_logits: false, interrupt: None }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -28,6 +36,7 @@ pub enum StopReason {
     StopString,
     MaxTokens,
     ContextFull,
+    Interrupted,
 }
 
 #[derive(Debug)]
@@ -175,6 +184,10 @@ pub fn generate(
         }
         if cache.len() >= cache.max_len() {
             stop_reason = StopReason::ContextFull;
+            break;
+        }
+        if params.interrupt.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) {
+            stop_reason = StopReason::Interrupted;
             break;
         }
         let logits = model.forward_last(&model.input(&[token])?, cache)?.squeeze(0)?;
