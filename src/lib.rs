@@ -9,6 +9,7 @@ pub mod cli;
 pub mod generation;
 pub mod hub;
 pub mod model;
+pub mod speculative;
 pub mod testing;
 pub mod tokenizer;
 pub mod util;

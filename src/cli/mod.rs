@@ -4,6 +4,7 @@ mod chat;
 mod download;
 mod generate;
 mod info;
+mod speculative;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -22,6 +23,8 @@ enum Command {
     Download(download::DownloadArgs),
     /// Generate text from a prompt, streaming it to stdout
     Generate(generate::GenerateArgs),
+    /// Speculative decoding: a draft model proposes, the target verifies (lossless)
+    Speculative(speculative::SpeculativeArgs),
     /// Describe a model: architecture, parameters, dtype, context, memory
     Info(info::InfoArgs),
 }
@@ -45,6 +48,9 @@ pub struct ModelArgs {
     /// Use random weights of the config's exact shapes (no weight files needed)
     #[arg(long)]
     pub random_weights: bool,
+    /// GGUF: expand quantized tensors to dense weights of the compute dtype
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 impl ModelArgs {
@@ -57,6 +63,7 @@ impl ModelArgs {
                 None => None,
             },
             random_weights: self.random_weights,
+            dequantize: self.dequantize,
         })
     }
 }
@@ -76,6 +83,7 @@ pub fn main() -> i32 {
         Command::Download(a) => download::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Info(a) => info::run(a),
+        Command::Speculative(a) => speculative::run(a),
     };
     match result {
         Ok(()) => 0,

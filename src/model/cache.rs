@@ -10,12 +10,29 @@ struct LayerCache {
     v: Tensor,
 }
 
-#[derive(Debug, Clone)]
+/// Cloning copies the buffers: a clone can be extended or rolled back without touching the original.
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     len: usize,
     max_len: usize,
     initial_capacity: usize,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|c| LayerCache {
+                    k: c.k.copy().expect("copy KV buffer"),
+                    v: c.v.copy().expect("copy KV buffer"),
+                })
+            })
+            .collect();
+        Self { layers, len: self.len, max_len: self.max_len, initial_capacity: self.initial_capacity }
+    }
 }
 
 impl KvCache {

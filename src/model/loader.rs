@@ -17,6 +17,8 @@ pub struct LoadOptions {
     pub dtype: Option<String>,
     pub quantize: Option<Quantize>,
     pub random_weights: bool,
+    /// GGUF only: expand quantized tensors to dense weights (a full-precision copy of a quantized model).
+    pub dequantize: bool,
 }
 
 pub struct LoadedModel {
@@ -107,6 +109,9 @@ pub fn load(model: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     let dtype = select_dtype(opts.dtype.as_deref(), &device)?;
     let (model, tokenizer, path, format, quantization, kept_dense) = match source {
         ModelSource::HfDir(dir) => {
+            if opts.dequantize {
+                bail!("--dequantize applies to GGUF files; {} holds dense weights already", dir.display());
+            }
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
             let files = safetensors_files(&dir)?;
             let w = Weights::safetensors(files, cfg.architecture, dtype, &device)?.with_quantize(opts.quantize);
@@ -135,13 +140,17 @@ pub fn load(model: &str, opts: &LoadOptions) -> Result<LoadedModel> {
             let cfg = config_from_gguf(&content, &path)?;
             // Quantized GGUF matmuls take f32 activations; f32 is the default compute dtype for them on CPU.
             let dtype = gguf_dtype(opts.dtype.as_deref(), &device, dtype);
-            let quant = main_tensor_type(&content);
+            let quant = if opts.dequantize {
+                format!("{} dequantized", main_tensor_type(&content))
+            } else {
+                main_tensor_type(&content)
+            };
             let tok = match Tokenizer::from_gguf(&content, &path) {
                 Ok(t) => Some(t),
                 Err(e) if content.metadata.contains_key("tokenizer.ggml.model") => return Err(e),
                 Err(_) => None,
             };
-            let w = Weights::gguf(content, &path, cfg.architecture, dtype, &device)?;
+            let w = Weights::gguf(content, &path, cfg.architecture, dtype, &device)?.with_dequantize(opts.dequantize);
             let m = Model::build(&cfg, &w)?;
             (m, tok, path, "gguf", quant, vec![])
         }

@@ -124,6 +124,8 @@ pub struct Weights {
     pub dtype: DType,
     pub device: Device,
     quantize: Option<Quantize>,
+    /// Expand GGUF quantized tensors to dense weights of the compute dtype.
+    dequantize: bool,
     /// Quantized weights whose shapes did not fit the block size and stayed dense.
     pub kept_dense: RefCell<Vec<String>>,
 }
@@ -150,7 +152,20 @@ impl Weights {
     }
 
     fn new(source: Source, arch: Architecture, dtype: DType, device: &Device) -> Self {
-        Self { source, arch, dtype, device: device.clone(), quantize: None, kept_dense: RefCell::new(vec![]) }
+        Self {
+            source,
+            arch,
+            dtype,
+            device: device.clone(),
+            quantize: None,
+            dequantize: false,
+            kept_dense: RefCell::new(vec![]),
+        }
+    }
+
+    pub fn with_dequantize(mut self, d: bool) -> Self {
+        self.dequantize = d;
+        self
     }
 
     pub fn with_quantize(mut self, q: Option<Quantize>) -> Self {
@@ -227,7 +242,7 @@ impl Weights {
                     q.shape().dims()
                 );
             }
-            return if is_float(q.dtype()) {
+            return if is_float(q.dtype()) || self.dequantize {
                 Ok(Linear::dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?, bias)?)
             } else {
                 Ok(Linear::quantized(Arc::new(q), bias)?)
@@ -258,7 +273,7 @@ impl Weights {
                     q.shape().dims()
                 );
             }
-            return Ok(if is_float(q.dtype()) {
+            return Ok(if is_float(q.dtype()) || self.dequantize {
                 Embedding::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
             } else {
                 Embedding::Quantized(Arc::new(q), self.dtype)
