@@ -1,0 +1,343 @@
+//! MMLU scored as lm-evaluation-harness scores its `mmlu` task: k-shot prompts from the subject's dev rows in
+//! file order, the choice whose continuation (" A" … " D") has the highest log-likelihood, continuation tokens
+//! taken as the tail of the encoding of context + continuation. Within a subject every prompt shares the
+//! few-shot prefix: its KV cache is computed once and rolled back after each question.
+
+use crate::model::{KvCache, LoadedModel};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
+
+#[derive(Debug, Clone)]
+pub struct Question {
+    pub question: String,
+    pub choices: [String; 4],
+    /// 0..4
+    pub answer: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub name: String,
+    pub dev: Vec<Question>,
+    pub test: Vec<Question>,
+}
+
+fn read_csv(path: &Path) -> Result<Vec<Question>> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_path(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = vec![];
+    for (i, rec) in rdr.records().enumerate() {
+        let rec = rec.with_context(|| format!("{}: row {} is not valid CSV", path.display(), i + 1))?;
+        if rec.len() != 6 {
+            bail!("{}: row {} has {} fields, expected 6 (question,A,B,C,D,answer)", path.display(), i + 1, rec.len());
+        }
+        let answer = LETTERS
+            .iter()
+            .position(|l| *l == rec[5].trim())
+            .with_context(|| format!("{}: row {}: answer `{}` is not A-D", path.display(), i + 1, &rec[5]))?;
+        out.push(Question {
+            question: rec[0].to_string(),
+            choices: [rec[1].to_string(), rec[2].to_string(), rec[3].to_string(), rec[4].to_string()],
+            answer,
+        });
+    }
+    Ok(out)
+}
+
+/// Subjects from a hendrycks-layout folder (`dev/<s>_dev.csv`, `test/<s>_test.csv`), sorted by name.
+pub fn load_dir(dir: &Path, only: Option<&[String]>) -> Result<Vec<Subject>> {
+    let test_dir = dir.join("test");
+    let mut names: Vec<String> = std::fs::read_dir(&test_dir)
+        .with_context(|| format!("--mmlu-dir {}: no test/ folder", dir.display()))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().strip_suffix("_test.csv").map(String::from))
+        .collect();
+    names.sort();
+    if let Some(only) = only {
+        for s in only {
+            if !names.contains(s) {
+                bail!("--subjects: unknown subject `{s}` (known: {})", names.join(", "));
+            }
+        }
+        names.retain(|n| only.contains(n));
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            Ok(Subject {
+                dev: read_csv(&dir.join("dev").join(format!("{name}_dev.csv")))?,
+                test: read_csv(&test_dir.join(format!("{name}_test.csv")))?,
+                name,
+            })
+        })
+        .collect()
+}
+
+fn format_question(q: &Question) -> String {
+    let mut s = format!("{}\n", q.question.trim());
+    for (l, c) in LETTERS.iter().zip(&q.choices) {
+        s.push_str(&format!("{l}. {c}\n"));
+    }
+    s.push_str("Answer:");
+    s
+}
+
+/// The few-shot prefix: header plus `shots` solved dev questions.
+pub fn fewshot_prefix(subject: &Subject, shots: usize) -> String {
+    let mut s = format!(
+        "The following are multiple choice questions (with answers) about {}.\n\n",
+        subject.name.replace('_', " ")
+    );
+    for q in subject.dev.iter().take(shots) {
+        s.push_str(&format_question(q));
+        s.push_str(&format!(" {}\n\n", LETTERS[q.answer]));
+    }
+    s
+}
+
+/// The full prompt (context) for a test question, ending in "Answer:".
+pub fn prompt(subject: &Subject, shots: usize, q: &Question) -> String {
+    fewshot_prefix(subject, shots) + &format_question(q)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuestionResult {
+    pub predicted: usize,
+    pub answer: usize,
+    /// Log-likelihood of each choice's continuation.
+    pub loglik: [f64; 4],
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubjectResult {
+    pub subject: String,
+    pub group: String,
+    pub questions: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+    /// Mean log-likelihood of the correct answer (a finer quality signal than accuracy).
+    pub mean_loglik_correct: f64,
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+    logits.iter().map(|&l| l as f64 - lse).collect()
+}
+
+pub struct Scorer<'a> {
+    loaded: &'a LoadedModel,
+    tok: &'a Tokenizer,
+    cache: KvCache,
+    cached: Vec<u32>,
+    /// Reuse the shared prefix's KV cache (off: recompute every prompt, for comparison).
+    pub reuse_prefix: bool,
+    /// Tokens actually run through the model (a measure of the work prefix reuse saves).
+    pub tokens_processed: usize,
+}
+
+impl<'a> Scorer<'a> {
+    pub fn new(loaded: &'a LoadedModel) -> Result<Self> {
+        Ok(Self {
+            loaded,
+            tok: loaded.tokenizer()?,
+            cache: loaded.model.new_cache(),
+            cached: vec![],
+            reuse_prefix: true,
+            tokens_processed: 0,
+        })
+    }
+
+    /// Run `tokens` keeping whatever prefix the cache already holds; returns logits for positions
+    /// `from..tokens.len()` (rows) with `from` ≥ the reused length.
+    fn logits_from(&mut self, tokens: &[u32], from: usize) -> Result<Vec<Vec<f32>>> {
+        let mut keep =
+            if self.reuse_prefix { self.cached.iter().zip(tokens).take_while(|(a, b)| a == b).count() } else { 0 };
+        keep = keep.min(from).min(tokens.len() - 1);
+        self.cache.truncate(keep);
+        self.cached.truncate(keep);
+        let model = &self.loaded.model;
+        let logits = model.forward(&model.input(&tokens[keep..])?, &mut self.cache)?.squeeze(0)?;
+        self.tokens_processed += tokens.len() - keep;
+        self.cached.extend_from_slice(&tokens[keep..]);
+        let mut rows = vec![];
+        for pos in from..tokens.len() {
+            rows.push(logits.get(pos - keep)?.to_vec1::<f32>()?);
+        }
+        Ok(rows)
+    }
+
+    /// Make the cache hold `prefix` (called once per subject).
+    pub fn prime(&mut self, prefix: &str) -> Result<()> {
+        if !self.reuse_prefix {
+            return Ok(());
+        }
+        let toks = self.tok.encode(prefix, false)?;
+        if toks.len() > 1 {
+            self.logits_from(&toks, toks.len() - 1)?;
+        }
+        Ok(())
+    }
+
+    /// Log-likelihood of `continuation` after `context`, as lm-evaluation-harness computes it.
+    pub fn loglik(&mut self, context: &str, continuations: &[String]) -> Result<Vec<f64>> {
+        let ctx = self.tok.encode(context, false)?;
+        let mut out = vec![];
+        let mut last_row: Option<Vec<f64>> = None;
+        for cont in continuations {
+            let whole = self.tok.encode(&format!("{context}{cont}"), false)?;
+            let cont_toks = &whole[ctx.len().min(whole.len())..];
+            if cont_toks.is_empty() {
+                bail!("continuation {cont:?} adds no tokens");
+            }
+            // The common case: one continuation token after an unchanged context — one shared forward.
+            if cont_toks.len() == 1 && whole[..ctx.len()] == ctx[..] {
+                if last_row.is_none() {
+                    let rows = self.logits_from(&ctx, ctx.len() - 1)?;
+                    last_row = Some(log_softmax(&rows[0]));
+                }
+                out.push(last_row.as_ref().expect("set above")[cont_toks[0] as usize]);
+                continue;
+            }
+            let start = whole.len() - cont_toks.len();
+            let rows = self.logits_from(&whole[..whole.len() - 1], start - 1)?;
+            let ll: f64 = rows.iter().zip(cont_toks).map(|(r, &t)| log_softmax(r)[t as usize]).sum();
+            out.push(ll);
+        }
+        Ok(out)
+    }
+}
+
+/// Score `limit` test questions (all when `None`) of every subject.
+pub fn evaluate(
+    loaded: &LoadedModel,
+    subjects: &[Subject],
+    shots: usize,
+    limit: Option<usize>,
+    groups: &BTreeMap<String, String>,
+    reuse_prefix: bool,
+    mut progress: impl FnMut(usize),
+) -> Result<(Vec<SubjectResult>, Vec<(String, Vec<QuestionResult>)>)> {
+    let mut scorer = Scorer::new(loaded)?;
+    scorer.reuse_prefix = reuse_prefix;
+    let continuations: Vec<String> = LETTERS.iter().map(|l| format!(" {l}")).collect();
+    let mut results = vec![];
+    let mut details = vec![];
+    for s in subjects {
+        let prefix = fewshot_prefix(s, shots);
+        scorer.prime(&prefix)?;
+        let n = limit.unwrap_or(s.test.len()).min(s.test.len());
+        let mut per_q = vec![];
+        for q in &s.test[..n] {
+            let context = prefix.clone() + &format_question(q);
+            let ll = scorer.loglik(&context, &continuations)?;
+            let predicted =
+                (0..4).max_by(|&a, &b| ll[a].partial_cmp(&ll[b]).unwrap_or(std::cmp::Ordering::Equal)).unwrap_or(0);
+            per_q.push(QuestionResult { predicted, answer: q.answer, loglik: [ll[0], ll[1], ll[2], ll[3]] });
+            progress(1);
+        }
+        let correct = per_q.iter().filter(|r| r.predicted == r.answer).count();
+        results.push(SubjectResult {
+            subject: s.name.clone(),
+            group: groups.get(&s.name).cloned().unwrap_or_else(|| "other".into()),
+            questions: n,
+            correct,
+            accuracy: correct as f64 / n.max(1) as f64,
+            mean_loglik_correct: per_q.iter().map(|r| r.loglik[r.answer]).sum::<f64>() / n.max(1) as f64,
+        });
+        details.push((s.name.clone(), per_q));
+    }
+    Ok((results, details))
+}
+
+/// Subject → group (stem, humanities, social_sciences, other).
+pub fn subject_groups() -> BTreeMap<String, String> {
+    GROUPS.iter().flat_map(|(g, subjects)| subjects.iter().map(move |s| (s.to_string(), g.to_string()))).collect()
+}
+
+/// lm-evaluation-harness's MMLU groups (its `mmlu_<group>` task lists).
+pub const GROUPS: &[(&str, &[&str])] = &[
+    (
+        "humanities",
+        &[
+            "formal_logic",
+            "high_school_european_history",
+            "high_school_us_history",
+            "high_school_world_history",
+            "international_law",
+            "jurisprudence",
+            "logical_fallacies",
+            "moral_disputes",
+            "moral_scenarios",
+            "philosophy",
+            "prehistory",
+            "professional_law",
+            "world_religions",
+        ],
+    ),
+    (
+        "other",
+        &[
+            "business_ethics",
+            "clinical_knowledge",
+            "college_medicine",
+            "global_facts",
+            "human_aging",
+            "management",
+            "marketing",
+            "medical_genetics",
+            "miscellaneous",
+            "nutrition",
+            "professional_accounting",
+            "professional_medicine",
+            "virology",
+        ],
+    ),
+    (
+        "social_sciences",
+        &[
+            "econometrics",
+            "high_school_geography",
+            "high_school_government_and_politics",
+            "high_school_macroeconomics",
+            "high_school_microeconomics",
+            "high_school_psychology",
+            "human_sexuality",
+            "professional_psychology",
+            "public_relations",
+            "security_studies",
+            "sociology",
+            "us_foreign_policy",
+        ],
+    ),
+    (
+        "stem",
+        &[
+            "abstract_algebra",
+            "anatomy",
+            "astronomy",
+            "college_biology",
+            "college_chemistry",
+            "college_computer_science",
+            "college_mathematics",
+            "college_physics",
+            "computer_security",
+            "conceptual_physics",
+            "electrical_engineering",
+            "elementary_mathematics",
+            "high_school_biology",
+            "high_school_chemistry",
+            "high_school_computer_science",
+            "high_school_mathematics",
+            "high_school_physics",
+            "high_school_statistics",
+            "machine_learning",
+        ],
+    ),
+];
