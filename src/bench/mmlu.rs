@@ -214,6 +214,9 @@ impl<'a> Scorer<'a> {
     }
 }
 
+/// Per-question results of one subject.
+pub type SubjectDetails = (String, Vec<QuestionResult>);
+
 /// Score `limit` test questions (all when `None`) of every subject.
 pub fn evaluate(
     loaded: &LoadedModel,
@@ -223,7 +226,7 @@ pub fn evaluate(
     groups: &BTreeMap<String, String>,
     reuse_prefix: bool,
     mut progress: impl FnMut(usize),
-) -> Result<(Vec<SubjectResult>, Vec<(String, Vec<QuestionResult>)>)> {
+) -> Result<(Vec<SubjectResult>, Vec<SubjectDetails>)> {
     let mut scorer = Scorer::new(loaded)?;
     scorer.reuse_prefix = reuse_prefix;
     let continuations: Vec<String> = LETTERS.iter().map(|l| format!(" {l}")).collect();
