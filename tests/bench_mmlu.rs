@@ -57,8 +57,8 @@ fn scores_equal_a_hand_computed_log_softmax() {
             let logits = m.forward(&m.input(&whole).unwrap(), &mut cache).unwrap().squeeze(0).unwrap();
             let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
             let mut want = 0f64;
-            for pos in ctx.len()..whole.len() {
-                want += lsm.get(pos - 1).unwrap().get(whole[pos] as usize).unwrap().to_scalar::<f32>().unwrap() as f64;
+            for (pos, &t) in whole.iter().enumerate().skip(ctx.len()) {
+                want += lsm.get(pos - 1).unwrap().get(t as usize).unwrap().to_scalar::<f32>().unwrap() as f64;
             }
             let got = details[0].1[qi].loglik[ci];
             assert!((got - want).abs() < 1e-4, "q{qi} {letter}: {got} vs {want}");
