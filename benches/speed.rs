@@ -18,6 +18,8 @@ struct Args {
     quantize: Vec<Option<Quantize>>,
     opts: LoadOptions,
     json: bool,
+    /// Also time verifying k+1 tokens against one decode step (speculative decoding's target cost).
+    verify: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -29,6 +31,7 @@ fn parse() -> Result<Args> {
         quantize: vec![None],
         opts: LoadOptions::default(),
         json: false,
+        verify: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -43,6 +46,7 @@ fn parse() -> Result<Args> {
             "--dtype" => a.opts.dtype = Some(value()?),
             "--random-weights" => a.opts.random_weights = true,
             "--json" => a.json = true,
+            "--verify" => a.verify = true,
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown flag {other}"),
         }
@@ -67,6 +71,15 @@ fn main() -> Result<()> {
             let opts = LoadOptions { quantize: *q, ..args.opts.clone() };
             let loaded = load(model, &opts)?;
             let r = measure(&loaded.model, args.prompt, args.gen, args.reps)?;
+            if args.verify {
+                let one = billion::bench::speed::time_verify(&loaded.model, 128, 1, args.reps)?;
+                let mut line = format!("verify cost at context 128 ({model}): 1 token {:.2} ms", one * 1e3);
+                for k in [1, 2, 3, 4, 5, 6, 8] {
+                    let t = billion::bench::speed::time_verify(&loaded.model, 128, k + 1, args.reps)?;
+                    line.push_str(&format!("; k={k}: {:.2} ms ({:.2}x)", t * 1e3, t / one));
+                }
+                eprintln!("{line}");
+            }
             let rss = billion::util::peak_rss_bytes().map(billion::util::human_bytes).unwrap_or_default();
             if args.json {
                 let v = serde_json::json!({"model": model, "weights": loaded.quantization, "device": device_name(loaded.model.device()),

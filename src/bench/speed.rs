@@ -89,3 +89,24 @@ pub fn measure(model: &Model, prompt: usize, gen: usize, reps: usize) -> Result<
     };
     Ok(SpeedResult { prefill, decode })
 }
+
+/// Time of one target forward over `n` new tokens after `context` cached tokens (seconds, median of `reps`).
+/// Speculative decoding verifies k+1 tokens this way; `n = 1` is an ordinary decode step.
+pub fn time_verify(model: &Model, context: usize, n: usize, reps: usize) -> Result<f64> {
+    let ids = prompt_ids(context + n, model.config().vocab_size);
+    let mut cache = model.new_cache().with_capacity(context + n);
+    model.forward_last(&model.input(&ids[..context])?, &mut cache)?;
+    let input = model.input(&ids[context..])?;
+    let mut times = vec![];
+    for _ in 0..reps.max(1) + 1 {
+        cache.truncate(context);
+        sync(model)?;
+        let start = Instant::now();
+        let logits = model.forward(&input, &mut cache)?;
+        let _ = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.remove(0); // warm-up
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    Ok(times[times.len() / 2])
+}
