@@ -179,20 +179,31 @@ impl<'a> Scorer<'a> {
             return Ok(());
         }
         let toks = self.tok.encode(prefix, false)?;
-        if toks.len() > 1 {
+        // A prefix that does not fit the window is truncated per question instead; nothing to share.
+        if toks.len() > 1 && toks.len() < self.cache.max_len() {
             self.logits_from(&toks, toks.len() - 1)?;
         }
         Ok(())
     }
 
-    /// Log-likelihood of `continuation` after `context`, as lm-evaluation-harness computes it.
+    /// Log-likelihood of `continuation` after `context`, as lm-evaluation-harness computes it (a context
+    /// longer than the model's window loses its oldest tokens, as the harness truncates from the left).
     pub fn loglik(&mut self, context: &str, continuations: &[String]) -> Result<Vec<f64>> {
-        let ctx = self.tok.encode(context, false)?;
+        let window = self.cache.max_len();
+        let mut ctx = self.tok.encode(context, false)?;
         let mut out = vec![];
         let mut last_row: Option<Vec<f64>> = None;
+        let full_ctx_len = ctx.len();
         for cont in continuations {
-            let whole = self.tok.encode(&format!("{context}{cont}"), false)?;
-            let cont_toks = &whole[ctx.len().min(whole.len())..];
+            let mut whole = self.tok.encode(&format!("{context}{cont}"), false)?;
+            let cont_len = whole.len().saturating_sub(full_ctx_len);
+            if whole.len() > window {
+                let cut = whole.len() - window;
+                whole.drain(..cut);
+                ctx = self.tok.encode(context, false)?;
+                ctx.drain(..cut.min(ctx.len()));
+            }
+            let cont_toks = &whole[whole.len() - cont_len.min(whole.len())..];
             if cont_toks.is_empty() {
                 bail!("continuation {cont:?} adds no tokens");
             }

@@ -3,4 +3,5 @@
 
 pub mod humaneval;
 pub mod mmlu;
+pub mod report;
 pub mod speed;

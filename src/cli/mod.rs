@@ -1,5 +1,6 @@
 //! Command line: one thin file per subcommand; each parses its flags and calls into the library.
 
+mod bench;
 mod chat;
 mod download;
 mod generate;
@@ -17,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Benchmark models: MMLU, HumanEval, speed and memory into results/
+    Bench(bench::BenchArgs),
     /// Chat with a model: streamed replies in its own chat template
     Chat(chat::ChatArgs),
     /// Download models or datasets from the Hugging Face Hub (verified, resumable)
@@ -79,6 +82,7 @@ pub fn main() -> i32 {
         }
     };
     let result = match cli.command {
+        Command::Bench(a) => bench::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Download(a) => download::run(a),
         Command::Generate(a) => generate::run(a),
@@ -88,8 +92,10 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", msg.join(": ").replace('\n', " "));
+            // One line: the first line of each cause (candle appends backtraces on further lines).
+            let msg: Vec<String> =
+                e.chain().map(|c| c.to_string().lines().next().unwrap_or("").trim().to_string()).collect();
+            eprintln!("error: {}", msg.join(": "));
             1
         }
     }
