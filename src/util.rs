@@ -45,3 +45,14 @@ pub fn human_bytes(b: u64) -> String {
         format!("{v:.2} {}", UNITS[u])
     }
 }
+
+/// Memory in use on the GPU behind `device` (the whole card, as the driver reports it), if it is a CUDA device.
+pub fn gpu_memory_used_bytes(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+        return Some((total - free) as u64);
+    }
+    let _ = device;
+    None
+}

@@ -364,3 +364,150 @@ fn gguf_quantization_and_datasets() {
     assert_eq!(v[0]["files"][0]["name"], "openai_humaneval/test-00000-of-00001.parquet");
     assert!(e.home.path().join("hub/datasets--openai--openai_humaneval/snapshots").exists());
 }
+
+fn write_parquet(path: &Path, schema: &str, columns: Vec<ParquetColumn>) {
+    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let schema = Arc::new(parquet::schema::parser::parse_message_type(schema).unwrap());
+    let mut w = SerializedFileWriter::new(
+        std::fs::File::create(path).unwrap(),
+        schema,
+        Arc::new(WriterProperties::builder().build()),
+    )
+    .unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    for c in columns {
+        let mut col = rg.next_column().unwrap().unwrap();
+        match c {
+            ParquetColumn::Strings(v) => {
+                let vals: Vec<ByteArray> = v.iter().map(|s| ByteArray::from(s.as_str())).collect();
+                col.typed::<ByteArrayType>().write_batch(&vals, None, None).unwrap();
+            }
+            ParquetColumn::Lists(v) => {
+                let vals: Vec<ByteArray> = v.iter().flatten().map(|s| ByteArray::from(s.as_str())).collect();
+                let def: Vec<i16> = vec![1; vals.len()];
+                let rep: Vec<i16> = v.iter().flat_map(|l| (0..l.len()).map(|i| if i == 0 { 0 } else { 1 })).collect();
+                col.typed::<ByteArrayType>().write_batch(&vals, Some(&def), Some(&rep)).unwrap();
+            }
+            ParquetColumn::Ints(v) => {
+                col.typed::<Int64Type>().write_batch(&v, None, None).unwrap();
+            }
+        }
+        col.close().unwrap();
+    }
+    rg.close().unwrap();
+    w.close().unwrap();
+}
+
+enum ParquetColumn {
+    Strings(Vec<String>),
+    Lists(Vec<Vec<String>>),
+    Ints(Vec<i64>),
+}
+
+const MMLU_SCHEMA: &str = "message schema { REQUIRED BINARY question (UTF8); REQUIRED BINARY subject (UTF8);
+    REQUIRED group choices (LIST) { REPEATED group list { REQUIRED BINARY element (UTF8); } } REQUIRED INT64 answer; }";
+
+fn mmlu_parquet(path: &Path, n: usize) {
+    let q: Vec<String> = (0..n).map(|i| format!("What is {i} + {i}?")).collect();
+    let subj: Vec<String> = (0..n).map(|i| if i % 2 == 0 { "anatomy".into() } else { "virology".into() }).collect();
+    let choices: Vec<Vec<String>> = (0..n).map(|i| (0..4).map(|c| format!("{}", 2 * i + c)).collect()).collect();
+    write_parquet(
+        path,
+        MMLU_SCHEMA,
+        vec![
+            ParquetColumn::Strings(q),
+            ParquetColumn::Strings(subj),
+            ParquetColumn::Lists(choices),
+            ParquetColumn::Ints((0..n as i64).map(|i| i % 4).collect()),
+        ],
+    );
+}
+
+#[test]
+fn bench_datasets_come_from_the_hub() {
+    let e = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    mmlu_parquet(&dir.path().join("dev.parquet"), 10);
+    mmlu_parquet(&dir.path().join("test.parquet"), 6);
+    let p = |s: &str| vec![s.to_string()];
+    write_parquet(
+        &dir.path().join("he.parquet"),
+        "message schema { REQUIRED BINARY task_id (UTF8); REQUIRED BINARY prompt (UTF8); REQUIRED BINARY canonical_solution (UTF8); REQUIRED BINARY test (UTF8); REQUIRED BINARY entry_point (UTF8); }",
+        vec![
+            ParquetColumn::Strings(p("HumanEval/0")),
+            ParquetColumn::Strings(p("def add(a, b):\n")),
+            ParquetColumn::Strings(p("    return a + b\n")),
+            ParquetColumn::Strings(p("def check(candidate):\n    assert candidate(1, 2) == 3\n")),
+            ParquetColumn::Strings(p("add")),
+        ],
+    );
+    {
+        let mut st = e.hub.state.lock().unwrap();
+        let read = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
+        st.repos.insert(
+            "cais/mmlu".into(),
+            vec![
+                ("all/dev-00000-of-00001.parquet".into(), read("dev.parquet")),
+                ("all/test-00000-of-00001.parquet".into(), read("test.parquet")),
+                ("all/auxiliary_train-00000-of-00001.parquet".into(), b"big and unwanted".to_vec()),
+            ],
+        );
+        st.repos.insert(
+            "openai/openai_humaneval".into(),
+            vec![("openai_humaneval/test-00000-of-00001.parquet".into(), read("he.parquet"))],
+        );
+    }
+    let model = dir.path().join("tiny.gguf");
+    let cfg = tiny_config(Architecture::Llama, 320);
+    billion::testing::write_llama_gguf(&model, &cfg, 1, candle_core::quantized::GgmlDType::F32).unwrap();
+    let results = dir.path().join("results");
+    let out = e.run(
+        &[
+            "bench",
+            "--models",
+            model.to_str().unwrap(),
+            "--mmlu",
+            "--humaneval",
+            "--shots",
+            "2",
+            "--max-tokens",
+            "8",
+            "--results-dir",
+            results.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+    let m = &v["models"][0];
+    assert_eq!(m["mmlu"]["questions"], 6, "both subjects' test rows");
+    assert_eq!(m["mmlu"]["subjects"].as_array().unwrap().len(), 2);
+    assert_eq!(m["humaneval"]["problems"], 1);
+    assert!(!e.state_requested("auxiliary_train"), "only the splits bench uses are fetched");
+    // A second run reads the cache without the network.
+    let out = e.run(
+        &[
+            "bench",
+            "--models",
+            model.to_str().unwrap(),
+            "--mmlu",
+            "--shots",
+            "2",
+            "--results-dir",
+            results.to_str().unwrap(),
+        ],
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let out = e.run(&["bench", "--humaneval-selfcheck"], &[]);
+    assert!(common::stdout(&out).contains("1/1"), "{}", common::stdout(&out));
+}
+
+impl Env {
+    fn state_requested(&self, needle: &str) -> bool {
+        self.hub.state.lock().unwrap().requests.iter().any(|(p, _)| p.contains(needle) && p.contains("/resolve/"))
+    }
+}

@@ -72,12 +72,12 @@ fn pct(v: &Value) -> String {
 /// The summary table (also printed on the console).
 pub fn summary_table(doc: &Value) -> String {
     let mut s = String::from(
-        "| model | arch | params | weights | device | MMLU | HumanEval pass@1 | prefill tok/s | decode tok/s | TTFT ms | peak RSS |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| model | arch | params | weights | device | MMLU | HumanEval pass@1 | prefill tok/s | decode tok/s | TTFT ms | peak RSS | peak GPU memory |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for m in doc["models"].as_array().into_iter().flatten() {
         s.push_str(&format!(
-            "| {} | {} | {:.2}B | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.2}B | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             m["name"].as_str().unwrap_or(""),
             m["architecture"].as_str().unwrap_or(""),
             m["parameters"].as_f64().unwrap_or(0.0) / 1e9,
@@ -89,6 +89,7 @@ pub fn summary_table(doc: &Value) -> String {
             f(&m["speed"]["decode"]["mean_tok_s"], 1),
             f(&m["speed"]["ttft_ms"], 1),
             m["peak_rss_bytes"].as_u64().map(human_bytes).unwrap_or_else(|| "—".into()),
+            m["gpu_memory_peak_bytes"].as_u64().map(human_bytes).unwrap_or_else(|| "—".into()),
         ));
     }
     s

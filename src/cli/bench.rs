@@ -1,7 +1,7 @@
 //! `billion bench`: MMLU, HumanEval and speed for one or more models, one after another, into
 //! results/benchmark_results.{json,md} and results/benchmark_chart.svg.
 
-use crate::bench::{humaneval, mmlu, report, speed};
+use crate::bench::{datasets, humaneval, mmlu, report, speed};
 use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
 use crate::model::device::{device_name, dtype_name};
 use crate::model::{load, weights::Quantize, LoadOptions};
@@ -30,10 +30,10 @@ pub struct BenchArgs {
     /// Run HumanEval's canonical solutions through the sandbox and report how many pass
     #[arg(long)]
     pub humaneval_selfcheck: bool,
-    /// MMLU folder in the hendrycks CSV layout (dev/, test/)
+    /// MMLU folder in the hendrycks CSV layout (dev/, test/); default: cais/mmlu from the hub
     #[arg(long)]
     pub mmlu_dir: Option<PathBuf>,
-    /// HumanEval problems (.jsonl or .jsonl.gz)
+    /// HumanEval problems (.jsonl or .jsonl.gz); default: openai/openai_humaneval from the hub
     #[arg(long)]
     pub humaneval_file: Option<PathBuf>,
     #[arg(long, default_value_t = 5)]
@@ -99,8 +99,10 @@ fn bar(len: u64, what: &str, json: bool) -> ProgressBar {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.humaneval_selfcheck {
-        let file = a.humaneval_file.clone().context("--humaneval-selfcheck needs --humaneval-file")?;
-        let problems = humaneval::load_file(&file)?;
+        let problems = match &a.humaneval_file {
+            Some(file) => humaneval::load_file(file)?,
+            None => datasets::humaneval_from_hub(a.json)?,
+        };
         let programs: Vec<String> =
             problems.iter().map(|p| humaneval::check_program(p, &p.canonical_solution)).collect();
         let sandbox =
@@ -125,18 +127,29 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let all = !a.mmlu && !a.humaneval && !a.speed;
     let (do_mmlu, do_he, do_speed) = (a.mmlu || all, a.humaneval || all, a.speed || all);
-    let subjects = if do_mmlu {
-        let dir = a.mmlu_dir.clone().context(
-            "MMLU needs --mmlu-dir (a folder in the hendrycks CSV layout: dev/<subject>_dev.csv, test/<subject>_test.csv)",
-        )?;
-        mmlu::load_dir(&dir, a.subjects.as_deref())?
-    } else {
-        vec![]
+    let subjects = match (do_mmlu, &a.mmlu_dir) {
+        (false, _) => vec![],
+        (true, Some(dir)) => mmlu::load_dir(dir, a.subjects.as_deref())?,
+        (true, None) => {
+            let mut all =
+                datasets::mmlu_from_hub(a.json).context("MMLU from the hub (cais/mmlu); or pass --mmlu-dir")?;
+            if let Some(only) = &a.subjects {
+                for s in only {
+                    if !all.iter().any(|x| &x.name == s) {
+                        bail!("--subjects: unknown subject `{s}`");
+                    }
+                }
+                all.retain(|x| only.contains(&x.name));
+            }
+            all
+        }
     };
     let problems = if do_he {
-        let file =
-            a.humaneval_file.clone().context("HumanEval needs --humaneval-file (HumanEval.jsonl or .jsonl.gz)")?;
-        let mut p = humaneval::load_file(&file)?;
+        let mut p = match &a.humaneval_file {
+            Some(file) => humaneval::load_file(file)?,
+            None => datasets::humaneval_from_hub(a.json)
+                .context("HumanEval from the hub (openai/openai_humaneval); or pass --humaneval-file")?,
+        };
         if let Some(n) = a.limit {
             p.truncate(n);
         }
@@ -171,6 +184,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             };
             let loaded = load(name, &opts).with_context(|| format!("loading {name}"))?;
             let cfg = loaded.config().clone();
+            let gpu = loaded.model.device().clone();
+            let mut gpu_peak = crate::util::gpu_memory_used_bytes(&gpu);
+            let mut sample_gpu = || {
+                if let Some(now) = crate::util::gpu_memory_used_bytes(&gpu) {
+                    gpu_peak = Some(gpu_peak.unwrap_or(0).max(now));
+                }
+            };
             let mut record = json!({
                 "name": name, "source": loaded.source.display().to_string(), "format": loaded.format,
                 "architecture": cfg.architecture.name(), "parameters": cfg.parameter_count(),
@@ -181,6 +201,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if do_speed && !interrupted.load(Ordering::Relaxed) {
                 let pb = bar(2, "speed", a.json);
                 let r = speed::measure(&loaded.model, a.prefill, a.decode, a.reps)?;
+                sample_gpu();
                 pb.finish_and_clear();
                 let ttft = speed::time_prefill(&loaded.model, a.prefill.max(1))? * 1000.0;
                 record["speed"] = json!({"prefill": r.prefill, "decode": r.decode, "ttft_ms": ttft, "prompt_tokens": a.prefill, "generated_tokens": a.decode, "reps": a.reps});
@@ -223,7 +244,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if do_he && !interrupted.load(Ordering::Relaxed) {
                 record["humaneval"] = run_humaneval(&a, &loaded, &problems, &interrupted)?;
             }
+            sample_gpu();
             record["peak_rss_bytes"] = json!(crate::util::peak_rss_bytes());
+            // Sampled after each step: the card's memory in use (all processes), at its highest.
+            record["gpu_memory_peak_bytes"] = json!(gpu_peak);
             report::save(&a.results_dir, record.clone())?;
             run_records.push(record);
             drop(loaded); // free this model before loading the next

@@ -90,8 +90,10 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
 ];
 
 /// Datasets `billion bench` uses, by short name: (alias, repo id, files to fetch by prefix).
-pub const KNOWN_DATASETS: &[(&str, &str, &[&str])] =
-    &[("mmlu", "cais/mmlu", &["all/"]), ("humaneval", "openai/openai_humaneval", &["openai_humaneval/"])];
+pub const KNOWN_DATASETS: &[(&str, &str, &[&str])] = &[
+    ("mmlu", "cais/mmlu", &["all/dev", "all/validation", "all/test"]),
+    ("humaneval", "openai/openai_humaneval", &["openai_humaneval/"]),
+];
 
 pub fn find(alias_or_repo: &str) -> Option<&'static KnownModel> {
     KNOWN_MODELS.iter().find(|m| m.alias.eq_ignore_ascii_case(alias_or_repo) || m.repo_id == alias_or_repo)
