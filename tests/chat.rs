@@ -232,7 +232,9 @@ fn interactive_session_on_a_terminal() {
             ("/stats", "tok/s"),
             ("Write a very long story about a dragon who learns to bake bread.", "\n"),
             ("^C ", "(stopped)"),
+            ("/save /tmp/billion-chat-test.json", "(saved to"),
             ("/reset", "conversation cleared"),
+            ("/load /tmp/billion-chat-test.json", "(loaded 4 messages"),
             ("/exit", ""),
         ],
     );

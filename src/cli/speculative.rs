@@ -177,7 +177,7 @@ pub fn run(a: SpeculativeArgs) -> Result<()> {
             "prompt": text, "prompt_tokens": ids, "tokens": out, "text": out_text,
             "stats": {
                 "acceptance_rate": s.acceptance_rate(), "per_position": s.per_position_rates(),
-                "tokens_per_round": s.tokens_per_round(), "rounds": s.rounds, "draft_seconds": s.draft_seconds,
+                "tokens_per_round": s.tokens_per_round(), "accepted_per_round": s.accepted_per_round(), "rounds": s.rounds, "draft_seconds": s.draft_seconds,
                 "target_seconds": s.target_seconds, "tok_s": s.tok_s(),
                 "target_only_tok_s": baseline.map(|b| b.0), "speedup": baseline.map(|b| s.tok_s() / b.0),
                 "cost_ratio": c, "theoretical_speedup": theoretical_speedup(s.acceptance_rate(), a.k, c),
@@ -209,7 +209,7 @@ pub fn run(a: SpeculativeArgs) -> Result<()> {
         "draft": a.draft, "target": a.target, "k": a.k, "adaptive": a.adaptive, "temperature": a.temperature,
         "top_k": a.top_k, "top_p": a.top_p, "prompt_set": a.prompts.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "single".into()),
         "prompts": prompts.len(), "max_tokens": a.max_tokens, "device": crate::model::device::device_name(target.model.device()),
-        "acceptance_rate": alpha, "per_position": totals.per_position_rates(), "tokens_per_round": totals.tokens_per_round(),
+        "acceptance_rate": alpha, "per_position": totals.per_position_rates(), "tokens_per_round": totals.tokens_per_round(), "accepted_per_round": totals.accepted_per_round(),
         "tok_s": totals.tok_s(), "target_only_tok_s": base_tok_s, "speedup": base_tok_s.map(|b| totals.tok_s() / b),
         "cost_ratio": c, "theoretical_speedup": theoretical_speedup(alpha, a.k, c),
         "draft_seconds": totals.draft_seconds, "target_seconds": totals.target_seconds,

@@ -55,6 +55,10 @@ impl SpecStats {
             self.accepted as f64 / self.drafted as f64
         }
     }
+    /// Drafted tokens accepted per round.
+    pub fn accepted_per_round(&self) -> f64 {
+        self.accepted as f64 / self.rounds.max(1) as f64
+    }
     /// Tokens produced per round (accepted drafts plus the target's own token).
     pub fn tokens_per_round(&self) -> f64 {
         self.tokens as f64 / self.rounds.max(1) as f64
