@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod finetune;
 pub mod generation;
 pub mod hub;
 pub mod model;

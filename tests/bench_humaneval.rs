@@ -37,7 +37,7 @@ fn hostile_completions_fail_and_change_nothing_outside() {
     let victim = outside.path().join("keep.txt");
     std::fs::write(&victim, "precious").unwrap();
     let v = victim.display().to_string();
-    let marker = format!("billion-sandbox-{}", std::process::id());
+    let marker = format!("bx{}", std::process::id() % 1_000_000);
     let sb = Sandbox { timeout: std::time::Duration::from_secs(3), ..Default::default() };
     let run = |completion: &str| sb.run(&check_program(&problem(), completion)).unwrap();
 
@@ -64,16 +64,17 @@ fn hostile_completions_fail_and_change_nothing_outside() {
     );
     assert!(matches!(net, Outcome::Failed(_)), "{net:?}");
     // Processes that outlive the program: forked with ctypes (past the guard) and left sleeping.
+    // Each child renames itself (PR_SET_NAME) so it can be found in /proc afterwards.
     let fork = format!(
-        "    import ctypes, time\n    libc = ctypes.CDLL(None)\n    for _ in range(20):\n        if libc.fork() == 0:\n            time.sleep(600)  # {marker}\n    while True:\n        pass\n"
+        "    import ctypes, time\n    libc = ctypes.CDLL(None)\n    for _ in range(20):\n        if libc.fork() == 0:\n            libc.prctl(15, b'{marker}', 0, 0, 0)\n            time.sleep(600)\n    while True:\n        pass\n"
     );
     assert_eq!(run(&fork), Outcome::TimedOut);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let survivors = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| String::from_utf8_lossy(c).contains("program.py"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+        .filter(|c| c.trim() == marker)
         .count();
     assert_eq!(survivors, 0, "every process of the sandbox was killed");
 }

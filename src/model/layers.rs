@@ -234,7 +234,17 @@ pub fn attention(
     let (b, h, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     let groups = h / kv_heads;
+    let prev = cache.len();
     let (k_all, v_all) = cache.append(layer, k, v)?;
+    // Writing into the cache buffer records no gradient: the differentiable path reads the new keys and values
+    // themselves (after any cached prefix, which is constant for training).
+    let (k_all, v_all) = match ops {
+        Ops::Fused => (k_all, v_all),
+        Ops::Differentiable if prev == 0 => (k.contiguous()?, v.contiguous()?),
+        Ops::Differentiable => {
+            (Tensor::cat(&[&k_all.narrow(2, 0, prev)?, k], 2)?, Tensor::cat(&[&v_all.narrow(2, 0, prev)?, v], 2)?)
+        }
+    };
     let total = k_all.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
     let q = (q.contiguous()? * scale)?.reshape((b, kv_heads, groups * t, d))?;
