@@ -3,7 +3,9 @@
 
 use super::cache::KvCache;
 use super::config::ModelConfig;
-use super::layers::{activation, attention, causal_mask, select_positions, Embedding, Norm, Ops, Rotary};
+use super::layers::{
+    activation, attention, causal_mask, named_linears, select_positions, Embedding, Norm, Ops, Rotary,
+};
 use super::linear::Linear;
 use super::weights::Weights;
 use anyhow::Result;
@@ -91,23 +93,18 @@ impl GptNeoX {
     }
 
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = vec![];
-        for (i, b) in self.blocks.iter_mut().enumerate() {
-            let p = format!("gpt_neox.layers.{i}");
-            out.push((format!("{p}.attention.query_key_value"), &mut b.qkv));
-            out.push((format!("{p}.attention.dense"), &mut b.dense));
-            out.push((format!("{p}.mlp.dense_h_to_4h"), &mut b.up));
-            out.push((format!("{p}.mlp.dense_4h_to_h"), &mut b.down));
-        }
-        out
+        named_linears("gpt_neox.layers", &mut self.blocks, |b| {
+            vec![
+                ("attention.query_key_value", &mut b.qkv),
+                ("attention.dense", &mut b.dense),
+                ("mlp.dense_h_to_4h", &mut b.up),
+                ("mlp.dense_4h_to_h", &mut b.down),
+            ]
+        })
     }
 
-    pub fn weight_bytes(&self) -> usize {
-        let lin: usize = self
-            .blocks
-            .iter()
-            .map(|b| [&b.qkv, &b.dense, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>())
-            .sum();
-        lin + self.embed.bytes() + self.lm_head.weight_bytes()
+    /// Bytes of the embedding and (untied) output head.
+    pub fn head_bytes(&self) -> usize {
+        self.embed.bytes() + if self.cfg.tie_word_embeddings { 0 } else { self.lm_head.weight_bytes() }
     }
 }

@@ -286,3 +286,18 @@ pub fn split_heads(x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
 pub fn apply<M: Module>(m: &M, x: &Tensor) -> Result<Tensor> {
     m.forward(x)
 }
+
+/// Every block's linear layers under their Hugging Face module names (`{prefix}.{i}.{part}`).
+pub fn named_linears<'a, B: 'a>(
+    prefix: &str,
+    blocks: &'a mut [B],
+    parts: impl Fn(&'a mut B) -> Vec<(&'static str, &'a mut super::linear::Linear)>,
+) -> Vec<(String, &'a mut super::linear::Linear)> {
+    let mut out = vec![];
+    for (i, b) in blocks.iter_mut().enumerate() {
+        for (part, l) in parts(b) {
+            out.push((format!("{prefix}.{i}.{part}"), l));
+        }
+    }
+    out
+}

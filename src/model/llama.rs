@@ -3,7 +3,9 @@
 
 use super::cache::KvCache;
 use super::config::ModelConfig;
-use super::layers::{activation, attention, causal_mask, select_positions, split_heads, Embedding, Norm, Ops, Rotary};
+use super::layers::{
+    activation, attention, causal_mask, named_linears, select_positions, split_heads, Embedding, Norm, Ops, Rotary,
+};
 use super::linear::Linear;
 use super::weights::Weights;
 use anyhow::Result;
@@ -88,26 +90,21 @@ impl Llama {
     }
 
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = vec![];
-        for (i, b) in self.blocks.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.self_attn.q_proj"), &mut b.q));
-            out.push((format!("{p}.self_attn.k_proj"), &mut b.k));
-            out.push((format!("{p}.self_attn.v_proj"), &mut b.v));
-            out.push((format!("{p}.self_attn.o_proj"), &mut b.o));
-            out.push((format!("{p}.mlp.gate_proj"), &mut b.gate));
-            out.push((format!("{p}.mlp.up_proj"), &mut b.up));
-            out.push((format!("{p}.mlp.down_proj"), &mut b.down));
-        }
-        out
+        named_linears("model.layers", &mut self.blocks, |b| {
+            vec![
+                ("self_attn.q_proj", &mut b.q),
+                ("self_attn.k_proj", &mut b.k),
+                ("self_attn.v_proj", &mut b.v),
+                ("self_attn.o_proj", &mut b.o),
+                ("mlp.gate_proj", &mut b.gate),
+                ("mlp.up_proj", &mut b.up),
+                ("mlp.down_proj", &mut b.down),
+            ]
+        })
     }
 
-    pub fn weight_bytes(&self) -> usize {
-        let lin: usize = self
-            .blocks
-            .iter()
-            .map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>())
-            .sum();
-        lin + self.embed.bytes() + if self.cfg.tie_word_embeddings { 0 } else { self.lm_head.weight_bytes() }
+    /// Bytes of the embedding and (untied) output head.
+    pub fn head_bytes(&self) -> usize {
+        self.embed.bytes() + if self.cfg.tie_word_embeddings { 0 } else { self.lm_head.weight_bytes() }
     }
 }

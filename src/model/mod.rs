@@ -37,6 +37,7 @@ pub struct Model {
     device: Device,
     dtype: DType,
     ops: Ops,
+    weight_bytes: usize,
 }
 
 impl Model {
@@ -46,7 +47,15 @@ impl Model {
             Architecture::StableLm => Arch::StableLm(stablelm::StableLm::load(cfg, w)?),
             Architecture::GptNeoX => Arch::GptNeoX(gpt_neox::GptNeoX::load(cfg, w)?),
         };
-        Ok(Self { arch, cfg: cfg.clone(), device: w.device.clone(), dtype: w.dtype, ops: Ops::Fused })
+        let mut m =
+            Self { arch, cfg: cfg.clone(), device: w.device.clone(), dtype: w.dtype, ops: Ops::Fused, weight_bytes: 0 };
+        let head = match &m.arch {
+            Arch::Llama(a) => a.head_bytes(),
+            Arch::StableLm(a) => a.head_bytes(),
+            Arch::GptNeoX(a) => a.head_bytes(),
+        };
+        m.weight_bytes = head + m.linears_mut().iter().map(|(_, l)| l.weight_bytes()).sum::<usize>();
+        Ok(m)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -106,10 +115,6 @@ impl Model {
 
     /// Bytes of weights held on the device (quantized sizes where quantized).
     pub fn weight_bytes(&self) -> usize {
-        match &self.arch {
-            Arch::Llama(m) => m.weight_bytes(),
-            Arch::StableLm(m) => m.weight_bytes(),
-            Arch::GptNeoX(m) => m.weight_bytes(),
-        }
+        self.weight_bytes
     }
 }

@@ -2,12 +2,10 @@
 //! target scores all k+1 positions in one forward, and a rejection rule keeps the output distributed exactly
 //! as the target's. Both KV caches roll back to the accepted prefix after every round.
 
-use crate::generation::sampling::{argmax, probabilities, SamplingParams};
+use crate::generation::sampling::{argmax, Sampler, SamplingParams};
 use crate::model::{KvCache, Model};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
 /// How drafted tokens are accepted. `AlwaysAccept` exists only to show that the distribution test catches a
@@ -121,7 +119,8 @@ pub struct SpeculativeDecoder<'a> {
     vocab: usize,
     params: SpecParams,
     k: usize,
-    rng: StdRng,
+    /// The same temperature / top-k / top-p filter for draft and target, and the seeded random stream.
+    sampler: Sampler,
     pub stats: SpecStats,
     pub done: bool,
 }
@@ -144,7 +143,7 @@ impl<'a> SpeculativeDecoder<'a> {
         if prompt.len() >= ctx {
             bail!("the prompt has {} tokens but the context window is {ctx}", prompt.len());
         }
-        let rng = StdRng::seed_from_u64(params.sampling.seed);
+        let sampler = Sampler::new(params.sampling.clone());
         Ok(Self {
             draft,
             target,
@@ -155,7 +154,7 @@ impl<'a> SpeculativeDecoder<'a> {
             vocab,
             k: params.k.max(1),
             params,
-            rng,
+            sampler,
             stats: SpecStats::default(),
             done: false,
         })
@@ -163,27 +162,6 @@ impl<'a> SpeculativeDecoder<'a> {
 
     pub fn generated(&self) -> &[u32] {
         &self.seq[self.prompt_len..]
-    }
-
-    fn dist(&self, logits: &[f32]) -> Option<Vec<f32>> {
-        let s = &self.params.sampling;
-        (!s.is_greedy()).then(|| probabilities(logits, s.temperature, s.top_k, s.top_p))
-    }
-
-    fn draw(&mut self, probs: &[f32]) -> u32 {
-        let total: f64 = probs.iter().map(|&p| p as f64).sum();
-        let mut u = self.rng.random::<f64>() * total;
-        let mut last = 0;
-        for (i, &p) in probs.iter().enumerate() {
-            if p > 0.0 {
-                last = i;
-                u -= p as f64;
-                if u < 0.0 {
-                    return i as u32;
-                }
-            }
-        }
-        last as u32
     }
 
     /// One round: draft k tokens, verify them with one target forward, accept, roll both caches back.
@@ -206,9 +184,9 @@ impl<'a> SpeculativeDecoder<'a> {
             self.stats.draft_forwards += 1;
             let mut l = logits.to_vec1::<f32>()?;
             l.truncate(self.vocab);
-            let q = self.dist(&l);
+            let q = self.sampler.distribution(&l);
             let x = match &q {
-                Some(q) => self.draw(q),
+                Some(q) => self.sampler.draw(q),
                 None => argmax(&l),
             };
             drafts.push(x);
@@ -236,12 +214,12 @@ impl<'a> SpeculativeDecoder<'a> {
             }
             self.stats.per_position[i].1 += 1;
             let p_logits = row(&logits, base + i, self.vocab)?;
-            let ok = match (self.dist(&p_logits), &qs[i]) {
+            let ok = match (self.sampler.distribution(&p_logits), &qs[i]) {
                 (None, _) => argmax(&p_logits) == x,
                 (Some(p), Some(q)) => {
                     let (px, qx) = (p[x as usize] as f64, q[x as usize] as f64);
                     let ok = match self.params.rule {
-                        AcceptRule::Correct => self.rng.random::<f64>() < (px / qx).min(1.0),
+                        AcceptRule::Correct => self.sampler.uniform() < (px / qx).min(1.0),
                         AcceptRule::AlwaysAccept => true,
                     };
                     if !ok {
@@ -250,7 +228,7 @@ impl<'a> SpeculativeDecoder<'a> {
                         if r.iter().sum::<f32>() <= 0.0 {
                             r = p.clone();
                         }
-                        extra = Some(self.draw(&r));
+                        extra = Some(self.sampler.draw(&r));
                     }
                     ok
                 }
@@ -269,8 +247,8 @@ impl<'a> SpeculativeDecoder<'a> {
             Some(e) => e,
             None => {
                 let p_logits = row(&logits, base + drafts.len(), self.vocab)?;
-                match self.dist(&p_logits) {
-                    Some(p) => self.draw(&p),
+                match self.sampler.distribution(&p_logits) {
+                    Some(p) => self.sampler.draw(&p),
                     None => argmax(&p_logits),
                 }
             }
