@@ -190,27 +190,26 @@ impl<'a> Scorer<'a> {
     /// longer than the model's window loses its oldest tokens, as the harness truncates from the left).
     pub fn loglik(&mut self, context: &str, continuations: &[String]) -> Result<Vec<f64>> {
         let window = self.cache.max_len();
-        let mut ctx = self.tok.encode(context, false)?;
+        let full_ctx = self.tok.encode(context, false)?;
+        let mut ctx: &[u32] = &full_ctx;
         let mut out = vec![];
         let mut last_row: Option<Vec<f64>> = None;
-        let full_ctx_len = ctx.len();
         for cont in continuations {
             let mut whole = self.tok.encode(&format!("{context}{cont}"), false)?;
-            let cont_len = whole.len().saturating_sub(full_ctx_len);
+            let cont_len = whole.len().saturating_sub(full_ctx.len());
             if whole.len() > window {
                 let cut = whole.len() - window;
                 whole.drain(..cut);
-                ctx = self.tok.encode(context, false)?;
-                ctx.drain(..cut.min(ctx.len()));
+                ctx = &full_ctx[cut.min(full_ctx.len())..];
             }
             let cont_toks = &whole[whole.len() - cont_len.min(whole.len())..];
             if cont_toks.is_empty() {
                 bail!("continuation {cont:?} adds no tokens");
             }
             // The common case: one continuation token after an unchanged context — one shared forward.
-            if cont_toks.len() == 1 && whole[..ctx.len()] == ctx[..] {
+            if cont_toks.len() == 1 && whole[..ctx.len()] == *ctx {
                 if last_row.is_none() {
-                    let rows = self.logits_from(&ctx, ctx.len() - 1)?;
+                    let rows = self.logits_from(ctx, ctx.len() - 1)?;
                     last_row = Some(log_softmax(&rows[0]));
                 }
                 out.push(last_row.as_ref().expect("set above")[cont_toks[0] as usize]);

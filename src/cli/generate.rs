@@ -167,11 +167,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
 fn write_logits(path: &std::path::Path, logits: &candle_core::Tensor) -> Result<()> {
     let logits = logits.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let tmp =
-        dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
-    candle_core::safetensors::save(&std::collections::HashMap::from([("logits".to_string(), logits)]), &tmp)
-        .with_context(|| format!("--logits-out: cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("--logits-out: cannot write {}", path.display()))?;
-    Ok(())
+    crate::util::save_safetensors_atomic(path, &std::collections::HashMap::from([("logits".to_string(), logits)]))
+        .context("--logits-out")
 }

@@ -61,10 +61,7 @@ impl ModelArgs {
         Ok(crate::model::LoadOptions {
             device: self.device.clone(),
             dtype: self.dtype.clone(),
-            quantize: match &self.quantize {
-                Some(q) => crate::model::weights::Quantize::parse(q)?,
-                None => None,
-            },
+            quantize: crate::model::weights::Quantize::parse_opt(self.quantize.as_deref())?,
             random_weights: self.random_weights,
             dequantize: self.dequantize,
         })

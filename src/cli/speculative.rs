@@ -84,10 +84,7 @@ fn load_side(
         &LoadOptions {
             device: a.device.clone(),
             dtype: dtype.clone(),
-            quantize: match q {
-                Some(q) => Quantize::parse(q)?,
-                None => None,
-            },
+            quantize: Quantize::parse_opt(q.as_deref())?,
             random_weights: a.random_weights,
             dequantize: deq,
         },

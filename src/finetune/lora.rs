@@ -107,10 +107,7 @@ impl Lora {
             tensors.insert(format!("base_model.model.{m}.lora_A.weight"), a.as_tensor().clone());
             tensors.insert(format!("base_model.model.{m}.lora_B.weight"), b.as_tensor().clone());
         }
-        let tmp = dir.join(".adapter_model.safetensors.tmp");
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, dir.join("adapter_model.safetensors"))?;
-        Ok(())
+        crate::util::save_safetensors_atomic(&dir.join("adapter_model.safetensors"), &tensors)
     }
 
     pub fn vars(&self) -> Vec<Var> {

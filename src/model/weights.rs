@@ -22,6 +22,11 @@ pub enum Quantize {
 }
 
 impl Quantize {
+    /// A `--quantize` value that may be absent.
+    pub fn parse_opt(s: Option<&str>) -> Result<Option<Self>> {
+        s.map_or(Ok(None), Self::parse)
+    }
+
     pub fn parse(s: &str) -> Result<Option<Self>> {
         Ok(match s.to_ascii_lowercase().as_str() {
             "none" | "" => None,
