@@ -237,3 +237,61 @@ pub fn write_llama_gguf(path: &Path, config: &serde_json::Value, seed: u64, dtyp
     let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     write_gguf(path, &md_refs, &t_refs)
 }
+
+/// ChatML, the chat template the test tokenizer carries.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// GPT-2's byte → printable character table (the byte-level BPE alphabet).
+fn byte_chars() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in bs.into_iter().zip(cs) {
+        table[b as usize] = char::from_u32(c).expect("valid char");
+    }
+    table
+}
+
+/// Write a byte-level tokenizer (tokenizer.json: one token per byte, ids 0–255, no merges; `<|im_start|>` 256,
+/// `<|im_end|>` 257, `<|endoftext|>` 258) and tokenizer_config.json with the ChatML template into `dir`.
+/// Models using it need a vocabulary of at least 259 and eos 257.
+pub fn write_test_tokenizer(dir: &Path) -> Result<()> {
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), serde_json::json!(i))).collect();
+    let special = |id: u32, s: &str| {
+        serde_json::json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": true})
+    };
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+        "use_regex": true});
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(256, "<|im_start|>"), special(257, "<|im_end|>"), special(258, "<|endoftext|>")],
+        "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok)?)?;
+    let cfg = serde_json::json!({"eos_token": "<|im_end|>", "bos_token": null, "chat_template": CHATML_TEMPLATE});
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    Ok(())
+}
+
+/// A tiny llama folder (vocab 320, eos `<|im_end|>`) with the byte-level test tokenizer and ChatML.
+pub fn write_chat_model(dir: &Path, seed: u64) -> Result<ModelConfig> {
+    let mut config = tiny_config(Architecture::Llama, 320);
+    config["eos_token_id"] = serde_json::json!(257);
+    config["bos_token_id"] = serde_json::json!(258);
+    let cfg = write_hf_model(dir, &config, seed)?;
+    write_test_tokenizer(dir)?;
+    Ok(cfg)
+}

@@ -166,7 +166,7 @@ fn differentiable_ops_match_fused_and_carry_gradients() {
         .unwrap();
         let a = var.as_tensor().clone();
         let first = m.model.linears_mut().into_iter().next().unwrap().1;
-        first.set_lora(Some(billion::model::linear::LoraAdapter { a, b, scale: 0.5 }));
+        first.set_lora(Some(billion::model::linear::LoraAdapter { a, b, scale: 0.5, dropout: 0.0 }));
         let logits = full_logits(&m, &PROMPT);
         let loss = logits.sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();

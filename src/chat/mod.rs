@@ -11,6 +11,21 @@ use template::{ChatTemplate, Message};
 /// Tokens that end an assistant turn in common templates, added to the model's EOS ids when present.
 const END_OF_TURN_TOKENS: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>"];
 
+/// The ids that end an assistant reply: the model's EOS ids and any end-of-turn token its vocabulary has.
+pub fn end_of_turn_ids(loaded: &LoadedModel) -> Vec<u32> {
+    let mut eos = loaded.eos_ids();
+    if let Some(tok) = &loaded.tokenizer {
+        for t in END_OF_TURN_TOKENS {
+            if let Some(id) = tok.token_to_id(t) {
+                if !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+    }
+    eos
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct TurnStats {
     pub prompt_tokens: usize,
@@ -44,15 +59,7 @@ impl<'a> ChatSession<'a> {
     pub fn new(loaded: &'a LoadedModel, system: Option<String>, mut params: GenerateParams) -> Result<Self> {
         let tok = loaded.tokenizer()?;
         let template = ChatTemplate::new(tok.chat_template.clone(), tok.bos_token.clone(), tok.eos_token.clone());
-        let mut eos = loaded.eos_ids();
-        for t in END_OF_TURN_TOKENS {
-            if let Some(id) = tok.token_to_id(t) {
-                if !eos.contains(&id) {
-                    eos.push(id);
-                }
-            }
-        }
-        params.eos_ids = eos;
+        params.eos_ids = end_of_turn_ids(loaded);
         if template.is_fallback() && !params.stop_strings.iter().any(|s| s == "\nUser:") {
             params.stop_strings.push("\nUser:".into());
         }

@@ -53,7 +53,7 @@ fn print_stats(s: &crate::chat::TurnStats) {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let loaded = crate::model::load(&a.model.model, &a.model.load_options()?)?;
+    let loaded = a.model.load()?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let mut params = GenerateParams::new(
         a.max_tokens,

@@ -68,7 +68,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.prompt.is_none() && a.prompt_ids.is_none() {
         bail!("give --prompt TEXT or --prompt-ids 1,2,3");
     }
-    let loaded = crate::model::load(&a.model.model, &a.model.load_options()?)?;
+    let loaded = a.model.load()?;
     for name in &loaded.kept_dense {
         eprintln!("note: {name} kept dense: its width is not a multiple of the quantization block");
     }

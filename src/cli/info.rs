@@ -15,6 +15,12 @@ pub struct InfoArgs {
 }
 
 pub fn run(a: InfoArgs) -> Result<()> {
+    if let Some(d) = &a.model.adapter {
+        anyhow::bail!(
+            "--adapter {}: info describes the base model; use generate or chat to run with an adapter",
+            d.display()
+        );
+    }
     let info = crate::model::loader::inspect(&a.model.model, &a.model.load_options()?)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info)?);

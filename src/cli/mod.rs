@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod download;
+mod finetune;
 mod generate;
 mod info;
 mod speculative;
@@ -24,6 +25,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Download models or datasets from the Hugging Face Hub (verified, resumable)
     Download(download::DownloadArgs),
+    /// Fine-tune a model with LoRA on instruction or chat data; saves a PEFT adapter (and a merged model)
+    Finetune(finetune::FinetuneArgs),
     /// Generate text from a prompt, streaming it to stdout
     Generate(generate::GenerateArgs),
     /// Speculative decoding: a draft model proposes, the target verifies (lossless)
@@ -54,9 +57,26 @@ pub struct ModelArgs {
     /// GGUF: expand quantized tensors to dense weights of the compute dtype
     #[arg(long)]
     pub dequantize: bool,
+    /// Apply a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) unmerged
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
+    /// Load the model, with `--adapter` attached when given.
+    pub fn load(&self) -> anyhow::Result<crate::model::LoadedModel> {
+        let mut loaded = crate::model::load(&self.model, &self.load_options()?)?;
+        if let Some(dir) = &self.adapter {
+            use anyhow::Context;
+            let cfg = loaded.config().clone();
+            let lora = crate::finetune::lora::Lora::load_for(dir, &cfg, loaded.model.device())
+                .with_context(|| format!("--adapter {}", dir.display()))?;
+            let dtype = loaded.model.dtype();
+            lora.attach_frozen(&mut loaded.model, dtype).with_context(|| format!("--adapter {}", dir.display()))?;
+        }
+        Ok(loaded)
+    }
+
     pub fn load_options(&self) -> anyhow::Result<crate::model::LoadOptions> {
         Ok(crate::model::LoadOptions {
             device: self.device.clone(),
@@ -82,6 +102,7 @@ pub fn main() -> i32 {
         Command::Bench(a) => bench::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Download(a) => download::run(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Info(a) => info::run(a),
         Command::Speculative(a) => speculative::run(a),

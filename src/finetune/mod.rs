@@ -1,4 +1,9 @@
-//! LoRA fine-tuning building blocks: PEFT-format adapters on the model's linear seam, the causal-LM loss over
-//! response tokens, gradients through the differentiable path, AdamW, and merging into the base weights.
+//! LoRA fine-tuning: PEFT-format adapters on the model's linear seam, data rendered with the chat template
+//! and labelled on answers only, the causal-LM loss through the differentiable path (and through quantized
+//! bases), AdamW, checkpoints, evaluation, and merging into the base weights.
 
+pub mod data;
 pub mod lora;
+pub mod merge;
+pub mod optim;
+pub mod train;

@@ -1,0 +1,447 @@
+//! The LoRA training loop: batches of response-labelled examples, the differentiable forward, the causal-LM
+//! loss, gradient accumulation and clipping, AdamW with a linear schedule; evaluation before and after;
+//! checkpoints on Ctrl-C (resumable), and a stop with the last good adapter kept when the loss turns NaN.
+
+use super::data::{Example, Renderer, Tokenized, IGNORE};
+use super::lora::{causal_lm_loss, Lora};
+use super::optim::{clip_grad_norm, AdamW, AdamWParams};
+use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
+use crate::model::{Model, Ops};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainSettings {
+    pub epochs: usize,
+    pub lr: f64,
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    pub dropout: f32,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_len: usize,
+    pub seed: u64,
+    pub warmup_ratio: f64,
+    /// "linear" (decay to zero after warmup) or "constant" (after warmup).
+    #[serde(default = "linear")]
+    pub lr_schedule: String,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+}
+
+fn linear() -> String {
+    "linear".into()
+}
+
+impl TrainSettings {
+    pub fn validate(&self) -> Result<()> {
+        let checks: [(bool, &str); 8] = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number"),
+            (self.rank >= 1, "--rank must be at least 1"),
+            (self.alpha > 0.0 && self.alpha.is_finite(), "--alpha must be a positive number"),
+            ((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1)"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.max_len >= 2, "--max-len must be at least 2"),
+        ];
+        for (ok, msg) in checks {
+            if !ok {
+                bail!("{msg}");
+            }
+        }
+        if !["linear", "constant"].contains(&self.lr_schedule.as_str()) {
+            bail!("--lr-schedule must be linear or constant, got {}", self.lr_schedule);
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            bail!("--warmup-ratio must be in [0, 1)");
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer step's record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+/// Held-out metrics: mean loss over response tokens, its perplexity, teacher-forced next-token accuracy on the
+/// response, and the exact-match rate of greedy answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub token_accuracy: f64,
+    pub exact_match: f64,
+    pub examples: usize,
+    pub generations: Vec<String>,
+}
+
+/// Everything a checkpoint needs to continue, and everything the results file reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub settings: TrainSettings,
+    pub model: String,
+    pub data: String,
+    pub data_sha256: String,
+    pub step: usize,
+    pub total_steps: usize,
+    pub history: Vec<StepRecord>,
+    pub train_seconds: f64,
+    pub tokens_trained: usize,
+    pub before: Option<EvalMetrics>,
+}
+
+pub enum Outcome {
+    Finished,
+    /// Stopped by Ctrl-C; the checkpoint folder.
+    Interrupted(PathBuf),
+}
+
+/// Observer of each finished optimizer step (record, total steps).
+pub type StepObserver<'a> = Box<dyn FnMut(&StepRecord, usize) + 'a>;
+
+/// Hooks and observers around the loop.
+pub struct Hooks<'a> {
+    pub interrupt: Arc<AtomicBool>,
+    /// Called after each optimizer step (progress display).
+    pub on_step: StepObserver<'a>,
+    /// Called after each backward pass, when the graph and gradients are alive, to sample memory.
+    pub on_memory: Box<dyn FnMut() + 'a>,
+    /// Test hook: make the loss of this step NaN, as a diverging run would.
+    pub inject_nan_at_step: Option<usize>,
+}
+
+/// `ids` `[b, T]` (u32, right-padded with 0) and `labels` `[b, T]` (i64, -100 on padding).
+pub fn batch_tensors(batch: &[&Tokenized], device: &Device) -> Result<(Tensor, Tensor)> {
+    let len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(batch.len() * len);
+    let mut labels = Vec::with_capacity(batch.len() * len);
+    for t in batch {
+        ids.extend_from_slice(&t.ids);
+        ids.extend(std::iter::repeat_n(0u32, len - t.ids.len()));
+        labels.extend_from_slice(&t.labels);
+        labels.extend(std::iter::repeat_n(IGNORE, len - t.labels.len()));
+    }
+    Ok((
+        Tensor::from_vec(ids, (batch.len(), len), device)?,
+        Tensor::from_vec(labels, (batch.len(), len), &Device::Cpu)?,
+    ))
+}
+
+/// Linear warmup, then linear decay to zero (transformers' default "linear" schedule) or constant.
+pub fn learning_rate(s: &TrainSettings, step: usize, total: usize) -> f64 {
+    let warmup = (s.warmup_ratio * total as f64).ceil() as usize;
+    if step < warmup {
+        s.lr * (step + 1) as f64 / warmup as f64
+    } else if s.lr_schedule == "constant" {
+        s.lr
+    } else {
+        s.lr * (total - step) as f64 / (total - warmup).max(1) as f64
+    }
+}
+
+pub fn steps_per_epoch(n_train: usize, s: &TrainSettings) -> usize {
+    n_train.div_ceil(s.batch_size).div_ceil(s.grad_accum)
+}
+
+/// The micro-batches (indices into the training set) of optimizer step `step`; the order of each epoch is a
+/// seeded shuffle, so a resumed run sees exactly the batches the interrupted one would have.
+pub fn step_batches(n_train: usize, s: &TrainSettings, step: usize) -> Vec<Vec<usize>> {
+    let per_epoch = steps_per_epoch(n_train, s);
+    let (epoch, within) = (step / per_epoch, step % per_epoch);
+    let mut order: Vec<usize> = (0..n_train).collect();
+    super::data::shuffle(&mut order, s.seed.wrapping_add(epoch as u64 + 1));
+    let batches: Vec<Vec<usize>> = order.chunks(s.batch_size).map(|c| c.to_vec()).collect();
+    batches.into_iter().skip(within * s.grad_accum).take(s.grad_accum).collect()
+}
+
+/// Sum of NLL, correct argmax predictions and count over labelled targets (labels shifted by one).
+fn response_stats(logits: &Tensor, labels: &Tensor) -> Result<(f64, usize, usize)> {
+    let (b, t, v) = logits.dims3()?;
+    let labels: Vec<i64> = labels.flatten_all()?.to_vec1()?;
+    let mut rows = vec![];
+    let mut targets = vec![];
+    for bi in 0..b {
+        for ti in 0..t - 1 {
+            let l = labels[bi * t + ti + 1];
+            if l != IGNORE {
+                rows.push((bi * t + ti) as u32);
+                targets.push(l as u32);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Ok((0.0, 0, 0));
+    }
+    let device = logits.device();
+    let picked = logits.reshape((b * t, v))?.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
+    let target = Tensor::new(targets.as_slice(), device)?;
+    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
+    let nll = logp.gather(&target.unsqueeze(1)?, 1)?.neg()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let argmax: Vec<u32> = picked.argmax(D::Minus1)?.to_vec1()?;
+    let correct = argmax.iter().zip(&targets).filter(|(a, b)| a == b).count();
+    Ok((nll, correct, targets.len()))
+}
+
+/// Evaluate the model as it stands (attach the adapter to evaluate first). `n_generations` of the examples
+/// also have their generated answers returned.
+pub fn evaluate(
+    model: &Model,
+    renderer: &Renderer,
+    examples: &[Example],
+    tokenized: &[Tokenized],
+    batch_size: usize,
+    eos_ids: &[u32],
+    n_generations: usize,
+) -> Result<EvalMetrics> {
+    let (mut nll, mut correct, mut count) = (0.0, 0, 0);
+    for chunk in tokenized.chunks(batch_size) {
+        let refs: Vec<&Tokenized> = chunk.iter().collect();
+        let (ids, labels) = batch_tensors(&refs, model.device())?;
+        let mut cache = model.new_cache();
+        let logits = model.forward(&ids, &mut cache)?;
+        let (n, c, k) = response_stats(&logits, &labels)?;
+        nll += n;
+        correct += c;
+        count += k;
+    }
+    let loss = nll / count.max(1) as f64;
+    let mut exact = 0;
+    let mut generations = vec![];
+    for (i, ex) in examples.iter().enumerate() {
+        let prompt = renderer.prompt_ids(ex)?;
+        let answer_len = renderer.tokenizer.encode(ex.answer(), false)?.len();
+        let mut params = GenerateParams::new((answer_len + 8).min(128), SamplingParams::default(), eos_ids.to_vec());
+        params.stop_strings = if renderer.template.is_fallback() { vec!["\nUser:".into()] } else { vec![] };
+        let mut cache = model.new_cache();
+        if prompt.len() + params.max_tokens > cache.max_len() {
+            continue;
+        }
+        let g = generate(model, Some(renderer.tokenizer), &prompt, &mut cache, &params, |_| {})?;
+        let text = g.text.trim().to_string();
+        if text == ex.answer().trim() {
+            exact += 1;
+        }
+        if i < n_generations {
+            generations.push(text);
+        }
+    }
+    Ok(EvalMetrics {
+        loss,
+        perplexity: loss.exp(),
+        token_accuracy: correct as f64 / count.max(1) as f64,
+        exact_match: exact as f64 / examples.len().max(1) as f64,
+        examples: examples.len(),
+        generations,
+    })
+}
+
+/// The training run: the model with its adapter, the data, and where things go.
+pub struct Trainer<'a> {
+    pub model: &'a mut Model,
+    pub lora: Lora,
+    pub optimizer: AdamW,
+    pub train: Vec<Tokenized>,
+    pub state: TrainerState,
+    pub out_dir: PathBuf,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(
+        model: &'a mut Model,
+        lora: Lora,
+        train: Vec<Tokenized>,
+        state: TrainerState,
+        out: &Path,
+    ) -> Result<Self> {
+        let params = AdamWParams { weight_decay: state.settings.weight_decay, ..Default::default() };
+        let optimizer = AdamW::new(lora.vars(), params)?;
+        Ok(Self { model, lora, optimizer, train, state, out_dir: out.to_path_buf() })
+    }
+
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.out_dir.join("checkpoint")
+    }
+
+    /// Continue from a checkpoint folder written by [`Trainer::save_checkpoint`].
+    pub fn restore(&mut self, dir: &Path) -> Result<()> {
+        let saved = Lora::load_for(dir, self.model.config(), self.model.device())?;
+        self.lora.load_values(&saved)?;
+        let opt_path = dir.join("optimizer.safetensors");
+        let state = candle_core::safetensors::load(&opt_path, self.model.device())
+            .with_context(|| format!("--resume: cannot read {}", opt_path.display()))?;
+        let names = self.lora.var_names();
+        self.optimizer.load_state(&names, &state.into_iter().collect(), self.state.step)?;
+        Ok(())
+    }
+
+    /// Adapter + optimizer moments + trainer state, written to a temporary folder and renamed into place.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let dir = self.checkpoint_dir();
+        let tmp = self.out_dir.join(format!(".checkpoint.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        self.lora.save_for(&tmp, self.model.config())?;
+        let opt = self.optimizer.state(&self.lora.var_names());
+        crate::util::save_safetensors_atomic(&tmp.join("optimizer.safetensors"), &opt)?;
+        crate::util::write_atomic(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(&self.state)?.as_bytes(),
+        )?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot replace {}", dir.display()))?;
+        }
+        std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move the checkpoint to {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Run the remaining optimizer steps.
+    pub fn run(&mut self, hooks: &mut Hooks) -> Result<Outcome> {
+        let s = self.state.settings.clone();
+        let total = self.state.total_steps;
+        let per_epoch = steps_per_epoch(self.train.len(), &s);
+        let vars = self.lora.vars();
+        let device = self.model.device().clone();
+        self.model.set_ops(Ops::Differentiable);
+        self.lora.attach_trainable(self.model, s.dropout)?;
+        while self.state.step < total {
+            let step = self.state.step;
+            let started = Instant::now();
+            let batches = step_batches(self.train.len(), &s, step);
+            let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+            let mut loss_sum = 0.0;
+            let mut tokens = 0;
+            for batch in &batches {
+                let refs: Vec<&Tokenized> = batch.iter().map(|&i| &self.train[i]).collect();
+                tokens += refs.iter().map(|t| t.ids.len()).sum::<usize>();
+                let (ids, labels) = batch_tensors(&refs, &device)?;
+                if refs.iter().all(|t| t.trained_tokens() == 0) {
+                    continue; // every answer was cut by --max-len
+                }
+                let mut cache = self.model.new_cache();
+                let logits = self.model.forward(&ids, &mut cache)?;
+                let loss = (causal_lm_loss(&logits, &labels)? / batches.len() as f64)?;
+                let mut value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if hooks.inject_nan_at_step == Some(step + 1) {
+                    value = f64::NAN;
+                }
+                if !value.is_finite() {
+                    return Err(self.diverged(step, "loss", value));
+                }
+                loss_sum += value;
+                let grads = loss.backward()?;
+                (hooks.on_memory)();
+                for (slot, var) in acc.iter_mut().zip(&vars) {
+                    let g = grads.get(var.as_tensor()).context("an adapter parameter received no gradient")?;
+                    *slot = Some(match slot.take() {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            let mut grads: Vec<Tensor> = acc
+                .into_iter()
+                .zip(&vars)
+                .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+                .collect::<candle_core::Result<_>>()?;
+            let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
+            if !grad_norm.is_finite() {
+                return Err(self.diverged(step, "gradient norm", grad_norm));
+            }
+            let lr = learning_rate(&s, step, total);
+            self.optimizer.step(&grads, lr)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let rec = StepRecord {
+                step: step + 1,
+                epoch: (step + 1) as f64 / per_epoch as f64,
+                loss: loss_sum,
+                lr,
+                grad_norm,
+                tokens,
+                seconds,
+            };
+            self.state.step += 1;
+            self.state.train_seconds += seconds;
+            self.state.tokens_trained += tokens;
+            (hooks.on_step)(&rec, total);
+            self.state.history.push(rec);
+            if hooks.interrupt.load(Ordering::Relaxed) && self.state.step < total {
+                return Ok(Outcome::Interrupted(self.save_checkpoint()?));
+            }
+        }
+        Ok(Outcome::Finished)
+    }
+
+    /// Save the adapter as it was before the failing step and describe the failure.
+    fn diverged(&self, step: usize, what: &str, value: f64) -> anyhow::Error {
+        let saved = self.lora.save_for(&self.out_dir, self.model.config());
+        let kept = match saved {
+            Ok(()) => format!("the last good adapter (after step {step}) is in {}", self.out_dir.display()),
+            Err(e) => format!("saving the last good adapter failed too: {e}"),
+        };
+        anyhow::anyhow!(
+            "training stopped: the {what} became {value} at step {} of {}; {kept}; try a lower --lr",
+            step + 1,
+            self.state.total_steps
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> TrainSettings {
+        TrainSettings {
+            epochs: 2,
+            lr: 1e-3,
+            rank: 8,
+            alpha: 16.0,
+            targets: vec!["q_proj".into()],
+            dropout: 0.0,
+            batch_size: 4,
+            grad_accum: 2,
+            max_len: 64,
+            seed: 1,
+            warmup_ratio: 0.0,
+            lr_schedule: "linear".into(),
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+        }
+    }
+
+    #[test]
+    fn every_example_once_per_epoch() {
+        let s = settings();
+        let per = steps_per_epoch(21, &s);
+        assert_eq!(per, 3); // 6 micro-batches of ≤ 4, 2 per step
+        for epoch in 0..2 {
+            let mut seen: Vec<usize> = (0..per).flat_map(|k| step_batches(21, &s, epoch * per + k)).flatten().collect();
+            seen.sort();
+            assert_eq!(seen, (0..21).collect::<Vec<_>>());
+        }
+        assert_ne!(step_batches(21, &s, 0), step_batches(21, &s, per), "each epoch reshuffles");
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        let mut s = settings();
+        s.warmup_ratio = 0.1;
+        assert!((learning_rate(&s, 0, 100) - 1e-4).abs() < 1e-12);
+        assert!((learning_rate(&s, 9, 100) - 1e-3).abs() < 1e-12);
+        assert!(learning_rate(&s, 99, 100) > 0.0 && learning_rate(&s, 99, 100) < 2e-5);
+    }
+}
