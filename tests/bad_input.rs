@@ -122,3 +122,39 @@ fn missing_model_and_bad_flags() {
     expect_error(&["generate", "--model", m, "--prompt-ids", "1", "--quantize", "q3"], &["--quantize", "q3"]);
     expect_error(&["generate", "--model", m, "--prompt", "hello"], &["tokenizer", "--prompt-ids"]);
 }
+
+#[test]
+fn finetune_bad_input() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    billion::testing::write_chat_model(&m, 1).unwrap();
+    let model = m.to_str().unwrap();
+    let data = d.path().join("data.jsonl");
+    let run = |extra: &[&str], must: &[&str]| {
+        let mut args = vec!["finetune", "--model", model, "--out"];
+        let out = d.path().join("out");
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        expect_error(&args, must);
+    };
+    run(&["--data", "/no/such.jsonl"], &["--data", "/no/such.jsonl"]);
+    std::fs::write(&data, "{\"instruction\":\"a\",\"output\":\"b\"}\n{\"instruction\": 3}\n").unwrap();
+    run(&["--data", data.to_str().unwrap()], &["data.jsonl:2"]);
+    std::fs::write(&data, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}\n").unwrap();
+    run(&["--data", data.to_str().unwrap()], &["data.jsonl:1", "assistant"]);
+    run(&["--targets", "w_proj"], &["--targets", "w_proj", "q_proj"]);
+    run(&["--rank", "0"], &["--rank"]);
+    run(&["--lr=-1"], &["--lr"]);
+    run(&["--dropout", "1.5"], &["--dropout"]);
+    run(&["--lr-schedule", "cosine"], &["--lr-schedule"]);
+    run(&["--resume", d.path().to_str().unwrap()], &["--resume", "trainer_state.json"]);
+    let cfg = d.path().join("m").join("config.json");
+    expect_error(
+        &["finetune", "--model", cfg.to_str().unwrap(), "--random-weights", "--merge"],
+        &["--merge", "--random-weights"],
+    );
+    expect_error(
+        &["generate", "--model", model, "--adapter", "/no/adapter", "--prompt", "hi"],
+        &["--adapter", "/no/adapter"],
+    );
+}

@@ -250,6 +250,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         }
         None => None,
     };
+    if resumed.is_none() {
+        settings(&a, vec![]).validate()?; // flags first, before any loading
+    }
     let source = crate::model::loader::resolve(&a.model.model, a.model.random_weights)?;
     if a.merge && matches!(source, ModelSource::ConfigOnly(_)) {
         bail!("--merge needs a model with weight files; --random-weights models have none to merge into");

@@ -5,7 +5,7 @@
 use crate::model::linear::LoraAdapter;
 use crate::model::{Model, ModelConfig};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -284,10 +284,8 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let device = logits.device();
     let flat = logits.reshape((b * t, v))?;
     let picked = flat.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
-    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
-    let target = Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?;
-    let nll = logp.gather(&target, 1)?.neg()?;
-    Ok(nll.mean_all()?)
+    let target = Tensor::new(targets.as_slice(), device)?;
+    Ok(crate::model::autograd::cross_entropy_rows(&picked, &target)?.mean_all()?)
 }
 
 #[cfg(test)]

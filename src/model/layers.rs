@@ -5,7 +5,7 @@
 use super::cache::KvCache;
 use super::config::{Activation, ModelConfig, RopeScaling};
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use std::sync::{Arc, Mutex};
 
 /// Which implementation of the non-matmul ops to use. Candle's fused kernels (rms_norm, layer_norm, rope,
@@ -27,12 +27,7 @@ impl Norm {
     pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
         match (self, ops) {
             (Norm::Rms { weight, eps }, Ops::Fused) => candle_nn::ops::rms_norm(x, weight, *eps as f32),
-            (Norm::Rms { weight, eps }, Ops::Differentiable) => {
-                let dtype = x.dtype();
-                let x32 = x.to_dtype(DType::F32)?;
-                let norm = x32.broadcast_div(&(x32.sqr()?.mean_keepdim(D::Minus1)? + *eps)?.sqrt()?)?;
-                norm.to_dtype(dtype)?.broadcast_mul(weight)
-            }
+            (Norm::Rms { weight, eps }, Ops::Differentiable) => super::autograd::rms_norm(x, weight, *eps),
             (Norm::Layer { weight, bias, eps }, _) => {
                 let zeros;
                 let bias = match bias {
@@ -44,15 +39,7 @@ impl Norm {
                 };
                 match ops {
                     Ops::Fused => candle_nn::ops::layer_norm(x, weight, bias, *eps as f32),
-                    Ops::Differentiable => {
-                        let dtype = x.dtype();
-                        let x32 = x.to_dtype(DType::F32)?;
-                        let mean = x32.mean_keepdim(D::Minus1)?;
-                        let centered = x32.broadcast_sub(&mean)?;
-                        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-                        let normed = centered.broadcast_div(&(var + *eps)?.sqrt()?)?;
-                        normed.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)
-                    }
+                    Ops::Differentiable => super::autograd::layer_norm(x, weight, bias, *eps),
                 }
             }
         }
@@ -197,8 +184,7 @@ impl Rotary {
             match (self.interleaved, ops) {
                 (false, Ops::Fused) => candle_nn::rotary_emb::rope(&x, &cos, &sin),
                 (true, Ops::Fused) => candle_nn::rotary_emb::rope_i(&x, &cos, &sin),
-                (false, Ops::Differentiable) => candle_nn::rotary_emb::rope_slow(&x, &cos, &sin),
-                (true, Ops::Differentiable) => candle_nn::rotary_emb::rope_i_slow(&x, &cos, &sin),
+                (interleaved, Ops::Differentiable) => super::autograd::rope(&x, &cos, &sin, interleaved),
             }
         };
         if self.rotary_dim == self.head_dim {
@@ -249,20 +235,22 @@ pub fn attention(
     let scale = 1.0 / (d as f64).sqrt();
     let q = (q.contiguous()? * scale)?.reshape((b, kv_heads, groups * t, d))?;
     let scores = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
-    let in_dtype = scores.dtype();
-    let scores = scores.to_dtype(DType::F32)?;
-    let scores = match mask {
-        Some(m) => scores
-            .reshape((b, kv_heads, groups, t, total))?
-            .broadcast_add(&m.to_dtype(DType::F32)?)?
-            .reshape((b, kv_heads, groups * t, total))?,
-        None => scores,
-    };
     let probs = match ops {
-        Ops::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
-        Ops::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        Ops::Fused => {
+            let in_dtype = scores.dtype();
+            let scores = scores.to_dtype(DType::F32)?;
+            let scores = match mask {
+                Some(m) => scores
+                    .reshape((b, kv_heads, groups, t, total))?
+                    .broadcast_add(&m.to_dtype(DType::F32)?)?
+                    .reshape((b, kv_heads, groups * t, total))?,
+                None => scores,
+            };
+            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(in_dtype)?
+        }
+        Ops::Differentiable => super::autograd::attention_probs(&scores, mask, groups)?,
     };
-    let out = probs.to_dtype(in_dtype)?.matmul(&v_all)?; // [b, kv, g*t, d]
+    let out = probs.matmul(&v_all)?; // [b, kv, g*t, d]
     out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
 }
 

@@ -2,7 +2,7 @@
 //! and room for an adapter (LoRA) on top. Architectures never touch weight storage directly.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Module, Result, Shape, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use std::sync::Arc;
 
 /// From this many input rows on, a quantized CPU matmul dequantizes and uses a dense GEMM.
@@ -25,55 +25,6 @@ pub struct LoraAdapter {
     pub scale: f64,
     /// Dropout probability on the adapter's input; non-zero only while training.
     pub dropout: f32,
-}
-
-/// A quantized matmul `x Wᵀ` that also has a backward pass: candle's own quantized matmul records none, so
-/// gradients would stop at every quantized layer. The weight is frozen, so only `dx = dy · W` is needed; it
-/// dequantizes `W` for the moment of the backward step, and the stored base stays quantized (QLoRA).
-struct QuantizedMatMul(Arc<QTensor>);
-
-impl CustomOp1 for QuantizedMatMul {
-    fn name(&self) -> &'static str {
-        "quantized-matmul"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (out_f, in_f) = self.0.shape().dims2()?;
-        let rows = layout.shape().elem_count() / in_f;
-        if rows < DEQUANT_GEMM_ROWS {
-            return self.0.cpu_fwd(storage, layout);
-        }
-        // Many rows: a transient dequantized copy and one GEMM, freed before the backward pass needs it again.
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("quantized matmul takes f32 input") };
-        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("input is not contiguous") };
-        let x = Tensor::from_slice(&data[start..end], (rows, in_f), &candle_core::Device::Cpu)?;
-        let y = x.matmul(&self.0.dequantize(&candle_core::Device::Cpu)?.t()?)?;
-        let mut dims = layout.shape().dims().to_vec();
-        *dims.last_mut().expect("rank ≥ 1") = out_f;
-        let (st, _) = y.storage_and_layout();
-        match &*st {
-            candle_core::Storage::Cpu(c) => Ok((c.clone(), Shape::from(dims))),
-            _ => candle_core::bail!("expected a CPU result"),
-        }
-    }
-
-    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.0.cuda_fwd(storage, layout)
-    }
-
-    fn metal_fwd(&self, storage: &MetalStorage, layout: &Layout) -> Result<(MetalStorage, Shape)> {
-        self.0.metal_fwd(storage, layout)
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.0.dequantize(grad_res.device())?; // [out, in], f32
-        let (out_f, in_f) = w.dims2()?;
-        let rows = grad_res.elem_count() / out_f;
-        let grad = grad_res.to_dtype(DType::F32)?.reshape((rows, out_f))?.matmul(&w)?;
-        let mut dims = arg.dims().to_vec();
-        *dims.last_mut().expect("rank ≥ 1") = in_f;
-        Ok(Some(grad.reshape(dims)?.to_dtype(arg.dtype())?))
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -158,14 +109,10 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match (&self.weight, &self.qmatmul) {
-            // Training: an op with a backward pass that keeps no dequantized weight alive in the graph.
-            (LinearWeight::Quantized(q), _) if x.track_op() => {
-                let dtype = x.dtype();
-                x.to_dtype(DType::F32)?.contiguous()?.apply_op1(QuantizedMatMul(q.clone()))?.to_dtype(dtype)?
-            }
+impl Linear {
+    /// `x Wᵀ` through the fastest inference path (no gradient tracking).
+    fn base_product(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match (&self.weight, &self.qmatmul) {
             // Many rows on the CPU: dequantizing the weight once and running one f32 GEMM is far faster
             // than candle's per-row quantized dot products (prefill, scoring).
             (LinearWeight::Quantized(q), _)
@@ -191,6 +138,33 @@ impl Module for Linear {
                 _ => x.matmul(&w.t()?)?,
             },
             (LinearWeight::Quantized(_), None) => unreachable!("quantized linear always has a QMatMul"),
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if x.track_op() {
+            // Training. candle's matmul backward computes the gradient of both operands, so a frozen weight
+            // would still get a weight-sized gradient (a full extra GEMM per layer, held until the step ends),
+            // and its quantized matmul records no backward at all. The product comes from the inference path
+            // instead, with a backward for the input only: `dx = dy · W`, a quantized W dequantized just for
+            // that moment, so the base stays quantized in memory (QLoRA).
+            let weight = self.weight.clone();
+            super::autograd::with_backward(x, self.base_product(&x.detach())?, "frozen-linear", move |x, _, g| {
+                let w = match &weight {
+                    LinearWeight::Dense(w) => w.clone(),
+                    LinearWeight::Quantized(q) => q.dequantize(g.device())?,
+                };
+                let (out_f, in_f) = w.dims2()?;
+                let rows = g.elem_count() / out_f;
+                let grad = g.to_dtype(w.dtype())?.reshape((rows, out_f))?.matmul(&w)?;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank ≥ 1") = in_f;
+                grad.reshape(dims)?.to_dtype(x.dtype())
+            })?
+        } else {
+            self.base_product(x)?
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

@@ -1,5 +1,6 @@
 //! The model core: configuration, weights, the linear seam, the KV cache and one file per architecture.
 
+pub mod autograd;
 pub mod cache;
 pub mod config;
 pub mod device;
