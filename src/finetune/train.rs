@@ -4,7 +4,7 @@
 
 use super::data::{Example, Renderer, Tokenized, IGNORE};
 use super::lora::{causal_lm_loss, Lora};
-use super::optim::{clip_grad_norm, AdamW, AdamWParams};
+use super::optim::{clip, grad_norm, AdamW, AdamWParams};
 use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
 use crate::model::{Model, Ops};
 use anyhow::{bail, Context, Result};
@@ -295,7 +295,7 @@ impl<'a> Trainer<'a> {
         let tmp = self.out_dir.join(format!(".checkpoint.{}.tmp", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         self.lora.save_for(&tmp, self.model.config())?;
-        let opt = self.optimizer.state(&self.lora.var_names());
+        let opt = self.optimizer.state(&self.lora.var_names())?;
         crate::util::save_safetensors_atomic(&tmp.join("optimizer.safetensors"), &opt)?;
         crate::util::write_atomic(
             &tmp.join("trainer_state.json"),
@@ -352,17 +352,18 @@ impl<'a> Trainer<'a> {
                     });
                 }
             }
-            let mut grads: Vec<Tensor> = acc
+            let grads: Vec<Tensor> = acc
                 .into_iter()
                 .zip(&vars)
                 .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
                 .collect::<candle_core::Result<_>>()?;
-            let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
+            let flat = self.optimizer.flatten_grads(&grads)?;
+            let grad_norm = grad_norm(&flat)?;
             if !grad_norm.is_finite() {
                 return Err(self.diverged(step, "gradient norm", grad_norm));
             }
             let lr = learning_rate(&s, step, total);
-            self.optimizer.step(&grads, lr)?;
+            self.optimizer.step_flat(&clip(flat, grad_norm, s.max_grad_norm)?, lr)?;
             let seconds = started.elapsed().as_secs_f64();
             let rec = StepRecord {
                 step: step + 1,

@@ -6,60 +6,164 @@
 //! by hand, so the graph holds just the op's input and output.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, MetalStorage, Result, Shape, Tensor, D,
+};
 use std::sync::Mutex;
 
 type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+type Backward3 = Box<dyn Fn([&Tensor; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
 
-/// An op whose forward value was computed already and whose backward is `bwd(arg, res, grad_res)`.
-struct Precomputed {
-    value: Mutex<Option<Tensor>>,
-    bwd: Backward,
-    name: &'static str,
-}
+/// A forward value computed ahead of time, handed over (copied) as the op's output exactly once.
+struct Value(Mutex<Option<Tensor>>, &'static str);
 
-impl Precomputed {
+impl Value {
     fn take(&self) -> Result<Tensor> {
-        let v = self.value.lock().expect("precomputed value lock").take();
-        v.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))
-    }
-}
-
-impl CustomOp1 for Precomputed {
-    fn name(&self) -> &'static str {
-        self.name
+        let v = self.0.lock().expect("precomputed value lock").take();
+        v.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.1)))
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
         let v = self.take()?;
         let (st, layout) = v.storage_and_layout();
         match &*st {
             candle_core::Storage::Cpu(c) => Ok((c.try_clone(layout)?, v.shape().clone())),
-            _ => candle_core::bail!("{}: value on another device", self.name),
+            _ => candle_core::bail!("{}: value on another device", self.1),
         }
     }
 
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self) -> Result<(CudaStorage, Shape)> {
         let v = self.take()?;
         let (st, layout) = v.storage_and_layout();
         match &*st {
             candle_core::Storage::Cuda(c) => Ok((c.try_clone(layout)?, v.shape().clone())),
-            _ => candle_core::bail!("{}: value on another device", self.name),
+            _ => candle_core::bail!("{}: value on another device", self.1),
         }
     }
 
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+    fn metal(&self) -> Result<(MetalStorage, Shape)> {
         let v = self.take()?;
         let (st, layout) = v.storage_and_layout();
         match &*st {
             candle_core::Storage::Metal(c) => Ok((c.try_clone(layout)?, v.shape().clone())),
-            _ => candle_core::bail!("{}: value on another device", self.name),
+            _ => candle_core::bail!("{}: value on another device", self.1),
         }
+    }
+
+    /// The storage is copied as a whole: keep a compact one.
+    fn new(value: Tensor, name: &'static str) -> Result<Self> {
+        let value = if value.layout().start_offset() != 0 || !value.is_contiguous() { value.copy()? } else { value };
+        Ok(Self(Mutex::new(Some(value)), name))
+    }
+}
+
+/// An op of one input whose forward value was computed already and whose backward is `bwd(arg, res, grad)`.
+struct Precomputed {
+    value: Value,
+    bwd: Backward,
+}
+
+impl CustomOp1 for Precomputed {
+    fn name(&self) -> &'static str {
+        self.value.1
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.value.cpu()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.value.cuda()
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.value.metal()
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         (self.bwd)(arg, res, grad_res).map(Some)
     }
+}
+
+/// The same for three inputs; `bwd([args], grad)` returns a gradient for each input that needs one.
+struct Precomputed3 {
+    value: Value,
+    bwd: Backward3,
+}
+
+impl CustomOp3 for Precomputed3 {
+    fn name(&self) -> &'static str {
+        self.value.1
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.value.cuda()
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.value.metal()
+    }
+
+    fn bwd(&self, a1: &Tensor, a2: &Tensor, a3: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Grads3> {
+        (self.bwd)([a1, a2, a3], grad_res)
+    }
+}
+
+/// The LoRA update `scale · (x Aᵀ) Bᵀ` for `x` `[…, in]`, `a` `[r, in]`, `b` `[out, r]`, computed in `a`'s
+/// dtype and returned in `x`'s. Its backward gives `dx`, `dA` and `dB` from `x`, A and B alone (the `[…, r]`
+/// product is recomputed, nothing else is kept), and only for the inputs that need one.
+pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let in_f = x.dim(D::Minus1)?;
+    let out_f = b.dim(0)?;
+    let rows = x.elem_count() / in_f;
+    let cd = a.dtype();
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank ≥ 1") = out_f;
+    let x2 = x.detach().reshape((rows, in_f))?.to_dtype(cd)?;
+    let xa = x2.matmul(&a.detach().t()?)?;
+    let value = (xa.matmul(&b.detach().t()?)? * scale)?.to_dtype(x.dtype())?.reshape(out_dims)?;
+    if !(x.track_op() || a.track_op() || b.track_op()) {
+        return Ok(value);
+    }
+    let bwd = move |[x, a, b]: [&Tensor; 3], g: &Tensor| -> Result<Grads3> {
+        let g = (g.reshape((rows, out_f))?.to_dtype(cd)? * scale)?;
+        let x2 = x.reshape((rows, in_f))?.to_dtype(cd)?;
+        let gxa = g.matmul(b)?; // [rows, r]
+        let db = b.track_op().then(|| g.t()?.matmul(&x2.matmul(&a.t()?)?)).transpose()?;
+        let da = a.track_op().then(|| gxa.t()?.matmul(&x2)).transpose()?;
+        let dx = x.track_op().then(|| gxa.matmul(a)?.reshape(x.dims())?.to_dtype(x.dtype())).transpose()?;
+        Ok((dx, da, db))
+    };
+    x.apply_op3(a, b, Precomputed3 { value: Value::new(value, "lora")?, bwd: Box::new(bwd) })
 }
 
 /// `value` (computed from `x` without tracking) as a node of `x`'s graph whose gradient is
@@ -73,9 +177,7 @@ pub fn with_backward(
     if !x.track_op() {
         return Ok(value);
     }
-    // The value's storage is copied as a whole: hand over a compact one.
-    let value = if value.layout().start_offset() != 0 || !value.is_contiguous() { value.copy()? } else { value };
-    x.apply_op1(Precomputed { value: Mutex::new(Some(value)), bwd: Box::new(bwd), name })
+    x.apply_op1(Precomputed { value: Value::new(value, name)?, bwd: Box::new(bwd) })
 }
 
 /// RMSNorm `x / rms(x) · w`; the gradient flows to `x` only (norm weights are frozen).
@@ -226,6 +328,31 @@ mod tests {
         };
         let d = grads(|s| attention_probs(s, Some(&mask), 2).unwrap(), reference, &scores);
         assert!(d < 1e-5, "attention softmax gradient off by {d}");
+
+        // The LoRA update: gradients for x, A and B against the plain matmul composition.
+        let xa = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 16), &dev).unwrap()).unwrap();
+        let a = Var::from_tensor(&Tensor::randn(0f32, 0.3, (4, 16), &dev).unwrap()).unwrap();
+        let bm = Var::from_tensor(&Tensor::randn(0f32, 0.3, (6, 4), &dev).unwrap()).unwrap();
+        let coef = Tensor::randn(0f32, 1.0, (2, 3, 6), &dev).unwrap();
+        let ours = lora_delta(xa.as_tensor(), a.as_tensor(), bm.as_tensor(), 2.0).unwrap();
+        let plain = (xa.as_tensor().broadcast_matmul(&a.as_tensor().t().unwrap()).unwrap())
+            .broadcast_matmul(&bm.as_tensor().t().unwrap())
+            .unwrap()
+            .affine(2.0, 0.0)
+            .unwrap();
+        let g1 = (&ours * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&plain * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&xa, &a, &bm] {
+            let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "lora gradient off by {d}");
+        }
 
         let logits = Tensor::randn(0f32, 3.0, (4, 11), &dev).unwrap();
         let t = Tensor::new(&[3u32, 0, 10, 3], &dev).unwrap();

@@ -172,11 +172,8 @@ impl Module for Linear {
         };
         match &self.lora {
             Some(l) => {
-                let xa = x.to_dtype(l.a.dtype())?;
-                let xa = if l.dropout > 0.0 { candle_nn::ops::dropout(&xa, l.dropout)? } else { xa };
-                let delta = xa.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
-                let dtype = y.dtype();
-                y + (delta * l.scale)?.to_dtype(dtype)?
+                let xd = if l.dropout > 0.0 { candle_nn::ops::dropout(x, l.dropout)? } else { x.clone() };
+                y + super::autograd::lora_delta(&xd, &l.a, &l.b, l.scale)?
             }
             None => Ok(y),
         }
