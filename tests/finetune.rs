@@ -339,4 +339,17 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_same_run() {
     assert_eq!(v["loss_curve"].as_array().unwrap().len(), 360, "the history continues across the interruption");
     assert!(!ckpt.exists());
     assert!(common::stderr(&o).contains(&format!("resuming at step {at} of 360")));
+
+    // The same run without the interruption ends with the same adapter.
+    let o = Command::new(env!("CARGO_BIN_EXE_billion")).args(args("straight", &[])).output().unwrap();
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let load = |d: &str| {
+        candle_core::safetensors::load(dir.path().join(d).join("adapter_model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (resumed, straight) = (load("run"), load("straight"));
+    for (k, v) in &resumed {
+        let d = (v - &straight[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-6, "{k}: the resumed run ends {d} away from the uninterrupted one");
+    }
 }

@@ -34,7 +34,8 @@ pub struct AdamW {
 
 fn flatten(ts: &[&Tensor]) -> candle_core::Result<Tensor> {
     let flat = ts.iter().map(|t| t.to_dtype(DType::F32)?.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
-    Tensor::cat(&flat, 0)
+    // Detached: optimizer state must never hold a graph.
+    Ok(Tensor::cat(&flat, 0)?.detach())
 }
 
 impl AdamW {

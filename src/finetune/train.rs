@@ -345,10 +345,11 @@ impl<'a> Trainer<'a> {
                 let grads = loss.backward()?;
                 (hooks.on_memory)();
                 for (slot, var) in acc.iter_mut().zip(&vars) {
-                    let g = grads.get(var.as_tensor()).context("an adapter parameter received no gradient")?;
+                    // Detached: a gradient carrying a graph would keep this step's activations alive.
+                    let g = grads.get(var.as_tensor()).context("an adapter parameter received no gradient")?.detach();
                     *slot = Some(match slot.take() {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
+                        Some(prev) => (prev + &g)?,
+                        None => g,
                     });
                 }
             }

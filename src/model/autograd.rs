@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-type Backward3 = Box<dyn Fn([&Tensor; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
+type Backward3 = Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
 
 /// A forward value computed ahead of time, handed over (copied) as the op's output exactly once.
 struct Value(Mutex<Option<Tensor>>, &'static str);
@@ -82,7 +82,9 @@ impl CustomOp1 for Precomputed {
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        (self.bwd)(arg, res, grad_res).map(Some)
+        // Detached: a gradient must not carry a graph (it would keep this step's activations alive in the
+        // optimizer state).
+        (self.bwd)(&arg.detach(), &res.detach(), &grad_res.detach()).map(Some)
     }
 }
 
@@ -134,7 +136,8 @@ impl CustomOp3 for Precomputed3 {
     }
 
     fn bwd(&self, a1: &Tensor, a2: &Tensor, a3: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Grads3> {
-        (self.bwd)([a1, a2, a3], grad_res)
+        let needs = [a1.track_op(), a2.track_op(), a3.track_op()];
+        (self.bwd)([&a1.detach(), &a2.detach(), &a3.detach()], needs, &grad_res.detach())
     }
 }
 
@@ -154,13 +157,13 @@ pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tens
     if !(x.track_op() || a.track_op() || b.track_op()) {
         return Ok(value);
     }
-    let bwd = move |[x, a, b]: [&Tensor; 3], g: &Tensor| -> Result<Grads3> {
+    let bwd = move |[x, a, b]: [&Tensor; 3], [need_x, need_a, need_b]: [bool; 3], g: &Tensor| -> Result<Grads3> {
         let g = (g.reshape((rows, out_f))?.to_dtype(cd)? * scale)?;
         let x2 = x.reshape((rows, in_f))?.to_dtype(cd)?;
         let gxa = g.matmul(b)?; // [rows, r]
-        let db = b.track_op().then(|| g.t()?.matmul(&x2.matmul(&a.t()?)?)).transpose()?;
-        let da = a.track_op().then(|| gxa.t()?.matmul(&x2)).transpose()?;
-        let dx = x.track_op().then(|| gxa.matmul(a)?.reshape(x.dims())?.to_dtype(x.dtype())).transpose()?;
+        let db = need_b.then(|| g.t()?.matmul(&x2.matmul(&a.t()?)?)).transpose()?;
+        let da = need_a.then(|| gxa.t()?.matmul(&x2)).transpose()?;
+        let dx = need_x.then(|| gxa.matmul(a)?.reshape(x.dims())?.to_dtype(x.dtype())).transpose()?;
         Ok((dx, da, db))
     };
     x.apply_op3(a, b, Precomputed3 { value: Value::new(value, "lora")?, bwd: Box::new(bwd) })
@@ -352,6 +355,7 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(d < 1e-5, "lora gradient off by {d}");
+            assert!(!g1.get(v.as_tensor()).unwrap().track_op(), "gradients carry no graph");
         }
 
         let logits = Tensor::randn(0f32, 3.0, (4, 11), &dev).unwrap();
