@@ -69,3 +69,30 @@ pub fn gpu_memory_used_bytes(device: &candle_core::Device) -> Option<u64> {
     let _ = device;
     None
 }
+
+/// Peak bytes allocated on the GPU behind `device` by this process (the high-water mark of the CUDA memory pool
+/// that tensor allocations come from), if it is a CUDA device. Unlike the card-wide figure, this excludes the
+/// CUDA context and memory the pool keeps cached after it was freed.
+pub fn gpu_peak_allocated_bytes(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let dev = d.cuda_stream().context().cu_device();
+        let mut pool = std::mem::MaybeUninit::uninit();
+        let mut high: u64 = 0;
+        // SAFETY: out-pointers to locals; the pool handle comes from the driver.
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev) != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            let ptr = &mut high as *mut u64 as *mut std::ffi::c_void;
+            if sys::cuMemPoolGetAttribute(pool.assume_init(), attr, ptr) != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+        }
+        return Some(high);
+    }
+    let _ = device;
+    None
+}

@@ -471,6 +471,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         "wall_seconds": wall.elapsed().as_secs_f64(),
         "peak_rss_bytes": crate::util::peak_rss_bytes(),
         "peak_gpu_memory_bytes": peak_gpu,
+        "peak_gpu_allocated_bytes": crate::util::gpu_peak_allocated_bytes(&device),
         "loss_curve": state.history,
         "before": before,
         "after": after,
@@ -489,7 +490,12 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             step_ms,
             tok_s,
             crate::util::peak_rss_bytes().map(human_bytes).unwrap_or_else(|| "unknown".into()),
-            peak_gpu.map(|b| format!(", GPU memory in use {}", human_bytes(b))).unwrap_or_default()
+            match (crate::util::gpu_peak_allocated_bytes(&device), peak_gpu) {
+                (Some(a), Some(c)) =>
+                    format!(", peak GPU memory allocated {} (card in use {})", human_bytes(a), human_bytes(c)),
+                (None, Some(c)) => format!(", GPU memory in use {}", human_bytes(c)),
+                _ => String::new(),
+            }
         );
         println!("adapter saved in {}", a.out.display());
     }

@@ -283,7 +283,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     }
     let device = logits.device();
     let flat = logits.reshape((b * t, v))?;
-    let picked = flat.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
+    let picked = flat.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?.to_dtype(DType::F32)?;
     let target = Tensor::new(targets.as_slice(), device)?;
     Ok(crate::model::autograd::cross_entropy_rows(&picked, &target)?.mean_all()?)
 }

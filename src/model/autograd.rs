@@ -12,7 +12,7 @@ use candle_core::{
 use std::sync::Mutex;
 
 type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
-type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+pub type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 type Backward3 = Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
 
 /// A forward value computed ahead of time, handed over (copied) as the op's output exactly once.
@@ -141,32 +141,20 @@ impl CustomOp3 for Precomputed3 {
     }
 }
 
-/// The LoRA update `scale · (x Aᵀ) Bᵀ` for `x` `[…, in]`, `a` `[r, in]`, `b` `[out, r]`, computed in `a`'s
-/// dtype and returned in `x`'s. Its backward gives `dx`, `dA` and `dB` from `x`, A and B alone (the `[…, r]`
-/// product is recomputed, nothing else is kept), and only for the inputs that need one.
-pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    let in_f = x.dim(D::Minus1)?;
-    let out_f = b.dim(0)?;
-    let rows = x.elem_count() / in_f;
-    let cd = a.dtype();
-    let mut out_dims = x.dims().to_vec();
-    *out_dims.last_mut().expect("rank ≥ 1") = out_f;
-    let x2 = x.detach().reshape((rows, in_f))?.to_dtype(cd)?;
-    let xa = x2.matmul(&a.detach().t()?)?;
-    let value = (xa.matmul(&b.detach().t()?)? * scale)?.to_dtype(x.dtype())?.reshape(out_dims)?;
+/// `value` (computed from `x`, `a`, `b` without tracking) as a node of their graph, with
+/// `bwd([x, a, b] detached, [which need a gradient], d value)`. Returned as is when none tracks a gradient.
+pub fn with_backward3(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    value: Tensor,
+    name: &'static str,
+    bwd: impl Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync + 'static,
+) -> Result<Tensor> {
     if !(x.track_op() || a.track_op() || b.track_op()) {
         return Ok(value);
     }
-    let bwd = move |[x, a, b]: [&Tensor; 3], [need_x, need_a, need_b]: [bool; 3], g: &Tensor| -> Result<Grads3> {
-        let g = (g.reshape((rows, out_f))?.to_dtype(cd)? * scale)?;
-        let x2 = x.reshape((rows, in_f))?.to_dtype(cd)?;
-        let gxa = g.matmul(b)?; // [rows, r]
-        let db = need_b.then(|| g.t()?.matmul(&x2.matmul(&a.t()?)?)).transpose()?;
-        let da = need_a.then(|| gxa.t()?.matmul(&x2)).transpose()?;
-        let dx = need_x.then(|| gxa.matmul(a)?.reshape(x.dims())?.to_dtype(x.dtype())).transpose()?;
-        Ok((dx, da, db))
-    };
-    x.apply_op3(a, b, Precomputed3 { value: Value::new(value, "lora")?, bwd: Box::new(bwd) })
+    x.apply_op3(a, b, Precomputed3 { value: Value::new(value, name)?, bwd: Box::new(bwd) })
 }
 
 /// `value` (computed from `x` without tracking) as a node of `x`'s graph whose gradient is
@@ -331,32 +319,6 @@ mod tests {
         };
         let d = grads(|s| attention_probs(s, Some(&mask), 2).unwrap(), reference, &scores);
         assert!(d < 1e-5, "attention softmax gradient off by {d}");
-
-        // The LoRA update: gradients for x, A and B against the plain matmul composition.
-        let xa = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 16), &dev).unwrap()).unwrap();
-        let a = Var::from_tensor(&Tensor::randn(0f32, 0.3, (4, 16), &dev).unwrap()).unwrap();
-        let bm = Var::from_tensor(&Tensor::randn(0f32, 0.3, (6, 4), &dev).unwrap()).unwrap();
-        let coef = Tensor::randn(0f32, 1.0, (2, 3, 6), &dev).unwrap();
-        let ours = lora_delta(xa.as_tensor(), a.as_tensor(), bm.as_tensor(), 2.0).unwrap();
-        let plain = (xa.as_tensor().broadcast_matmul(&a.as_tensor().t().unwrap()).unwrap())
-            .broadcast_matmul(&bm.as_tensor().t().unwrap())
-            .unwrap()
-            .affine(2.0, 0.0)
-            .unwrap();
-        let g1 = (&ours * &coef).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&plain * &coef).unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&xa, &a, &bm] {
-            let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d < 1e-5, "lora gradient off by {d}");
-            assert!(!g1.get(v.as_tensor()).unwrap().track_op(), "gradients carry no graph");
-        }
 
         let logits = Tensor::randn(0f32, 3.0, (4, 11), &dev).unwrap();
         let t = Tensor::new(&[3u32, 0, 10, 3], &dev).unwrap();

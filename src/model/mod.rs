@@ -87,10 +87,16 @@ impl Model {
             Arch::StableLm(m) => m.forward(ids, cache, all, self.ops),
             Arch::GptNeoX(m) => m.forward(ids, cache, all, self.ops),
         }?;
-        logits.to_dtype(DType::F32)
+        match self.ops {
+            Ops::Fused => logits.to_dtype(DType::F32),
+            // Training selects the labelled rows first and casts those (a full f32 copy of every position's
+            // logits would be the largest tensor of the step).
+            Ops::Differentiable => Ok(logits),
+        }
     }
 
-    /// Logits at every given position: `ids` `[b, t]` → `[b, t, vocab]` (f32). Appends to `cache`.
+    /// Logits at every given position: `ids` `[b, t]` → `[b, t, vocab]` (f32; in the compute dtype with
+    /// `Ops::Differentiable`). Appends to `cache`.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
         self.run(ids, cache, true)
     }
