@@ -283,9 +283,9 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     }
     let device = logits.device();
     let flat = logits.reshape((b * t, v))?;
-    let picked = flat.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?.to_dtype(DType::F32)?;
+    let rows = Tensor::new(rows.as_slice(), device)?;
     let target = Tensor::new(targets.as_slice(), device)?;
-    Ok(crate::model::autograd::cross_entropy_rows(&picked, &target)?.mean_all()?)
+    Ok(crate::model::autograd::cross_entropy_rows(&flat, &rows, &target)?.mean_all()?)
 }
 
 #[cfg(test)]

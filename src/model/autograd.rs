@@ -7,11 +7,13 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, MetalStorage, Result, Shape, Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Result, Shape, Tensor, D,
 };
 use std::sync::Mutex;
 
 type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+pub type Grads2 = (Option<Tensor>, Option<Tensor>);
+type Backward2 = Box<dyn Fn([&Tensor; 2], [bool; 2], &Tensor) -> Result<Grads2> + Send + Sync>;
 pub type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 type Backward3 = Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
 
@@ -85,6 +87,35 @@ impl CustomOp1 for Precomputed {
         // Detached: a gradient must not carry a graph (it would keep this step's activations alive in the
         // optimizer state).
         (self.bwd)(&arg.detach(), &res.detach(), &grad_res.detach()).map(Some)
+    }
+}
+
+/// The same for two inputs; `bwd([args], [which need a gradient], grad)`.
+struct Precomputed2 {
+    value: Value,
+    bwd: Backward2,
+}
+
+impl CustomOp2 for Precomputed2 {
+    fn name(&self) -> &'static str {
+        self.value.1
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.value.cpu()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.value.cuda()
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.value.metal()
+    }
+
+    fn bwd(&self, a1: &Tensor, a2: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Grads2> {
+        let needs = [a1.track_op(), a2.track_op()];
+        (self.bwd)([&a1.detach(), &a2.detach()], needs, &grad_res.detach())
     }
 }
 
@@ -204,7 +235,8 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     })
 }
 
-/// Rotary embedding of `x` `[b, h, t, d]` (contiguous); a rotation, so its gradient is the inverse rotation.
+/// Rotary embedding of `x` `[b, h, t, d]` (any layout: the graph keeps `x` as given, a view costs nothing);
+/// a rotation, so its gradient is the inverse rotation.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
     let apply = move |x: &Tensor, cos: &Tensor, sin: &Tensor| {
         if interleaved {
@@ -213,44 +245,97 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result
             candle_nn::rotary_emb::rope(x, cos, sin)
         }
     };
-    let value = apply(&x.detach(), cos, sin)?;
+    let value = apply(&x.detach().contiguous()?, cos, sin)?;
     let (cos, neg_sin) = (cos.clone(), sin.neg()?);
     with_backward(x, value, "rope", move |_, _, g| apply(&g.contiguous()?, &cos, &neg_sin))
 }
 
-/// Attention probabilities: softmax over the last dim of `scores` (+ `mask`, broadcast over the leading dims
-/// as `[b, kv, groups, t, total]`), computed in f32 and returned in `scores`' dtype. The backward is
-/// `p · (g - Σ g·p)`; the mask and the dtype casts pass gradients through unchanged.
-pub fn attention_probs(scores: &Tensor, mask: Option<&Tensor>, groups: usize) -> Result<Tensor> {
-    let (b, kv, gt, total) = scores.dims4()?;
-    let s32 = scores.detach().to_dtype(DType::F32)?;
-    let s32 = match mask {
-        Some(m) => s32
-            .reshape((b, kv, groups, gt / groups, total))?
-            .broadcast_add(&m.to_dtype(DType::F32)?)?
-            .reshape((b, kv, gt, total))?,
-        None => s32,
-    };
-    let value = candle_nn::ops::softmax_last_dim(&s32)?.to_dtype(scores.dtype())?;
-    with_backward(scores, value, "attention-softmax", |x, p, g| {
-        let p = p.to_dtype(DType::F32)?;
-        let g = g.to_dtype(DType::F32)?;
-        let dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
-        (g.broadcast_sub(&dot)? * p)?.to_dtype(x.dtype())
+/// `value` (computed from `x` and `y` without tracking) as a node of their graph, with
+/// `bwd([x, y] detached, [which need a gradient], d value)`.
+pub fn with_backward2(
+    x: &Tensor,
+    y: &Tensor,
+    value: Tensor,
+    name: &'static str,
+    bwd: impl Fn([&Tensor; 2], [bool; 2], &Tensor) -> Result<Grads2> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !(x.track_op() || y.track_op()) {
+        return Ok(value);
+    }
+    x.apply_op2(y, Precomputed2 { value: Value::new(value, name)?, bwd: Box::new(bwd) })
+}
+
+/// SwiGLU `silu(gate) · up`; the backward recomputes `silu` from `gate` instead of keeping it.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let value = (candle_nn::ops::silu(&gate.detach())? * up.detach())?;
+    with_backward2(gate, up, value, "swiglu", |[gate, up], [need_gate, need_up], g| {
+        let dtype = gate.dtype();
+        let (x, g32) = (gate.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+        let sig = candle_nn::ops::sigmoid(&x)?;
+        let silu = (&x * &sig)?;
+        let dgate = need_gate
+            .then(|| -> Result<Tensor> {
+                // silu'(x) = σ(x) · (1 + x · (1 - σ(x)))
+                let d = (&sig * ((&x * (1.0 - &sig)?)? + 1.0)?)?;
+                ((&g32 * up.to_dtype(DType::F32)?)? * d)?.to_dtype(dtype)
+            })
+            .transpose()?;
+        let dup = need_up.then(|| (&g32 * &silu)?.to_dtype(up.dtype())).transpose()?;
+        Ok((dgate, dup))
     })
 }
 
-/// Per-row negative log-likelihood of `targets` (u32 `[n]`) under `logits` (`[n, vocab]`, f32): `[n]`.
-/// The backward is `softmax(logits) - onehot(target)`, scaled by each row's incoming gradient.
-pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let detached = logits.detach();
-    let logp = candle_nn::ops::log_softmax(&detached, D::Minus1)?;
+/// Grouped-query attention `softmax(q kᵀ · scale + mask) v` for `q` `[b, kv, groups·t, d]` and `k`, `v`
+/// `[b, kv, total, d]` (contiguous), softmax in f32. The backward recomputes the probabilities from q and k
+/// rather than keeping the `[…, groups·t, total]` score matrices of every layer alive.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    groups: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, kv, gt, _) = q.dims4()?;
+    let total = k.dim(2)?;
+    let mask = mask.map(|m| m.to_dtype(DType::F32)).transpose()?;
+    let probs = move |q: &Tensor, k: &Tensor| -> Result<Tensor> {
+        let s = (q * scale)?.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let s = match &mask {
+            Some(m) => s.reshape((b, kv, groups, gt / groups, total))?.broadcast_add(m)?.reshape((b, kv, gt, total))?,
+            None => s,
+        };
+        candle_nn::ops::softmax_last_dim(&s)
+    };
+    let p = probs(&q.detach(), &k.detach())?;
+    let value = p.to_dtype(v.dtype())?.matmul(&v.detach())?;
+    drop(p);
+    with_backward3(q, k, v, value, "attention", move |[q, k, v], needs, g| {
+        let dtype = q.dtype();
+        let p = probs(q, k)?; // f32 [b, kv, gt, total]
+        let dv = needs[2].then(|| p.to_dtype(dtype)?.t()?.matmul(g)).transpose()?;
+        let dp = g.matmul(&v.t()?)?.to_dtype(DType::F32)?;
+        let ds = ((&dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)? * &p)? * scale)?.to_dtype(dtype)?;
+        let dq = needs[0].then(|| ds.matmul(k)).transpose()?;
+        let dk = needs[1].then(|| ds.t()?.matmul(q)).transpose()?;
+        Ok((dq, dk, dv))
+    })
+}
+
+/// Mean-free per-row negative log-likelihood for the rows `rows` (u32 `[n]`) of `logits` (`[N, vocab]`, any
+/// float dtype) against `targets` (u32 `[n]`): `[n]` f32. Selecting, casting and the log-softmax happen inside
+/// one op whose graph keeps only `logits`; the backward writes `softmax - onehot` into the selected rows.
+pub fn cross_entropy_rows(logits: &Tensor, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let picked = logits.detach().index_select(rows, 0)?.to_dtype(DType::F32)?;
+    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
     let value = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-    let targets = targets.unsqueeze(1)?;
+    drop((picked, logp));
+    let (rows, targets) = (rows.clone(), targets.unsqueeze(1)?);
     with_backward(logits, value, "cross-entropy", move |x, _, g| {
         let g = g.unsqueeze(1)?; // [n, 1]
-        let probs = candle_nn::ops::softmax_last_dim(x)?.broadcast_mul(&g)?;
-        probs.scatter_add(&targets, &g.neg()?, 1)
+        let picked = x.index_select(&rows, 0)?.to_dtype(DType::F32)?;
+        let d = candle_nn::ops::softmax_last_dim(&picked)?.broadcast_mul(&g)?.scatter_add(&targets, &g.neg()?, 1)?;
+        x.zeros_like()?.index_add(&rows, &d.to_dtype(x.dtype())?, 0)
     })
 }
 
@@ -274,6 +359,21 @@ mod tests {
         let dv = (fa - fr).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(dv < 1e-5, "forward values differ by {dv}");
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Values and the gradients of every variable agree between our op and the plain composition.
+    fn check_all(ours: &Tensor, plain: &Tensor, vars: &[&Var], what: &str) {
+        let dv = (ours - plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(dv < 1e-5, "{what}: values differ by {dv}");
+        let coef = Tensor::randn(0f32, 1.0, ours.shape(), &Device::Cpu).unwrap();
+        let g1 = (ours * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (plain * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+            assert!(!a.track_op(), "{what}: gradients carry no graph");
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "{what}: gradient of input {i} off by {d}");
+        }
     }
 
     #[test]
@@ -311,22 +411,30 @@ mod tests {
             assert!(d < 1e-5, "rope (interleaved {inter}) gradient off by {d}");
         }
 
-        let scores = Tensor::randn(0f32, 2.0, (1, 2, 6, 3), &dev).unwrap(); // 2 groups × t=3
+        // Attention over 2 kv heads × 2 groups, t = 3, against the primitive composition, for q, k and v.
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap()).unwrap();
         let mask = crate::model::layers::causal_mask(3, 0, DType::F32, &dev).unwrap();
-        let reference = |s: &Tensor| {
-            let m = s.reshape((1, 2, 2, 3, 3)).unwrap().broadcast_add(&mask).unwrap().reshape((1, 2, 6, 3)).unwrap();
-            candle_nn::ops::softmax(&m, D::Minus1).unwrap()
-        };
-        let d = grads(|s| attention_probs(s, Some(&mask), 2).unwrap(), reference, &scores);
-        assert!(d < 1e-5, "attention softmax gradient off by {d}");
+        let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), 2, 0.5).unwrap();
+        let s = (q.as_tensor() * 0.5).unwrap().matmul(&k.as_tensor().t().unwrap()).unwrap();
+        let s = s.reshape((1, 2, 2, 3, 3)).unwrap().broadcast_add(&mask).unwrap().reshape((1, 2, 6, 3)).unwrap();
+        let plain = candle_nn::ops::softmax(&s, D::Minus1).unwrap().matmul(v.as_tensor()).unwrap();
+        check_all(&ours, &plain, &[&q, &k, &v], "attention");
 
-        let logits = Tensor::randn(0f32, 3.0, (4, 11), &dev).unwrap();
+        let sw_g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 7), &dev).unwrap()).unwrap();
+        let sw_u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap()).unwrap();
+        let ours = swiglu(sw_g.as_tensor(), sw_u.as_tensor()).unwrap();
+        let plain = (candle_nn::ops::silu(sw_g.as_tensor()).unwrap() * sw_u.as_tensor()).unwrap();
+        check_all(&ours, &plain, &[&sw_g, &sw_u], "swiglu");
+
+        let logits = Var::from_tensor(&Tensor::randn(0f32, 3.0, (6, 11), &dev).unwrap()).unwrap();
+        let rows = Tensor::new(&[0u32, 2, 3, 5], &dev).unwrap();
         let t = Tensor::new(&[3u32, 0, 10, 3], &dev).unwrap();
-        let reference = |l: &Tensor| {
-            let lp = candle_nn::ops::log_softmax(l, D::Minus1).unwrap();
-            lp.gather(&t.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap()
-        };
-        let d = grads(|l| cross_entropy_rows(l, &t).unwrap(), reference, &logits);
-        assert!(d < 1e-5, "cross-entropy gradient off by {d}");
+        let ours = cross_entropy_rows(logits.as_tensor(), &rows, &t).unwrap();
+        let picked = logits.as_tensor().index_select(&rows, 0).unwrap();
+        let lp = candle_nn::ops::log_softmax(&picked, D::Minus1).unwrap();
+        let plain = lp.gather(&t.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap();
+        check_all(&ours, &plain, &[&logits], "cross-entropy");
     }
 }

@@ -73,6 +73,14 @@ impl Embedding {
     }
 }
 
+/// The gated MLP's `act(gate) · up`; one op with its own backward when training a SiLU model.
+pub fn gated(gate: &Tensor, up: &Tensor, act: Activation, ops: Ops) -> Result<Tensor> {
+    match (act, ops) {
+        (Activation::Silu, Ops::Differentiable) => super::autograd::swiglu(gate, up),
+        _ => activation(gate, act)? * up,
+    }
+}
+
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
         Activation::Silu => candle_nn::ops::silu(x),
@@ -180,11 +188,10 @@ impl Rotary {
         let t = x.dim(2)?;
         let (cos, sin) = self.cos_sin(offset, t)?;
         let rope = |x: &Tensor| -> Result<Tensor> {
-            let x = x.contiguous()?;
             match (self.interleaved, ops) {
-                (false, Ops::Fused) => candle_nn::rotary_emb::rope(&x, &cos, &sin),
-                (true, Ops::Fused) => candle_nn::rotary_emb::rope_i(&x, &cos, &sin),
-                (interleaved, Ops::Differentiable) => super::autograd::rope(&x, &cos, &sin, interleaved),
+                (false, Ops::Fused) => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
+                (true, Ops::Fused) => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin),
+                (interleaved, Ops::Differentiable) => super::autograd::rope(x, &cos, &sin, interleaved),
             }
         };
         if self.rotary_dim == self.head_dim {
@@ -233,12 +240,10 @@ pub fn attention(
     };
     let total = k_all.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let q = (q.contiguous()? * scale)?.reshape((b, kv_heads, groups * t, d))?;
-    let scores = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
-    let probs = match ops {
+    let out = match ops {
         Ops::Fused => {
-            let in_dtype = scores.dtype();
-            let scores = scores.to_dtype(DType::F32)?;
+            let q = (q.contiguous()? * scale)?.reshape((b, kv_heads, groups * t, d))?;
+            let scores = q.matmul(&k_all.t()?)?.to_dtype(DType::F32)?; // [b, kv, g*t, total]
             let scores = match mask {
                 Some(m) => scores
                     .reshape((b, kv_heads, groups, t, total))?
@@ -246,11 +251,13 @@ pub fn attention(
                     .reshape((b, kv_heads, groups * t, total))?,
                 None => scores,
             };
-            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(in_dtype)?
+            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v_all.dtype())?.matmul(&v_all)?
         }
-        Ops::Differentiable => super::autograd::attention_probs(&scores, mask, groups)?,
-    };
-    let out = probs.matmul(&v_all)?; // [b, kv, g*t, d]
+        Ops::Differentiable => {
+            let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
+            super::autograd::attention(&q, &k_all.contiguous()?, &v_all.contiguous()?, mask, groups, scale)?
+        }
+    }; // [b, kv, g*t, d]
     out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
 }
 

@@ -4,7 +4,7 @@
 use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::layers::{
-    activation, attention, causal_mask, named_linears, select_positions, split_heads, Embedding, Norm, Ops, Rotary,
+    attention, causal_mask, gated, named_linears, select_positions, split_heads, Embedding, Norm, Ops, Rotary,
 };
 use super::linear::Linear;
 use super::weights::Weights;
@@ -81,7 +81,7 @@ impl Llama {
             let attn = attention(&q, &k, &v, cache, i, mask.as_ref(), ops)?;
             x = (x + blk.o.forward(&attn)?)?;
             let hs = blk.mlp_norm.forward(&x, ops)?;
-            let gated = (activation(&blk.gate.forward(&hs)?, self.cfg.activation)? * blk.up.forward(&hs)?)?;
+            let gated = gated(&blk.gate.forward(&hs)?, &blk.up.forward(&hs)?, self.cfg.activation, ops)?;
             x = (x + blk.down.forward(&gated)?)?;
         }
         cache.advance(t);

@@ -4,7 +4,7 @@
 use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::layers::{
-    activation, attention, causal_mask, named_linears, select_positions, split_heads, Embedding, Norm, Ops, Rotary,
+    attention, causal_mask, gated, named_linears, select_positions, split_heads, Embedding, Norm, Ops, Rotary,
 };
 use super::linear::Linear;
 use super::weights::{Init, Weights};
@@ -131,7 +131,7 @@ impl StableLm {
             let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
             let attn = blk.o.forward(&attention(&q, &k, &v, cache, i, mask.as_ref(), ops)?)?;
             let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
-                let gated = (activation(&blk.gate.forward(input)?, self.cfg.activation)? * blk.up.forward(input)?)?;
+                let gated = gated(&blk.gate.forward(input)?, &blk.up.forward(input)?, self.cfg.activation, ops)?;
                 blk.down.forward(&gated)
             };
             x = match &blk.post_norm {
