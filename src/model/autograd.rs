@@ -265,29 +265,28 @@ pub fn with_backward2(
     x.apply_op2(y, Precomputed2 { value: Value::new(value, name)?, bwd: Box::new(bwd) })
 }
 
-/// SwiGLU `silu(gate) · up`; the backward recomputes `silu` from `gate` instead of keeping it.
+/// SwiGLU `silu(gate) · up`; the backward recomputes `silu` from `gate` instead of keeping it, in the compute
+/// dtype (as autograd frameworks do for bf16 activations).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let value = (candle_nn::ops::silu(&gate.detach())? * up.detach())?;
-    with_backward2(gate, up, value, "swiglu", |[gate, up], [need_gate, need_up], g| {
-        let dtype = gate.dtype();
-        let (x, g32) = (gate.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
-        let sig = candle_nn::ops::sigmoid(&x)?;
-        let silu = (&x * &sig)?;
+    with_backward2(gate, up, value, "swiglu", |[x, up], [need_gate, need_up], g| {
+        let sig = candle_nn::ops::sigmoid(x)?;
         let dgate = need_gate
             .then(|| -> Result<Tensor> {
                 // silu'(x) = σ(x) · (1 + x · (1 - σ(x)))
-                let d = (&sig * ((&x * (1.0 - &sig)?)? + 1.0)?)?;
-                ((&g32 * up.to_dtype(DType::F32)?)? * d)?.to_dtype(dtype)
+                let d = (&sig * ((x * (1.0 - &sig)?)? + 1.0)?)?;
+                (g * up)? * d
             })
             .transpose()?;
-        let dup = need_up.then(|| (&g32 * &silu)?.to_dtype(up.dtype())).transpose()?;
+        let dup = need_up.then(|| -> Result<Tensor> { g * (x * &sig)? }).transpose()?;
         Ok((dgate, dup))
     })
 }
 
 /// Grouped-query attention `softmax(q kᵀ · scale + mask) v` for `q` `[b, kv, groups·t, d]` and `k`, `v`
-/// `[b, kv, total, d]` (contiguous), softmax in f32. The backward recomputes the probabilities from q and k
-/// rather than keeping the `[…, groups·t, total]` score matrices of every layer alive.
+/// `[b, kv, total, d]` (contiguous), softmax in f32, returned as `[b, t, heads·d]` (heads = kv · groups). The
+/// backward recomputes the probabilities from q and k rather than keeping the `[…, groups·t, total]` score
+/// matrices of every layer alive.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -296,24 +295,27 @@ pub fn attention(
     groups: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, kv, gt, _) = q.dims4()?;
+    let (b, kv, gt, d) = q.dims4()?;
+    let (t, h) = (gt / groups, kv * groups);
     let total = k.dim(2)?;
     let mask = mask.map(|m| m.to_dtype(DType::F32)).transpose()?;
     let probs = move |q: &Tensor, k: &Tensor| -> Result<Tensor> {
         let s = (q * scale)?.matmul(&k.t()?)?.to_dtype(DType::F32)?;
         let s = match &mask {
-            Some(m) => s.reshape((b, kv, groups, gt / groups, total))?.broadcast_add(m)?.reshape((b, kv, gt, total))?,
+            Some(m) => s.reshape((b, kv, groups, t, total))?.broadcast_add(m)?.reshape((b, kv, gt, total))?,
             None => s,
         };
         candle_nn::ops::softmax_last_dim(&s)
     };
     let p = probs(&q.detach(), &k.detach())?;
-    let value = p.to_dtype(v.dtype())?.matmul(&v.detach())?;
+    let out = p.to_dtype(v.dtype())?.matmul(&v.detach())?;
     drop(p);
+    let value = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
     with_backward3(q, k, v, value, "attention", move |[q, k, v], needs, g| {
         let dtype = q.dtype();
+        let g = g.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?.reshape((b, kv, gt, d))?;
         let p = probs(q, k)?; // f32 [b, kv, gt, total]
-        let dv = needs[2].then(|| p.to_dtype(dtype)?.t()?.matmul(g)).transpose()?;
+        let dv = needs[2].then(|| p.to_dtype(dtype)?.t()?.matmul(&g)).transpose()?;
         let dp = g.matmul(&v.t()?)?.to_dtype(DType::F32)?;
         let ds = ((&dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)? * &p)? * scale)?.to_dtype(dtype)?;
         let dq = needs[0].then(|| ds.matmul(k)).transpose()?;
@@ -420,6 +422,7 @@ mod tests {
         let s = (q.as_tensor() * 0.5).unwrap().matmul(&k.as_tensor().t().unwrap()).unwrap();
         let s = s.reshape((1, 2, 2, 3, 3)).unwrap().broadcast_add(&mask).unwrap().reshape((1, 2, 6, 3)).unwrap();
         let plain = candle_nn::ops::softmax(&s, D::Minus1).unwrap().matmul(v.as_tensor()).unwrap();
+        let plain = plain.reshape((1, 4, 3, 8)).unwrap().transpose(1, 2).unwrap().reshape((1, 3, 32)).unwrap();
         check_all(&ours, &plain, &[&q, &k, &v], "attention");
 
         let sw_g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 7), &dev).unwrap()).unwrap();

@@ -240,7 +240,7 @@ pub fn attention(
     };
     let total = k_all.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let out = match ops {
+    match ops {
         Ops::Fused => {
             let q = (q.contiguous()? * scale)?.reshape((b, kv_heads, groups * t, d))?;
             let scores = q.matmul(&k_all.t()?)?.to_dtype(DType::F32)?; // [b, kv, g*t, total]
@@ -251,14 +251,14 @@ pub fn attention(
                     .reshape((b, kv_heads, groups * t, total))?,
                 None => scores,
             };
-            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v_all.dtype())?.matmul(&v_all)?
+            let out = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v_all.dtype())?.matmul(&v_all)?;
+            out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
         }
         Ops::Differentiable => {
             let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
-            super::autograd::attention(&q, &k_all.contiguous()?, &v_all.contiguous()?, mask, groups, scale)?
+            super::autograd::attention(&q, &k_all.contiguous()?, &v_all.contiguous()?, mask, groups, scale)
         }
-    }; // [b, kv, g*t, d]
-    out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
+    }
 }
 
 /// The last-position or all-position selection of hidden states before the LM head.

@@ -180,17 +180,18 @@ impl Linear {
             None
         };
         let cd = l.a.dtype();
+        // The inverted-dropout factor 1/keep rides on the scale (fewer element-wise passes).
         let dropped = move |x: &Tensor, mask: &Option<Tensor>| -> Result<Tensor> {
-            let x2 = x.reshape((rows, in_f))?.to_dtype(cd)?;
             match mask {
-                Some(m) => (x2 * m.reshape((rows, in_f))?.to_dtype(cd)?)? / keep,
-                None => Ok(x2),
+                Some(m) => (x * m.to_dtype(x.dtype())?)?.reshape((rows, in_f))?.to_dtype(cd),
+                None => x.reshape((rows, in_f))?.to_dtype(cd),
             }
         };
+        let scale = if mask.is_some() { l.scale / keep } else { l.scale };
         let xd = dropped(&x.detach(), &mask)?;
-        let delta = (xd.matmul(&l.a.detach().t()?)?.matmul(&l.b.detach().t()?)? * l.scale)?;
+        let delta = (xd.matmul(&l.a.detach().t()?)?.matmul(&l.b.detach().t()?)? * scale)?;
         let value = (self.frozen_value(&x.detach())? + delta.reshape(self.out_dims(x))?.to_dtype(x.dtype())?)?;
-        let (weight, scale) = (self.weight.clone(), l.scale);
+        let weight = self.weight.clone();
         super::autograd::with_backward3(x, &l.a, &l.b, value, "lora-linear", move |[x, a, b], needs, g| {
             let g32 = (g.reshape((rows, out_f))?.to_dtype(cd)? * scale)?;
             let xd = dropped(x, &mask)?;
@@ -200,7 +201,7 @@ impl Linear {
             let dx = if needs[0] {
                 let mut lora_dx = gxa.matmul(a)?;
                 if let Some(m) = &mask {
-                    lora_dx = ((lora_dx * m.reshape((rows, in_f))?.to_dtype(cd)?)? / keep)?;
+                    lora_dx = (lora_dx * m.reshape((rows, in_f))?.to_dtype(cd)?)?;
                 }
                 let base = Self::input_grad(&weight, x, g)?;
                 Some((base + lora_dx.reshape(x.dims())?.to_dtype(x.dtype())?)?)
