@@ -30,41 +30,47 @@ struct Run {
     out: std::path::PathBuf,
 }
 
+/// `billion finetune` arguments for a run in `work` (train.jsonl, eval.jsonl when present) writing `OUT` and
+/// `OUT.json` there, on the CPU, without dropout (deterministic), batches of 8 unless `extra` sets them;
+/// `extra` is appended.
+fn args(model: &Path, work: &Path, out: &str, extra: &[&str]) -> Vec<String> {
+    let p = |f: &str| work.join(f).to_str().unwrap().to_string();
+    let mut v: Vec<String> = vec!["finetune".into(), "--model".into(), model.to_str().unwrap().into()];
+    v.extend(["--device", "cpu", "--dropout", "0"].map(String::from));
+    if !extra.contains(&"--batch-size") {
+        v.extend(["--batch-size", "8"].map(String::from));
+    }
+    v.extend([
+        "--data".into(),
+        p("train.jsonl"),
+        "--out".into(),
+        p(out),
+        "--results".into(),
+        p(&format!("{out}.json")),
+    ]);
+    if work.join("eval.jsonl").exists() {
+        v.extend(["--eval-data".into(), p("eval.jsonl")]);
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn run_ok(args: &[String]) -> std::process::Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_billion")).args(args).output().unwrap();
+    assert!(o.status.success(), "finetune failed: {}", common::stderr(&o));
+    o
+}
+
 fn finetune(model: &Path, work: &Path, extra: &[&str]) -> Run {
     let (train, eval) = (work.join("train.jsonl"), work.join("eval.jsonl"));
     if !train.exists() {
         write_task(&train, 0, 48);
         write_task(&eval, 100, 12);
     }
-    let out = work.join("adapter");
-    let results = work.join("results.json");
-    let mut args = vec![
-        "finetune",
-        "--model",
-        model.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--data",
-        train.to_str().unwrap(),
-        "--eval-data",
-        eval.to_str().unwrap(),
-        "--epochs",
-        "6",
-        "--lr",
-        "1e-2",
-        "--batch-size",
-        "8",
-        "--dropout",
-        "0",
-        "--out",
-        out.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let o = common::billion(&args);
-    assert!(o.status.success(), "finetune failed: {}", common::stderr(&o));
+    let mut extra = extra.to_vec();
+    extra.extend(["--epochs", "6", "--lr", "1e-2", "--json"]);
+    let o = run_ok(&args(model, work, "adapter", &extra));
+    let (out, results) = (work.join("adapter"), work.join("adapter.json"));
     let json: serde_json::Value = serde_json::from_str(&common::stdout(&o)).expect("--json prints one JSON object");
     let on_disk: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
     assert_eq!(on_disk["runs"].as_array().unwrap().last().unwrap()["after"], json["after"]);
@@ -79,7 +85,7 @@ fn assert_learned(r: &Run, what: &str) {
     let (before, after) = (loss(&r.json, "before"), loss(&r.json, "after"));
     assert!(after < 0.5 * before, "{what}: held-out loss {before:.3} → {after:.3}, expected a clear drop");
     assert!(r.json["after"]["token_accuracy"].as_f64().unwrap() > r.json["before"]["token_accuracy"].as_f64().unwrap());
-    assert_eq!(r.json["steps"].as_u64().unwrap(), 36, "6 epochs × 6 batches");
+    assert_eq!(r.json["steps"].as_u64().unwrap(), 36, "6 epochs × 6 steps");
     assert!(r.json["loss_curve"].as_array().unwrap().len() == 36);
     assert!(r.json["trainable_parameters"].as_u64().unwrap() > 0);
 }
@@ -149,7 +155,9 @@ fn qlora_on_q8_0_base_learns() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     write_chat_model(&model, 6).unwrap();
-    let r = finetune(&model, dir.path(), &["--quantize", "q8_0", "--targets", "all"]);
+    // Micro-batches of 4 accumulated in pairs: the same 6 steps per epoch as batches of 8.
+    let extra = ["--quantize", "q8_0", "--targets", "all", "--batch-size", "4", "--grad-accum", "2"];
+    let r = finetune(&model, dir.path(), &extra);
     assert_learned(&r, "q8_0");
     assert_eq!(r.json["quantization"], "q8_0");
     let cfg: serde_json::Value =
@@ -206,12 +214,7 @@ fn forced_nan_stops_with_the_last_good_adapter() {
     write_task(&dir.path().join("train.jsonl"), 0, 48);
     let out = dir.path().join("nan");
     let o = Command::new(env!("CARGO_BIN_EXE_billion"))
-        .args(["finetune", "--model", model.to_str().unwrap(), "--device", "cpu", "--data"])
-        .arg(dir.path().join("train.jsonl"))
-        .args(["--dropout", "0", "--lr", "1e-2", "--lr-schedule", "constant", "--batch-size", "8", "--out"])
-        .arg(&out)
-        .arg("--results")
-        .arg(dir.path().join("r.json"))
+        .args(args(&model, dir.path(), "nan", &["--lr", "1e-2", "--lr-schedule", "constant"]))
         .env("BILLION_FINETUNE_NAN_AT_STEP", "3")
         .output()
         .unwrap();
@@ -221,30 +224,7 @@ fn forced_nan_stops_with_the_last_good_adapter() {
     assert!(err.contains("last good adapter (after step 2)"), "{err}");
     // What is on disk is exactly the adapter after two steps.
     let two = dir.path().join("two");
-    let o = common::billion(&[
-        "finetune",
-        "--model",
-        model.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--data",
-        dir.path().join("train.jsonl").to_str().unwrap(),
-        "--dropout",
-        "0",
-        "--lr",
-        "1e-2",
-        "--lr-schedule",
-        "constant",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "2",
-        "--out",
-        two.to_str().unwrap(),
-        "--results",
-        dir.path().join("r2.json").to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", common::stderr(&o));
+    run_ok(&args(&model, dir.path(), "two", &["--lr", "1e-2", "--lr-schedule", "constant", "--max-steps", "2"]));
     let load = |d: &Path| {
         candle_core::safetensors::load(d.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap()
     };
@@ -267,33 +247,8 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_same_run() {
     write_chat_model(&model, 9).unwrap();
     write_task(&dir.path().join("train.jsonl"), 0, 48);
     write_task(&dir.path().join("eval.jsonl"), 100, 4);
-    let args = |out: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "finetune",
-            "--model",
-            model.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--data",
-            dir.path().join("train.jsonl").to_str().unwrap(),
-            "--eval-data",
-            dir.path().join("eval.jsonl").to_str().unwrap(),
-            "--dropout",
-            "0",
-            "--lr",
-            "1e-3",
-            "--batch-size",
-            "8",
-            "--epochs",
-            "60",
-            "--out",
-            dir.path().join(out).to_str().unwrap(),
-            "--results",
-            dir.path().join(format!("{out}.json")).to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args = |out: &str, extra: &[&str]| {
+        let mut v = args(&model, dir.path(), out, &["--lr", "1e-3", "--epochs", "60"]);
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
@@ -332,8 +287,7 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_same_run() {
     // Resume with fewer total steps than remain would be a different run; the checkpoint keeps the settings.
     let mut resume = args("run", &[]);
     resume.extend(["--resume".to_string(), ckpt.to_str().unwrap().to_string(), "--json".to_string()]);
-    let o = Command::new(env!("CARGO_BIN_EXE_billion")).args(&resume).output().unwrap();
-    assert!(o.status.success(), "{}", common::stderr(&o));
+    let o = run_ok(&resume);
     let v: serde_json::Value = serde_json::from_str(&common::stdout(&o)).unwrap();
     assert_eq!(v["steps"].as_u64().unwrap(), 360);
     assert_eq!(v["loss_curve"].as_array().unwrap().len(), 360, "the history continues across the interruption");
@@ -341,8 +295,7 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_same_run() {
     assert!(common::stderr(&o).contains(&format!("resuming at step {at} of 360")));
 
     // The same run without the interruption ends with the same adapter.
-    let o = Command::new(env!("CARGO_BIN_EXE_billion")).args(args("straight", &[])).output().unwrap();
-    assert!(o.status.success(), "{}", common::stderr(&o));
+    run_ok(&args("straight", &[]));
     let load = |d: &str| {
         candle_core::safetensors::load(dir.path().join(d).join("adapter_model.safetensors"), &candle_core::Device::Cpu)
             .unwrap()
