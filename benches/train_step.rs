@@ -1,0 +1,123 @@
+//! LoRA training step time and training tokens/s on random token batches (no tokenizer or data needed), the
+//! same loop `billion finetune` runs: differentiable forward, loss over every position, backward, AdamW.
+//!
+//!   cargo bench --bench train_step -- --model CONFIG.json --random-weights [--batch 4] [--len 256]
+//!       [--rank 8] [--targets q_proj,v_proj|all] [--dropout 0.05] [--steps 10] [--quantize q8_0]
+//!       [--device cuda] [--dtype bf16]
+//!
+//! Prints the mean step time over `--steps` after one warm-up step, tokens/s, and peak memory.
+
+use anyhow::{bail, Context, Result};
+use billion::finetune::data::Tokenized;
+use billion::finetune::lora::{Lora, LoraConfig};
+use billion::finetune::train::{Hooks, TrainSettings, Trainer, TrainerState};
+use billion::model::device::{device_name, dtype_name};
+use billion::model::{load, weights::Quantize, LoadOptions};
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+fn main() -> Result<()> {
+    let (mut model, mut opts) = (None, LoadOptions::default());
+    let (mut batch, mut len, mut rank, mut steps, mut dropout) = (4usize, 256usize, 8usize, 10usize, 0.05f32);
+    let mut targets = "q_proj,v_proj".to_string();
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" | "-m" => model = Some(value()?),
+            "--batch" => batch = value()?.parse().context("--batch")?,
+            "--len" => len = value()?.parse().context("--len")?,
+            "--rank" => rank = value()?.parse().context("--rank")?,
+            "--steps" => steps = value()?.parse().context("--steps")?,
+            "--dropout" => dropout = value()?.parse().context("--dropout")?,
+            "--targets" => targets = value()?,
+            "--quantize" => opts.quantize = Quantize::parse(&value()?)?,
+            "--device" => opts.device = Some(value()?),
+            "--dtype" => opts.dtype = Some(value()?),
+            "--random-weights" => opts.random_weights = true,
+            "--bench" => {}
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    let Some(model) = model else { bail!("usage: cargo bench --bench train_step -- --model M [--random-weights]") };
+    let mut loaded = load(&model, &opts)?;
+    let vocab = loaded.config().vocab_size as u32;
+    let target_modules: Vec<String> =
+        if targets == "all" { vec!["all-linear".into()] } else { targets.split(',').map(String::from).collect() };
+    let cfg = LoraConfig {
+        r: rank,
+        lora_alpha: 2.0 * rank as f64,
+        target_modules,
+        lora_dropout: dropout as f64,
+        base_model_name_or_path: None,
+    };
+    let lora = Lora::init(&mut loaded.model, cfg, 1)?;
+    let trainable = lora.num_params();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let examples: Vec<Tokenized> = (0..batch * (steps + 1))
+        .map(|_| {
+            let ids: Vec<u32> = (0..len).map(|_| rng.random_range(0..vocab)).collect();
+            let labels = ids.iter().map(|&i| i as i64).collect();
+            Tokenized { ids, labels }
+        })
+        .collect();
+    let settings = TrainSettings {
+        epochs: 1,
+        lr: 1e-4,
+        rank,
+        alpha: 2.0 * rank as f64,
+        targets: vec![targets.clone()],
+        dropout,
+        batch_size: batch,
+        grad_accum: 1,
+        max_len: len,
+        seed: 1,
+        warmup_ratio: 0.0,
+        lr_schedule: "constant".into(),
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+    };
+    let state = TrainerState {
+        settings,
+        model: model.clone(),
+        data: "random tokens".into(),
+        data_sha256: String::new(),
+        step: 0,
+        total_steps: steps + 1,
+        history: vec![],
+        train_seconds: 0.0,
+        tokens_trained: 0,
+        before: None,
+    };
+    let device = loaded.model.device().clone();
+    let dtype = loaded.model.dtype();
+    let out = tempfile::tempdir()?;
+    let mut trainer = Trainer::new(&mut loaded.model, lora, examples, state, out.path())?;
+    let mut hooks = Hooks {
+        interrupt: Arc::new(AtomicBool::new(false)),
+        on_step: Box::new(|_, _| {}),
+        on_memory: Box::new(|| {}),
+        inject_nan_at_step: None,
+    };
+    trainer.run(&mut hooks)?;
+    let timed = &trainer.state.history[1..];
+    let secs: Vec<f64> = timed.iter().map(|r| r.seconds).collect();
+    let mean = secs.iter().sum::<f64>() / secs.len() as f64;
+    let sd = (secs.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / secs.len().max(2).saturating_sub(1) as f64).sqrt();
+    println!(
+        "{model} on {} ({}), batch {batch} × {len}, r {rank}, targets {targets}, dropout {dropout}: {} trainable; \
+         step {:.1} ± {:.1} ms, {:.0} training tok/s; peak RSS {}{}",
+        device_name(&device),
+        dtype_name(dtype),
+        trainable,
+        mean * 1e3,
+        sd * 1e3,
+        (batch * len) as f64 / mean,
+        billion::util::peak_rss_bytes().map(billion::util::human_bytes).unwrap_or_default(),
+        billion::util::gpu_peak_allocated_bytes(&device)
+            .map(|b| format!(", peak GPU allocated {}", billion::util::human_bytes(b)))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
