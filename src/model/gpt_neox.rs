@@ -71,7 +71,7 @@ impl GptNeoX {
             let hs = blk.input_norm.forward(&x, ops)?;
             // query_key_value rows are grouped per head as [q | k | v] of head_dim each.
             let qkv = blk.qkv.forward(&hs)?.reshape((b, t, nh, 3 * hd))?.transpose(1, 2)?;
-            let q = self.rotary.apply(&qkv.narrow(3, 0, hd)?, offset, ops)?;
+            let q = self.rotary.apply_query(&qkv.narrow(3, 0, hd)?, offset, ops)?;
             let k = self.rotary.apply(&qkv.narrow(3, hd, hd)?, offset, ops)?;
             let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
             let attn = blk.dense.forward(&attention(&q, &k, &v, cache, i, mask.as_ref(), ops)?)?;

@@ -100,7 +100,9 @@ pub struct Rotary {
     max_len: usize,
     dtype: DType,
     device: Device,
-    table: Mutex<(Tensor, Tensor)>,
+    /// cos, sin, and both multiplied by 1/√head_dim: rotating queries with the scaled pair applies attention's
+    /// score scale for free.
+    table: Mutex<[Tensor; 4]>,
 }
 
 impl Rotary {
@@ -136,7 +138,7 @@ impl Rotary {
             }
         }
         let initial = 1024.min(cfg.max_position_embeddings.max(1));
-        let table = Self::build(&inv_freq, initial, dtype, device)?;
+        let table = Self::build(&inv_freq, initial, cfg.head_dim, dtype, device)?;
         Ok(Self {
             inv_freq,
             rotary_dim: dim,
@@ -149,7 +151,7 @@ impl Rotary {
         })
     }
 
-    fn build(inv_freq: &[f32], len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    fn build(inv_freq: &[f32], len: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<[Tensor; 4]> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
@@ -161,32 +163,55 @@ impl Rotary {
                 sin.push(angle.sin() as f32);
             }
         }
-        let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
-        Ok((cos, sin))
+        let cos = Tensor::from_vec(cos, (len, half), device)?;
+        let sin = Tensor::from_vec(sin, (len, half), device)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let (cos_q, sin_q) = ((&cos * scale)?, (&sin * scale)?);
+        Ok([cos, sin, cos_q, sin_q]
+            .map(|t| t.to_dtype(dtype))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .try_into()
+            .expect("four tables"))
     }
 
-    fn cos_sin(&self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
+    fn cos_sin(&self, offset: usize, len: usize, scaled: bool) -> Result<(Tensor, Tensor)> {
         let mut table = self.table.lock().expect("rotary table lock");
-        let have = table.0.dim(0)?;
+        let have = table[0].dim(0)?;
         if offset + len > have {
             let mut new_len = have.max(1);
             while new_len < offset + len {
                 new_len *= 2;
             }
-            *table =
-                Self::build(&self.inv_freq, new_len.min(self.max_len.max(offset + len)), self.dtype, &self.device)?;
+            let new_len = new_len.min(self.max_len.max(offset + len));
+            *table = Self::build(&self.inv_freq, new_len, self.head_dim, self.dtype, &self.device)?;
         }
-        Ok((table.0.narrow(0, offset, len)?, table.1.narrow(0, offset, len)?))
+        let (c, s) = if scaled { (&table[2], &table[3]) } else { (&table[0], &table[1]) };
+        Ok((c.narrow(0, offset, len)?, s.narrow(0, offset, len)?))
+    }
+
+    /// Rotate queries for attention: with fused ops the result is also multiplied by 1/√head_dim (free when
+    /// every dim rotates; one multiply otherwise), which `attention` then expects; differentiable ops return
+    /// the plain rotation.
+    pub fn apply_query(&self, q: &Tensor, offset: usize, ops: Ops) -> Result<Tensor> {
+        match ops {
+            Ops::Fused if self.rotary_dim == self.head_dim => self.rotate(q, offset, ops, true),
+            Ops::Fused => self.rotate(q, offset, ops, false)? * (1.0 / (self.head_dim as f64).sqrt()),
+            Ops::Differentiable => self.rotate(q, offset, ops, false),
+        }
     }
 
     /// Rotate `x` (`[b, heads, t, head_dim]`) for positions `offset..offset+t`.
     pub fn apply(&self, x: &Tensor, offset: usize, ops: Ops) -> Result<Tensor> {
+        self.rotate(x, offset, ops, false)
+    }
+
+    fn rotate(&self, x: &Tensor, offset: usize, ops: Ops, scaled: bool) -> Result<Tensor> {
         if self.rotary_dim == 0 {
             return Ok(x.clone());
         }
         let t = x.dim(2)?;
-        let (cos, sin) = self.cos_sin(offset, t)?;
+        let (cos, sin) = self.cos_sin(offset, t, scaled)?;
         let rope = |x: &Tensor| -> Result<Tensor> {
             match (self.interleaved, ops) {
                 (false, Ops::Fused) => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
@@ -214,7 +239,8 @@ pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Re
 
 /// Scaled dot-product attention over the cache, with grouped-query heads handled by reshaping the queries
 /// (no copies of K/V per query head).
-/// `q`: `[b, heads, t, d]` (already rotated), `k`/`v`: `[b, kv_heads, t, d]` for the new tokens.
+/// `q`: `[b, heads, t, d]` from `Rotary::apply_query` (rotated, and with fused ops scaled by 1/√d), `k`/`v`:
+/// `[b, kv_heads, t, d]` for the new tokens; `mask` in the compute dtype.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -242,16 +268,21 @@ pub fn attention(
     let scale = 1.0 / (d as f64).sqrt();
     match ops {
         Ops::Fused => {
-            let q = (q.contiguous()? * scale)?.reshape((b, kv_heads, groups * t, d))?;
-            let scores = q.matmul(&k_all.t()?)?.to_dtype(DType::F32)?; // [b, kv, g*t, total]
+            // q comes pre-scaled (`Rotary::apply_query`). Scores stay in the compute dtype: they leave the
+            // matmul in it, the mask is 0 / -inf (exact in any float type) and the softmax kernel accumulates
+            // in f32 — casting around it only added two kernels per layer.
+            let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
+            let scores = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
             let scores = match mask {
-                Some(m) => scores
-                    .reshape((b, kv_heads, groups, t, total))?
-                    .broadcast_add(&m.to_dtype(DType::F32)?)?
-                    .reshape((b, kv_heads, groups * t, total))?,
+                Some(m) => scores.reshape((b, kv_heads, groups, t, total))?.broadcast_add(m)?.reshape((
+                    b,
+                    kv_heads,
+                    groups * t,
+                    total,
+                ))?,
                 None => scores,
             };
-            let out = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v_all.dtype())?.matmul(&v_all)?;
+            let out = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v_all)?;
             out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
         }
         Ops::Differentiable => {

@@ -75,7 +75,7 @@ impl Llama {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         for (i, blk) in self.blocks.iter().enumerate() {
             let hs = blk.attn_norm.forward(&x, ops)?;
-            let q = self.rotary.apply(&split_heads(&blk.q.forward(&hs)?, nh, hd)?, offset, ops)?;
+            let q = self.rotary.apply_query(&split_heads(&blk.q.forward(&hs)?, nh, hd)?, offset, ops)?;
             let k = self.rotary.apply(&split_heads(&blk.k.forward(&hs)?, nkv, hd)?, offset, ops)?;
             let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
             let attn = attention(&q, &k, &v, cache, i, mask.as_ref(), ops)?;

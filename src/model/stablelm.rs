@@ -126,7 +126,7 @@ impl StableLm {
                 q = qn.forward(&q, ops)?;
                 k = kn.forward(&k, ops)?;
             }
-            let q = self.rotary.apply(&q, offset, ops)?;
+            let q = self.rotary.apply_query(&q, offset, ops)?;
             let k = self.rotary.apply(&k, offset, ops)?;
             let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
             let attn = blk.o.forward(&attention(&q, &k, &v, cache, i, mask.as_ref(), ops)?)?;
