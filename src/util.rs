@@ -28,6 +28,23 @@ pub fn save_safetensors_atomic(
     Ok(())
 }
 
+/// Add `record` to the `runs` list of the JSON results file at `path`, replacing any earlier run with the same
+/// values at the JSON pointers `key` (e.g. `/model`, `/settings/targets`); written atomically. A missing or
+/// unreadable file starts a new one; a JSON file without a `runs` list is refused rather than overwritten.
+pub fn save_run(path: &Path, record: serde_json::Value, key: &[&str]) -> Result<()> {
+    let mut doc: serde_json::Value = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| serde_json::json!({"schema_version": 1, "runs": []}));
+    let key_of = |r: &serde_json::Value| key.iter().map(|k| r.pointer(k).cloned()).collect::<Vec<_>>();
+    let runs = doc["runs"]
+        .as_array_mut()
+        .with_context(|| format!("{}: a JSON file without a `runs` list; not overwriting it", path.display()))?;
+    runs.retain(|r| key_of(r) != key_of(&record));
+    runs.push(record);
+    write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())
+}
+
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

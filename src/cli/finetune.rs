@@ -502,20 +502,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     Ok(())
 }
 
-/// Keep earlier runs of other models: the file maps a run key (model + settings) to its record.
+/// Keep one record per model, device, quantization and targets; replace it when run again.
 fn write_results(path: &Path, record: &serde_json::Value) -> Result<()> {
-    let mut doc = match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str::<serde_json::Value>(&text).unwrap_or_else(|_| serde_json::json!({})),
-        Err(_) => serde_json::json!({}),
-    };
-    if !doc.get("runs").is_some_and(|r| r.is_array()) {
-        doc = serde_json::json!({"schema_version": 1, "runs": []});
-    }
-    let runs = doc["runs"].as_array_mut().expect("checked above");
-    let key = |r: &serde_json::Value| {
-        (r["model"].clone(), r["device"].clone(), r["quantization"].clone(), r["settings"]["targets"].clone())
-    };
-    runs.retain(|r| key(r) != key(record));
-    runs.push(record.clone());
-    crate::util::write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())
+    crate::util::save_run(path, record.clone(), &["/model", "/device", "/quantization", "/settings/targets"])
 }

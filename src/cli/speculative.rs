@@ -237,17 +237,6 @@ fn accumulate(t: &mut crate::speculative::SpecStats, s: &crate::speculative::Spe
 
 /// Keep one record per (draft, target, k, adaptive, sampling, prompt set); replace it when run again.
 fn save_results(path: &std::path::Path, record: serde_json::Value) -> Result<()> {
-    let mut doc: serde_json::Value = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_else(|| serde_json::json!({"schema_version": 1, "runs": []}));
-    let key = |r: &serde_json::Value| {
-        ["draft", "target", "k", "adaptive", "temperature", "top_k", "top_p", "prompt_set", "device"]
-            .map(|k| r[k].to_string())
-            .join("|")
-    };
-    let runs = doc["runs"].as_array_mut().context("results file has no runs list")?;
-    runs.retain(|r| key(r) != key(&record));
-    runs.push(record);
-    crate::util::write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())
+    let key = ["/draft", "/target", "/k", "/adaptive", "/temperature", "/top_k", "/top_p", "/prompt_set", "/device"];
+    crate::util::save_run(path, record, &key)
 }

@@ -172,18 +172,7 @@ pub fn step_batches(n_train: usize, s: &TrainSettings, step: usize) -> Vec<Vec<u
 /// Sum of NLL, correct argmax predictions and count over labelled targets (labels shifted by one).
 fn response_stats(logits: &Tensor, labels: &Tensor) -> Result<(f64, usize, usize)> {
     let (b, t, v) = logits.dims3()?;
-    let labels: Vec<i64> = labels.flatten_all()?.to_vec1()?;
-    let mut rows = vec![];
-    let mut targets = vec![];
-    for bi in 0..b {
-        for ti in 0..t - 1 {
-            let l = labels[bi * t + ti + 1];
-            if l != IGNORE {
-                rows.push((bi * t + ti) as u32);
-                targets.push(l as u32);
-            }
-        }
-    }
+    let (rows, targets) = super::lora::labelled_rows(labels, v)?;
     if rows.is_empty() {
         return Ok((0.0, 0, 0));
     }
@@ -327,10 +316,10 @@ impl<'a> Trainer<'a> {
             for batch in &batches {
                 let refs: Vec<&Tokenized> = batch.iter().map(|&i| &self.train[i]).collect();
                 tokens += refs.iter().map(|t| t.ids.len()).sum::<usize>();
-                let (ids, labels) = batch_tensors(&refs, &device)?;
                 if refs.iter().all(|t| t.trained_tokens() == 0) {
                     continue; // every answer was cut by --max-len
                 }
+                let (ids, labels) = batch_tensors(&refs, &device)?;
                 let mut cache = self.model.new_cache();
                 let logits = self.model.forward(&ids, &mut cache)?;
                 let loss = (causal_lm_loss(&logits, &labels)? / batches.len() as f64)?;

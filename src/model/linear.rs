@@ -122,9 +122,7 @@ impl Linear {
                 let dtype = x.dtype();
                 let x32 = x.to_dtype(DType::F32)?;
                 let rows = x.elem_count() / self.in_features;
-                let mut out_dims = x.dims().to_vec();
-                *out_dims.last_mut().expect("rank ≥ 1") = self.out_features;
-                x32.reshape((rows, self.in_features))?.matmul(&w.t()?)?.reshape(out_dims)?.to_dtype(dtype)?
+                x32.reshape((rows, self.in_features))?.matmul(&w.t()?)?.reshape(self.out_dims(x))?.to_dtype(dtype)?
             }
             (LinearWeight::Quantized(_), Some(qm)) => {
                 let dtype = x.dtype();
@@ -149,12 +147,10 @@ impl Linear {
             LinearWeight::Dense(w) => w.clone(),
             LinearWeight::Quantized(q) => q.dequantize(g.device())?,
         };
-        let (out_f, in_f) = w.dims2()?;
+        let out_f = w.dim(0)?;
         let rows = g.elem_count() / out_f;
         let grad = g.to_dtype(w.dtype())?.reshape((rows, out_f))?.matmul(&w)?;
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank ≥ 1") = in_f;
-        grad.reshape(dims)?.to_dtype(x.dtype())
+        grad.reshape(x.dims())?.to_dtype(x.dtype())
     }
 
     /// The base product plus bias, no gradient tracking.
