@@ -191,6 +191,17 @@ pub fn tiny_spm_vocab(size: usize) -> (Vec<String>, Vec<f32>, Vec<i32>) {
 /// Write a llama GGUF of the same weights as `write_hf_model(config, seed)`, with linear weights stored as
 /// `dtype` (Q8_0, Q4_0, F32 …) and a tiny SentencePiece vocabulary in the metadata.
 pub fn write_llama_gguf(path: &Path, config: &serde_json::Value, seed: u64, dtype: GgmlDType) -> Result<()> {
+    write_llama_gguf_with(path, config, seed, |_| dtype)
+}
+
+/// Like `write_llama_gguf`, with each matrix's type chosen by its Hugging Face tensor name (mixed files such
+/// as llama.cpp's Q4_K_M).
+pub fn write_llama_gguf_with(
+    path: &Path,
+    config: &serde_json::Value,
+    seed: u64,
+    dtype_of: impl Fn(&str) -> GgmlDType,
+) -> Result<()> {
     let cfg = ModelConfig::from_hf_json(config)?;
     anyhow::ensure!(cfg.architecture == Architecture::Llama, "write_llama_gguf writes llama models");
     let arch = cfg.architecture;
@@ -204,6 +215,7 @@ pub fn write_llama_gguf(path: &Path, config: &serde_json::Value, seed: u64, dtyp
             t
         };
         let is_matrix = t.rank() == 2;
+        let dtype = dtype_of(&name);
         let q = if is_matrix && t.dim(1)? % dtype.block_size() == 0 {
             QTensor::quantize(&t, dtype)?
         } else {

@@ -101,6 +101,44 @@ fn json_output_and_logits_file() {
 }
 
 #[test]
+fn prefill_chunks_give_the_same_logits_and_tokens() {
+    let d = tempfile::tempdir().unwrap();
+    write_hf_model(d.path(), &tiny_config(Architecture::Llama, 320), 4).unwrap();
+    let run = |chunk: Option<&str>| {
+        let logits = d.path().join(format!("logits-{}.safetensors", chunk.unwrap_or("all")));
+        let mut args = vec!["generate", "--model", d.path().to_str().unwrap(), "--prompt-ids", "1,9,8,7,6,5,4"];
+        args.extend(["--max-tokens", "6", "--json", "--device", "cpu", "--logits-out", logits.to_str().unwrap()]);
+        if let Some(c) = chunk {
+            args.extend(["--prefill-chunk", c]);
+        }
+        let out = common::billion(&args);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        let v: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+        let t = candle_core::safetensors::load(&logits, &candle_core::Device::Cpu).unwrap();
+        (v["tokens"].clone(), t["logits"].clone())
+    };
+    let (tokens, logits) = run(None);
+    assert_eq!(logits.dims(), &[7, 320]);
+    for chunk in ["1", "3"] {
+        let (t, l) = run(Some(chunk));
+        assert_eq!(t, tokens, "--prefill-chunk {chunk}: different tokens");
+        let diff = (l - &logits).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "--prefill-chunk {chunk}: logits differ by {diff}");
+    }
+    let out = common::billion(&[
+        "generate",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--prefill-chunk",
+        "0",
+    ]);
+    assert!(!out.status.success());
+    assert!(common::stderr(&out).contains("--prefill-chunk"), "{}", common::stderr(&out));
+}
+
+#[test]
 fn sampling_is_seeded() {
     let d = tempfile::tempdir().unwrap();
     write_hf_model(d.path(), &tiny_config(Architecture::Llama, 320), 2).unwrap();

@@ -19,6 +19,7 @@ fn greedy_matches_llama2_c() {
         eos_ids: vec![], // llama2.c runs all 256 steps
         stop_strings: vec![],
         keep_prompt_logits: false,
+        prefill_chunk: None,
         interrupt: None,
     };
     let mut cache = loaded.model.new_cache();

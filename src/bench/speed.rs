@@ -2,7 +2,6 @@
 
 use crate::model::Model;
 use anyhow::Result;
-use candle_core::D;
 use std::time::Instant;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -53,7 +52,7 @@ pub fn time_prefill(model: &Model, n: usize) -> Result<f64> {
     sync(model)?;
     let start = Instant::now();
     let logits = model.forward_last(&input, &mut cache)?;
-    let _ = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let _ = crate::model::fused::argmax_last(&logits)?.to_vec1::<u32>()?;
     Ok(start.elapsed().as_secs_f64())
 }
 
@@ -65,7 +64,7 @@ pub fn time_decode(model: &Model, n: usize) -> Result<f64> {
     let start = Instant::now();
     for _ in 0..n {
         let logits = model.forward_last(&model.input(&[token])?, &mut cache)?;
-        token = logits.argmax(D::Minus1)?.squeeze(0)?.to_scalar::<u32>()?;
+        token = crate::model::fused::argmax_last(&logits)?.squeeze(0)?.to_scalar::<u32>()?;
     }
     Ok(start.elapsed().as_secs_f64())
 }
@@ -103,7 +102,7 @@ pub fn time_verify(model: &Model, context: usize, n: usize, reps: usize) -> Resu
         sync(model)?;
         let start = Instant::now();
         let logits = model.forward(&input, &mut cache)?;
-        let _ = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
+        let _ = crate::model::fused::argmax_last(&logits)?.to_vec2::<u32>()?;
         times.push(start.elapsed().as_secs_f64());
     }
     times.remove(0); // warm-up

@@ -45,6 +45,10 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text
     #[arg(long)]
     pub json: bool,
+    /// Feed the prompt N tokens per forward pass instead of all at once (1: every prompt token goes through
+    /// the decode step)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub prefill_chunk: Option<u64>,
     /// Write the logits at every prompt position to this safetensors file (tensor `logits`, f32 [len, vocab])
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
@@ -116,6 +120,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         eos_ids: loaded.eos_ids(),
         stop_strings: a.stop.clone(),
         keep_prompt_logits: a.logits_out.is_some(),
+        prefill_chunk: a.prefill_chunk.map(|n| n as usize),
         interrupt: None,
     };
     let mut cache = loaded.model.new_cache().with_capacity(prompt.len() + a.max_tokens);

@@ -7,7 +7,7 @@ pub mod sampling;
 use crate::model::{KvCache, Model};
 use crate::tokenizer::{TokenStream, Tokenizer};
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use sampling::{Sampler, SamplingParams};
 use std::time::Instant;
 
@@ -19,13 +19,24 @@ pub struct GenerateParams {
     pub stop_strings: Vec<String>,
     /// Keep the logits of every prompt position (for `--logits-out`).
     pub keep_prompt_logits: bool,
+    /// Feed the prompt this many tokens per forward pass (bounds prefill memory; 1 runs every prompt token
+    /// through the decode step). `None`: the whole prompt at once.
+    pub prefill_chunk: Option<usize>,
     /// Checked before every decode step: set it (Ctrl-C) to end the reply early.
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl GenerateParams {
     pub fn new(max_tokens: usize, sampling: SamplingParams, eos_ids: Vec<u32>) -> Self {
-        Self { max_tokens, sampling, eos_ids, stop_strings: vec![], keep_prompt_logits: false, interrupt: None }
+        Self {
+            max_tokens,
+            sampling,
+            eos_ids,
+            stop_strings: vec![],
+            keep_prompt_logits: false,
+            prefill_chunk: None,
+            interrupt: None,
+        }
     }
 }
 
@@ -70,7 +81,7 @@ impl Generation {
 fn next_token(logits: &Tensor, sampler: &mut Sampler, history: &[u32]) -> Result<u32> {
     let p = sampler.params();
     if p.is_greedy() && p.repeat_penalty == 1.0 {
-        return Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?);
+        return Ok(crate::model::fused::argmax_last(logits)?.to_scalar::<u32>()?);
     }
     let mut l = logits.to_vec1::<f32>()?;
     sampler.penalize(&mut l, history);
@@ -119,13 +130,21 @@ pub fn generate(
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut history: Vec<u32> = prompt.to_vec();
     let start = Instant::now();
-    let input = model.input(prompt)?;
-    let (last, prompt_logits) = if params.keep_prompt_logits {
-        let all = model.forward(&input, cache)?.squeeze(0)?;
-        (all.get(prompt.len() - 1)?, Some(all))
-    } else {
-        (model.forward_last(&input, cache)?.squeeze(0)?, None)
-    };
+    let chunk = params.prefill_chunk.unwrap_or(prompt.len()).max(1);
+    let mut kept = vec![];
+    let mut last = None;
+    for piece in prompt.chunks(chunk) {
+        let input = model.input(piece)?;
+        if params.keep_prompt_logits {
+            let all = model.forward(&input, cache)?.squeeze(0)?;
+            last = Some(all.get(piece.len() - 1)?);
+            kept.push(all);
+        } else {
+            last = Some(model.forward_last(&input, cache)?.squeeze(0)?);
+        }
+    }
+    let last = last.expect("the prompt is not empty");
+    let prompt_logits = if params.keep_prompt_logits { Some(Tensor::cat(&kept, 0)?) } else { None };
     if params.max_tokens == 0 {
         let prefill_seconds = start.elapsed().as_secs_f64();
         return Ok(Generation {

@@ -91,34 +91,70 @@ impl KvCache {
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, h, t, d) = k.dims4()?;
         let needed = self.len + t;
+        self.grow(layer, needed, (b, h, d), k.dtype(), k.device())?;
+        let c = self.layers[layer].as_ref().expect("allocated by grow");
+        c.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        c.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((c.k.narrow(2, 0, needed)?, c.v.narrow(2, 0, needed)?))
+    }
+
+    /// Make room in every layer for `extra` more tokens (`[1, kv_heads, capacity, head_dim]` buffers), for
+    /// kernels that write the cache in place instead of going through `append`.
+    pub fn reserve(
+        &mut self,
+        extra: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        let needed = self.len + extra;
+        for layer in 0..self.layers.len() {
+            self.grow(layer, needed, (1, kv_heads, head_dim), dtype, device)?;
+        }
+        Ok(())
+    }
+
+    /// A layer's whole key and value buffers (`[b, kv_heads, capacity, head_dim]`), once allocated.
+    pub fn layer_buffers(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(layer)?.as_ref().map(|c| (&c.k, &c.v))
+    }
+
+    /// Allocate or enlarge (doubling) `layer`'s buffers so that `needed` tokens fit, keeping the cached ones.
+    fn grow(
+        &mut self,
+        layer: usize,
+        needed: usize,
+        (b, h, d): (usize, usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
         if needed > self.max_len {
-            self.check_room(t)?;
+            self.check_room(needed - self.len)?;
         }
         let slot = &mut self.layers[layer];
         let capacity = match slot.as_ref() {
             Some(c) => c.k.dim(2)?,
             None => 0,
         };
-        if needed > capacity {
-            let mut new_cap = capacity.max(self.initial_capacity);
-            while new_cap < needed {
-                new_cap *= 2;
-            }
-            let new_cap = new_cap.min(self.max_len);
-            let nk = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
-            if let Some(old) = slot.as_ref() {
-                if self.len > 0 {
-                    nk.slice_set(&old.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    nv.slice_set(&old.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                }
-            }
-            *slot = Some(LayerCache { k: nk, v: nv });
+        if needed <= capacity {
+            return Ok(());
         }
-        let c = slot.as_ref().expect("allocated above");
-        c.k.slice_set(&k.contiguous()?, 2, self.len)?;
-        c.v.slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((c.k.narrow(2, 0, needed)?, c.v.narrow(2, 0, needed)?))
+        let mut new_cap = capacity.max(self.initial_capacity);
+        while new_cap < needed {
+            new_cap *= 2;
+        }
+        let new_cap = new_cap.min(self.max_len);
+        let nk = Tensor::zeros((b, h, new_cap, d), dtype, device)?;
+        let nv = Tensor::zeros((b, h, new_cap, d), dtype, device)?;
+        if let Some(old) = slot.as_ref() {
+            if self.len > 0 {
+                nk.slice_set(&old.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&old.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+        }
+        *slot = Some(LayerCache { k: nk, v: nv });
+        Ok(())
     }
 
     /// Move the write position forward after every layer appended `t` tokens.
@@ -154,6 +190,25 @@ mod tests {
         let k = Tensor::full(9f32, (1, 1, 1, 2), &dev)?;
         let (ks, _) = c.append(0, &k, &k)?;
         assert_eq!(ks.flatten_all()?.to_vec1::<f32>()?, vec![0., 0., 1., 1., 9., 9.]);
+        Ok(())
+    }
+
+    #[test]
+    fn reserve_makes_room_in_every_layer_and_keeps_tokens() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(2, 100).with_capacity(2);
+        for l in 0..2 {
+            let k = Tensor::full(l as f32 + 1.0, (1, 3, 2, 4), &dev)?;
+            c.append(l, &k, &k)?;
+        }
+        c.advance(2);
+        c.reserve(5, 3, 4, DType::F32, &dev)?;
+        for l in 0..2 {
+            let (k, _) = c.layer_buffers(l).unwrap();
+            assert!(k.dim(2)? >= 7, "capacity {}", k.dim(2)?);
+            assert_eq!(k.narrow(2, 0, 2)?.flatten_all()?.to_vec1::<f32>()?, vec![l as f32 + 1.0; 24]);
+        }
+        assert!(c.reserve(99, 3, 4, DType::F32, &dev).is_err(), "past the context window");
         Ok(())
     }
 

@@ -3,11 +3,24 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
+/// A CUDA device with its own stream, on which all of its work runs (candle's ops, our kernels and decode
+/// graphs): ordering comes from the stream, so candle's per-tensor event tracking (for sharing tensors across
+/// streams) is switched off — it cost host time on every op.
+fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
+    let d = Device::new_cuda_with_stream(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        // SAFETY: every tensor of this device is created and used on its single stream.
+        unsafe { c.disable_event_tracking() };
+    }
+    Ok(d)
+}
+
 pub fn select_device(spec: Option<&str>) -> Result<Device> {
     match spec.map(|s| s.trim().to_ascii_lowercase()) {
         None => {
             if candle_core::utils::cuda_is_available() {
-                if let Ok(d) = Device::new_cuda(0) {
+                if let Ok(d) = open_cuda(0) {
                     return Ok(d);
                 }
             }
@@ -27,7 +40,7 @@ pub fn select_device(spec: Option<&str>) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {s}: this build has no CUDA support (rebuild with `--features cuda`)");
             }
-            Device::new_cuda(ordinal).with_context(|| format!("--device {s}: cannot open CUDA device {ordinal}"))
+            open_cuda(ordinal).with_context(|| format!("--device {s}: cannot open CUDA device {ordinal}"))
         }
         Some(s) if s == "metal" => {
             if !candle_core::utils::metal_is_available() {

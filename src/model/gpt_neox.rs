@@ -4,7 +4,7 @@
 use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::layers::{
-    activation, attention, causal_mask, named_linears, select_positions, Embedding, Norm, Ops, Rotary,
+    activation, attention, causal_mask_for, named_linears, select_positions, Embedding, Norm, Ops, Rotary,
 };
 use super::linear::Linear;
 use super::weights::Weights;
@@ -65,7 +65,7 @@ impl GptNeoX {
         let offset = cache.len();
         cache.check_room(t)?;
         let mut x = self.embed.forward(ids)?;
-        let mask = if t > 1 { Some(causal_mask(t, offset, x.dtype(), x.device())?) } else { None };
+        let mask = causal_mask_for(t, offset, &x, ops)?;
         let (nh, hd) = (self.cfg.num_heads, self.cfg.head_dim);
         for (i, blk) in self.blocks.iter().enumerate() {
             let hs = blk.input_norm.forward(&x, ops)?;

@@ -77,6 +77,7 @@ impl Embedding {
 pub fn gated(gate: &Tensor, up: &Tensor, act: Activation, ops: Ops) -> Result<Tensor> {
     match (act, ops) {
         (Activation::Silu, Ops::Differentiable) => super::autograd::swiglu(gate, up),
+        (Activation::Silu, Ops::Fused) => super::fused::swiglu(gate, up),
         _ => activation(gate, act)? * up,
     }
 }
@@ -149,6 +150,16 @@ impl Rotary {
             device: device.clone(),
             table: Mutex::new(table),
         })
+    }
+
+    /// Rotation frequencies (after any rope scaling), one per rotated pair.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Pairs are adjacent dims (GGUF llama order) rather than the two halves of the head.
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
     }
 
     fn build(inv_freq: &[f32], len: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<[Tensor; 4]> {
@@ -237,10 +248,20 @@ pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Re
     Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)
 }
 
+/// The mask tensor for `t` new tokens over `x`'s device, or `None` where `attention` needs none: a single
+/// token, or fused ops on CUDA (whose softmax kernel masks as it goes).
+pub fn causal_mask_for(t: usize, offset: usize, x: &Tensor, ops: Ops) -> Result<Option<Tensor>> {
+    if t == 1 || (ops == Ops::Fused && x.device().is_cuda()) {
+        return Ok(None);
+    }
+    Ok(Some(causal_mask(t, offset, x.dtype(), x.device())?))
+}
+
 /// Scaled dot-product attention over the cache, with grouped-query heads handled by reshaping the queries
 /// (no copies of K/V per query head).
 /// `q`: `[b, heads, t, d]` from `Rotary::apply_query` (rotated, and with fused ops scaled by 1/√d), `k`/`v`:
-/// `[b, kv_heads, t, d]` for the new tokens; `mask` in the compute dtype.
+/// `[b, kv_heads, t, d]` for the new tokens; `mask` in the compute dtype, from `causal_mask_for` (attention is
+/// causal whenever `t > 1`).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -273,16 +294,16 @@ pub fn attention(
             // in f32 — casting around it only added two kernels per layer.
             let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
             let scores = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
-            let scores = match mask {
-                Some(m) => scores.reshape((b, kv_heads, groups, t, total))?.broadcast_add(m)?.reshape((
-                    b,
-                    kv_heads,
-                    groups * t,
-                    total,
-                ))?,
-                None => scores,
+            let probs = match mask {
+                // The CUDA kernel masks while it normalises: no mask tensor, no broadcast add.
+                _ if t > 1 && scores.device().is_cuda() => super::fused::causal_softmax(&scores, t, prev)?,
+                Some(m) => {
+                    let s = scores.reshape((b, kv_heads, groups, t, total))?.broadcast_add(m)?;
+                    candle_nn::ops::softmax_last_dim(&s.reshape((b, kv_heads, groups * t, total))?)?
+                }
+                None => candle_nn::ops::softmax_last_dim(&scores)?,
             };
-            let out = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v_all)?;
+            let out = probs.matmul(&v_all)?;
             out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
         }
         Ops::Differentiable => {

@@ -3,8 +3,9 @@
 
 use super::cache::KvCache;
 use super::config::ModelConfig;
+use super::graph_decode::{GraphSlot, LlamaParts};
 use super::layers::{
-    attention, causal_mask, gated, named_linears, select_positions, split_heads, Embedding, Norm, Ops, Rotary,
+    attention, causal_mask_for, gated, named_linears, select_positions, split_heads, Embedding, Norm, Ops, Rotary,
 };
 use super::linear::Linear;
 use super::weights::Weights;
@@ -32,6 +33,8 @@ pub struct Llama {
     norm: Norm,
     lm_head: Linear,
     rotary: Rotary,
+    /// The CUDA-graph decode step, built on first use.
+    graph: GraphSlot,
 }
 
 impl Llama {
@@ -57,7 +60,7 @@ impl Llama {
         let norm = w.rms_norm("model.norm", h, cfg.norm_eps)?;
         let lm_head = w.lm_head("lm_head", &embed, cfg.vocab_size, h, cfg.tie_word_embeddings)?;
         let rotary = Rotary::new(cfg, w.dtype, &w.device)?;
-        Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, rotary })
+        Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, rotary, graph: GraphSlot::default() })
     }
 
     pub fn forward(
@@ -67,11 +70,16 @@ impl Llama {
         all_logits: bool,
         ops: Ops,
     ) -> candle_core::Result<Tensor> {
-        let (_b, t) = ids.dims2()?;
+        let (batch, t) = ids.dims2()?;
         let offset = cache.len();
         cache.check_room(t)?;
         let mut x = self.embed.forward(ids)?;
-        let mask = if t > 1 { Some(causal_mask(t, offset, x.dtype(), x.device())?) } else { None };
+        if t == 1 && batch == 1 && ops == Ops::Fused && x.device().is_cuda() {
+            if let Some(logits) = self.graph.step(|| self.graph_parts(), &x, cache)? {
+                return Ok(logits);
+            }
+        }
+        let mask = causal_mask_for(t, offset, &x, ops)?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         for (i, blk) in self.blocks.iter().enumerate() {
             let hs = blk.attn_norm.forward(&x, ops)?;
@@ -89,7 +97,24 @@ impl Llama {
         self.lm_head.forward(&x)
     }
 
+    fn graph_parts(&self) -> LlamaParts<'_> {
+        LlamaParts {
+            cfg: &self.cfg,
+            layers: self
+                .blocks
+                .iter()
+                .map(|b| (&b.attn_norm, [&b.q, &b.k, &b.v, &b.o], &b.mlp_norm, [&b.gate, &b.up, &b.down]))
+                .collect(),
+            final_norm: &self.norm,
+            lm_head: &self.lm_head,
+            inv_freq: self.rotary.inv_freq(),
+            interleaved: self.rotary.interleaved(),
+        }
+    }
+
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        // Adapters may be attached or weights replaced: the decode graph must be rebuilt.
+        self.graph.reset();
         named_linears("model.layers", &mut self.blocks, |b| {
             vec![
                 ("self_attn.q_proj", &mut b.q),

@@ -1,0 +1,267 @@
+//! Fused ops of the inference path with our own CUDA kernels (`kernels/kernels.cu`); on other devices (or
+//! shapes the kernels don't take) each falls back to the composition of candle ops it replaces.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
+
+/// `softmax(scores + causal mask)` over the last dim: `scores` `[.., rows, total]` where each group of `t`
+/// rows are the queries of `t` new tokens after `offset` cached ones (`total = offset + t`); query `i` may
+/// attend to columns `0..=offset + i`. The CPU path builds the mask, like the reference.
+pub fn causal_softmax(scores: &Tensor, t: usize, offset: usize) -> Result<Tensor> {
+    if scores.device().is_cuda() && scores.is_contiguous() {
+        return scores.apply_op1_no_bwd(&CausalSoftmax { t, offset });
+    }
+    let total = scores.dim(D::Minus1)?;
+    let rows = scores.elem_count() / total;
+    let mask = super::layers::causal_mask(t, offset, scores.dtype(), scores.device())?;
+    let shape = scores.shape().clone();
+    let s = scores.reshape((rows / t, t, total))?.broadcast_add(&mask)?;
+    candle_nn::ops::softmax_last_dim(&s)?.reshape(shape)
+}
+
+/// `silu(gate) * up` in one kernel on CUDA.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.device().is_cuda() && gate.is_contiguous() && up.is_contiguous() && gate.shape() == up.shape() {
+        return gate.apply_op2_no_bwd(up, &SwiGlu);
+    }
+    candle_nn::ops::silu(gate)? * up
+}
+
+/// Index of the largest value along the last dim (u32), one kernel on CUDA (candle's argmax reduction is a
+/// visible share of a fast decode step).
+pub fn argmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cuda() && x.is_contiguous() && x.dtype() == candle_core::DType::F32 {
+        return x.apply_op1_no_bwd(&ArgmaxLast);
+    }
+    x.argmax(D::Minus1)
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct CausalSoftmax {
+    t: usize,
+    offset: usize,
+}
+
+struct SwiGlu;
+
+struct ArgmaxLast;
+
+fn cpu_unused(name: &str) -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("{name}: the CPU path does not use this op")
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unused(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::cuda_backend::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let total = *l.dims().last().expect("scores have a last dim");
+        let rows = l.shape().elem_count() / total;
+        if self.offset + self.t != total || !rows.is_multiple_of(self.t) {
+            candle_core::bail!(
+                "causal-softmax: {rows} x {total} scores for {} new tokens after {}",
+                self.t,
+                self.offset
+            );
+        }
+        let cfg = cuda::grid_for_warps(rows);
+        let args = [rows as i32, total as i32, self.t as i32, self.offset as i32];
+        Ok((cuda::unary(s, l, "causal_softmax", cfg, &args)?, l.shape().clone()))
+    }
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unused(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        g: &candle_core::cuda_backend::CudaStorage,
+        gl: &Layout,
+        u: &candle_core::cuda_backend::CudaStorage,
+        ul: &Layout,
+    ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        Ok((cuda::swiglu(g, gl, u, ul)?, gl.shape().clone()))
+    }
+}
+
+impl CustomOp1 for ArgmaxLast {
+    fn name(&self) -> &'static str {
+        "argmax-last"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unused(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::cuda_backend::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let dims = l.dims();
+        let n = *dims.last().expect("argmax over a last dim");
+        let out_shape: Shape = dims[..dims.len() - 1].into();
+        Ok((cuda::argmax(s, l, n)?, out_shape))
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+    use candle_core::{DType, Layout, Result};
+    use half::{bf16, f16};
+
+    /// Our kernels, compiled to PTX by build.rs.
+    pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+    pub const MODULE: &str = "billion_kernels";
+
+    /// One warp per row, 8 warps per block.
+    pub fn grid_for_warps(rows: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((rows as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn suffix(dt: DType) -> Result<&'static str> {
+        Ok(match dt {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            dt => candle_core::bail!("no fused CUDA kernel for {dt:?}"),
+        })
+    }
+
+    fn wrap(dev: &CudaDevice, s: CudaStorageSlice) -> CudaStorage {
+        CudaStorage { slice: s, device: dev.clone() }
+    }
+
+    /// Same-shape unary kernel `name_{dtype}(x, y, args...)` over a contiguous input.
+    pub fn unary(s: &CudaStorage, l: &Layout, name: &str, cfg: LaunchConfig, args: &[i32]) -> Result<CudaStorage> {
+        let dev = s.device();
+        let n = l.shape().elem_count();
+        let (o1, o2) =
+            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{name}: input not contiguous")))?;
+        let f = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(s.dtype())?), MODULE, PTX)?;
+        macro_rules! run {
+            ($t:ty, $x:expr, $variant:ident) => {{
+                let x = $x.slice(o1..o2);
+                // SAFETY: the kernel writes every element of `y`.
+                let y: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
+                let mut b = f.builder();
+                b.arg(&x).arg(&y);
+                for a in args {
+                    b.arg(a);
+                }
+                unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+                wrap(dev, CudaStorageSlice::$variant(y))
+            }};
+        }
+        Ok(match &s.slice {
+            CudaStorageSlice::F32(x) => run!(f32, x, F32),
+            CudaStorageSlice::BF16(x) => run!(bf16, x, BF16),
+            CudaStorageSlice::F16(x) => run!(f16, x, F16),
+            _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
+        })
+    }
+
+    pub fn swiglu(g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout) -> Result<CudaStorage> {
+        let dev = g.device();
+        let n = gl.shape().elem_count();
+        let bad = || candle_core::Error::Msg("swiglu: inputs not contiguous".into());
+        let (g1, g2) = gl.contiguous_offsets().ok_or_else(bad)?;
+        let (u1, u2) = ul.contiguous_offsets().ok_or_else(bad)?;
+        let f = dev.get_or_load_custom_func(&format!("swiglu_{}", suffix(g.dtype())?), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(256).clamp(1, 65535), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n64 = n as u64;
+        macro_rules! run {
+            ($t:ty, $g:expr, $u:expr, $variant:ident) => {{
+                let (gv, uv) = ($g.slice(g1..g2), $u.slice(u1..u2));
+                // SAFETY: the kernel writes every element of `y`.
+                let y: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
+                let mut b = f.builder();
+                b.arg(&gv).arg(&uv).arg(&y).arg(&n64);
+                unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+                wrap(dev, CudaStorageSlice::$variant(y))
+            }};
+        }
+        Ok(match (&g.slice, &u.slice) {
+            (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => run!(f32, a, b, F32),
+            (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => run!(bf16, a, b, BF16),
+            (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => run!(f16, a, b, F16),
+            _ => candle_core::bail!("swiglu: unsupported or mismatched dtypes"),
+        })
+    }
+
+    pub fn argmax(s: &CudaStorage, l: &Layout, n: usize) -> Result<CudaStorage> {
+        let dev = s.device();
+        let rows = l.shape().elem_count() / n.max(1);
+        let (o1, o2) =
+            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("argmax: input not contiguous".into()))?;
+        let CudaStorageSlice::F32(x) = &s.slice else { candle_core::bail!("argmax: expected f32") };
+        let f = dev.get_or_load_custom_func("argmax_f32", MODULE, PTX)?;
+        let x = x.slice(o1..o2);
+        // SAFETY: one block per row writes each element of `y`.
+        let y: CudaSlice<u32> = unsafe { dev.alloc::<u32>(rows)? };
+        let n32 = n as i32;
+        let mut b = f.builder();
+        b.arg(&x).arg(&y).arg(&n32);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        Ok(wrap(dev, CudaStorageSlice::U32(y)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn causal_softmax_masks_each_query_at_its_position() -> Result<()> {
+        // 2 heads x 3 new tokens after 2 cached ones: query i sees columns 0..=2+i.
+        let scores = Tensor::randn(0f32, 1.0, (1, 2, 3, 5), &Device::Cpu)?;
+        let p = causal_softmax(&scores, 3, 2)?;
+        let v = p.flatten_all()?.to_vec1::<f32>()?;
+        for h in 0..2 {
+            for i in 0..3 {
+                let row = &v[(h * 3 + i) * 5..(h * 3 + i + 1) * 5];
+                assert!(row[3 + i..].iter().all(|&x| x == 0.0), "row {i}: {row:?}");
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            }
+        }
+        assert_eq!(p.dtype(), DType::F32);
+        Ok(())
+    }
+
+    #[test]
+    fn cpu_fallbacks_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let g = Tensor::randn(0f32, 1.0, (2, 7), &dev)?;
+        let u = Tensor::randn(0f32, 1.0, (2, 7), &dev)?;
+        let want = (candle_nn::ops::silu(&g)? * &u)?;
+        assert_eq!(swiglu(&g, &u)?.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+        assert_eq!(argmax_last(&g)?.to_vec1::<u32>()?, g.argmax(D::Minus1)?.to_vec1::<u32>()?);
+        Ok(())
+    }
+}

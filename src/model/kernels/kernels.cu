@@ -1,0 +1,730 @@
+// Our CUDA kernels: the decode step (below) and a few fused ops of the prefill path (at the end).
+//
+// The decode step (one token, batch 1) is captured once into a CUDA graph and replayed.
+// Per layer: [RMSNorm + QKV matvec] -> [rope + KV write + attention over the cache] -> (split combine)
+// -> [O matvec + residual] -> [RMSNorm + gate/up matvec + SwiGLU] -> [down matvec + residual].
+// The residual stream stays in f32; matvec inputs are rounded to bf16 like the bf16 model's activations.
+// The position comes from device memory, so one captured graph serves every step.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define WARPS 8
+#define THREADS (WARPS * 32)
+// Matvec blocks resident per SM (caps registers at 64K / (4 * 256) = 64 per thread); the host sizes the
+// persistent grid as SMs x this. Measured on an H200 against 2 blocks with twice the loads in flight per warp
+// (and 1, 6 and 8 blocks): more warps, each with fewer loads, stream large matrices fastest.
+#define MV_BLOCKS_PER_SM 4
+// The quantized dot products unpack into more registers.
+#define MV_QUANT_BLOCKS_PER_SM 2
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = 0.f;
+    for (int i = 0; i < (int)(blockDim.x >> 5); i++) t += red[i];
+    __syncthreads();
+    return t;
+}
+
+// Programmatic dependent launch (sm_90+): a kernel may start while its predecessor finishes; it only
+// prefetches weights (never written) until `pdl_wait` returns, which is after the predecessor completed.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+// Weights are read once per step: keep them out of L1.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float2 bf2_to_f2(uint32_t v) {
+    __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162*>(&v);
+    return __bfloat1622float2(b);
+}
+
+// 8 bf16 weights · 8 bf16 inputs
+__device__ __forceinline__ float dot8_bf16(uint4 w, uint4 x) {
+    float2 a, b;
+    float s = 0.f;
+    a = bf2_to_f2(w.x); b = bf2_to_f2(x.x); s = fmaf(a.x, b.x, s); s = fmaf(a.y, b.y, s);
+    a = bf2_to_f2(w.y); b = bf2_to_f2(x.y); s = fmaf(a.x, b.x, s); s = fmaf(a.y, b.y, s);
+    a = bf2_to_f2(w.z); b = bf2_to_f2(x.z); s = fmaf(a.x, b.x, s); s = fmaf(a.y, b.y, s);
+    a = bf2_to_f2(w.w); b = bf2_to_f2(x.w); s = fmaf(a.x, b.x, s); s = fmaf(a.y, b.y, s);
+    return s;
+}
+
+// 8 bf16 inputs as floats
+__device__ __forceinline__ void unpack8(uint4 x, float* f) {
+    float2 t;
+    t = bf2_to_f2(x.x); f[0] = t.x; f[1] = t.y;
+    t = bf2_to_f2(x.y); f[2] = t.x; f[3] = t.y;
+    t = bf2_to_f2(x.z); f[4] = t.x; f[5] = t.y;
+    t = bf2_to_f2(x.w); f[6] = t.x; f[7] = t.y;
+}
+
+// ---- one row · x, per weight format (whole warp; result valid in every lane) ----
+
+// bf16 rows of K (K % 8 == 0), 16-byte aligned, NR rows at once (gate and up share one pass). Each lane
+// keeps 8 vectors of 8 weights in flight per chunk; the first chunk can be loaded before the kernel waits
+// for its input.
+template <int NR, int DEPTH>
+struct Bf16Chunk {
+    uint4 v[NR][DEPTH / NR];
+};
+
+template <int NR, int DEPTH>
+__device__ __forceinline__ void bf16_load(const uint8_t* const* rows, int c, int n, Bf16Chunk<NR, DEPTH>& ch) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < NR; r++)
+#pragma unroll
+        for (int u = 0; u < DEPTH / NR; u++) {
+            int idx = c + lane + 32 * u;
+            ch.v[r][u] = idx < n ? ld_stream(reinterpret_cast<const uint4*>(rows[r]) + idx) : make_uint4(0, 0, 0, 0);
+        }
+}
+
+template <int NR, int DEPTH>
+__device__ __forceinline__ void bf16_use(const Bf16Chunk<NR, DEPTH>& ch, const uint4* x, int c, int n, float* s) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < DEPTH / NR; u++) {
+        int idx = c + lane + 32 * u;
+        if (idx < n) {
+            uint4 xv = x[idx];
+#pragma unroll
+            for (int r = 0; r < NR; r++) s[r] += dot8_bf16(ch.v[r][u], xv);
+        }
+    }
+}
+
+// GGUF Q8_0: blocks of {f16 d; int8 q[32]} (34 bytes). Four lanes share a block, eight weights each.
+__device__ __forceinline__ float q8_0_part(const uint8_t* row, const bf16* xs, int b, int part) {
+    const uint8_t* blk = row + b * 34;
+    float d = __half2float(*reinterpret_cast<const __half*>(blk));
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(blk + 2 + part * 8);
+    uint16_t q0 = __ldg(q), q1 = __ldg(q + 1), q2 = __ldg(q + 2), q3 = __ldg(q + 3);
+    float xf[8];
+    unpack8(reinterpret_cast<const uint4*>(xs)[b * 4 + part], xf);
+    float s = (float)(int8_t)(q0 & 0xff) * xf[0] + (float)(int8_t)(q0 >> 8) * xf[1] +
+              (float)(int8_t)(q1 & 0xff) * xf[2] + (float)(int8_t)(q1 >> 8) * xf[3] +
+              (float)(int8_t)(q2 & 0xff) * xf[4] + (float)(int8_t)(q2 >> 8) * xf[5] +
+              (float)(int8_t)(q3 & 0xff) * xf[6] + (float)(int8_t)(q3 >> 8) * xf[7];
+    return d * s;
+}
+
+__device__ __forceinline__ float row_dot_q8_0(const uint8_t* row, const bf16* xs, int K) {
+    int lane = threadIdx.x & 31;
+    int nb = K >> 5, part = lane & 3;
+    float s = 0.f;
+    int b = lane >> 2;
+    for (; b + 24 < nb; b += 32)
+        s += q8_0_part(row, xs, b, part) + q8_0_part(row, xs, b + 8, part) + q8_0_part(row, xs, b + 16, part) +
+             q8_0_part(row, xs, b + 24, part);
+    for (; b < nb; b += 8) s += q8_0_part(row, xs, b, part);
+    return warp_sum(s);
+}
+
+// GGUF Q4_K: super-blocks of 256 weights {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]} (144 bytes), eight
+// sub-blocks of 32 with 6-bit scales and mins. Eight lanes share a super-block: lane p takes qs bytes
+// [16p, 16p+16), whose low nibbles are weights 64j + 16h + l and high nibbles 64j + 32 + 16h + l (j = p/2, h = p%2).
+__device__ __forceinline__ void q4k_scale_min(int j, const uint8_t* q, float& sc, float& m) {
+    if (j < 4) {
+        sc = (float)(q[j] & 63);
+        m = (float)(q[j + 4] & 63);
+    } else {
+        sc = (float)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        m = (float)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+__device__ __forceinline__ float q4k_part(const uint8_t* row, const bf16* xs, int b, int p) {
+    const uint8_t* blk = row + b * 144;
+    float d = __half2float(*reinterpret_cast<const __half*>(blk));
+    float dmin = __half2float(*reinterpret_cast<const __half*>(blk + 2));
+    const uint8_t* scales = blk + 4;
+    uint4 qv = __ldg(reinterpret_cast<const uint4*>(blk + 16 + p * 16));
+    int j = p >> 1, h = p & 1;
+    float sc1, m1, sc2, m2;
+    q4k_scale_min(2 * j, scales, sc1, m1);
+    q4k_scale_min(2 * j + 1, scales, sc2, m2);
+    const uint4* x = reinterpret_cast<const uint4*>(xs + b * 256);
+    int lo = (64 * j + 16 * h) >> 3, hi = (64 * j + 32 + 16 * h) >> 3;
+    float xl[16], xh[16];
+    unpack8(x[lo], xl);
+    unpack8(x[lo + 1], xl + 8);
+    unpack8(x[hi], xh);
+    unpack8(x[hi + 1], xh + 8);
+    uint32_t words[4] = {qv.x, qv.y, qv.z, qv.w};
+    float sl = 0.f, sh = 0.f, xsl = 0.f, xsh = 0.f;
+#pragma unroll
+    for (int k = 0; k < 16; k++) {
+        uint32_t byte = (words[k >> 2] >> (8 * (k & 3))) & 0xff;
+        sl = fmaf((float)(byte & 0xF), xl[k], sl);
+        sh = fmaf((float)(byte >> 4), xh[k], sh);
+        xsl += xl[k];
+        xsh += xh[k];
+    }
+    return d * (sc1 * sl + sc2 * sh) - dmin * (m1 * xsl + m2 * xsh);
+}
+
+__device__ __forceinline__ float row_dot_q4k(const uint8_t* row, const bf16* xs, int K) {
+    int lane = threadIdx.x & 31;
+    int nb = K >> 8, p = lane & 7;
+    float s = 0.f;
+    int b = lane >> 3;
+    for (; b + 4 < nb; b += 8) s += q4k_part(row, xs, b, p) + q4k_part(row, xs, b + 4, p);
+    for (; b < nb; b += 4) s += q4k_part(row, xs, b, p);
+    return warp_sum(s);
+}
+
+// GGUF Q6_K: super-blocks of 256 weights {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d} (210 bytes), each
+// weight 4 low bits in ql and 2 high bits in qh, minus 32, times d * scales[16 weights]. Eight lanes share a
+// super-block: lane p takes half hf = p/4 and positions l in [8(p%4), 8(p%4)+8) of its four 32-weight groups.
+__device__ __forceinline__ void load8_u16(const uint8_t* p, uint8_t* out) {
+    // 2-byte aligned (a 210-byte block keeps only that): four 16-bit loads
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        uint16_t v = __ldg(q + i);
+        out[2 * i] = v & 0xff;
+        out[2 * i + 1] = v >> 8;
+    }
+}
+
+__device__ __forceinline__ float q6k_part(const uint8_t* row, const bf16* xs, int b, int p) {
+    const uint8_t* blk = row + b * 210;
+    int hf = p >> 2, l0 = 8 * (p & 3);
+    uint8_t a[8], c[8], h[8];
+    load8_u16(blk + 64 * hf + l0, a);
+    load8_u16(blk + 64 * hf + 32 + l0, c);
+    load8_u16(blk + 128 + 32 * hf + l0, h);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * hf;
+    int is = l0 / 16;  // 16 weights share a scale
+    float s0 = sc[is], s1 = sc[is + 2], s2 = sc[is + 4], s3 = sc[is + 6];
+    float d = __half2float(*reinterpret_cast<const __half*>(blk + 208));
+    const uint4* x = reinterpret_cast<const uint4*>(xs + b * 256 + 128 * hf + l0);
+    float x0[8], x1[8], x2[8], x3[8];
+    unpack8(x[0], x0);
+    unpack8(x[4], x1);
+    unpack8(x[8], x2);
+    unpack8(x[12], x3);
+    float g0 = 0.f, g1 = 0.f, g2 = 0.f, g3 = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        g0 = fmaf((float)((int)((a[k] & 0xF) | ((h[k] & 3) << 4)) - 32), x0[k], g0);
+        g1 = fmaf((float)((int)((c[k] & 0xF) | (((h[k] >> 2) & 3) << 4)) - 32), x1[k], g1);
+        g2 = fmaf((float)((int)((a[k] >> 4) | (((h[k] >> 4) & 3) << 4)) - 32), x2[k], g2);
+        g3 = fmaf((float)((int)((c[k] >> 4) | (((h[k] >> 6) & 3) << 4)) - 32), x3[k], g3);
+    }
+    return d * (s0 * g0 + s1 * g1 + s2 * g2 + s3 * g3);
+}
+
+__device__ __forceinline__ float row_dot_q6k(const uint8_t* row, const bf16* xs, int K) {
+    int lane = threadIdx.x & 31;
+    int nb = K >> 8, p = lane & 7;
+    float s = 0.f;
+    int b = lane >> 3;
+    for (; b + 4 < nb; b += 8) s += q6k_part(row, xs, b, p) + q6k_part(row, xs, b + 4, p);
+    for (; b < nb; b += 4) s += q6k_part(row, xs, b, p);
+    return warp_sum(s);
+}
+
+template <int WT>
+__device__ __forceinline__ float row_dot_quant(const uint8_t* row, const bf16* xs, int K) {
+    if (WT == 1) return row_dot_q8_0(row, xs, K);
+    if (WT == 2) return row_dot_q4k(row, xs, K);
+    return row_dot_q6k(row, xs, K);
+}
+
+template <int WT>
+__device__ __forceinline__ size_t row_bytes(int K) {
+    if (WT == 0) return (size_t)K * 2;
+    if (WT == 1) return (size_t)(K >> 5) * 34;
+    if (WT == 2) return (size_t)(K >> 8) * 144;
+    return (size_t)(K >> 8) * 210;
+}
+
+// ---- matvec kernels ----
+// Input: IN_NORM = RMSNorm of the f32 residual `xf` with `norm_w`; otherwise the bf16 vector `xb`.
+// Output: OUT_STORE: outf[row] = y; OUT_RESID: outf[row] += y; OUT_SWIGLU: outb[row] = silu(gate)·up with
+// gate rows from w0 and up rows from w1 (n0 rows each).
+// Rows of w0, w1, w2 are numbered one after the other (QKV in one launch).
+
+#define IN_NORM 0
+#define IN_BF16 1
+#define OUT_STORE 0
+#define OUT_RESID 1
+#define OUT_SWIGLU 2
+
+// Fills xs with the matvec input and returns the scale of the products: for IN_NORM, xs = x * norm_w and the
+// scale is RMSNorm's 1/rms(x), applied to each dot product (one pass over x instead of two).
+template <int IN>
+__device__ __forceinline__ float load_input(bf16* xs, int K, const float* xf, const bf16* xb, const bf16* norm_w,
+                                            float eps, float* red) {
+    if (IN == IN_NORM) {
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < K; i += blockDim.x) {
+            float v = xf[i];
+            ss += v * v;
+            xs[i] = __float2bfloat16(v * __bfloat162float(norm_w[i]));
+        }
+        return rsqrtf(block_sum(ss, red) / (float)K + eps);  // block_sum's barriers publish xs
+    }
+    const uint4* src = reinterpret_cast<const uint4*>(xb);
+    uint4* dst = reinterpret_cast<uint4*>(xs);
+    for (int i = threadIdx.x; i < (K >> 3); i += blockDim.x) dst[i] = src[i];
+    __syncthreads();
+    return 1.f;
+}
+
+// Rows of this launch: a persistent grid (a few blocks per SM) whose warps step through the rows, so the
+// input is loaded and normalised once per block rather than once per eight rows.
+template <int OUT>
+__device__ __forceinline__ bool warp_rows(int row, const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, int n0,
+                                          int n1, int n2, size_t rb, const uint8_t** rows) {
+    if (OUT == OUT_SWIGLU) {
+        if (row >= n0) return false;
+        rows[0] = w0 + row * rb;
+        rows[1] = w1 + row * rb;
+        return true;
+    }
+    if (row < n0) rows[0] = w0 + row * rb;
+    else if (row < n0 + n1) rows[0] = w1 + (row - n0) * rb;
+    else if (row < n0 + n1 + n2) rows[0] = w2 + (row - n0 - n1) * rb;
+    else return false;
+    return true;
+}
+
+template <int OUT>
+__device__ __forceinline__ void store_row(int row, float* y, float scale, float* outf, bf16* outb) {
+    if ((threadIdx.x & 31) != 0) return;
+    y[0] *= scale;
+    if (OUT == OUT_SWIGLU) y[1] *= scale;
+    if (OUT == OUT_SWIGLU) outb[row] = __float2bfloat16(y[0] / (1.f + __expf(-y[0])) * y[1]);
+    else if (OUT == OUT_RESID) outf[row] += y[0];
+    else outf[row] = y[0];
+}
+
+template <int WT, int IN, int OUT, int DEPTH>
+__device__ void matvec(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, int n0, int n1, int n2, int K,
+                       const float* xf, const bf16* xb, const bf16* norm_w, float eps, float* outf, bf16* outb) {
+    constexpr int NR = OUT == OUT_SWIGLU ? 2 : 1;
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ float red[32];
+    bf16* xs = reinterpret_cast<bf16*>(smem);
+    int first = blockIdx.x * WARPS + (threadIdx.x >> 5), stride = gridDim.x * WARPS;
+    size_t rb = row_bytes<WT>(K);
+    const uint8_t* rows[NR];
+    bool have = warp_rows<OUT>(first, w0, w1, w2, n0, n1, n2, rb, rows);
+    // bf16: start streaming the first rows before waiting for the previous kernel (weights never change).
+    constexpr int CH = 32 * (DEPTH / NR);
+    const int n = K >> 3;
+    // Where the chunk after (row, c) is: the next chunk of the row, or the first of the warp's next row.
+    auto next_pos = [&](int row, int c, const uint8_t** cur, int& nrow, int& nc, const uint8_t** nrows) -> bool {
+        nrow = row;
+        nc = c + CH;
+        if (nc < n) {
+#pragma unroll
+            for (int r = 0; r < NR; r++) nrows[r] = cur[r];
+            return true;
+        }
+        nrow = row + stride;
+        nc = 0;
+        return warp_rows<OUT>(nrow, w0, w1, w2, n0, n1, n2, rb, nrows);
+    };
+    // bf16: stream the warp's first two chunks before waiting for the previous kernel (weights never change).
+    Bf16Chunk<NR, DEPTH> ch, other;
+    int row2 = 0, c2 = 0;
+    const uint8_t* rows2[NR];
+    bool have2 = false;
+    if (WT == 0 && have) {
+        bf16_load<NR, DEPTH>(rows, 0, n, ch);
+        have2 = next_pos(first, 0, rows, row2, c2, rows2);
+        if (have2) bf16_load<NR, DEPTH>(rows2, c2, n, other);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    float scale = load_input<IN>(xs, K, xf, xb, norm_w, eps, red);
+    if (!have) return;
+    if (WT != 0) {
+        for (int row = first; have; row += stride) {
+            float y[NR];
+#pragma unroll
+            for (int r = 0; r < NR; r++) y[r] = row_dot_quant<WT>(rows[r], xs, K);
+            store_row<OUT>(row, y, scale, outf, outb);
+            have = warp_rows<OUT>(row + stride, w0, w1, w2, n0, n1, n2, rb, rows);
+        }
+        return;
+    }
+    // One stream of chunks over all of this warp's rows, the next chunk (possibly of the next row) in flight
+    // while one is multiplied, so row boundaries leave no gap in the loads.
+    const uint4* x = reinterpret_cast<const uint4*>(xs);
+    int row = first, c = 0;
+    float acc[NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++) acc[r] = 0.f;
+    bool loaded = have2;  // the chunk after the current one is already in flight
+    // `cur` holds chunk c of `row`; the following chunk goes to (or already is in) `nxt`.
+    auto step = [&](Bf16Chunk<NR, DEPTH>& cur, Bf16Chunk<NR, DEPTH>& nxt) -> bool {
+        int nrow, nc;
+        const uint8_t* nrows[NR];
+        bool more = next_pos(row, c, rows, nrow, nc, nrows);
+        if (more && !loaded) bf16_load<NR, DEPTH>(nrows, nc, n, nxt);
+        loaded = false;
+        bf16_use<NR, DEPTH>(cur, x, c, n, acc);
+        if (nc == 0) {
+            float y[NR];
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                y[r] = warp_sum(acc[r]);
+                acc[r] = 0.f;
+            }
+            store_row<OUT>(row, y, scale, outf, outb);
+        }
+        row = nrow;
+        c = nc;
+#pragma unroll
+        for (int r = 0; r < NR; r++) rows[r] = nrows[r];
+        return more;
+    };
+    while (step(ch, other) && step(other, ch)) {
+    }
+}
+
+// DEPTH: 16-byte weight vectors per lane per chunk (two chunks in flight); BPS: blocks per SM it is built for.
+#define MATVEC_KERNELS(NAME, WT, DEPTH, BPS)                                                                       \
+    extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
+        NAME##_norm_store(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, int n0, int n1, int n2, int K,   \
+                          const float* xf, const bf16* norm_w, float eps, float* out) {                            \
+        matvec<WT, IN_NORM, OUT_STORE, DEPTH>(w0, w1, w2, n0, n1, n2, K, xf, nullptr, norm_w, eps, out, nullptr);   \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
+        NAME##_resid(const uint8_t* w0, int n0, int K, const bf16* xb, float* resid) {                             \
+        matvec<WT, IN_BF16, OUT_RESID, DEPTH>(w0, nullptr, nullptr, n0, 0, 0, K, nullptr, xb, nullptr, 0.f, resid,  \
+                                              nullptr);                                                            \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
+        NAME##_norm_swiglu(const uint8_t* gate, const uint8_t* up, int n, int K, const float* xf,                  \
+                           const bf16* norm_w, float eps, bf16* out) {                                             \
+        matvec<WT, IN_NORM, OUT_SWIGLU, DEPTH>(gate, up, nullptr, n, 0, 0, K, xf, nullptr, norm_w, eps, nullptr,    \
+                                               out);                                                               \
+    }
+
+MATVEC_KERNELS(mv_bf16, 0, 4, MV_BLOCKS_PER_SM)
+MATVEC_KERNELS(mv_q8_0, 1, 4, MV_QUANT_BLOCKS_PER_SM)
+MATVEC_KERNELS(mv_q4k, 2, 4, MV_QUANT_BLOCKS_PER_SM)
+MATVEC_KERNELS(mv_q6k, 3, 4, MV_QUANT_BLOCKS_PER_SM)
+
+// ---- hidden state in: the embedding row (bf16) to the f32 residual stream ----
+extern "C" __global__ void hidden_from_bf16(const bf16* src, float* dst, int n) {
+    pdl_wait();
+    pdl_launch_dependents();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __bfloat162float(src[i]);
+}
+
+// ---- attention over the cache for one new token ----
+// grid (num_heads, splits), ATT_THREADS threads. Block (h, s) covers cached positions
+// [s*ATT_THREADS, min(.., pos+1)), one thread per position; blocks past the current length exit at once.
+// Each block rotates its query head (scaled by 1/sqrt(d)) and the new key of its KV head at *pos; the first
+// block of each KV group writes the new key and value into the cache (bf16, [kv_heads, cap, D]). Other blocks
+// take the new token's key/value from shared memory, so no block reads a cache row this launch writes.
+// With one active split the block writes the head's output; otherwise each writes a partial (max, sum,
+// weighted values) and the last block of the head to finish combines them (no second kernel).
+#define ATT_THREADS 128
+
+template <int D>
+__device__ void attention_decode(const float* qkv, const int* pos_ptr, bf16* kc, bf16* vc, int cap, int nh, int nkv,
+                                 const float* inv_freq, float q_scale, int interleaved, bf16* out, float* part,
+                                 unsigned* done) {
+    constexpr int DG = D / 8;             // 8-dim slices of a head
+    constexpr int PG = ATT_THREADS / DG;  // position groups in the value sum
+    __shared__ float q_s[D], k_s[D], v_s[D];
+    __shared__ float prob[ATT_THREADS];
+    __shared__ float red[32];
+    __shared__ float accs[PG][D];
+    __shared__ bool last;
+    int h = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
+    int groups = nh / nkv, g = h / groups;
+    // The position (set before the graph runs) and the keys/values of earlier steps are final before this
+    // kernel starts: load them, then wait for the QKV matvec.
+    int pos = *pos_ptr;
+    int active = min(nsplit, pos / ATT_THREADS + 1);
+    if (split >= active) {
+        pdl_wait();
+        pdl_launch_dependents();
+        return;
+    }
+    bf16* krow = kc + ((size_t)g * cap) * D;
+    bf16* vrow = vc + ((size_t)g * cap) * D;
+    int start = split * ATT_THREADS, end = min(start + ATT_THREADS, pos + 1);
+    int t = start + threadIdx.x;
+    // Cached keys of this thread's position and this thread's value slices: loads issued before the rotation.
+    uint4 kv[DG];
+    if (t < pos) {
+        const uint4* kr = reinterpret_cast<const uint4*>(krow + (size_t)t * D);
+#pragma unroll
+        for (int j = 0; j < DG; j++) kv[j] = kr[j];
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(vrow + (size_t)t * D));
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    const float* q = qkv + h * D;
+    const float* k = qkv + nh * D + g * D;
+    const float* v = qkv + (nh + nkv) * D + g * D;
+    for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
+        // f32 angle like the reference's table; sincosf is within an ulp of its f64-then-rounded values
+        float c, s;
+        sincosf((float)pos * inv_freq[i], &s, &c);
+        int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + D / 2;
+        q_s[i0] = (q[i0] * c - q[i1] * s) * q_scale;
+        q_s[i1] = (q[i1] * c + q[i0] * s) * q_scale;
+        // keys and values are used at the cache's precision, also for the new token
+        k_s[i0] = __bfloat162float(__float2bfloat16(k[i0] * c - k[i1] * s));
+        k_s[i1] = __bfloat162float(__float2bfloat16(k[i1] * c + k[i0] * s));
+    }
+    for (int i = threadIdx.x; i < D; i += blockDim.x) v_s[i] = __bfloat162float(__float2bfloat16(v[i]));
+    __syncthreads();
+    if (h % groups == 0 && split == 0) {
+        for (int i = threadIdx.x; i < D; i += blockDim.x) {
+            krow[(size_t)pos * D + i] = __float2bfloat16(k_s[i]);
+            vrow[(size_t)pos * D + i] = __float2bfloat16(v_s[i]);
+        }
+    }
+    float sc = -INFINITY;
+    if (t < end) {
+        float a = 0.f;
+        if (t == pos) {
+#pragma unroll 8
+            for (int i = 0; i < D; i++) a = fmaf(q_s[i], k_s[i], a);
+        } else {
+#pragma unroll
+            for (int j = 0; j < DG; j++) {
+                float kf[8];
+                unpack8(kv[j], kf);
+#pragma unroll
+                for (int e = 0; e < 8; e++) a = fmaf(q_s[8 * j + e], kf[e], a);
+            }
+        }
+        sc = a;
+    }
+    // Max and sum of exponentials in one reduction: (m, l) pairs merge as l1 e^(m1-M) + l2 e^(m2-M).
+    float m = sc, l = t < end ? 1.f : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float om = __shfl_xor_sync(0xffffffffu, m, o), ol = __shfl_xor_sync(0xffffffffu, l, o);
+        float mx = fmaxf(m, om);
+        l = (l > 0.f ? l * __expf(m - mx) : 0.f) + (ol > 0.f ? ol * __expf(om - mx) : 0.f);
+        m = mx;
+    }
+    if ((threadIdx.x & 31) == 0) {
+        red[threadIdx.x >> 5] = m;
+        red[16 + (threadIdx.x >> 5)] = l;
+    }
+    __syncthreads();
+    float M = -INFINITY, L = 0.f;
+    for (int w = 0; w < ATT_THREADS / 32; w++) M = fmaxf(M, red[w]);
+    for (int w = 0; w < ATT_THREADS / 32; w++)
+        if (red[16 + w] > 0.f) L += red[16 + w] * __expf(red[w] - M);
+    prob[threadIdx.x] = t < end ? __expf(sc - M) : 0.f;
+    __syncthreads();
+    int dg = threadIdx.x % DG, pg = threadIdx.x / DG;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int cnt = end - start;
+    for (int base = pg; base < cnt; base += 4 * PG) {
+        uint4 vv[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int tt = base + u * PG;
+            vv[u] = (tt < cnt && start + tt != pos) ? reinterpret_cast<const uint4*>(vrow + (size_t)(start + tt) * D)[dg]
+                                                    : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int tt = base + u * PG;
+            if (tt >= cnt) break;
+            float w = prob[tt], vf[8];
+            if (start + tt == pos) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) vf[e] = v_s[8 * dg + e];
+            } else {
+                unpack8(vv[u], vf);
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[e] = fmaf(w, vf[e], acc[e]);
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) accs[pg][8 * dg + e] = acc[e];
+    __syncthreads();
+    if (active == 1) {
+        for (int i = threadIdx.x; i < D; i += blockDim.x) {
+            float A = 0.f;
+            for (int gi = 0; gi < PG; gi++) A += accs[gi][i];
+            out[h * D + i] = __float2bfloat16(A / L);
+        }
+        return;
+    }
+    float* pp = part + ((size_t)h * nsplit + split) * (D + 2);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float A = 0.f;
+        for (int gi = 0; gi < PG; gi++) A += accs[gi][i];
+        pp[2 + i] = A;
+    }
+    if (threadIdx.x == 0) {
+        pp[0] = M;
+        pp[1] = L;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&done[h], 1u) == (unsigned)(active - 1);
+    __syncthreads();
+    if (!last) return;
+    // The head's last block: every partial is written (fenced before each block's count).
+    __threadfence();
+    const float* hp = part + (size_t)h * nsplit * (D + 2);
+    float Mx = -INFINITY;
+    for (int sp = 0; sp < active; sp++) Mx = fmaxf(Mx, __ldcg(hp + sp * (D + 2)));
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float Ls = 0.f, A = 0.f;
+        for (int sp = 0; sp < active; sp++) {
+            float f = __expf(__ldcg(hp + sp * (D + 2)) - Mx);
+            Ls += __ldcg(hp + sp * (D + 2) + 1) * f;
+            A += __ldcg(hp + sp * (D + 2) + 2 + i) * f;
+        }
+        out[h * D + i] = __float2bfloat16(A / Ls);
+    }
+    if (threadIdx.x == 0) done[h] = 0;  // ready for the next layer
+}
+
+#define ATTENTION_KERNEL(D)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                    \
+        attention_decode_##D(const float* qkv, const int* pos, bf16* kc, bf16* vc, int cap, int nh, int nkv,    \
+                             const float* inv_freq, float q_scale, int interleaved, bf16* out, float* part,     \
+                             unsigned* done) {                                                                  \
+        attention_decode<D>(qkv, pos, kc, vc, cap, nh, nkv, inv_freq, q_scale, interleaved, out, part, done);  \
+    }
+
+ATTENTION_KERNEL(64)
+ATTENTION_KERNEL(128)
+ATTENTION_KERNEL(256)
+
+// ---- fused ops of the regular (prefill) forward pass ----
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Softmax over attention scores `[rows, total]` with the causal mask applied on the fly: row r is query
+// r % t of t new tokens after `offset` cached ones, so columns past offset + r % t get probability 0.
+// One warp per row, f32 math (replaces building a mask tensor, a broadcast add and a softmax).
+template <typename T>
+__device__ void causal_softmax(const T* x, T* y, int rows, int total, int t, int offset) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    int limit = min(total, offset + row % t + 1);
+    const T* xr = x + (size_t)row * total;
+    T* yr = y + (size_t)row * total;
+    float m = -INFINITY;
+    for (int j = lane; j < limit; j += 32) m = fmaxf(m, to_f(xr[j]));
+    m = warp_max(m);
+    float s = 0.f;
+    for (int j = lane; j < limit; j += 32) s += expf(to_f(xr[j]) - m);
+    float inv = 1.f / warp_sum(s);
+    for (int j = lane; j < total; j += 32) yr[j] = from_f<T>(j < limit ? expf(to_f(xr[j]) - m) * inv : 0.f);
+}
+
+// silu(gate) * up, elementwise over contiguous tensors.
+template <typename T>
+__device__ void swiglu(const T* g, const T* u, T* y, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float a = to_f(g[i]);
+        y[i] = from_f<T>(a / (1.f + expf(-a)) * to_f(u[i]));
+    }
+}
+
+#define FUSED_OPS(T, NAME)                                                                                          \
+    extern "C" __global__ void causal_softmax_##NAME(const T* x, T* y, int rows, int total, int t, int offset) {  \
+        causal_softmax<T>(x, y, rows, total, t, offset);                                                            \
+    }                                                                                                               \
+    extern "C" __global__ void swiglu_##NAME(const T* g, const T* u, T* y, unsigned long long n) {                 \
+        swiglu<T>(g, u, y, (size_t)n);                                                                              \
+    }
+
+FUSED_OPS(float, f32)
+FUSED_OPS(bf16, bf16)
+FUSED_OPS(__half, f16)
+
+// Index of the largest value of each row of `[rows, n]` f32 (first one on ties), one block per row.
+extern "C" __global__ void argmax_f32(const float* x, unsigned* out, int n) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    const float* xr = x + (size_t)blockIdx.x * n;
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float v = xr[j];
+        if (v > best) {  // strided, so a later j never beats an equal earlier value of this thread
+            best = v;
+            idx = j;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > best || (ov == best && oi < idx)) {
+            best = ov;
+            idx = oi;
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        bv[warp] = best;
+        bi[warp] = idx;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            if (bv[w] > best || (bv[w] == best && bi[w] < idx)) {
+                best = bv[w];
+                idx = bi[w];
+            }
+        out[blockIdx.x] = idx == 0x7fffffff ? 0u : (unsigned)idx;
+    }
+}
