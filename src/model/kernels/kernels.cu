@@ -192,13 +192,16 @@ __device__ __forceinline__ float q4k_part(const uint8_t* row, const bf16* xs, in
     return d * (sc1 * sl + sc2 * sh) - dmin * (m1 * xsl + m2 * xsh);
 }
 
-__device__ __forceinline__ float row_dot_q4k(const uint8_t* row, const bf16* xs, int K) {
+// K-quant rows (256-weight super-blocks, eight lanes each): `PART` is one lane's share of a super-block; two
+// super-blocks per lane are in flight.
+template <float (*PART)(const uint8_t*, const bf16*, int, int)>
+__device__ __forceinline__ float row_dot_k_quant(const uint8_t* row, const bf16* xs, int K) {
     int lane = threadIdx.x & 31;
     int nb = K >> 8, p = lane & 7;
     float s = 0.f;
     int b = lane >> 3;
-    for (; b + 4 < nb; b += 8) s += q4k_part(row, xs, b, p) + q4k_part(row, xs, b + 4, p);
-    for (; b < nb; b += 4) s += q4k_part(row, xs, b, p);
+    for (; b + 4 < nb; b += 8) s += PART(row, xs, b, p) + PART(row, xs, b + 4, p);
+    for (; b < nb; b += 4) s += PART(row, xs, b, p);
     return warp_sum(s);
 }
 
@@ -244,21 +247,11 @@ __device__ __forceinline__ float q6k_part(const uint8_t* row, const bf16* xs, in
     return d * (s0 * g0 + s1 * g1 + s2 * g2 + s3 * g3);
 }
 
-__device__ __forceinline__ float row_dot_q6k(const uint8_t* row, const bf16* xs, int K) {
-    int lane = threadIdx.x & 31;
-    int nb = K >> 8, p = lane & 7;
-    float s = 0.f;
-    int b = lane >> 3;
-    for (; b + 4 < nb; b += 8) s += q6k_part(row, xs, b, p) + q6k_part(row, xs, b + 4, p);
-    for (; b < nb; b += 4) s += q6k_part(row, xs, b, p);
-    return warp_sum(s);
-}
-
 template <int WT>
 __device__ __forceinline__ float row_dot_quant(const uint8_t* row, const bf16* xs, int K) {
     if (WT == 1) return row_dot_q8_0(row, xs, K);
-    if (WT == 2) return row_dot_q4k(row, xs, K);
-    return row_dot_q6k(row, xs, K);
+    if (WT == 2) return row_dot_k_quant<q4k_part>(row, xs, K);
+    return row_dot_k_quant<q6k_part>(row, xs, K);
 }
 
 template <int WT>
