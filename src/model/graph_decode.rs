@@ -1,8 +1,8 @@
 //! The CUDA decode step of llama-family models as one replayed CUDA graph.
 //!
 //! At batch 1 a decode step through candle's ops is ~470 small kernels, each paying host launch work, so
-//! the GPU idles about half the step. Here one token's whole step is six kernels per layer of our own
-//! (`kernels/decode.cu`: RMSNorm fused into the following matrix-vector product, QKV and gate/up each in
+//! the GPU idles about half the step. Here one token's whole step is five kernels per layer of our own
+//! (`kernels/kernels.cu`: RMSNorm fused into the following matrix-vector product, QKV and gate/up each in
 //! one launch, rope + KV-cache write + attention in one, residual adds in the matvec epilogues), captured
 //! once into a CUDA graph and replayed for every token. The position lives in device memory, so the same
 //! graph serves every step; a graph is tied to the KV cache buffers it was captured with and is recaptured

@@ -1,8 +1,8 @@
 // Our CUDA kernels: the decode step (below) and a few fused ops of the prefill path (at the end).
 //
 // The decode step (one token, batch 1) is captured once into a CUDA graph and replayed.
-// Per layer: [RMSNorm + QKV matvec] -> [rope + KV write + attention over the cache] -> (split combine)
-// -> [O matvec + residual] -> [RMSNorm + gate/up matvec + SwiGLU] -> [down matvec + residual].
+// Per layer: [RMSNorm + QKV matvec] -> [rope + KV write + attention over the cache, splits combined by the
+// last block] -> [O matvec + residual] -> [RMSNorm + gate/up matvec + SwiGLU] -> [down matvec + residual].
 // The residual stream stays in f32; matvec inputs are rounded to bf16 like the bf16 model's activations.
 // The position comes from device memory, so one captured graph serves every step.
 
