@@ -3,19 +3,24 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 
-/// `softmax(scores + causal mask)` over the last dim: `scores` `[.., rows, total]` where each group of `t`
-/// rows are the queries of `t` new tokens after `offset` cached ones (`total = offset + t`); query `i` may
-/// attend to columns `0..=offset + i`. The CPU path builds the mask, like the reference.
-pub fn causal_softmax(scores: &Tensor, t: usize, offset: usize) -> Result<Tensor> {
-    if scores.device().is_cuda() && scores.is_contiguous() {
-        return scores.apply_op1_no_bwd(&CausalSoftmax { t, offset });
+/// Attention probabilities: `softmax(scores + causal mask)` over the last dim. `scores` `[.., rows, total]`:
+/// each group of `t` rows are the queries of `t` new tokens after `offset` cached ones (`total = offset + t`);
+/// query `i` may attend to columns `0..=offset + i`. On CUDA (t > 1) our kernel masks while it normalises and
+/// `mask` is not needed; elsewhere `mask` (`[t, total]`, from `layers::causal_mask_for`) is added first, and
+/// without one the scores are a single token's (nothing to mask).
+pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, t: usize, offset: usize) -> Result<Tensor> {
+    if t > 1 && scores.device().is_cuda() {
+        return scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { t, offset });
     }
-    let total = scores.dim(D::Minus1)?;
-    let rows = scores.elem_count() / total;
-    let mask = super::layers::causal_mask(t, offset, scores.dtype(), scores.device())?;
-    let shape = scores.shape().clone();
-    let s = scores.reshape((rows / t, t, total))?.broadcast_add(&mask)?;
-    candle_nn::ops::softmax_last_dim(&s)?.reshape(shape)
+    match mask {
+        Some(m) => {
+            let total = scores.dim(D::Minus1)?;
+            let rows = scores.elem_count() / total;
+            let s = scores.reshape((rows / t, t, total))?.broadcast_add(m)?;
+            candle_nn::ops::softmax_last_dim(&s)?.reshape(scores.shape())
+        }
+        None => candle_nn::ops::softmax_last_dim(scores),
+    }
 }
 
 /// `silu(gate) * up` in one kernel on CUDA.
@@ -238,10 +243,11 @@ mod tests {
     use candle_core::{DType, Device};
 
     #[test]
-    fn causal_softmax_masks_each_query_at_its_position() -> Result<()> {
+    fn masked_softmax_masks_each_query_at_its_position() -> Result<()> {
         // 2 heads x 3 new tokens after 2 cached ones: query i sees columns 0..=2+i.
         let scores = Tensor::randn(0f32, 1.0, (1, 2, 3, 5), &Device::Cpu)?;
-        let p = causal_softmax(&scores, 3, 2)?;
+        let mask = crate::model::layers::causal_mask(3, 2, DType::F32, &Device::Cpu)?;
+        let p = masked_softmax(&scores, Some(&mask), 3, 2)?;
         let v = p.flatten_all()?.to_vec1::<f32>()?;
         for h in 0..2 {
             for i in 0..3 {

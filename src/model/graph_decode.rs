@@ -123,10 +123,9 @@ mod imp {
     /// Matvec blocks per SM (bf16 / quantized weights): the kernels' launch bounds.
     const MV_BLOCKS_PER_SM: u32 = 4;
     const MV_QUANT_BLOCKS_PER_SM: u32 = 2;
+    /// Attention threads per block, one per cached position: a cache of capacity C is read by
+    /// ceil(C / ATT_THREADS) blocks per head (`ATT_THREADS` in the kernels).
     const ATT_THREADS: u32 = 128;
-    /// Cached positions per attention block (one per thread); a cache of capacity C is read by
-    /// ceil(C / CHUNK) blocks per head.
-    const CHUNK: usize = 128;
     /// Graphs kept per model (one per KV cache in use: e.g. a prompt cache and its working copy).
     const MAX_GRAPHS: usize = 4;
 
@@ -243,7 +242,7 @@ mod imp {
 
     fn storage_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
         if !t.is_contiguous() {
-            candle_core::bail!("graph decode: weight is not contiguous");
+            candle_core::bail!("graph decode: tensor is not contiguous");
         }
         let (storage, layout) = t.storage_and_layout();
         let Storage::Cuda(cs) = &*storage else { candle_core::bail!("graph decode: tensor is not on CUDA") };
@@ -468,7 +467,7 @@ mod imp {
             let Ptrs { inv_freq, embedded, residual, qkv, attn, act, logits, pos, done } = self.ptr;
             let eps = F(self.eps);
             let hd = self.head_dim;
-            let splits = capacity.div_ceil(CHUNK) as u32;
+            let splits = capacity.div_ceil(ATT_THREADS as usize) as u32;
             let mv_threads = WARPS * 32;
             // Persistent grid: as many warps as fit (more loads in flight beat an even split of the rows).
             let mv_grid = |m: &Mat, rows: usize| {
@@ -528,7 +527,7 @@ mod imp {
         }
 
         fn capture(&self, key: Vec<u64>) -> Result<Captured> {
-            let splits = (key[0] as usize).div_ceil(CHUNK);
+            let splits = (key[0] as usize).div_ceil(ATT_THREADS as usize);
             let partials = self.device.alloc_zeros::<f32>(self.heads * splits * (self.head_dim + 2))?;
             let s = &self.stream;
             let part = slice_ptr(&partials, s);

@@ -285,7 +285,6 @@ pub fn attention(
             (Tensor::cat(&[&k_all.narrow(2, 0, prev)?, k], 2)?, Tensor::cat(&[&v_all.narrow(2, 0, prev)?, v], 2)?)
         }
     };
-    let total = k_all.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
     match ops {
         Ops::Fused => {
@@ -294,15 +293,7 @@ pub fn attention(
             // in f32 — casting around it only added two kernels per layer.
             let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
             let scores = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
-            let probs = match mask {
-                // The CUDA kernel masks while it normalises: no mask tensor, no broadcast add.
-                _ if t > 1 && scores.device().is_cuda() => super::fused::causal_softmax(&scores, t, prev)?,
-                Some(m) => {
-                    let s = scores.reshape((b, kv_heads, groups, t, total))?.broadcast_add(m)?;
-                    candle_nn::ops::softmax_last_dim(&s.reshape((b, kv_heads, groups * t, total))?)?
-                }
-                None => candle_nn::ops::softmax_last_dim(&scores)?,
-            };
+            let probs = super::fused::masked_softmax(&scores, mask, t, prev)?;
             let out = probs.matmul(&v_all)?;
             out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
         }
