@@ -1,11 +1,11 @@
-//! With `--features cuda`, compiles our CUDA kernels (src/model/kernels/kernels.cu) to PTX with nvcc.
+//! With `--features cuda`, compiles our CUDA kernels (src/ops/kernels/kernels.cu) to PTX with nvcc.
 //! The GPU's driver JIT-compiles the PTX for the card it runs on.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=src/model/kernels/kernels.cu");
+    println!("cargo:rerun-if-changed=src/ops/kernels/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -18,8 +18,8 @@ fn main() {
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), "-o"])
         .arg(&out)
-        .arg("src/model/kernels/kernels.cu")
+        .arg("src/ops/kernels/kernels.cu")
         .status()
         .unwrap_or_else(|e| panic!("cannot run `{nvcc}` to compile the CUDA decode kernels: {e}"));
-    assert!(status.success(), "nvcc failed on src/model/kernels/kernels.cu");
+    assert!(status.success(), "nvcc failed on src/ops/kernels/kernels.cu");
 }

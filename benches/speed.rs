@@ -7,8 +7,9 @@
 
 use anyhow::{bail, Context, Result};
 use billion::bench::speed::measure;
-use billion::model::device::{device_name, dtype_name};
-use billion::model::{load, weights::Quantize, LoadOptions};
+use billion::load::device::{device_name, dtype_name};
+use billion::load::{load, LoadOptions};
+use billion::model::quant::Quantize;
 
 struct Args {
     models: Vec<String>,
@@ -42,8 +43,8 @@ fn parse() -> Result<Args> {
             "-n" | "--gen" => a.gen = value()?.parse().context("-n")?,
             "-r" | "--reps" => a.reps = value()?.parse().context("-r")?,
             "--quantize" => a.quantize = value()?.split(',').map(Quantize::parse).collect::<Result<_>>()?,
-            "--device" => a.opts.device = Some(value()?),
-            "--dtype" => a.opts.dtype = Some(value()?),
+            "--device" => a.opts.device = Some(value()?.parse().map_err(anyhow::Error::msg)?),
+            "--dtype" => a.opts.dtype = Some(billion::load::parse_dtype(&value()?).map_err(anyhow::Error::msg)?),
             "--random-weights" => a.opts.random_weights = true,
             "--json" => a.json = true,
             "--verify" => a.verify = true,

@@ -9,10 +9,11 @@
 
 use anyhow::{bail, Context, Result};
 use billion::finetune::data::Tokenized;
-use billion::finetune::lora::{Lora, LoraConfig};
 use billion::finetune::train::{Hooks, TrainSettings, Trainer, TrainerState};
-use billion::model::device::{device_name, dtype_name};
-use billion::model::{load, weights::Quantize, LoadOptions};
+use billion::load::device::{device_name, dtype_name};
+use billion::load::{load, LoadOptions};
+use billion::model::adapter::{Lora, LoraConfig};
+use billion::model::quant::Quantize;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -33,8 +34,8 @@ fn main() -> Result<()> {
             "--dropout" => dropout = value()?.parse().context("--dropout")?,
             "--targets" => targets = value()?,
             "--quantize" => opts.quantize = Quantize::parse(&value()?)?,
-            "--device" => opts.device = Some(value()?),
-            "--dtype" => opts.dtype = Some(value()?),
+            "--device" => opts.device = Some(value()?.parse().map_err(anyhow::Error::msg)?),
+            "--dtype" => opts.dtype = Some(billion::load::parse_dtype(&value()?).map_err(anyhow::Error::msg)?),
             "--random-weights" => opts.random_weights = true,
             "--bench" => {}
             other => bail!("unknown flag {other}"),

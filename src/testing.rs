@@ -1,12 +1,13 @@
 //! Tiny random models of every architecture, written by our own code (safetensors folders and GGUF
 //! files), for self-contained tests and examples. Weights are seeded, so a seed always gives the same model.
 
-use crate::model::config::{Architecture, ModelConfig};
-use crate::model::gguf::write_gguf;
+use crate::formats::gguf::write_gguf;
+use crate::model::weights::{Init, Weights};
+use crate::model::{Architecture, Model, ModelConfig};
 use anyhow::Result;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -14,110 +15,15 @@ use std::path::Path;
 
 /// config.json for a tiny model of `arch` (hidden 64, 2 layers, 4 heads, vocab `vocab`).
 pub fn tiny_config(arch: Architecture, vocab: usize) -> serde_json::Value {
-    match arch {
-        Architecture::Llama => serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-            "max_position_embeddings": 256, "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2,
-            "hidden_act": "silu"
-        }),
-        Architecture::StableLm => serde_json::json!({
-            "architectures": ["StableLmForCausalLM"], "model_type": "stablelm", "vocab_size": vocab,
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 4, "layer_norm_eps": 1e-5, "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-            "use_qkv_bias": true, "qk_layernorm": true, "use_parallel_residual": false,
-            "max_position_embeddings": 256, "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 0,
-            "hidden_act": "silu"
-        }),
-        Architecture::GptNeoX => serde_json::json!({
-            "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": vocab,
-            "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "layer_norm_eps": 1e-5, "rotary_emb_base": 10000, "rotary_pct": 0.25, "use_parallel_residual": true,
-            "max_position_embeddings": 256, "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 0,
-            "hidden_act": "gelu"
-        }),
-    }
+    (arch.spec().tiny_config)(vocab)
 }
 
-#[derive(Clone, Copy)]
-enum Fill {
-    Matrix,
-    Norm,
-    Bias,
-}
-
-/// Every tensor a Hugging Face checkpoint of this config holds, with its shape.
-fn hf_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Fill)> {
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-    let mut t: Vec<(String, Vec<usize>, Fill)> = vec![];
-    let mut add = |n: String, s: Vec<usize>, f: Fill| t.push((n, s, f));
-    match cfg.architecture {
-        Architecture::Llama | Architecture::StableLm => {
-            let layer_norm = cfg.architecture == Architecture::StableLm;
-            add("model.embed_tokens.weight".into(), vec![v, h], Fill::Matrix);
-            for l in 0..cfg.num_layers {
-                let p = format!("model.layers.{l}");
-                for norm in ["input_layernorm", "post_attention_layernorm"] {
-                    if norm == "post_attention_layernorm" && layer_norm && cfg.parallel_residual {
-                        continue;
-                    }
-                    add(format!("{p}.{norm}.weight"), vec![h], Fill::Norm);
-                    if layer_norm {
-                        add(format!("{p}.{norm}.bias"), vec![h], Fill::Bias);
-                    }
-                }
-                for (n, o) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                    add(format!("{p}.self_attn.{n}.weight"), vec![o, h], Fill::Matrix);
-                    if cfg.attention_bias {
-                        add(format!("{p}.self_attn.{n}.bias"), vec![o], Fill::Bias);
-                    }
-                }
-                add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], Fill::Matrix);
-                if cfg.qk_layernorm {
-                    for hh in 0..cfg.num_heads {
-                        add(format!("{p}.self_attn.q_layernorm.norms.{hh}.weight"), vec![cfg.head_dim], Fill::Norm);
-                    }
-                    for hh in 0..cfg.num_kv_heads {
-                        add(format!("{p}.self_attn.k_layernorm.norms.{hh}.weight"), vec![cfg.head_dim], Fill::Norm);
-                    }
-                }
-                add(format!("{p}.mlp.gate_proj.weight"), vec![i, h], Fill::Matrix);
-                add(format!("{p}.mlp.up_proj.weight"), vec![i, h], Fill::Matrix);
-                add(format!("{p}.mlp.down_proj.weight"), vec![h, i], Fill::Matrix);
-            }
-            add("model.norm.weight".into(), vec![h], Fill::Norm);
-            if layer_norm {
-                add("model.norm.bias".into(), vec![h], Fill::Bias);
-            }
-            if !cfg.tie_word_embeddings {
-                add("lm_head.weight".into(), vec![v, h], Fill::Matrix);
-            }
-        }
-        Architecture::GptNeoX => {
-            add("gpt_neox.embed_in.weight".into(), vec![v, h], Fill::Matrix);
-            for l in 0..cfg.num_layers {
-                let p = format!("gpt_neox.layers.{l}");
-                for norm in ["input_layernorm", "post_attention_layernorm"] {
-                    add(format!("{p}.{norm}.weight"), vec![h], Fill::Norm);
-                    add(format!("{p}.{norm}.bias"), vec![h], Fill::Bias);
-                }
-                add(format!("{p}.attention.query_key_value.weight"), vec![3 * q, h], Fill::Matrix);
-                add(format!("{p}.attention.query_key_value.bias"), vec![3 * q], Fill::Bias);
-                add(format!("{p}.attention.dense.weight"), vec![h, q], Fill::Matrix);
-                add(format!("{p}.attention.dense.bias"), vec![h], Fill::Bias);
-                add(format!("{p}.mlp.dense_h_to_4h.weight"), vec![i, h], Fill::Matrix);
-                add(format!("{p}.mlp.dense_h_to_4h.bias"), vec![i], Fill::Bias);
-                add(format!("{p}.mlp.dense_4h_to_h.weight"), vec![h, i], Fill::Matrix);
-                add(format!("{p}.mlp.dense_4h_to_h.bias"), vec![h], Fill::Bias);
-            }
-            add("gpt_neox.final_layer_norm.weight".into(), vec![h], Fill::Norm);
-            add("gpt_neox.final_layer_norm.bias".into(), vec![h], Fill::Bias);
-            add("embed_out.weight".into(), vec![v, h], Fill::Matrix);
-        }
-    }
-    t
+/// Every tensor a Hugging Face checkpoint of this config holds, with its shape and kind: exactly what the
+/// architecture asks for when it is built from random weights.
+fn hf_tensors(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>, Init)>> {
+    let w = Weights::random(cfg.architecture, DType::F32, &Device::Cpu);
+    Model::build(cfg, &w)?;
+    Ok(w.requested())
 }
 
 fn normal(rng: &mut StdRng, std: f32) -> f32 {
@@ -130,15 +36,15 @@ fn normal(rng: &mut StdRng, std: f32) -> f32 {
 /// Random f32 tensors of every weight of `cfg`, seeded.
 pub fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    hf_tensors(cfg)
+    hf_tensors(cfg)?
         .into_iter()
-        .map(|(name, shape, fill)| {
+        .map(|(name, shape, init)| {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = (0..n)
-                .map(|_| match fill {
-                    Fill::Matrix => normal(&mut rng, 0.1),
-                    Fill::Norm => 0.8 + 0.4 * rng.random::<f32>(),
-                    Fill::Bias => normal(&mut rng, 0.05),
+                .map(|_| match init {
+                    Init::Normal => normal(&mut rng, 0.1),
+                    Init::Ones => 0.8 + 0.4 * rng.random::<f32>(),
+                    Init::Zeros => normal(&mut rng, 0.05),
                 })
                 .collect();
             Ok((name, Tensor::from_vec(data, shape, &Device::Cpu)?))
@@ -221,7 +127,7 @@ pub fn write_llama_gguf_with(
         } else {
             QTensor::quantize(&t, GgmlDType::F32)?
         };
-        let gname = crate::model::weights::gguf_name(arch, &name).expect("llama names map to GGUF");
+        let gname = arch.gguf_name(&name).expect("llama names map to GGUF");
         qtensors.push((gname, q));
     }
     let (tokens, scores, types) = tiny_spm_vocab(cfg.vocab_size);

@@ -3,7 +3,7 @@
 mod common;
 
 use billion::bench::mmlu::{self, Question, Subject};
-use billion::model::{load, LoadOptions};
+use billion::load::{load, LoadOptions};
 use candle_core::D;
 
 #[test]

@@ -109,8 +109,8 @@ fn scripted_multi_turn_remembers_context() {
 #[test]
 fn kv_reuse_equals_fresh_prefill() {
     let Some(model) = smollm2() else { return };
-    let opts = billion::model::LoadOptions { device: Some("cpu".into()), ..Default::default() };
-    let loaded = billion::model::load(model.to_str().unwrap(), &opts).unwrap();
+    let opts = billion::load::LoadOptions { device: Some(billion::load::DeviceSpec::Cpu), ..Default::default() };
+    let loaded = billion::load::load(model.to_str().unwrap(), &opts).unwrap();
     let params = GenerateParams::new(24, SamplingParams::default(), vec![]);
     let questions = ["Name a fruit.", "What color is it?", "Say it again in French."];
     let run = |reuse: bool| {
@@ -249,7 +249,7 @@ fn long_history_drops_oldest_turns_but_keeps_the_system_prompt() {
     let path = dir.path().join("tiny.gguf");
     let cfg = billion::testing::tiny_config(billion::model::config::Architecture::Llama, 320); // context 256
     billion::testing::write_llama_gguf(&path, &cfg, 1, candle_core::quantized::GgmlDType::F32).unwrap();
-    let loaded = billion::model::load(path.to_str().unwrap(), &billion::model::LoadOptions::default()).unwrap();
+    let loaded = billion::load::load(path.to_str().unwrap(), &billion::load::LoadOptions::default()).unwrap();
     let mut s =
         ChatSession::new(&loaded, Some("Be brief.".into()), GenerateParams::new(8, SamplingParams::default(), vec![]))
             .unwrap();

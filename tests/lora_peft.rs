@@ -2,9 +2,11 @@
 
 mod common;
 
-use billion::finetune::lora::{causal_lm_loss, Lora};
+use billion::finetune::loss::causal_lm_loss;
 use billion::finetune::optim::{AdamW, AdamWParams};
-use billion::model::{load, LoadOptions, Ops};
+use billion::load::{load, LoadOptions};
+use billion::model::adapter::Lora;
+use billion::model::Ops;
 use candle_core::{DType, Device, Tensor};
 
 fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
@@ -19,7 +21,11 @@ fn check(case: &str) {
     else {
         return;
     };
-    let opts = LoadOptions { device: Some("cpu".into()), dtype: Some("f32".into()), ..Default::default() };
+    let opts = LoadOptions {
+        device: Some(billion::load::DeviceSpec::Cpu),
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    };
     let mut loaded = load(base.to_str().unwrap(), &opts).unwrap();
     let reference = candle_core::safetensors::load(dir.join("lora_reference.safetensors"), &Device::Cpu).unwrap();
     let lora = Lora::load(&dir, &Device::Cpu).unwrap();

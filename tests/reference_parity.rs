@@ -2,7 +2,7 @@
 
 mod common;
 
-use billion::model::{load, LoadOptions};
+use billion::load::{load, LoadOptions};
 use candle_core::{DType, Device, Tensor};
 
 fn check_case(case: &str) {
@@ -14,7 +14,11 @@ fn check_case(case: &str) {
     let want_last: Vec<f32> = reference["last_logits"].to_vec1().unwrap();
     let want_greedy: Vec<u32> = reference["greedy_ids"].to_dtype(DType::U32).unwrap().to_vec1().unwrap();
 
-    let opts = LoadOptions { device: Some("cpu".into()), dtype: Some("f32".into()), ..Default::default() };
+    let opts = LoadOptions {
+        device: Some(billion::load::DeviceSpec::Cpu),
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    };
     let loaded = load(dir.to_str().unwrap(), &opts).unwrap();
     let model = &loaded.model;
     let mut cache = model.new_cache();

@@ -1,8 +1,8 @@
 //! Tiny random models written by our own code: cache decode equals a full forward, rollback works, GGUF
 //! (F32 / Q8_0 / Q4_0) and load-time quantization agree with the dense safetensors model.
 
+use billion::load::{load, LoadOptions, LoadedModel};
 use billion::model::config::Architecture;
-use billion::model::{load, LoadOptions, LoadedModel};
 use billion::testing::{tiny_config, write_hf_model, write_llama_gguf};
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
@@ -11,7 +11,11 @@ const ARCHS: [Architecture; 3] = [Architecture::Llama, Architecture::StableLm, A
 const PROMPT: [u32; 10] = [1, 17, 300, 42, 5, 99, 260, 7, 123, 64];
 
 fn cpu() -> LoadOptions {
-    LoadOptions { device: Some("cpu".into()), dtype: Some("f32".into()), ..Default::default() }
+    LoadOptions {
+        device: Some(billion::load::DeviceSpec::Cpu),
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    }
 }
 
 fn load_path(p: &std::path::Path, opts: &LoadOptions) -> LoadedModel {
@@ -93,7 +97,7 @@ fn gguf_f32_equals_safetensors_and_quantized_is_close() {
     for (dtype, tolerance) in [(GgmlDType::F32, 1e-5), (GgmlDType::Q8_0, 0.05), (GgmlDType::Q4_0, 0.5)] {
         let path = dir.path().join(format!("tiny-{dtype:?}.gguf"));
         write_llama_gguf(&path, &cfg, 3, dtype).unwrap();
-        let m = load_path(&path, &LoadOptions { device: Some("cpu".into()), ..Default::default() });
+        let m = load_path(&path, &LoadOptions { device: Some(billion::load::DeviceSpec::Cpu), ..Default::default() });
         assert!(m.tokenizer.is_some(), "the GGUF's own tokenizer is loaded");
         let got = full_logits(&m, &PROMPT);
         let rel = rel_rms(&got, &dense);
@@ -123,7 +127,7 @@ fn load_time_quantization_is_close_to_dense() {
     write_hf_model(wide.path(), &cfg, 5).unwrap();
     let wide_dense = full_logits(&load_path(wide.path(), &cpu()), &PROMPT);
     for (q, tolerance) in [("q8_0", 0.05), ("q4_0", 0.5), ("q4k", 0.5)] {
-        let opts = LoadOptions { quantize: billion::model::weights::Quantize::parse(q).unwrap(), ..cpu() };
+        let opts = LoadOptions { quantize: billion::model::quant::Quantize::parse(q).unwrap(), ..cpu() };
         let (dir, dense) = if q == "q4k" { (&wide, &wide_dense) } else { (&dir, &dense) };
         let m = load_path(dir.path(), &opts);
         let rel = rel_rms(&full_logits(&m, &PROMPT), dense);

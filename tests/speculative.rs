@@ -5,13 +5,18 @@
 mod common;
 
 use billion::generation::{generate, sampling::probabilities, sampling::SamplingParams, GenerateParams};
+use billion::load::{load, LoadOptions, LoadedModel};
 use billion::model::config::Architecture;
-use billion::model::{load, LoadOptions, LoadedModel, Model};
+use billion::model::Model;
 use billion::speculative::{check_compatible, AcceptRule, SpecParams, SpeculativeDecoder};
 use billion::testing::{tiny_config, write_hf_model};
 
 fn cpu() -> LoadOptions {
-    LoadOptions { device: Some("cpu".into()), dtype: Some("f32".into()), ..Default::default() }
+    LoadOptions {
+        device: Some(billion::load::DeviceSpec::Cpu),
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    }
 }
 
 fn tiny(arch: Architecture, vocab: usize, seed: u64) -> (tempfile::TempDir, LoadedModel) {
@@ -83,8 +88,10 @@ fn greedy_equals_target_on_smollm2_pair() {
     let Some(_) = common::shared("fixtures") else { return };
     let Some(path) = common::smollm2() else { return };
     let p = path.to_str().unwrap();
-    let draft = load(p, &LoadOptions { device: Some("cpu".into()), ..Default::default() }).unwrap();
-    let target = load(p, &LoadOptions { device: Some("cpu".into()), dequantize: true, ..Default::default() }).unwrap();
+    let draft = load(p, &LoadOptions { device: Some(billion::load::DeviceSpec::Cpu), ..Default::default() }).unwrap();
+    let target =
+        load(p, &LoadOptions { device: Some(billion::load::DeviceSpec::Cpu), dequantize: true, ..Default::default() })
+            .unwrap();
     assert!(target.model.weight_bytes() > 3 * draft.model.weight_bytes(), "the target is the dequantized copy");
     let prompt = target
         .tokenizer()

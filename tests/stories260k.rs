@@ -3,13 +3,13 @@
 mod common;
 
 use billion::generation::{generate, sampling::SamplingParams, GenerateParams};
-use billion::model::{load, LoadOptions};
+use billion::load::{load, LoadOptions};
 
 #[test]
 fn greedy_matches_llama2_c() {
     let Some(dir) = common::shared("fixtures/stories260K") else { return };
     let want = std::fs::read_to_string(dir.join("greedy_t0_n256.txt")).unwrap();
-    let opts = LoadOptions { device: Some("cpu".into()), ..Default::default() };
+    let opts = LoadOptions { device: Some(billion::load::DeviceSpec::Cpu), ..Default::default() };
     let loaded = load(dir.join("stories260K.gguf").to_str().unwrap(), &opts).unwrap();
     let tok = loaded.tokenizer().unwrap();
     let bos = tok.bos_id.unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use billion::model::gguf::read_content;
+use billion::formats::gguf::read_content;
 use billion::tokenizer::{SpecialTokens, Tokenizer};
 use std::path::Path;
 

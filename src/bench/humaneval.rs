@@ -3,6 +3,7 @@
 //! / process limits, no network (a new network namespace where the OS allows), stdin closed, and destructive
 //! standard-library calls disabled (as the reference harness's `reliability_guard` does).
 
+use super::records::{HumanEvalRecord, ProblemRecord};
 use anyhow::{bail, Context, Result};
 use std::io::Read;
 use std::path::Path;
@@ -46,7 +47,7 @@ pub fn load_file(path: &Path) -> Result<Vec<Problem>> {
     Ok(out)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "status", content = "error", rename_all = "snake_case")]
 pub enum Outcome {
     Passed,
@@ -283,4 +284,99 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
         prod *= 1.0 - k as f64 / i as f64;
     }
     1.0 - prod
+}
+
+/// Score completions: `completions[i]` is (problem index, text) and `outcomes[i]` its sandbox outcome. Problems
+/// without completions are left out; pass@1 is the mean over the rest, pass@10 the mean over those with at
+/// least 10 completions (None when none has). `samples` and `temperature` are recorded as asked.
+pub fn summarize(
+    problems: &[Problem],
+    completions: &[(usize, String)],
+    outcomes: &[Outcome],
+    samples: usize,
+    temperature: f64,
+) -> HumanEvalRecord {
+    let mut per_problem = vec![];
+    let mut pass1 = 0.0;
+    let mut pass10 = vec![];
+    for (pi, p) in problems.iter().enumerate() {
+        let mine: Vec<(&String, &Outcome)> =
+            completions.iter().zip(outcomes).filter(|((i, _), _)| *i == pi).map(|((_, c), o)| (c, o)).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let c = mine.iter().filter(|(_, o)| **o == Outcome::Passed).count();
+        pass1 += pass_at_k(mine.len(), c, 1);
+        if mine.len() >= 10 {
+            pass10.push(pass_at_k(mine.len(), c, 10));
+        }
+        per_problem.push(ProblemRecord {
+            task_id: p.task_id.clone(),
+            samples: mine.len(),
+            passed: c,
+            outcomes: mine.iter().map(|(_, o)| (*o).clone()).collect(),
+            completion: mine[0].0.clone(),
+        });
+    }
+    let n = per_problem.len().max(1) as f64;
+    HumanEvalRecord {
+        problems: per_problem.len(),
+        samples,
+        temperature,
+        pass_at_1: pass1 / n,
+        pass_at_10: if pass10.is_empty() { None } else { Some(pass10.iter().sum::<f64>() / pass10.len() as f64) },
+        per_problem,
+        extra: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(id: &str) -> Problem {
+        Problem {
+            task_id: id.into(),
+            prompt: String::new(),
+            canonical_solution: String::new(),
+            test: String::new(),
+            entry_point: String::new(),
+        }
+    }
+
+    #[test]
+    fn pass_at_k_is_averaged_over_problems_with_completions() {
+        let problems = [problem("t/0"), problem("t/1"), problem("t/2")];
+        // t/0: 2 of 2 pass; t/1: none generated (interrupted); t/2: 1 of 2 passes.
+        let completions: Vec<(usize, String)> =
+            [(0, "a"), (0, "b"), (2, "c"), (2, "d")].iter().map(|(i, c)| (*i, c.to_string())).collect();
+        let outcomes = [Outcome::Passed, Outcome::Passed, Outcome::Failed("E".into()), Outcome::Passed];
+        let r = summarize(&problems, &completions, &outcomes, 2, 0.8);
+        assert_eq!((r.problems, r.samples, r.temperature), (2, 2, 0.8));
+        assert_eq!(r.pass_at_1, (1.0 + 0.5) / 2.0);
+        assert_eq!(r.pass_at_10, None, "no problem has 10 completions");
+        assert_eq!(r.per_problem.iter().map(|p| p.task_id.as_str()).collect::<Vec<_>>(), ["t/0", "t/2"]);
+        let t2 = &r.per_problem[1];
+        assert_eq!((t2.samples, t2.passed, t2.completion.as_str()), (2, 1, "c"));
+        assert_eq!(t2.outcomes, [Outcome::Failed("E".into()), Outcome::Passed]);
+    }
+
+    #[test]
+    fn pass_at_10_needs_ten_completions() {
+        let problems = [problem("t/0"), problem("t/1")];
+        let mut completions = vec![];
+        let mut outcomes = vec![];
+        for i in 0..12 {
+            completions.push((0, format!("c{i}")));
+            outcomes.push(if i < 3 { Outcome::Passed } else { Outcome::TimedOut });
+        }
+        completions.push((1, "only".into()));
+        outcomes.push(Outcome::Passed);
+        let r = summarize(&problems, &completions, &outcomes, 12, 1.0);
+        assert_eq!(r.pass_at_10, Some(pass_at_k(12, 3, 10)), "only t/0 counts for pass@10");
+        assert!((r.pass_at_1 - (0.25 + 1.0) / 2.0).abs() < 1e-12);
+        // Nothing generated at all.
+        let empty = summarize(&problems, &[], &[], 1, 0.0);
+        assert_eq!((empty.problems, empty.pass_at_1, empty.pass_at_10), (0, 0.0, None));
+    }
 }

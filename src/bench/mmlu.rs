@@ -3,7 +3,9 @@
 //! taken as the tail of the encoding of context + continuation. Within a subject every prompt shares the
 //! few-shot prefix: its KV cache is computed once and rolled back after each question.
 
-use crate::model::{KvCache, LoadedModel};
+use super::records::{GroupScore, MmluRecord};
+use crate::load::LoadedModel;
+use crate::model::KvCache;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -114,14 +116,17 @@ pub struct QuestionResult {
     pub loglik: [f64; 4],
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SubjectResult {
     pub subject: String,
     pub group: String,
     pub questions: usize,
     pub correct: usize,
+    #[serde(deserialize_with = "super::records::f64_or_nan")]
     pub accuracy: f64,
     /// Mean log-likelihood of the correct answer (a finer quality signal than accuracy).
+    #[serde(deserialize_with = "super::records::f64_or_nan")]
     pub mean_loglik_correct: f64,
 }
 
@@ -269,6 +274,50 @@ pub fn evaluate(
     Ok((results, details))
 }
 
+/// The groups reported, in report order.
+pub const GROUP_NAMES: [&str; 4] = ["stem", "humanities", "social_sciences", "other"];
+
+/// Questions, correct answers and accuracy per group, for the groups of [`GROUP_NAMES`] that had questions.
+pub fn group_scores(results: &[SubjectResult]) -> BTreeMap<String, GroupScore> {
+    let mut out = BTreeMap::new();
+    for g in GROUP_NAMES {
+        let (questions, correct) =
+            results.iter().filter(|r| r.group == g).fold((0, 0), |(n, c), r| (n + r.questions, c + r.correct));
+        if questions > 0 {
+            out.insert(g.to_string(), GroupScore { questions, correct, accuracy: correct as f64 / questions as f64 });
+        }
+    }
+    out
+}
+
+/// The record of one [`evaluate`] run: totals, groups, per-subject results and every prediction.
+pub fn summarize(
+    results: Vec<SubjectResult>,
+    details: Vec<SubjectDetails>,
+    shots: usize,
+    prefix_reuse: bool,
+    seconds: f64,
+) -> MmluRecord {
+    let questions: usize = results.iter().map(|r| r.questions).sum();
+    let correct: usize = results.iter().map(|r| r.correct).sum();
+    let mean_loglik_correct =
+        results.iter().map(|r| r.mean_loglik_correct * r.questions as f64).sum::<f64>() / questions.max(1) as f64;
+    MmluRecord {
+        shots,
+        questions,
+        correct,
+        accuracy: correct as f64 / questions.max(1) as f64,
+        mean_loglik_correct,
+        groups: group_scores(&results),
+        subjects: results,
+        predictions: details.into_iter().map(|(s, q)| (s, q.iter().map(|r| r.predicted).collect())).collect(),
+        seconds,
+        questions_per_s: questions as f64 / seconds.max(1e-9),
+        prefix_reuse,
+        extra: Default::default(),
+    }
+}
+
 /// Subject → group (stem, humanities, social_sciences, other).
 pub fn subject_groups() -> BTreeMap<String, String> {
     GROUPS.iter().flat_map(|(g, subjects)| subjects.iter().map(move |s| (s.to_string(), g.to_string()))).collect()
@@ -354,3 +403,56 @@ pub const GROUPS: &[(&str, &[&str])] = &[
         ],
     ),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(subject: &str, group: &str, questions: usize, correct: usize, ll: f64) -> SubjectResult {
+        SubjectResult {
+            subject: subject.into(),
+            group: group.into(),
+            questions,
+            correct,
+            accuracy: correct as f64 / questions.max(1) as f64,
+            mean_loglik_correct: ll,
+        }
+    }
+
+    fn answered(predicted: &[usize]) -> Vec<QuestionResult> {
+        predicted.iter().map(|&p| QuestionResult { predicted: p, answer: 0, loglik: [0.0; 4] }).collect()
+    }
+
+    #[test]
+    fn groups_add_up_their_subjects() {
+        let res = [
+            result("anatomy", "stem", 4, 3, -1.0),
+            result("astronomy", "stem", 6, 1, -2.0),
+            result("philosophy", "humanities", 5, 5, -0.5),
+            result("empty", "social_sciences", 0, 0, 0.0),
+        ];
+        let g = group_scores(&res);
+        assert_eq!(g.keys().collect::<Vec<_>>(), ["humanities", "stem"], "groups without questions are left out");
+        assert_eq!(g["stem"], GroupScore { questions: 10, correct: 4, accuracy: 0.4 });
+        assert_eq!(g["humanities"], GroupScore { questions: 5, correct: 5, accuracy: 1.0 });
+    }
+
+    #[test]
+    fn summary_weights_subjects_by_questions() {
+        let res = vec![result("anatomy", "stem", 1, 1, -1.0), result("virology", "other", 3, 0, -3.0)];
+        let details = vec![("anatomy".to_string(), answered(&[0])), ("virology".to_string(), answered(&[1, 2, 3]))];
+        let m = summarize(res, details, 5, true, 2.0);
+        assert_eq!((m.shots, m.questions, m.correct), (5, 4, 1));
+        assert_eq!(m.accuracy, 0.25);
+        assert_eq!(m.mean_loglik_correct, (-1.0 - 9.0) / 4.0);
+        assert_eq!(m.questions_per_s, 2.0);
+        assert_eq!(m.predictions["virology"], [1, 2, 3]);
+        assert_eq!(m.groups["other"].questions, 3);
+        assert_eq!(m.subjects.len(), 2);
+        assert!(m.prefix_reuse);
+        // Nothing asked: no division by zero.
+        let none = summarize(vec![], vec![], 0, false, 0.0);
+        assert_eq!((none.accuracy, none.mean_loglik_correct, none.questions_per_s), (0.0, 0.0, 0.0));
+        assert!(none.groups.is_empty());
+    }
+}

@@ -4,10 +4,13 @@ use crate::model::Model;
 use anyhow::Result;
 use std::time::Instant;
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Throughput {
     pub tokens: usize,
+    #[serde(deserialize_with = "super::records::f64_or_nan")]
     pub mean_tok_s: f64,
+    #[serde(deserialize_with = "super::records::f64_or_nan")]
     pub sd_tok_s: f64,
     pub runs: Vec<f64>,
 }
@@ -52,7 +55,7 @@ pub fn time_prefill(model: &Model, n: usize) -> Result<f64> {
     sync(model)?;
     let start = Instant::now();
     let logits = model.forward_last(&input, &mut cache)?;
-    let _ = crate::model::fused::argmax_last(&logits)?.to_vec1::<u32>()?;
+    let _ = crate::ops::fused::argmax_last(&logits)?.to_vec1::<u32>()?;
     Ok(start.elapsed().as_secs_f64())
 }
 
@@ -64,7 +67,7 @@ pub fn time_decode(model: &Model, n: usize) -> Result<f64> {
     let start = Instant::now();
     for _ in 0..n {
         let logits = model.forward_last(&model.input(&[token])?, &mut cache)?;
-        token = crate::model::fused::argmax_last(&logits)?.squeeze(0)?.to_scalar::<u32>()?;
+        token = crate::ops::fused::argmax_last(&logits)?.squeeze(0)?.to_scalar::<u32>()?;
     }
     Ok(start.elapsed().as_secs_f64())
 }
@@ -102,7 +105,7 @@ pub fn time_verify(model: &Model, context: usize, n: usize, reps: usize) -> Resu
         sync(model)?;
         let start = Instant::now();
         let logits = model.forward(&input, &mut cache)?;
-        let _ = crate::model::fused::argmax_last(&logits)?.to_vec2::<u32>()?;
+        let _ = crate::ops::fused::argmax_last(&logits)?.to_vec2::<u32>()?;
         times.push(start.elapsed().as_secs_f64());
     }
     times.remove(0); // warm-up

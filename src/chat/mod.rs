@@ -4,7 +4,8 @@
 pub mod template;
 
 use crate::generation::{generate, GenerateParams, StopReason};
-use crate::model::{KvCache, LoadedModel};
+use crate::load::LoadedModel;
+use crate::model::KvCache;
 use anyhow::{bail, Result};
 use template::{ChatTemplate, Message};
 

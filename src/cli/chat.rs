@@ -1,9 +1,9 @@
 //! `billion chat`: an interactive REPL (line editing, history, streamed replies, Ctrl-C stops a reply), one
 //! turn with `--prompt`, or one turn per stdin line when stdin is not a terminal.
 
-use super::ModelArgs;
+use super::{LoadArgs, SamplingArgs};
 use crate::chat::{template::FALLBACK_DESCRIPTION, ChatSession};
-use crate::generation::{sampling::SamplingParams, GenerateParams};
+use crate::generation::GenerateParams;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::io::{BufRead, IsTerminal, Write};
@@ -13,24 +13,15 @@ use std::sync::Arc;
 #[derive(Args, Debug)]
 pub struct ChatArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: LoadArgs,
     /// System prompt
     #[arg(long)]
     pub system: Option<String>,
     /// Answer this one message and exit
     #[arg(long, short = 'p')]
     pub prompt: Option<String>,
-    /// Sampling temperature; 0 is greedy
-    #[arg(long, default_value_t = 0.7)]
-    pub temperature: f64,
-    #[arg(long, default_value_t = 0.9)]
-    pub top_p: f64,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
-    #[arg(long, default_value_t = 299792458)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Most tokens per reply
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
@@ -53,20 +44,10 @@ fn print_stats(s: &crate::chat::TurnStats) {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
+    let sampling = a.sampling.params()?;
     let loaded = a.model.load()?;
     let interrupt = Arc::new(AtomicBool::new(false));
-    let mut params = GenerateParams::new(
-        a.max_tokens,
-        SamplingParams {
-            temperature: a.temperature,
-            top_p: Some(a.top_p),
-            top_k: a.top_k,
-            repeat_penalty: a.repeat_penalty,
-            seed: a.seed,
-            ..Default::default()
-        },
-        vec![],
-    );
+    let mut params = GenerateParams::new(a.max_tokens, sampling, vec![]);
     params.interrupt = Some(interrupt.clone());
     let mut session = ChatSession::new(&loaded, a.system.clone(), params)?;
     session.reuse_cache = !a.no_cache_reuse;

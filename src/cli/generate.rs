@@ -1,8 +1,8 @@
 //! `billion generate`: one prompt in, streamed text out (or one JSON object with `--json`).
 
-use super::ModelArgs;
-use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
-use crate::model::device::{device_name, dtype_name};
+use super::{LoadArgs, SamplingArgs};
+use crate::generation::{generate, GenerateParams};
+use crate::load::device::{device_name, dtype_name};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::Write;
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: LoadArgs,
     /// Prompt text (BOS is added when the model's tokenizer adds one)
     #[arg(long, short = 'p', conflicts_with = "prompt_ids")]
     pub prompt: Option<String>,
@@ -21,18 +21,8 @@ pub struct GenerateArgs {
     /// Most tokens to generate
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    /// Penalty for tokens seen in the last 64 positions (1.0 = off)
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
-    #[arg(long, default_value_t = 299792458)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Stop when this text appears (repeatable)
     #[arg(long)]
     pub stop: Vec<String>,
@@ -61,14 +51,7 @@ fn parse_ids(ids: &[String]) -> Result<Vec<u32>> {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if let Some(t) = a.top_p {
-        if !(0.0..=1.0).contains(&t) || t == 0.0 {
-            bail!("--top-p must be in (0, 1], got {t}");
-        }
-    }
-    if a.temperature < 0.0 || !a.temperature.is_finite() {
-        bail!("--temperature must be a finite number ≥ 0, got {}", a.temperature);
-    }
+    let sampling = a.sampling.params()?;
     if a.prompt.is_none() && a.prompt_ids.is_none() {
         bail!("give --prompt TEXT or --prompt-ids 1,2,3");
     }
@@ -78,7 +61,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let cfg = loaded.config().clone();
     let mut prompt = match (&a.prompt, &a.prompt_ids) {
-        (Some(text), _) => loaded.tokenizer()?.encode(text, !a.no_bos)?,
+        (Some(text), _) => loaded
+            .tokenizer()
+            .context("--prompt (text needs a tokenizer; --prompt-ids takes ids)")?
+            .encode(text, !a.no_bos)?,
         (None, Some(ids)) => {
             let ids = parse_ids(ids)?;
             if let Some(bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
@@ -109,14 +95,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let params = GenerateParams {
         max_tokens: a.max_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repeat_penalty: a.repeat_penalty,
-            seed: a.seed,
-            ..Default::default()
-        },
+        sampling,
         eos_ids: loaded.eos_ids(),
         stop_strings: a.stop.clone(),
         keep_prompt_logits: a.logits_out.is_some(),

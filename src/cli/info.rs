@@ -1,14 +1,14 @@
 //! `billion info`: what a model is and what it will need, without loading its weights.
 
-use super::ModelArgs;
+use super::LoadArgs;
 use crate::util::human_bytes;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: LoadArgs,
     /// Print JSON
     #[arg(long)]
     pub json: bool,
@@ -21,7 +21,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             d.display()
         );
     }
-    let info = crate::model::loader::inspect(&a.model.model, &a.model.load_options()?)?;
+    let info = crate::load::info::inspect(&a.model.model, &a.model.options()).context("--model")?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());

@@ -1,5 +1,7 @@
-//! Command line: one thin file per subcommand; each parses its flags and calls into the library.
+//! Command line: one thin file per subcommand; each parses its flags and calls into the library. Flags shared
+//! between subcommands (loading, sampling) are declared once in `args.rs`.
 
+mod args;
 mod bench;
 mod chat;
 mod download;
@@ -8,7 +10,8 @@ mod generate;
 mod info;
 mod speculative;
 
-use clap::{Args, Parser, Subcommand};
+pub use args::{DeviceArgs, LoadArgs, SamplingArgs};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "billion", version, about = "Run, benchmark, chat with, fine-tune and speed up ~1B-parameter LLMs")]
@@ -33,59 +36,6 @@ enum Command {
     Speculative(speculative::SpeculativeArgs),
     /// Describe a model: architecture, parameters, dtype, context, memory
     Info(info::InfoArgs),
-}
-
-/// How to load a model; shared by every subcommand that takes `--model`.
-#[derive(Args, Debug, Clone)]
-pub struct ModelArgs {
-    /// A Hugging Face model folder, a .gguf file, a config.json (with --random-weights), or a hub name
-    /// (alias such as tinyllama, or org/name), resolved from the HF cache and downloaded if missing
-    #[arg(long, short = 'm')]
-    pub model: String,
-    /// cpu, cuda, cuda:N or metal (default: CUDA, then Metal, then CPU)
-    #[arg(long)]
-    pub device: Option<String>,
-    /// f32, f16 or bf16 (default: bf16 on CUDA, f16 on Metal, f32 on CPU)
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// Quantize safetensors weights at load: none, q8_0, q4_0 or q4k
-    #[arg(long)]
-    pub quantize: Option<String>,
-    /// Use random weights of the config's exact shapes (no weight files needed)
-    #[arg(long)]
-    pub random_weights: bool,
-    /// GGUF: expand quantized tensors to dense weights of the compute dtype
-    #[arg(long)]
-    pub dequantize: bool,
-    /// Apply a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) unmerged
-    #[arg(long)]
-    pub adapter: Option<std::path::PathBuf>,
-}
-
-impl ModelArgs {
-    /// Load the model, with `--adapter` attached when given.
-    pub fn load(&self) -> anyhow::Result<crate::model::LoadedModel> {
-        let mut loaded = crate::model::load(&self.model, &self.load_options()?)?;
-        if let Some(dir) = &self.adapter {
-            use anyhow::Context;
-            let cfg = loaded.config().clone();
-            let lora = crate::finetune::lora::Lora::load_for(dir, &cfg, loaded.model.device())
-                .with_context(|| format!("--adapter {}", dir.display()))?;
-            let dtype = loaded.model.dtype();
-            lora.attach_frozen(&mut loaded.model, dtype).with_context(|| format!("--adapter {}", dir.display()))?;
-        }
-        Ok(loaded)
-    }
-
-    pub fn load_options(&self) -> anyhow::Result<crate::model::LoadOptions> {
-        Ok(crate::model::LoadOptions {
-            device: self.device.clone(),
-            dtype: self.dtype.clone(),
-            quantize: crate::model::weights::Quantize::parse_opt(self.quantize.as_deref())?,
-            random_weights: self.random_weights,
-            dequantize: self.dequantize,
-        })
-    }
 }
 
 /// Run the CLI; returns the process exit code. Errors print as one line on stderr.

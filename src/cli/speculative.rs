@@ -1,10 +1,14 @@
 //! `billion speculative`: draft/target speculative decoding with acceptance statistics and the speedup over
 //! the target alone; results kept in results/speculative_results.json.
 
-use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
-use crate::model::{load, weights::Quantize, LoadOptions, LoadedModel};
+use super::args::load_flagged;
+use super::{DeviceArgs, SamplingArgs};
+use crate::generation::{generate, GenerateParams};
+use crate::load::{parse_dtype, LoadOptions, LoadedModel};
+use crate::model::quant::QuantizeChoice;
 use crate::speculative::{check_compatible, theoretical_speedup, AcceptRule, SpecParams, SpeculativeDecoder};
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -31,24 +35,23 @@ pub struct SpeculativeArgs {
     pub adaptive: bool,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    #[arg(long, default_value_t = 299792458)]
-    pub seed: u64,
-    #[arg(long)]
-    pub device: Option<String>,
-    #[arg(long)]
-    pub draft_dtype: Option<String>,
-    #[arg(long)]
-    pub target_dtype: Option<String>,
-    #[arg(long)]
-    pub draft_quantize: Option<String>,
-    #[arg(long)]
-    pub target_quantize: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// cpu, cuda, cuda:N or metal (default: CUDA, then Metal, then CPU), for both models
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<crate::load::DeviceSpec>,
+    /// The draft's compute dtype: f32, f16 or bf16 (default as for --dtype elsewhere)
+    #[arg(long, value_name = "DTYPE", value_parser = parse_dtype)]
+    pub draft_dtype: Option<DType>,
+    /// The target's compute dtype: f32, f16 or bf16
+    #[arg(long, value_name = "DTYPE", value_parser = parse_dtype)]
+    pub target_dtype: Option<DType>,
+    /// Quantize the draft's safetensors weights at load: none, q8_0, q4_0 or q4k
+    #[arg(long, value_name = "TYPE")]
+    pub draft_quantize: Option<QuantizeChoice>,
+    /// Quantize the target's safetensors weights at load: none, q8_0, q4_0 or q4k
+    #[arg(long, value_name = "TYPE")]
+    pub target_quantize: Option<QuantizeChoice>,
     /// GGUF draft: expand to dense weights
     #[arg(long)]
     pub draft_dequantize: bool,
@@ -75,29 +78,29 @@ pub struct SpeculativeArgs {
 fn load_side(
     model: &str,
     a: &SpeculativeArgs,
-    dtype: &Option<String>,
-    q: &Option<String>,
-    deq: bool,
+    dtype: Option<DType>,
+    q: Option<QuantizeChoice>,
+    dequantize: bool,
 ) -> Result<LoadedModel> {
-    load(
-        model,
-        &LoadOptions {
-            device: a.device.clone(),
-            dtype: dtype.clone(),
-            quantize: Quantize::parse_opt(q.as_deref())?,
-            random_weights: a.random_weights,
-            dequantize: deq,
-        },
-    )
+    let device = DeviceArgs { device: a.device, dtype };
+    let opts = LoadOptions {
+        device: device.device,
+        dtype: device.dtype,
+        quantize: q.and_then(|q| q.0),
+        random_weights: a.random_weights,
+        dequantize,
+    };
+    load_flagged(model, &opts)
 }
 
 pub fn run(a: SpeculativeArgs) -> Result<()> {
     if a.k == 0 {
         bail!("--k must be at least 1");
     }
-    let draft = load_side(&a.draft, &a, &a.draft_dtype, &a.draft_quantize, a.draft_dequantize).context("--draft")?;
+    let sampling = a.sampling.params()?;
+    let draft = load_side(&a.draft, &a, a.draft_dtype, a.draft_quantize, a.draft_dequantize).context("--draft")?;
     let target =
-        load_side(&a.target, &a, &a.target_dtype, &a.target_quantize, a.target_dequantize).context("--target")?;
+        load_side(&a.target, &a, a.target_dtype, a.target_quantize, a.target_dequantize).context("--target")?;
     let vocab = check_compatible((&draft.model, draft.tokenizer.as_ref()), (&target.model, target.tokenizer.as_ref()))?;
     let tok = target.tokenizer.as_ref();
     let prompts: Vec<(String, Vec<u32>)> = match (&a.prompt, &a.prompt_ids, &a.prompts) {
@@ -124,13 +127,6 @@ pub fn run(a: SpeculativeArgs) -> Result<()> {
             out
         }
         _ => bail!("give --prompt, --prompt-ids or --prompts"),
-    };
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-        ..Default::default()
     };
     let eos = target.eos_ids();
     let mut totals = crate::speculative::SpecStats::default();
@@ -203,9 +199,9 @@ pub fn run(a: SpeculativeArgs) -> Result<()> {
         per_prompt.iter().filter_map(|v| v["stats"]["cost_ratio"].as_f64()).filter(|c| c.is_finite()).collect();
     let c = if c_all.is_empty() { f64::NAN } else { c_all.iter().sum::<f64>() / c_all.len() as f64 };
     let record = serde_json::json!({
-        "draft": a.draft, "target": a.target, "k": a.k, "adaptive": a.adaptive, "temperature": a.temperature,
-        "top_k": a.top_k, "top_p": a.top_p, "prompt_set": a.prompts.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "single".into()),
-        "prompts": prompts.len(), "max_tokens": a.max_tokens, "device": crate::model::device::device_name(target.model.device()),
+        "draft": a.draft, "target": a.target, "k": a.k, "adaptive": a.adaptive, "temperature": sampling.temperature,
+        "top_k": sampling.top_k, "top_p": sampling.top_p, "prompt_set": a.prompts.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "single".into()),
+        "prompts": prompts.len(), "max_tokens": a.max_tokens, "device": crate::load::device::device_name(target.model.device()),
         "acceptance_rate": alpha, "per_position": totals.per_position_rates(), "tokens_per_round": totals.tokens_per_round(), "accepted_per_round": totals.accepted_per_round(),
         "tok_s": totals.tok_s(), "target_only_tok_s": base_tok_s, "speedup": base_tok_s.map(|b| totals.tok_s() / b),
         "cost_ratio": c, "theoretical_speedup": theoretical_speedup(alpha, a.k, c),

@@ -66,7 +66,7 @@ pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<Example>> {
 }
 
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--data {}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     parse_jsonl(&text, &path.display().to_string())
 }
 
@@ -174,7 +174,7 @@ impl<'a> Renderer<'a> {
 /// Split off `fraction` of the examples (at least one) for evaluation, after a seeded shuffle.
 pub fn split(mut examples: Vec<Example>, fraction: f64, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
     if examples.len() < 2 {
-        bail!("--data has {} example(s): need at least 2 to hold one out for evaluation", examples.len());
+        bail!("the data has {} example(s): need at least 2 to hold one out for evaluation", examples.len());
     }
     shuffle(&mut examples, seed);
     let n_eval = ((examples.len() as f64 * fraction).round() as usize).clamp(1, examples.len() - 1);

@@ -2,9 +2,9 @@
 //! without the adapter: a Hugging Face folder (safetensors + config + tokenizer files) for a folder base, or a
 //! GGUF file (merged matrices stored as F16, or F32 where the base was F32) for a GGUF base.
 
-use super::lora::Lora;
-use crate::model::config::Architecture;
-use crate::model::weights::{gguf_name, safetensors_files};
+use crate::formats::safetensors;
+use crate::model::adapter::Lora;
+use crate::model::Architecture;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -38,7 +38,7 @@ pub fn merge_hf_folder(base: &Path, lora: &Lora, out: &Path) -> Result<PathBuf> 
         }
     }
     let mut merged = 0;
-    for file in safetensors_files(base)? {
+    for file in safetensors::model_files(base)? {
         let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu)
             .with_context(|| format!("cannot read {}", file.display()))?;
         for (module, _, _) in &lora.params {
@@ -72,8 +72,8 @@ pub fn merge_gguf(base: &Path, arch: Architecture, lora: &Lora, out: &Path) -> R
         gguf_file::Content::read(&mut reader).with_context(|| format!("{}: not a GGUF file", base.display()))?;
     let mut by_gguf: HashMap<String, &str> = HashMap::new();
     for (module, _, _) in &lora.params {
-        let g = gguf_name(arch, &format!("{module}.weight"))
-            .with_context(|| format!("{module} has no GGUF tensor name"))?;
+        let g =
+            arch.gguf_name(&format!("{module}.weight")).with_context(|| format!("{module} has no GGUF tensor name"))?;
         by_gguf.insert(g, module.as_str());
     }
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
@@ -96,6 +96,6 @@ pub fn merge_gguf(base: &Path, arch: Architecture, lora: &Lora, out: &Path) -> R
     }
     let md: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    crate::model::gguf::write_gguf(out, &md, &t)?;
+    crate::formats::gguf::write_gguf(out, &md, &t)?;
     Ok(out.to_path_buf())
 }

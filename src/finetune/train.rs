@@ -3,9 +3,10 @@
 //! checkpoints on Ctrl-C (resumable), and a stop with the last good adapter kept when the loss turns NaN.
 
 use super::data::{Example, Renderer, Tokenized, IGNORE};
-use super::lora::{causal_lm_loss, Lora};
+use super::loss::{causal_lm_loss, labelled_rows};
 use super::optim::{clip, grad_norm, AdamW, AdamWParams};
 use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
+use crate::model::adapter::Lora;
 use crate::model::{Model, Ops};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -172,7 +173,7 @@ pub fn step_batches(n_train: usize, s: &TrainSettings, step: usize) -> Vec<Vec<u
 /// Sum of NLL, correct argmax predictions and count over labelled targets (labels shifted by one).
 fn response_stats(logits: &Tensor, labels: &Tensor) -> Result<(f64, usize, usize)> {
     let (b, t, v) = logits.dims3()?;
-    let (rows, targets) = super::lora::labelled_rows(labels, v)?;
+    let (rows, targets) = labelled_rows(labels, v)?;
     if rows.is_empty() {
         return Ok((0.0, 0, 0));
     }
@@ -272,7 +273,7 @@ impl<'a> Trainer<'a> {
         self.lora.load_values(&saved)?;
         let opt_path = dir.join("optimizer.safetensors");
         let state = candle_core::safetensors::load(&opt_path, self.model.device())
-            .with_context(|| format!("--resume: cannot read {}", opt_path.display()))?;
+            .with_context(|| format!("{}: cannot read", opt_path.display()))?;
         let names = self.lora.var_names();
         self.optimizer.load_state(&names, &state.into_iter().collect(), self.state.step)?;
         Ok(())
@@ -384,7 +385,7 @@ impl<'a> Trainer<'a> {
             Err(e) => format!("saving the last good adapter failed too: {e}"),
         };
         anyhow::anyhow!(
-            "training stopped: the {what} became {value} at step {} of {}; {kept}; try a lower --lr",
+            "training stopped: the {what} became {value} at step {} of {}; {kept}; try a lower learning rate",
             step + 1,
             self.state.total_steps
         )

@@ -81,7 +81,7 @@ impl Generation {
 fn next_token(logits: &Tensor, sampler: &mut Sampler, history: &[u32]) -> Result<u32> {
     let p = sampler.params();
     if p.is_greedy() && p.repeat_penalty == 1.0 {
-        return Ok(crate::model::fused::argmax_last(logits)?.to_scalar::<u32>()?);
+        return Ok(crate::ops::fused::argmax_last(logits)?.to_scalar::<u32>()?);
     }
     let mut l = logits.to_vec1::<f32>()?;
     sampler.penalize(&mut l, history);

@@ -56,7 +56,7 @@ pub fn snapshot_missing(snap: &Path) -> Option<String> {
     if !index.exists() {
         return Some("model.safetensors".into());
     }
-    match crate::model::weights::safetensors_files(snap) {
+    match crate::formats::safetensors::model_files(snap) {
         Ok(_) => None,
         Err(e) => Some(format!("a shard listed in model.safetensors.index.json ({e})")),
     }

@@ -176,8 +176,7 @@ pub fn is_hub_name(name: &str) -> bool {
 
 /// A model folder for `name`: from the cache when complete (no network), else downloaded.
 pub fn resolve_model(name: &str, revision: &str) -> Result<PathBuf> {
-    let repo =
-        registry::repo_id(name).with_context(|| format!("--model {name}: not a known alias or org/name repo id"))?;
+    let repo = registry::repo_id(name).with_context(|| format!("{name}: not a known alias or org/name repo id"))?;
     let cfg = HubConfig::from_env();
     let snap = cfg.cached_snapshot(RepoKind::Model, &repo, revision);
     let missing = match &snap {
@@ -187,7 +186,7 @@ pub fn resolve_model(name: &str, revision: &str) -> Result<PathBuf> {
     match (snap, missing) {
         (Some(s), None) => return Ok(s),
         (_, Some(m)) if cfg.offline => bail!(
-            "--model {name}: {repo} lacks {m} in the cache at {} and HF_HUB_OFFLINE is set",
+            "{name}: {repo} lacks {m} in the cache at {} and HF_HUB_OFFLINE is set",
             cfg.repo_dir(RepoKind::Model, &repo).display()
         ),
         _ => {}

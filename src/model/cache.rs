@@ -1,6 +1,10 @@
 //! KV cache: per layer, a preallocated `[batch, kv_heads, capacity, head_dim]` buffer written in place.
 //! Growing doubles the capacity (amortised O(1) per token, never a concatenation per step); `truncate`
 //! rolls the cache back to any earlier length (speculative decoding, prompt-prefix reuse).
+//!
+//! Rows of a batch may hold different numbers of tokens: each row has its own length (at most the shared
+//! write position `len`), its own rollback (`truncate_row`) and its own positions (`positions`). Today every
+//! forward pass advances all rows together; the lengths are where a batched engine of unequal rows keeps them.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -14,7 +18,10 @@ struct LayerCache {
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
+    /// The write position: tokens held by the longest row.
     len: usize,
+    /// Tokens each row holds (empty until the batch size is known; then every entry ≤ `len`).
+    row_lens: Vec<usize>,
     max_len: usize,
     initial_capacity: usize,
 }
@@ -31,14 +38,26 @@ impl Clone for KvCache {
                 })
             })
             .collect();
-        Self { layers, len: self.len, max_len: self.max_len, initial_capacity: self.initial_capacity }
+        Self {
+            layers,
+            len: self.len,
+            row_lens: self.row_lens.clone(),
+            max_len: self.max_len,
+            initial_capacity: self.initial_capacity,
+        }
     }
 }
 
 impl KvCache {
     /// `max_len` is the model's context window: appending past it is an error.
     pub fn new(num_layers: usize, max_len: usize) -> Self {
-        Self { layers: vec![None; num_layers], len: 0, max_len, initial_capacity: 256.min(max_len.max(1)) }
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+            row_lens: vec![],
+            max_len,
+            initial_capacity: 256.min(max_len.max(1)),
+        }
     }
 
     /// Reserve room for `capacity` tokens on first use (avoids growth copies when the length is known).
@@ -60,13 +79,39 @@ impl KvCache {
         self.max_len
     }
 
-    /// Roll back to the first `len` tokens. Later writes overwrite what was dropped.
+    /// Roll back to the first `len` tokens (every row). Later writes overwrite what was dropped.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        for r in &mut self.row_lens {
+            *r = (*r).min(len);
+        }
     }
 
     pub fn reset(&mut self) {
         self.len = 0;
+        self.row_lens.clear();
+    }
+
+    /// Tokens held by each row of the batch (empty before the first append).
+    pub fn row_lens(&self) -> &[usize] {
+        &self.row_lens
+    }
+
+    /// Roll one row back to its first `len` tokens; the other rows keep theirs.
+    pub fn truncate_row(&mut self, row: usize, len: usize) -> Result<()> {
+        match self.row_lens.get_mut(row) {
+            Some(r) => *r = (*r).min(len),
+            None => candle_core::bail!("row {row} is outside a batch of {}", self.row_lens.len()),
+        }
+        self.len = self.row_lens.iter().copied().max().unwrap_or(0);
+        Ok(())
+    }
+
+    /// The positions of the next `t` tokens of each row: `[rows, t]` (u32), row `r` starting at its length.
+    pub fn positions(&self, rows: usize, t: usize, device: &Device) -> Result<Tensor> {
+        let start = |r: usize| self.row_lens.get(r).copied().unwrap_or(self.len);
+        let pos: Vec<u32> = (0..rows).flat_map(|r| (0..t).map(move |i| (start(r) + i) as u32)).collect();
+        Tensor::from_vec(pos, (rows, t), device)
     }
 
     /// Bytes allocated for keys and values.
@@ -90,6 +135,9 @@ impl KvCache {
     /// whole cached sequence including them. Call `advance(t)` once all layers have appended.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, h, t, d) = k.dims4()?;
+        if self.row_lens.len() != b {
+            self.row_lens = vec![self.len; b];
+        }
         let needed = self.len + t;
         self.grow(layer, needed, (b, h, d), k.dtype(), k.device())?;
         let c = self.layers[layer].as_ref().expect("allocated by grow");
@@ -157,9 +205,12 @@ impl KvCache {
         Ok(())
     }
 
-    /// Move the write position forward after every layer appended `t` tokens.
+    /// Move the write position (and every row) forward after every layer appended `t` tokens.
     pub fn advance(&mut self, t: usize) {
         self.len += t;
+        for r in &mut self.row_lens {
+            *r += t;
+        }
     }
 
     pub fn dtype(&self) -> Option<DType> {
@@ -209,6 +260,23 @@ mod tests {
             assert_eq!(k.narrow(2, 0, 2)?.flatten_all()?.to_vec1::<f32>()?, vec![l as f32 + 1.0; 24]);
         }
         assert!(c.reserve(99, 3, 4, DType::F32, &dev).is_err(), "past the context window");
+        Ok(())
+    }
+
+    #[test]
+    fn rows_keep_their_own_lengths_and_positions() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(1, 100);
+        let k = Tensor::zeros((2, 1, 3, 2), DType::F32, &dev)?;
+        c.append(0, &k, &k)?;
+        c.advance(3);
+        assert_eq!(c.row_lens(), &[3, 3]);
+        c.truncate_row(1, 1)?;
+        assert_eq!((c.row_lens(), c.len()), (&[3, 1][..], 3));
+        assert_eq!(c.positions(2, 2, &dev)?.to_vec2::<u32>()?, vec![vec![3, 4], vec![1, 2]]);
+        assert!(c.truncate_row(2, 0).is_err());
+        c.truncate(2);
+        assert_eq!(c.row_lens(), &[2, 1]);
         Ok(())
     }
 

@@ -1,56 +1,17 @@
 //! Model configuration: Hugging Face `config.json` (both the transformers 4 and 5 spellings of the rotary
-//! settings) or GGUF metadata, turned into one runtime description that every architecture reads.
+//! settings) or GGUF metadata, turned into one runtime description that every architecture reads. What
+//! differs between architectures is read by each architecture's own file (`arch/`).
 
+use crate::formats::gguf::{meta_f64, meta_str, meta_u64};
 use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
-/// The architectures we implement. Each has its own file under `model/`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum Architecture {
-    Llama,
-    StableLm,
-    GptNeoX,
-}
-
-pub const SUPPORTED_ARCHITECTURES: &str =
-    "LlamaForCausalLM (llama, TinyLlama, Llama-3.x, SmolLM2), StableLmForCausalLM (stablelm), \
-     GPTNeoXForCausalLM (gpt_neox, Pythia)";
-
-impl Architecture {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Architecture::Llama => "llama",
-            Architecture::StableLm => "stablelm",
-            Architecture::GptNeoX => "gpt_neox",
-        }
-    }
-
-    fn from_hf(architectures: &[String], model_type: Option<&str>) -> Result<Self> {
-        for a in architectures {
-            match a.as_str() {
-                "LlamaForCausalLM" => return Ok(Architecture::Llama),
-                "StableLmForCausalLM" => return Ok(Architecture::StableLm),
-                "GPTNeoXForCausalLM" => return Ok(Architecture::GptNeoX),
-                _ => {}
-            }
-        }
-        match model_type {
-            Some("llama") => Ok(Architecture::Llama),
-            Some("stablelm") => Ok(Architecture::StableLm),
-            Some("gpt_neox") => Ok(Architecture::GptNeoX),
-            _ => {
-                let named = if architectures.is_empty() {
-                    model_type.unwrap_or("none").to_string()
-                } else {
-                    architectures.join(", ")
-                };
-                bail!("unsupported architecture `{named}`; supported: {SUPPORTED_ARCHITECTURES}")
-            }
-        }
-    }
-}
+pub use super::arch::Architecture;
+use super::arch::{ArchTraits, GgufMeta};
 
 /// Llama-3 style frequency-dependent rotary scaling (`rope_type: llama3`).
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +35,18 @@ pub enum Activation {
     Silu,
     Gelu,
     GeluTanh,
+}
+
+impl Activation {
+    /// config.json's `hidden_act`.
+    pub fn from_hf(name: &str) -> Result<Self> {
+        Ok(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            other => bail!("unsupported hidden_act `{other}`"),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -124,9 +97,10 @@ impl ModelConfig {
     }
 
     pub fn from_hf_json(v: &Value) -> Result<Self> {
-        let raw: RawHfConfig =
+        let raw: HfConfig =
             serde_json::from_value(v.clone()).context("config.json does not have the expected fields")?;
         let architecture = Architecture::from_hf(&raw.architectures, raw.model_type.as_deref())?;
+        let traits = (architecture.spec().from_hf)(&raw)?;
         let need =
             |field: Option<usize>, name: &str| -> Result<usize> { field.with_context(|| format!("missing `{name}`")) };
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
@@ -150,10 +124,7 @@ impl ModelConfig {
             .and_then(Value::as_f64)
             .or(raw.partial_rotary_factor)
             .or(raw.rotary_pct)
-            .unwrap_or(match architecture {
-                Architecture::StableLm | Architecture::GptNeoX => 0.25,
-                Architecture::Llama => 1.0,
-            });
+            .unwrap_or(traits.partial_rotary);
         let rope_type = rp_get("rope_type").or_else(|| rp_get("type")).and_then(Value::as_str);
         let rope_scaling = match rope_type {
             None | Some("default") => RopeScaling::None,
@@ -174,25 +145,6 @@ impl ModelConfig {
             Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
             _ => vec![],
         };
-        let act = raw.hidden_act.as_deref().unwrap_or(match architecture {
-            Architecture::GptNeoX => "gelu",
-            _ => "silu",
-        });
-        let activation = match act {
-            "silu" | "swish" => Activation::Silu,
-            "gelu" => Activation::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
-            other => bail!("unsupported hidden_act `{other}`"),
-        };
-        let (norm, norm_eps) = match architecture {
-            Architecture::Llama => (NormKind::Rms, raw.rms_norm_eps.unwrap_or(1e-6)),
-            _ => (NormKind::Layer, raw.layer_norm_eps.unwrap_or(1e-5)),
-        };
-        let (attention_bias, attention_out_bias) = match architecture {
-            Architecture::Llama => (raw.attention_bias.unwrap_or(false), raw.attention_bias.unwrap_or(false)),
-            Architecture::StableLm => (raw.use_qkv_bias.unwrap_or(false), false),
-            Architecture::GptNeoX => (raw.attention_bias.unwrap_or(true), raw.attention_bias.unwrap_or(true)),
-        };
         let cfg = ModelConfig {
             architecture,
             vocab_size,
@@ -205,24 +157,107 @@ impl ModelConfig {
             rotary_dim,
             rope_theta,
             rope_scaling,
-            rope_interleaved: false,
-            norm,
-            norm_eps,
-            activation,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            attention_bias,
-            attention_out_bias,
-            mlp_bias: match architecture {
-                Architecture::GptNeoX => true,
-                _ => raw.mlp_bias.unwrap_or(false),
-            },
-            parallel_residual: raw.use_parallel_residual.unwrap_or(architecture == Architecture::GptNeoX),
-            qk_layernorm: raw.qk_layernorm.unwrap_or(false),
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
+            ..Self::with_traits(architecture, traits)
         };
         cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// A config with the architecture's traits and every shape still zero (filled in by the readers).
+    fn with_traits(architecture: Architecture, t: ArchTraits) -> Self {
+        ModelConfig {
+            architecture,
+            vocab_size: 0,
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_layers: 0,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            rotary_dim: 0,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
+            rope_interleaved: t.rope_interleaved,
+            norm: t.norm,
+            norm_eps: t.norm_eps,
+            activation: t.activation,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: false,
+            attention_bias: t.attention_bias,
+            attention_out_bias: t.attention_out_bias,
+            mlp_bias: t.mlp_bias,
+            parallel_residual: t.parallel_residual,
+            qk_layernorm: t.qk_layernorm,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
+    }
+
+    /// The model configuration stored in a GGUF file's metadata (`path` names the file in errors).
+    pub fn from_gguf(c: &gguf_file::Content, path: &Path) -> Result<Self> {
+        let arch_name = meta_str(c, "general.architecture")
+            .with_context(|| format!("{}: no `general.architecture` in GGUF metadata", path.display()))?;
+        let architecture = Architecture::from_gguf(arch_name).with_context(|| path.display().to_string())?;
+        let traits = (architecture.spec().from_gguf)(&GgufMeta { content: c, prefix: arch_name });
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let need = |k: &str| -> Result<usize> {
+            meta_u64(c, &key(k))
+                .map(|x| x as usize)
+                .with_context(|| format!("{}: GGUF metadata lacks `{}`", path.display(), key(k)))
+        };
+        let hidden_size = need("embedding_length")?;
+        let num_heads = need("attention.head_count")?;
+        let num_layers = need("block_count")?;
+        if num_heads == 0 || hidden_size == 0 || num_layers == 0 {
+            bail!("{}: embedding_length, attention.head_count and block_count must be positive", path.display());
+        }
+        let num_kv_heads = meta_u64(c, &key("attention.head_count_kv")).map(|x| x as usize).unwrap_or(num_heads);
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!("{}: head_count ({num_heads}) must be a multiple of head_count_kv ({num_kv_heads})", path.display());
+        }
+        let head_dim = meta_u64(c, &key("attention.key_length")).map(|x| x as usize).unwrap_or(hidden_size / num_heads);
+        let vocab_size = match c.tensor_infos.get("token_embd.weight") {
+            Some(info) if info.shape.rank() == 2 => info.shape.dims()[0],
+            _ => bail!("{}: no 2-D `token_embd.weight` tensor", path.display()),
+        };
+        let rotary_dim = meta_u64(c, &key("rope.dimension_count")).map(|x| x as usize).unwrap_or(head_dim);
+        let rope_scaling = if c.tensor_infos.contains_key("rope_freqs.weight") {
+            let mut f = std::fs::File::open(path)?;
+            let t = c.tensor(&mut f, "rope_freqs.weight", &Device::Cpu)?.dequantize(&Device::Cpu)?;
+            RopeScaling::Factors(t.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            RopeScaling::None
+        };
+        let mut eos_token_ids = vec![];
+        for k in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some(id) = meta_u64(c, k) {
+                if !eos_token_ids.contains(&(id as u32)) {
+                    eos_token_ids.push(id as u32);
+                }
+            }
+        }
+        let cfg = ModelConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: need("feed_forward_length")?,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rotary_dim,
+            rope_theta: meta_f64(c, &key("rope.freq_base")).unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: meta_u64(c, &key("context_length")).map(|x| x as usize).unwrap_or(2048),
+            tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+            bos_token_id: meta_u64(c, "tokenizer.ggml.bos_token_id").map(|x| x as u32),
+            eos_token_ids,
+            ..Self::with_traits(architecture, traits)
+        };
+        cfg.validate().with_context(|| path.display().to_string())?;
         Ok(cfg)
     }
 
@@ -230,37 +265,34 @@ impl ModelConfig {
         if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
             bail!("rotary dimension {} must be even and at most head_dim {}", self.rotary_dim, self.head_dim);
         }
-        if self.architecture == Architecture::GptNeoX && self.num_kv_heads != self.num_heads {
-            bail!("gpt_neox has no grouped-query attention");
-        }
-        Ok(())
+        (self.architecture.spec().validate)(self)
     }
 
     /// Number of parameters, counted from the shapes (tied embeddings counted once).
     pub fn parameter_count(&self) -> u64 {
+        let (h, v) = (self.hidden_size as u64, self.vocab_size as u64);
+        let layers = self.num_layers as u64 * (self.architecture.spec().layer_parameters)(self);
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + layers + self.norm_parameters() + head
+    }
+
+    /// Parameters of one norm over the hidden size (LayerNorm has a bias).
+    pub fn norm_parameters(&self) -> u64 {
+        match self.norm {
+            NormKind::Rms => self.hidden_size as u64,
+            NormKind::Layer => 2 * self.hidden_size as u64,
+        }
+    }
+
+    /// Parameters of one layer's q/k/v/o projections with their biases.
+    pub fn attention_parameters(&self) -> u64 {
         let h = self.hidden_size as u64;
-        let v = self.vocab_size as u64;
-        let i = self.intermediate_size as u64;
         let q = (self.num_heads * self.head_dim) as u64;
         let kv = (self.num_kv_heads * self.head_dim) as u64;
-        let norm = match self.norm {
-            NormKind::Rms => h,
-            NormKind::Layer => 2 * h,
-        };
-        let attn = h * (q + 2 * kv)
+        h * (q + 2 * kv)
             + q * h
             + if self.attention_bias { q + 2 * kv } else { 0 }
-            + if self.attention_out_bias { h } else { 0 };
-        let mlp = match self.architecture {
-            Architecture::GptNeoX => 2 * h * i + i + h,
-            _ => 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 },
-        };
-        let qk_norm = if self.qk_layernorm { ((self.num_heads + self.num_kv_heads) * self.head_dim) as u64 } else { 0 };
-        let per_layer_norms =
-            if self.architecture == Architecture::StableLm && self.parallel_residual { norm } else { 2 * norm };
-        let layers = self.num_layers as u64 * (attn + mlp + per_layer_norms + qk_norm);
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + layers + norm + head
+            + if self.attention_out_bias { h } else { 0 }
     }
 
     /// Bytes of KV cache per token of context at the given element size.
@@ -269,36 +301,37 @@ impl ModelConfig {
     }
 }
 
+/// config.json as written by transformers 4 and 5 (fields an architecture may read).
 #[derive(Deserialize, Default)]
-struct RawHfConfig {
+pub struct HfConfig {
     #[serde(default)]
-    architectures: Vec<String>,
-    model_type: Option<String>,
-    vocab_size: Option<usize>,
-    hidden_size: Option<usize>,
-    intermediate_size: Option<usize>,
-    num_hidden_layers: Option<usize>,
-    num_attention_heads: Option<usize>,
-    num_key_value_heads: Option<usize>,
-    head_dim: Option<usize>,
-    rms_norm_eps: Option<f64>,
-    layer_norm_eps: Option<f64>,
-    rope_theta: Option<f64>,
-    rotary_emb_base: Option<f64>,
-    rotary_pct: Option<f64>,
-    partial_rotary_factor: Option<f64>,
-    rope_scaling: Option<serde_json::Map<String, Value>>,
-    rope_parameters: Option<serde_json::Map<String, Value>>,
-    hidden_act: Option<String>,
-    max_position_embeddings: Option<usize>,
-    tie_word_embeddings: Option<bool>,
-    attention_bias: Option<bool>,
-    mlp_bias: Option<bool>,
-    use_qkv_bias: Option<bool>,
-    use_parallel_residual: Option<bool>,
-    qk_layernorm: Option<bool>,
-    bos_token_id: Option<u32>,
-    eos_token_id: Option<Value>,
+    pub architectures: Vec<String>,
+    pub model_type: Option<String>,
+    pub vocab_size: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub layer_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    pub rotary_emb_base: Option<f64>,
+    pub rotary_pct: Option<f64>,
+    pub partial_rotary_factor: Option<f64>,
+    pub rope_scaling: Option<serde_json::Map<String, Value>>,
+    pub rope_parameters: Option<serde_json::Map<String, Value>>,
+    pub hidden_act: Option<String>,
+    pub max_position_embeddings: Option<usize>,
+    pub tie_word_embeddings: Option<bool>,
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub use_qkv_bias: Option<bool>,
+    pub use_parallel_residual: Option<bool>,
+    pub qk_layernorm: Option<bool>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<Value>,
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ impl Norm {
     pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
         match (self, ops) {
             (Norm::Rms { weight, eps }, Ops::Fused) => candle_nn::ops::rms_norm(x, weight, *eps as f32),
-            (Norm::Rms { weight, eps }, Ops::Differentiable) => super::autograd::rms_norm(x, weight, *eps),
+            (Norm::Rms { weight, eps }, Ops::Differentiable) => crate::ops::autograd::rms_norm(x, weight, *eps),
             (Norm::Layer { weight, bias, eps }, _) => {
                 let zeros;
                 let bias = match bias {
@@ -39,7 +39,7 @@ impl Norm {
                 };
                 match ops {
                     Ops::Fused => candle_nn::ops::layer_norm(x, weight, bias, *eps as f32),
-                    Ops::Differentiable => super::autograd::layer_norm(x, weight, bias, *eps),
+                    Ops::Differentiable => crate::ops::autograd::layer_norm(x, weight, bias, *eps),
                 }
             }
         }
@@ -76,8 +76,8 @@ impl Embedding {
 /// The gated MLP's `act(gate) · up`; one op with its own backward when training a SiLU model.
 pub fn gated(gate: &Tensor, up: &Tensor, act: Activation, ops: Ops) -> Result<Tensor> {
     match (act, ops) {
-        (Activation::Silu, Ops::Differentiable) => super::autograd::swiglu(gate, up),
-        (Activation::Silu, Ops::Fused) => super::fused::swiglu(gate, up),
+        (Activation::Silu, Ops::Differentiable) => crate::ops::autograd::swiglu(gate, up),
+        (Activation::Silu, Ops::Fused) => crate::ops::fused::swiglu(gate, up),
         _ => activation(gate, act)? * up,
     }
 }
@@ -227,7 +227,7 @@ impl Rotary {
             match (self.interleaved, ops) {
                 (false, Ops::Fused) => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
                 (true, Ops::Fused) => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin),
-                (interleaved, Ops::Differentiable) => super::autograd::rope(x, &cos, &sin, interleaved),
+                (interleaved, Ops::Differentiable) => crate::ops::autograd::rope(x, &cos, &sin, interleaved),
             }
         };
         if self.rotary_dim == self.head_dim {
@@ -240,21 +240,13 @@ impl Rotary {
     }
 }
 
-/// Causal mask for `t` new tokens after `offset` cached ones: `[t, offset + t]`, -inf above the diagonal.
-pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let total = offset + t;
-    let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)
-}
-
 /// The mask tensor for `t` new tokens over `x`'s device, or `None` where `attention` needs none: a single
 /// token, or fused ops on CUDA (whose softmax kernel masks as it goes).
 pub fn causal_mask_for(t: usize, offset: usize, x: &Tensor, ops: Ops) -> Result<Option<Tensor>> {
     if t == 1 || (ops == Ops::Fused && x.device().is_cuda()) {
         return Ok(None);
     }
-    Ok(Some(causal_mask(t, offset, x.dtype(), x.device())?))
+    Ok(Some(crate::ops::fused::causal_mask(t, offset, x.dtype(), x.device())?))
 }
 
 /// Scaled dot-product attention over the cache, with grouped-query heads handled by reshaping the queries
@@ -293,13 +285,13 @@ pub fn attention(
             // in f32 — casting around it only added two kernels per layer.
             let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
             let scores = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
-            let probs = super::fused::masked_softmax(&scores, mask, t, prev)?;
+            let probs = crate::ops::fused::masked_softmax(&scores, mask, t, prev)?;
             let out = probs.matmul(&v_all)?;
             out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
         }
         Ops::Differentiable => {
             let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
-            super::autograd::attention(&q, &k_all.contiguous()?, &v_all.contiguous()?, mask, groups, scale)
+            crate::ops::autograd::attention(&q, &k_all.contiguous()?, &v_all.contiguous()?, mask, groups, scale)
         }
     }
 }
@@ -323,19 +315,4 @@ pub fn split_heads(x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
 /// Apply a module to `x`; a tiny helper so architectures read as the math.
 pub fn apply<M: Module>(m: &M, x: &Tensor) -> Result<Tensor> {
     m.forward(x)
-}
-
-/// Every block's linear layers under their Hugging Face module names (`{prefix}.{i}.{part}`).
-pub fn named_linears<'a, B: 'a>(
-    prefix: &str,
-    blocks: &'a mut [B],
-    parts: impl Fn(&'a mut B) -> Vec<(&'static str, &'a mut super::linear::Linear)>,
-) -> Vec<(String, &'a mut super::linear::Linear)> {
-    let mut out = vec![];
-    for (i, b) in blocks.iter_mut().enumerate() {
-        for (part, l) in parts(b) {
-            out.push((format!("{prefix}.{i}.{part}"), l));
-        }
-    }
-    out
 }

@@ -188,7 +188,7 @@ impl Linear {
         let delta = (xd.matmul(&l.a.detach().t()?)?.matmul(&l.b.detach().t()?)? * scale)?;
         let value = (self.frozen_value(&x.detach())? + delta.reshape(self.out_dims(x))?.to_dtype(x.dtype())?)?;
         let weight = self.weight.clone();
-        super::autograd::with_backward3(x, &l.a, &l.b, value, "lora-linear", move |[x, a, b], needs, g| {
+        crate::ops::autograd::with_backward3(x, &l.a, &l.b, value, "lora-linear", move |[x, a, b], needs, g| {
             let g32 = (g.reshape((rows, out_f))?.to_dtype(cd)? * scale)?;
             let xd = dropped(x, &mask)?;
             let gxa = g32.matmul(b)?; // [rows, r]
@@ -229,7 +229,7 @@ impl Module for Linear {
             // instead, with a backward for the input only: `dx = dy · W`, a quantized W dequantized just for
             // that moment, so the base stays quantized in memory (QLoRA).
             let weight = self.weight.clone();
-            super::autograd::with_backward(x, self.frozen_value(&x.detach())?, "frozen-linear", move |x, _, g| {
+            crate::ops::autograd::with_backward(x, self.frozen_value(&x.detach())?, "frozen-linear", move |x, _, g| {
                 Self::input_grad(&weight, x, g)
             })?
         } else {

@@ -1,42 +1,41 @@
-//! The model core: configuration, weights, the linear seam, the KV cache and one file per architecture.
+//! The model core: configuration, weights, the linear seam (dense or quantized, with an adapter slot), the KV
+//! cache, and the trunk every architecture shares (embedding → layers → final norm → LM head). The layers
+//! themselves live in one file per architecture under `arch/`.
 
-pub mod autograd;
+pub mod adapter;
+pub mod arch;
 pub mod cache;
 pub mod config;
-pub mod device;
-pub mod fused;
-pub mod gguf;
-pub mod gpt_neox;
-pub mod graph_decode;
+pub mod decode_graph;
 pub mod layers;
 pub mod linear;
-pub mod llama;
-pub mod loader;
-pub mod stablelm;
+pub mod quant;
 pub mod weights;
 
+pub use arch::Architecture;
 pub use cache::KvCache;
-pub use config::{Architecture, ModelConfig};
+pub use config::ModelConfig;
 pub use layers::Ops;
 pub use linear::Linear;
-pub use loader::{load, LoadOptions, LoadedModel};
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use arch::{Layers, Step};
+use candle_core::{DType, Device, Module, Tensor};
+use decode_graph::{GraphParts, GraphSlot};
+use layers::{causal_mask_for, select_positions, Embedding, Norm, Rotary};
 use weights::Weights;
-
-#[derive(Debug)]
-enum Arch {
-    Llama(llama::Llama),
-    StableLm(stablelm::StableLm),
-    GptNeoX(gpt_neox::GptNeoX),
-}
 
 /// A causal language model of any supported architecture.
 #[derive(Debug)]
 pub struct Model {
-    arch: Arch,
     cfg: ModelConfig,
+    embed: Embedding,
+    layers: Box<dyn Layers>,
+    final_norm: Norm,
+    lm_head: Linear,
+    rotary: Rotary,
+    /// The CUDA-graph decode step, built on first use by models whose layers have its shape.
+    graph: GraphSlot,
     device: Device,
     dtype: DType,
     ops: Ops,
@@ -45,18 +44,30 @@ pub struct Model {
 
 impl Model {
     pub fn build(cfg: &ModelConfig, w: &Weights) -> Result<Self> {
-        let arch = match cfg.architecture {
-            Architecture::Llama => Arch::Llama(llama::Llama::load(cfg, w)?),
-            Architecture::StableLm => Arch::StableLm(stablelm::StableLm::load(cfg, w)?),
-            Architecture::GptNeoX => Arch::GptNeoX(gpt_neox::GptNeoX::load(cfg, w)?),
+        let spec = cfg.architecture.spec();
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = w.embedding(spec.trunk.embed, v, h)?;
+        let layers = (spec.build)(cfg, w)?;
+        let final_norm = match cfg.norm {
+            config::NormKind::Rms => w.rms_norm(spec.trunk.final_norm, h, cfg.norm_eps)?,
+            config::NormKind::Layer => w.layer_norm(spec.trunk.final_norm, h, cfg.norm_eps, true)?,
         };
-        let mut m =
-            Self { arch, cfg: cfg.clone(), device: w.device.clone(), dtype: w.dtype, ops: Ops::Fused, weight_bytes: 0 };
-        let head = match &m.arch {
-            Arch::Llama(a) => a.head_bytes(),
-            Arch::StableLm(a) => a.head_bytes(),
-            Arch::GptNeoX(a) => a.head_bytes(),
+        let lm_head = w.lm_head(spec.trunk.lm_head, &embed, v, h, cfg.tie_word_embeddings)?;
+        let rotary = Rotary::new(cfg, w.dtype, &w.device)?;
+        let mut m = Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rotary,
+            graph: GraphSlot::default(),
+            device: w.device.clone(),
+            dtype: w.dtype,
+            ops: Ops::Fused,
+            weight_bytes: 0,
         };
+        let head = m.embed.bytes() + if cfg.tie_word_embeddings { 0 } else { m.lm_head.weight_bytes() };
         m.weight_bytes = head + m.linears_mut().iter().map(|(_, l)| l.weight_bytes()).sum::<usize>();
         Ok(m)
     }
@@ -83,18 +94,43 @@ impl Model {
         KvCache::new(self.cfg.num_layers, self.cfg.max_position_embeddings)
     }
 
+    /// The trunk: embedding, the architecture's layers, final norm and head; the cache advances once.
     fn run(&self, ids: &Tensor, cache: &mut KvCache, all: bool) -> candle_core::Result<Tensor> {
-        let logits = match &self.arch {
-            Arch::Llama(m) => m.forward(ids, cache, all, self.ops),
-            Arch::StableLm(m) => m.forward(ids, cache, all, self.ops),
-            Arch::GptNeoX(m) => m.forward(ids, cache, all, self.ops),
-        }?;
+        let (batch, t) = ids.dims2()?;
+        cache.check_room(t)?;
+        let offset = cache.len();
+        let x = self.embed.forward(ids)?;
+        if t == 1 && batch == 1 && self.ops == Ops::Fused && x.device().is_cuda() {
+            if let Some(logits) = self.graph.step(|| self.graph_parts(), &x, cache)? {
+                return self.cast_logits(logits);
+            }
+        }
+        let mask = causal_mask_for(t, offset, &x, self.ops)?;
+        let mut step = Step { cache, offset, mask, rotary: &self.rotary, ops: self.ops };
+        let x = self.layers.forward(x, &mut step)?;
+        cache.advance(t);
+        let x = self.final_norm.forward(&select_positions(&x, all)?, self.ops)?;
+        self.cast_logits(self.lm_head.forward(&x)?)
+    }
+
+    fn cast_logits(&self, logits: Tensor) -> candle_core::Result<Tensor> {
         match self.ops {
             Ops::Fused => logits.to_dtype(DType::F32),
             // Training selects the labelled rows first and casts those (a full f32 copy of every position's
             // logits would be the largest tensor of the step).
             Ops::Differentiable => Ok(logits),
         }
+    }
+
+    fn graph_parts(&self) -> Option<GraphParts<'_>> {
+        Some(GraphParts {
+            cfg: &self.cfg,
+            layers: self.layers.graph_layers()?,
+            final_norm: &self.final_norm,
+            lm_head: &self.lm_head,
+            inv_freq: self.rotary.inv_freq(),
+            interleaved: self.rotary.interleaved(),
+        })
     }
 
     /// Logits at every given position: `ids` `[b, t]` → `[b, t, vocab]` (f32; in the compute dtype with
@@ -115,11 +151,10 @@ impl Model {
 
     /// All linear layers by their Hugging Face module names (the seam LoRA plugs into).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        match &mut self.arch {
-            Arch::Llama(m) => m.linears_mut(),
-            Arch::StableLm(m) => m.linears_mut(),
-            Arch::GptNeoX(m) => m.linears_mut(),
-        }
+        // Adapters may be attached or weights replaced: the decode graph must be rebuilt.
+        self.graph.reset();
+        let prefix = self.cfg.architecture.spec().trunk.layers;
+        self.layers.linears_mut().into_iter().map(|(name, l)| (format!("{prefix}.{name}"), l)).collect()
     }
 
     /// Bytes of weights held on the device (quantized sizes where quantized).

@@ -138,7 +138,7 @@ impl Tokenizer {
 
     /// A tokenizer from GGUF metadata (`tokenizer.ggml.*`).
     pub fn from_gguf(c: &gguf_file::Content, path: &Path) -> Result<Self> {
-        use crate::model::gguf::{meta_bool, meta_str, meta_u64};
+        use crate::formats::gguf::{meta_bool, meta_str, meta_u64};
         let model = meta_str(c, "tokenizer.ggml.model")
             .with_context(|| format!("{}: no tokenizer in GGUF metadata (`tokenizer.ggml.model`)", path.display()))?;
         let tokens = string_array(c, "tokenizer.ggml.tokens", path)?;

@@ -1,12 +1,20 @@
 //! Fused ops of the inference path with our own CUDA kernels (`kernels/kernels.cu`); on other devices (or
 //! shapes the kernels don't take) each falls back to the composition of candle ops it replaces.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
+
+/// Causal mask for `t` new tokens after `offset` cached ones: `[t, offset + t]`, -inf above the diagonal.
+pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let total = offset + t;
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)
+}
 
 /// Attention probabilities: `softmax(scores + causal mask)` over the last dim. `scores` `[.., rows, total]`:
 /// each group of `t` rows are the queries of `t` new tokens after `offset` cached ones (`total = offset + t`);
 /// query `i` may attend to columns `0..=offset + i`. On CUDA (t > 1) our kernel masks while it normalises and
-/// `mask` is not needed; elsewhere `mask` (`[t, total]`, from `layers::causal_mask_for`) is added first, and
+/// `mask` is not needed; elsewhere `mask` (`[t, total]`, from `causal_mask`) is added first, and
 /// without one the scores are a single token's (nothing to mask).
 pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, t: usize, offset: usize) -> Result<Tensor> {
     if t > 1 && scores.device().is_cuda() {
@@ -246,7 +254,7 @@ mod tests {
     fn masked_softmax_masks_each_query_at_its_position() -> Result<()> {
         // 2 heads x 3 new tokens after 2 cached ones: query i sees columns 0..=2+i.
         let scores = Tensor::randn(0f32, 1.0, (1, 2, 3, 5), &Device::Cpu)?;
-        let mask = crate::model::layers::causal_mask(3, 2, DType::F32, &Device::Cpu)?;
+        let mask = causal_mask(3, 2, DType::F32, &Device::Cpu)?;
         let p = masked_softmax(&scores, Some(&mask), 3, 2)?;
         let v = p.flatten_all()?.to_vec1::<f32>()?;
         for h in 0..2 {

@@ -1,15 +1,91 @@
 //! StableLM (`StableLmForCausalLM`, e.g. stablelm-2-1_6b): LayerNorm with bias, partial rotary, optional
 //! q/k/v bias, optional per-head q/k LayerNorm and optional parallel residual.
 
-use super::cache::KvCache;
-use super::config::ModelConfig;
-use super::layers::{
-    attention, causal_mask_for, gated, named_linears, select_positions, split_heads, Embedding, Norm, Ops, Rotary,
-};
-use super::linear::Linear;
-use super::weights::{Init, Weights};
+use super::llama::LLAMA_LINEARS;
+use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step, TrunkNames};
+use crate::model::config::{Activation, HfConfig, ModelConfig, NormKind};
+use crate::model::layers::{attention, gated, split_heads, Norm, Ops};
+use crate::model::linear::Linear;
+use crate::model::weights::{Init, Weights};
 use anyhow::Result;
 use candle_core::{Module, Tensor};
+
+pub static SPEC: ArchSpec = ArchSpec {
+    name: "stablelm",
+    hf_architectures: &["StableLmForCausalLM"],
+    hf_model_type: "stablelm",
+    gguf_architecture: "stablelm",
+    trunk: TrunkNames {
+        embed: "model.embed_tokens.weight",
+        final_norm: "model.norm",
+        lm_head: "lm_head",
+        layers: "model.layers",
+    },
+    from_hf,
+    from_gguf,
+    validate: |_| Ok(()),
+    layer_parameters,
+    build: |cfg, w| Ok(Box::new(StableLmLayers::load(cfg, w)?)),
+    // The same module names as llama.
+    gguf_layer_part: super::llama::gguf_layer_part,
+    default_lora_targets: &["q_proj", "v_proj"],
+    tiny_config,
+};
+
+impl Architecture {
+    #[allow(non_upper_case_globals)]
+    pub const StableLm: Architecture = Architecture(&SPEC);
+}
+
+fn from_hf(raw: &HfConfig) -> Result<ArchTraits> {
+    Ok(ArchTraits {
+        norm: NormKind::Layer,
+        norm_eps: raw.layer_norm_eps.unwrap_or(1e-5),
+        activation: Activation::from_hf(raw.hidden_act.as_deref().unwrap_or("silu"))?,
+        partial_rotary: 0.25,
+        attention_bias: raw.use_qkv_bias.unwrap_or(false),
+        attention_out_bias: false,
+        mlp_bias: raw.mlp_bias.unwrap_or(false),
+        parallel_residual: raw.use_parallel_residual.unwrap_or(false),
+        qk_layernorm: raw.qk_layernorm.unwrap_or(false),
+        rope_interleaved: false,
+    })
+}
+
+fn from_gguf(m: &GgufMeta) -> ArchTraits {
+    ArchTraits {
+        norm: NormKind::Layer,
+        norm_eps: m.f64("attention.layer_norm_epsilon").unwrap_or(1e-5),
+        activation: Activation::Silu,
+        partial_rotary: 0.25,
+        attention_bias: m.has_tensor("blk.0.attn_q.bias"),
+        attention_out_bias: m.has_tensor("blk.0.attn_output.bias"),
+        mlp_bias: m.has_tensor("blk.0.ffn_up.bias"),
+        parallel_residual: !m.has_tensor("blk.0.ffn_norm.weight"),
+        qk_layernorm: false,
+        rope_interleaved: false,
+    }
+}
+
+fn layer_parameters(cfg: &ModelConfig) -> u64 {
+    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let mlp = 3 * h * i + if cfg.mlp_bias { 2 * i + h } else { 0 };
+    let qk_norm = if cfg.qk_layernorm { ((cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim) as u64 } else { 0 };
+    // A parallel residual block has no post-attention norm.
+    let norms = if cfg.parallel_residual { 1 } else { 2 } * cfg.norm_parameters();
+    cfg.attention_parameters() + mlp + norms + qk_norm
+}
+
+fn tiny_config(vocab: usize) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["StableLmForCausalLM"], "model_type": "stablelm", "vocab_size": vocab,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "layer_norm_eps": 1e-5, "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+        "use_qkv_bias": true, "qk_layernorm": true, "use_parallel_residual": false,
+        "max_position_embeddings": 256, "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 0,
+        "hidden_act": "silu"
+    })
+}
 
 /// One LayerNorm (no bias) per head, as `StableLmLayerNormPerHead`.
 #[derive(Debug)]
@@ -56,22 +132,17 @@ struct Block {
 }
 
 #[derive(Debug)]
-pub struct StableLm {
+struct StableLmLayers {
     cfg: ModelConfig,
-    embed: Embedding,
     blocks: Vec<Block>,
-    norm: Norm,
-    lm_head: Linear,
-    rotary: Rotary,
 }
 
-impl StableLm {
-    pub fn load(cfg: &ModelConfig, w: &Weights) -> Result<Self> {
+impl StableLmLayers {
+    fn load(cfg: &ModelConfig, w: &Weights) -> Result<Self> {
         let (h, hd, eps) = (cfg.hidden_size, cfg.head_dim, cfg.norm_eps);
-        let embed = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}");
+            let p = format!("{}.{i}", SPEC.trunk.layers);
             let bias = cfg.attention_bias;
             let (q_norm, k_norm) = if cfg.qk_layernorm {
                 (
@@ -99,25 +170,14 @@ impl StableLm {
                 down: w.linear(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?,
             });
         }
-        let norm = w.layer_norm("model.norm", h, eps, true)?;
-        let lm_head = w.lm_head("lm_head", &embed, cfg.vocab_size, h, cfg.tie_word_embeddings)?;
-        let rotary = Rotary::new(cfg, w.dtype, &w.device)?;
-        Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, rotary })
+        Ok(Self { cfg: cfg.clone(), blocks })
     }
+}
 
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        cache: &mut KvCache,
-        all_logits: bool,
-        ops: Ops,
-    ) -> candle_core::Result<Tensor> {
-        let (_b, t) = ids.dims2()?;
-        let offset = cache.len();
-        cache.check_room(t)?;
-        let mut x = self.embed.forward(ids)?;
-        let mask = causal_mask_for(t, offset, &x, ops)?;
+impl Layers for StableLmLayers {
+    fn forward(&self, mut x: Tensor, s: &mut Step) -> candle_core::Result<Tensor> {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let ops = s.ops;
         for (i, blk) in self.blocks.iter().enumerate() {
             let hs = blk.input_norm.forward(&x, ops)?;
             let mut q = split_heads(&blk.q.forward(&hs)?, nh, hd)?;
@@ -126,10 +186,10 @@ impl StableLm {
                 q = qn.forward(&q, ops)?;
                 k = kn.forward(&k, ops)?;
             }
-            let q = self.rotary.apply_query(&q, offset, ops)?;
-            let k = self.rotary.apply(&k, offset, ops)?;
+            let q = s.rotary.apply_query(&q, s.offset, ops)?;
+            let k = s.rotary.apply(&k, s.offset, ops)?;
             let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
-            let attn = blk.o.forward(&attention(&q, &k, &v, cache, i, mask.as_ref(), ops)?)?;
+            let attn = blk.o.forward(&attention(&q, &k, &v, s.cache, i, s.mask.as_ref(), ops)?)?;
             let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
                 let gated = gated(&blk.gate.forward(input)?, &blk.up.forward(input)?, self.cfg.activation, ops)?;
                 blk.down.forward(&gated)
@@ -143,27 +203,15 @@ impl StableLm {
                 }
             };
         }
-        cache.advance(t);
-        let x = self.norm.forward(&select_positions(&x, all_logits)?, ops)?;
-        self.lm_head.forward(&x)
+        Ok(x)
     }
 
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        named_linears("model.layers", &mut self.blocks, |b| {
-            vec![
-                ("self_attn.q_proj", &mut b.q),
-                ("self_attn.k_proj", &mut b.k),
-                ("self_attn.v_proj", &mut b.v),
-                ("self_attn.o_proj", &mut b.o),
-                ("mlp.gate_proj", &mut b.gate),
-                ("mlp.up_proj", &mut b.up),
-                ("mlp.down_proj", &mut b.down),
-            ]
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        named_linears(&mut self.blocks, |b| {
+            LLAMA_LINEARS
+                .into_iter()
+                .zip([&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.gate, &mut b.up, &mut b.down])
+                .collect()
         })
-    }
-
-    /// Bytes of the embedding and (untied) output head.
-    pub fn head_bytes(&self) -> usize {
-        self.embed.bytes() + if self.cfg.tie_word_embeddings { 0 } else { self.lm_head.weight_bytes() }
     }
 }

@@ -417,7 +417,7 @@ mod tests {
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev).unwrap()).unwrap();
         let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap()).unwrap();
         let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap()).unwrap();
-        let mask = crate::model::layers::causal_mask(3, 0, DType::F32, &dev).unwrap();
+        let mask = crate::ops::fused::causal_mask(3, 0, DType::F32, &dev).unwrap();
         let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), 2, 0.5).unwrap();
         let s = (q.as_tensor() * 0.5).unwrap().matmul(&k.as_tensor().t().unwrap()).unwrap();
         let s = s.reshape((1, 2, 2, 3, 3)).unwrap().broadcast_add(&mask).unwrap().reshape((1, 2, 6, 3)).unwrap();

@@ -1,8 +1,8 @@
-//! The CUDA decode step of llama-family models as one replayed CUDA graph.
+//! The CUDA decode step of models with llama-shaped layers as one replayed CUDA graph.
 //!
 //! At batch 1 a decode step through candle's ops is ~470 small kernels, each paying host launch work, so
 //! the GPU idles about half the step. Here one token's whole step is five kernels per layer of our own
-//! (`kernels/kernels.cu`: RMSNorm fused into the following matrix-vector product, QKV and gate/up each in
+//! (`ops/kernels/kernels.cu`: RMSNorm fused into the following matrix-vector product, QKV and gate/up each in
 //! one launch, rope + KV-cache write + attention in one, residual adds in the matvec epilogues), captured
 //! once into a CUDA graph and replayed for every token. The position lives in device memory, so the same
 //! graph serves every step; a graph is tied to the KV cache buffers it was captured with and is recaptured
@@ -25,11 +25,18 @@ pub const DISABLE_ENV: &str = "BILLION_CUDA_GRAPH";
 /// Set `BILLION_CUDA_PDL=0` to launch the graph's kernels strictly one after another.
 pub const PDL_ENV: &str = "BILLION_CUDA_PDL";
 
-/// The parts of a llama model the graph reads (weights are shared, not copied).
-pub struct LlamaParts<'a> {
+/// One layer as the graph reads it: pre-norm attention (q, k, v, o) and a pre-norm gated MLP.
+pub struct GraphLayer<'a> {
+    pub attn_norm: &'a Norm,
+    pub qkvo: [&'a Linear; 4],
+    pub mlp_norm: &'a Norm,
+    pub gate_up_down: [&'a Linear; 3],
+}
+
+/// The parts of a model the graph reads (weights are shared, not copied).
+pub struct GraphParts<'a> {
     pub cfg: &'a ModelConfig,
-    /// Per layer: attention norm, q, k, v, o, MLP norm, gate, up, down.
-    pub layers: Vec<(&'a Norm, [&'a Linear; 4], &'a Norm, [&'a Linear; 3])>,
+    pub layers: Vec<GraphLayer<'a>>,
     pub final_norm: &'a Norm,
     pub lm_head: &'a Linear,
     pub inv_freq: &'a [f32],
@@ -68,13 +75,17 @@ impl GraphSlot {
     /// token's embedding `[1, 1, hidden]`. Returns `None` to fall back to the regular path.
     pub fn step<'a>(
         &self,
-        parts: impl FnOnce() -> LlamaParts<'a>,
+        parts: impl FnOnce() -> Option<GraphParts<'a>>,
         embedded: &Tensor,
         cache: &mut KvCache,
     ) -> Result<Option<Tensor>> {
         let mut state = self.state.lock().expect("graph slot lock");
         if matches!(*state, SlotState::Unbuilt) {
-            *state = match imp::Engine::new(&parts(), embedded)? {
+            let engine = match parts() {
+                Some(p) => imp::Engine::new(&p, embedded)?,
+                None => None,
+            };
+            *state = match engine {
                 Some(e) => SlotState::Ready(Box::new(e)),
                 None => SlotState::Unavailable,
             };
@@ -93,7 +104,7 @@ mod imp {
     pub struct Engine;
 
     impl Engine {
-        pub fn new(_: &LlamaParts, _: &Tensor) -> Result<Option<Self>> {
+        pub fn new(_: &GraphParts, _: &Tensor) -> Result<Option<Self>> {
             Ok(None)
         }
 
@@ -117,7 +128,7 @@ mod imp {
     use half::bf16;
     use std::sync::Arc;
 
-    use crate::model::fused::cuda::{MODULE, PTX};
+    use crate::ops::fused::cuda::{MODULE, PTX};
 
     const WARPS: u32 = 8;
     /// Matvec blocks per SM (bf16 / quantized weights): the kernels' launch bounds.
@@ -292,7 +303,7 @@ mod imp {
     }
 
     impl Engine {
-        pub fn new(p: &LlamaParts, embedded: &Tensor) -> Result<Option<Self>> {
+        pub fn new(p: &GraphParts, embedded: &Tensor) -> Result<Option<Self>> {
             if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "0") {
                 return Ok(None);
             }
@@ -319,7 +330,9 @@ mod imp {
             };
             let mut layers = Vec::with_capacity(p.layers.len());
             let mut eps = None;
-            for (an, [q, k, v, o], mn, [gate, up, down]) in &p.layers {
+            for GraphLayer { attn_norm: an, qkvo: [q, k, v, o], mlp_norm: mn, gate_up_down: [gate, up, down] } in
+                &p.layers
+            {
                 let (Some((attn_norm, e)), Some((mlp_norm, _))) = (norm_ptr(an)?, norm_ptr(mn)?) else {
                     return Ok(None);
                 };

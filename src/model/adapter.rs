@@ -1,10 +1,9 @@
-//! LoRA adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` with tensors named
+//! LoRA adapters in PEFT's format, for inference (`--adapter`) and training alike: `adapter_config.json` + `adapter_model.safetensors` with tensors named
 //! `base_model.model.<module>.lora_A.weight` (`[r, in]`) and `.lora_B.weight` (`[out, r]`); the layer computes
 //! `W x + (alpha / r) · B (A x)`.
 
-use super::data::IGNORE;
-use crate::model::linear::LoraAdapter;
-use crate::model::{Model, ModelConfig};
+use super::linear::LoraAdapter;
+use super::{Model, ModelConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
@@ -72,7 +71,7 @@ impl Lora {
     pub fn init(model: &mut Model, config: LoraConfig, seed: u64) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         if config.r == 0 {
-            bail!("--rank must be at least 1");
+            bail!("the adapter rank must be at least 1");
         }
         let device = model.device().clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -95,7 +94,7 @@ impl Lora {
             all_names.sort();
             all_names.dedup();
             bail!(
-                "--targets {}: no such linear layer in this model (it has: {}, or `all`)",
+                "target modules {}: no such linear layer in this model (it has: {}, or `all`)",
                 config.target_modules.join(","),
                 all_names.join(", ")
             );
@@ -260,52 +259,15 @@ impl Lora {
     }
 }
 
-/// The rows of `[b·t, vocab]` logits that predict a label, and those labels: logits at t predict the label at
-/// t+1; labels equal to -100 are skipped. `labels` is `[b, t]`.
-pub fn labelled_rows(labels: &Tensor, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)> {
-    let (b, t) = labels.dims2()?;
-    let labels: Vec<i64> = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
-    let mut rows = vec![];
-    let mut targets = vec![];
-    for bi in 0..b {
-        for ti in 0..t - 1 {
-            let l = labels[bi * t + ti + 1];
-            if l != IGNORE {
-                if l < 0 || l as usize >= vocab {
-                    bail!("label {l} is outside the vocabulary of {vocab}");
-                }
-                rows.push((bi * t + ti) as u32);
-                targets.push(l as u32);
-            }
-        }
-    }
-    Ok((rows, targets))
-}
-
-/// Hugging Face's causal-LM loss: the mean negative log-likelihood over [`labelled_rows`].
-/// `logits` `[b, t, vocab]`, `labels` `[b, t]` (i64).
-pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let (rows, targets) = labelled_rows(labels, v)?;
-    if rows.is_empty() {
-        bail!("every label is ignored (-100): nothing to learn from");
-    }
-    let device = logits.device();
-    let flat = logits.reshape((b * t, v))?;
-    let rows = Tensor::new(rows.as_slice(), device)?;
-    let target = Tensor::new(targets.as_slice(), device)?;
-    Ok(crate::model::autograd::cross_entropy_rows(&flat, &rows, &target)?.mean_all()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::config::Architecture;
 
-    fn tiny_model(dir: &Path) -> crate::model::LoadedModel {
+    fn tiny_model(dir: &Path) -> crate::load::LoadedModel {
         crate::testing::write_hf_model(dir, &crate::testing::tiny_config(Architecture::Llama, 320), 3).unwrap();
-        let opts = crate::model::LoadOptions { device: Some("cpu".into()), ..Default::default() };
-        crate::model::load(dir.to_str().unwrap(), &opts).unwrap()
+        let opts = crate::load::LoadOptions { device: Some(crate::load::DeviceSpec::Cpu), ..Default::default() };
+        crate::load::load(dir.to_str().unwrap(), &opts).unwrap()
     }
 
     fn config(targets: &[&str]) -> LoraConfig {

@@ -1,0 +1,5 @@
+//! Kernels below the model: the fused inference ops (with their CUDA kernels, `kernels/kernels.cu`) and the
+//! training ops with hand-written backward passes. They take and return tensors; no model types.
+
+pub mod autograd;
+pub mod fused;
