@@ -33,6 +33,15 @@ fn normal(rng: &mut StdRng, std: f32) -> f32 {
     std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
 
+/// A tensor of Normal(`mean`, `std`) values from a seeded generator (on the CPU), so that a failing test sees the
+/// same input when it is run again.
+pub fn seeded_randn(seed: u64, mean: f32, std: f32, shape: &[usize]) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| mean + normal(&mut rng, std)).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches the data")
+}
+
 /// Random f32 tensors of every weight of `cfg`, seeded.
 pub fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
     let mut rng = StdRng::seed_from_u64(seed);

@@ -1,18 +1,132 @@
-//! Small shared helpers: atomic file writes, peak memory.
+//! Small shared helpers: atomic file writes, a quiet end when stdout is closed, peak memory.
 
 use anyhow::{Context, Result};
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-/// Write `bytes` to `path` through a temporary file in the same folder and a rename, so readers never
-/// see a partial file.
+/// Exit status when stdout is closed under us (`billion … | head`): 141, what a shell reports for a program
+/// that SIGPIPE ended (128 + 13), so scripts see the same status as for `cat` or `grep` in that place.
+pub const CLOSED_STDOUT_EXIT: i32 = 141;
+
+/// The process's panic hook, installed once at start: a write to a closed stdout ends the process quietly with
+/// [`CLOSED_STDOUT_EXIT`] instead of a panic ("failed printing to stdout: Broken pipe"), and a panic inside
+/// [`contain_panic`] stays silent (it becomes that call's error). SIGPIPE stays ignored (child processes'
+/// pipes are written to), so `print!`/`println!` see EPIPE and panic; the hook recognises exactly that panic.
+/// Every other panic goes to the hook installed before.
+pub fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if is_closed_stdout_panic(msg) {
+            std::process::exit(CLOSED_STDOUT_EXIT);
+        }
+        if CONTAINING.with(|c| c.get()) {
+            return;
+        }
+        previous(info)
+    }));
+}
+
+thread_local! {
+    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run a third-party parser that may panic on malformed input (the `tokenizers` crate does on some
+/// tokenizer.json files) and turn its panic into an error carrying the panic's message.
+pub fn contain_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let was = CONTAINING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINING.with(|c| c.set(was));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the parser panicked".into())
+    })
+}
+
+/// The standard library's panic message for `print!` to a stdout whose reader has gone.
+fn is_closed_stdout_panic(msg: &str) -> bool {
+    let epipe = std::io::Error::from_raw_os_error(libc::EPIPE).to_string();
+    msg.starts_with("failed printing to stdout") && msg.contains(&epipe)
+}
+
+/// The temporary file `write_atomic` writes `name` through, for this process.
+fn temp_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Remove temporary files of `name` left by writers that were killed (their process is gone), so a crash
+/// leaves no litter beyond the next write. Temporary files of live processes are theirs and stay.
+fn remove_orphaned_temps(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".tmp")) else { continue };
+        let Ok(pid) = pid.parse::<libc::pid_t>() else { continue };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Milliseconds to pause halfway through writing a temporary file (`BILLION_WRITE_PAUSE_MS`): fault tests
+/// kill or starve the process there to show that the final path never holds a partial file.
+fn write_pause() -> Option<std::time::Duration> {
+    let ms: u64 = std::env::var("BILLION_WRITE_PAUSE_MS").ok()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
+/// Every file we write is readable by all and writable by its owner (0644), as other tools leave theirs,
+/// whatever the writer used for its temporary file.
+pub fn set_shared_mode(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+}
+
+/// Write `bytes` to `path` through a temporary file in the same folder, flushed to disk, and a rename, so
+/// readers never see a partial file: after a failure (full disk) or a crash the old file, if any, is intact
+/// and the temporary file is removed (a crashed writer's, at the next write).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    remove_orphaned_temps(dir, &name);
+    let tmp = temp_path(dir, &name);
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        match write_pause() {
+            Some(pause) => {
+                let (first, rest) = bytes.split_at(bytes.len() / 2);
+                f.write_all(first)?;
+                f.flush()?;
+                std::thread::sleep(pause);
+                f.write_all(rest)?;
+            }
+            None => f.write_all(bytes)?,
+        }
+        f.sync_all()?;
+        set_shared_mode(&tmp)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(anyhow::anyhow!("cannot write {}: {e}", path.display()));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("cannot move {} to {}: {e}", tmp.display(), path.display())
+    })
 }
 
 /// Save tensors as safetensors through a temporary file and a rename (no partial file on failure).
@@ -22,10 +136,20 @@ pub fn save_safetensors_atomic(
 ) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    candle_core::safetensors::save(tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    remove_orphaned_temps(dir, &name);
+    let tmp = temp_path(dir, &name);
+    let written = candle_core::safetensors::save(tensors, &tmp).map_err(anyhow::Error::from).and_then(|()| {
+        std::fs::File::open(&tmp)?.sync_all()?;
+        Ok(set_shared_mode(&tmp)?)
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(anyhow::anyhow!("cannot write {}: {e}", path.display()));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("cannot move {} to {}: {e}", tmp.display(), path.display())
+    })
 }
 
 /// Add `record` to the `runs` list of the JSON results file at `path`, replacing any earlier run with the same
@@ -112,4 +236,65 @@ pub fn gpu_peak_allocated_bytes(device: &candle_core::Device) -> Option<u64> {
     }
     let _ = device;
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+
+    /// Run in a child process by `closed_stdout_exits_quietly`: prints until stdout's reader is gone.
+    #[test]
+    #[ignore = "run as a child process by closed_stdout_exits_quietly"]
+    fn print_until_stdout_closes() {
+        if std::env::var_os("BILLION_PRINT_UNTIL_CLOSED").is_none() {
+            return;
+        }
+        install_panic_hook();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        loop {
+            println!("a line nobody reads");
+        }
+    }
+
+    #[test]
+    fn closed_stdout_exits_quietly() {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "util::tests::print_until_stdout_closes", "--ignored", "--nocapture"])
+            .env("BILLION_PRINT_UNTIL_CLOSED", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read the harness's first line, then close the pipe before the test prints.
+        let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        reader.read_line(&mut first).unwrap();
+        drop(reader);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(CLOSED_STDOUT_EXIT), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+
+    #[test]
+    fn contained_panics_become_errors() {
+        assert_eq!(contain_panic(|| 7), Ok(7));
+        let err = contain_panic(|| -> u8 { panic!("bad decoder") }).unwrap_err();
+        assert_eq!(err, "bad decoder");
+    }
+
+    #[test]
+    fn atomic_write_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.json");
+        // A temporary file of a writer that no longer exists (pid far above pid_max) is swept.
+        let orphan = dir.path().join(".out.json.999999999.tmp");
+        std::fs::write(&orphan, b"half").unwrap();
+        write_atomic(&path, b"{}").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}");
+        assert!(!orphan.exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
 }

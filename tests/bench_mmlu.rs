@@ -1,10 +1,13 @@
-//! MMLU as lm-evaluation-harness renders and scores it.
+//! MMLU as lm-evaluation-harness renders and scores it; prefix reuse changes no score and runs fewer tokens.
 
 mod common;
 
 use billion::bench::mmlu::{self, Question, Subject};
 use billion::load::{load, LoadOptions};
 use candle_core::D;
+use std::sync::atomic::AtomicBool;
+
+static NOT_INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 #[test]
 fn prompt_is_byte_identical_to_the_harness() {
@@ -39,9 +42,12 @@ fn scores_equal_a_hand_computed_log_softmax() {
         test: vec![q("and this one?", 1), q("or that?", 3), q("last?", 0)],
     };
     let groups = mmlu::subject_groups();
-    let (res, details) =
-        mmlu::evaluate(&loaded, std::slice::from_ref(&subject), 2, Some(2), &groups, true, |_| {}).unwrap();
-    assert_eq!(res[0].questions, 2, "--limit");
+    let run =
+        mmlu::evaluate(&loaded, std::slice::from_ref(&subject), 2, Some(2), &groups, true, &NOT_INTERRUPTED, |_| {})
+            .unwrap();
+    let details = run.details;
+    assert_eq!(run.results[0].questions, 2, "--limit");
+    assert!(!run.interrupted);
     // By hand: full forward of context + " X", log-softmax at the position before the continuation.
     let tok = loaded.tokenizer().unwrap();
     for (qi, question) in subject.test[..2].iter().enumerate() {
@@ -64,13 +70,53 @@ fn scores_equal_a_hand_computed_log_softmax() {
             assert!((got - want).abs() < 1e-4, "q{qi} {letter}: {got} vs {want}");
         }
     }
-    // Prefix reuse changes nothing.
-    let (_, fresh) = mmlu::evaluate(&loaded, std::slice::from_ref(&subject), 2, None, &groups, false, |_| {}).unwrap();
-    let (_, reused) = mmlu::evaluate(&loaded, std::slice::from_ref(&subject), 2, None, &groups, true, |_| {}).unwrap();
-    for (a, b) in fresh[0].1.iter().zip(&reused[0].1) {
+    // Prefix reuse changes no score, and it happened: fewer tokens were run through the model.
+    let eval = |reuse| {
+        mmlu::evaluate(&loaded, std::slice::from_ref(&subject), 2, None, &groups, reuse, &NOT_INTERRUPTED, |_| {})
+            .unwrap()
+    };
+    let (fresh, reused) = (eval(false), eval(true));
+    let prefix = loaded.tokenizer().unwrap().encode(&mmlu::fewshot_prefix(&subject, 2), false).unwrap().len();
+    assert!(
+        reused.tokens_run + 2 * (prefix - 1) <= fresh.tokens_run,
+        "the prefix ({prefix} tokens) is run once, not for each of 3 questions: {} vs {}",
+        reused.tokens_run,
+        fresh.tokens_run
+    );
+    for (a, b) in fresh.details[0].1.iter().zip(&reused.details[0].1) {
         for c in 0..4 {
             assert!((a.loglik[c] - b.loglik[c]).abs() < 1e-4);
         }
         assert_eq!(a.predicted, b.predicted);
     }
+}
+
+#[test]
+fn the_results_show_prefix_reuse_saved_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    let cfg = billion::testing::tiny_config(billion::model::config::Architecture::Llama, 320);
+    billion::testing::write_llama_gguf(&model, &cfg, 2, candle_core::quantized::GgmlDType::Q8_0).unwrap();
+    let mmlu = dir.path().join("mmlu");
+    std::fs::create_dir_all(mmlu.join("dev")).unwrap();
+    std::fs::create_dir_all(mmlu.join("test")).unwrap();
+    let rows = |n: usize| -> String { (0..n).map(|i| format!("\"q{i}: which?\",one,two,three,four,B\n")).collect() };
+    std::fs::write(mmlu.join("dev/virology_dev.csv"), rows(5)).unwrap();
+    std::fs::write(mmlu.join("test/virology_test.csv"), rows(6)).unwrap();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let res = dir.path().join(format!("results{}", extra.len()));
+        let mut args =
+            vec!["bench", "--models", model.to_str().unwrap(), "--mmlu", "--mmlu-dir", mmlu.to_str().unwrap()];
+        args.extend_from_slice(&["--results-dir", res.to_str().unwrap(), "--device", "cpu", "--json"]);
+        args.extend_from_slice(extra);
+        let out = common::billion(&args);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        let doc: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+        doc["models"][0]["mmlu"].clone()
+    };
+    let (reused, fresh) = (run(&[]), run(&["--no-prefix-reuse"]));
+    assert_eq!((reused["prefix_reuse"].as_bool(), fresh["prefix_reuse"].as_bool()), (Some(true), Some(false)));
+    let (r, f) = (reused["tokens_run"].as_u64().unwrap(), fresh["tokens_run"].as_u64().unwrap());
+    assert!(r > 0 && r * 2 < f, "with reuse {r} tokens, without {f}");
+    assert_eq!(reused["predictions"], fresh["predictions"]);
 }

@@ -60,7 +60,6 @@ fn template_errors_and_fallback() {
 }
 
 fn smollm2() -> Option<std::path::PathBuf> {
-    common::shared("fixtures")?;
     common::smollm2()
 }
 
@@ -231,7 +230,7 @@ fn interactive_session_on_a_terminal() {
             ("What is the capital of France? Answer in one word.", "Paris"),
             ("/stats", "tok/s"),
             ("Write a very long story about a dragon who learns to bake bread.", "\n"),
-            ("^C ", "(stopped)"),
+            ("^C ", "(stopped after"),
             ("/save /tmp/billion-chat-test.json", "(saved to"),
             ("/reset", "conversation cleared"),
             ("/load /tmp/billion-chat-test.json", "(loaded 4 messages"),
@@ -241,6 +240,9 @@ fn interactive_session_on_a_terminal() {
     eprintln!("{screen}");
     assert!(screen.contains("Paris"), "{screen}");
     assert!(!screen.contains("<|im_end|>"), "{screen}");
+    // "(stopped after N tokens)" is printed only when Ctrl-C cut the reply: N is short of --max-tokens 400.
+    let stopped = screen.split("(stopped after ").nth(1).and_then(|r| r.split(' ').next()).unwrap();
+    assert!(stopped.parse::<usize>().unwrap() < 400, "{screen}");
 }
 
 #[test]

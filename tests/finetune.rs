@@ -1,6 +1,6 @@
 //! `billion finetune` end to end on self-made tiny models: a learnable task lowers held-out loss (dense,
 //! Q8_0-quantized and GGUF bases), merged models equal base + adapter, a forced NaN keeps the last good
-//! adapter, Ctrl-C checkpoints and `--resume` finishes the same run.
+//! adapter, Ctrl-C checkpoints and the printed `--resume` command finishes the same run in place.
 
 mod common;
 
@@ -248,12 +248,12 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_same_run() {
     write_task(&dir.path().join("train.jsonl"), 0, 48);
     write_task(&dir.path().join("eval.jsonl"), 100, 4);
     let args = |out: &str, extra: &[&str]| {
-        let mut v = args(&model, dir.path(), out, &["--lr", "1e-3", "--epochs", "60"]);
+        let mut v = args(&model, dir.path(), out, &["--lr", "1e-3", "--epochs", "10"]);
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
     let mut child = Command::new(env!("CARGO_BIN_EXE_billion"))
-        .args(args("run", &[]))
+        .args(args("my run", &[]))
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -278,21 +278,28 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_same_run() {
     let status = child.wait().unwrap();
     assert!(!status.success(), "{log}");
     assert!(log.contains("interrupted at step"), "{log}");
-    let ckpt = dir.path().join("run").join("checkpoint");
+    let ckpt = dir.path().join("my run").join("checkpoint");
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
     let at = state["step"].as_u64().unwrap();
-    assert!(at > 0 && at < 360, "stopped mid-run at step {at}");
+    assert!(at > 0 && at < 60, "stopped mid-run at step {at}");
 
-    // Resume with fewer total steps than remain would be a different run; the checkpoint keeps the settings.
-    let mut resume = args("run", &[]);
-    resume.extend(["--resume".to_string(), ckpt.to_str().unwrap().to_string(), "--json".to_string()]);
-    let o = run_ok(&resume);
-    let v: serde_json::Value = serde_json::from_str(&common::stdout(&o)).unwrap();
-    assert_eq!(v["steps"].as_u64().unwrap(), 360);
-    assert_eq!(v["loss_curve"].as_array().unwrap().len(), 360, "the history continues across the interruption");
-    assert!(!ckpt.exists());
-    assert!(common::stderr(&o).contains(&format!("resuming at step {at} of 360")));
+    // The printed command continues exactly this run: same outputs (the folder's name needs quoting), same
+    // settings, wherever it is run from.
+    let printed = log.lines().find_map(|l| l.split_once("continue with: ")).map(|(_, c)| c.to_string());
+    let printed = printed.unwrap_or_else(|| panic!("no resume command in: {log}"));
+    assert!(printed.contains("--out '") && printed.contains("--results '"), "{printed}");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = Command::new("sh").args(["-c", &format!("exec {printed}")]).current_dir(elsewhere.path()).output().unwrap();
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains(&format!("resuming at step {at} of 60")), "{}", common::stderr(&o));
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0, "nothing written where it was run");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("my run.json")).unwrap()).unwrap();
+    let v = &results["runs"][0];
+    assert_eq!(v["steps"].as_u64().unwrap(), 60);
+    assert_eq!(v["loss_curve"].as_array().unwrap().len(), 60, "the history continues across the interruption");
+    assert!(!ckpt.exists(), "the checkpoint goes once the resumed run finishes");
 
     // The same run without the interruption ends with the same adapter.
     run_ok(&args("straight", &[]));
@@ -300,7 +307,7 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_same_run() {
         candle_core::safetensors::load(dir.path().join(d).join("adapter_model.safetensors"), &candle_core::Device::Cpu)
             .unwrap()
     };
-    let (resumed, straight) = (load("run"), load("straight"));
+    let (resumed, straight) = (load("my run"), load("straight"));
     for (k, v) in &resumed {
         let d = (v - &straight[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d <= 1e-6, "{k}: the resumed run ends {d} away from the uninterrupted one");

@@ -1,189 +1,17 @@
 //! `billion download` against a local hub on 127.0.0.1 that speaks the endpoints we use (repo listing with
-//! sizes and LFS sha256, `resolve/{revision}/{file}` with Range), serving tiny models our code wrote.
+//! sizes and LFS sha256, `resolve/{revision}/{file}` with Range), serving tiny models our code wrote. Faults
+//! (cut, stalled, failing downloads, full disks, kills) are in tests/faults.rs.
 
 mod common;
+#[path = "common/hub_server.rs"]
+mod hub_server;
 
 use billion::model::config::Architecture;
 use billion::testing::{tiny_config, write_hf_model};
-use sha2::{Digest, Sha256};
-use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
-
-const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
-
-#[derive(Default)]
-struct HubState {
-    repos: HashMap<String, Vec<(String, Vec<u8>)>>,
-    gated: HashSet<String>,
-    corrupt: HashSet<String>,
-    drop_once: HashSet<String>,
-    requests: Vec<(String, Option<String>)>,
-}
-
-struct LocalHub {
-    url: String,
-    state: Arc<Mutex<HubState>>,
-}
-
-fn sha256(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
-}
-
-impl LocalHub {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(Mutex::new(HubState::default()));
-        let s = state.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let s = s.clone();
-                std::thread::spawn(move || handle(conn, &s));
-            }
-        });
-        LocalHub { url, state }
-    }
-
-    fn add_model_dir(&self, repo: &str, dir: &Path) {
-        let mut files = vec![];
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            files.push((e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()));
-        }
-        files.push(("pytorch_model.bin".into(), b"not wanted".to_vec()));
-        self.state.lock().unwrap().repos.insert(repo.to_string(), files);
-    }
-
-    fn saw_range_for(&self, file: &str) -> bool {
-        self.state.lock().unwrap().requests.iter().any(|(p, r)| p.ends_with(file) && r.is_some())
-    }
-
-    fn resolve_requests(&self) -> usize {
-        self.state.lock().unwrap().requests.iter().filter(|(p, _)| p.contains("/resolve/")).count()
-    }
-}
-
-fn handle(mut conn: TcpStream, state: &Mutex<HubState>) {
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let mut range = None;
-    let mut auth = false;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-            break;
-        }
-        let lower = h.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("range: bytes=") {
-            range = v.trim().trim_end_matches('-').parse::<usize>().ok();
-        }
-        if lower.starts_with("authorization:") {
-            auth = true;
-        }
-    }
-    let mut st = state.lock().unwrap();
-    st.requests.push((path.clone(), range.map(|r| r.to_string())));
-    let (api, rest) = match path.strip_prefix("/api/models/").or_else(|| path.strip_prefix("/api/datasets/")) {
-        Some(r) => (true, r.to_string()),
-        None => (false, path.trim_start_matches('/').trim_start_matches("datasets/").to_string()),
-    };
-    let repo: String = rest.splitn(3, '/').take(2).collect::<Vec<_>>().join("/");
-    if st.gated.contains(&repo) && !auth {
-        let _ = conn.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        return;
-    }
-    let Some(files) = st.repos.get(&repo).cloned() else {
-        let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        return;
-    };
-    if api {
-        let siblings: Vec<serde_json::Value> = files
-            .iter()
-            .map(|(n, b)| {
-                if n.ends_with(".safetensors") || n.ends_with(".gguf") {
-                    serde_json::json!({"rfilename": n, "size": b.len(), "blobId": format!("{:040x}", b.len()),
-                        "lfs": {"sha256": sha256(b), "size": b.len(), "pointerSize": 134}})
-                } else {
-                    serde_json::json!({"rfilename": n, "size": b.len(), "blobId": sha256(b)[..40].to_string()})
-                }
-            })
-            .collect();
-        let body = serde_json::json!({"id": repo, "sha": COMMIT, "siblings": siblings}).to_string();
-        let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-        return;
-    }
-    // {org}/{name}/resolve/{rev}/{file}
-    let file = rest.splitn(5, '/').nth(4).unwrap_or("").split('?').next().unwrap_or("").to_string();
-    let Some((_, bytes)) = files.iter().find(|(n, _)| *n == file) else {
-        let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        return;
-    };
-    let mut body = bytes.clone();
-    if st.corrupt.contains(&file) {
-        let mid = body.len() / 2;
-        body[mid] ^= 0xff;
-    }
-    let drop_now = st.drop_once.remove(&file);
-    drop(st);
-    let start = range.unwrap_or(0).min(body.len());
-    let status = if range.is_some() { "206 Partial Content" } else { "200 OK" };
-    let _ = write!(
-        conn,
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nETag: \"{}\"\r\nX-Repo-Commit: {COMMIT}\r\nAccept-Ranges: bytes\r\n{}Connection: close\r\n\r\n",
-        body.len() - start,
-        sha256(bytes),
-        if range.is_some() { format!("Content-Range: bytes {start}-{}/{}\r\n", body.len() - 1, body.len()) } else { String::new() }
-    );
-    if drop_now {
-        let half = (body.len() - start) / 2;
-        let _ = conn.write_all(&body[start..start + half]);
-        let _ = conn.flush();
-        let _ = conn.shutdown(std::net::Shutdown::Both);
-        return;
-    }
-    let _ = conn.write_all(&body[start..]);
-}
-
-struct Env {
-    hub: LocalHub,
-    home: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Self {
-        let hub = LocalHub::start();
-        let src = tempfile::tempdir().unwrap();
-        write_hf_model(src.path(), &tiny_config(Architecture::Llama, 320), 4).unwrap();
-        hub.add_model_dir("test-org/tiny-llama", src.path());
-        Env { hub, home: tempfile::tempdir().unwrap() }
-    }
-
-    fn run(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_billion"));
-        c.args(args)
-            .env("HF_ENDPOINT", &self.hub.url)
-            .env("HF_HOME", self.home.path())
-            .env_remove("HF_TOKEN")
-            .env_remove("HF_HUB_CACHE")
-            .env_remove("HF_HUB_OFFLINE")
-            .env_remove("HUGGING_FACE_HUB_TOKEN");
-        for (k, v) in extra {
-            c.env(k, v);
-        }
-        c.output().unwrap()
-    }
-
-    fn repo_dir(&self) -> PathBuf {
-        self.home.path().join("hub").join("models--test-org--tiny-llama")
-    }
-}
+use hub_server::{read_dir_files, HubEnv as Env, COMMIT};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
 
 #[test]
 fn download_then_generate_by_name_then_offline() {
@@ -227,42 +55,6 @@ fn download_then_generate_by_name_then_offline() {
     let verify = e.run(&["download", "--verify", "test-org/tiny-llama"], &[]);
     assert!(!verify.status.success());
     assert!(common::stderr(&verify).contains("MISMATCH"), "{}", common::stderr(&verify));
-}
-
-#[test]
-fn wrong_bytes_fail_and_leave_nothing() {
-    let e = Env::new();
-    e.hub.state.lock().unwrap().corrupt.insert("model.safetensors".into());
-    let out = e.run(&["download", "test-org/tiny-llama"], &[]);
-    assert!(!out.status.success());
-    let err = common::stderr(&out);
-    assert!(err.contains("checksum mismatch for model.safetensors") && err.contains("expected sha256"), "{err}");
-    let blobs: Vec<String> = std::fs::read_dir(e.repo_dir().join("blobs"))
-        .unwrap()
-        .flatten()
-        .map(|d| d.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.ends_with(".lock"))
-        .collect();
-    let big =
-        std::fs::read_dir(e.repo_dir().join("blobs")).unwrap().flatten().any(|d| d.metadata().unwrap().len() > 100_000);
-    assert!(!big, "the bad file is gone: {blobs:?}");
-    assert!(!blobs.iter().any(|n| n.ends_with(".incomplete")), "{blobs:?}");
-    let tries = e.hub.state.lock().unwrap().requests.iter().filter(|(p, _)| p.ends_with("model.safetensors")).count();
-    assert_eq!(tries, 2, "retried once");
-}
-
-#[test]
-fn cut_connection_resumes_on_the_next_run() {
-    let e = Env::new();
-    e.hub.state.lock().unwrap().drop_once.insert("model.safetensors".into());
-    let out = e.run(&["download", "test-org/tiny-llama"], &[("BILLION_HUB_RETRIES", "0")]);
-    assert!(!out.status.success(), "the first run is cut off");
-    assert!(common::stderr(&out).contains("next run resumes"), "{}", common::stderr(&out));
-    let out = e.run(&["download", "test-org/tiny-llama"], &[("BILLION_HUB_RETRIES", "0")]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    assert!(e.hub.saw_range_for("model.safetensors"), "the second run asked for the rest with Range");
-    let verify = e.run(&["download", "--verify", "test-org/tiny-llama"], &[]);
-    assert!(verify.status.success(), "{}", common::stderr(&verify));
 }
 
 #[test]
@@ -486,7 +278,7 @@ fn bench_datasets_come_from_the_hub() {
     assert_eq!(m["mmlu"]["questions"], 6, "both subjects' test rows");
     assert_eq!(m["mmlu"]["subjects"].as_array().unwrap().len(), 2);
     assert_eq!(m["humaneval"]["problems"], 1);
-    assert!(!e.state_requested("auxiliary_train"), "only the splits bench uses are fetched");
+    assert!(!requested(&e, "auxiliary_train"), "only the splits bench uses are fetched");
     // A second run reads the cache without the network.
     let out = e.run(
         &[
@@ -506,8 +298,102 @@ fn bench_datasets_come_from_the_hub() {
     assert!(common::stdout(&out).contains("1/1"), "{}", common::stdout(&out));
 }
 
-impl Env {
-    fn state_requested(&self, needle: &str) -> bool {
-        self.hub.state.lock().unwrap().requests.iter().any(|(p, _)| p.contains(needle) && p.contains("/resolve/"))
+fn requested(e: &Env, needle: &str) -> bool {
+    e.hub.requests().iter().any(|r| r.path.contains(needle) && r.path.contains("/resolve/"))
+}
+
+#[test]
+fn revision_fetches_that_revision() {
+    let e = Env::new();
+    let old_commit = "fedcba9876543210fedcba9876543210fedcba98";
+    let old = tempfile::tempdir().unwrap();
+    write_hf_model(old.path(), &tiny_config(Architecture::Llama, 320), 7).unwrap();
+    e.hub
+        .state
+        .lock()
+        .unwrap()
+        .revisions
+        .insert(("test-org/tiny-llama".into(), "v1".into()), (old_commit.into(), read_dir_files(old.path())));
+    let out = e.run(&["download", "test-org/tiny-llama", "--revision", "v1", "--json"], &[]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+    assert_eq!(v[0]["commit"], old_commit);
+    let snap = e.repo_dir().join("snapshots").join(old_commit);
+    assert_eq!(
+        std::fs::read(snap.join("model.safetensors")).unwrap(),
+        std::fs::read(old.path().join("model.safetensors")).unwrap(),
+        "the v1 weights, not main's"
+    );
+    assert_eq!(std::fs::read_to_string(e.repo_dir().join("refs/v1")).unwrap(), old_commit);
+    assert!(!e.repo_dir().join("refs/main").exists(), "main was not touched");
+    let asked: Vec<String> = e.hub.requests().into_iter().map(|r| r.path).collect();
+    assert!(asked.iter().any(|p| p.contains("/revision/v1")), "{asked:?}");
+    assert!(asked.iter().filter(|p| p.contains("/resolve/")).all(|p| p.contains(old_commit)), "{asked:?}");
+    // Generating from the v1 snapshot by name and revision uses the cache only.
+    let verify = e.run(&["download", "--verify", "test-org/tiny-llama", "--revision", "v1"], &[]);
+    assert!(verify.status.success(), "{}", common::stderr(&verify));
+}
+
+#[test]
+fn hf_token_is_sent_with_every_request() {
+    let e = Env::new();
+    e.hub.state.lock().unwrap().gated.insert("test-org/tiny-llama".into());
+    let out = e.run(&["download", "test-org/tiny-llama"], &[("HF_TOKEN", "hf_test_secret")]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let requests = e.hub.requests();
+    assert!(requests.len() >= 3, "a listing and the files: {requests:?}");
+    for r in &requests {
+        assert_eq!(r.authorization.as_deref(), Some("Bearer hf_test_secret"), "{}", r.path);
     }
+    assert!(!common::stderr(&out).contains("hf_test_secret"), "the token is never printed");
+    // A token from HF_HOME/token (what `huggingface-cli login` writes) is sent as well.
+    let e = Env::new();
+    std::fs::write(e.home.path().join("token"), "hf_from_file\n").unwrap();
+    let out = e.run(&["download", "test-org/tiny-llama"], &[]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(e.hub.requests().iter().all(|r| r.authorization.as_deref() == Some("Bearer hf_from_file")));
+}
+
+#[test]
+fn list_with_gguf_shows_that_quantization() {
+    let e = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Llama, 320);
+    for (name, dtype) in [
+        ("tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf", candle_core::quantized::GgmlDType::Q4_0),
+        ("tinyllama-1.1b-chat-v1.0.Q8_0.gguf", candle_core::quantized::GgmlDType::Q8_0),
+    ] {
+        billion::testing::write_llama_gguf(&dir.path().join(name), &cfg, 1, dtype).unwrap();
+    }
+    // The usual GGUF repo of the `tinyllama` alias, served locally.
+    e.hub
+        .state
+        .lock()
+        .unwrap()
+        .repos
+        .insert("TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF".into(), read_dir_files(dir.path()));
+    let out = e.run(&["download", "tinyllama", "--gguf", "Q4_K_M"], &[]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+
+    let list = |quant: &str| -> serde_json::Value {
+        let out = e.run(&["download", "--list", "--gguf", quant, "--json"], &[]);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        let rows: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+        rows.as_array().unwrap().iter().find(|r| r["alias"] == "tinyllama").cloned().unwrap()
+    };
+    let row = list("Q4_K_M");
+    assert_eq!(row["repo"], "TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF");
+    assert_eq!(row["quantization"], "Q4_K_M");
+    assert_eq!(row["downloaded"], true, "{row}");
+    assert!(row["path"].as_str().unwrap().ends_with("tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf"), "{row}");
+    let size = std::fs::metadata(dir.path().join("tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf")).unwrap().len();
+    assert_eq!(row["size_on_disk"], size);
+    assert_eq!(list("q8_0")["downloaded"], false, "Q8_0 was not downloaded");
+    // Without --gguf the list is about the safetensors repos: tinyllama's is not downloaded.
+    let out = e.run(&["download", "--list", "--json"], &[]);
+    let rows: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+    let plain = rows.as_array().unwrap().iter().find(|r| r["alias"] == "tinyllama").unwrap();
+    assert_eq!(plain["downloaded"], false);
+    let table = common::stdout(&e.run(&["download", "--list", "--gguf", "Q4_K_M"], &[]));
+    assert!(table.lines().any(|l| l.starts_with("tinyllama") && l.contains("yes")), "{table}");
 }

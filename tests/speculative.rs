@@ -85,7 +85,6 @@ fn greedy_equals_target_on_reference_models() {
 
 #[test]
 fn greedy_equals_target_on_smollm2_pair() {
-    let Some(_) = common::shared("fixtures") else { return };
     let Some(path) = common::smollm2() else { return };
     let p = path.to_str().unwrap();
     let draft = load(p, &LoadOptions { device: Some(billion::load::DeviceSpec::Cpu), ..Default::default() }).unwrap();

@@ -1,13 +1,21 @@
 //! HumanEval: complete each prompt, then run prompt + completion + tests in a separate, constrained Python
-//! process: fresh temporary folder, time limit with the whole process tree killed, address-space / CPU / file-size
-//! / process limits, no network (a new network namespace where the OS allows), stdin closed, and destructive
-//! standard-library calls disabled (as the reference harness's `reliability_guard` does).
+//! process. Where the machine allows it (root, Linux namespaces) the program runs in a root of its own that
+//! holds only the interpreter's files (read-only) and the program's folder, as an unprivileged user without
+//! capabilities, in new PID and network namespaces; everywhere: a time limit with the whole process tree
+//! killed, address-space / CPU / file-size / process limits, stdin closed, and destructive standard-library
+//! calls disabled (as the reference harness's `reliability_guard` does).
+//!
+//! Two ways to ask: `base` continues the prompt as the paper's harness does; `instruct` (for chat models, as
+//! evalplus and bigcode-evaluation-harness ask instruction-tuned models) sends the prompt as a chat message,
+//! takes the code of the reply's first fenced block and completes the function against the original prompt.
 
 use super::records::{HumanEvalRecord, ProblemRecord};
 use anyhow::{bail, Context, Result};
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The usual stop sequences for HumanEval completions.
@@ -23,13 +31,25 @@ pub struct Problem {
 }
 
 /// Problems from a .jsonl or .jsonl.gz file.
+/// The most a problems file may inflate to.
+const MAX_INFLATED_BYTES: u64 = 256 << 20;
+
 pub fn load_file(path: &Path) -> Result<Vec<Problem>> {
-    let bytes = std::fs::read(path).with_context(|| format!("--humaneval-file: cannot read {}", path.display()))?;
-    let text = if bytes.starts_with(&[0x1f, 0x8b]) {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let gzip = bytes.starts_with(&[0x1f, 0x8b]);
+    if !gzip && path.extension().is_some_and(|e| e == "gz") {
+        bail!("{}: not a gzip file (the name ends in .gz but the content does not start like gzip)", path.display());
+    }
+    let text = if gzip {
+        // HumanEval is ~0.2 MB inflated; a cap keeps a hostile file (a gzip bomb) from taking the memory.
         let mut s = String::new();
         flate2::read::GzDecoder::new(&bytes[..])
+            .take(MAX_INFLATED_BYTES + 1)
             .read_to_string(&mut s)
             .with_context(|| format!("{}: corrupt gzip", path.display()))?;
+        if s.len() as u64 > MAX_INFLATED_BYTES {
+            bail!("{}: decompresses to more than {} MiB", path.display(), MAX_INFLATED_BYTES >> 20);
+        }
         s
     } else {
         String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8", path.display()))?
@@ -56,6 +76,72 @@ pub enum Outcome {
     TimedOut,
 }
 
+/// prompt + completion + "\n" + test + "\n" + "check(entry_point)".
+pub fn check_program(p: &Problem, completion: &str) -> String {
+    format!("{}{}\n{}\ncheck({})\n", p.prompt, completion, p.test, p.entry_point)
+}
+
+/// The user message of instruct mode (evalplus's instruction): the prompt in a code block.
+pub fn instruct_message(p: &Problem) -> String {
+    format!(
+        "Please provide a self-contained Python script that solves the following problem in a markdown code block:\n```python\n{}\n```\n",
+        p.prompt.trim()
+    )
+}
+
+/// The code of a chat reply: its first fenced block (to the closing fence, or to the end when the reply was cut
+/// short), or the whole reply when it has none.
+pub fn extract_code(reply: &str) -> String {
+    let Some(open) = reply.find("```") else { return reply.to_string() };
+    // The fence line's info string ("python", "py", …) is not code.
+    let after = &reply[open + 3..];
+    let body = match after.find('\n') {
+        Some(nl) => &after[nl + 1..],
+        None => return String::new(),
+    };
+    // The closing fence: the first line that starts with ``` (or the end of a reply cut short).
+    let mut end = body.len();
+    let mut at = 0;
+    for line in body.split_inclusive('\n') {
+        if line.trim_start().starts_with("```") {
+            end = at;
+            break;
+        }
+        at += line.len();
+    }
+    body[..end].to_string()
+}
+
+/// Does `code` define the function `name` at the top level?
+pub fn defines(code: &str, name: &str) -> bool {
+    code.lines().any(|l| {
+        let l = l.strip_prefix("async ").unwrap_or(l);
+        l.strip_prefix("def ")
+            .is_some_and(|rest| rest.trim_start().strip_prefix(name).is_some_and(|r| r.trim_start().starts_with('(')))
+    })
+}
+
+/// The program of an instruct-mode reply. When the reply's code defines the entry point it follows the whole
+/// prompt (whose imports and helper functions it may use; its definition replaces the prompt's stub). Otherwise
+/// the code completes the prompt's function as a base completion does (indented into its body when the reply
+/// gave it at the top level).
+pub fn instruct_program(p: &Problem, reply: &str) -> String {
+    let code = extract_code(reply);
+    if defines(&code, &p.entry_point) {
+        return format!("{}\n{}\n\n{}\ncheck({})\n", p.prompt, code.trim_end(), p.test, p.entry_point);
+    }
+    let at_top_level = code.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| !l.starts_with([' ', '\t']));
+    let body = if at_top_level {
+        code.lines()
+            .map(|l| if l.trim().is_empty() { String::new() } else { format!("    {l}") })
+            .collect::<Vec<_>>()
+            .join("\n")
+    } else {
+        code
+    };
+    check_program(p, &body)
+}
+
 #[derive(Debug, Clone)]
 pub struct Sandbox {
     pub timeout: Duration,
@@ -63,6 +149,7 @@ pub struct Sandbox {
     pub file_bytes: u64,
     pub max_processes: u64,
     pub parallel: usize,
+    /// The interpreter, looked up on the sandbox's PATH (/usr/local/bin:/usr/bin:/bin) unless a path.
     pub python: String,
 }
 
@@ -101,97 +188,203 @@ for _mod in ["ipdb", "joblib", "resource", "psutil", "tkinter"]:
 del _name, _mod
 "#;
 
-/// prompt + completion + "\n" + test + "\n" + "check(entry_point)".
-pub fn check_program(p: &Problem, completion: &str) -> String {
-    format!("{}{}\n{}\ncheck({})\n", p.prompt, completion, p.test, p.entry_point)
-}
+/// The PATH programs run with.
+const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// Inside new mount, PID and network namespaces: every mount read-only except the program's folder ($0).
-const ISOLATE: &str = r#"mount --make-rprivate / && mount --bind "$0" "$0" || exit 97
-for m in $(awk '{print $2}' /proc/self/mounts); do [ "$m" = "$0" ] || mount -o remount,bind,ro "$m" 2>/dev/null; done
-shift; exec "$@""#;
+/// Run inside new mount, PID and network namespaces (as root): a new root on a small tmpfs with the system's
+/// library folders and the interpreter's prefixes bound read-only, the program's folder ($1) bound writable,
+/// /dev's harmless devices, then pivot_root, the old root detached, the new root read-only, and the program
+/// started as user $3 with no capabilities and no way to gain any. $2 is the mount point of the new root; the
+/// arguments up to `--` are extra read-only folders; the rest is the command.
+const NEW_ROOT: &str = r#"set -e
+W="$1"; R="$2"; U="$3"; shift 3
+PROGRAM_PATH="$PATH"; PATH="/usr/sbin:/sbin:$PATH"
+mount --make-rprivate /
+mount -t tmpfs -o size=1m,mode=755 sandbox-root "$R"
+bind_ro() { mkdir -p "$R$1"; mount -o bind,ro "$1" "$R$1"; }
+for d in /usr /lib /lib32 /lib64 /libx32 /bin /sbin; do
+  if [ -L "$d" ]; then ln -s "$(readlink "$d")" "$R$d"; elif [ -d "$d" ]; then bind_ro "$d"; fi
+done
+while [ "$1" != "--" ]; do bind_ro "$1"; shift; done; shift
+mkdir -p "$R/etc" "$R/dev" "$R/proc" "$R/.old" "$R$W"
+if [ -f /etc/ld.so.cache ]; then touch "$R/etc/ld.so.cache"; mount --bind /etc/ld.so.cache "$R/etc/ld.so.cache"; fi
+for f in null zero random urandom; do touch "$R/dev/$f"; mount --bind "/dev/$f" "$R/dev/$f"; done
+mount --bind "$W" "$R$W"
+mount -t proc proc "$R/proc"
+cd "$R"
+pivot_root . .old
+umount -l /.old
+umount /proc
+rmdir /.old /proc
+mount -o remount,bind,ro /
+cd "$W"
+PATH="$PROGRAM_PATH"
+exec setpriv --reuid="$U" --regid="$U" --clear-groups --no-new-privs --inh-caps=-all --bounding-set=-all -- "$@""#;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isolation {
-    /// Read-only filesystem but the program's folder, own PID and network namespaces.
-    Full,
-    /// Own PID and network namespaces.
+/// How far programs are isolated on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// A root of its own (see [`NEW_ROOT`]), an unprivileged user, own PID and network namespaces. `python` is
+    /// the interpreter's real path, `prefixes` the folders besides the system's that it needs.
+    NewRoot { python: PathBuf, prefixes: Vec<PathBuf> },
+    /// Own PID and network namespaces, the whole filesystem visible.
     PidNet,
-    /// Limits and the guard only (no namespaces allowed here).
-    None,
+    /// Resource limits and the guard only (no namespaces allowed here).
+    LimitsOnly,
 }
 
-fn isolation() -> Isolation {
-    static LEVEL: std::sync::OnceLock<Isolation> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let ok = |args: &[&str]| {
-            Command::new("unshare")
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let probe = std::env::temp_dir();
-        let probe = probe.to_string_lossy();
-        if ok(&["--fork", "--pid", "--net", "--mount", "--kill-child", "--", "sh", "-c", ISOLATE, &probe, "x", "true"])
-        {
-            Isolation::Full
-        } else if ok(&["--fork", "--pid", "--net", "--kill-child", "--", "true"]) {
-            Isolation::PidNet
-        } else {
-            Isolation::None
+impl Isolation {
+    /// For the results.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Isolation::NewRoot { .. } => "own root (interpreter read-only), unprivileged user, no network, own PIDs",
+            Isolation::PidNet => "no network, own PIDs, whole filesystem visible",
+            Isolation::LimitsOnly => "resource limits and the Python guard only",
         }
-    })
+    }
+}
+
+/// Folders the new root has in any case.
+const SYSTEM_DIRS: [&str; 7] = ["/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin"];
+
+fn quiet(cmd: &mut Command) -> &mut Command {
+    cmd.env_clear().env("PATH", SANDBOX_PATH).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null())
+}
+
+/// The interpreter's real path and the folders it reads (its prefixes) outside the system folders.
+fn interpreter(python: &str) -> Option<(PathBuf, Vec<PathBuf>)> {
+    let out = Command::new(python)
+        .args([
+            "-I",
+            "-c",
+            "import os, sys\nfor p in (sys.executable, sys.base_prefix, sys.prefix): print(os.path.realpath(p))",
+        ])
+        .env_clear()
+        .env("PATH", SANDBOX_PATH)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let mut lines = text.lines().map(PathBuf::from);
+    let exe = lines.next()?;
+    let system = |p: &Path| SYSTEM_DIRS.iter().any(|d| p.starts_with(d));
+    let mut prefixes: Vec<PathBuf> = vec![];
+    for p in lines.chain(exe.parent().map(Path::to_path_buf)) {
+        if !system(&p) && p.is_dir() && !prefixes.iter().any(|q| p.starts_with(q)) {
+            prefixes.retain(|q| !q.starts_with(&p));
+            prefixes.push(p);
+        }
+    }
+    Some((exe, prefixes))
+}
+
+/// The isolation available for `python`, probed once per interpreter.
+pub fn isolation(python: &str) -> Isolation {
+    static LEVELS: OnceLock<Mutex<Vec<(String, Isolation)>>> = OnceLock::new();
+    let levels = LEVELS.get_or_init(|| Mutex::new(vec![]));
+    let mut known = levels.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, level)) = known.iter().find(|(p, _)| p == python) {
+        return level.clone();
+    }
+    let level = probe(python);
+    known.push((python.to_string(), level.clone()));
+    level
+}
+
+fn probe(python: &str) -> Isolation {
+    if let Some((exe, prefixes)) = interpreter(python) {
+        let dir = tempfile::tempdir().ok();
+        let works = dir.as_ref().is_some_and(|d| {
+            let cmd = SandboxDir::new(d.path(), next_uid()).and_then(|s| s.new_root_command(&exe, &prefixes));
+            cmd.is_ok_and(|mut cmd| quiet(cmd.args(["-I", "-c", "pass"])).status().is_ok_and(|st| st.success()))
+        });
+        if works {
+            return Isolation::NewRoot { python: exe, prefixes };
+        }
+    }
+    let pid_net = quiet(Command::new("unshare").args(["--fork", "--pid", "--net", "--kill-child", "--", "true"]))
+        .status()
+        .is_ok_and(|s| s.success());
+    if pid_net {
+        Isolation::PidNet
+    } else {
+        Isolation::LimitsOnly
+    }
+}
+
+/// A user id of its own for each program (so the process limit counts only its processes), far above any
+/// account's.
+fn next_uid() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    (1 << 30) + (std::process::id().wrapping_mul(4096).wrapping_add(n) % (1 << 29))
+}
+
+/// One program's folders: `work` (the program, its cwd, HOME and TMPDIR; the only writable place) and `root`
+/// (where its new root is mounted), inside one temporary folder.
+struct SandboxDir {
+    work: PathBuf,
+    root: PathBuf,
+    uid: u32,
+}
+
+impl SandboxDir {
+    fn new(base: &Path, uid: u32) -> Result<Self> {
+        let (work, root) = (base.join("work"), base.join("root"));
+        std::fs::create_dir(&work)?;
+        std::fs::create_dir(&root)?;
+        Ok(Self { work, root, uid })
+    }
+
+    /// Give the work folder to the program's user (only root can, and only the new root needs it).
+    fn hand_over(&self) -> Result<()> {
+        std::os::unix::fs::chown(&self.work, Some(self.uid), Some(self.uid))
+            .with_context(|| format!("cannot give {} to the sandbox user", self.work.display()))
+    }
+
+    fn new_root_command(&self, python: &Path, prefixes: &[PathBuf]) -> Result<Command> {
+        self.hand_over()?;
+        let mut c = Command::new("unshare");
+        c.args(["--fork", "--pid", "--net", "--mount", "--kill-child", "--", "sh", "-c", NEW_ROOT, "sandbox"]);
+        c.arg(&self.work).arg(&self.root).arg(self.uid.to_string());
+        c.args(prefixes).arg("--").arg(python);
+        Ok(c)
+    }
 }
 
 impl Sandbox {
+    /// How far this sandbox isolates programs here.
+    pub fn isolation(&self) -> Isolation {
+        isolation(&self.python)
+    }
+
     /// Run one program; never returns an error for what the program does.
     pub fn run(&self, program: &str) -> Result<Outcome> {
         let dir = tempfile::tempdir().context("cannot create a temporary folder")?;
-        let script = dir.path().join("program.py");
+        let sd = SandboxDir::new(dir.path(), next_uid()).context("cannot create the sandbox's folders")?;
+        let script = sd.work.join("program.py");
         std::fs::write(&script, format!("{GUARD}\n{program}"))?;
+        // Outside the program's folder, so the program cannot replace it.
         let err_path = dir.path().join("stderr.txt");
         // In a new PID namespace the program is init: when it dies or is killed, every process it started dies
-        // too; a new network namespace has no way out; a private mount namespace makes the filesystem read-only.
-        let dir_str = dir.path().to_string_lossy().into_owned();
-        let mut cmd = match isolation() {
-            Isolation::Full => {
-                let mut c = Command::new("unshare");
-                c.args([
-                    "--fork",
-                    "--pid",
-                    "--net",
-                    "--mount",
-                    "--kill-child",
-                    "--",
-                    "sh",
-                    "-c",
-                    ISOLATE,
-                    &dir_str,
-                    "x",
-                ]);
-                c.args([&self.python, "-I", "-B"]);
-                c
-            }
+        // too; a new network namespace has no way out; a new root shows only the interpreter and the program.
+        let mut cmd = match self.isolation() {
+            Isolation::NewRoot { python, prefixes } => sd.new_root_command(&python, &prefixes)?,
             Isolation::PidNet => {
                 let mut c = Command::new("unshare");
-                c.args(["--fork", "--pid", "--net", "--kill-child", "--", &self.python, "-I", "-B"]);
+                c.args(["--fork", "--pid", "--net", "--kill-child", "--", &self.python]);
                 c
             }
-            Isolation::None => {
-                let mut c = Command::new(&self.python);
-                c.args(["-I", "-B"]);
-                c
-            }
+            Isolation::LimitsOnly => Command::new(&self.python),
         };
-        cmd.arg(&script)
-            .current_dir(dir.path())
+        cmd.args(["-I", "-B"])
+            .arg(&script)
+            .current_dir(&sd.work)
             .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("HOME", dir.path())
-            .env("TMPDIR", dir.path())
+            .env("PATH", SANDBOX_PATH)
+            .env("HOME", &sd.work)
+            .env("TMPDIR", &sd.work)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&err_path)?);
@@ -251,13 +444,27 @@ impl Sandbox {
 
     /// Run many programs, `parallel` at a time, keeping their order.
     pub fn run_all(&self, programs: &[String], progress: impl Fn() + Sync) -> Result<Vec<Outcome>> {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<std::sync::Mutex<Option<Result<Outcome>>>> =
-            programs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        let never = AtomicBool::new(false);
+        Ok(self.run_until(programs, &never, progress)?.into_iter().map(|o| o.expect("ran without a stop")).collect())
+    }
+
+    /// Like [`Sandbox::run_all`], but no program starts once `stop` is set: those left are `None` (the ones
+    /// running finish, within their time limit).
+    pub fn run_until(
+        &self,
+        programs: &[String],
+        stop: &AtomicBool,
+        progress: impl Fn() + Sync,
+    ) -> Result<Vec<Option<Outcome>>> {
+        let next = AtomicUsize::new(0);
+        let results: Vec<Mutex<Option<Result<Outcome>>>> = programs.iter().map(|_| Mutex::new(None)).collect();
         std::thread::scope(|s| {
             for _ in 0..self.parallel.max(1) {
                 s.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= programs.len() {
                         break;
                     }
@@ -267,7 +474,7 @@ impl Sandbox {
                 });
             }
         });
-        results.into_iter().map(|m| m.into_inner().expect("result slot").expect("every program ran")).collect()
+        results.into_iter().map(|m| m.into_inner().expect("result slot").transpose()).collect()
     }
 }
 
@@ -288,7 +495,8 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
 
 /// Score completions: `completions[i]` is (problem index, text) and `outcomes[i]` its sandbox outcome. Problems
 /// without completions are left out; pass@1 is the mean over the rest, pass@10 the mean over those with at
-/// least 10 completions (None when none has). `samples` and `temperature` are recorded as asked.
+/// least 10 completions (None when none has). `samples` and `temperature` are recorded as asked; the caller
+/// adds the mode, the sandbox and whether it was interrupted.
 pub fn summarize(
     problems: &[Problem],
     completions: &[(usize, String)],
@@ -326,7 +534,7 @@ pub fn summarize(
         pass_at_1: pass1 / n,
         pass_at_10: if pass10.is_empty() { None } else { Some(pass10.iter().sum::<f64>() / pass10.len() as f64) },
         per_problem,
-        extra: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -378,5 +586,45 @@ mod tests {
         // Nothing generated at all.
         let empty = summarize(&problems, &[], &[], 1, 0.0);
         assert_eq!((empty.problems, empty.pass_at_1, empty.pass_at_10), (0, 0.0, None));
+    }
+
+    #[test]
+    fn code_comes_from_the_first_fenced_block() {
+        let reply = "Sure! Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nIt adds.\n```\nprint(1)\n```";
+        assert_eq!(extract_code(reply), "def add(a, b):\n    return a + b\n");
+        assert_eq!(extract_code("```\nx = 1\n"), "x = 1\n", "a reply cut short keeps what it has");
+        assert_eq!(extract_code("    return a + b\n"), "    return a + b\n", "no block: the whole reply");
+        assert_eq!(extract_code("```py\n  y = 2\n  ```\n"), "  y = 2\n", "an indented closing fence");
+        assert!(defines("import math\ndef add(a, b):\n    pass", "add"));
+        assert!(defines("async def  add (a):", "add"));
+        assert!(!defines("def adder(a, b):", "add") && !defines("    def add(a):", "add"));
+    }
+
+    #[test]
+    fn instruct_programs_complete_the_prompt() {
+        let p = Problem {
+            task_id: "t/0".into(),
+            prompt: "import math\n\ndef add(a, b):\n    \"\"\"Add.\"\"\"\n".into(),
+            canonical_solution: String::new(),
+            test: "def check(candidate):\n    assert candidate(2, 3) == 5\n".into(),
+            entry_point: "add".into(),
+        };
+        let whole = instruct_program(&p, "```python\ndef add(a, b):\n    return math.floor(a + b)\n```\nDone.");
+        assert!(whole.starts_with(&p.prompt), "the prompt's imports come first: {whole}");
+        assert!(whole.contains("\ndef add(a, b):\n    return math.floor(a + b)\n") && whole.ends_with("check(add)\n"));
+        assert!(!whole.contains("Done."));
+        // A body given at the top level is indented into the function.
+        let body = instruct_program(&p, "```python\nreturn a + b\n```");
+        assert_eq!(body, check_program(&p, "    return a + b"));
+        assert!(instruct_message(&p).contains("```python\nimport math\n\ndef add(a, b):"));
+    }
+
+    #[test]
+    fn a_gz_name_without_gzip_content_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("HumanEval.jsonl.gz");
+        std::fs::write(&path, "{\"task_id\": 1}\n").unwrap();
+        let e = load_file(&path).unwrap_err().to_string();
+        assert!(e.contains("not a gzip file"), "{e}");
     }
 }

@@ -10,6 +10,7 @@ use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 
@@ -232,7 +233,19 @@ impl<'a> Scorer<'a> {
 /// Per-question results of one subject.
 pub type SubjectDetails = (String, Vec<QuestionResult>);
 
-/// Score `limit` test questions (all when `None`) of every subject.
+/// What [`evaluate`] did: per-subject results, every question's result, the tokens run through the model, and
+/// whether Ctrl-C cut it short.
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    pub results: Vec<SubjectResult>,
+    pub details: Vec<SubjectDetails>,
+    pub tokens_run: usize,
+    pub interrupted: bool,
+}
+
+/// Score `limit` test questions (all when `None`) of every subject. Once `interrupted` is set no further
+/// question starts: the subject being scored keeps the questions answered so far, later subjects are left out.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     loaded: &LoadedModel,
     subjects: &[Subject],
@@ -240,19 +253,27 @@ pub fn evaluate(
     limit: Option<usize>,
     groups: &BTreeMap<String, String>,
     reuse_prefix: bool,
+    interrupted: &AtomicBool,
     mut progress: impl FnMut(usize),
-) -> Result<(Vec<SubjectResult>, Vec<SubjectDetails>)> {
+) -> Result<Evaluation> {
     let mut scorer = Scorer::new(loaded)?;
     scorer.reuse_prefix = reuse_prefix;
     let continuations: Vec<String> = LETTERS.iter().map(|l| format!(" {l}")).collect();
-    let mut results = vec![];
-    let mut details = vec![];
+    let mut out = Evaluation::default();
     for s in subjects {
+        if interrupted.load(Ordering::Relaxed) {
+            out.interrupted = true;
+            break;
+        }
         let prefix = fewshot_prefix(s, shots);
         scorer.prime(&prefix)?;
         let n = limit.unwrap_or(s.test.len()).min(s.test.len());
         let mut per_q = vec![];
         for q in &s.test[..n] {
+            if interrupted.load(Ordering::Relaxed) {
+                out.interrupted = true;
+                break;
+            }
             let context = prefix.clone() + &format_question(q);
             let ll = scorer.loglik(&context, &continuations)?;
             let predicted =
@@ -260,18 +281,22 @@ pub fn evaluate(
             per_q.push(QuestionResult { predicted, answer: q.answer, loglik: [ll[0], ll[1], ll[2], ll[3]] });
             progress(1);
         }
-        let correct = per_q.iter().filter(|r| r.predicted == r.answer).count();
-        results.push(SubjectResult {
-            subject: s.name.clone(),
-            group: groups.get(&s.name).cloned().unwrap_or_else(|| "other".into()),
-            questions: n,
-            correct,
-            accuracy: correct as f64 / n.max(1) as f64,
-            mean_loglik_correct: per_q.iter().map(|r| r.loglik[r.answer]).sum::<f64>() / n.max(1) as f64,
-        });
-        details.push((s.name.clone(), per_q));
+        let answered = per_q.len();
+        if answered > 0 {
+            let correct = per_q.iter().filter(|r| r.predicted == r.answer).count();
+            out.results.push(SubjectResult {
+                subject: s.name.clone(),
+                group: groups.get(&s.name).cloned().unwrap_or_else(|| "other".into()),
+                questions: answered,
+                correct,
+                accuracy: correct as f64 / answered as f64,
+                mean_loglik_correct: per_q.iter().map(|r| r.loglik[r.answer]).sum::<f64>() / answered as f64,
+            });
+            out.details.push((s.name.clone(), per_q));
+        }
     }
-    Ok((results, details))
+    out.tokens_run = scorer.tokens_processed;
+    Ok(out)
 }
 
 /// The groups reported, in report order.
@@ -291,13 +316,8 @@ pub fn group_scores(results: &[SubjectResult]) -> BTreeMap<String, GroupScore> {
 }
 
 /// The record of one [`evaluate`] run: totals, groups, per-subject results and every prediction.
-pub fn summarize(
-    results: Vec<SubjectResult>,
-    details: Vec<SubjectDetails>,
-    shots: usize,
-    prefix_reuse: bool,
-    seconds: f64,
-) -> MmluRecord {
+pub fn summarize(run: Evaluation, shots: usize, prefix_reuse: bool, seconds: f64) -> MmluRecord {
+    let Evaluation { results, details, tokens_run, interrupted } = run;
     let questions: usize = results.iter().map(|r| r.questions).sum();
     let correct: usize = results.iter().map(|r| r.correct).sum();
     let mean_loglik_correct =
@@ -314,6 +334,8 @@ pub fn summarize(
         seconds,
         questions_per_s: questions as f64 / seconds.max(1e-9),
         prefix_reuse,
+        tokens_run,
+        interrupted,
         extra: Default::default(),
     }
 }
@@ -441,7 +463,8 @@ mod tests {
     fn summary_weights_subjects_by_questions() {
         let res = vec![result("anatomy", "stem", 1, 1, -1.0), result("virology", "other", 3, 0, -3.0)];
         let details = vec![("anatomy".to_string(), answered(&[0])), ("virology".to_string(), answered(&[1, 2, 3]))];
-        let m = summarize(res, details, 5, true, 2.0);
+        let run = Evaluation { results: res, details, tokens_run: 9, interrupted: false };
+        let m = summarize(run, 5, true, 2.0);
         assert_eq!((m.shots, m.questions, m.correct), (5, 4, 1));
         assert_eq!(m.accuracy, 0.25);
         assert_eq!(m.mean_loglik_correct, (-1.0 - 9.0) / 4.0);
@@ -451,7 +474,7 @@ mod tests {
         assert_eq!(m.subjects.len(), 2);
         assert!(m.prefix_reuse);
         // Nothing asked: no division by zero.
-        let none = summarize(vec![], vec![], 0, false, 0.0);
+        let none = summarize(Evaluation::default(), 0, false, 0.0);
         assert_eq!((none.accuracy, none.mean_loglik_correct, none.questions_per_s), (0.0, 0.0, 0.0));
         assert!(none.groups.is_empty());
     }

@@ -35,6 +35,37 @@ pub struct MmluParams {
     pub prefix_reuse: bool,
 }
 
+/// How HumanEval asks a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum HumanEvalMode {
+    /// Instruct for models with a chat template, base for the others.
+    #[default]
+    Auto,
+    /// Continue the prompt (the paper's harness).
+    Base,
+    /// Send the prompt as a chat message, take the code from the reply (evalplus, bigcode "instruct").
+    Instruct,
+}
+
+impl HumanEvalMode {
+    /// The mode used for a model: `Base` or `Instruct`.
+    pub fn resolve(self, has_chat_template: bool) -> Self {
+        match self {
+            HumanEvalMode::Auto if has_chat_template => HumanEvalMode::Instruct,
+            HumanEvalMode::Auto => HumanEvalMode::Base,
+            m => m,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HumanEvalMode::Auto => "auto",
+            HumanEvalMode::Base => "base",
+            HumanEvalMode::Instruct => "instruct",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct HumanEvalParams {
     /// A .jsonl or .jsonl.gz file; None: openai/openai_humaneval from the hub.
@@ -49,6 +80,7 @@ pub struct HumanEvalParams {
     pub max_tokens: usize,
     /// Seconds per program in the sandbox.
     pub timeout: f64,
+    pub mode: HumanEvalMode,
 }
 
 /// llama-bench's `-p`, `-n` and `-r`.

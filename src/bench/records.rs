@@ -44,13 +44,27 @@ pub struct ModelRecord {
     pub mmlu: Option<MmluRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub humaneval: Option<HumanEvalRecord>,
-    /// The process's peak resident memory (null where the OS does not tell).
+    /// This model's peak resident memory, from its load to its last step: the kernel's high-water mark reset
+    /// before the load (Linux), or the largest resident size sampled after each step where it cannot be reset
+    /// (null where the OS does not tell).
     pub peak_rss_bytes: Option<u64>,
     /// The card's memory in use (all processes) at its highest, sampled after each step; null off CUDA.
     pub gpu_memory_peak_bytes: Option<u64>,
+    /// Weights that `--quantize` left dense because their rows are not whole blocks of the type (which is why
+    /// a q4k run can be bigger than a q8_0 one).
+    pub kept_dense: usize,
+    /// Ctrl-C stopped this run: the evaluator that was running kept what it had finished (and says so itself),
+    /// the ones in `not_run` did not start.
+    pub interrupted: bool,
+    /// Evaluators asked for but not run because of the interrupt.
+    pub not_run: Vec<String>,
     /// Fields this version does not know (from files written by other versions), kept as they are.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 impl ModelRecord {
@@ -110,6 +124,11 @@ pub struct MmluRecord {
     #[serde(deserialize_with = "f64_or_nan")]
     pub questions_per_s: f64,
     pub prefix_reuse: bool,
+    /// Tokens run through the model (prefix reuse lowers it).
+    pub tokens_run: usize,
+    /// Stopped by Ctrl-C: the figures cover the questions answered before it.
+    #[serde(skip_serializing_if = "is_false")]
+    pub interrupted: bool,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -129,6 +148,14 @@ pub struct HumanEvalRecord {
     /// Mean over the problems with at least 10 completions; null when none has.
     pub pass_at_10: Option<f64>,
     pub per_problem: Vec<ProblemRecord>,
+    /// How the model was asked: "base" (the prompt continued) or "instruct" (the prompt sent as a chat message,
+    /// the code taken from the reply).
+    pub mode: String,
+    /// How far the programs were isolated.
+    pub sandbox: String,
+    /// Stopped by Ctrl-C: the figures cover the problems whose completions were generated and run before it.
+    #[serde(skip_serializing_if = "is_false")]
+    pub interrupted: bool,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -141,7 +168,7 @@ pub struct ProblemRecord {
     pub samples: usize,
     pub passed: usize,
     pub outcomes: Vec<Outcome>,
-    /// The first completion.
+    /// The first completion (in instruct mode the whole reply).
     pub completion: String,
 }
 

@@ -126,19 +126,68 @@ fn is_quantized(m: &ModelRecord) -> bool {
     !m.quantization.is_empty() && m.quantization != "none"
 }
 
+/// A model's short name for tables and charts: a file's stem (`tiny` for /models/tiny.gguf), a folder's name,
+/// the folder of a config.json, the last part of a hub name (`SmolLM2-135M` for HuggingFaceTB/SmolLM2-135M),
+/// an alias as it is.
+pub fn short_name(name: &str) -> String {
+    let path = std::path::Path::new(name.trim_end_matches('/'));
+    let Some(file) = path.file_name().map(|f| f.to_string_lossy().into_owned()) else { return name.to_string() };
+    if file.ends_with(".json") {
+        if let Some(dir) = path.parent().and_then(|p| p.file_name()) {
+            return dir.to_string_lossy().into_owned();
+        }
+    }
+    match file.strip_suffix(".gguf") {
+        Some(stem) if !stem.is_empty() => stem.to_string(),
+        _ => file,
+    }
+}
+
+/// The names shown for `models`: short names, except where two different models would share one.
+fn display_names(models: &[ModelRecord]) -> Vec<String> {
+    let short: Vec<String> = models.iter().map(|m| short_name(&m.name)).collect();
+    models
+        .iter()
+        .zip(&short)
+        .map(|(m, s)| {
+            let clash = models.iter().zip(&short).any(|(o, os)| os == s && o.name != m.name);
+            if clash {
+                m.name.clone()
+            } else {
+                s.clone()
+            }
+        })
+        .collect()
+}
+
+/// A parameter count in B, M or K: 1.71B, 135.0M, 262.1K.
+pub fn parameters(n: u64) -> String {
+    let x = n as f64;
+    if x >= 1e9 {
+        format!("{:.2}B", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.1}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}K", x / 1e3)
+    } else {
+        n.to_string()
+    }
+}
+
 /// The summary table (also printed on the console).
 pub fn summary_table(models: &[ModelRecord]) -> String {
     let mut s = String::from(
         "| model | arch | params | weights | device | MMLU | HumanEval pass@1 | prefill tok/s | decode tok/s | TTFT ms | peak RSS | peak GPU memory |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
-    for m in models {
+    for (m, name) in models.iter().zip(display_names(models)) {
         let speed = m.speed.as_ref();
+        let name = if m.interrupted { format!("{name} (interrupted)") } else { name };
         s.push_str(&format!(
-            "| {} | {} | {:.2}B | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            m.name,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            name,
             m.architecture,
-            m.parameters as f64 / 1e9,
+            parameters(m.parameters),
             m.quantization,
             m.device,
             pct(mmlu_accuracy(m)),
@@ -154,19 +203,47 @@ pub fn summary_table(models: &[ModelRecord]) -> String {
 }
 
 pub fn markdown(models: &[ModelRecord]) -> String {
+    let names = display_names(models);
     let mut s = String::from("# Benchmark results\n\nWritten by `billion bench`.\n\n## Summary\n\n");
     s.push_str(&summary_table(models));
+    if models.iter().any(|m| m.interrupted) {
+        s.push_str("\n## Interrupted runs\n\nCtrl-C stopped these runs; their figures cover only what finished.\n\n");
+        for (m, name) in models.iter().zip(&names).filter(|(m, _)| m.interrupted) {
+            let mut parts = vec![];
+            if let Some(x) = m.mmlu.as_ref().filter(|x| x.interrupted) {
+                parts.push(format!("MMLU stopped after {} questions", x.questions));
+            }
+            if let Some(x) = m.humaneval.as_ref().filter(|x| x.interrupted) {
+                parts.push(format!("HumanEval stopped after {} problems", x.problems));
+            }
+            if !m.not_run.is_empty() {
+                parts.push(format!("not run: {}", m.not_run.join(", ")));
+            }
+            s.push_str(&format!("- {name} ({}, {}): interrupted; {}\n", m.quantization, m.device, parts.join("; ")));
+        }
+    }
+    if names.iter().zip(models).any(|(n, m)| *n != m.name) {
+        s.push_str("\n## Models\n\n| model | as named | source |\n| --- | --- | --- |\n");
+        let mut seen = std::collections::BTreeSet::new();
+        for (m, name) in models.iter().zip(&names) {
+            if seen.insert(&m.name) {
+                s.push_str(&format!("| {name} | {} | {} |\n", m.name, m.source));
+            }
+        }
+    }
     if models.iter().any(|m| m.mmlu.is_some()) {
         s.push_str("\n## MMLU by group\n\n| model | weights | shots | questions | stem | humanities | social_sciences | other | all |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
-        for m in models {
+        for (m, name) in models.iter().zip(&names) {
             let Some(mmlu) = &m.mmlu else { continue };
             let g = |name: &str| pct(mmlu.groups.get(name).map(|g| g.accuracy));
+            let questions =
+                if mmlu.interrupted { format!("{} (interrupted)", mmlu.questions) } else { mmlu.questions.to_string() };
             s.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                m.name,
+                name,
                 m.quantization,
                 mmlu.shots,
-                mmlu.questions,
+                questions,
                 g("stem"),
                 g("humanities"),
                 g("social_sciences"),
@@ -175,10 +252,29 @@ pub fn markdown(models: &[ModelRecord]) -> String {
             ));
         }
     }
+    if models.iter().any(|m| m.humaneval.is_some()) {
+        s.push_str("\n## HumanEval\n\n| model | weights | mode | problems | samples | temperature | pass@1 | pass@10 | sandbox |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        for (m, name) in models.iter().zip(&names) {
+            let Some(h) = &m.humaneval else { continue };
+            let problems = if h.interrupted { format!("{} (interrupted)", h.problems) } else { h.problems.to_string() };
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                name,
+                m.quantization,
+                if h.mode.is_empty() { "base" } else { &h.mode },
+                problems,
+                h.samples,
+                f(Some(h.temperature), 2),
+                pct(Some(h.pass_at_1)),
+                pct(h.pass_at_10),
+                if h.sandbox.is_empty() { "—" } else { &h.sandbox },
+            ));
+        }
+    }
     // The quantization table: every quantized run beside its model's unquantized one.
     if models.iter().any(is_quantized) {
-        s.push_str("\n## Quantization\n\n| model | weights | memory per 1B params | decode tok/s | MMLU | Δ MMLU | Δ mean log-likelihood |\n| --- | --- | --- | --- | --- | --- | --- |\n");
-        for m in models {
+        s.push_str("\n## Quantization\n\n| model | weights | memory per 1B params | kept dense | decode tok/s | MMLU | Δ MMLU | Δ mean log-likelihood |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        for (m, name) in models.iter().zip(&names) {
             let base = models.iter().find(|b| b.name == m.name && b.quantization == "none" && b.device == m.device);
             let per_b = human_bytes((m.weights_bytes as f64 / (m.parameters as f64 / 1e9)) as u64);
             let delta = |get: Figure| -> String {
@@ -188,16 +284,20 @@ pub fn markdown(models: &[ModelRecord]) -> String {
                 }
             };
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} |\n",
-                m.name,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                name,
                 m.quantization,
                 per_b,
+                m.kept_dense,
                 f(decode_tok_s(m), 1),
                 pct(mmlu_accuracy(m)),
                 delta(mmlu_accuracy),
                 delta(|r| r.mmlu.as_ref().map(|x| x.mean_loglik_correct).and_then(finite)),
             ));
         }
+    }
+    if models.iter().any(|m| m.kept_dense > 0) {
+        s.push_str("\n\"kept dense\": weights whose rows are not whole blocks of the quantized type stay in the compute dtype, so such a run can be bigger than one with a smaller block (q4k blocks are 256 wide, q8_0 and q4_0 blocks 32).\n");
     }
     s.push_str("\n![decode speed and MMLU](benchmark_chart.svg)\n");
     s
@@ -207,22 +307,40 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// Two horizontal bar panels: decode tokens/s and MMLU accuracy per model.
+/// Two horizontal bar panels: decode tokens/s (scaled to the fastest model) and MMLU accuracy (scaled to 100%)
+/// per model, labelled with short model names.
 pub fn chart(models: &[ModelRecord]) -> String {
-    let label = |m: &ModelRecord| format!("{} ({}, {})", m.name, m.quantization, m.device);
+    const MAX_LABEL: usize = 48;
+    let labels: Vec<String> = display_names(models)
+        .iter()
+        .zip(models)
+        .map(|(name, m)| {
+            let l = format!("{name} ({}, {})", m.quantization, m.device);
+            if l.chars().count() > MAX_LABEL {
+                // Keep the end, which tells models apart.
+                let tail: String = l.chars().rev().take(MAX_LABEL - 1).collect::<Vec<_>>().into_iter().rev().collect();
+                format!("…{tail}")
+            } else {
+                l
+            }
+        })
+        .collect();
     let row_h = 26.0;
-    let (label_w, bar_w) = (330.0, 260.0);
+    // About 7 px per character at 12 px sans-serif, and a margin on each side.
+    let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+    let label_w = (longest as f64 * 7.0 + 30.0).max(120.0);
+    let bar_w = 260.0;
     let height = 70.0 + row_h * models.len().max(1) as f64;
     let width = label_w + 2.0 * (bar_w + 110.0);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
-    // (title, the value, colour)
-    let panels: [(&str, Figure, &str); 2] =
-        [("decode tokens/s", decode_tok_s, "#4c72b0"), ("MMLU accuracy", mmlu_accuracy, "#dd8452")];
-    for (pi, (title, get, color)) in panels.iter().enumerate() {
+    // (title, the value, the value of a full bar, colour)
+    let fastest = models.iter().filter_map(decode_tok_s).fold(0.0, f64::max).max(1e-9);
+    let panels: [(&str, Figure, f64, &str); 2] =
+        [("decode tokens/s", decode_tok_s, fastest, "#4c72b0"), ("MMLU accuracy", mmlu_accuracy, 1.0, "#dd8452")];
+    for (pi, (title, get, full, color)) in panels.iter().enumerate() {
         let x0 = label_w + pi as f64 * (bar_w + 110.0);
-        let max = models.iter().filter_map(get).fold(0.0, f64::max).max(1e-9);
         s.push_str(&format!("<text x=\"{x0}\" y=\"24\" font-weight=\"bold\">{title}</text>\n"));
         for (i, m) in models.iter().enumerate() {
             let y = 40.0 + i as f64 * row_h;
@@ -231,12 +349,12 @@ pub fn chart(models: &[ModelRecord]) -> String {
                     "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n",
                     label_w - 10.0,
                     y + 15.0,
-                    esc(&label(m))
+                    esc(&labels[i])
                 ));
             }
             match get(m) {
                 Some(v) => {
-                    let w = bar_w * v / max;
+                    let w = bar_w * (v / full).clamp(0.0, 1.0);
                     let text = if pi == 1 { format!("{:.1}%", 100.0 * v) } else { format!("{v:.1}") };
                     s.push_str(&format!(
                         "<rect x=\"{x0}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"{color}\"/>\n",
@@ -305,8 +423,47 @@ mod tests {
         assert!(table.contains("| m | llama | 2.00B | q4_0 | cpu | 25.0% | — | — | 12.3 | 3.0 | — | — |"), "{table}");
         let md = markdown(&models);
         assert!(md.contains("## MMLU by group") && md.contains("## Quantization"), "{md}");
-        assert!(md.contains("| m | q4_0 | 512.00 MiB | 12.3 | 25.0% | -0.2500 | — |"), "{md}");
+        assert!(md.contains("| m | q4_0 | 512.00 MiB | 0 | 12.3 | 25.0% | -0.2500 | — |"), "{md}");
         let svg = chart(&models);
         assert!(svg.contains("m (q4_0, cpu)") && svg.contains("not measured") && svg.contains(">12.3<"));
+    }
+
+    #[test]
+    fn names_are_short_and_parameters_use_fitting_units() {
+        assert_eq!(short_name("/models/tiny.gguf"), "tiny");
+        assert_eq!(short_name("/models/SmolLM2-135M-Instruct/"), "SmolLM2-135M-Instruct");
+        assert_eq!(short_name("/models/pythia/config.json"), "pythia");
+        assert_eq!(short_name("HuggingFaceTB/SmolLM2-135M"), "SmolLM2-135M");
+        assert_eq!(short_name("tinyllama"), "tinyllama");
+        assert_eq!(parameters(1_710_000_000), "1.71B");
+        assert_eq!(parameters(134_515_008), "134.5M");
+        assert_eq!(parameters(262_144), "262.1K");
+        assert_eq!(parameters(999), "999");
+        // Two different models with one short name keep their full names.
+        let (a, b) = (record("/x/model/config.json", "none"), record("/y/model/config.json", "none"));
+        assert_eq!(display_names(&[a, b]), ["/x/model/config.json", "/y/model/config.json"]);
+    }
+
+    #[test]
+    fn chart_scales_mmlu_to_full_accuracy_and_leaves_room_for_labels() {
+        let mut m = record("/a/very/long/path/to/some/models/folder/SmolLM2-135M-Instruct.Q4_1.gguf", "none");
+        m.mmlu = Some(MmluRecord { accuracy: 0.2, ..Default::default() });
+        let svg = chart(&[m]);
+        assert!(svg.contains(">SmolLM2-135M-Instruct.Q4_1 (none, cpu)<") && !svg.contains("/a/very"), "{svg}");
+        // A 20% model draws a fifth of the 260 px bar, not all of it.
+        assert!(svg.contains("width=\"52.0\""), "{svg}");
+        let label_w: f64 = svg
+            .split("text-anchor=\"end\"")
+            .next()
+            .unwrap()
+            .rsplit("x=\"")
+            .next()
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(label_w >= 7.0 * "SmolLM2-135M-Instruct.Q4_1 (none, cpu)".len() as f64, "{label_w}");
     }
 }

@@ -1,20 +1,25 @@
 //! Parameters → runs → records: every model × quantization is loaded in turn, measured by the chosen
-//! evaluators, and its [`ModelRecord`] saved to the results folder before the next model is loaded.
+//! evaluators, and its [`ModelRecord`] saved to the results folder before the next model is loaded. Ctrl-C
+//! is checked before every MMLU question, HumanEval completion (and token) and sandbox run.
 
 use super::humaneval::{self, Outcome, Problem, Sandbox};
 use super::mmlu::{self, Subject};
-use super::params::BenchParams;
+use super::params::{BenchParams, HumanEvalMode};
 use super::records::{HumanEvalRecord, ModelRecord, SpeedRecord};
 use super::{datasets, report, speed};
-use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
+use crate::chat::end_of_turn_ids;
+use crate::chat::template::{ChatTemplate, Message};
+use crate::generation::{generate, sampling::SamplingParams, GenerateParams, StopReason};
 use crate::load::device::{device_name, dtype_name};
 use crate::load::{LoadOptions, LoadedModel};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A progress bar on stderr, hidden when `hidden` (`--json`) or when stderr is not a terminal.
@@ -62,9 +67,18 @@ impl Datasets {
                 all
             }
         };
+        if let Some(s) = subjects.iter().find(|s| s.dev.len() < m.shots) {
+            let fewest = subjects.iter().map(|s| s.dev.len()).min().unwrap_or(0);
+            bail!(
+                "--shots {}: the dev set of `{}` has {} rows, so at most {fewest} shots can be given",
+                m.shots,
+                s.name,
+                s.dev.len()
+            );
+        }
         let problems = if params.evaluators.humaneval {
             let mut p = match &params.humaneval.file {
-                Some(file) => humaneval::load_file(file)?,
+                Some(file) => humaneval::load_file(file).context("--humaneval-file")?,
                 None => datasets::humaneval_from_hub(params.json)
                     .context("HumanEval from the hub (openai/openai_humaneval); or pass --humaneval-file")?,
             };
@@ -79,41 +93,112 @@ impl Datasets {
     }
 }
 
+/// Whether `flag` is set.
+fn set(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::Relaxed)
+}
+
+/// One model's peak resident memory: the kernel's high-water mark reset before the model is loaded (Linux:
+/// writing 5 to /proc/self/clear_refs), or, where that cannot be done, the largest resident size sampled after
+/// each step.
+pub struct PeakRss {
+    reset: bool,
+    sampled: Option<u64>,
+}
+
+impl PeakRss {
+    /// Start measuring: give freed memory (the previous model's) back to the OS, then reset the high-water mark.
+    pub fn start() -> Self {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free heap pages to the OS.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        Self { reset, sampled: crate::util::rss_bytes() }
+    }
+
+    pub fn sample(&mut self) {
+        if let Some(now) = crate::util::rss_bytes() {
+            self.sampled = Some(self.sampled.unwrap_or(0).max(now));
+        }
+    }
+
+    pub fn peak(&mut self) -> Option<u64> {
+        self.sample();
+        let hwm = if self.reset { crate::util::peak_rss_bytes() } else { None };
+        match (hwm, self.sampled) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What [`run`] did: the records saved, and the runs (model and quantization) that Ctrl-C kept from starting.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub records: Vec<ModelRecord>,
+    pub not_started: Vec<String>,
+}
+
 /// Run every model × quantization of `params`, loading each with `load` (which may add its own error
 /// context), saving each record to the results folder as soon as it is complete. Once `interrupted` is set,
-/// the current step finishes, its record is saved and no further step or model starts. Returns this run's
-/// records.
+/// the MMLU question or HumanEval problem being worked on finishes, the record is saved marked interrupted
+/// (with the evaluators that did not run named), and no further step or model starts.
 pub fn run(
     params: &BenchParams,
     data: &Datasets,
     mut load: impl FnMut(&str, &LoadOptions) -> Result<LoadedModel>,
-    interrupted: &AtomicBool,
-) -> Result<Vec<ModelRecord>> {
+    interrupted: &Arc<AtomicBool>,
+) -> Result<RunSummary> {
     let groups = mmlu::subject_groups();
-    let mut records = vec![];
-    'models: for name in &params.models {
+    let mut summary = RunSummary::default();
+    for name in &params.models {
         for q in &params.quantize {
-            if interrupted.load(Ordering::Relaxed) {
-                break 'models;
+            let what = format!("{name} ({})", q.map(|q| q.name()).unwrap_or("none"));
+            if set(interrupted) {
+                summary.not_started.push(what);
+                continue;
             }
+            let mut rss = PeakRss::start();
             let loaded = load(name, &params.load_options(*q)).with_context(|| format!("loading {name}"))?;
-            let record = run_model(params, data, name, &loaded, &groups, interrupted)?;
+            if !loaded.kept_dense.is_empty() && !params.json {
+                let shown: Vec<&str> = loaded.kept_dense.iter().take(3).map(|s| s.as_str()).collect();
+                eprintln!(
+                    "note: {what}: {} weights kept dense (rows not whole blocks of {}): {}{}",
+                    loaded.kept_dense.len(),
+                    loaded.quantization,
+                    shown.join(", "),
+                    if loaded.kept_dense.len() > shown.len() { ", …" } else { "" }
+                );
+            }
+            rss.sample();
+            let record = run_model(params, data, name, &loaded, &groups, interrupted, &mut rss)?;
             report::save(&params.results_dir, &record)?;
-            records.push(record);
+            summary.records.push(record);
             drop(loaded); // free this model before loading the next
         }
     }
-    Ok(records)
+    Ok(summary)
 }
 
-/// The evaluators of `params` on one loaded model.
+/// Say on stderr which step of which model starts (progress where no bar is drawn).
+fn step(params: &BenchParams, name: &str, loaded: &LoadedModel, what: &str) {
+    if !params.json {
+        eprintln!("bench: {} ({}): {what}", report::short_name(name), loaded.quantization);
+    }
+}
+
+/// The evaluators of `params` on one loaded model; `rss` measures its memory from its load on.
+#[allow(clippy::too_many_arguments)]
 pub fn run_model(
     params: &BenchParams,
     data: &Datasets,
     name: &str,
     loaded: &LoadedModel,
     groups: &BTreeMap<String, String>,
-    interrupted: &AtomicBool,
+    interrupted: &Arc<AtomicBool>,
+    rss: &mut PeakRss,
 ) -> Result<ModelRecord> {
     let quiet = params.json;
     let cfg = loaded.config();
@@ -136,80 +221,134 @@ pub fn run_model(
         date_unix: report::now(),
         load_s: loaded.load_seconds,
         weights_bytes: loaded.model.weight_bytes() as u64,
+        kept_dense: loaded.kept_dense.len(),
         ..Default::default()
     };
     let ev = params.evaluators;
-    if ev.speed && !interrupted.load(Ordering::Relaxed) {
-        let s = params.speed;
-        let pb = progress_bar(2, "speed", quiet);
-        let r = speed::measure(&loaded.model, s.prefill, s.decode, s.reps)?;
-        sample_gpu();
-        pb.finish_and_clear();
-        let ttft = speed::time_prefill(&loaded.model, s.prefill.max(1))? * 1000.0;
-        record.speed = Some(SpeedRecord {
-            prefill: r.prefill,
-            decode: r.decode,
-            ttft_ms: ttft,
-            prompt_tokens: s.prefill,
-            generated_tokens: s.decode,
-            reps: s.reps,
-            extra: Default::default(),
-        });
+    if ev.speed {
+        if set(interrupted) {
+            record.not_run.push("speed".into());
+        } else {
+            let s = params.speed;
+            step(params, name, loaded, &format!("speed (-p {} -n {} -r {})", s.prefill, s.decode, s.reps));
+            let pb = progress_bar(2, "speed", quiet);
+            let r = speed::measure(&loaded.model, s.prefill, s.decode, s.reps)?;
+            sample_gpu();
+            pb.finish_and_clear();
+            let ttft = speed::time_prefill(&loaded.model, s.prefill.max(1))? * 1000.0;
+            record.speed = Some(SpeedRecord {
+                prefill: r.prefill,
+                decode: r.decode,
+                ttft_ms: ttft,
+                prompt_tokens: s.prefill,
+                generated_tokens: s.decode,
+                reps: s.reps,
+                extra: Default::default(),
+            });
+            rss.sample();
+        }
     }
-    if ev.mmlu && !interrupted.load(Ordering::Relaxed) {
-        let m = &params.mmlu;
-        let total: usize = data.subjects.iter().map(|s| m.limit.unwrap_or(s.test.len()).min(s.test.len())).sum();
-        let pb = progress_bar(total as u64, "MMLU", quiet);
-        let start = Instant::now();
-        let (res, details) =
-            mmlu::evaluate(loaded, &data.subjects, m.shots, m.limit, groups, m.prefix_reuse, |n| pb.inc(n as u64))?;
-        pb.finish_and_clear();
-        record.mmlu = Some(mmlu::summarize(res, details, m.shots, m.prefix_reuse, start.elapsed().as_secs_f64()));
+    if ev.mmlu {
+        if set(interrupted) {
+            record.not_run.push("mmlu".into());
+        } else {
+            let m = &params.mmlu;
+            let total: usize = data.subjects.iter().map(|s| m.limit.unwrap_or(s.test.len()).min(s.test.len())).sum();
+            step(params, name, loaded, &format!("MMLU, {total} questions"));
+            let pb = progress_bar(total as u64, "MMLU", quiet);
+            let start = Instant::now();
+            let run =
+                mmlu::evaluate(loaded, &data.subjects, m.shots, m.limit, groups, m.prefix_reuse, interrupted, |n| {
+                    pb.inc(n as u64)
+                })?;
+            pb.finish_and_clear();
+            record.mmlu = Some(mmlu::summarize(run, m.shots, m.prefix_reuse, start.elapsed().as_secs_f64()));
+            sample_gpu();
+            rss.sample();
+        }
     }
-    if ev.humaneval && !interrupted.load(Ordering::Relaxed) {
-        record.humaneval = Some(run_humaneval(params, loaded, &data.problems, interrupted)?);
+    if ev.humaneval {
+        if set(interrupted) {
+            record.not_run.push("humaneval".into());
+        } else {
+            record.humaneval = Some(run_humaneval(params, name, loaded, &data.problems, interrupted)?);
+            sample_gpu();
+            rss.sample();
+        }
     }
-    sample_gpu();
-    record.peak_rss_bytes = crate::util::peak_rss_bytes();
+    record.interrupted = set(interrupted);
+    record.peak_rss_bytes = rss.peak();
     // Sampled after each step: the card's memory in use (all processes), at its highest.
     record.gpu_memory_peak_bytes = gpu_peak;
     Ok(record)
 }
 
-/// Generate `samples` completions per problem (stopping early once `interrupted`), run them in the sandbox
-/// and score them.
+/// The prompt tokens of one problem: the prompt itself (base), or the prompt rendered as a chat message with
+/// the model's template (instruct). A prompt that leaves no room to answer keeps its last tokens.
+fn problem_tokens(loaded: &LoadedModel, p: &Problem, mode: HumanEvalMode, budget: usize) -> Result<Vec<u32>> {
+    let tok = loaded.tokenizer()?;
+    let mut ids = match mode {
+        HumanEvalMode::Instruct => {
+            let template = ChatTemplate::new(tok.chat_template.clone(), tok.bos_token.clone(), tok.eos_token.clone());
+            let text = template.render(&[Message::new("user", &humaneval::instruct_message(p))], true, &json!({}))?;
+            // As for chat: the template carries any BOS it wants.
+            tok.encode(&text, template.is_fallback())?
+        }
+        _ => tok.encode(&p.prompt, true)?,
+    };
+    let window = loaded.config().max_position_embeddings;
+    if ids.len() + budget > window {
+        ids.drain(..ids.len() + budget - window);
+    }
+    Ok(ids)
+}
+
+/// Generate `samples` completions per problem, run them in the sandbox and score them. Once `interrupted` is
+/// set no further completion or program starts (the one generating stops at its next token and is dropped):
+/// the record covers the completions generated and run before, and says it was interrupted.
 pub fn run_humaneval(
     params: &BenchParams,
+    name: &str,
     loaded: &LoadedModel,
     problems: &[Problem],
-    interrupted: &AtomicBool,
+    interrupted: &Arc<AtomicBool>,
 ) -> Result<HumanEvalRecord> {
     let h = &params.humaneval;
     let quiet = params.json;
     let tok = loaded.tokenizer()?;
+    let mode = h.mode.resolve(tok.chat_template.is_some());
     let samples = h.samples.max(1);
+    step(params, name, loaded, &format!("HumanEval ({}), {} problems × {samples}", mode.name(), problems.len()));
     let pb = progress_bar((problems.len() * samples) as u64, "HumanEval gen", quiet);
+    let budget = h.max_tokens.min(loaded.config().max_position_embeddings / 2);
     let mut programs = vec![];
     let mut completions = vec![];
-    for (pi, p) in problems.iter().enumerate() {
+    'problems: for (pi, p) in problems.iter().enumerate() {
+        let ids = problem_tokens(loaded, p, mode, budget)?;
         for s in 0..samples {
-            if interrupted.load(Ordering::Relaxed) {
-                break;
-            }
-            let mut ids = tok.encode(&p.prompt, true)?;
-            // A prompt that leaves no room to answer keeps its last tokens (as MMLU contexts do).
-            let window = loaded.config().max_position_embeddings;
-            let budget = h.max_tokens.min(window / 2);
-            if ids.len() + budget > window {
-                ids.drain(..ids.len() + budget - window);
+            if set(interrupted) {
+                break 'problems;
             }
             let sampling =
                 SamplingParams { seed: h.sampling.seed.wrapping_add((pi * 1000 + s) as u64), ..h.sampling.clone() };
-            let mut gp = GenerateParams::new(budget, sampling, loaded.eos_ids());
-            gp.stop_strings = humaneval::STOP_SEQUENCES.iter().map(|s| s.to_string()).collect();
+            let mut gp = match mode {
+                HumanEvalMode::Instruct => GenerateParams::new(budget, sampling, end_of_turn_ids(loaded)),
+                _ => {
+                    let mut gp = GenerateParams::new(budget, sampling, loaded.eos_ids());
+                    gp.stop_strings = humaneval::STOP_SEQUENCES.iter().map(|s| s.to_string()).collect();
+                    gp
+                }
+            };
+            gp.interrupt = Some(interrupted.clone());
             let mut cache = loaded.model.new_cache();
             let g = generate(&loaded.model, Some(tok), &ids, &mut cache, &gp, |_| {})?;
-            programs.push(humaneval::check_program(p, &g.text));
+            if g.stop_reason == StopReason::Interrupted {
+                break 'problems;
+            }
+            programs.push(match mode {
+                HumanEvalMode::Instruct => humaneval::instruct_program(p, &g.text),
+                _ => humaneval::check_program(p, &g.text),
+            });
             completions.push((pi, g.text));
             pb.inc(1);
         }
@@ -217,21 +356,38 @@ pub fn run_humaneval(
     pb.finish_and_clear();
     let sandbox = Sandbox { timeout: Duration::from_secs_f64(h.timeout), ..Default::default() };
     let pb = progress_bar(programs.len() as u64, "HumanEval run", quiet);
-    let outcomes = sandbox.run_all(&programs, || pb.inc(1))?;
+    let outcomes = sandbox.run_until(&programs, interrupted, || pb.inc(1))?;
     pb.finish_and_clear();
-    Ok(humaneval::summarize(problems, &completions, &outcomes, samples, h.sampling.temperature))
+    // Only what was generated and run counts.
+    let (ran, outcomes): (Vec<(usize, String)>, Vec<Outcome>) =
+        completions.into_iter().zip(outcomes).filter_map(|(c, o)| o.map(|o| (c, o))).unzip();
+    let mut record = humaneval::summarize(problems, &ran, &outcomes, samples, h.sampling.temperature);
+    record.mode = mode.name().to_string();
+    record.sandbox = sandbox.isolation().describe().to_string();
+    record.interrupted = set(interrupted);
+    Ok(record)
 }
 
-/// HumanEval's canonical solutions run through the sandbox: each problem's task id and outcome.
-pub fn humaneval_selfcheck(file: Option<&Path>, timeout: f64, quiet: bool) -> Result<Vec<(String, Outcome)>> {
-    let problems = match file {
-        Some(file) => humaneval::load_file(file)?,
+/// HumanEval's canonical solutions (the first `limit`) run through the sandbox: each problem's task id and
+/// outcome, for the problems run before `interrupted` was set.
+pub fn humaneval_selfcheck(
+    file: Option<&Path>,
+    limit: Option<usize>,
+    timeout: f64,
+    quiet: bool,
+    interrupted: &AtomicBool,
+) -> Result<Vec<(String, Outcome)>> {
+    let mut problems = match file {
+        Some(file) => humaneval::load_file(file).context("--humaneval-file")?,
         None => datasets::humaneval_from_hub(quiet)?,
     };
+    if let Some(n) = limit {
+        problems.truncate(n);
+    }
     let programs: Vec<String> = problems.iter().map(|p| humaneval::check_program(p, &p.canonical_solution)).collect();
     let sandbox = Sandbox { timeout: Duration::from_secs_f64(timeout), ..Default::default() };
     let pb = progress_bar(programs.len() as u64, "selfcheck", quiet);
-    let outcomes = sandbox.run_all(&programs, || pb.inc(1))?;
+    let outcomes = sandbox.run_until(&programs, interrupted, || pb.inc(1))?;
     pb.finish_and_clear();
-    Ok(problems.into_iter().map(|p| p.task_id).zip(outcomes).collect())
+    Ok(problems.into_iter().map(|p| p.task_id).zip(outcomes).filter_map(|(t, o)| o.map(|o| (t, o))).collect())
 }

@@ -134,6 +134,42 @@ impl SamplingArgs {
     }
 }
 
+/// Check before any work that a file can be written at `path`: its folder exists (or can be made) and takes
+/// a new file. Nothing is left behind.
+pub fn check_output_file(path: &std::path::Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("{} is a folder; expected a file path", path.display());
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let probe = dir.join(format!(".billion-write-check.{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("cannot write in {}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Say once when `--quantize` left weights dense (their width is not a multiple of the block): such a model is
+/// larger than the type suggests.
+pub fn note_kept_dense(loaded: &LoadedModel) {
+    if let Some(first) = loaded.kept_dense.first() {
+        eprintln!(
+            "note: {} weight(s) kept dense ({first}{}): their width is not a multiple of the {} block",
+            loaded.kept_dense.len(),
+            if loaded.kept_dense.len() > 1 { ", …" } else { "" },
+            loaded.quantization
+        );
+    }
+}
+
+/// A count that must be at least 1 (clap's parser for such flags).
+pub fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
 /// A list of `--quantize` values (bench compares several).
 pub fn quantize_list(values: &[QuantizeChoice]) -> Vec<Option<Quantize>> {
     values.iter().map(|q| q.0).collect()

@@ -3,7 +3,7 @@
 
 use super::{LoadArgs, SamplingArgs};
 use crate::chat::{template::FALLBACK_DESCRIPTION, ChatSession};
-use crate::generation::GenerateParams;
+use crate::generation::{GenerateParams, StopReason};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::io::{BufRead, IsTerminal, Write};
@@ -23,7 +23,7 @@ pub struct ChatArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Most tokens per reply
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     /// One JSON object per turn on stdout instead of text
     #[arg(long)]
@@ -62,8 +62,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
         let reply = session.turn(text, |t| {
             if stream {
                 let mut o = stdout.lock();
-                let _ = o.write_all(t.as_bytes());
-                let _ = o.flush();
+                if o.write_all(t.as_bytes()).and_then(|_| o.flush()).is_err() {
+                    // stdout was closed (`| head`): nobody reads the rest.
+                    std::process::exit(crate::util::CLOSED_STDOUT_EXIT);
+                }
             }
         })?;
         let stats = session.last.clone().unwrap_or_default();
@@ -89,12 +91,22 @@ pub fn run(a: ChatArgs) -> Result<()> {
         return one_turn(&mut session, p, !a.json);
     }
     if !std::io::stdin().is_terminal() {
+        // Each line is a turn; lines starting with `/` are the same commands as at the interactive prompt.
         for line in std::io::stdin().lock().lines() {
             let line = line.context("reading stdin")?;
-            if line.trim().is_empty() {
+            let line = line.trim();
+            if line.is_empty() {
                 continue;
             }
-            one_turn(&mut session, &line, !a.json)?;
+            if let Some(cmd) = line.strip_prefix('/') {
+                match run_command(&mut session, cmd)? {
+                    CommandOutcome::Exit => break,
+                    CommandOutcome::Done => {}
+                    CommandOutcome::Unknown(name) => eprintln!("unknown command /{name} (not sent to the model)"),
+                }
+                continue;
+            }
+            one_turn(&mut session, line, !a.json)?;
         }
         return Ok(());
     }
@@ -124,50 +136,23 @@ pub fn run(a: ChatArgs) -> Result<()> {
         }
         let _ = rl.add_history_entry(line.as_str());
         if let Some(cmd) = line.strip_prefix('/') {
-            let (name, arg) = cmd.split_once(' ').map(|(n, r)| (n, r.trim())).unwrap_or((cmd, ""));
-            match name {
-                "exit" | "quit" => break,
-                "reset" => {
-                    session.reset();
-                    eprintln!("(conversation cleared)");
-                }
-                "system" => {
-                    session.system = if arg.is_empty() { None } else { Some(arg.to_string()) };
-                    eprintln!("(system prompt {})", if arg.is_empty() { "removed" } else { "set" });
-                }
-                "save" if !arg.is_empty() => match crate::util::write_atomic(
-                    std::path::Path::new(arg),
-                    serde_json::to_string_pretty(&session.to_json())?.as_bytes(),
-                ) {
-                    Ok(()) => eprintln!("(saved to {arg})"),
-                    Err(e) => eprintln!("error: {e:#}"),
-                },
-                "load" if !arg.is_empty() => {
-                    let r = std::fs::read_to_string(arg)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(anyhow::Error::from))
-                        .and_then(|v| session.load_json(&v));
-                    match r {
-                        Ok(()) => eprintln!("(loaded {} messages from {arg})", session.messages.len()),
-                        Err(e) => eprintln!("error: /load {arg}: {e:#}"),
+            match run_command(&mut session, cmd)? {
+                CommandOutcome::Exit => break,
+                CommandOutcome::Done => {}
+                CommandOutcome::Unknown(name) => {
+                    if !name.is_empty() && name != "help" {
+                        eprintln!("unknown command /{name}");
                     }
+                    eprintln!("{HELP}");
                 }
-                "stats" => match &session.last {
-                    Some(s) => print_stats(s),
-                    None => eprintln!("(no reply yet)"),
-                },
-                _ => eprintln!(
-                    "commands: /reset  /system TEXT  /save FILE  /load FILE  /stats  /help  /exit\n\
-                     Ctrl-C stops a reply; Ctrl-D leaves"
-                ),
             }
             continue;
         }
         if let Err(e) = one_turn(&mut session, &line, true) {
             eprintln!("error: {e:#}");
         }
-        if interrupt.load(Ordering::Relaxed) {
-            eprintln!("(stopped)");
+        if let Some(stats) = session.last.as_ref().filter(|s| s.stop_reason == Some(StopReason::Interrupted)) {
+            eprintln!("(stopped after {} tokens)", stats.tokens);
         }
     }
     if let Some(h) = &history {
@@ -175,6 +160,56 @@ pub fn run(a: ChatArgs) -> Result<()> {
         let _ = rl.save_history(h);
     }
     Ok(())
+}
+
+const HELP: &str = "commands: /reset  /system TEXT  /save FILE  /load FILE  /stats  /help  /exit\n\
+                    Ctrl-C stops a reply; Ctrl-D leaves";
+
+enum CommandOutcome {
+    Done,
+    Exit,
+    /// Not a command we know (or `/help`): the name given.
+    Unknown(String),
+}
+
+/// Run one `/command` (the text after the slash), at the interactive prompt or from piped input.
+fn run_command(session: &mut ChatSession, cmd: &str) -> Result<CommandOutcome> {
+    let (name, arg) = cmd.split_once(' ').map(|(n, r)| (n, r.trim())).unwrap_or((cmd, ""));
+    match name {
+        "exit" | "quit" => return Ok(CommandOutcome::Exit),
+        "reset" => {
+            session.reset();
+            eprintln!("(conversation cleared)");
+        }
+        "system" => {
+            session.system = if arg.is_empty() { None } else { Some(arg.to_string()) };
+            eprintln!("(system prompt {})", if arg.is_empty() { "removed" } else { "set" });
+        }
+        "save" if !arg.is_empty() => match crate::util::write_atomic(
+            std::path::Path::new(arg),
+            serde_json::to_string_pretty(&session.to_json())?.as_bytes(),
+        ) {
+            Ok(()) => eprintln!("(saved to {arg})"),
+            Err(e) => eprintln!("error: /save {arg}: {e:#}"),
+        },
+        "load" if !arg.is_empty() => {
+            let r = std::fs::read_to_string(arg)
+                .map_err(anyhow::Error::from)
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(anyhow::Error::from))
+                .and_then(|v| session.load_json(&v));
+            match r {
+                Ok(()) => eprintln!("(loaded {} messages from {arg})", session.messages.len()),
+                Err(e) => eprintln!("error: /load {arg}: {e:#}"),
+            }
+        }
+        "save" | "load" => eprintln!("/{name} needs a file name: /{name} FILE"),
+        "stats" => match &session.last {
+            Some(s) => print_stats(s),
+            None => eprintln!("(no reply yet)"),
+        },
+        other => return Ok(CommandOutcome::Unknown(other.to_string())),
+    }
+    Ok(CommandOutcome::Done)
 }
 
 fn history_path() -> Option<std::path::PathBuf> {

@@ -15,7 +15,8 @@ pub struct DownloadArgs {
     /// Branch, tag or commit
     #[arg(long, default_value = "main")]
     pub revision: String,
-    /// Download a GGUF quantization (e.g. Q4_K_M, Q8_0) from the model's usual GGUF repo instead of safetensors
+    /// Download a GGUF quantization (e.g. Q4_K_M, Q8_0) from the model's usual GGUF repo instead of safetensors;
+    /// with --list, list the usual GGUF repos and whether that quantization is downloaded
     #[arg(long)]
     pub gguf: Option<String>,
     /// List the known models, what is downloaded and its size on disk
@@ -35,7 +36,10 @@ pub struct DownloadArgs {
 pub fn run(a: DownloadArgs) -> Result<()> {
     let cfg = HubConfig::from_env();
     if a.list {
-        return list(&cfg, a.json);
+        return match &a.gguf {
+            Some(quant) => list_gguf(&cfg, quant, &a.revision, a.json),
+            None => list(&cfg, &a.revision, a.json),
+        };
     }
     if a.verify {
         if a.models.is_empty() {
@@ -80,16 +84,10 @@ pub fn run(a: DownloadArgs) -> Result<()> {
                     None => registry::repo_id(m)
                         .with_context(|| format!("{m}: not a known alias or an org/name repo id"))?,
                 };
-                let q = quant.to_ascii_lowercase();
                 let info = repo_info(&cfg, RepoKind::Model, &repo, &a.revision)?;
-                let matches: Vec<String> = info
-                    .files
-                    .iter()
-                    .filter(|f| {
-                        f.name.to_ascii_lowercase().ends_with(".gguf") && f.name.to_ascii_lowercase().contains(&q)
-                    })
-                    .map(|f| f.name.clone())
-                    .collect();
+                let mut matches: Vec<String> =
+                    info.files.iter().filter(|f| is_gguf_of(&f.name, quant)).map(|f| f.name.clone()).collect();
+                matches.sort();
                 let pick = matches.first().cloned().with_context(|| {
                     let all: Vec<&str> =
                         info.files.iter().filter(|f| f.name.ends_with(".gguf")).map(|f| f.name.as_str()).collect();
@@ -137,10 +135,10 @@ fn dir_size(snap: &Path) -> u64 {
     total
 }
 
-fn list(cfg: &HubConfig, json: bool) -> Result<()> {
+fn list(cfg: &HubConfig, revision: &str, json: bool) -> Result<()> {
     let mut rows = vec![];
     for m in KNOWN_MODELS {
-        let snap = cfg.cached_snapshot(RepoKind::Model, m.repo_id, "main");
+        let snap = cfg.cached_snapshot(RepoKind::Model, m.repo_id, revision);
         let complete = snap.as_ref().is_some_and(|s| crate::hub::download::snapshot_complete(s));
         let size = snap.as_ref().map(|s| dir_size(s)).unwrap_or(0);
         rows.push(serde_json::json!({
@@ -166,6 +164,56 @@ fn list(cfg: &HubConfig, json: bool) -> Result<()> {
             r["architecture"].as_str().unwrap_or(""),
             r["params_b"].as_f64().unwrap_or(0.0),
             if r["gated"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            if r["downloaded"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            human_bytes(r["size_on_disk"].as_u64().unwrap_or(0)),
+        );
+    }
+    println!("cache: {}", cfg.cache_dir.display());
+    Ok(())
+}
+
+/// Does this file name hold the GGUF quantization `quant` (case-insensitive, as `--gguf` picks files)?
+fn is_gguf_of(name: &str, quant: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.ends_with(".gguf") && name.contains(&quant.to_ascii_lowercase())
+}
+
+/// `--list --gguf Q`: the known models' usual GGUF repos and whether their `Q` file is in the cache.
+fn list_gguf(cfg: &HubConfig, quant: &str, revision: &str, json: bool) -> Result<()> {
+    let mut rows = vec![];
+    for m in KNOWN_MODELS {
+        let Some(gguf_repo) = m.gguf_repo else { continue };
+        let snap = cfg.cached_snapshot(RepoKind::Model, gguf_repo, revision);
+        let file = snap.as_ref().and_then(|s| {
+            let mut names: Vec<_> = std::fs::read_dir(s)
+                .ok()?
+                .flatten()
+                .filter(|e| e.path().is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| is_gguf_of(n, quant))
+                .collect();
+            names.sort();
+            names.into_iter().next().map(|n| s.join(n))
+        });
+        let size = file.as_ref().and_then(|f| std::fs::metadata(f).ok()).map(|md| md.len()).unwrap_or(0);
+        rows.push(serde_json::json!({
+            "alias": m.alias, "repo": gguf_repo, "base_repo": m.repo_id, "quantization": quant,
+            "architecture": m.architecture, "params_b": m.params_b, "license": m.license, "gated": m.gated,
+            "downloaded": file.is_some(), "size_on_disk": size,
+            "path": file.map(|f| f.display().to_string()),
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<16} {:<44} {:<9} {:<11} {:>10}", "alias", "GGUF repo", "quant", "downloaded", "on disk");
+    for r in rows {
+        println!(
+            "{:<16} {:<44} {:<9} {:<11} {:>10}",
+            r["alias"].as_str().unwrap_or(""),
+            r["repo"].as_str().unwrap_or(""),
+            quant,
             if r["downloaded"].as_bool().unwrap_or(false) { "yes" } else { "no" },
             human_bytes(r["size_on_disk"].as_u64().unwrap_or(0)),
         );

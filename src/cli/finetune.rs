@@ -122,6 +122,10 @@ impl FinetuneArgs {
             show: self.show,
             results: Some(self.results.clone()),
             inject_nan_at_step: std::env::var("BILLION_FINETUNE_NAN_AT_STEP").ok().and_then(|v| v.parse().ok()),
+            pause_in_save: std::env::var("BILLION_FINETUNE_PAUSE_IN_SAVE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis),
         }
     }
 }
@@ -134,7 +138,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         bail!("--merge needs a model with weight files; --random-weights models have none to merge into");
     }
     let mut terminal = Terminal::new(!a.json && std::io::stderr().is_terminal());
-    let record = pipeline::run(&a.params(), &mut terminal).map_err(|e| flagged(e, &a.model.model))?;
+    let record = pipeline::run(&a.params(), &mut terminal).map_err(flagged)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&record)?)?);
     } else {
@@ -144,29 +148,64 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
 }
 
 /// The flag behind an input error; how to continue an interrupted run.
-fn flagged(e: anyhow::Error, model: &str) -> anyhow::Error {
+fn flagged(e: anyhow::Error) -> anyhow::Error {
     let e = match e.downcast::<InputError>() {
         Ok(InputError { input, error }) => return error.context(flag(input)),
         Err(e) => e,
     };
     match e.downcast_ref::<Interrupted>() {
-        Some(i) => anyhow!("{i}; continue with: billion finetune --model {model} --resume {}", i.checkpoint.display()),
+        Some(i) => {
+            let argv: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+            anyhow!("{i}; continue with: {}", resume_command(&argv, &i.checkpoint))
+        }
         None => e,
     }
 }
 
-fn flag(input: Input) -> &'static str {
-    match input {
-        Input::Model => "--model",
-        Input::Data => "--data",
-        Input::EvalData => "--eval-data",
-        Input::EvalSplit => "--eval-split",
-        Input::Targets => "--targets",
-        Input::MaxSteps => "--max-steps",
-        Input::MaxLen => "--max-len",
-        Input::Out => "--out",
-        Input::Merge => "--merge",
-        Input::Resume => "--resume",
+fn flag(input: Input) -> String {
+    let name = match input {
+        Input::Model => "model",
+        Input::Data => "data",
+        Input::EvalData => "eval-data",
+        Input::EvalSplit => "eval-split",
+        Input::Targets => "targets",
+        Input::MaxSteps => "max-steps",
+        Input::MaxLen => "max-len",
+        Input::Out => "out",
+        Input::Merge => "merge",
+        Input::Resume => "resume",
+        Input::Results => "results",
+        // The settings' field names are their flags' names.
+        Input::Setting(field) => return format!("--{}", field.replace('_', "-")),
+    };
+    format!("--{name}")
+}
+
+/// The command line that continues this run from `checkpoint`: the run's own arguments (program, model,
+/// data, outputs, settings, as given), any earlier `--resume` replaced, shell-quoted.
+fn resume_command(argv: &[String], checkpoint: &std::path::Path) -> String {
+    let mut words: Vec<String> = vec![];
+    let mut args = argv.iter();
+    while let Some(a) = args.next() {
+        if a == "--resume" {
+            args.next();
+        } else if !a.starts_with("--resume=") {
+            words.push(a.clone());
+        }
+    }
+    words.push("--resume".into());
+    words.push(checkpoint.to_string_lossy().into_owned());
+    words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
+}
+
+/// `word` as one POSIX shell word: as is when it holds only characters the shell leaves alone, else in
+/// single quotes.
+fn shell_quote(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./-_".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }
 
@@ -230,5 +269,30 @@ impl RunHooks for Terminal {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_command_keeps_the_run_and_quotes_it() {
+        let argv: Vec<String> =
+            ["/bin/billion", "finetune", "--model", "m", "--out", "my run", "--resume", "old", "--lr", "1e-3"]
+                .map(String::from)
+                .to_vec();
+        assert_eq!(
+            resume_command(&argv, std::path::Path::new("my run/checkpoint")),
+            "/bin/billion finetune --model m --out 'my run' --lr 1e-3 --resume 'my run/checkpoint'"
+        );
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn settings_name_their_flags() {
+        assert_eq!(flag(Input::Setting("max_grad_norm")), "--max-grad-norm");
+        assert_eq!(flag(Input::Results), "--results");
     }
 }

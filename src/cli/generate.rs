@@ -55,18 +55,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.prompt.is_none() && a.prompt_ids.is_none() {
         bail!("give --prompt TEXT or --prompt-ids 1,2,3");
     }
-    let loaded = a.model.load()?;
-    for name in &loaded.kept_dense {
-        eprintln!("note: {name} kept dense: its width is not a multiple of the quantization block");
+    let ids = a.prompt_ids.as_deref().map(parse_ids).transpose()?;
+    if let Some(path) = &a.logits_out {
+        super::args::check_output_file(path).context("--logits-out")?;
     }
+    let loaded = a.model.load()?;
+    super::args::note_kept_dense(&loaded);
     let cfg = loaded.config().clone();
     let mut prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) => loaded
             .tokenizer()
             .context("--prompt (text needs a tokenizer; --prompt-ids takes ids)")?
             .encode(text, !a.no_bos)?,
-        (None, Some(ids)) => {
-            let ids = parse_ids(ids)?;
+        (None, Some(_)) => {
+            let ids = ids.expect("parsed above");
             if let Some(bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
                 bail!(
                     "--prompt-ids: token id {bad} is out of range for a vocabulary of {} (valid: 0..{})",
@@ -82,16 +84,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("--prompt: the prompt encodes to no tokens");
     }
     let ctx = cfg.max_position_embeddings;
-    if prompt.len() > ctx {
-        if a.truncate_prompt {
-            eprintln!("note: prompt of {} tokens truncated to its last {ctx} (the context window)", prompt.len());
-            prompt.drain(..prompt.len() - ctx);
-        } else {
-            bail!(
-                "prompt has {} tokens but the model's context window is {ctx}; shorten it or pass --truncate-prompt to keep the last {ctx}",
-                prompt.len()
-            );
-        }
+    // With --truncate-prompt the prompt keeps its last tokens and leaves room for the answer (at least one
+    // prompt token stays).
+    let keep = ctx - a.max_tokens.min(ctx - 1);
+    if a.truncate_prompt && prompt.len() > keep {
+        eprintln!(
+            "note: prompt of {} tokens truncated to its last {keep}, leaving room for {} new tokens in the context window of {ctx}",
+            prompt.len(),
+            ctx - keep
+        );
+        prompt.drain(..prompt.len() - keep);
+    } else if prompt.len() > ctx {
+        bail!(
+            "prompt has {} tokens but the model's context window is {ctx}; shorten it or pass --truncate-prompt to keep the last {keep}",
+            prompt.len()
+        );
     }
     let params = GenerateParams {
         max_tokens: a.max_tokens,
@@ -108,8 +115,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let gen = generate(&loaded.model, loaded.tokenizer.as_ref(), &prompt, &mut cache, &params, |t| {
         if !json {
             let mut out = stdout.lock();
-            let _ = out.write_all(t.as_bytes());
-            let _ = out.flush();
+            if out.write_all(t.as_bytes()).and_then(|_| out.flush()).is_err() {
+                // stdout was closed (`| head`): nobody reads the rest.
+                std::process::exit(crate::util::CLOSED_STDOUT_EXIT);
+            }
         }
     })?;
     if let (Some(path), Some(logits)) = (&a.logits_out, &gen.prompt_logits) {

@@ -39,6 +39,12 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("vocabulary     {}", info.vocab_size);
     println!("context        {} tokens", info.context_length);
     println!("memory         weights {}", human_bytes(info.weights_bytes));
+    if info.kept_dense_weights > 0 {
+        println!(
+            "               ({} weights stay dense: their width is not a multiple of the quantization block)",
+            info.kept_dense_weights
+        );
+    }
     println!(
         "               KV cache {} per token, {} at full context",
         human_bytes(info.kv_cache_bytes_per_token),

@@ -18,6 +18,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU threads for matrix work (default: the physical cores; the same as RAYON_NUM_THREADS). Fewer than
+    /// the cores keeps decode steady on a busy machine
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -40,6 +44,8 @@ enum Command {
 
 /// Run the CLI; returns the process exit code. Errors print as one line on stderr.
 pub fn main() -> i32 {
+    // A closed stdout (`billion … | head`) ends the program quietly instead of a panic.
+    crate::util::install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -48,6 +54,11 @@ pub fn main() -> i32 {
             return code;
         }
     };
+    if let Some(n) = cli.threads {
+        // Read by the thread pools when they start (first CPU matmul), before any thread of ours exists.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
         Command::Chat(a) => chat::run(a),

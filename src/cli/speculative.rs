@@ -20,20 +20,23 @@ pub struct SpeculativeArgs {
     /// Target model (anything --model takes)
     #[arg(long)]
     pub target: String,
+    /// Prompt text (BOS is added when the target's tokenizer adds one)
     #[arg(long, short = 'p', conflicts_with_all = ["prompt_ids", "prompts"])]
     pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, used as given
     #[arg(long, value_delimiter = ',', conflicts_with = "prompts")]
     pub prompt_ids: Option<Vec<u32>>,
     /// A file of prompts: one per line, or JSON lines with a "prompt" field
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// Draft tokens per round
-    #[arg(long, default_value_t = 4)]
+    /// Draft tokens per round (at least 1)
+    #[arg(long, default_value_t = 4, value_parser = super::args::positive)]
     pub k: usize,
     /// Let the draft length follow the acceptance rate
     #[arg(long)]
     pub adaptive: bool,
-    #[arg(long, default_value_t = 128)]
+    /// Most tokens to generate per prompt
+    #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -94,10 +97,8 @@ fn load_side(
 }
 
 pub fn run(a: SpeculativeArgs) -> Result<()> {
-    if a.k == 0 {
-        bail!("--k must be at least 1");
-    }
     let sampling = a.sampling.params()?;
+    check_results_file(&a.results).context("--results")?;
     let draft = load_side(&a.draft, &a, a.draft_dtype, a.draft_quantize, a.draft_dequantize).context("--draft")?;
     let target =
         load_side(&a.target, &a, a.target_dtype, a.target_quantize, a.target_dequantize).context("--target")?;
@@ -201,7 +202,8 @@ pub fn run(a: SpeculativeArgs) -> Result<()> {
     let record = serde_json::json!({
         "draft": a.draft, "target": a.target, "k": a.k, "adaptive": a.adaptive, "temperature": sampling.temperature,
         "top_k": sampling.top_k, "top_p": sampling.top_p, "prompt_set": a.prompts.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "single".into()),
-        "prompts": prompts.len(), "max_tokens": a.max_tokens, "device": crate::load::device::device_name(target.model.device()),
+        "prompts": prompts.len(), "max_tokens": a.max_tokens,
+        "draft_setup": side_setup(&draft), "target_setup": side_setup(&target), "device": crate::load::device::device_name(target.model.device()),
         "acceptance_rate": alpha, "per_position": totals.per_position_rates(), "tokens_per_round": totals.tokens_per_round(), "accepted_per_round": totals.accepted_per_round(),
         "tok_s": totals.tok_s(), "target_only_tok_s": base_tok_s, "speedup": base_tok_s.map(|b| totals.tok_s() / b),
         "cost_ratio": c, "theoretical_speedup": theoretical_speedup(alpha, a.k, c),
@@ -232,7 +234,42 @@ fn accumulate(t: &mut crate::speculative::SpecStats, s: &crate::speculative::Spe
 }
 
 /// Keep one record per (draft, target, k, adaptive, sampling, prompt set); replace it when run again.
+/// How one side was loaded: what tells two settings of the same models apart.
+fn side_setup(m: &LoadedModel) -> serde_json::Value {
+    serde_json::json!({
+        "format": m.format,
+        "dtype": crate::load::device::dtype_name(m.model.dtype()),
+        "quantization": m.quantization,
+    })
+}
+
+/// Before any work: the results file can be written, and an existing one is a results file (a `runs` list).
+fn check_results_file(path: &std::path::Path) -> Result<()> {
+    super::args::check_output_file(path)?;
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a JSON results file", path.display()))?;
+        if !v.get("runs").is_some_and(|r| r.is_array()) {
+            bail!("{} has no `runs` list: not a results file of this command", path.display());
+        }
+    }
+    Ok(())
+}
+
 fn save_results(path: &std::path::Path, record: serde_json::Value) -> Result<()> {
-    let key = ["/draft", "/target", "/k", "/adaptive", "/temperature", "/top_k", "/top_p", "/prompt_set", "/device"];
+    // One record per setting: the two models as loaded (dtype, quantization) are part of the key.
+    let key = [
+        "/draft",
+        "/target",
+        "/k",
+        "/adaptive",
+        "/temperature",
+        "/top_k",
+        "/top_p",
+        "/prompt_set",
+        "/device",
+        "/draft_setup",
+        "/target_setup",
+    ];
     crate::util::save_run(path, record, &key)
 }

@@ -1,15 +1,19 @@
 //! `--merge`: fold the adapter into the base weights (`W + (alpha/r) · B A`) and write a model that loads
 //! without the adapter: a Hugging Face folder (safetensors + config + tokenizer files) for a folder base, or a
-//! GGUF file (merged matrices stored as F16, or F32 where the base was F32) for a GGUF base.
+//! GGUF file (merged matrices stored as F16, or F32 where the base was F32) for a GGUF base. Either is written
+//! beside its target and renamed into place whole (`files::publish`): a stopped merge leaves the previous
+//! merged model or none, never part of one.
 
+use super::files::publish;
 use crate::formats::safetensors;
-use crate::model::adapter::Lora;
+use crate::model::adapter::{save_output_tensors, temp_path_beside, Lora};
 use crate::model::Architecture;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Files copied unchanged from a base folder into the merged one.
 const SIDE_FILES: [&str; 10] = [
@@ -25,10 +29,10 @@ const SIDE_FILES: [&str; 10] = [
     "model.safetensors.index.json",
 ];
 
-/// Merge into a copy of the Hugging Face folder `base`, written to `out` (a new folder). `lora` is in the
-/// folder model's own (Hugging Face) layout.
-pub fn merge_hf_folder(base: &Path, lora: &Lora, out: &Path) -> Result<PathBuf> {
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+/// Merge into a copy of the Hugging Face folder `base`, written to the folder `out` (replacing it). `lora` is
+/// in the folder model's own (Hugging Face) layout. `pause`: see [`publish`].
+pub fn merge_hf_folder(base: &Path, lora: &Lora, out: &Path, pause: Option<Duration>) -> Result<PathBuf> {
+    let tmp = temp_path_beside(out);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     for f in SIDE_FILES {
@@ -51,21 +55,25 @@ pub fn merge_hf_folder(base: &Path, lora: &Lora, out: &Path) -> Result<PathBuf> 
             }
         }
         let name = file.file_name().context("shard file name")?;
-        crate::util::save_safetensors_atomic(&tmp.join(name), &tensors)?;
+        save_output_tensors(&tmp.join(name), &tensors)?;
     }
     if merged != lora.params.len() {
+        let _ = std::fs::remove_dir_all(&tmp);
         bail!("{} of the adapter's {} modules have weights in {}", merged, lora.params.len(), base.display());
     }
-    if out.exists() {
-        std::fs::remove_dir_all(out).with_context(|| format!("cannot replace {}", out.display()))?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot move {} to {}", tmp.display(), out.display()))?;
+    publish(&tmp, out, pause)?;
     Ok(out.to_path_buf())
 }
 
 /// Merge into a copy of the GGUF file `base`, written to `out`. `lora` is in the GGUF model's layout (as
-/// trained on it: interleaved q/k rows for llama).
-pub fn merge_gguf(base: &Path, arch: Architecture, lora: &Lora, out: &Path) -> Result<PathBuf> {
+/// trained on it: interleaved q/k rows for llama). `pause`: see [`publish`].
+pub fn merge_gguf(
+    base: &Path,
+    arch: Architecture,
+    lora: &Lora,
+    out: &Path,
+    pause: Option<Duration>,
+) -> Result<PathBuf> {
     let mut reader =
         std::io::BufReader::new(std::fs::File::open(base).with_context(|| format!("cannot open {}", base.display()))?);
     let content =
@@ -96,6 +104,8 @@ pub fn merge_gguf(base: &Path, arch: Architecture, lora: &Lora, out: &Path) -> R
     }
     let md: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    crate::formats::gguf::write_gguf(out, &md, &t)?;
+    let tmp = temp_path_beside(out);
+    crate::formats::gguf::write_gguf(&tmp, &md, &t)?;
+    publish(&tmp, out, pause)?;
     Ok(out.to_path_buf())
 }

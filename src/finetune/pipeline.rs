@@ -1,10 +1,11 @@
-//! A fine-tuning run end to end: checks first (settings, resume state, data), then the model, the data
+//! A fine-tuning run end to end: checks first (settings, output paths, resume state, data), then the model, the data
 //! tokenized, the base model evaluated, LoRA training (resumable from a checkpoint, stoppable with one),
 //! the adapter saved in PEFT format, the fine-tuned model evaluated, optionally a merged model, and a typed
 //! [`FinetuneRecord`] (also added to the results file). What a front end shows while it runs, and how it
 //! loads the model, come through [`RunHooks`].
 
 use super::data::{self, Example, Renderer, Tokenized};
+use super::files;
 use super::merge;
 use super::train::{self, evaluate, EvalMetrics, Outcome, StepRecord, TrainSettings, Trainer, TrainerState};
 use crate::load::device::{device_name, dtype_name};
@@ -19,7 +20,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Which linear layers get an adapter.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -93,6 +94,9 @@ pub struct FinetuneParams {
     pub results: Option<PathBuf>,
     /// Test hook: make the loss of this step NaN, as a diverging run would.
     pub inject_nan_at_step: Option<usize>,
+    /// Test hook: wait this long between a checkpoint or merged model written in full and its rename into
+    /// place (a test stops the process there).
+    pub pause_in_save: Option<Duration>,
 }
 
 /// What a front end takes part in: loading the model, lines for the user, and the training steps. Every
@@ -137,6 +141,9 @@ pub enum Input {
     Out,
     Merge,
     Resume,
+    Results,
+    /// One of the [`TrainSettings`], by its field name (`lr`, `batch_size`).
+    Setting(&'static str),
 }
 
 /// An error about one [`Input`]; it reads as the error it wraps.
@@ -319,7 +326,8 @@ struct Data {
     sha256: String,
 }
 
-fn load_data(p: &FinetuneParams) -> Result<Data> {
+/// The training and held-out examples; `seed` splits `eval_split` off the data when there is no held-out file.
+fn load_data(p: &FinetuneParams, seed: u64) -> Result<Data> {
     let Some(path) = &p.data else {
         return Ok(Data {
             train: data::parse_jsonl(data::DEFAULT_TRAIN, "built-in train.jsonl")?,
@@ -333,28 +341,69 @@ fn load_data(p: &FinetuneParams) -> Result<Data> {
     let all = data::parse_jsonl(&text, &path.display().to_string()).about(Input::Data)?;
     let (train, eval) = match &p.eval_data {
         Some(e) => (all, data::read_jsonl(e).about(Input::EvalData)?),
-        None => {
-            if !(0.0..1.0).contains(&p.eval_split) {
-                return Err(input_error(Input::EvalSplit, anyhow::anyhow!("must be in [0, 1), got {}", p.eval_split)));
-            }
-            data::split(all, p.eval_split, p.settings.seed).about(Input::Data)?
-        }
+        None => data::split(all, p.eval_split, seed).about(Input::Data)?,
     };
     Ok(Data { train, eval, name: path.display().to_string(), sha256: sha256_hex(text.as_bytes()) })
 }
 
-/// The state saved in a checkpoint folder, checked to belong to `model`.
+/// The state saved in a complete checkpoint folder, checked to belong to `model` and to hold valid settings.
 fn checkpoint_state(dir: &Path, model: &str) -> Result<TrainerState> {
-    let p = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&p).with_context(|| {
-        format!("{}: no trainer_state.json (expected the checkpoint folder of an interrupted run)", dir.display())
-    })?;
-    let st: TrainerState =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a trainer state", p.display()))?;
+    let st = train::checkpoint_state(dir)?;
     if st.model != model {
         anyhow::bail!("{}: the checkpoint was trained on model {}, not {}", dir.display(), st.model, model);
     }
+    if let Err(e) = st.settings.validate() {
+        anyhow::bail!("{}: the checkpoint's {} {e}", dir.display(), e.setting);
+    }
     Ok(st)
+}
+
+/// The given settings that a resumed run does not use because they differ from the checkpoint's, as
+/// `name given (checkpoint: value)`.
+fn ignored_settings(given: &TrainSettings, checkpoint: &TrainSettings) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(g)), Ok(serde_json::Value::Object(c))) =
+        (serde_json::to_value(given), serde_json::to_value(checkpoint))
+    else {
+        return vec![];
+    };
+    g.iter()
+        .filter(|(k, v)| k.as_str() != "targets" && c.get(*k).is_some_and(|cv| cv != *v))
+        .map(|(k, v)| format!("{k} {v} (checkpoint: {})", c[k]))
+        .collect()
+}
+
+/// The results file can be added to when the run ends: its folder writable (or creatable), and the file, if
+/// there, a results file (a JSON file without a `runs` list would be refused then).
+fn check_results_file(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        anyhow::bail!("{}: a folder, expected a JSON file", path.display());
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    files::check_writable_folder(dir)?;
+    if let Ok(serde_json::Value::Object(doc)) =
+        std::fs::read_to_string(path).map_err(anyhow::Error::from).and_then(|t| Ok(serde_json::from_str(&t)?))
+    {
+        if !doc.get("runs").is_some_and(|r| r.is_array()) {
+            anyhow::bail!("{}: a JSON file without a `runs` list; not overwriting it", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Where `--merge` writes for this base, checked to be writable as what it will be (a folder or a file).
+fn merge_target(out: &Path, source: &ModelSource) -> Result<PathBuf> {
+    let (target, folder) = match source {
+        ModelSource::HfDir(_) => (out.join("merged"), true),
+        ModelSource::Gguf(_) => (out.join("merged.gguf"), false),
+        ModelSource::ConfigOnly(_) => {
+            anyhow::bail!("a model with random weights has no weight files to merge the adapter into")
+        }
+    };
+    if target.exists() && target.is_dir() != folder {
+        let kind = if folder { "a folder" } else { "a file" };
+        anyhow::bail!("{} is in the way: the merged model there will be {kind}", target.display());
+    }
+    Ok(target)
 }
 
 fn tokenize_all(
@@ -391,18 +440,29 @@ fn tokenize_all(
 /// through the hooks' flag ends in [`Interrupted`].
 pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecord> {
     let wall = Instant::now();
-    // Everything that can be checked without the model first.
-    let resumed = match &p.resume {
-        Some(dir) => Some(checkpoint_state(dir, &p.model).about(Input::Resume)?),
-        None => None,
-    };
-    if resumed.is_none() {
-        p.settings.validate()?;
-    }
+    // Everything that can be checked without the model, before any work: values, where the outputs go, the
+    // checkpoint, the data.
     if p.max_steps == Some(0) {
         return Err(input_error(Input::MaxSteps, anyhow::anyhow!("must be at least 1")));
     }
-    let data = load_data(p)?;
+    if p.data.is_some() && p.eval_data.is_none() && !(0.0..1.0).contains(&p.eval_split) {
+        return Err(input_error(Input::EvalSplit, anyhow::anyhow!("must be in [0, 1), got {}", p.eval_split)));
+    }
+    let resumed = match &p.resume {
+        Some(dir) => Some(checkpoint_state(dir, &p.model).about(Input::Resume)?),
+        None => {
+            p.settings.validate().map_err(|e| input_error(Input::Setting(e.setting), e))?;
+            None
+        }
+    };
+    if p.out.exists() && !p.out.is_dir() {
+        return Err(input_error(Input::Out, anyhow::anyhow!("{}: not a folder", p.out.display())));
+    }
+    files::check_writable_folder(&p.out).about(Input::Out)?;
+    if let Some(results) = &p.results {
+        check_results_file(results).about(Input::Results)?;
+    }
+    let data = load_data(p, resumed.as_ref().map_or(p.settings.seed, |st| st.settings.seed))?;
     if let Some(st) = &resumed {
         if st.data_sha256 != data.sha256 {
             return Err(input_error(
@@ -414,13 +474,14 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
             ));
         }
     }
-    let source = crate::load::resolve(&p.model, p.load.random_weights).about(Input::Model)?;
-    if p.merge && matches!(source, ModelSource::ConfigOnly(_)) {
-        return Err(input_error(
-            Input::Merge,
-            anyhow::anyhow!("a model with random weights has no weight files to merge the adapter into"),
-        ));
+    if let Some(st) = &resumed {
+        let ignored = ignored_settings(&p.settings, &st.settings);
+        if !ignored.is_empty() {
+            hooks.note(&format!("note: resuming with the checkpoint's settings; not used: {}", ignored.join(", ")));
+        }
     }
+    let source = crate::load::resolve(&p.model, p.load.random_weights).about(Input::Model)?;
+    let merge_to = if p.merge { Some(merge_target(&p.out, &source).about(Input::Merge)?) } else { None };
 
     let mut loaded = hooks.load(&p.model, &p.load)?;
     let cfg = loaded.config().clone();
@@ -432,7 +493,6 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
             ..p.settings.clone()
         },
     };
-    s.validate()?;
     let quantization = loaded.quantization.clone();
     let eos = crate::chat::end_of_turn_ids(&loaded);
     let tokenizer = loaded.tokenizer.as_ref().with_context(|| {
@@ -444,13 +504,21 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
     }
     let train = tokenize_all(&renderer, &data.train, s.max_len, "training", hooks)?;
     let eval_tok = tokenize_all(&renderer, &data.eval, s.max_len, "held-out", hooks)?;
+    std::fs::create_dir_all(&p.out).with_context(|| format!("{}: cannot create", p.out.display())).about(Input::Out)?;
+    let cleaned = files::clean_leftovers(&p.out);
+    if cleaned > 0 {
+        hooks.note(&format!(
+            "removed {cleaned} unfinished temporary output(s) of an earlier run from {}",
+            p.out.display()
+        ));
+    }
     let train_tokens: usize = train.iter().map(|t| t.ids.len()).sum();
 
     let lora_cfg = LoraConfig {
         r: s.rank,
         lora_alpha: s.alpha,
         target_modules: s.targets.clone(),
-        lora_dropout: s.dropout as f64,
+        lora_dropout: train::f32_as_given(s.dropout),
         base_model_name_or_path: Some(p.model.clone()),
     };
     let device = loaded.model.device().clone();
@@ -504,9 +572,8 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
             before: Some(before.clone()),
         },
     };
-    std::fs::create_dir_all(&p.out).with_context(|| format!("{}: cannot create", p.out.display())).about(Input::Out)?;
-
     let mut trainer = Trainer::new(&mut loaded.model, lora, train, state, &p.out)?;
+    trainer.pause_in_save = p.pause_in_save;
     if let Some(dir) = &p.resume {
         trainer.restore(dir).about(Input::Resume)?;
         hooks.note(&format!("resuming at step {} of {}", trainer.state.step, trainer.state.total_steps));
@@ -536,27 +603,22 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
     drop(trainer.optimizer);
     let model = trainer.model;
     lora.save_for(&p.out, &cfg)?;
-    let ckpt = p.out.join("checkpoint");
-    if ckpt.exists() {
-        let _ = std::fs::remove_dir_all(&ckpt);
-    }
 
     model.set_ops(crate::model::Ops::Fused);
     lora.attach_frozen(model, model.dtype())?;
     hooks.note("evaluating the fine-tuned model on the held-out examples…");
     let after = evaluate(model, &renderer, &data.eval, &eval_tok, s.batch_size, &eos, p.show)?;
 
-    let merged = if p.merge {
-        let path = match &source {
-            ModelSource::HfDir(dir) => merge::merge_hf_folder(dir, &lora, &p.out.join("merged"))?,
-            ModelSource::Gguf(file) => merge::merge_gguf(file, cfg.architecture, &lora, &p.out.join("merged.gguf"))?,
-            ModelSource::ConfigOnly(_) => unreachable!("checked before loading"),
-        };
-        hooks.note(&format!("merged model written to {}", path.display()));
-        Some(path)
-    } else {
-        None
+    let merged = match (&merge_to, &source) {
+        (Some(to), ModelSource::HfDir(dir)) => Some(merge::merge_hf_folder(dir, &lora, to, p.pause_in_save)?),
+        (Some(to), ModelSource::Gguf(file)) => {
+            Some(merge::merge_gguf(file, cfg.architecture, &lora, to, p.pause_in_save)?)
+        }
+        _ => None,
     };
+    if let Some(path) = &merged {
+        hooks.note(&format!("merged model written to {}", path.display()));
+    }
 
     // Timing over steady-state steps: the first step includes one-time setup (kernels, allocations).
     let steady: Vec<_> = state.history.iter().skip(if state.history.len() > 2 { 1 } else { 0 }).collect();
@@ -603,7 +665,14 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
         shown,
     };
     if let Some(path) = &p.results {
-        crate::util::save_run(path, serde_json::to_value(&record)?, &RESULTS_KEY)?;
+        crate::util::save_run(path, serde_json::to_value(&record)?, &RESULTS_KEY).about(Input::Results)?;
+    }
+    // The run is complete: its checkpoint (and the one it resumed from, wherever that was) is spent.
+    for dir in std::iter::once(p.out.join("checkpoint")).chain(p.resume.clone()) {
+        if dir.join(train::CHECKPOINT_COMPLETE).is_file() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot remove the spent checkpoint {}", dir.display()))?;
+        }
     }
     Ok(record)
 }

@@ -3,10 +3,11 @@
 //! checkpoints on Ctrl-C (resumable), and a stop with the last good adapter kept when the loss turns NaN.
 
 use super::data::{Example, Renderer, Tokenized, IGNORE};
+use super::files::publish;
 use super::loss::{causal_lm_loss, labelled_rows};
 use super::optim::{clip, grad_norm, AdamW, AdamWParams};
 use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
-use crate::model::adapter::Lora;
+use crate::model::adapter::{save_output_tensors, temp_path_beside, write_output_file, Lora};
 use crate::model::{Model, Ops};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -23,6 +24,8 @@ pub struct TrainSettings {
     pub rank: usize,
     pub alpha: f64,
     pub targets: Vec<String>,
+    /// Written to JSON as given (0.05), not as its f32's exact value.
+    #[serde(serialize_with = "serialize_as_given")]
     pub dropout: f32,
     pub batch_size: usize,
     pub grad_accum: usize,
@@ -40,30 +43,69 @@ fn linear() -> String {
     "linear".into()
 }
 
+/// An f32 setting as the f64 of its shortest decimal form, the value the user wrote (0.05 rather than the
+/// 0.05000000074505806 a plain conversion gives).
+pub fn f32_as_given(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(v as f64)
+}
+
+fn serialize_as_given<S: serde::Serializer>(v: &f32, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(f32_as_given(*v))
+}
+
+/// A setting out of range: its field name in [`TrainSettings`] and what was expected of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidSetting {
+    pub setting: &'static str,
+    pub problem: String,
+}
+
+impl std::fmt::Display for InvalidSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.problem)
+    }
+}
+
+impl std::error::Error for InvalidSetting {}
+
 impl TrainSettings {
-    pub fn validate(&self) -> Result<()> {
-        let checks: [(bool, &str); 8] = [
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number"),
-            (self.rank >= 1, "--rank must be at least 1"),
-            (self.alpha > 0.0 && self.alpha.is_finite(), "--alpha must be a positive number"),
-            ((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1)"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (self.max_len >= 2, "--max-len must be at least 2"),
+    /// Every value in its range; the first that is not.
+    pub fn validate(&self) -> std::result::Result<(), InvalidSetting> {
+        let at_least =
+            |v: usize, min: usize| if v >= min { Ok(()) } else { Err(format!("must be at least {min}, got {v}")) };
+        let positive =
+            |v: f64| if v > 0.0 && v.is_finite() { Ok(()) } else { Err(format!("must be a positive number, got {v}")) };
+        let share = |v: f64| if (0.0..1.0).contains(&v) { Ok(()) } else { Err(format!("must be in [0, 1), got {v}")) };
+        let checks: [(&'static str, std::result::Result<(), String>); 12] = [
+            ("epochs", at_least(self.epochs, 1)),
+            ("lr", positive(self.lr)),
+            ("rank", at_least(self.rank, 1)),
+            ("alpha", positive(self.alpha)),
+            ("dropout", share(f32_as_given(self.dropout))),
+            ("batch_size", at_least(self.batch_size, 1)),
+            ("grad_accum", at_least(self.grad_accum, 1)),
+            ("max_len", at_least(self.max_len, 2)),
+            ("warmup_ratio", share(self.warmup_ratio)),
+            (
+                "lr_schedule",
+                match self.lr_schedule.as_str() {
+                    "linear" | "constant" => Ok(()),
+                    other => Err(format!("must be linear or constant, got {other}")),
+                },
+            ),
+            (
+                "weight_decay",
+                match self.weight_decay {
+                    w if w >= 0.0 && w.is_finite() => Ok(()),
+                    w => Err(format!("must be a number of at least 0, got {w}")),
+                },
+            ),
+            ("max_grad_norm", positive(self.max_grad_norm)),
         ];
-        for (ok, msg) in checks {
-            if !ok {
-                bail!("{msg}");
-            }
+        match checks.into_iter().find(|(_, r)| r.is_err()) {
+            Some((setting, Err(problem))) => Err(InvalidSetting { setting, problem }),
+            _ => Ok(()),
         }
-        if !["linear", "constant"].contains(&self.lr_schedule.as_str()) {
-            bail!("--lr-schedule must be linear or constant, got {}", self.lr_schedule);
-        }
-        if !(0.0..1.0).contains(&self.warmup_ratio) {
-            bail!("--warmup-ratio must be in [0, 1)");
-        }
-        Ok(())
     }
 }
 
@@ -240,6 +282,24 @@ pub fn evaluate(
     })
 }
 
+/// The file a checkpoint folder holds once everything else in it is written: a folder without it is never
+/// resumed from.
+pub const CHECKPOINT_COMPLETE: &str = "checkpoint_complete";
+
+/// The trainer state of a checkpoint folder written by [`Trainer::save_checkpoint`], refused when the folder
+/// lacks its completion marker.
+pub fn checkpoint_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join("trainer_state.json");
+    if !dir.is_dir() {
+        bail!("{}: no such folder (expected the checkpoint folder of an interrupted run)", dir.display());
+    }
+    if !dir.join(CHECKPOINT_COMPLETE).is_file() {
+        bail!("{}: an incomplete checkpoint (no {CHECKPOINT_COMPLETE} marker: its save was cut short)", dir.display());
+    }
+    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a trainer state", p.display()))
+}
+
 /// The training run: the model with its adapter, the data, and where things go.
 pub struct Trainer<'a> {
     pub model: &'a mut Model,
@@ -248,6 +308,8 @@ pub struct Trainer<'a> {
     pub train: Vec<Tokenized>,
     pub state: TrainerState,
     pub out_dir: PathBuf,
+    /// Test hook: wait this long between a checkpoint written in full and its rename into place.
+    pub pause_in_save: Option<std::time::Duration>,
 }
 
 impl<'a> Trainer<'a> {
@@ -260,7 +322,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self> {
         let params = AdamWParams { weight_decay: state.settings.weight_decay, ..Default::default() };
         let optimizer = AdamW::new(lora.vars(), params)?;
-        Ok(Self { model, lora, optimizer, train, state, out_dir: out.to_path_buf() })
+        Ok(Self { model, lora, optimizer, train, state, out_dir: out.to_path_buf(), pause_in_save: None })
     }
 
     pub fn checkpoint_dir(&self) -> PathBuf {
@@ -279,22 +341,20 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Adapter + optimizer moments + trainer state, written to a temporary folder and renamed into place.
+    /// Adapter + optimizer moments + trainer state + the completion marker, written to a temporary folder
+    /// beside the checkpoint and swapped into place: the checkpoint folder is the previous one or this one,
+    /// whole, whenever the process stops.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let dir = self.checkpoint_dir();
-        let tmp = self.out_dir.join(format!(".checkpoint.{}.tmp", std::process::id()));
+        let tmp = temp_path_beside(&dir);
         let _ = std::fs::remove_dir_all(&tmp);
         self.lora.save_for(&tmp, self.model.config())?;
         let opt = self.optimizer.state(&self.lora.var_names())?;
-        crate::util::save_safetensors_atomic(&tmp.join("optimizer.safetensors"), &opt)?;
-        crate::util::write_atomic(
-            &tmp.join("trainer_state.json"),
-            serde_json::to_string_pretty(&self.state)?.as_bytes(),
-        )?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot replace {}", dir.display()))?;
-        }
-        std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move the checkpoint to {}", dir.display()))?;
+        save_output_tensors(&tmp.join("optimizer.safetensors"), &opt)?;
+        write_output_file(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&self.state)?.as_bytes())?;
+        let marker = format!("step {} of {}\n", self.state.step, self.state.total_steps);
+        write_output_file(&tmp.join(CHECKPOINT_COMPLETE), marker.as_bytes())?;
+        publish(&tmp, &dir, self.pause_in_save)?;
         Ok(dir)
     }
 

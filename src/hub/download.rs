@@ -267,6 +267,7 @@ fn fetch_one(
             Ok(()) => {}
             Err(TransferError::Network(e)) if network_failures < opts.network_retries => {
                 network_failures += 1;
+                std::thread::sleep(std::time::Duration::from_millis(200 * network_failures as u64));
                 if !opts.quiet && !opts.json {
                     eprintln!("{}: {e}; resuming (try {network_failures} of {})", f.name, opts.network_retries);
                 }
@@ -274,8 +275,10 @@ fn fetch_one(
             }
             Err(TransferError::Network(e)) => {
                 return Err(e.context(format!(
-                    "{repo}: download of {} was cut off; the partial file is kept and the next run resumes it",
-                    f.name
+                    "{repo}: download of {} did not finish after {} tries; the partial file is kept and the next \
+                     run resumes it",
+                    f.name,
+                    network_failures + 1
                 )))
             }
             Err(TransferError::Fatal(e)) => return Err(e),
@@ -336,7 +339,14 @@ fn transfer(
     }
     let resp = match req.call() {
         Ok(r) => r,
+        Err(ureq::Error::Transport(t)) if super::transport_timed_out(&t) => {
+            return Err(TransferError::Network(anyhow::anyhow!("{}", super::silence(&f.name))))
+        }
         Err(ureq::Error::Transport(t)) => return Err(TransferError::Network(anyhow::anyhow!("{t}"))),
+        // A server error is usually passing (an overloaded or restarting hub): worth another try.
+        Err(e @ ureq::Error::Status(500..=599, _)) => {
+            return Err(TransferError::Network(http_error(repo, &f.name, e, cfg.token.is_some())))
+        }
         Err(e) => return Err(fatal(http_error(repo, &f.name, e, cfg.token.is_some()))),
     };
     let resumed = resp.status() == 206;
@@ -362,7 +372,8 @@ fn transfer(
             Ok(n) => n,
             Err(e) => {
                 let _ = file.flush();
-                return Err(TransferError::Network(anyhow::anyhow!("connection lost: {e}")));
+                let why = if super::is_timeout(&e) { super::silence(&f.name) } else { format!("connection lost: {e}") };
+                return Err(TransferError::Network(anyhow::anyhow!("{why}")));
             }
         };
         file.write_all(&buf[..n]).map_err(|e| fatal(anyhow::anyhow!("cannot write {}: {e}", partial.display())))?;

@@ -7,6 +7,7 @@ pub mod download;
 pub mod registry;
 
 use anyhow::{bail, Context, Result};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,12 +110,33 @@ pub struct RepoInfo {
     pub files: Vec<RepoFile>,
 }
 
+/// Seconds the hub may stay silent (no connection, no byte) before a request fails: `BILLION_HUB_TIMEOUT_S`,
+/// 60 by default. A stalled download is then resumed like a cut one.
+pub fn timeout() -> std::time::Duration {
+    let secs = std::env::var("BILLION_HUB_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(60.0);
+    std::time::Duration::from_secs_f64(secs)
+}
+
 pub(crate) fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(std::time::Duration::from_secs(20))
-        .timeout_read(std::time::Duration::from_secs(60))
-        .redirects(8)
-        .build()
+    let limit = timeout();
+    ureq::AgentBuilder::new().timeout_connect(limit).timeout_read(limit).redirects(8).build()
+}
+
+/// Is this I/O error the read timeout firing (the hub went silent)?
+pub(crate) fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
+}
+
+/// What to say when the hub went silent for the whole timeout.
+pub(crate) fn silence(what: &str) -> String {
+    format!(
+        "the hub sent nothing for {:.0} s while sending {what} (timeout set by BILLION_HUB_TIMEOUT_S)",
+        timeout().as_secs_f64()
+    )
 }
 
 pub(crate) fn http_error(repo: &str, what: &str, err: ureq::Error, has_token: bool) -> anyhow::Error {
@@ -130,10 +152,15 @@ pub(crate) fn http_error(repo: &str, what: &str, err: ureq::Error, has_token: bo
             anyhow::anyhow!("{repo}: {what} not found on the hub (check the name and --revision)")
         }
         ureq::Error::Status(code, _) => anyhow::anyhow!("{repo}: the hub answered HTTP {code} for {what}"),
+        ureq::Error::Transport(t) if transport_timed_out(&t) => anyhow::anyhow!("{repo}: {}", silence(what)),
         ureq::Error::Transport(t) => anyhow::anyhow!(
             "{repo}: cannot reach the hub for {what}: {t} (set HF_HUB_OFFLINE=1 to use only the local cache)"
         ),
     }
+}
+
+pub(crate) fn transport_timed_out(t: &ureq::Transport) -> bool {
+    std::error::Error::source(t).and_then(|e| e.downcast_ref::<std::io::Error>()).is_some_and(is_timeout)
 }
 
 /// List a repo's files with sizes and checksums at a revision.
@@ -147,8 +174,15 @@ pub fn repo_info(cfg: &HubConfig, kind: RepoKind, repo: &str, revision: &str) ->
         req = req.set("Authorization", &format!("Bearer {t}"));
     }
     let resp = req.call().map_err(|e| http_error(repo, "the repo listing", e, cfg.token.is_some()))?;
+    let mut body = String::new();
+    if let Err(e) = resp.into_reader().take(64 << 20).read_to_string(&mut body) {
+        if is_timeout(&e) {
+            bail!("{repo}: {}", silence("the repo listing"));
+        }
+        bail!("{repo}: the connection broke while reading the repo listing: {e}");
+    }
     let v: serde_json::Value =
-        resp.into_json().with_context(|| format!("{repo}: the hub's repo listing is not JSON"))?;
+        serde_json::from_str(&body).with_context(|| format!("{repo}: the hub's repo listing is not JSON"))?;
     let commit = v.get("sha").and_then(|s| s.as_str()).unwrap_or(revision).to_string();
     let files = v
         .get("siblings")

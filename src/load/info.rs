@@ -25,6 +25,8 @@ pub struct ModelInfo {
     pub head_dim: usize,
     /// Bytes of weights in memory once loaded.
     pub weights_bytes: u64,
+    /// Weights that `--quantize` leaves dense because their width is not a multiple of the type's block.
+    pub kept_dense_weights: usize,
     pub kv_cache_bytes_per_token: u64,
     /// Weights plus a KV cache filling the whole context window.
     pub total_bytes_full_context: u64,
@@ -42,11 +44,11 @@ pub fn inspect(model: &str, opts: &LoadOptions) -> Result<ModelInfo> {
         Some(d) => select_dtype(opts.dtype, &d),
         None => opts.dtype.unwrap_or(DType::BF16),
     };
-    let (cfg, format, weights_dtype, weights_bytes, path) = match source {
+    let (cfg, format, weights_dtype, (weights_bytes, kept_dense_weights), path) = match source {
         ModelSource::Gguf(path) => {
             let c = gguf::read_content(&path)?;
             let cfg = ModelConfig::from_gguf(&c, &path)?;
-            (cfg, "gguf", gguf::main_tensor_type(&c), gguf::tensor_bytes(&c), path)
+            (cfg, "gguf", gguf::main_tensor_type(&c), (gguf::tensor_bytes(&c), 0), path)
         }
         ModelSource::HfDir(dir) => {
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
@@ -85,22 +87,85 @@ pub fn inspect(model: &str, opts: &LoadOptions) -> Result<ModelInfo> {
         kv_heads: cfg.num_kv_heads,
         head_dim: cfg.head_dim,
         weights_bytes,
+        kept_dense_weights,
         kv_cache_bytes_per_token: kv,
         total_bytes_full_context: weights_bytes + kv * cfg.max_position_embeddings as u64,
     })
 }
 
-/// Bytes of weights at the compute dtype, or with linear layers quantized.
-fn quantized_or_dense_bytes(cfg: &ModelConfig, q: Option<Quantize>, dtype: DType) -> u64 {
+/// Bytes of weights at the compute dtype, or with linear layers quantized where their width allows (the rest
+/// stay dense, as the loader keeps them), counted as `Model::weight_bytes` counts them.
+fn quantized_or_dense_bytes(cfg: &ModelConfig, q: Option<Quantize>, dtype: DType) -> (u64, usize) {
     let params = cfg.parameter_count();
     let elem = dtype.size_in_bytes() as u64;
-    match q {
-        None => params * elem,
-        Some(q) => {
-            let g = q.ggml();
-            let embed = (cfg.vocab_size * cfg.hidden_size) as u64;
-            let linear = params.saturating_sub(embed);
-            embed * elem + linear * g.type_size() as u64 / g.block_size() as u64
+    let Some(q) = q else { return (params * elem, 0) };
+    let (v, h, layers) = (cfg.vocab_size, cfg.hidden_size, cfg.num_layers);
+    let linears = (cfg.architecture.spec().layer_linears)(cfg);
+    let mut kept_dense = 0;
+    let mut bytes = 0;
+    for &(_, rows, cols) in &linears {
+        bytes += layers as u64
+            * q.matrix_bytes(rows, cols).unwrap_or_else(|| {
+                kept_dense += layers;
+                (rows * cols) as u64 * elem
+            });
+    }
+    // The head is quantized too (a quantized copy of a tied embedding); the embedding stays dense. A tied head
+    // that cannot be quantized reads the embedding itself.
+    bytes += match (q.matrix_bytes(v, h), cfg.tie_word_embeddings) {
+        (Some(b), _) => b,
+        (None, tied) => {
+            kept_dense += 1;
+            if tied {
+                0
+            } else {
+                (v * h) as u64 * elem
+            }
+        }
+    };
+    let linear_params: u64 = linears.iter().map(|&(_, o, i)| (o * i) as u64).sum::<u64>() * layers as u64;
+    let head_params = if cfg.tie_word_embeddings { 0 } else { (v * h) as u64 };
+    // Everything else (embedding, norms, biases) stays in the compute dtype.
+    bytes += (params - linear_params - head_params) * elem;
+    (bytes, kept_dense)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Architecture;
+
+    /// The estimate equals what a load really holds, for every quantization and tied or untied heads,
+    /// including widths that a type cannot take (q4k on 64-wide layers stays dense).
+    #[test]
+    fn estimate_matches_the_loaded_model() {
+        let d = tempfile::tempdir().unwrap();
+        for (arch, tied, hidden) in [
+            (Architecture::Llama, false, 64),
+            (Architecture::Llama, true, 64),
+            (Architecture::Llama, true, 256),
+            (Architecture::GptNeoX, false, 64),
+            (Architecture::StableLm, false, 64),
+        ] {
+            let mut config = crate::testing::tiny_config(arch, 320);
+            config["tie_word_embeddings"] = tied.into();
+            config["hidden_size"] = hidden.into();
+            let path = d.path().join(format!("{}-{tied}-{hidden}.json", arch.name()));
+            std::fs::write(&path, config.to_string()).unwrap();
+            let name = path.to_str().unwrap();
+            for q in [None, Some(Quantize::Q8_0), Some(Quantize::Q4_0), Some(Quantize::Q4K)] {
+                let opts = LoadOptions {
+                    device: Some(super::super::DeviceSpec::Cpu),
+                    quantize: q,
+                    random_weights: true,
+                    ..Default::default()
+                };
+                let info = inspect(name, &opts).unwrap();
+                let loaded = crate::load::load(name, &opts).unwrap();
+                let what = format!("{} tied={tied} hidden={hidden} {q:?}", arch.name());
+                assert_eq!(info.weights_bytes, loaded.model.weight_bytes() as u64, "{what}");
+                assert_eq!(info.kept_dense_weights, loaded.kept_dense.len(), "{what}");
+            }
         }
     }
 }

@@ -606,3 +606,58 @@ mod imp {
         }
     }
 }
+
+/// The graph against the regular forward pass on the GPU (`cargo test --features cuda` where a GPU is
+/// present): a batch of two identical rows never takes the graph, so its first row is the reference.
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use crate::load::{load, DeviceSpec, LoadOptions};
+    use candle_core::{DType, Tensor};
+
+    #[test]
+    fn graph_steps_match_the_regular_forward_pass() {
+        if !candle_core::utils::cuda_is_available() || candle_core::Device::new_cuda(0).is_err() {
+            eprintln!("skipping: no CUDA device");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for (file, quant) in [("bf16", None), ("q8", Some(candle_core::quantized::GgmlDType::Q8_0))] {
+            // head_dim 64 and widths the graph's kernels take.
+            let mut config = crate::testing::tiny_config(crate::model::Architecture::Llama, 512);
+            config["hidden_size"] = 256.into();
+            config["intermediate_size"] = 768.into();
+            let path = match quant {
+                None => {
+                    let p = dir.path().join(file);
+                    crate::testing::write_hf_model(&p, &config, 11).unwrap();
+                    p
+                }
+                Some(q) => {
+                    let p = dir.path().join(format!("{file}.gguf"));
+                    crate::testing::write_llama_gguf(&p, &config, 11, q).unwrap();
+                    p
+                }
+            };
+            let opts =
+                LoadOptions { device: Some(DeviceSpec::Cuda(0)), dtype: Some(DType::BF16), ..Default::default() };
+            let m = load(path.to_str().unwrap(), &opts).unwrap().model;
+            let prompt: Vec<u32> = (0..40).map(|i| (i * 37 % 500 + 3) as u32).collect();
+            let (mut one, mut two) = (m.new_cache(), m.new_cache());
+            let x1 = m.input(&prompt).unwrap();
+            let x2 = Tensor::cat(&[&x1, &x1], 0).unwrap();
+            let mut next = m.forward_last(&x1, &mut one).unwrap().argmax(1).unwrap().to_vec1::<u32>().unwrap()[0];
+            m.forward_last(&x2, &mut two).unwrap();
+            for step in 0..16 {
+                let g = m.forward_last(&m.input(&[next]).unwrap(), &mut one).unwrap(); // the graph
+                let r = m.forward_last(&Tensor::new(&[[next], [next]], m.device()).unwrap(), &mut two).unwrap();
+                let r = r.narrow(0, 0, 1).unwrap();
+                let diff = (&g - &r).unwrap().sqr().unwrap().mean_all().unwrap().sqrt().unwrap();
+                let scale = r.sqr().unwrap().mean_all().unwrap().sqrt().unwrap();
+                let rel = diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+                assert!(rel < 0.05, "{file} step {step}: graph logits differ from the forward pass by {rel}");
+                next = g.argmax(1).unwrap().to_vec1::<u32>().unwrap()[0];
+            }
+            assert_eq!(one.len(), prompt.len() + 16);
+        }
+    }
+}

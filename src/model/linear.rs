@@ -251,15 +251,14 @@ impl Module for Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     /// The fused training op gives x, A and B the gradients of the plain composition `x Wᵀ + b + s·x Aᵀ Bᵀ`,
     /// on dense and quantized bases; with dropout the gradients stay finite and A, B still learn.
     #[test]
     fn lora_linear_gradients_match_the_composition() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 0.5, (32, 64), &dev).unwrap();
-        let bias = Tensor::randn(0f32, 0.5, 32, &dev).unwrap();
+        let w = crate::testing::seeded_randn(101, 0.0, 0.5, &[32, 64]);
+        let bias = crate::testing::seeded_randn(102, 0.0, 0.5, &[32]);
         for quantized in [false, true] {
             let mut lin = if quantized {
                 Linear::quantize(&w, Some(bias.clone()), GgmlDType::Q8_0).unwrap()
@@ -267,10 +266,10 @@ mod tests {
                 Linear::dense(w.clone(), Some(bias.clone())).unwrap()
             };
             let wd = lin.dense_weight(DType::F32).unwrap();
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 20, 64), &dev).unwrap()).unwrap();
-            let a = Var::from_tensor(&Tensor::randn(0f32, 0.2, (4, 64), &dev).unwrap()).unwrap();
-            let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, (32, 4), &dev).unwrap()).unwrap();
-            let coef = Tensor::randn(0f32, 1.0, (2, 20, 32), &dev).unwrap();
+            let x = Var::from_tensor(&crate::testing::seeded_randn(103, 0.0, 1.0, &[2, 20, 64])).unwrap();
+            let a = Var::from_tensor(&crate::testing::seeded_randn(104, 0.0, 0.2, &[4, 64])).unwrap();
+            let b = Var::from_tensor(&crate::testing::seeded_randn(105, 0.0, 0.2, &[32, 4])).unwrap();
+            let coef = crate::testing::seeded_randn(106, 0.0, 1.0, &[2, 20, 32]);
             lin.set_lora(Some(LoraAdapter {
                 a: a.as_tensor().clone(),
                 b: b.as_tensor().clone(),
@@ -316,13 +315,12 @@ mod tests {
     /// for decode-sized and prefill-sized inputs.
     #[test]
     fn quantized_backward_matches_dense() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 0.5, (48, 64), &dev).unwrap();
+        let w = crate::testing::seeded_randn(107, 0.0, 0.5, &[48, 64]);
         let q = Linear::quantize(&w, None, GgmlDType::Q8_0).unwrap();
         let dense = Linear::dense(q.dense_weight(DType::F32).unwrap(), None).unwrap();
         for rows in [3, 40] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, rows, 64), &dev).unwrap()).unwrap();
-            let coef = Tensor::randn(0f32, 1.0, (1, rows, 48), &dev).unwrap();
+            let x = Var::from_tensor(&crate::testing::seeded_randn(108, 0.0, 1.0, &[1, rows, 64])).unwrap();
+            let coef = crate::testing::seeded_randn(109, 0.0, 1.0, &[1, rows, 48]);
             let grad = |l: &Linear| {
                 let y = l.forward(x.as_tensor()).unwrap();
                 let g = (y * &coef).unwrap().sum_all().unwrap().backward().unwrap();

@@ -67,8 +67,20 @@ impl Model {
             ops: Ops::Fused,
             weight_bytes: 0,
         };
-        let head = m.embed.bytes() + if cfg.tie_word_embeddings { 0 } else { m.lm_head.weight_bytes() };
-        m.weight_bytes = head + m.linears_mut().iter().map(|(_, l)| l.weight_bytes()).sum::<usize>();
+        let head = match (&m.embed, m.lm_head.is_quantized()) {
+            _ if !cfg.tie_word_embeddings => m.lm_head.weight_bytes(),
+            // `--quantize` made a quantized copy of the tied embedding for the head.
+            (Embedding::Dense(_), true) => m.lm_head.weight_bytes(),
+            // Otherwise the head reads the embedding's own storage.
+            _ => 0,
+        } + m.embed.bytes();
+        let linears = m.linears_mut();
+        let linear_bytes: usize = linears.iter().map(|(_, l)| l.weight_bytes()).sum();
+        let linear_params: usize = linears.iter().map(|(_, l)| l.in_features() * l.out_features()).sum();
+        // Norms and biases: every parameter outside the embedding, head and linear matrices, in the compute dtype.
+        let matrices = linear_params + cfg.vocab_size * cfg.hidden_size * if cfg.tie_word_embeddings { 1 } else { 2 };
+        let other = (cfg.parameter_count() as usize).saturating_sub(matrices) * w.dtype.size_in_bytes();
+        m.weight_bytes = head + linear_bytes + other;
         Ok(m)
     }
 

@@ -348,7 +348,7 @@ mod tests {
 
     /// Gradient of `sum(f(x) · coef)` for each implementation; both must agree.
     fn grads(f: impl Fn(&Tensor) -> Tensor, reference: impl Fn(&Tensor) -> Tensor, x: &Tensor) -> f32 {
-        let coef = Tensor::randn(0f32, 1.0, f(x).shape(), &Device::Cpu).unwrap();
+        let coef = crate::testing::seeded_randn(201, 0.0, 1.0, f(x).dims());
         let run = |h: &dyn Fn(&Tensor) -> Tensor| {
             let v = Var::from_tensor(x).unwrap();
             let y = h(v.as_tensor());
@@ -367,7 +367,7 @@ mod tests {
     fn check_all(ours: &Tensor, plain: &Tensor, vars: &[&Var], what: &str) {
         let dv = (ours - plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(dv < 1e-5, "{what}: values differ by {dv}");
-        let coef = Tensor::randn(0f32, 1.0, ours.shape(), &Device::Cpu).unwrap();
+        let coef = crate::testing::seeded_randn(202, 0.0, 1.0, ours.dims());
         let g1 = (ours * &coef).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (plain * &coef).unwrap().sum_all().unwrap().backward().unwrap();
         for (i, v) in vars.iter().enumerate() {
@@ -381,9 +381,9 @@ mod tests {
     #[test]
     fn backward_passes_match_primitive_compositions() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev).unwrap();
-        let w = Tensor::randn(1f32, 0.2, 16, &dev).unwrap();
-        let b = Tensor::randn(0f32, 0.2, 16, &dev).unwrap();
+        let x = crate::testing::seeded_randn(203, 0.0, 1.0, &[2, 5, 16]);
+        let w = crate::testing::seeded_randn(204, 1.0, 0.2, &[16]);
+        let b = crate::testing::seeded_randn(205, 0.0, 0.2, &[16]);
         let rms_ref = |x: &Tensor| {
             let n = x.broadcast_div(&(x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?)?;
             n.broadcast_mul(&w)
@@ -398,9 +398,9 @@ mod tests {
         let d = grads(|x| layer_norm(x, &w, &b, 1e-5).unwrap(), |x| ln_ref(x).unwrap(), &x);
         assert!(d < 1e-5, "layer_norm gradient off by {d}");
 
-        let q = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap();
-        let cos = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
-        let sin = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
+        let q = crate::testing::seeded_randn(206, 0.0, 1.0, &[1, 2, 5, 8]);
+        let cos = crate::testing::seeded_randn(207, 0.0, 1.0, &[5, 4]);
+        let sin = crate::testing::seeded_randn(208, 0.0, 1.0, &[5, 4]);
         for inter in [false, true] {
             let slow = |x: &Tensor| {
                 if inter {
@@ -414,9 +414,9 @@ mod tests {
         }
 
         // Attention over 2 kv heads × 2 groups, t = 3, against the primitive composition, for q, k and v.
-        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev).unwrap()).unwrap();
-        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap()).unwrap();
-        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap()).unwrap();
+        let q = Var::from_tensor(&crate::testing::seeded_randn(209, 0.0, 1.0, &[1, 2, 6, 8])).unwrap();
+        let k = Var::from_tensor(&crate::testing::seeded_randn(210, 0.0, 1.0, &[1, 2, 3, 8])).unwrap();
+        let v = Var::from_tensor(&crate::testing::seeded_randn(211, 0.0, 1.0, &[1, 2, 3, 8])).unwrap();
         let mask = crate::ops::fused::causal_mask(3, 0, DType::F32, &dev).unwrap();
         let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), 2, 0.5).unwrap();
         let s = (q.as_tensor() * 0.5).unwrap().matmul(&k.as_tensor().t().unwrap()).unwrap();
@@ -425,13 +425,13 @@ mod tests {
         let plain = plain.reshape((1, 4, 3, 8)).unwrap().transpose(1, 2).unwrap().reshape((1, 3, 32)).unwrap();
         check_all(&ours, &plain, &[&q, &k, &v], "attention");
 
-        let sw_g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 7), &dev).unwrap()).unwrap();
-        let sw_u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap()).unwrap();
+        let sw_g = Var::from_tensor(&crate::testing::seeded_randn(212, 0.0, 2.0, &[3, 7])).unwrap();
+        let sw_u = Var::from_tensor(&crate::testing::seeded_randn(213, 0.0, 1.0, &[3, 7])).unwrap();
         let ours = swiglu(sw_g.as_tensor(), sw_u.as_tensor()).unwrap();
         let plain = (candle_nn::ops::silu(sw_g.as_tensor()).unwrap() * sw_u.as_tensor()).unwrap();
         check_all(&ours, &plain, &[&sw_g, &sw_u], "swiglu");
 
-        let logits = Var::from_tensor(&Tensor::randn(0f32, 3.0, (6, 11), &dev).unwrap()).unwrap();
+        let logits = Var::from_tensor(&crate::testing::seeded_randn(214, 0.0, 3.0, &[6, 11])).unwrap();
         let rows = Tensor::new(&[0u32, 2, 3, 5], &dev).unwrap();
         let t = Tensor::new(&[3u32, 0, 10, 3], &dev).unwrap();
         let ours = cross_entropy_rows(logits.as_tensor(), &rows, &t).unwrap();

@@ -250,32 +250,89 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    use crate::testing::seeded_randn;
+
+    /// Softmax of one row over its first `visible` entries (the rest 0), in f64.
+    fn plain_softmax(row: &[f32], visible: usize) -> Vec<f64> {
+        let max = row[..visible].iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        let e: Vec<f64> = row[..visible].iter().map(|&x| (x as f64 - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        (0..row.len()).map(|j| if j < visible { e[j] / sum } else { 0.0 }).collect()
+    }
+
     #[test]
-    fn masked_softmax_masks_each_query_at_its_position() -> Result<()> {
+    fn masked_softmax_equals_a_plain_softmax_over_the_visible_columns() -> Result<()> {
         // 2 heads x 3 new tokens after 2 cached ones: query i sees columns 0..=2+i.
-        let scores = Tensor::randn(0f32, 1.0, (1, 2, 3, 5), &Device::Cpu)?;
+        let scores = seeded_randn(1, 0.0, 2.0, &[1, 2, 3, 5]);
         let mask = causal_mask(3, 2, DType::F32, &Device::Cpu)?;
         let p = masked_softmax(&scores, Some(&mask), 3, 2)?;
-        let v = p.flatten_all()?.to_vec1::<f32>()?;
-        for h in 0..2 {
-            for i in 0..3 {
-                let row = &v[(h * 3 + i) * 5..(h * 3 + i + 1) * 5];
-                assert!(row[3 + i..].iter().all(|&x| x == 0.0), "row {i}: {row:?}");
-                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(p.dtype(), DType::F32);
+        let (s, v) = (scores.flatten_all()?.to_vec1::<f32>()?, p.flatten_all()?.to_vec1::<f32>()?);
+        for r in 0..6 {
+            let want = plain_softmax(&s[r * 5..r * 5 + 5], 2 + r % 3 + 1);
+            for (got, want) in v[r * 5..r * 5 + 5].iter().zip(&want) {
+                assert!((*got as f64 - want).abs() < 1e-6, "row {r}: {got} vs {want}");
             }
         }
-        assert_eq!(p.dtype(), DType::F32);
+        // Without a mask (a single new token), every column counts.
+        let one = seeded_randn(2, 0.0, 2.0, &[1, 2, 1, 5]);
+        let p = masked_softmax(&one, None, 1, 4)?.flatten_all()?.to_vec1::<f32>()?;
+        let s = one.flatten_all()?.to_vec1::<f32>()?;
+        for r in 0..2 {
+            for (got, want) in p[r * 5..r * 5 + 5].iter().zip(plain_softmax(&s[r * 5..r * 5 + 5], 5)) {
+                assert!((*got as f64 - want).abs() < 1e-6);
+            }
+        }
         Ok(())
     }
 
     #[test]
-    fn cpu_fallbacks_match_candle() -> Result<()> {
-        let dev = Device::Cpu;
-        let g = Tensor::randn(0f32, 1.0, (2, 7), &dev)?;
-        let u = Tensor::randn(0f32, 1.0, (2, 7), &dev)?;
-        let want = (candle_nn::ops::silu(&g)? * &u)?;
-        assert_eq!(swiglu(&g, &u)?.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
-        assert_eq!(argmax_last(&g)?.to_vec1::<u32>()?, g.argmax(D::Minus1)?.to_vec1::<u32>()?);
+    fn swiglu_and_argmax_equal_their_definitions() -> Result<()> {
+        let g = seeded_randn(3, 0.0, 2.0, &[2, 7]);
+        let u = seeded_randn(4, 0.0, 1.0, &[2, 7]);
+        let got = swiglu(&g, &u)?.flatten_all()?.to_vec1::<f32>()?;
+        let (gv, uv) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?);
+        for ((x, y), got) in gv.iter().zip(&uv).zip(&got) {
+            let want = (*x as f64) / (1.0 + (-*x as f64).exp()) * *y as f64;
+            assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+        }
+        let arg = argmax_last(&g)?.to_vec1::<u32>()?;
+        for (r, &a) in arg.iter().enumerate() {
+            let row = &gv[r * 7..r * 7 + 7];
+            let best = (0..7).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+            assert_eq!(a as usize, best, "row {r}");
+        }
+        Ok(())
+    }
+
+    /// The CUDA kernels against the CPU definitions, where a GPU is present (`cargo test --features cuda`).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_kernels_match_the_cpu() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return Ok(());
+        };
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a.to_dtype(DType::F32)?.to_device(&Device::Cpu)? - b.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar()
+        };
+        for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let (t, offset) = (7, 3);
+            let scores = seeded_randn(5, 0.0, 2.0, &[2, 4, t, offset + t]);
+            let mask = causal_mask(t, offset, DType::F32, &Device::Cpu)?;
+            let want = masked_softmax(&scores, Some(&mask), t, offset)?;
+            let got = masked_softmax(&scores.to_dtype(dtype)?.to_device(&gpu)?, None, t, offset)?;
+            let d = max_diff(&got, &want)?;
+            assert!(d < tol, "{dtype:?} causal softmax differs by {d}");
+            let (g, u) = (seeded_randn(6, 0.0, 2.0, &[3, 64]), seeded_randn(7, 0.0, 1.0, &[3, 64]));
+            let want = swiglu(&g, &u)?;
+            let got = swiglu(&g.to_dtype(dtype)?.to_device(&gpu)?, &u.to_dtype(dtype)?.to_device(&gpu)?)?;
+            let d = max_diff(&got, &want)?;
+            assert!(d < 4.0 * tol, "{dtype:?} swiglu differs by {d}");
+        }
+        let x = seeded_randn(8, 0.0, 1.0, &[3, 50_000]);
+        let got = argmax_last(&x.to_device(&gpu)?)?.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
+        assert_eq!(got, argmax_last(&x)?.to_vec1::<u32>()?);
         Ok(())
     }
 }

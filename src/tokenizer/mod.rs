@@ -106,7 +106,8 @@ impl SpecialTokens {
 impl Tokenizer {
     /// `tokenizer.json` plus the special-token facts of its folder.
     pub fn from_hf_file(path: &Path, special: SpecialTokens) -> Result<Self> {
-        let tok = tokenizers::Tokenizer::from_file(path)
+        let tok = crate::util::contain_panic(|| tokenizers::Tokenizer::from_file(path))
+            .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         let mut t = Tokenizer {
             inner: Inner::Hf(Box::new(tok)),
@@ -133,6 +134,9 @@ impl Tokenizer {
         if t.eos_token.is_none() {
             t.eos_token = t.eos_ids.first().and_then(|&id| t.id_to_token(id));
         }
+        // Parts of tokenizer.json (the post-processor's special tokens) are only checked when used: try them
+        // now, so a broken file is refused when loaded rather than at the first prompt.
+        t.encode("a", true).with_context(|| format!("{}: the tokenizer cannot encode", path.display()))?;
         Ok(t)
     }
 
@@ -146,6 +150,7 @@ impl Tokenizer {
             Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
             _ => vec![spm::TYPE_NORMAL; tokens.len()],
         };
+        same_length(path, "tokenizer.ggml.token_type", types.len(), tokens.len())?;
         let bos_id = meta_u64(c, "tokenizer.ggml.bos_token_id").map(|x| x as u32);
         let mut eos_ids = vec![];
         for k in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
@@ -162,6 +167,7 @@ impl Tokenizer {
                     Some(Value::Array(a)) => a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
                     _ => vec![0.0; tokens.len()],
                 };
+                same_length(path, "tokenizer.ggml.scores", scores.len(), tokens.len())?;
                 let add_space = meta_bool(c, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
                 let unk = meta_u64(c, "tokenizer.ggml.unknown_token_id").map(|x| x as u32);
                 (Inner::Spm(Box::new(spm::SpmTokenizer::new(tokens.clone(), scores, types, add_space, unk))), true)
@@ -210,8 +216,9 @@ impl Tokenizer {
     /// Encode text. With `add_special`, BOS is added the way the model's tokenizer does it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let mut ids = match &self.inner {
-            Inner::Hf(t) => t
-                .encode(text, add_special && !self.manual_bos)
+            // tokenizer.json files are only partly validated when loaded; a broken one panics here.
+            Inner::Hf(t) => crate::util::contain_panic(|| t.encode(text, add_special && !self.manual_bos))
+                .map_err(|e| anyhow!("tokenizer: {e}"))?
                 .map_err(|e| anyhow!("tokenizer: {e}"))?
                 .get_ids()
                 .to_vec(),
@@ -228,7 +235,9 @@ impl Tokenizer {
     /// Decode ids to text, leaving out special tokens when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         match &self.inner {
-            Inner::Hf(t) => t.decode(ids, skip_special).map_err(|e| anyhow!("tokenizer: {e}")),
+            Inner::Hf(t) => crate::util::contain_panic(|| t.decode(ids, skip_special))
+                .map_err(|e| anyhow!("tokenizer: {e}"))?
+                .map_err(|e| anyhow!("tokenizer: {e}")),
             Inner::Spm(t) => Ok(t.decode(ids, skip_special)),
         }
     }
@@ -240,6 +249,14 @@ impl Tokenizer {
             Inner::Spm(t) => t.is_control(id),
         }
     }
+}
+
+/// Per-token metadata arrays must have one entry per token.
+fn same_length(path: &Path, key: &str, len: usize, tokens: usize) -> Result<()> {
+    if len != tokens {
+        bail!("{}: `{key}` has {len} entries but `tokenizer.ggml.tokens` has {tokens}", path.display());
+    }
+    Ok(())
 }
 
 fn string_array(c: &gguf_file::Content, key: &str, path: &Path) -> Result<Vec<String>> {
@@ -309,4 +326,28 @@ pub fn from_model_dir(dir: &Path) -> Result<Option<Tokenizer>> {
         return Ok(None);
     }
     Ok(Some(Tokenizer::from_hf_file(&path, SpecialTokens::from_dir(dir)?)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_token_arrays_must_match_the_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        let tokens = Value::Array(["<unk>", "<s>", "a"].iter().map(|t| Value::String(t.to_string())).collect());
+        // One type more than tokens: building the special-token list used to index past the tokens.
+        let types = Value::Array(vec![Value::I32(2), Value::I32(3), Value::I32(1), Value::I32(3)]);
+        let model = Value::String("llama".into());
+        let md = [
+            ("tokenizer.ggml.model", &model),
+            ("tokenizer.ggml.tokens", &tokens),
+            ("tokenizer.ggml.token_type", &types),
+        ];
+        crate::formats::gguf::write_gguf(&path, &md, &[]).unwrap();
+        let c = crate::formats::gguf::read_content(&path).unwrap();
+        let err = Tokenizer::from_gguf(&c, &path).err().unwrap().to_string();
+        assert!(err.contains("has 4 entries") && err.contains("has 3"), "{err}");
+    }
 }

@@ -24,6 +24,7 @@ pub static SPEC: ArchSpec = ArchSpec {
     from_gguf,
     validate,
     layer_parameters,
+    layer_linears,
     build: |cfg, w| Ok(Box::new(GptNeoXLayers::load(cfg, w)?)),
     gguf_layer_part,
     default_lora_targets: &["query_key_value"],
@@ -76,6 +77,16 @@ fn validate(cfg: &ModelConfig) -> Result<()> {
 fn layer_parameters(cfg: &ModelConfig) -> u64 {
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     cfg.attention_parameters() + 2 * h * i + i + h + 2 * cfg.norm_parameters()
+}
+
+fn layer_linears(cfg: &ModelConfig) -> Vec<(&'static str, usize, usize)> {
+    let (h, i, q) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim);
+    vec![
+        ("attention.query_key_value", 3 * q, h),
+        ("attention.dense", h, q),
+        ("mlp.dense_h_to_4h", i, h),
+        ("mlp.dense_4h_to_h", h, i),
+    ]
 }
 
 fn gguf_layer_part(part: &str) -> Option<&'static str> {

@@ -25,6 +25,7 @@ pub static SPEC: ArchSpec = ArchSpec {
     from_gguf,
     validate: |_| Ok(()),
     layer_parameters,
+    layer_linears,
     build: |cfg, w| Ok(Box::new(LlamaLayers::load(cfg, w)?)),
     gguf_layer_part,
     default_lora_targets: &["q_proj", "v_proj"],
@@ -73,6 +74,14 @@ fn layer_parameters(cfg: &ModelConfig) -> u64 {
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let mlp = 3 * h * i + if cfg.mlp_bias { 2 * i + h } else { 0 };
     cfg.attention_parameters() + mlp + 2 * cfg.norm_parameters()
+}
+
+/// The linear weights of a llama-shaped layer, by module name: (name, out, in).
+pub(super) fn layer_linears(cfg: &ModelConfig) -> Vec<(&'static str, usize, usize)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
+    LLAMA_LINEARS.into_iter().zip(shapes).map(|(n, (o, i))| (n, o, i)).collect()
 }
 
 pub(super) fn gguf_layer_part(part: &str) -> Option<&'static str> {

@@ -91,6 +91,8 @@ pub struct ArchSpec {
     pub validate: fn(&ModelConfig) -> Result<()>,
     /// Parameters of one layer (weights, biases, norms).
     pub layer_parameters: fn(&ModelConfig) -> u64,
+    /// One layer's linear weights as (module name, out features, in features), for size estimates.
+    pub layer_linears: fn(&ModelConfig) -> Vec<(&'static str, usize, usize)>,
     /// The layers of a model of this architecture.
     pub build: fn(&ModelConfig, &Weights) -> Result<Box<dyn Layers>>,
     /// A layer module name after `{layers}.{i}.` (e.g. `self_attn.q_proj`) → its GGUF name (`attn_q`).

@@ -25,6 +25,7 @@ pub static SPEC: ArchSpec = ArchSpec {
     from_gguf,
     validate: |_| Ok(()),
     layer_parameters,
+    layer_linears: super::llama::layer_linears,
     build: |cfg, w| Ok(Box::new(StableLmLayers::load(cfg, w)?)),
     // The same module names as llama.
     gguf_layer_part: super::llama::gguf_layer_part,
