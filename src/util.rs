@@ -116,17 +116,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             }
             None => f.write_all(bytes)?,
         }
-        f.sync_all()?;
-        set_shared_mode(&tmp)
+        Ok(())
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(anyhow::anyhow!("cannot write {}: {e}", path.display()));
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("cannot move {} to {}: {e}", tmp.display(), path.display())
-    })
+    publish_file(&tmp, path)
 }
 
 /// Save tensors as safetensors through a temporary file and a rename (no partial file on failure).
@@ -138,18 +134,50 @@ pub fn save_safetensors_atomic(
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     remove_orphaned_temps(dir, &name);
     let tmp = temp_path(dir, &name);
-    let written = candle_core::safetensors::save(tensors, &tmp).map_err(anyhow::Error::from).and_then(|()| {
-        std::fs::File::open(&tmp)?.sync_all()?;
-        Ok(set_shared_mode(&tmp)?)
-    });
-    if let Err(e) = written {
+    if let Err(e) = candle_core::safetensors::save(tensors, &tmp) {
         let _ = std::fs::remove_file(&tmp);
         return Err(anyhow::anyhow!("cannot write {}: {e}", path.display()));
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("cannot move {} to {}: {e}", tmp.display(), path.display())
-    })
+    publish_file(&tmp, path)
+}
+
+/// The temporary name beside `path` that a write goes through: hidden, with this process's id, ending in
+/// `.tmp`, so that a leftover of a killed process is recognisable.
+pub fn temp_path_beside(path: &Path) -> PathBuf {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    temp_path(dir, &name)
+}
+
+/// Give a fully written temporary file its final mode (0644), put its data on disk and rename it to `path`
+/// (the rename on disk too). The temporary file is removed when that fails.
+pub fn publish_file(tmp: &Path, path: &Path) -> Result<()> {
+    let published = finish_file(tmp).and_then(|()| {
+        std::fs::rename(tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    });
+    if published.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    published?;
+    sync_parent(path)
+}
+
+/// Give a written file the shared mode and put its data on disk (before it is renamed into place).
+pub fn finish_file(path: &Path) -> Result<()> {
+    set_shared_mode(path).with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot put {} on disk", path.display()))
+}
+
+/// Put the entries of `path`'s folder (a rename into it) on disk.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    sync_dir(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+}
+
+/// Put a folder's entries on disk.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))
 }
 
 /// Add `record` to the `runs` list of the JSON results file at `path`, replacing any earlier run with the same

@@ -11,20 +11,6 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// A rule the model can learn: numbers whose last digit is even are "even", else "odd"; the answer format is
-/// fixed. `n` examples from `start`.
-fn write_task(path: &Path, start: usize, n: usize) {
-    let lines: Vec<String> = (start..start + n)
-        .map(|i| {
-            let num = 1000 + i * 7;
-            let ans = if num % 2 == 0 { "even" } else { "odd" };
-            serde_json::json!({"instruction": "Is the number even or odd?", "input": num.to_string(), "output": ans})
-                .to_string()
-        })
-        .collect();
-    std::fs::write(path, lines.join("\n") + "\n").unwrap();
-}
-
 struct Run {
     json: serde_json::Value,
     out: std::path::PathBuf,
@@ -64,8 +50,8 @@ fn run_ok(args: &[String]) -> std::process::Output {
 fn finetune(model: &Path, work: &Path, extra: &[&str]) -> Run {
     let (train, eval) = (work.join("train.jsonl"), work.join("eval.jsonl"));
     if !train.exists() {
-        write_task(&train, 0, 48);
-        write_task(&eval, 100, 12);
+        common::write_even_odd_task(&train, 0, 48);
+        common::write_even_odd_task(&eval, 100, 12);
     }
     let mut extra = extra.to_vec();
     extra.extend(["--epochs", "6", "--lr", "1e-2", "--json"]);
@@ -211,7 +197,7 @@ fn forced_nan_stops_with_the_last_good_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     write_chat_model(&model, 8).unwrap();
-    write_task(&dir.path().join("train.jsonl"), 0, 48);
+    common::write_even_odd_task(&dir.path().join("train.jsonl"), 0, 48);
     let out = dir.path().join("nan");
     let o = Command::new(env!("CARGO_BIN_EXE_billion"))
         .args(args(&model, dir.path(), "nan", &["--lr", "1e-2", "--lr-schedule", "constant"]))
@@ -245,8 +231,8 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_same_run() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     write_chat_model(&model, 9).unwrap();
-    write_task(&dir.path().join("train.jsonl"), 0, 48);
-    write_task(&dir.path().join("eval.jsonl"), 100, 4);
+    common::write_even_odd_task(&dir.path().join("train.jsonl"), 0, 48);
+    common::write_even_odd_task(&dir.path().join("eval.jsonl"), 100, 4);
     let args = |out: &str, extra: &[&str]| {
         let mut v = args(&model, dir.path(), out, &["--lr", "1e-3", "--epochs", "10"]);
         v.extend(extra.iter().map(|s| s.to_string()));

@@ -15,26 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Numbers whose last digit is even are "even", else "odd": `n` examples from `start`.
-fn write_task(path: &Path, start: usize, n: usize) {
-    let lines: Vec<String> = (start..start + n)
-        .map(|i| {
-            let num = 1000 + i * 7;
-            let ans = if num % 2 == 0 { "even" } else { "odd" };
-            serde_json::json!({"instruction": "Is the number even or odd?", "input": num.to_string(), "output": ans})
-                .to_string()
-        })
-        .collect();
-    std::fs::write(path, lines.join("\n") + "\n").unwrap();
-}
-
 /// A tiny chat model and a task in a fresh folder.
 fn workspace(seed: u64) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     write_chat_model(&model, seed).unwrap();
-    write_task(&dir.path().join("train.jsonl"), 0, 48);
-    write_task(&dir.path().join("eval.jsonl"), 100, 4);
+    common::write_even_odd_task(&dir.path().join("train.jsonl"), 0, 48);
+    common::write_even_odd_task(&dir.path().join("eval.jsonl"), 100, 4);
     (dir, model)
 }
 

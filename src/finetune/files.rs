@@ -4,7 +4,7 @@
 //! their name (`.<name>.<pid>.tmp`) and removed by the next run. Also the checks that an output folder can
 //! be written, made before any work.
 
-use crate::model::adapter::{finish_file, sync_dir, sync_parent};
+use crate::util::{finish_file, sync_dir, sync_parent};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::time::Duration;
@@ -57,7 +57,7 @@ fn swap(a: &Path, b: &Path) -> Result<()> {
             return Err(e).with_context(|| format!("cannot move {} to {}", a.display(), b.display()));
         }
     }
-    let aside = crate::model::adapter::temp_path_beside(&b.with_extension("old"));
+    let aside = crate::util::temp_path_beside(&b.with_extension("old"));
     std::fs::rename(b, &aside).with_context(|| format!("cannot move {} aside", b.display()))?;
     std::fs::rename(a, b).with_context(|| format!("cannot move {} to {}", a.display(), b.display()))?;
     std::fs::rename(&aside, a).with_context(|| format!("cannot move {} to {}", aside.display(), a.display()))
@@ -152,7 +152,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("checkpoint");
         for (version, expect_old) in [("1", false), ("2", true)] {
-            let tmp = crate::model::adapter::temp_path_beside(&target);
+            let tmp = crate::util::temp_path_beside(&target);
             std::fs::create_dir_all(&tmp).unwrap();
             std::fs::write(tmp.join("v"), version).unwrap();
             assert_eq!(target.join("v").exists(), expect_old);

@@ -6,8 +6,9 @@
 
 use super::files::publish;
 use crate::formats::safetensors;
-use crate::model::adapter::{save_output_tensors, temp_path_beside, Lora};
+use crate::model::adapter::Lora;
 use crate::model::Architecture;
+use crate::util::{save_safetensors_atomic, temp_path_beside};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -55,7 +56,7 @@ pub fn merge_hf_folder(base: &Path, lora: &Lora, out: &Path, pause: Option<Durat
             }
         }
         let name = file.file_name().context("shard file name")?;
-        save_output_tensors(&tmp.join(name), &tensors)?;
+        save_safetensors_atomic(&tmp.join(name), &tensors)?;
     }
     if merged != lora.params.len() {
         let _ = std::fs::remove_dir_all(&tmp);

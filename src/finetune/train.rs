@@ -7,8 +7,9 @@ use super::files::publish;
 use super::loss::{causal_lm_loss, labelled_rows};
 use super::optim::{clip, grad_norm, AdamW, AdamWParams};
 use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
-use crate::model::adapter::{save_output_tensors, temp_path_beside, write_output_file, Lora};
+use crate::model::adapter::Lora;
 use crate::model::{Model, Ops};
+use crate::util::{save_safetensors_atomic, temp_path_beside, write_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -350,10 +351,10 @@ impl<'a> Trainer<'a> {
         let _ = std::fs::remove_dir_all(&tmp);
         self.lora.save_for(&tmp, self.model.config())?;
         let opt = self.optimizer.state(&self.lora.var_names())?;
-        save_output_tensors(&tmp.join("optimizer.safetensors"), &opt)?;
-        write_output_file(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&self.state)?.as_bytes())?;
+        save_safetensors_atomic(&tmp.join("optimizer.safetensors"), &opt)?;
+        write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&self.state)?.as_bytes())?;
         let marker = format!("step {} of {}\n", self.state.step, self.state.total_steps);
-        write_output_file(&tmp.join(CHECKPOINT_COMPLETE), marker.as_bytes())?;
+        write_atomic(&tmp.join(CHECKPOINT_COMPLETE), marker.as_bytes())?;
         publish(&tmp, &dir, self.pause_in_save)?;
         Ok(dir)
     }

