@@ -268,10 +268,17 @@ mod tests {
     use super::*;
     use crate::model::config::Architecture;
 
-    fn tiny_model(dir: &Path) -> crate::load::LoadedModel {
-        crate::testing::write_hf_model(dir, &crate::testing::tiny_config(Architecture::Llama, 320), 3).unwrap();
-        let opts = crate::load::LoadOptions { device: Some(crate::load::DeviceSpec::Cpu), ..Default::default() };
-        crate::load::load(dir.to_str().unwrap(), &opts).unwrap()
+    struct Tiny {
+        model: Model,
+    }
+
+    /// A tiny llama written to `dir` and built from its safetensors (f32, CPU).
+    fn tiny_model(dir: &Path) -> Tiny {
+        let cfg =
+            crate::testing::write_hf_model(dir, &crate::testing::tiny_config(Architecture::Llama, 320), 3).unwrap();
+        let files = crate::formats::safetensors::model_files(dir).unwrap();
+        let w = crate::model::weights::Weights::safetensors(files, cfg.architecture, DType::F32, &Device::Cpu).unwrap();
+        Tiny { model: Model::build(&cfg, &w).unwrap() }
     }
 
     fn config(targets: &[&str]) -> LoraConfig {
@@ -317,7 +324,7 @@ mod tests {
         for (_, _, b) in &l.params {
             b.set(&crate::testing::seeded_randn(31, 0.0, 1.0, b.dims())).unwrap();
         }
-        let mut cfg = m.config().clone();
+        let mut cfg = m.model.config().clone();
         cfg.rope_interleaved = true;
         let there = l.with_rope_layout(&cfg, true).unwrap();
         let back = there.with_rope_layout(&cfg, false).unwrap();
