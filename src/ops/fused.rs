@@ -324,11 +324,14 @@ mod tests {
             let got = masked_softmax(&scores.to_dtype(dtype)?.to_device(&gpu)?, None, t, offset)?;
             let d = max_diff(&got, &want)?;
             assert!(d < tol, "{dtype:?} causal softmax differs by {d}");
-            let (g, u) = (seeded_randn(6, 0.0, 2.0, &[3, 64]), seeded_randn(7, 0.0, 1.0, &[3, 64]));
+            // The reference sees the same rounded inputs; the kernel's result is rounded once more.
+            let round = |t: Tensor| t.to_dtype(dtype)?.to_dtype(DType::F32);
+            let (g, u) = (round(seeded_randn(6, 0.0, 2.0, &[3, 64]))?, round(seeded_randn(7, 0.0, 1.0, &[3, 64]))?);
             let want = swiglu(&g, &u)?;
             let got = swiglu(&g.to_dtype(dtype)?.to_device(&gpu)?, &u.to_dtype(dtype)?.to_device(&gpu)?)?;
-            let d = max_diff(&got, &want)?;
-            assert!(d < 4.0 * tol, "{dtype:?} swiglu differs by {d}");
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = max_diff(&got, &want)? / scale;
+            assert!(d < tol, "{dtype:?} swiglu differs by {d} of the largest value");
         }
         let x = seeded_randn(8, 0.0, 1.0, &[3, 50_000]);
         let got = argmax_last(&x.to_device(&gpu)?)?.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
