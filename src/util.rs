@@ -131,6 +131,7 @@ pub fn save_safetensors_atomic(
     tensors: &std::collections::HashMap<String, candle_core::Tensor>,
 ) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     remove_orphaned_temps(dir, &name);
     let tmp = temp_path(dir, &name);
@@ -180,21 +181,85 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))
 }
 
+/// Can files be written in folder `dir`, or can it be created? Tried for real (a probe file made and removed
+/// in the nearest existing folder), so permissions, read-only file systems and pseudo file systems all count.
+/// Creates nothing that stays.
+pub fn check_writable_folder(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        anyhow::bail!("{}: not a folder", existing.display());
+    }
+    let probe = existing.join(format!(".write-probe.{}.tmp", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if existing == dir => Err(e).with_context(|| format!("{}: cannot write in this folder", dir.display())),
+        Err(e) => {
+            Err(e).with_context(|| format!("{}: cannot create this folder in {}", dir.display(), existing.display()))
+        }
+    }
+}
+
+/// Can a file be written at `path` (its folder writable or creatable, the path not a folder)? Creates nothing.
+pub fn check_output_file(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        anyhow::bail!("{}: a folder, expected a file path", path.display());
+    }
+    check_writable_folder(path.parent().unwrap_or(Path::new("")))
+}
+
+/// Before any work: `path` can take a results file (see [`save_run`]) — writable, and if a file is there, a
+/// results file (a JSON object with a `runs` list) that a run can be added to.
+pub fn check_results_file(path: &Path) -> Result<()> {
+    check_output_file(path)?;
+    read_results(path).map(|_| ())
+}
+
+/// The results document at `path`: a new one when there is no file, else the file, which must be a JSON
+/// object with a `runs` list (anything else is refused, never overwritten).
+fn read_results(path: &Path) -> Result<serde_json::Value> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(serde_json::json!({"schema_version": 1, "runs": []}));
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a JSON results file; not overwriting it", path.display()))?;
+    if !doc.get("runs").is_some_and(|r| r.is_array()) {
+        anyhow::bail!("{}: a JSON file without a `runs` list; not overwriting it", path.display());
+    }
+    Ok(doc)
+}
+
 /// Add `record` to the `runs` list of the JSON results file at `path`, replacing any earlier run with the same
-/// values at the JSON pointers `key` (e.g. `/model`, `/settings/targets`); written atomically. A missing or
-/// unreadable file starts a new one; a JSON file without a `runs` list is refused rather than overwritten.
+/// values at the JSON pointers `key` (e.g. `/model`, `/settings/targets`); written atomically. A missing file
+/// starts a new one; a file that is not a results file is refused rather than overwritten.
 pub fn save_run(path: &Path, record: serde_json::Value, key: &[&str]) -> Result<()> {
-    let mut doc: serde_json::Value = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_else(|| serde_json::json!({"schema_version": 1, "runs": []}));
+    let mut doc = read_results(path)?;
     let key_of = |r: &serde_json::Value| key.iter().map(|k| r.pointer(k).cloned()).collect::<Vec<_>>();
-    let runs = doc["runs"]
-        .as_array_mut()
-        .with_context(|| format!("{}: a JSON file without a `runs` list; not overwriting it", path.display()))?;
+    let runs = doc.get_mut("runs").and_then(|r| r.as_array_mut()).expect("checked by read_results");
     runs.retain(|r| key_of(r) != key_of(&record));
     runs.push(record);
     write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.

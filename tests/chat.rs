@@ -224,6 +224,9 @@ fn pty_session(args: &[&str], lines: &[(&str, &str)]) -> String {
 #[test]
 fn interactive_session_on_a_terminal() {
     let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("chat.json");
+    let (save, load) = (format!("/save {}", saved.display()), format!("/load {}", saved.display()));
     let screen = pty_session(
         &["chat", "--model", model.to_str().unwrap(), "--temperature", "0", "--max-tokens", "400", "--device", "cpu"],
         &[
@@ -231,9 +234,9 @@ fn interactive_session_on_a_terminal() {
             ("/stats", "tok/s"),
             ("Write a very long story about a dragon who learns to bake bread.", "\n"),
             ("^C ", "(stopped after"),
-            ("/save /tmp/billion-chat-test.json", "(saved to"),
+            (save.as_str(), "(saved to"),
             ("/reset", "conversation cleared"),
-            ("/load /tmp/billion-chat-test.json", "(loaded 4 messages"),
+            (load.as_str(), "(loaded 4 messages"),
             ("/exit", ""),
         ],
     );

@@ -183,7 +183,7 @@ fn speculative_prompts_file_and_adaptive_draft_length() {
         prompts.to_str().unwrap(),
         "--adaptive",
         "--max-tokens",
-        "8",
+        "12",
         "--json",
         "--device",
         "cpu",
@@ -196,6 +196,8 @@ fn speculative_prompts_file_and_adaptive_draft_length() {
     // Draft and target are the same model: every draft token is accepted.
     for l in &lines {
         assert_eq!(l["stats"]["acceptance_rate"].as_f64().unwrap(), 1.0, "{l}");
+        // --adaptive: after a fully accepted round the draft grows past the starting k of 4.
+        assert!(l["stats"]["per_position"].as_array().unwrap().len() > 4, "{l}");
     }
     let bad = d.path().join("bad.txt");
     std::fs::write(&bad, "{\"text\": \"no prompt field\"}\n").unwrap();

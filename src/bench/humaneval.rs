@@ -30,10 +30,10 @@ pub struct Problem {
     pub entry_point: String,
 }
 
-/// Problems from a .jsonl or .jsonl.gz file.
 /// The most a problems file may inflate to.
 const MAX_INFLATED_BYTES: u64 = 256 << 20;
 
+/// Problems from a .jsonl or .jsonl.gz file.
 pub fn load_file(path: &Path) -> Result<Vec<Problem>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let gzip = bytes.starts_with(&[0x1f, 0x8b]);

@@ -76,7 +76,7 @@ pub fn save(dir: &Path, record: &ModelRecord) -> Result<Value> {
     let path = dir.join("benchmark_results.json");
     let mut doc = load(&path)?;
     merge(&mut doc, serde_json::to_value(record)?)?;
-    doc["updated_unix"] = json!(now());
+    doc["updated_unix"] = json!(crate::util::now());
     let all = records(&doc)?;
     write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
     write_atomic(&dir.join("benchmark_results.md"), markdown(&all).as_bytes())?;
@@ -88,10 +88,6 @@ pub fn save(dir: &Path, record: &ModelRecord) -> Result<Value> {
 pub fn json_document(records: &[ModelRecord]) -> Result<String> {
     let doc = json!({"schema_version": SCHEMA_VERSION, "models": serde_json::to_value(records)?});
     Ok(serde_json::to_string_pretty(&doc)?)
-}
-
-pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A figure that was measured (JSON keeps no NaN: what was stored as null reads back as NaN).

@@ -218,7 +218,7 @@ pub fn run_model(
         dtype: dtype_name(loaded.model.dtype()).to_string(),
         quantization: loaded.quantization.clone(),
         device: device_name(loaded.model.device()),
-        date_unix: report::now(),
+        date_unix: crate::util::now(),
         load_s: loaded.load_seconds,
         weights_bytes: loaded.model.weight_bytes() as u64,
         kept_dense: loaded.kept_dense.len(),

@@ -71,19 +71,23 @@ impl LoadArgs {
 
 /// Load with errors that name the flag behind them (`--model`, `--quantize`, `--dequantize`, `--device`).
 pub fn load_flagged(model: &str, opts: &LoadOptions) -> Result<LoadedModel> {
-    crate::load::load(model, opts).map_err(|e| {
-        let msg = format!("{e:#}");
-        let flag = if msg.contains("quantizing at load") {
-            "--quantize"
-        } else if msg.contains("dequantizing") {
-            "--dequantize"
-        } else if msg.contains("CUDA") || msg.contains("Metal") {
-            "--device"
-        } else {
-            "--model"
-        };
-        e.context(flag)
-    })
+    crate::load::load(model, opts).map_err(with_load_flag)
+}
+
+/// Put the flag a load (or `info`) error is about in front of it: the loader's refusals of `--quantize` and
+/// `--dequantize` say which they are, device errors name CUDA or Metal, everything else is about `--model`.
+pub fn with_load_flag(e: anyhow::Error) -> anyhow::Error {
+    let msg = format!("{e:#}");
+    let flag = if msg.contains("quantizing at load") {
+        "--quantize"
+    } else if msg.contains("dequantizing") {
+        "--dequantize"
+    } else if msg.starts_with("device ") || msg.starts_with("cannot open CUDA") || msg.contains("the Metal device") {
+        "--device"
+    } else {
+        "--model"
+    };
+    e.context(flag)
 }
 
 /// How tokens are chosen; flattened into every subcommand that samples. Greedy unless a temperature is given.
@@ -132,20 +136,6 @@ impl SamplingArgs {
             ..Default::default()
         })
     }
-}
-
-/// Check before any work that a file can be written at `path`: its folder exists (or can be made) and takes
-/// a new file. Nothing is left behind.
-pub fn check_output_file(path: &std::path::Path) -> Result<()> {
-    if path.is_dir() {
-        bail!("{} is a folder; expected a file path", path.display());
-    }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let probe = dir.join(format!(".billion-write-check.{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("cannot write in {}", dir.display()))?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
 }
 
 /// Say once when `--quantize` left weights dense (their width is not a multiple of the block): such a model is

@@ -192,6 +192,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.limit == Some(0) {
             bail!("--limit must be at least 1");
         }
+        if !(a.timeout.is_finite() && a.timeout > 0.0) {
+            bail!("--timeout must be a number of seconds > 0, got {}", a.timeout);
+        }
         let results =
             bench_run::humaneval_selfcheck(a.humaneval_file.as_deref(), a.limit, a.timeout, a.json, &interrupted)?;
         let passed = results.iter().filter(|(_, o)| *o == Outcome::Passed).count();

@@ -60,7 +60,7 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 0.0)]
     pub warmup_ratio: f64,
     /// Learning-rate schedule after warmup: linear (decay to zero) or constant
-    #[arg(long, default_value = "linear")]
+    #[arg(long, default_value = "linear", value_parser = ["linear", "constant"])]
     pub lr_schedule: String,
     /// AdamW weight decay
     #[arg(long, default_value_t = 0.0)]

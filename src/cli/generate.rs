@@ -57,7 +57,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let ids = a.prompt_ids.as_deref().map(parse_ids).transpose()?;
     if let Some(path) = &a.logits_out {
-        super::args::check_output_file(path).context("--logits-out")?;
+        crate::util::check_output_file(path).context("--logits-out")?;
     }
     let loaded = a.model.load()?;
     super::args::note_kept_dense(&loaded);

@@ -2,7 +2,7 @@
 
 use super::LoadArgs;
 use crate::util::human_bytes;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
 #[derive(Args, Debug)]
@@ -21,7 +21,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             d.display()
         );
     }
-    let info = crate::load::info::inspect(&a.model.model, &a.model.options()).context("--model")?;
+    let info = crate::load::info::inspect(&a.model.model, &a.model.options()).map_err(super::args::with_load_flag)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());

@@ -5,7 +5,7 @@
 //! be written, made before any work.
 
 use crate::util::{finish_file, sync_dir, sync_parent};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::Path;
 use std::time::Duration;
 
@@ -102,36 +102,7 @@ fn process_is_running(pid: i32) -> bool {
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Can files be written in folder `dir`, or can it be created? Tried for real (a probe file made and removed
-/// in the nearest existing folder), so permissions, read-only file systems and pseudo file systems all count.
-/// Creates nothing that stays.
-pub fn check_writable_folder(dir: &Path) -> Result<()> {
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-    let mut existing = dir;
-    while !existing.exists() {
-        match existing.parent() {
-            Some(p) if !p.as_os_str().is_empty() => existing = p,
-            _ => {
-                existing = Path::new(".");
-                break;
-            }
-        }
-    }
-    if !existing.is_dir() {
-        bail!("{}: not a folder", existing.display());
-    }
-    let probe = existing.join(format!(".write-probe.{}.tmp", std::process::id()));
-    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
-            Ok(())
-        }
-        Err(e) if existing == dir => Err(e).with_context(|| format!("{}: cannot write in this folder", dir.display())),
-        Err(e) => {
-            Err(e).with_context(|| format!("{}: cannot create this folder in {}", dir.display(), existing.display()))
-        }
-    }
-}
+pub use crate::util::check_writable_folder;
 
 #[cfg(test)]
 mod tests {

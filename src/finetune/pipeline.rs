@@ -372,24 +372,6 @@ fn ignored_settings(given: &TrainSettings, checkpoint: &TrainSettings) -> Vec<St
         .collect()
 }
 
-/// The results file can be added to when the run ends: its folder writable (or creatable), and the file, if
-/// there, a results file (a JSON file without a `runs` list would be refused then).
-fn check_results_file(path: &Path) -> Result<()> {
-    if path.is_dir() {
-        anyhow::bail!("{}: a folder, expected a JSON file", path.display());
-    }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    files::check_writable_folder(dir)?;
-    if let Ok(serde_json::Value::Object(doc)) =
-        std::fs::read_to_string(path).map_err(anyhow::Error::from).and_then(|t| Ok(serde_json::from_str(&t)?))
-    {
-        if !doc.get("runs").is_some_and(|r| r.is_array()) {
-            anyhow::bail!("{}: a JSON file without a `runs` list; not overwriting it", path.display());
-        }
-    }
-    Ok(())
-}
-
 /// Where `--merge` writes for this base, checked to be writable as what it will be (a folder or a file).
 fn merge_target(out: &Path, source: &ModelSource) -> Result<PathBuf> {
     let (target, folder) = match source {
@@ -460,7 +442,7 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
     }
     files::check_writable_folder(&p.out).about(Input::Out)?;
     if let Some(results) = &p.results {
-        check_results_file(results).about(Input::Results)?;
+        crate::util::check_results_file(results).about(Input::Results)?;
     }
     let data = load_data(p, resumed.as_ref().map_or(p.settings.seed, |st| st.settings.seed))?;
     if let Some(st) = &resumed {
@@ -636,7 +618,7 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
         .collect();
     let record = FinetuneRecord {
         schema_version: 1,
-        timestamp: crate::bench::report::now(),
+        timestamp: crate::util::now(),
         model: p.model.clone(),
         architecture,
         quantization,

@@ -114,6 +114,12 @@ pub fn read_header(path: &Path) -> Result<Header> {
         if b < a || Some(b - a) != elems.checked_mul(dtype.size_in_bytes()) {
             bail!("{}: tensor `{name}` has {} bytes for shape {shape:?}", path.display(), b.saturating_sub(a));
         }
+        if b > have {
+            bail!(
+                "{}: truncated safetensors file: tensor `{name}` ends at byte {b} of the data but only {have} are present",
+                path.display()
+            );
+        }
         data_end = data_end.max(b);
         tensors.insert(name.clone(), TensorEntry { dtype, shape, range: base + a..base + b });
     }

@@ -35,15 +35,22 @@ pub struct ModelInfo {
 /// Describe `model` as `opts` would load it (on the CPU unless a device is given).
 pub fn inspect(model: &str, opts: &LoadOptions) -> Result<ModelInfo> {
     let source = resolve(model, opts.random_weights)?;
-    let device = match opts.device {
-        Some(super::DeviceSpec::Cuda(_)) => None,
-        _ => Some(Device::Cpu),
+    // The compute dtype a load would pick on that device, without opening it.
+    let compute = match opts.device {
+        Some(super::DeviceSpec::Cuda(_)) => opts.dtype.unwrap_or(DType::BF16),
+        Some(super::DeviceSpec::Metal) => opts.dtype.unwrap_or(DType::F16),
+        _ => select_dtype(opts.dtype, &Device::Cpu),
     };
-    // The default dtype of a CUDA load, without opening the device.
-    let compute = match device {
-        Some(d) => select_dtype(opts.dtype, &d),
-        None => opts.dtype.unwrap_or(DType::BF16),
-    };
+    // The same refusals as a load.
+    match (&source, opts.quantize.is_some(), opts.dequantize) {
+        (ModelSource::Gguf(p), true, _) => {
+            anyhow::bail!("quantizing at load applies to safetensors weights; {} is already a GGUF file", p.display())
+        }
+        (ModelSource::HfDir(p) | ModelSource::ConfigOnly(p), _, true) => {
+            anyhow::bail!("dequantizing applies to GGUF files; {} holds dense weights already", p.display())
+        }
+        _ => {}
+    }
     let (cfg, format, weights_dtype, (weights_bytes, kept_dense_weights), path) = match source {
         ModelSource::Gguf(path) => {
             let c = gguf::read_content(&path)?;

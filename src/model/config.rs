@@ -262,6 +262,9 @@ impl ModelConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if self.max_position_embeddings == 0 {
+            bail!("the context length (max_position_embeddings) must be positive");
+        }
         if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
             bail!("rotary dimension {} must be even and at most head_dim {}", self.rotary_dim, self.head_dim);
         }

@@ -302,7 +302,8 @@ pub fn select_positions(x: &Tensor, all: bool) -> Result<Tensor> {
         Ok(x.clone())
     } else {
         let t = x.dim(1)?;
-        x.narrow(1, t - 1, 1)
+        // With more than one row the last position of each row is strided: the norm kernels need it packed.
+        x.narrow(1, t - 1, 1)?.contiguous()
     }
 }
 

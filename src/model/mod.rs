@@ -174,3 +174,32 @@ impl Model {
         self.weight_bytes
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of a batch are independent: each row's logits equal that sequence run alone (last position and
+    /// every position, prefill and a decode step), for every architecture.
+    #[test]
+    fn batch_rows_equal_single_sequences() -> Result<()> {
+        for spec in arch::REGISTRY {
+            let cfg = ModelConfig::from_hf_json(&(spec.tiny_config)(320))?;
+            let m = Model::build(&cfg, &Weights::random(cfg.architecture, DType::F32, &Device::Cpu))?;
+            let rows: [[u32; 4]; 2] = [[1, 7, 3, 9], [4, 4, 2, 8]];
+            let batch = Tensor::new(&rows, &Device::Cpu)?;
+            let mut cache = m.new_cache();
+            let last = m.forward_last(&batch, &mut cache)?;
+            let step = m.forward(&Tensor::new(&[[5u32], [6]], &Device::Cpu)?, &mut cache)?;
+            for (r, ids) in rows.iter().enumerate() {
+                let mut alone = m.new_cache();
+                let want = m.forward_last(&m.input(ids.as_slice())?, &mut alone)?;
+                let want_step = m.forward(&m.input(&[[5u32, 6][r]])?, &mut alone)?;
+                let d = (last.narrow(0, r, 1)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let d_step = (step.narrow(0, r, 1)? - want_step)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-5 && d_step < 1e-5, "{}: row {r} differs by {d} / {d_step}", spec.name);
+            }
+        }
+        Ok(())
+    }
+}

@@ -2,6 +2,8 @@
 //! target scores all k+1 positions in one forward, and a rejection rule keeps the output distributed exactly
 //! as the target's. Both KV caches roll back to the accepted prefix after every round.
 
+pub mod session;
+
 use crate::generation::sampling::{argmax, Sampler, SamplingParams};
 use crate::model::{KvCache, Model};
 use crate::tokenizer::Tokenizer;
@@ -64,6 +66,26 @@ impl SpecStats {
     pub fn tok_s(&self) -> f64 {
         self.tokens as f64 / self.seconds.max(1e-9)
     }
+    /// Add another run's counts and times to these (totals over several prompts).
+    pub fn add(&mut self, s: &SpecStats) {
+        self.rounds += s.rounds;
+        self.drafted += s.drafted;
+        self.accepted += s.accepted;
+        self.tokens += s.tokens;
+        self.seconds += s.seconds;
+        self.draft_seconds += s.draft_seconds;
+        self.target_seconds += s.target_seconds;
+        self.draft_forwards += s.draft_forwards;
+        self.target_forwards += s.target_forwards;
+        for (i, (acc, tried)) in s.per_position.iter().enumerate() {
+            if self.per_position.len() <= i {
+                self.per_position.push((0, 0));
+            }
+            self.per_position[i].0 += acc;
+            self.per_position[i].1 += tried;
+        }
+    }
+
     pub fn per_position_rates(&self) -> Vec<f64> {
         self.per_position.iter().map(|(a, t)| if *t == 0 { 0.0 } else { *a as f64 / *t as f64 }).collect()
     }
