@@ -5,7 +5,7 @@ use super::LoadArgs;
 use crate::finetune::pipeline::{self, FinetuneParams, Input, InputError, Interrupted, RunHooks, Targets};
 use crate::finetune::train::{StepRecord, TrainSettings};
 use crate::load::{LoadOptions, LoadedModel};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
@@ -156,7 +156,10 @@ fn flagged(e: anyhow::Error) -> anyhow::Error {
     match e.downcast_ref::<Interrupted>() {
         Some(i) => {
             let argv: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
-            anyhow!("{i}; continue with: {}", resume_command(&argv, &i.checkpoint))
+            anyhow::Error::new(super::StoppedByUser(format!(
+                "{i}; continue with: {}",
+                resume_command(&argv, &i.checkpoint)
+            )))
         }
         None => e,
     }

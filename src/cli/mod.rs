@@ -42,6 +42,19 @@ enum Command {
     Info(info::InfoArgs),
 }
 
+/// A run stopped by Ctrl-C after keeping what it finished: said on one line, exit status 130 (as a shell
+/// reports for an interrupted program).
+#[derive(Debug)]
+pub struct StoppedByUser(pub String);
+
+impl std::fmt::Display for StoppedByUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoppedByUser {}
+
 /// Run the CLI; returns the process exit code. Errors print as one line on stderr.
 pub fn main() -> i32 {
     // A closed stdout (`billion … | head`) ends the program quietly instead of a panic.
@@ -75,7 +88,11 @@ pub fn main() -> i32 {
             let msg: Vec<String> =
                 e.chain().map(|c| c.to_string().lines().next().unwrap_or("").trim().to_string()).collect();
             eprintln!("error: {}", msg.join(": "));
-            1
+            if e.downcast_ref::<StoppedByUser>().is_some() {
+                130
+            } else {
+                1
+            }
         }
     }
 }
