@@ -228,3 +228,36 @@ fn a_second_ctrl_c_quits_at_once() {
     // The running programs sleep 30 s: quitting well before that shows they were not waited for.
     assert!(start.elapsed() < Duration::from_secs(8), "{:?}", start.elapsed());
 }
+
+#[test]
+fn ctrl_c_during_the_speed_step_keeps_no_partial_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(dir.path());
+    let res = dir.path().join("results");
+    let (mut child, rx) = start(&[
+        "bench",
+        "--models",
+        model.to_str().unwrap(),
+        "--speed",
+        "-p",
+        "64",
+        "-n",
+        "64",
+        "-r",
+        "100000",
+        "--results-dir",
+        res.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    wait_for(&rx, "speed (-p 64 -n 64 -r 100000)");
+    std::thread::sleep(Duration::from_millis(500));
+    sigint(&child);
+    assert_eq!(exit_code(&mut child, Duration::from_secs(30)), Some(130));
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(res.join("benchmark_results.json")).unwrap()).unwrap();
+    let m = &doc["models"][0];
+    assert_eq!(m["interrupted"], true);
+    assert!(m.get("speed").is_none_or(|s| s.is_null()), "{m}");
+    assert_eq!(m["not_run"], serde_json::json!(["speed"]));
+}

@@ -323,6 +323,37 @@ fn next_uid() -> u32 {
 
 /// One program's folders: `work` (the program, its cwd, HOME and TMPDIR; the only writable place) and `root`
 /// (where its new root is mounted), inside one temporary folder.
+/// Programs running right now (process group, temporary folder), so that a forced quit can end them and
+/// remove their folders instead of leaving them to their timeouts.
+static RUNNING: std::sync::Mutex<Vec<(i32, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// One entry of [`RUNNING`] for as long as its program runs.
+struct Running(i32);
+
+impl Running {
+    fn register(pgid: i32, dir: &Path) -> Self {
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).push((pgid, dir.to_path_buf()));
+        Running(pgid)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| *p != self.0);
+    }
+}
+
+/// End every program still running (their whole process groups) and remove their folders: for a quit that
+/// will not wait for them (a second Ctrl-C).
+pub fn kill_running_programs() {
+    let running = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
+    for (pgid, dir) in running {
+        // SAFETY: signalling a process group this process created with setsid.
+        unsafe { libc::killpg(pgid, libc::SIGKILL) };
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 struct SandboxDir {
     work: PathBuf,
     root: PathBuf,
@@ -409,6 +440,7 @@ impl Sandbox {
         }
         let mut child = cmd.spawn().with_context(|| format!("cannot start {}", self.python))?;
         let pid = child.id() as i32;
+        let _running = Running::register(pid, dir.path());
         let deadline = Instant::now() + self.timeout;
         let status = loop {
             if let Some(s) = child.try_wait()? {

@@ -232,19 +232,24 @@ pub fn run_model(
             let s = params.speed;
             step(params, name, loaded, &format!("speed (-p {} -n {} -r {})", s.prefill, s.decode, s.reps));
             let pb = progress_bar(2, "speed", quiet);
-            let r = speed::measure(&loaded.model, s.prefill, s.decode, s.reps)?;
+            let measured = speed::measure_until(&loaded.model, s.prefill, s.decode, s.reps, interrupted)?;
             sample_gpu();
             pb.finish_and_clear();
-            let ttft = speed::time_prefill(&loaded.model, s.prefill.max(1))? * 1000.0;
-            record.speed = Some(SpeedRecord {
-                prefill: r.prefill,
-                decode: r.decode,
-                ttft_ms: ttft,
-                prompt_tokens: s.prefill,
-                generated_tokens: s.decode,
-                reps: s.reps,
-                extra: Default::default(),
-            });
+            // A speed step cut short keeps no figures: a partial set of repetitions is not a measurement.
+            if let Some(r) = measured {
+                let ttft = speed::time_prefill(&loaded.model, s.prefill.max(1))? * 1000.0;
+                record.speed = Some(SpeedRecord {
+                    prefill: r.prefill,
+                    decode: r.decode,
+                    ttft_ms: ttft,
+                    prompt_tokens: s.prefill,
+                    generated_tokens: s.decode,
+                    reps: s.reps,
+                    extra: Default::default(),
+                });
+            } else {
+                record.not_run.push("speed".into());
+            }
             rss.sample();
         }
     }

@@ -74,22 +74,40 @@ pub fn time_decode(model: &Model, n: usize) -> Result<f64> {
 
 /// Measure prefill of `prompt` tokens and decode of `gen` tokens, `reps` times each after one warm-up.
 pub fn measure(model: &Model, prompt: usize, gen: usize, reps: usize) -> Result<SpeedResult> {
+    Ok(measure_until(model, prompt, gen, reps, &std::sync::atomic::AtomicBool::new(false))?.expect("never stopped"))
+}
+
+/// [`measure`], checking `stop` before every repetition: `None` when it was set before the end (a partial
+/// measurement is not a result).
+pub fn measure_until(
+    model: &Model,
+    prompt: usize,
+    gen: usize,
+    reps: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Option<SpeedResult>> {
+    let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
     let reps = reps.max(1);
-    let prefill = if prompt > 0 {
-        time_prefill(model, prompt)?;
-        let runs = (0..reps).map(|_| time_prefill(model, prompt).map(|s| prompt as f64 / s)).collect::<Result<_>>()?;
-        Some(summarize(prompt, runs))
-    } else {
-        None
+    let timed = |n: usize, time: &dyn Fn(&Model, usize) -> Result<f64>, warm: usize| -> Result<Option<Throughput>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        time(model, warm)?;
+        let mut runs = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            if stopped() {
+                return Ok(None);
+            }
+            runs.push(n as f64 / time(model, n)?);
+        }
+        Ok(Some(summarize(n, runs)))
     };
-    let decode = if gen > 0 {
-        time_decode(model, gen.min(16))?;
-        let runs = (0..reps).map(|_| time_decode(model, gen).map(|s| gen as f64 / s)).collect::<Result<_>>()?;
-        Some(summarize(gen, runs))
-    } else {
-        None
-    };
-    Ok(SpeedResult { prefill, decode })
+    let prefill = timed(prompt, &time_prefill, prompt)?;
+    let decode = timed(gen, &time_decode, gen.min(16))?;
+    if stopped() {
+        return Ok(None);
+    }
+    Ok(Some(SpeedResult { prefill, decode }))
 }
 
 /// Time of one target forward over `n` new tokens after `context` cached tokens (seconds, median of `reps`).

@@ -163,6 +163,7 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     let flag = interrupted.clone();
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::Relaxed) {
+            crate::bench::humaneval::kill_running_programs();
             std::process::exit(130);
         }
         eprintln!("\ninterrupted: finishing the current question or problem and keeping what is done (Ctrl-C again to quit now)");
