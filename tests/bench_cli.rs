@@ -250,24 +250,7 @@ fn edge_values_are_refused_before_any_work() {
 
 #[test]
 fn every_flag_has_help_and_p_says_it_is_prefill() {
-    let out = common::billion(&["bench", "--help"]);
-    ok(&out);
-    let help = common::stdout(&out);
-    let lines: Vec<&str> = help.lines().collect();
-    let mut flags = 0;
-    for (i, line) in lines.iter().enumerate() {
-        let t = line.trim_start();
-        // Flags (`-p, --prefill`, `--models`), not the `- value: meaning` lines of a value list.
-        if !(t.starts_with("--") || t.starts_with('-') && t.chars().nth(1).is_some_and(|c| c.is_ascii_alphabetic())) {
-            continue;
-        }
-        flags += 1;
-        // The description follows the flag on its line (after two spaces) or on the next, indented further.
-        let same_line = t.split_once("  ").is_some_and(|(_, d)| !d.trim().is_empty());
-        let next = lines.get(i + 1).map(|l| l.trim()).unwrap_or("");
-        let next_line = !next.is_empty() && !next.starts_with('-');
-        assert!(same_line || next_line, "no help for `{t}`:\n{help}");
-    }
+    let (help, flags) = common::assert_every_flag_has_help("bench");
     assert!(flags >= 30, "{help}");
     assert!(help.contains("-p, --prefill") && help.contains("not --prompt"), "{help}");
     assert!(help.contains("[default: 512]") && help.contains("harnesses"), "{help}");

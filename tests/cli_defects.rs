@@ -304,21 +304,6 @@ fn threads_flag_is_taken_and_checked() {
 #[test]
 fn every_flag_of_every_subcommand_has_help() {
     for sub in ["generate", "chat", "speculative", "finetune", "info", "download", "bench"] {
-        let out = common::billion(&[sub, "--help"]);
-        assert!(out.status.success(), "{sub}: {}", common::stderr(&out));
-        let help = common::stdout(&out);
-        let lines: Vec<&str> = help.lines().collect();
-        for (i, line) in lines.iter().enumerate() {
-            let t = line.trim_start();
-            let is_flag =
-                t.starts_with("--") || t.starts_with('-') && t.chars().nth(1).is_some_and(|c| c.is_ascii_alphabetic());
-            if !is_flag {
-                continue;
-            }
-            // The description is on the flag's line (after two spaces) or on the next, indented further.
-            let same_line = t.split_once("  ").is_some_and(|(_, d)| !d.trim().is_empty());
-            let next = lines.get(i + 1).map(|l| l.trim()).unwrap_or("");
-            assert!(same_line || (!next.is_empty() && !next.starts_with('-')), "{sub}: no help for `{t}`:\n{help}");
-        }
+        common::assert_every_flag_has_help(sub);
     }
 }

@@ -89,3 +89,27 @@ pub fn write_even_odd_task(path: &std::path::Path, start: usize, n: usize) {
         .collect();
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
+
+/// Every flag in `billion SUB --help` has a description (on its line, or on the next line indented further).
+/// Returns the help text and the number of flags seen.
+pub fn assert_every_flag_has_help(sub: &str) -> (String, usize) {
+    let out = billion(&[sub, "--help"]);
+    assert!(out.status.success(), "{sub}: {}", stderr(&out));
+    let help = stdout(&out);
+    let lines: Vec<&str> = help.lines().collect();
+    let mut flags = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        // Flags (`-p, --prefill`, `--models`), not the `- value: meaning` lines of a value list.
+        let is_flag =
+            t.starts_with("--") || t.starts_with('-') && t.chars().nth(1).is_some_and(|c| c.is_ascii_alphabetic());
+        if !is_flag {
+            continue;
+        }
+        flags += 1;
+        let same_line = t.split_once("  ").is_some_and(|(_, d)| !d.trim().is_empty());
+        let next = lines.get(i + 1).map(|l| l.trim()).unwrap_or("");
+        assert!(same_line || (!next.is_empty() && !next.starts_with('-')), "{sub}: no help for `{t}`:\n{help}");
+    }
+    (help, flags)
+}
