@@ -22,6 +22,9 @@ pub struct KvCache {
     len: usize,
     /// Tokens each row holds (empty until the batch size is known; then every entry ≤ `len`).
     row_lens: Vec<usize>,
+    /// Leading columns of each row that hold no token (rows that started shorter, padded on the left): their
+    /// keys are masked out and the row's positions count from its first real token. Empty: no padding.
+    pads: Vec<usize>,
     max_len: usize,
     initial_capacity: usize,
 }
@@ -42,6 +45,7 @@ impl Clone for KvCache {
             layers,
             len: self.len,
             row_lens: self.row_lens.clone(),
+            pads: self.pads.clone(),
             max_len: self.max_len,
             initial_capacity: self.initial_capacity,
         }
@@ -55,6 +59,7 @@ impl KvCache {
             layers: vec![None; num_layers],
             len: 0,
             row_lens: vec![],
+            pads: vec![],
             max_len,
             initial_capacity: 256.min(max_len.max(1)),
         }
@@ -90,6 +95,27 @@ impl KvCache {
     pub fn reset(&mut self) {
         self.len = 0;
         self.row_lens.clear();
+        self.pads.clear();
+    }
+
+    /// Declare, before the first tokens go in, how many leading columns of each row are padding (see
+    /// [`KvCache::pads`]).
+    pub fn set_pads(&mut self, pads: Vec<usize>) -> Result<()> {
+        if self.len != 0 {
+            candle_core::bail!("padding is set on an empty cache (this one holds {} tokens)", self.len);
+        }
+        self.pads = pads;
+        Ok(())
+    }
+
+    /// Leading padding columns per row (empty when no row is padded).
+    pub fn pads(&self) -> &[usize] {
+        &self.pads
+    }
+
+    /// Does any row start with padding (so attention needs per-row masks and positions)?
+    pub fn is_padded(&self) -> bool {
+        self.pads.iter().any(|&p| p > 0)
     }
 
     /// Tokens held by each row of the batch (empty before the first append).
@@ -107,10 +133,35 @@ impl KvCache {
         Ok(())
     }
 
+    /// The attention mask of the next `t` tokens when rows are padded: `[rows, 1, t, len + t]`, 0 where a query
+    /// may look (its own row's real tokens up to itself) and -inf elsewhere, in `dtype`.
+    pub fn padded_mask(&self, rows: usize, t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let (offset, total) = (self.len, self.len + t);
+        let mut mask = vec![0f32; rows * t * total];
+        for r in 0..rows {
+            let pad = self.pads.get(r).copied().unwrap_or(0);
+            for i in 0..t {
+                let row = &mut mask[(r * t + i) * total..(r * t + i + 1) * total];
+                for (j, m) in row.iter_mut().enumerate() {
+                    // A padding column looks at itself only: nothing real sees it, and its values stay
+                    // finite (a row of nothing but -inf would turn into NaN and spread through 0·NaN).
+                    let visible = (j >= pad && j <= offset + i) || j == offset + i;
+                    if !visible {
+                        *m = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(mask, (rows, 1, t, total), device)?.to_dtype(dtype)
+    }
+
     /// The positions of the next `t` tokens of each row: `[rows, t]` (u32), row `r` starting at its length.
     pub fn positions(&self, rows: usize, t: usize, device: &Device) -> Result<Tensor> {
-        let start = |r: usize| self.row_lens.get(r).copied().unwrap_or(self.len);
-        let pos: Vec<u32> = (0..rows).flat_map(|r| (0..t).map(move |i| (start(r) + i) as u32)).collect();
+        // Column c of row r holds position c - pad (padding columns, masked anyway, read position 0).
+        let pad = |r: usize| self.pads.get(r).copied().unwrap_or(0);
+        let held = |r: usize| self.row_lens.get(r).copied().unwrap_or(self.len);
+        let pos: Vec<u32> =
+            (0..rows).flat_map(|r| (0..t).map(move |i| (held(r) + i).saturating_sub(pad(r)) as u32)).collect();
         Tensor::from_vec(pos, (rows, t), device)
     }
 

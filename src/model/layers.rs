@@ -212,6 +212,51 @@ impl Rotary {
         }
     }
 
+    /// Rotate queries (as [`Rotary::apply_query`]) at per-row positions `[b, t]` (rows of different lengths).
+    pub fn apply_query_at(&self, q: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        if self.rotary_dim == self.head_dim {
+            self.rotate_at(q, positions, true)
+        } else {
+            self.rotate_at(q, positions, false)? * (1.0 / (self.head_dim as f64).sqrt())
+        }
+    }
+
+    /// Rotate `x` (`[b, heads, t, head_dim]`) at per-row positions `[b, t]` (fused ops only).
+    pub fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        self.rotate_at(x, positions, false)
+    }
+
+    fn rotate_at(&self, x: &Tensor, positions: &Tensor, scaled: bool) -> Result<Tensor> {
+        if self.rotary_dim == 0 {
+            return Ok(x.clone());
+        }
+        let (b, t) = positions.dims2()?;
+        let last = positions.max_all()?.to_scalar::<u32>()? as usize;
+        // Make the table long enough, then gather each row's rows of it: `[b, t, rotary_dim / 2]`.
+        self.cos_sin(last, 1, scaled)?;
+        let table = self.table.lock().expect("rotary table lock");
+        let (c, s) = if scaled { (&table[2], &table[3]) } else { (&table[0], &table[1]) };
+        let flat = positions.flatten_all()?.to_device(c.device())?;
+        let half = self.inv_freq.len();
+        let cos = c.index_select(&flat, 0)?.reshape((b, t, half))?;
+        let sin = s.index_select(&flat, 0)?.reshape((b, t, half))?;
+        drop(table);
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            if self.interleaved {
+                candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+            } else {
+                candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+            }
+        };
+        if self.rotary_dim == self.head_dim {
+            rope(x)
+        } else {
+            let rot = rope(&x.narrow(3, 0, self.rotary_dim)?)?;
+            let pass = x.narrow(3, self.rotary_dim, self.head_dim - self.rotary_dim)?;
+            Tensor::cat(&[&rot, &pass], 3)
+        }
+    }
+
     /// Rotate `x` (`[b, heads, t, head_dim]`) for positions `offset..offset+t`.
     pub fn apply(&self, x: &Tensor, offset: usize, ops: Ops) -> Result<Tensor> {
         self.rotate(x, offset, ops, false)

@@ -112,13 +112,22 @@ impl Model {
         cache.check_room(t)?;
         let offset = cache.len();
         let x = self.embed.forward(ids)?;
-        if t == 1 && batch == 1 && self.ops == Ops::Fused && x.device().is_cuda() {
+        if t == 1 && batch == 1 && self.ops == Ops::Fused && x.device().is_cuda() && !cache.is_padded() {
             if let Some(logits) = self.graph.step(|| self.graph_parts(), &x, cache)? {
                 return self.cast_logits(logits);
             }
         }
-        let mask = causal_mask_for(t, offset, &x, self.ops)?;
-        let mut step = Step { cache, offset, mask, rotary: &self.rotary, ops: self.ops };
+        // Rows padded on the left to one length: per-row masks (their padding hidden) and per-row positions.
+        let (mask, positions) = if cache.is_padded() {
+            if self.ops == Ops::Differentiable || cache.pads().len() != batch {
+                candle_core::bail!("padded rows need inference ops and one padding entry per row");
+            }
+            let mask = cache.padded_mask(batch, t, x.dtype(), x.device())?;
+            (Some(mask), Some(cache.positions(batch, t, &Device::Cpu)?))
+        } else {
+            (causal_mask_for(t, offset, &x, self.ops)?, None)
+        };
+        let mut step = Step { cache, offset, mask, rotary: &self.rotary, ops: self.ops, positions };
         let x = self.layers.forward(x, &mut step)?;
         cache.advance(t);
         let x = self.final_norm.forward(&select_positions(&x, all)?, self.ops)?;
@@ -156,6 +165,23 @@ impl Model {
         self.run(ids, cache, false)?.squeeze(1)
     }
 
+    /// Start a batch of prompts of different lengths in an empty `cache`: each is padded on the left to the
+    /// longest (the padding is never attended to and positions count from each prompt's first token). Returns
+    /// the logits at each prompt's last token, `[rows, vocab]`; later steps take `[rows, 1]` as usual.
+    pub fn prefill_rows(&self, prompts: &[&[u32]], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        if longest == 0 || prompts.iter().any(|p| p.is_empty()) {
+            candle_core::bail!("every prompt of a batch needs at least one token");
+        }
+        let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        // Padding columns hold token 0; what they compute is masked out.
+        let ids: Vec<u32> =
+            prompts.iter().flat_map(|p| std::iter::repeat_n(0, longest - p.len()).chain(p.iter().copied())).collect();
+        cache.set_pads(pads)?;
+        let ids = Tensor::from_vec(ids, (prompts.len(), longest), &self.device)?;
+        self.forward_last(&ids, cache)
+    }
+
     /// Convenience: token ids as a `[1, t]` tensor on this model's device.
     pub fn input(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         Tensor::new(ids, &self.device)?.unsqueeze(0)
@@ -181,6 +207,57 @@ mod tests {
 
     /// Rows of a batch are independent: each row's logits equal that sequence run alone (last position and
     /// every position, prefill and a decode step), for every architecture.
+    /// Prompts of different lengths in one batch (padded on the left): every row's logits, at the prefill and
+    /// at each greedy step after it, equal that prompt run alone.
+    #[test]
+    fn rows_of_different_lengths_equal_single_sequences() -> Result<()> {
+        rows_of_different_lengths(&Device::Cpu, DType::F32, 1e-4)
+    }
+
+    /// The same on the GPU (`cargo test --features cuda` where one is present), in bf16.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn rows_of_different_lengths_on_cuda() -> Result<()> {
+        match Device::new_cuda(0) {
+            Ok(gpu) => rows_of_different_lengths(&gpu, DType::BF16, 0.1),
+            Err(_) => {
+                eprintln!("skipping: no CUDA device");
+                Ok(())
+            }
+        }
+    }
+
+    fn rows_of_different_lengths(device: &Device, dtype: DType, tolerance: f32) -> Result<()> {
+        for spec in arch::REGISTRY {
+            let cfg = ModelConfig::from_hf_json(&(spec.tiny_config)(320))?;
+            let m = Model::build(&cfg, &Weights::random(cfg.architecture, dtype, device))?;
+            let prompts: [&[u32]; 3] = [&[1, 7, 3, 9, 12], &[4, 4], &[8, 2, 6, 5, 11, 13, 21]];
+            let mut cache = m.new_cache();
+            let mut logits = m.prefill_rows(&prompts, &mut cache)?;
+            let mut alone: Vec<(KvCache, Tensor)> = prompts
+                .iter()
+                .map(|p| {
+                    let mut c = m.new_cache();
+                    let l = m.forward_last(&m.input(p)?, &mut c)?;
+                    Ok((c, l))
+                })
+                .collect::<Result<_>>()?;
+            for step in 0..6 {
+                let mut next = vec![];
+                for (r, (c, l)) in alone.iter_mut().enumerate() {
+                    let d = (logits.narrow(0, r, 1)? - &*l)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(d < tolerance, "{}: row {r} differs by {d} at step {step}", spec.name);
+                    let token = l.argmax(1)?.to_vec1::<u32>()?[0];
+                    *l = m.forward_last(&m.input(&[token])?, c)?;
+                    next.push(token);
+                }
+                let ids = Tensor::from_vec(next, (prompts.len(), 1), device)?;
+                logits = m.forward_last(&ids, &mut cache)?;
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn batch_rows_equal_single_sequences() -> Result<()> {
         for spec in arch::REGISTRY {

@@ -17,10 +17,20 @@ pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Re
 /// `mask` is not needed; elsewhere `mask` (`[t, total]`, from `causal_mask`) is added first, and
 /// without one the scores are a single token's (nothing to mask).
 pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, t: usize, offset: usize) -> Result<Tensor> {
-    if t > 1 && scores.device().is_cuda() {
+    // A per-row mask (`[b, 1, t, total]`, rows padded on the left) is added as it is; the kernel only knows the
+    // causal pattern.
+    let per_row = mask.is_some_and(|m| m.rank() == 4);
+    if t > 1 && scores.device().is_cuda() && !per_row {
         return scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { t, offset });
     }
     match mask {
+        Some(m) if per_row => {
+            let b = m.dim(0)?;
+            let total = scores.dim(D::Minus1)?;
+            let rows = scores.elem_count() / total;
+            let s = scores.reshape((b, rows / (b * t), t, total))?.broadcast_add(m)?;
+            candle_nn::ops::softmax_last_dim(&s)?.reshape(scores.shape())
+        }
         Some(m) => {
             let total = scores.dim(D::Minus1)?;
             let rows = scores.elem_count() / total;

@@ -156,8 +156,8 @@ impl Layers for GptNeoXLayers {
             let hs = blk.input_norm.forward(&x, ops)?;
             // query_key_value rows are grouped per head as [q | k | v] of head_dim each.
             let qkv = blk.qkv.forward(&hs)?.reshape((b, t, nh, 3 * hd))?.transpose(1, 2)?;
-            let q = s.rotary.apply_query(&qkv.narrow(3, 0, hd)?, s.offset, ops)?;
-            let k = s.rotary.apply(&qkv.narrow(3, hd, hd)?, s.offset, ops)?;
+            let q = s.rotate_query(&qkv.narrow(3, 0, hd)?)?;
+            let k = s.rotate_key(&qkv.narrow(3, hd, hd)?)?;
             let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
             let attn = blk.dense.forward(&attention(&q, &k, &v, s.cache, i, s.mask.as_ref(), ops)?)?;
             let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {

@@ -167,8 +167,8 @@ impl Layers for LlamaLayers {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         for (i, blk) in self.blocks.iter().enumerate() {
             let hs = blk.attn_norm.forward(&x, s.ops)?;
-            let q = s.rotary.apply_query(&split_heads(&blk.q.forward(&hs)?, nh, hd)?, s.offset, s.ops)?;
-            let k = s.rotary.apply(&split_heads(&blk.k.forward(&hs)?, nkv, hd)?, s.offset, s.ops)?;
+            let q = s.rotate_query(&split_heads(&blk.q.forward(&hs)?, nh, hd)?)?;
+            let k = s.rotate_key(&split_heads(&blk.k.forward(&hs)?, nkv, hd)?)?;
             let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
             let attn = attention(&q, &k, &v, s.cache, i, s.mask.as_ref(), s.ops)?;
             x = (x + blk.o.forward(&attn)?)?;

@@ -205,6 +205,27 @@ pub struct Step<'a> {
     pub mask: Option<Tensor>,
     pub rotary: &'a Rotary,
     pub ops: Ops,
+    /// Per-row positions `[b, t]` (on the CPU) when rows are padded to different lengths; else every row's
+    /// new tokens sit at `offset..offset + t`.
+    pub positions: Option<Tensor>,
+}
+
+impl Step<'_> {
+    /// Rotate queries `[b, heads, t, d]` at their positions (scaled for attention with fused ops).
+    pub fn rotate_query(&self, q: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.positions {
+            Some(p) => self.rotary.apply_query_at(q, p),
+            None => self.rotary.apply_query(q, self.offset, self.ops),
+        }
+    }
+
+    /// Rotate keys `[b, kv_heads, t, d]` at their positions.
+    pub fn rotate_key(&self, k: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.positions {
+            Some(p) => self.rotary.apply_at(k, p),
+            None => self.rotary.apply(k, self.offset, self.ops),
+        }
+    }
 }
 
 /// An architecture's layers: everything between the embedding and the final norm.

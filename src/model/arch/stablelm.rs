@@ -187,8 +187,8 @@ impl Layers for StableLmLayers {
                 q = qn.forward(&q, ops)?;
                 k = kn.forward(&k, ops)?;
             }
-            let q = s.rotary.apply_query(&q, s.offset, ops)?;
-            let k = s.rotary.apply(&k, s.offset, ops)?;
+            let q = s.rotate_query(&q)?;
+            let k = s.rotate_key(&k)?;
             let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
             let attn = blk.o.forward(&attention(&q, &k, &v, s.cache, i, s.mask.as_ref(), ops)?)?;
             let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
