@@ -241,20 +241,23 @@ impl Rotary {
         let cos = c.index_select(&flat, 0)?.reshape((b, t, half))?;
         let sin = s.index_select(&flat, 0)?.reshape((b, t, half))?;
         drop(table);
-        let rope = |x: &Tensor| -> Result<Tensor> {
+        self.rotate_leading(x, |x| {
             if self.interleaved {
                 candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
             } else {
                 candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
             }
-        };
+        })
+    }
+
+    /// Apply `rope` to the first `rotary_dim` dims of each head and keep the rest (partial rotary).
+    fn rotate_leading(&self, x: &Tensor, rope: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         if self.rotary_dim == self.head_dim {
-            rope(x)
-        } else {
-            let rot = rope(&x.narrow(3, 0, self.rotary_dim)?)?;
-            let pass = x.narrow(3, self.rotary_dim, self.head_dim - self.rotary_dim)?;
-            Tensor::cat(&[&rot, &pass], 3)
+            return rope(x);
         }
+        let rot = rope(&x.narrow(3, 0, self.rotary_dim)?)?;
+        let pass = x.narrow(3, self.rotary_dim, self.head_dim - self.rotary_dim)?;
+        Tensor::cat(&[&rot, &pass], 3)
     }
 
     /// Rotate `x` (`[b, heads, t, head_dim]`) for positions `offset..offset+t`.
@@ -268,20 +271,11 @@ impl Rotary {
         }
         let t = x.dim(2)?;
         let (cos, sin) = self.cos_sin(offset, t, scaled)?;
-        let rope = |x: &Tensor| -> Result<Tensor> {
-            match (self.interleaved, ops) {
-                (false, Ops::Fused) => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
-                (true, Ops::Fused) => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin),
-                (interleaved, Ops::Differentiable) => crate::ops::autograd::rope(x, &cos, &sin, interleaved),
-            }
-        };
-        if self.rotary_dim == self.head_dim {
-            rope(x)
-        } else {
-            let rot = rope(&x.narrow(3, 0, self.rotary_dim)?)?;
-            let pass = x.narrow(3, self.rotary_dim, self.head_dim - self.rotary_dim)?;
-            Tensor::cat(&[&rot, &pass], 3)
-        }
+        self.rotate_leading(x, |x| match (self.interleaved, ops) {
+            (false, Ops::Fused) => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
+            (true, Ops::Fused) => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin),
+            (interleaved, Ops::Differentiable) => crate::ops::autograd::rope(x, &cos, &sin, interleaved),
+        })
     }
 }
 
