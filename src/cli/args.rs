@@ -3,7 +3,7 @@
 //! is refused before any work starts, with the flag named.
 
 use crate::generation::sampling::SamplingParams;
-use crate::load::{parse_dtype, DeviceSpec, LoadOptions, LoadedModel};
+use crate::load::{parse_dtype, DeviceSpec, LoadInput, LoadOptions, LoadedModel};
 use crate::model::quant::{Quantize, QuantizeChoice};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -74,18 +74,13 @@ pub fn load_flagged(model: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     crate::load::load(model, opts).map_err(with_load_flag)
 }
 
-/// Put the flag a load (or `info`) error is about in front of it: the loader's refusals of `--quantize` and
-/// `--dequantize` say which they are, device errors name CUDA or Metal, everything else is about `--model`.
+/// Put the flag a load (or `info`) error is about in front of it.
 pub fn with_load_flag(e: anyhow::Error) -> anyhow::Error {
-    let msg = format!("{e:#}");
-    let flag = if msg.contains("quantizing at load") {
-        "--quantize"
-    } else if msg.contains("dequantizing") {
-        "--dequantize"
-    } else if msg.starts_with("device ") || msg.starts_with("cannot open CUDA") || msg.contains("the Metal device") {
-        "--device"
-    } else {
-        "--model"
+    let flag = match e.downcast_ref::<crate::load::LoadError>().map(|l| l.input) {
+        Some(LoadInput::Device) => "--device",
+        Some(LoadInput::Quantize) => "--quantize",
+        Some(LoadInput::Dequantize) => "--dequantize",
+        Some(LoadInput::Model) | None => "--model",
     };
     e.context(flag)
 }

@@ -33,7 +33,12 @@ pub struct ModelInfo {
 }
 
 /// Describe `model` as `opts` would load it (on the CPU unless a device is given).
+/// Errors are [`super::LoadError`]s naming the input at fault, as a load's are.
 pub fn inspect(model: &str, opts: &LoadOptions) -> Result<ModelInfo> {
+    super::about(inspect_unmarked(model, opts), super::LoadInput::Model)
+}
+
+fn inspect_unmarked(model: &str, opts: &LoadOptions) -> Result<ModelInfo> {
     let source = resolve(model, opts.random_weights)?;
     // The compute dtype a load would pick on that device, without opening it.
     let compute = match opts.device {
@@ -44,10 +49,15 @@ pub fn inspect(model: &str, opts: &LoadOptions) -> Result<ModelInfo> {
     // The same refusals as a load.
     match (&source, opts.quantize.is_some(), opts.dequantize) {
         (ModelSource::Gguf(p), true, _) => {
-            anyhow::bail!("quantizing at load applies to safetensors weights; {} is already a GGUF file", p.display())
+            let e = anyhow::anyhow!(
+                "quantizing at load applies to safetensors weights; {} is already a GGUF file",
+                p.display()
+            );
+            return super::about(Err(e), super::LoadInput::Quantize);
         }
         (ModelSource::HfDir(p) | ModelSource::ConfigOnly(p), _, true) => {
-            anyhow::bail!("dequantizing applies to GGUF files; {} holds dense weights already", p.display())
+            let e = anyhow::anyhow!("dequantizing applies to GGUF files; {} holds dense weights already", p.display());
+            return super::about(Err(e), super::LoadInput::Dequantize);
         }
         _ => {}
     }

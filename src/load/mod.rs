@@ -106,15 +106,64 @@ pub fn resolve(model: &str, random_weights: bool) -> Result<ModelSource> {
     bail!("{model}: expected a Hugging Face model folder, a .gguf file, or a config.json (with random weights)")
 }
 
+/// Which input a load error is about, so that a caller can say which of its own settings (flags) to fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadInput {
+    /// The model name, its files or their contents.
+    Model,
+    Device,
+    Quantize,
+    Dequantize,
+}
+
+/// A load that failed, and the input it is about. Reads as the underlying error.
+#[derive(Debug)]
+pub struct LoadError {
+    pub input: LoadInput,
+    pub error: anyhow::Error,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)
+    }
+}
+
+impl std::error::Error for LoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+/// Mark an error as being about `input` (errors already marked keep their mark).
+pub(crate) fn about<T>(r: Result<T>, input: LoadInput) -> Result<T> {
+    r.map_err(|error| {
+        if error.downcast_ref::<LoadError>().is_some() {
+            error
+        } else {
+            anyhow::Error::new(LoadError { input, error })
+        }
+    })
+}
+
+/// Load `model` as `opts` say. Errors are [`LoadError`]s naming the input at fault.
 pub fn load(model: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    about(load_unmarked(model, opts), LoadInput::Model)
+}
+
+fn load_unmarked(model: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     let start = Instant::now();
     let source = resolve(model, opts.random_weights)?;
-    let device = select_device(opts.device)?;
+    let device = about(select_device(opts.device), LoadInput::Device)?;
     let dtype = select_dtype(opts.dtype, &device);
     let (model, tokenizer, path, format, quantization, kept_dense) = match source {
         ModelSource::HfDir(dir) => {
             if opts.dequantize {
-                bail!("dequantizing applies to GGUF files; {} holds dense weights already", dir.display());
+                let e = anyhow::anyhow!(
+                    "dequantizing applies to GGUF files; {} holds dense weights already",
+                    dir.display()
+                );
+                return about(Err(e), LoadInput::Dequantize);
             }
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
             let files = safetensors::model_files(&dir)?;
@@ -138,7 +187,11 @@ pub fn load(model: &str, opts: &LoadOptions) -> Result<LoadedModel> {
         }
         ModelSource::Gguf(path) => {
             if opts.quantize.is_some() {
-                bail!("quantizing at load applies to safetensors weights; {} is already a GGUF file", path.display());
+                let e = anyhow::anyhow!(
+                    "quantizing at load applies to safetensors weights; {} is already a GGUF file",
+                    path.display()
+                );
+                return about(Err(e), LoadInput::Quantize);
             }
             let content = gguf::read_content(&path)?;
             let cfg = ModelConfig::from_gguf(&content, &path)?;
