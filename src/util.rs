@@ -70,15 +70,22 @@ fn remove_orphaned_temps(dir: &Path, name: &str) {
     for e in entries.flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = file.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".tmp")) else { continue };
-        let Ok(pid) = pid.parse::<libc::pid_t>() else { continue };
-        // SAFETY: signal 0 only asks whether the process exists.
-        let gone = pid > 0
-            && unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        if pid > 0 && !process_is_running(pid) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// Is process `pid` alive (one of another user's counts too)? Temporary files carry their writer's id, so a
+/// leftover of a process that is gone can be told from one that is still being written.
+pub fn process_is_running(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Milliseconds to pause halfway through writing a temporary file (`BILLION_WRITE_PAUSE_MS`): fault tests

@@ -162,15 +162,8 @@ pub fn run(
             }
             let mut rss = PeakRss::start();
             let loaded = load(name, &params.load_options(*q)).with_context(|| format!("loading {name}"))?;
-            if !loaded.kept_dense.is_empty() && !params.json {
-                let shown: Vec<&str> = loaded.kept_dense.iter().take(3).map(|s| s.as_str()).collect();
-                eprintln!(
-                    "note: {what}: {} weights kept dense (rows not whole blocks of {}): {}{}",
-                    loaded.kept_dense.len(),
-                    loaded.quantization,
-                    shown.join(", "),
-                    if loaded.kept_dense.len() > shown.len() { ", …" } else { "" }
-                );
+            if let Some(note) = loaded.kept_dense_note().filter(|_| !params.json) {
+                eprintln!("note: {what}: {note}");
             }
             rss.sample();
             let record = run_model(params, data, name, &loaded, &groups, interrupted, &mut rss)?;

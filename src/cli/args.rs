@@ -133,19 +133,6 @@ impl SamplingArgs {
     }
 }
 
-/// Say once when `--quantize` left weights dense (their width is not a multiple of the block): such a model is
-/// larger than the type suggests.
-pub fn note_kept_dense(loaded: &LoadedModel) {
-    if let Some(first) = loaded.kept_dense.first() {
-        eprintln!(
-            "note: {} weight(s) kept dense ({first}{}): their width is not a multiple of the {} block",
-            loaded.kept_dense.len(),
-            if loaded.kept_dense.len() > 1 { ", …" } else { "" },
-            loaded.quantization
-        );
-    }
-}
-
 /// A count that must be at least 1 (clap's parser for such flags).
 pub fn positive(s: &str) -> std::result::Result<usize, String> {
     match s.trim().parse::<usize>() {

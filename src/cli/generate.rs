@@ -60,7 +60,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         crate::util::check_output_file(path).context("--logits-out")?;
     }
     let loaded = a.model.load()?;
-    super::args::note_kept_dense(&loaded);
+    if let Some(note) = loaded.kept_dense_note() {
+        eprintln!("note: {note}");
+    }
     let cfg = loaded.config().clone();
     let mut prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) => loaded

@@ -71,7 +71,7 @@ pub fn clean_leftovers(dir: &Path) -> usize {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(pid) = leftover_pid(&name) else { continue };
-        if process_is_running(pid) {
+        if crate::util::process_is_running(pid) {
             continue;
         }
         let path = entry.path();
@@ -91,15 +91,6 @@ fn leftover_pid(name: &str) -> Option<i32> {
         .skip(1)
         .filter(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
         .find_map(|p| p.parse().ok())
-}
-
-fn process_is_running(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: signal 0 only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 pub use crate::util::check_writable_folder;

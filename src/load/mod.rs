@@ -57,6 +57,21 @@ impl LoadedModel {
         })
     }
 
+    /// What to tell the user when `--quantize` left weights dense (their rows are not whole blocks of the type),
+    /// so that a model larger than the type suggests is explained; `None` when nothing was.
+    pub fn kept_dense_note(&self) -> Option<String> {
+        let shown: Vec<&str> = self.kept_dense.iter().take(3).map(|s| s.as_str()).collect();
+        (!shown.is_empty()).then(|| {
+            format!(
+                "{} weights kept dense (rows not whole blocks of {}): {}{}",
+                self.kept_dense.len(),
+                self.quantization,
+                shown.join(", "),
+                if self.kept_dense.len() > shown.len() { ", …" } else { "" }
+            )
+        })
+    }
+
     /// End-of-sequence ids: the tokenizer's and the model config's, merged.
     pub fn eos_ids(&self) -> Vec<u32> {
         let mut ids = self.config().eos_token_ids.clone();

@@ -15,12 +15,7 @@ pub static SPEC: ArchSpec = ArchSpec {
     hf_architectures: &["LlamaForCausalLM"],
     hf_model_type: "llama",
     gguf_architecture: "llama",
-    trunk: TrunkNames {
-        embed: "model.embed_tokens.weight",
-        final_norm: "model.norm",
-        lm_head: "lm_head",
-        layers: "model.layers",
-    },
+    trunk: LLAMA_TRUNK,
     from_hf,
     from_gguf,
     validate: |_| Ok(()),
@@ -30,6 +25,14 @@ pub static SPEC: ArchSpec = ArchSpec {
     gguf_layer_part,
     default_lora_targets: &["q_proj", "v_proj"],
     tiny_config,
+};
+
+/// Tensor names around the layers of llama-shaped checkpoints (StableLM uses the same).
+pub(super) const LLAMA_TRUNK: TrunkNames = TrunkNames {
+    embed: "model.embed_tokens.weight",
+    final_norm: "model.norm",
+    lm_head: "lm_head",
+    layers: "model.layers",
 };
 
 impl Architecture {

@@ -2,7 +2,7 @@
 //! q/k/v bias, optional per-head q/k LayerNorm and optional parallel residual.
 
 use super::llama::LLAMA_LINEARS;
-use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step, TrunkNames};
+use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step};
 use crate::model::config::{Activation, HfConfig, ModelConfig, NormKind};
 use crate::model::layers::{attention, gated, split_heads, Norm, Ops};
 use crate::model::linear::Linear;
@@ -15,12 +15,7 @@ pub static SPEC: ArchSpec = ArchSpec {
     hf_architectures: &["StableLmForCausalLM"],
     hf_model_type: "stablelm",
     gguf_architecture: "stablelm",
-    trunk: TrunkNames {
-        embed: "model.embed_tokens.weight",
-        final_norm: "model.norm",
-        lm_head: "lm_head",
-        layers: "model.layers",
-    },
+    trunk: super::llama::LLAMA_TRUNK,
     from_hf,
     from_gguf,
     validate: |_| Ok(()),
