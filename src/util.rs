@@ -300,6 +300,16 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// Free memory on the GPU behind `device`, if it is a CUDA device.
+pub fn gpu_memory_free_bytes(device: &candle_core::Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        return d.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free);
+    }
+    let _ = device;
+    None
+}
+
 /// Memory in use on the GPU behind `device` (the whole card, as the driver reports it), if it is a CUDA device.
 pub fn gpu_memory_used_bytes(device: &candle_core::Device) -> Option<u64> {
     #[cfg(feature = "cuda")]

@@ -2,7 +2,7 @@
 
 mod common;
 
-use billion::bench::mmlu::{self, Question, Subject};
+use billion::bench::mmlu::{self, BatchSize, Question, Subject};
 use billion::load::{load, LoadOptions};
 use candle_core::D;
 use std::sync::atomic::AtomicBool;
@@ -42,9 +42,24 @@ fn scores_equal_a_hand_computed_log_softmax() {
         test: vec![q("and this one?", 1), q("or that?", 3), q("last?", 0)],
     };
     let groups = mmlu::subject_groups();
-    let run =
-        mmlu::evaluate(&loaded, std::slice::from_ref(&subject), 2, Some(2), &groups, true, &NOT_INTERRUPTED, |_| {})
-            .unwrap();
+    let one = |batch| {
+        mmlu::evaluate(
+            &loaded,
+            std::slice::from_ref(&subject),
+            2,
+            Some(2),
+            &groups,
+            true,
+            batch,
+            &NOT_INTERRUPTED,
+            |_| {},
+        )
+        .unwrap()
+    };
+    let run = one(BatchSize::Rows(1));
+    // This tokenizer spells " A" with more than one token after these contexts: the batched path scores such
+    // questions alone, as the harness does, and must still agree.
+    let batched = one(BatchSize::Auto);
     let details = run.details;
     assert_eq!(run.results[0].questions, 2, "--limit");
     assert!(!run.interrupted);
@@ -68,12 +83,25 @@ fn scores_equal_a_hand_computed_log_softmax() {
             }
             let got = details[0].1[qi].loglik[ci];
             assert!((got - want).abs() < 1e-4, "q{qi} {letter}: {got} vs {want}");
+            let got = batched.details[0].1[qi].loglik[ci];
+            assert!((got - want).abs() < 1e-4, "batched q{qi} {letter}: {got} vs {want}");
         }
     }
     // Prefix reuse changes no score, and it happened: fewer tokens were run through the model.
     let eval = |reuse| {
-        mmlu::evaluate(&loaded, std::slice::from_ref(&subject), 2, None, &groups, reuse, &NOT_INTERRUPTED, |_| {})
-            .unwrap()
+        let batch = BatchSize::Rows(1);
+        mmlu::evaluate(
+            &loaded,
+            std::slice::from_ref(&subject),
+            2,
+            None,
+            &groups,
+            reuse,
+            batch,
+            &NOT_INTERRUPTED,
+            |_| {},
+        )
+        .unwrap()
     };
     let (fresh, reused) = (eval(false), eval(true));
     let prefix = loaded.tokenizer().unwrap().encode(&mmlu::fewshot_prefix(&subject, 2), false).unwrap().len();
@@ -119,4 +147,34 @@ fn the_results_show_prefix_reuse_saved_tokens() {
     let (r, f) = (reused["tokens_run"].as_u64().unwrap(), fresh["tokens_run"].as_u64().unwrap());
     assert!(r > 0 && r * 2 < f, "with reuse {r} tokens, without {f}");
     assert_eq!(reused["predictions"], fresh["predictions"]);
+}
+
+/// The batched path on a real model (SmolLM2-135M Q4_1, f32 on the CPU) over a few real subjects: the same
+/// predicted letter on every question as one question at a time, every choice's log-likelihood within 1e-4.
+#[test]
+fn batched_scores_equal_one_question_at_a_time_on_a_real_model() {
+    let Some(dir) = common::shared("data/mmlu") else { return };
+    let Some(model) = common::smollm2() else { return };
+    let names: Vec<String> = ["abstract_algebra", "high_school_geography"].iter().map(|s| s.to_string()).collect();
+    let subjects = mmlu::load_dir(&dir, Some(&names)).unwrap();
+    let loaded =
+        load(model.to_str().unwrap(), &LoadOptions { device: Some("cpu".parse().unwrap()), ..Default::default() })
+            .unwrap();
+    let groups = mmlu::subject_groups();
+    let run = |batch| {
+        mmlu::evaluate(&loaded, &subjects, 5, Some(10), &groups, true, batch, &NOT_INTERRUPTED, |_| {}).unwrap()
+    };
+    let (alone, batched) = (run(BatchSize::Rows(1)), run(BatchSize::Rows(8)));
+    assert_eq!(batched.batch_rows, 8);
+    assert_eq!(alone.details.len(), 2);
+    for ((subject, a), (_, b)) in alone.details.iter().zip(&batched.details) {
+        assert_eq!(a.len(), 10, "{subject}");
+        for (i, (qa, qb)) in a.iter().zip(b).enumerate() {
+            assert_eq!(qa.predicted, qb.predicted, "{subject} question {i}");
+            for c in 0..4 {
+                let d = (qa.loglik[c] - qb.loglik[c]).abs();
+                assert!(d < 1e-4, "{subject} question {i} choice {c}: {} vs {}", qa.loglik[c], qb.loglik[c]);
+            }
+        }
+    }
 }

@@ -1,16 +1,49 @@
 //! MMLU scored as lm-evaluation-harness scores its `mmlu` task: k-shot prompts from the subject's dev rows in
 //! file order, the choice whose continuation (" A" … " D") has the highest log-likelihood, continuation tokens
 //! taken as the tail of the encoding of context + continuation. Within a subject every prompt shares the
-//! few-shot prefix: its KV cache is computed once and rolled back after each question.
+//! few-shot prefix: its KV cache is computed once. Batched (the default), the questions then run many per
+//! forward pass, sorted by length, every row attending to the one shared prefix; one row at a time, the cache
+//! is rolled back to the prefix after each question.
 
 use super::records::{GroupScore, MmluRecord};
 use crate::load::LoadedModel;
 use crate::model::KvCache;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Questions per forward pass: a number, or as many as fit the device's free memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSize {
+    Auto,
+    Rows(usize),
+}
+
+impl std::str::FromStr for BatchSize {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(BatchSize::Auto),
+            n => match n.parse::<usize>() {
+                Ok(0) | Err(_) => Err(format!("expected a number of rows ≥ 1 or `auto`, got `{s}`")),
+                Ok(n) => Ok(BatchSize::Rows(n)),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for BatchSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchSize::Auto => f.write_str("auto"),
+            BatchSize::Rows(n) => write!(f, "{n}"),
+        }
+    }
+}
 
 pub const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 
@@ -241,6 +274,8 @@ pub struct Evaluation {
     pub details: Vec<SubjectDetails>,
     pub tokens_run: usize,
     pub interrupted: bool,
+    /// The most questions run in one forward pass.
+    pub batch_rows: usize,
 }
 
 /// Score `limit` test questions (all when `None`) of every subject. Once `interrupted` is set no further
@@ -253,9 +288,13 @@ pub fn evaluate(
     limit: Option<usize>,
     groups: &BTreeMap<String, String>,
     reuse_prefix: bool,
+    batch: BatchSize,
     interrupted: &AtomicBool,
     mut progress: impl FnMut(usize),
 ) -> Result<Evaluation> {
+    if reuse_prefix && batch != BatchSize::Rows(1) {
+        return evaluate_batched(loaded, subjects, shots, limit, groups, batch, interrupted, progress);
+    }
     let mut scorer = Scorer::new(loaded)?;
     scorer.reuse_prefix = reuse_prefix;
     let continuations: Vec<String> = LETTERS.iter().map(|l| format!(" {l}")).collect();
@@ -276,27 +315,276 @@ pub fn evaluate(
             }
             let context = prefix.clone() + &format_question(q);
             let ll = scorer.loglik(&context, &continuations)?;
-            let predicted =
-                (0..4).max_by(|&a, &b| ll[a].partial_cmp(&ll[b]).unwrap_or(std::cmp::Ordering::Equal)).unwrap_or(0);
-            per_q.push(QuestionResult { predicted, answer: q.answer, loglik: [ll[0], ll[1], ll[2], ll[3]] });
+            per_q.push(answer(q, [ll[0], ll[1], ll[2], ll[3]]));
             progress(1);
         }
-        let answered = per_q.len();
-        if answered > 0 {
-            let correct = per_q.iter().filter(|r| r.predicted == r.answer).count();
-            out.results.push(SubjectResult {
-                subject: s.name.clone(),
-                group: groups.get(&s.name).cloned().unwrap_or_else(|| "other".into()),
-                questions: answered,
-                correct,
-                accuracy: correct as f64 / answered as f64,
-                mean_loglik_correct: per_q.iter().map(|r| r.loglik[r.answer]).sum::<f64>() / answered as f64,
-            });
-            out.details.push((s.name.clone(), per_q));
-        }
+        out.add_subject(s, groups, per_q);
     }
     out.tokens_run = scorer.tokens_processed;
+    out.batch_rows = 1;
     Ok(out)
+}
+
+impl Evaluation {
+    /// Record a subject's answered questions (nothing when none was answered).
+    fn add_subject(&mut self, s: &Subject, groups: &BTreeMap<String, String>, per_q: Vec<QuestionResult>) {
+        let answered = per_q.len();
+        if answered == 0 {
+            return;
+        }
+        let correct = per_q.iter().filter(|r| r.predicted == r.answer).count();
+        self.results.push(SubjectResult {
+            subject: s.name.clone(),
+            group: groups.get(&s.name).cloned().unwrap_or_else(|| "other".into()),
+            questions: answered,
+            correct,
+            accuracy: correct as f64 / answered as f64,
+            mean_loglik_correct: per_q.iter().map(|r| r.loglik[r.answer]).sum::<f64>() / answered as f64,
+        });
+        self.details.push((s.name.clone(), per_q));
+    }
+}
+
+fn answer(q: &Question, ll: [f64; 4]) -> QuestionResult {
+    let predicted = (0..4).max_by(|&a, &b| ll[a].partial_cmp(&ll[b]).unwrap_or(std::cmp::Ordering::Equal)).unwrap_or(0);
+    QuestionResult { predicted, answer: q.answer, loglik: ll }
+}
+
+/// A question scored in one batched forward pass: its tokens after the shared prefix and the token of each
+/// answer letter.
+struct Planned {
+    question: usize,
+    suffix: Vec<u32>,
+    letters: [u32; 4],
+}
+
+/// A question's tokens and its letters' tokens, when one forward pass scores it (the harness's general case
+/// — a continuation of several tokens, or a context longer than the window — is scored alone).
+fn plan(tok: &Tokenizer, context: &str, window: usize, question: usize) -> Result<Option<Planned>> {
+    let ctx = tok.encode(context, false)?;
+    if ctx.len() + 1 > window {
+        return Ok(None);
+    }
+    let mut letters = [0u32; 4];
+    for (slot, l) in letters.iter_mut().zip(LETTERS) {
+        let whole = tok.encode(&format!("{context} {l}"), false)?;
+        if whole.len() != ctx.len() + 1 || whole[..ctx.len()] != *ctx {
+            return Ok(None);
+        }
+        *slot = whole[ctx.len()];
+    }
+    Ok(Some(Planned { question, suffix: ctx, letters }))
+}
+
+/// Questions planned per round of batches.
+const PLAN_CHUNK: usize = 512;
+
+/// [`plan`] for every context, spread over the cores; `(question, plan)` in order, numbered from `first`.
+fn plan_all(
+    tok: &Tokenizer,
+    contexts: &[String],
+    window: usize,
+    first: usize,
+) -> Result<Vec<(usize, Option<Planned>)>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(contexts.len().max(1));
+    let per = contexts.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = contexts
+            .chunks(per)
+            .enumerate()
+            .map(|(w, part)| {
+                scope.spawn(move || {
+                    part.iter()
+                        .enumerate()
+                        .map(|(j, c)| {
+                            let i = first + w * per + j;
+                            Ok((i, plan(tok, c, window, i)?))
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        let mut all = vec![];
+        for w in workers {
+            all.extend(w.join().map_err(|_| anyhow::anyhow!("a tokenizer thread panicked"))??);
+        }
+        Ok(all)
+    })
+}
+
+/// How many of the prefix's tokens a subject's questions share: the count that most questions' encodings begin
+/// with (the prefix's last tokens may merge with a question's first characters, as "\n\n" + "Which" does in
+/// byte-level BPE).
+fn split_shared_len(prefix: &[u32], planned: &[Planned]) -> usize {
+    let mut lens: Vec<usize> =
+        planned.iter().map(|p| p.suffix.iter().zip(prefix).take_while(|(a, b)| a == b).count()).collect();
+    lens.sort_unstable();
+    lens.get(lens.len() / 2).copied().unwrap_or(0)
+}
+
+/// Keep the questions that begin with the prefix's first `shared` tokens (and have tokens after them), cut to
+/// their tokens after it; return the others, to be scored alone.
+fn keep_shared(prefix: &[u32], shared: usize, planned: &mut Vec<Planned>) -> Vec<usize> {
+    let mut alone = vec![];
+    planned.retain_mut(|p| {
+        if shared > 0 && p.suffix.len() > shared && p.suffix[..shared] == prefix[..shared] {
+            p.suffix.drain(..shared);
+            true
+        } else {
+            alone.push(p.question);
+            false
+        }
+    });
+    alone
+}
+
+/// Rows per forward pass for questions of up to `longest` tokens after a prefix of `prefix` tokens: what the
+/// activations of one row take (attention scores, MLP, hidden states) against half the device's free memory
+/// (a fixed budget on the CPU, where wider batches stop paying off early).
+pub fn auto_rows(
+    cfg: &crate::model::ModelConfig,
+    dtype: DType,
+    device: &Device,
+    prefix: usize,
+    longest: usize,
+) -> usize {
+    let t = longest.max(1);
+    let elem = dtype.size_in_bytes().max(2);
+    let scores = 4 * cfg.num_heads * t * (prefix + t) * elem;
+    let mlp = 4 * t * cfg.intermediate_size * elem;
+    let hidden = 12 * t * cfg.hidden_size * elem;
+    let logits = 2 * cfg.vocab_size * 4;
+    let per_row = scores + mlp + hidden + logits;
+    let (budget, most) = match crate::util::gpu_memory_free_bytes(device) {
+        Some(free) => (free / 2, 512),
+        None => (2usize << 30, 32),
+    };
+    (budget / per_row.max(1)).clamp(1, most)
+}
+
+/// Every subject batched: the few-shot prefix runs once into a shared cache, then the questions run sorted by
+/// length, `batch` rows per forward pass, each row's last position scoring the four letters.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_batched(
+    loaded: &LoadedModel,
+    subjects: &[Subject],
+    shots: usize,
+    limit: Option<usize>,
+    groups: &BTreeMap<String, String>,
+    batch: BatchSize,
+    interrupted: &AtomicBool,
+    mut progress: impl FnMut(usize),
+) -> Result<Evaluation> {
+    let model = &loaded.model;
+    let tok = loaded.tokenizer()?;
+    let window = model.config().max_position_embeddings;
+    let mut scorer = Scorer::new(loaded)?;
+    let continuations: Vec<String> = LETTERS.iter().map(|l| format!(" {l}")).collect();
+    let mut out = Evaluation::default();
+    for s in subjects {
+        if interrupted.load(Ordering::Relaxed) {
+            out.interrupted = true;
+            break;
+        }
+        let prefix_text = fewshot_prefix(s, shots);
+        let prefix = tok.encode(&prefix_text, false)?;
+        let questions = &s.test[..limit.unwrap_or(s.test.len()).min(s.test.len())];
+        let contexts: Vec<String> = questions.iter().map(|q| prefix_text.clone() + &format_question(q)).collect();
+        let mut results: Vec<Option<QuestionResult>> = vec![None; questions.len()];
+        let mut shared: Option<(usize, Arc<crate::model::cache::SharedPrefix>)> = None;
+        let mut primed_alone = false;
+        // A few hundred questions at a time: tokenized on every core, then scored sorted by length (a subject
+        // of thousands shows progress, and stops on Ctrl-C, early).
+        for (c, chunk) in contexts.chunks(PLAN_CHUNK).enumerate() {
+            if interrupted.load(Ordering::Relaxed) {
+                out.interrupted = true;
+                break;
+            }
+            let mut batched = vec![];
+            let mut alone = vec![];
+            for (i, planned) in plan_all(tok, chunk, window, c * PLAN_CHUNK)? {
+                match planned {
+                    Some(p) => batched.push(p),
+                    None => alone.push(i),
+                }
+            }
+            let shared_len = match &shared {
+                Some((len, _)) => *len,
+                None => split_shared_len(&prefix, &batched),
+            };
+            alone.extend(keep_shared(&prefix, shared_len, &mut batched));
+            alone.sort_unstable();
+            if !batched.is_empty() && shared.is_none() {
+                let mut primed = model.new_cache().with_capacity(shared_len);
+                model.forward_last(&model.input(&prefix[..shared_len])?, &mut primed)?;
+                out.tokens_run += shared_len;
+                shared = Some((shared_len, Arc::new(primed.share_prefix(shared_len)?)));
+            }
+            // Longest first: similar lengths share a batch (little padding), and the first batch shows whether
+            // the widest one fits.
+            batched.sort_by_key(|p| std::cmp::Reverse(p.suffix.len()));
+            let mut rest: &[Planned] = &batched;
+            while !rest.is_empty() {
+                if interrupted.load(Ordering::Relaxed) {
+                    out.interrupted = true;
+                    break;
+                }
+                let rows = match batch {
+                    BatchSize::Rows(n) => n,
+                    BatchSize::Auto => {
+                        auto_rows(model.config(), model.dtype(), model.device(), shared_len, rest[0].suffix.len())
+                    }
+                };
+                let (part, tail) = rest.split_at(rows.min(rest.len()));
+                rest = tail;
+                let prefix_kv = &shared.as_ref().expect("primed before the first batch").1;
+                let lls = score_rows(loaded, prefix_kv, part)?;
+                for (p, ll) in part.iter().zip(lls) {
+                    results[p.question] = Some(answer(&questions[p.question], ll));
+                    out.tokens_run += p.suffix.len();
+                }
+                out.batch_rows = out.batch_rows.max(part.len());
+                progress(part.len());
+            }
+            for i in alone {
+                if interrupted.load(Ordering::Relaxed) {
+                    out.interrupted = true;
+                    break;
+                }
+                if !primed_alone {
+                    scorer.prime(&prefix_text)?;
+                    primed_alone = true;
+                }
+                let ll = scorer.loglik(&contexts[i], &continuations)?;
+                results[i] = Some(answer(&questions[i], [ll[0], ll[1], ll[2], ll[3]]));
+                progress(1);
+            }
+        }
+        out.add_subject(s, groups, results.into_iter().flatten().collect());
+    }
+    out.tokens_run += scorer.tokens_processed;
+    Ok(out)
+}
+
+/// The four letters' log-likelihoods of each planned question, in one forward pass after the shared prefix
+/// (log-softmax on the device; only `[rows, 4]` values come back).
+fn score_rows(
+    loaded: &LoadedModel,
+    shared: &Arc<crate::model::cache::SharedPrefix>,
+    rows: &[Planned],
+) -> Result<Vec<[f64; 4]>> {
+    let model = &loaded.model;
+    let longest = rows.iter().map(|p| p.suffix.len()).max().unwrap_or(1);
+    let mut cache = model.new_cache().with_capacity(longest);
+    cache.set_prefix(shared.clone())?;
+    let suffixes: Vec<&[u32]> = rows.iter().map(|p| p.suffix.as_slice()).collect();
+    let logits = model.prefill_rows(&suffixes, &mut cache)?; // [rows, vocab] f32
+    let max = logits.max_keepdim(D::Minus1)?;
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    let letters: Vec<u32> = rows.iter().flat_map(|p| p.letters).collect();
+    let letters = Tensor::from_vec(letters, (rows.len(), 4), logits.device())?;
+    let ll = logits.gather(&letters, D::Minus1)?.broadcast_sub(&lse)?.to_vec2::<f32>()?;
+    Ok(ll.into_iter().map(|r| [r[0] as f64, r[1] as f64, r[2] as f64, r[3] as f64]).collect())
 }
 
 /// The groups reported, in report order.
@@ -317,7 +605,7 @@ pub fn group_scores(results: &[SubjectResult]) -> BTreeMap<String, GroupScore> {
 
 /// The record of one [`evaluate`] run: totals, groups, per-subject results and every prediction.
 pub fn summarize(run: Evaluation, shots: usize, prefix_reuse: bool, seconds: f64) -> MmluRecord {
-    let Evaluation { results, details, tokens_run, interrupted } = run;
+    let Evaluation { results, details, tokens_run, interrupted, batch_rows } = run;
     let questions: usize = results.iter().map(|r| r.questions).sum();
     let correct: usize = results.iter().map(|r| r.correct).sum();
     let mean_loglik_correct =
@@ -335,6 +623,7 @@ pub fn summarize(run: Evaluation, shots: usize, prefix_reuse: bool, seconds: f64
         questions_per_s: questions as f64 / seconds.max(1e-9),
         prefix_reuse,
         tokens_run,
+        batch_rows,
         interrupted,
         extra: Default::default(),
     }
@@ -463,7 +752,7 @@ mod tests {
     fn summary_weights_subjects_by_questions() {
         let res = vec![result("anatomy", "stem", 1, 1, -1.0), result("virology", "other", 3, 0, -3.0)];
         let details = vec![("anatomy".to_string(), answered(&[0])), ("virology".to_string(), answered(&[1, 2, 3]))];
-        let run = Evaluation { results: res, details, tokens_run: 9, interrupted: false };
+        let run = Evaluation { results: res, details, tokens_run: 9, interrupted: false, batch_rows: 1 };
         let m = summarize(run, 5, true, 2.0);
         assert_eq!((m.shots, m.questions, m.correct), (5, 4, 1));
         assert_eq!(m.accuracy, 0.25);

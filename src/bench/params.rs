@@ -97,6 +97,8 @@ pub struct BenchParams {
     pub models: Vec<String>,
     pub evaluators: Evaluators,
     pub mmlu: MmluParams,
+    /// MMLU questions per forward pass, HumanEval completions decoded together.
+    pub batch_size: super::mmlu::BatchSize,
     pub humaneval: HumanEvalParams,
     pub speed: SpeedParams,
     /// The quantizations to compare (None: as stored).

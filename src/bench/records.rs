@@ -126,6 +126,8 @@ pub struct MmluRecord {
     pub prefix_reuse: bool,
     /// Tokens run through the model (prefix reuse lowers it).
     pub tokens_run: usize,
+    /// The most questions scored in one forward pass (1: one at a time).
+    pub batch_rows: usize,
     /// Stopped by Ctrl-C: the figures cover the questions answered before it.
     #[serde(skip_serializing_if = "is_false")]
     pub interrupted: bool,

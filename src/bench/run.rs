@@ -3,13 +3,14 @@
 //! is checked before every MMLU question, HumanEval completion (and token) and sandbox run.
 
 use super::humaneval::{self, Outcome, Problem, Sandbox};
-use super::mmlu::{self, Subject};
+use super::mmlu::{self, BatchSize, Subject};
 use super::params::{BenchParams, HumanEvalMode};
 use super::records::{HumanEvalRecord, ModelRecord, SpeedRecord};
 use super::{datasets, report, speed};
 use crate::chat::end_of_turn_ids;
 use crate::chat::template::{ChatTemplate, Message};
-use crate::generation::{generate, sampling::SamplingParams, GenerateParams, StopReason};
+use crate::generation::batch::{generate_batch, BatchParams, BatchRequest};
+use crate::generation::{sampling::SamplingParams, StopReason};
 use crate::load::device::{device_name, dtype_name};
 use crate::load::{LoadOptions, LoadedModel};
 use anyhow::{bail, Context, Result};
@@ -255,10 +256,17 @@ pub fn run_model(
             step(params, name, loaded, &format!("MMLU, {total} questions"));
             let pb = progress_bar(total as u64, "MMLU", quiet);
             let start = Instant::now();
-            let run =
-                mmlu::evaluate(loaded, &data.subjects, m.shots, m.limit, groups, m.prefix_reuse, interrupted, |n| {
-                    pb.inc(n as u64)
-                })?;
+            let run = mmlu::evaluate(
+                loaded,
+                &data.subjects,
+                m.shots,
+                m.limit,
+                groups,
+                m.prefix_reuse,
+                params.batch_size,
+                interrupted,
+                |n| pb.inc(n as u64),
+            )?;
             pb.finish_and_clear();
             record.mmlu = Some(mmlu::summarize(run, m.shots, m.prefix_reuse, start.elapsed().as_secs_f64()));
             sample_gpu();
@@ -319,37 +327,51 @@ pub fn run_humaneval(
     step(params, name, loaded, &format!("HumanEval ({}), {} problems × {samples}", mode.name(), problems.len()));
     let pb = progress_bar((problems.len() * samples) as u64, "HumanEval gen", quiet);
     let budget = h.max_tokens.min(loaded.config().max_position_embeddings / 2);
-    let mut programs = vec![];
-    let mut completions = vec![];
-    'problems: for (pi, p) in problems.iter().enumerate() {
+    // Every problem × sample is one request of a continuously refilled batch; each sample keeps the seed it
+    // has when generated alone.
+    let mut requests = vec![];
+    for (pi, p) in problems.iter().enumerate() {
         let ids = problem_tokens(loaded, p, mode, budget)?;
         for s in 0..samples {
-            if set(interrupted) {
-                break 'problems;
-            }
             let sampling =
                 SamplingParams { seed: h.sampling.seed.wrapping_add((pi * 1000 + s) as u64), ..h.sampling.clone() };
-            let mut gp = match mode {
-                HumanEvalMode::Instruct => GenerateParams::new(budget, sampling, end_of_turn_ids(loaded)),
-                _ => {
-                    let mut gp = GenerateParams::new(budget, sampling, loaded.eos_ids());
-                    gp.stop_strings = humaneval::STOP_SEQUENCES.iter().map(|s| s.to_string()).collect();
-                    gp
-                }
+            let stop_strings = match mode {
+                HumanEvalMode::Instruct => vec![],
+                _ => humaneval::STOP_SEQUENCES.iter().map(|s| s.to_string()).collect(),
             };
-            gp.interrupt = Some(interrupted.clone());
-            let mut cache = loaded.model.new_cache();
-            let g = generate(&loaded.model, Some(tok), &ids, &mut cache, &gp, |_| {})?;
-            if g.stop_reason == StopReason::Interrupted {
-                break 'problems;
-            }
-            programs.push(match mode {
-                HumanEvalMode::Instruct => humaneval::instruct_program(p, &g.text),
-                _ => humaneval::check_program(p, &g.text),
-            });
-            completions.push((pi, g.text));
+            requests.push((pi, BatchRequest { prompt: ids.clone(), max_tokens: budget, stop_strings, sampling }));
+        }
+    }
+    let eos_ids = match mode {
+        HumanEvalMode::Instruct => end_of_turn_ids(loaded),
+        _ => loaded.eos_ids(),
+    };
+    let rows = match params.batch_size {
+        BatchSize::Rows(n) => n,
+        BatchSize::Auto => {
+            generation_rows(loaded, budget + requests.iter().map(|(_, r)| r.prompt.len()).max().unwrap_or(0))
+        }
+    };
+    let batch = BatchParams { batch: rows, eos_ids, interrupt: Some(interrupted.clone()) };
+    let only: Vec<BatchRequest> = requests.iter().map(|(_, r)| r.clone()).collect();
+    let mut texts: Vec<Option<String>> = vec![None; only.len()];
+    generate_batch(&loaded.model, Some(tok), &only, &batch, |i, out| {
+        if out.stop_reason != StopReason::Interrupted {
+            texts[i] = Some(out.text);
             pb.inc(1);
         }
+        Ok(())
+    })?;
+    let mut programs = vec![];
+    let mut completions = vec![];
+    for ((pi, _), text) in requests.iter().zip(texts) {
+        let Some(text) = text else { continue };
+        let p = &problems[*pi];
+        programs.push(match mode {
+            HumanEvalMode::Instruct => humaneval::instruct_program(p, &text),
+            _ => humaneval::check_program(p, &text),
+        });
+        completions.push((*pi, text));
     }
     pb.finish_and_clear();
     let sandbox = Sandbox { timeout: Duration::from_secs_f64(h.timeout), ..Default::default() };
@@ -364,6 +386,17 @@ pub fn run_humaneval(
     record.sandbox = sandbox.isolation().describe().to_string();
     record.interrupted = set(interrupted);
     Ok(record)
+}
+
+/// Rows to decode together when the batch size is `auto`: what the KV cache of rows of `tokens` tokens leaves
+/// of a quarter of the GPU's free memory, at most 128; 8 on the CPU.
+fn generation_rows(loaded: &LoadedModel, tokens: usize) -> usize {
+    let cfg = loaded.config();
+    let per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * tokens.max(1) * 4;
+    match crate::util::gpu_memory_free_bytes(loaded.model.device()) {
+        Some(free) => (free / 4 / per_row.max(1)).clamp(1, 128),
+        None => 8,
+    }
 }
 
 /// HumanEval's canonical solutions (the first `limit`) run through the sandbox: each problem's task id and

@@ -48,9 +48,14 @@ pub struct BenchArgs {
     /// At most this many questions per MMLU subject / HumanEval problems (≥ 1)
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Recompute the few-shot prefix for every MMLU question (for comparison)
+    /// Recompute the few-shot prefix for every MMLU question (for comparison; one question at a time)
     #[arg(long)]
     pub no_prefix_reuse: bool,
+    /// Rows per forward pass: MMLU questions scored together, HumanEval completions decoded together (finished
+    /// ones refilled from the queue); a number, or `auto` (as many as the device's memory fits); 1 runs one at a
+    /// time
+    #[arg(long, value_name = "N|auto", default_value = "auto")]
+    pub batch_size: crate::bench::mmlu::BatchSize,
     /// HumanEval completions per problem (pass@k for k ≤ samples). More than 1 needs --temperature > 0:
     /// greedy decoding would give the same completion every time, so it is refused
     #[arg(long, default_value_t = 1)]
@@ -132,6 +137,7 @@ impl BenchArgs {
                 limit: self.limit,
                 prefix_reuse: !self.no_prefix_reuse,
             },
+            batch_size: self.batch_size,
             humaneval: HumanEvalParams {
                 file: self.humaneval_file.clone(),
                 limit: self.limit,

@@ -1,12 +1,21 @@
-//! `billion generate`: one prompt in, streamed text out (or one JSON object with `--json`).
+//! `billion generate`: one prompt in, streamed text out (or one JSON object with `--json`); with `--prompts`,
+//! a JSONL file of prompts generated in batches, one JSON line out per prompt in input order.
 
-use super::{LoadArgs, SamplingArgs};
+use super::{LoadArgs, SamplingArgs, StoppedByUser};
+use crate::generation::batch::{generate_batch, BatchOutput, BatchParams, BatchRequest};
+use crate::generation::sampling::SamplingParams;
 use crate::generation::{generate, GenerateParams};
 use crate::load::device::{device_name, dtype_name};
-use anyhow::{bail, Context, Result};
+use crate::load::LoadedModel;
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use serde_json::Value;
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -42,6 +51,13 @@ pub struct GenerateArgs {
     /// Write the logits at every prompt position to this safetensors file (tensor `logits`, f32 [len, vocab])
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
+    /// Generate for every line of a JSONL file: {"prompt": TEXT, "id"?: ANY, "max_tokens"?: N, "stop"?: TEXT or
+    /// [TEXT]}; prints one JSON line per prompt, in input order
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["prompt", "prompt_ids", "logits_out", "prefill_chunk"])]
+    pub prompts: Option<PathBuf>,
+    /// With --prompts: prompts decoded together (default 16)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch: Option<u64>,
 }
 
 fn parse_ids(ids: &[String]) -> Result<Vec<u32>> {
@@ -51,9 +67,16 @@ fn parse_ids(ids: &[String]) -> Result<Vec<u32>> {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if let Some(path) = &a.prompts {
+        return run_prompts(&a, path);
+    }
+    if a.batch.is_some() {
+        // Checked here: clap waives `requires = "prompts"` when a flag that conflicts with --prompts is given.
+        bail!("--batch sets how many prompts of --prompts FILE.jsonl are decoded together; give --prompts too");
+    }
     let sampling = a.sampling.params()?;
     if a.prompt.is_none() && a.prompt_ids.is_none() {
-        bail!("give --prompt TEXT or --prompt-ids 1,2,3");
+        bail!("give --prompt TEXT, --prompt-ids 1,2,3 or --prompts FILE.jsonl");
     }
     let ids = a.prompt_ids.as_deref().map(parse_ids).transpose()?;
     if let Some(path) = &a.logits_out {
@@ -164,4 +187,286 @@ fn write_logits(path: &std::path::Path, logits: &candle_core::Tensor) -> Result<
     let logits = logits.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?;
     crate::util::save_safetensors_atomic(path, &std::collections::HashMap::from([("logits".to_string(), logits)]))
         .context("--logits-out")
+}
+
+/// Prompts decoded together when `--batch` is not given.
+const DEFAULT_BATCH: u64 = 16;
+
+/// One prompt of a `--prompts` file.
+#[derive(Debug, Clone, PartialEq)]
+struct PromptRow {
+    /// 1-based line in the file.
+    line: usize,
+    /// Echoed back as given (null when absent).
+    id: Value,
+    prompt: String,
+    max_tokens: Option<usize>,
+    stop: Vec<String>,
+}
+
+/// Every prompt of a JSONL file; a line that is not a prompt is an error naming `FILE:LINE`.
+fn read_prompt_rows(path: &Path) -> Result<Vec<PromptRow>> {
+    let shown = path.display();
+    let bytes = std::fs::read(path).with_context(|| format!("--prompts {shown}: cannot read it"))?;
+    let mut rows = vec![];
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = i + 1;
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let text = std::str::from_utf8(raw).map_err(|_| anyhow!("--prompts {shown}:{line}: not UTF-8 text"))?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        rows.push(parse_prompt_line(text, line).map_err(|why| anyhow!("--prompts {shown}:{line}: {why}"))?);
+    }
+    if rows.is_empty() {
+        bail!("--prompts {shown}: no prompts in it (expected one JSON object per line, such as {{\"prompt\": \"Hello\"}})");
+    }
+    Ok(rows)
+}
+
+/// A value as it appears in the file, cut short for an error message.
+fn shown(v: &Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s,
+    }
+}
+
+fn parse_prompt_line(text: &str, line: usize) -> std::result::Result<PromptRow, String> {
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| format!("not JSON ({e}); expected an object such as {{\"prompt\": \"Hello\"}}"))?;
+    let Value::Object(mut fields) = v else {
+        return Err(format!("expected a JSON object with a \"prompt\" string, got {}", shown(&v)));
+    };
+    let prompt = match fields.remove("prompt") {
+        Some(Value::String(s)) => s,
+        None => return Err("no \"prompt\": expected a \"prompt\" string".into()),
+        Some(other) => return Err(format!("\"prompt\" must be a string, got {}", shown(&other))),
+    };
+    let max_tokens = match fields.remove("max_tokens") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64().filter(|&n| n >= 1).and_then(|n| usize::try_from(n).ok()) {
+            Some(n) => Some(n),
+            None => return Err(format!("\"max_tokens\" must be a positive integer, got {}", shown(&v))),
+        },
+    };
+    let bad_stop = |v: &Value| format!("\"stop\" must be a string or an array of strings, got {}", shown(v));
+    let stop = match fields.remove("stop") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_string).ok_or_else(|| bad_stop(&Value::Array(items.clone()))))
+            .collect::<std::result::Result<_, _>>()?,
+        Some(other) => return Err(bad_stop(&other)),
+    };
+    if stop.iter().any(String::is_empty) {
+        // An empty stop string would end every reply before its first token.
+        return Err("\"stop\" strings must not be empty".into());
+    }
+    Ok(PromptRow { line, id: fields.remove("id").unwrap_or(Value::Null), prompt, max_tokens, stop })
+}
+
+/// The request for one row, or why the row is refused; a truncation note goes to stderr.
+fn prepare_row(
+    row: &PromptRow,
+    index: usize,
+    a: &GenerateArgs,
+    tokenizer: &Tokenizer,
+    context: usize,
+    sampling: &SamplingParams,
+    file: &str,
+) -> std::result::Result<BatchRequest, String> {
+    let max_tokens = row.max_tokens.unwrap_or(a.max_tokens);
+    let mut prompt = tokenizer.encode(&row.prompt, !a.no_bos).map_err(|e| e.to_string())?;
+    if prompt.is_empty() {
+        return Err("the prompt encodes to no tokens".into());
+    }
+    // As the single prompt does with --truncate-prompt: keep the last tokens, leaving room for the answer
+    // (and at least one prompt token).
+    let keep = context - max_tokens.min(context - 1);
+    if a.truncate_prompt && prompt.len() > keep {
+        eprintln!(
+            "{file}:{}: note: prompt of {} tokens truncated to its last {keep}, leaving room for {} new tokens in the context window of {context}",
+            row.line,
+            prompt.len(),
+            context - keep
+        );
+        prompt.drain(..prompt.len() - keep);
+    } else if prompt.len() >= context {
+        return Err(format!(
+            "the prompt has {} tokens but the model's context window is {context} and at least one token must be left to generate; shorten it or pass --truncate-prompt to keep the last {keep}",
+            prompt.len()
+        ));
+    }
+    let mut stop_strings = a.stop.clone();
+    stop_strings.extend(row.stop.iter().cloned());
+    // Each row its own seed, so sampled rows differ from one another and a rerun repeats them.
+    let sampling = SamplingParams { seed: sampling.seed.wrapping_add(index as u64), ..sampling.clone() };
+    Ok(BatchRequest { prompt, max_tokens, stop_strings, sampling })
+}
+
+/// Output lines written in input order as soon as every earlier one is written.
+struct InOrder {
+    next: usize,
+    pending: BTreeMap<usize, String>,
+    written: usize,
+}
+
+impl InOrder {
+    fn new() -> Self {
+        Self { next: 0, pending: BTreeMap::new(), written: 0 }
+    }
+
+    fn put(&mut self, index: usize, line: String) {
+        self.pending.insert(index, line);
+        let mut ready = vec![];
+        while let Some(line) = self.pending.remove(&self.next) {
+            ready.push(line);
+            self.next += 1;
+        }
+        self.write(ready);
+    }
+
+    /// After an interrupt: what finished, still in input order, past the rows that never ran.
+    fn write_rest(&mut self) {
+        let rest = std::mem::take(&mut self.pending).into_values().collect();
+        self.write(rest);
+    }
+
+    fn write(&mut self, lines: Vec<String>) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        let written = lines.iter().try_for_each(|l| writeln!(out, "{l}")).and_then(|_| out.flush());
+        if written.is_err() {
+            // stdout was closed (`| head`): nobody reads the rest.
+            std::process::exit(crate::util::CLOSED_STDOUT_EXIT);
+        }
+        self.written += lines.len();
+    }
+}
+
+/// Ctrl-C stops the rows in progress and keeps what is done; a second Ctrl-C quits at once.
+fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupted: stopping the prompts in progress and writing what is done (Ctrl-C again to quit now)"
+        );
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(interrupted)
+}
+
+/// The JSON line of one generated row: what `--json` prints for one prompt, with the row's id and line.
+fn output_line(loaded: &LoadedModel, row: &PromptRow, request: &BatchRequest, out: &BatchOutput) -> String {
+    serde_json::json!({
+        "id": row.id,
+        "line": row.line,
+        "model": loaded.source.display().to_string(),
+        "architecture": loaded.config().architecture.name(),
+        "device": device_name(loaded.model.device()),
+        "dtype": dtype_name(loaded.model.dtype()),
+        "quantization": loaded.quantization,
+        "prompt_tokens": request.prompt,
+        "tokens": out.tokens,
+        "text": out.text,
+        "stop_reason": out.stop_reason,
+    })
+    .to_string()
+}
+
+/// `--prompts FILE.jsonl`: every prompt of the file through the batched generator.
+fn run_prompts(a: &GenerateArgs, path: &Path) -> Result<()> {
+    let sampling = a.sampling.params()?;
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1 with --prompts");
+    }
+    let rows = read_prompt_rows(path)?;
+    let file = path.display().to_string();
+    let loaded = a.model.load()?;
+    if let Some(note) = loaded.kept_dense_note() {
+        eprintln!("note: {note}");
+    }
+    let tokenizer = loaded.tokenizer().context("--prompts (text prompts need the model's tokenizer)")?;
+    let context = loaded.config().max_position_embeddings;
+    let mut requests = vec![];
+    // The row of each request.
+    let mut request_rows = vec![];
+    let mut out = InOrder::new();
+    let mut refused = vec![];
+    for (index, row) in rows.iter().enumerate() {
+        match prepare_row(row, index, a, tokenizer, context, &sampling, &file) {
+            Ok(request) => {
+                requests.push(request);
+                request_rows.push(index);
+            }
+            Err(why) => {
+                eprintln!("{file}:{}: refused: {why}", row.line);
+                out.put(index, serde_json::json!({"id": row.id, "line": row.line, "error": why}).to_string());
+                refused.push(row.line.to_string());
+            }
+        }
+    }
+    let refused_error = || {
+        let lines = if refused.len() == 1 { "line" } else { "lines" };
+        let others = if requests.is_empty() { "none ran" } else { "the others were written" };
+        anyhow!(
+            "--prompts {file}: {} of {} prompts refused ({lines} {}); {others}",
+            refused.len(),
+            rows.len(),
+            refused.join(", ")
+        )
+    };
+    if requests.is_empty() {
+        return Err(refused_error());
+    }
+    let interrupted = interrupt_flag()?;
+    let params = BatchParams {
+        batch: usize::try_from(a.batch.unwrap_or(DEFAULT_BATCH)).unwrap_or(usize::MAX).min(requests.len()),
+        eos_ids: loaded.eos_ids(),
+        interrupt: Some(interrupted.clone()),
+    };
+    let bar = crate::bench::run::progress_bar(requests.len() as u64, "prompts", false);
+    let mut reported = 0;
+    let stats = generate_batch(&loaded.model, loaded.tokenizer.as_ref(), &requests, &params, |k, output| {
+        let index = request_rows[k];
+        out.put(index, output_line(&loaded, &rows[index], &requests[k], &output));
+        reported += 1;
+        bar.inc(1);
+        Ok(())
+    });
+    bar.finish_and_clear();
+    let stats = stats?;
+    eprintln!(
+        "[{} requests, {} prompt tokens, {} generated in {:.2} s: {:.1} tok/s; batch {}, load {:.2} s]",
+        stats.requests_done,
+        stats.prompt_tokens,
+        stats.generated_tokens,
+        stats.seconds,
+        stats.tok_s(),
+        params.batch,
+        loaded.load_seconds
+    );
+    if interrupted.load(Ordering::Relaxed) {
+        out.write_rest();
+        let not_run = requests.len() - reported;
+        let refused_note = if refused.is_empty() { String::new() } else { format!(", {} refused", refused.len()) };
+        return Err(anyhow::Error::new(StoppedByUser(format!(
+            "interrupted: {} of {} prompts written ({not_run} not started{refused_note}); rows stopped early have stop_reason \"interrupted\"",
+            out.written,
+            rows.len(),
+        ))));
+    }
+    if !refused.is_empty() {
+        return Err(refused_error());
+    }
+    Ok(())
 }

@@ -6,7 +6,8 @@ use super::data::{Example, Renderer, Tokenized, IGNORE};
 use super::files::publish;
 use super::loss::{causal_lm_loss, labelled_rows};
 use super::optim::{clip, grad_norm, AdamW, AdamWParams};
-use crate::generation::{generate, sampling::SamplingParams, GenerateParams};
+use crate::generation::batch::{generate_batch, BatchParams, BatchRequest};
+use crate::generation::sampling::SamplingParams;
 use crate::model::adapter::Lora;
 use crate::model::{Model, Ops};
 use crate::util::{save_safetensors_atomic, temp_path_beside, write_atomic};
@@ -232,6 +233,9 @@ fn response_stats(logits: &Tensor, labels: &Tensor) -> Result<(f64, usize, usize
 
 /// Evaluate the model as it stands (attach the adapter to evaluate first). `n_generations` of the examples
 /// also have their generated answers returned.
+/// Held-out answers generated together (rows of one refilled batch).
+const GENERATION_ROWS: usize = 16;
+
 pub fn evaluate(
     model: &Model,
     renderer: &Renderer,
@@ -253,20 +257,33 @@ pub fn evaluate(
         count += k;
     }
     let loss = nll / count.max(1) as f64;
-    let mut exact = 0;
-    let mut generations = vec![];
+    // The held-out answers, greedy, all examples decoded together in a refilled batch (each as it would be
+    // alone); an example whose prompt and answer budget do not fit the context window is skipped.
+    let stop_strings: Vec<String> = if renderer.template.is_fallback() { vec!["\nUser:".into()] } else { vec![] };
+    let mut requests = vec![];
+    let mut which = vec![];
     for (i, ex) in examples.iter().enumerate() {
         let prompt = renderer.prompt_ids(ex)?;
         let answer_len = renderer.tokenizer.encode(ex.answer(), false)?.len();
-        let mut params = GenerateParams::new((answer_len + 8).min(128), SamplingParams::default(), eos_ids.to_vec());
-        params.stop_strings = if renderer.template.is_fallback() { vec!["\nUser:".into()] } else { vec![] };
-        let mut cache = model.new_cache();
-        if prompt.len() + params.max_tokens > cache.max_len() {
+        let max_tokens = (answer_len + 8).min(128);
+        if prompt.len() + max_tokens > model.config().max_position_embeddings {
             continue;
         }
-        let g = generate(model, Some(renderer.tokenizer), &prompt, &mut cache, &params, |_| {})?;
-        let text = g.text.trim().to_string();
-        if text == ex.answer().trim() {
+        let stop_strings = stop_strings.clone();
+        requests.push(BatchRequest { prompt, max_tokens, stop_strings, sampling: SamplingParams::default() });
+        which.push(i);
+    }
+    let mut texts: Vec<Option<String>> = vec![None; requests.len()];
+    let params = BatchParams { batch: GENERATION_ROWS, eos_ids: eos_ids.to_vec(), interrupt: None };
+    generate_batch(model, Some(renderer.tokenizer), &requests, &params, |r, out| {
+        texts[r] = Some(out.text.trim().to_string());
+        Ok(())
+    })?;
+    let mut exact = 0;
+    let mut generations = vec![];
+    for (&i, text) in which.iter().zip(texts) {
+        let text = text.unwrap_or_default();
+        if text == examples[i].answer().trim() {
             exact += 1;
         }
         if i < n_generations {

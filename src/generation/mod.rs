@@ -2,6 +2,7 @@
 //! streaming text as it becomes complete and stopping at EOS ids, stop strings, the token limit or the
 //! end of the context window.
 
+pub mod batch;
 pub mod sampling;
 
 use crate::model::{KvCache, Model};
@@ -89,7 +90,7 @@ fn next_token(logits: &Tensor, sampler: &mut Sampler, history: &[u32]) -> Result
 }
 
 /// Length of the longest suffix of `text` that begins some stop string (held back from streaming).
-fn held_back(text: &str, stops: &[String]) -> usize {
+pub(crate) fn held_back(text: &str, stops: &[String]) -> usize {
     let mut hold = 0;
     for s in stops {
         for n in (1..s.len()).rev() {

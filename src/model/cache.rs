@@ -2,16 +2,61 @@
 //! Growing doubles the capacity (amortised O(1) per token, never a concatenation per step); `truncate`
 //! rolls the cache back to any earlier length (speculative decoding, prompt-prefix reuse).
 //!
-//! Rows of a batch may hold different numbers of tokens: each row has its own length (at most the shared
-//! write position `len`), its own rollback (`truncate_row`) and its own positions (`positions`). Today every
-//! forward pass advances all rows together; the lengths are where a batched engine of unequal rows keeps them.
+//! Rows of a batch hold sequences of different lengths. Every forward pass writes all rows at the shared
+//! column `len`; row `r`'s sequence occupies columns `starts[r]..len` (earlier columns are padding or a finished
+//! sequence's leftovers, masked out), so its positions count from its start. A row is rolled back or replaced
+//! by moving its columns so that it still ends at `len` (`truncate_row`, `place_row`); `compact` drops the
+//! columns no row uses any more. A shared read-only prefix (few-shot examples, a system prompt), computed once,
+//! can sit before every row's own columns: all rows attend to it, nobody copies it.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 struct LayerCache {
     k: Tensor,
     v: Tensor,
+}
+
+/// Keys and values of a prefix shared read-only by every row of other caches: per layer
+/// `[1, kv_heads, len, head_dim]`.
+#[derive(Debug)]
+pub struct SharedPrefix {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl SharedPrefix {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A layer's prefix keys and values.
+    pub fn layer(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(layer).map(|(k, v)| (k, v))
+    }
+}
+
+/// Write `tokens` (`[1, kv_heads, n, head_dim]`) into columns `at..at + n` of row `row` of `buf`
+/// (`[b, kv_heads, capacity, head_dim]`), in place: the row is rebuilt around them and written back whole.
+fn write_row_columns(buf: &Tensor, row: usize, at: usize, tokens: &Tensor) -> Result<()> {
+    let cap = buf.dim(2)?;
+    let n = tokens.dim(2)?;
+    let current = buf.i(row..row + 1)?;
+    let mut parts = vec![];
+    if at > 0 {
+        parts.push(current.narrow(2, 0, at)?);
+    }
+    parts.push(tokens.to_dtype(buf.dtype())?);
+    if at + n < cap {
+        parts.push(current.narrow(2, at + n, cap - at - n)?);
+    }
+    let rebuilt = Tensor::cat(&parts, 2)?.contiguous()?;
+    buf.slice_set(&rebuilt, 0, row)
 }
 
 /// Cloning copies the buffers: a clone can be extended or rolled back without touching the original.
@@ -20,11 +65,10 @@ pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     /// The write position: tokens held by the longest row.
     len: usize,
-    /// Tokens each row holds (empty until the batch size is known; then every entry ≤ `len`).
-    row_lens: Vec<usize>,
-    /// Leading columns of each row that hold no token (rows that started shorter, padded on the left): their
-    /// keys are masked out and the row's positions count from its first real token. Empty: no padding.
-    pads: Vec<usize>,
+    /// First column of each row's sequence (empty until the batch size is known; then every entry ≤ `len`).
+    starts: Vec<usize>,
+    /// Keys and values every row sees before its own columns.
+    prefix: Option<Arc<SharedPrefix>>,
     max_len: usize,
     initial_capacity: usize,
 }
@@ -44,8 +88,8 @@ impl Clone for KvCache {
         Self {
             layers,
             len: self.len,
-            row_lens: self.row_lens.clone(),
-            pads: self.pads.clone(),
+            starts: self.starts.clone(),
+            prefix: self.prefix.clone(),
             max_len: self.max_len,
             initial_capacity: self.initial_capacity,
         }
@@ -58,8 +102,8 @@ impl KvCache {
         Self {
             layers: vec![None; num_layers],
             len: 0,
-            row_lens: vec![],
-            pads: vec![],
+            starts: vec![],
+            prefix: None,
             max_len,
             initial_capacity: 256.min(max_len.max(1)),
         }
@@ -84,85 +128,220 @@ impl KvCache {
         self.max_len
     }
 
-    /// Roll back to the first `len` tokens (every row). Later writes overwrite what was dropped.
+    /// Roll back to the first `len` columns (every row). Later writes overwrite what was dropped.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
-        for r in &mut self.row_lens {
-            *r = (*r).min(len);
+        for s in &mut self.starts {
+            *s = (*s).min(self.len);
         }
     }
 
     pub fn reset(&mut self) {
         self.len = 0;
-        self.row_lens.clear();
-        self.pads.clear();
+        self.starts.clear();
     }
 
-    /// Declare, before the first tokens go in, how many leading columns of each row are padding (see
-    /// [`KvCache::pads`]).
-    pub fn set_pads(&mut self, pads: Vec<usize>) -> Result<()> {
+    /// Declare, before the first tokens go in, the first column of each row's sequence (rows of a batch
+    /// padded on the left to one length start after their padding).
+    pub fn set_starts(&mut self, starts: Vec<usize>) -> Result<()> {
         if self.len != 0 {
-            candle_core::bail!("padding is set on an empty cache (this one holds {} tokens)", self.len);
+            candle_core::bail!("row starts are set on an empty cache (this one holds {} tokens)", self.len);
         }
-        self.pads = pads;
+        self.starts = starts;
         Ok(())
     }
 
-    /// Leading padding columns per row (empty when no row is padded).
-    pub fn pads(&self) -> &[usize] {
-        &self.pads
+    /// First column of each row's sequence (empty before the batch size is known).
+    pub fn starts(&self) -> &[usize] {
+        &self.starts
     }
 
-    /// Does any row start with padding (so attention needs per-row masks and positions)?
-    pub fn is_padded(&self) -> bool {
-        self.pads.iter().any(|&p| p > 0)
+    /// Does attention need per-row spans (a row starting after column 0, or a shared prefix)?
+    pub fn has_spans(&self) -> bool {
+        self.prefix.is_some() || self.starts.iter().any(|&s| s > 0)
     }
 
-    /// Tokens held by each row of the batch (empty before the first append).
-    pub fn row_lens(&self) -> &[usize] {
-        &self.row_lens
+    /// Tokens held by each row of the batch, shared prefix excluded (empty before the first append).
+    pub fn row_lens(&self) -> Vec<usize> {
+        self.starts.iter().map(|&s| self.len.saturating_sub(s)).collect()
     }
 
-    /// Roll one row back to its first `len` tokens; the other rows keep theirs.
-    pub fn truncate_row(&mut self, row: usize, len: usize) -> Result<()> {
-        match self.row_lens.get_mut(row) {
-            Some(r) => *r = (*r).min(len),
-            None => candle_core::bail!("row {row} is outside a batch of {}", self.row_lens.len()),
-        }
-        self.len = self.row_lens.iter().copied().max().unwrap_or(0);
-        Ok(())
-    }
-
-    /// The attention mask of the next `t` tokens when rows are padded: `[rows, 1, t, len + t]`, 0 where a query
-    /// may look (its own row's real tokens up to itself) and -inf elsewhere, in `dtype`.
-    pub fn padded_mask(&self, rows: usize, t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-        let (offset, total) = (self.len, self.len + t);
-        let mut mask = vec![0f32; rows * t * total];
-        for r in 0..rows {
-            let pad = self.pads.get(r).copied().unwrap_or(0);
-            for i in 0..t {
-                let row = &mut mask[(r * t + i) * total..(r * t + i + 1) * total];
-                for (j, m) in row.iter_mut().enumerate() {
-                    // A padding column looks at itself only: nothing real sees it, and its values stay
-                    // finite (a row of nothing but -inf would turn into NaN and spread through 0·NaN).
-                    let visible = (j >= pad && j <= offset + i) || j == offset + i;
-                    if !visible {
-                        *m = f32::NEG_INFINITY;
-                    }
+    /// Roll one row back to its first `keep` tokens; the other rows keep theirs. The kept tokens move to end
+    /// at the shared write column, so the row goes on from there.
+    pub fn truncate_row(&mut self, row: usize, keep: usize) -> Result<()> {
+        let Some(&start) = self.starts.get(row) else {
+            candle_core::bail!("row {row} is outside a batch of {}", self.starts.len())
+        };
+        let keep = keep.min(self.len.saturating_sub(start));
+        let new_start = self.len - keep;
+        if new_start != start {
+            for l in self.layers.iter().flatten() {
+                for buf in [&l.k, &l.v] {
+                    let moved = buf.i(row)?.narrow(1, start, keep)?.unsqueeze(0)?;
+                    write_row_columns(buf, row, new_start, &moved)?;
                 }
             }
         }
-        Tensor::from_vec(mask, (rows, 1, t, total), device)?.to_dtype(dtype)
+        self.starts[row] = new_start;
+        Ok(())
     }
 
-    /// The positions of the next `t` tokens of each row: `[rows, t]` (u32), row `r` starting at its length.
+    /// Put row `src_row` of `src` (a cache of the same model, without a shared prefix) into row `row` of this
+    /// batch, replacing what that row held: its tokens end at the shared write column. Columns are added in
+    /// front of every row when the new sequence is longer than the columns so far.
+    pub fn place_row(&mut self, row: usize, src: &KvCache, src_row: usize) -> Result<()> {
+        if row >= self.starts.len() || src_row >= src.starts.len() {
+            candle_core::bail!(
+                "place_row: row {row} of {} from row {src_row} of {}",
+                self.starts.len(),
+                src.starts.len()
+            );
+        }
+        let (src_start, n) = (src.starts[src_row], src.len.saturating_sub(src.starts[src_row]));
+        if n > self.len {
+            self.prepend_columns(n - self.len)?;
+        }
+        for (dst, from) in self.layers.iter().zip(&src.layers) {
+            let (Some(dst), Some(from)) = (dst, from) else { candle_core::bail!("place_row: a layer is empty") };
+            for (buf, f) in [(&dst.k, &from.k), (&dst.v, &from.v)] {
+                let tokens = f.i(src_row)?.narrow(1, src_start, n)?.unsqueeze(0)?;
+                write_row_columns(buf, row, self.len - n, &tokens)?;
+            }
+        }
+        self.starts[row] = self.len - n;
+        Ok(())
+    }
+
+    /// Mark a row empty (a finished sequence whose slot waits): it attends to nothing but its own next column.
+    pub fn clear_row(&mut self, row: usize) {
+        if let Some(s) = self.starts.get_mut(row) {
+            *s = self.len;
+        }
+    }
+
+    /// Drop the leading columns no row uses (every row starts at or after them), moving the rest to column 0.
+    /// Returns the number of columns freed.
+    pub fn compact(&mut self) -> Result<usize> {
+        let unused = self.starts.iter().copied().min().unwrap_or(0);
+        if unused == 0 {
+            return Ok(0);
+        }
+        let keep = self.len - unused;
+        for l in self.layers.iter().flatten() {
+            for buf in [&l.k, &l.v] {
+                if keep > 0 {
+                    let moved = buf.narrow(2, unused, keep)?.contiguous()?;
+                    buf.slice_set(&moved, 2, 0)?;
+                }
+            }
+        }
+        self.len = keep;
+        for s in &mut self.starts {
+            *s -= unused;
+        }
+        Ok(unused)
+    }
+
+    /// Keep only the given rows, in that order (a batch that shrinks once its queue is empty).
+    pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.starts.len()) {
+            candle_core::bail!("row {bad} is outside a batch of {}", self.starts.len());
+        }
+        let device = match self.device() {
+            Some(d) => d,
+            None => {
+                self.starts = rows.iter().map(|&r| self.starts[r]).collect();
+                return Ok(());
+            }
+        };
+        let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &device)?;
+        for l in self.layers.iter_mut().flatten() {
+            l.k = l.k.index_select(&index, 0)?;
+            l.v = l.v.index_select(&index, 0)?;
+        }
+        self.starts = rows.iter().map(|&r| self.starts[r]).collect();
+        Ok(())
+    }
+
+    /// Add `extra` empty columns in front of every row (their sequences keep ending at the write column).
+    fn prepend_columns(&mut self, extra: usize) -> Result<()> {
+        let needed = self.len + extra;
+        self.check_room(extra)?;
+        let len = self.len;
+        for l in self.layers.iter_mut().flatten() {
+            let (b, h, cap, d) = l.k.dims4()?;
+            let cap = if needed <= cap { cap } else { needed.next_power_of_two().min(self.max_len) };
+            let (nk, nv) = (
+                Tensor::zeros((b, h, cap, d), l.k.dtype(), l.k.device())?,
+                Tensor::zeros((b, h, cap, d), l.v.dtype(), l.v.device())?,
+            );
+            if len > 0 {
+                nk.slice_set(&l.k.narrow(2, 0, len)?.contiguous()?, 2, extra)?;
+                nv.slice_set(&l.v.narrow(2, 0, len)?.contiguous()?, 2, extra)?;
+            }
+            (l.k, l.v) = (nk, nv);
+        }
+        self.len = needed;
+        for s in &mut self.starts {
+            *s += extra;
+        }
+        Ok(())
+    }
+
+    /// Every row attends to `prefix` before its own columns (set on an empty cache).
+    pub fn set_prefix(&mut self, prefix: Arc<SharedPrefix>) -> Result<()> {
+        if self.len != 0 {
+            candle_core::bail!("a shared prefix is set on an empty cache (this one holds {} tokens)", self.len);
+        }
+        self.prefix = Some(prefix);
+        Ok(())
+    }
+
+    /// The shared prefix every row attends to first, if any.
+    pub fn prefix(&self) -> Option<&Arc<SharedPrefix>> {
+        self.prefix.as_ref()
+    }
+
+    /// Tokens of the shared prefix (0 without one).
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |p| p.len)
+    }
+
+    /// The first `len` tokens of row 0 as a shared prefix for other caches.
+    pub fn share_prefix(&self, len: usize) -> Result<SharedPrefix> {
+        if len == 0 || len > self.len || self.starts.first().is_some_and(|&s| s != 0) || self.prefix.is_some() {
+            candle_core::bail!(
+                "a shared prefix is the first {len} tokens of an unpadded row (this cache holds {})",
+                self.len
+            );
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let l = l.as_ref().ok_or_else(|| candle_core::Error::Msg("share_prefix: a layer is empty".into()))?;
+                Ok((l.k.i(0..1)?.narrow(2, 0, len)?.contiguous()?, l.v.i(0..1)?.narrow(2, 0, len)?.contiguous()?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(SharedPrefix { layers, len })
+    }
+
+    /// The positions of the next `t` tokens of each row: `[rows, t]` (u32), counting from the shared prefix's
+    /// first token through the row's own tokens.
     pub fn positions(&self, rows: usize, t: usize, device: &Device) -> Result<Tensor> {
-        // Column c of row r holds position c - pad (padding columns, masked anyway, read position 0).
-        let pad = |r: usize| self.pads.get(r).copied().unwrap_or(0);
-        let held = |r: usize| self.row_lens.get(r).copied().unwrap_or(self.len);
-        let pos: Vec<u32> =
-            (0..rows).flat_map(|r| (0..t).map(move |i| (held(r) + i).saturating_sub(pad(r)) as u32)).collect();
+        let prefix = self.prefix_len();
+        // Column c of row r holds position c - start (padding columns before the start, masked anyway, read 0).
+        let start = |r: usize| self.starts.get(r).copied().unwrap_or(0);
+        let pos: Vec<u32> = (0..rows)
+            .flat_map(|r| (0..t).map(move |i| (prefix + (self.len + i).saturating_sub(start(r))) as u32))
+            .collect();
         Tensor::from_vec(pos, (rows, t), device)
+    }
+
+    /// Each row's first own column as a u32 tensor `[rows]` (what the span softmax reads).
+    pub fn starts_tensor(&self, rows: usize, device: &Device) -> Result<Tensor> {
+        let starts: Vec<u32> = (0..rows).map(|r| self.starts.get(r).copied().unwrap_or(0) as u32).collect();
+        Tensor::from_vec(starts, rows, device)
     }
 
     /// Bytes allocated for keys and values.
@@ -172,10 +351,10 @@ impl KvCache {
 
     /// Check that `extra` more tokens fit in the context window.
     pub fn check_room(&self, extra: usize) -> Result<()> {
-        if self.len + extra > self.max_len {
+        if self.prefix_len() + self.len + extra > self.max_len {
             candle_core::bail!(
                 "sequence of {} tokens exceeds the model's context window of {} tokens",
-                self.len + extra,
+                self.prefix_len() + self.len + extra,
                 self.max_len
             );
         }
@@ -186,8 +365,8 @@ impl KvCache {
     /// whole cached sequence including them. Call `advance(t)` once all layers have appended.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, h, t, d) = k.dims4()?;
-        if self.row_lens.len() != b {
-            self.row_lens = vec![self.len; b];
+        if self.starts.len() != b {
+            self.starts = vec![0; b];
         }
         let needed = self.len + t;
         self.grow(layer, needed, (b, h, d), k.dtype(), k.device())?;
@@ -259,9 +438,6 @@ impl KvCache {
     /// Move the write position (and every row) forward after every layer appended `t` tokens.
     pub fn advance(&mut self, t: usize) {
         self.len += t;
-        for r in &mut self.row_lens {
-            *r += t;
-        }
     }
 
     pub fn dtype(&self) -> Option<DType> {
@@ -314,20 +490,55 @@ mod tests {
         Ok(())
     }
 
+    /// Row `r` of a `[b, 1, cap, 1]` buffer as the values of its columns `0..len`.
+    fn row_values(c: &KvCache, r: usize) -> Vec<f32> {
+        let (k, _) = c.layer_buffers(0).unwrap();
+        k.i(r).unwrap().narrow(1, 0, c.len()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    fn append_columns(c: &mut KvCache, rows: &[&[f32]]) -> Result<()> {
+        let t = rows[0].len();
+        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        let k = Tensor::from_vec(flat, (rows.len(), 1, t, 1), &Device::Cpu)?;
+        c.append(0, &k, &k)?;
+        c.advance(t);
+        Ok(())
+    }
+
     #[test]
     fn rows_keep_their_own_lengths_and_positions() -> Result<()> {
         let dev = Device::Cpu;
         let mut c = KvCache::new(1, 100);
-        let k = Tensor::zeros((2, 1, 3, 2), DType::F32, &dev)?;
-        c.append(0, &k, &k)?;
-        c.advance(3);
-        assert_eq!(c.row_lens(), &[3, 3]);
+        append_columns(&mut c, &[&[1., 2., 3.], &[4., 5., 6.]])?;
+        assert_eq!(c.row_lens(), vec![3, 3]);
+        // Row 1 keeps its first token, moved to end at the write column.
         c.truncate_row(1, 1)?;
-        assert_eq!((c.row_lens(), c.len()), (&[3, 1][..], 3));
+        assert_eq!((c.row_lens(), c.len(), c.starts()), (vec![3, 1], 3, &[0, 2][..]));
+        assert_eq!(row_values(&c, 1)[2], 4.);
         assert_eq!(c.positions(2, 2, &dev)?.to_vec2::<u32>()?, vec![vec![3, 4], vec![1, 2]]);
         assert!(c.truncate_row(2, 0).is_err());
-        c.truncate(2);
-        assert_eq!(c.row_lens(), &[2, 1]);
+        Ok(())
+    }
+
+    #[test]
+    fn rows_are_replaced_compacted_and_dropped() -> Result<()> {
+        let mut c = KvCache::new(1, 100);
+        append_columns(&mut c, &[&[1., 2.], &[3., 4.]])?;
+        // A sequence of 3 tokens replaces row 0: one column is added in front of both rows.
+        let mut fresh = KvCache::new(1, 100);
+        append_columns(&mut fresh, &[&[7., 8., 9.]])?;
+        c.place_row(0, &fresh, 0)?;
+        assert_eq!((c.len(), c.starts()), (3, &[0, 1][..]));
+        assert_eq!((row_values(&c, 0), &row_values(&c, 1)[1..]), (vec![7., 8., 9.], &[3., 4.][..]));
+        // A shorter one ends at the write column too.
+        let mut short = KvCache::new(1, 100);
+        append_columns(&mut short, &[&[5.]])?;
+        c.place_row(0, &short, 0)?;
+        assert_eq!(c.starts(), &[2, 1]);
+        assert_eq!(c.compact()?, 1);
+        assert_eq!((c.len(), c.starts(), row_values(&c, 0)[1], row_values(&c, 1)), (2, &[1, 0][..], 5., vec![3., 4.]));
+        c.retain_rows(&[1])?;
+        assert_eq!((c.starts(), row_values(&c, 0)), (&[0][..], vec![3., 4.]));
         Ok(())
     }
 

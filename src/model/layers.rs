@@ -212,40 +212,50 @@ impl Rotary {
         }
     }
 
-    /// Rotate queries (as [`Rotary::apply_query`]) at per-row positions `[b, t]` (rows of different lengths).
-    pub fn apply_query_at(&self, q: &Tensor, positions: &Tensor) -> Result<Tensor> {
+    /// The rotation tables of per-row positions `[b, t]` (rows of different lengths), gathered once per forward
+    /// pass for every layer.
+    pub fn angles_at(&self, positions: &Tensor) -> Result<RowAngles> {
+        let (b, t) = positions.dims2()?;
+        let half = self.inv_freq.len();
+        if self.rotary_dim == 0 {
+            let none = Tensor::zeros((b, t, 0), self.dtype, &self.device)?;
+            return Ok(RowAngles { tables: [none.clone(), none.clone(), none.clone(), none] });
+        }
+        let last = positions.max_all()?.to_scalar::<u32>()? as usize;
+        // Make the table long enough, then gather each row's rows of it: `[b, t, rotary_dim / 2]`.
+        self.cos_sin(last, 1, false)?;
+        let table = self.table.lock().expect("rotary table lock");
+        let flat = positions.flatten_all()?.to_device(&self.device)?;
+        let gather = |part: &Tensor| part.index_select(&flat, 0)?.reshape((b, t, half));
+        let tables = [gather(&table[0])?, gather(&table[1])?, gather(&table[2])?, gather(&table[3])?];
+        Ok(RowAngles { tables })
+    }
+
+    /// Rotate queries (as [`Rotary::apply_query`]) at per-row positions.
+    pub fn apply_query_at(&self, q: &Tensor, angles: &RowAngles) -> Result<Tensor> {
         if self.rotary_dim == self.head_dim {
-            self.rotate_at(q, positions, true)
+            self.rotate_at(q, angles, true)
         } else {
-            self.rotate_at(q, positions, false)? * (1.0 / (self.head_dim as f64).sqrt())
+            self.rotate_at(q, angles, false)? * (1.0 / (self.head_dim as f64).sqrt())
         }
     }
 
-    /// Rotate `x` (`[b, heads, t, head_dim]`) at per-row positions `[b, t]` (fused ops only).
-    pub fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        self.rotate_at(x, positions, false)
+    /// Rotate `x` (`[b, heads, t, head_dim]`) at per-row positions (fused ops only).
+    pub fn apply_at(&self, x: &Tensor, angles: &RowAngles) -> Result<Tensor> {
+        self.rotate_at(x, angles, false)
     }
 
-    fn rotate_at(&self, x: &Tensor, positions: &Tensor, scaled: bool) -> Result<Tensor> {
+    fn rotate_at(&self, x: &Tensor, angles: &RowAngles, scaled: bool) -> Result<Tensor> {
         if self.rotary_dim == 0 {
             return Ok(x.clone());
         }
-        let (b, t) = positions.dims2()?;
-        let last = positions.max_all()?.to_scalar::<u32>()? as usize;
-        // Make the table long enough, then gather each row's rows of it: `[b, t, rotary_dim / 2]`.
-        self.cos_sin(last, 1, scaled)?;
-        let table = self.table.lock().expect("rotary table lock");
-        let (c, s) = if scaled { (&table[2], &table[3]) } else { (&table[0], &table[1]) };
-        let flat = positions.flatten_all()?.to_device(c.device())?;
-        let half = self.inv_freq.len();
-        let cos = c.index_select(&flat, 0)?.reshape((b, t, half))?;
-        let sin = s.index_select(&flat, 0)?.reshape((b, t, half))?;
-        drop(table);
+        let [cos, sin, cos_q, sin_q] = &angles.tables;
+        let (cos, sin) = if scaled { (cos_q, sin_q) } else { (cos, sin) };
         self.rotate_leading(x, |x| {
             if self.interleaved {
-                candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+                candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)
             } else {
-                candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+                candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
             }
         })
     }
@@ -279,6 +289,12 @@ impl Rotary {
     }
 }
 
+/// Per-row rotation tables (`[b, t, rotary_dim / 2]`: cos, sin, and both scaled by 1/√head_dim).
+#[derive(Debug, Clone)]
+pub struct RowAngles {
+    tables: [Tensor; 4],
+}
+
 /// The mask tensor for `t` new tokens over `x`'s device, or `None` where `attention` needs none: a single
 /// token, or fused ops on CUDA (whose softmax kernel masks as it goes).
 pub fn causal_mask_for(t: usize, offset: usize, x: &Tensor, ops: Ops) -> Result<Option<Tensor>> {
@@ -293,6 +309,7 @@ pub fn causal_mask_for(t: usize, offset: usize, x: &Tensor, ops: Ops) -> Result<
 /// `q`: `[b, heads, t, d]` from `Rotary::apply_query` (rotated, and with fused ops scaled by 1/√d), `k`/`v`:
 /// `[b, kv_heads, t, d]` for the new tokens; `mask` in the compute dtype, from `causal_mask_for` (attention is
 /// causal whenever `t > 1`).
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -301,6 +318,7 @@ pub fn attention(
     layer: usize,
     mask: Option<&Tensor>,
     ops: Ops,
+    starts: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
@@ -317,8 +335,33 @@ pub fn attention(
         }
     };
     let scale = 1.0 / (d as f64).sqrt();
-    match ops {
-        Ops::Fused => {
+    match (ops, starts) {
+        (Ops::Fused, Some(starts)) => {
+            // Rows of different lengths (and maybe a shared prefix): scores over [prefix | own columns], each
+            // row's visible span picked by the span softmax.
+            let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
+            let own = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
+            let Some(prefix) = cache.prefix().cloned() else {
+                let probs = crate::ops::fused::span_softmax(&own, starts, t, prev, 0)?;
+                let out = probs.matmul(&v_all)?;
+                return out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d));
+            };
+            let (kp, vp) = prefix.layer(layer).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?;
+            let p = prefix.len();
+            // Every row's queries against the one prefix: [kv, b*g*t, d] x [kv, d, p] (the prefix is not copied).
+            let qp = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, d))?;
+            let shared = qp.matmul(&kp.squeeze(0)?.t()?)?.reshape((kv_heads, b, groups * t, p))?.transpose(0, 1)?;
+            let scores = Tensor::cat(&[&shared, &own], 3)?;
+            let probs = crate::ops::fused::span_softmax(&scores, starts, t, prev, p)?;
+            let probs_shared =
+                probs.narrow(3, 0, p)?.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, p))?;
+            let from_shared =
+                probs_shared.matmul(&vp.squeeze(0)?)?.reshape((kv_heads, b, groups * t, d))?.transpose(0, 1)?;
+            let from_own = probs.narrow(3, p, prev + t)?.contiguous()?.matmul(&v_all)?;
+            let out = (from_shared + from_own)?;
+            out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
+        }
+        (Ops::Fused, None) => {
             // q comes pre-scaled (`Rotary::apply_query`). Scores stay in the compute dtype: they leave the
             // matmul in it, the mask is 0 / -inf (exact in any float type) and the softmax kernel accumulates
             // in f32 — casting around it only added two kernels per layer.
@@ -328,7 +371,10 @@ pub fn attention(
             let out = probs.matmul(&v_all)?;
             out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
         }
-        Ops::Differentiable => {
+        (Ops::Differentiable, Some(_)) => {
+            candle_core::bail!("rows of different lengths and shared prefixes need inference ops")
+        }
+        (Ops::Differentiable, None) => {
             let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
             crate::ops::autograd::attention(&q, &k_all.contiguous()?, &v_all.contiguous()?, mask, groups, scale)
         }

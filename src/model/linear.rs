@@ -110,6 +110,38 @@ impl Linear {
 }
 
 impl Linear {
+    fn dequantized_product(&self, q: &candle_core::quantized::QTensor, x: &Tensor) -> Result<Tensor> {
+        let w = q.dequantize(x.device())?;
+        let dtype = x.dtype();
+        let rows = x.elem_count() / self.in_features;
+        x.to_dtype(DType::F32)?
+            .reshape((rows, self.in_features))?
+            .matmul(&w.t()?)?
+            .reshape(self.out_dims(x))?
+            .to_dtype(dtype)
+    }
+
+    /// Inference as for a pass of many rows even when `x` has few: on the CPU a quantized weight is then
+    /// dequantized for an f32 product, like the layers of that pass got (the LM head at the last positions of
+    /// a prefill, so a row's logits do not depend on how many rows the pass selected).
+    pub fn forward_as_many_rows(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Quantized(q) if x.device().is_cpu() && self.lora.is_none() && !x.track_op() => {
+                let y = self.dequantized_product(q, x)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+            _ => self.forward(x),
+        }
+    }
+
+    /// Does a pass of `rows` rows take the many-rows path (see [`Linear::forward_as_many_rows`])?
+    pub fn many_rows(rows: usize) -> bool {
+        rows >= DEQUANT_GEMM_ROWS
+    }
+
     /// `x Wᵀ` through the fastest inference path (no gradient tracking).
     fn base_product(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match (&self.weight, &self.qmatmul) {
@@ -118,11 +150,7 @@ impl Linear {
             (LinearWeight::Quantized(q), _)
                 if x.device().is_cpu() && x.elem_count() / self.in_features >= DEQUANT_GEMM_ROWS =>
             {
-                let w = q.dequantize(x.device())?;
-                let dtype = x.dtype();
-                let x32 = x.to_dtype(DType::F32)?;
-                let rows = x.elem_count() / self.in_features;
-                x32.reshape((rows, self.in_features))?.matmul(&w.t()?)?.reshape(self.out_dims(x))?.to_dtype(dtype)?
+                self.dequantized_product(q, x)?
             }
             (LinearWeight::Quantized(_), Some(qm)) => {
                 let dtype = x.dtype();

@@ -19,7 +19,7 @@ pub use layers::Ops;
 pub use linear::Linear;
 
 use anyhow::Result;
-use arch::{Layers, Step};
+use arch::{Layers, RowSpans, Step};
 use candle_core::{DType, Device, Module, Tensor};
 use decode_graph::{GraphParts, GraphSlot};
 use layers::{causal_mask_for, select_positions, Embedding, Norm, Rotary};
@@ -112,26 +112,33 @@ impl Model {
         cache.check_room(t)?;
         let offset = cache.len();
         let x = self.embed.forward(ids)?;
-        if t == 1 && batch == 1 && self.ops == Ops::Fused && x.device().is_cuda() && !cache.is_padded() {
+        if t == 1 && batch == 1 && self.ops == Ops::Fused && x.device().is_cuda() && !cache.has_spans() {
             if let Some(logits) = self.graph.step(|| self.graph_parts(), &x, cache)? {
                 return self.cast_logits(logits);
             }
         }
-        // Rows padded on the left to one length: per-row masks (their padding hidden) and per-row positions.
-        let (mask, positions) = if cache.is_padded() {
-            if self.ops == Ops::Differentiable || cache.pads().len() != batch {
-                candle_core::bail!("padded rows need inference ops and one padding entry per row");
+        // Rows of different lengths or a shared prefix: per-row positions and visible spans.
+        let (mask, spans) = if cache.has_spans() {
+            if self.ops == Ops::Differentiable || (!cache.starts().is_empty() && cache.starts().len() != batch) {
+                candle_core::bail!("rows of different lengths need inference ops and one start per row");
             }
-            let mask = cache.padded_mask(batch, t, x.dtype(), x.device())?;
-            (Some(mask), Some(cache.positions(batch, t, &Device::Cpu)?))
+            let angles = self.rotary.angles_at(&cache.positions(batch, t, &Device::Cpu)?)?;
+            (None, Some(RowSpans { angles, starts: cache.starts_tensor(batch, x.device())? }))
         } else {
             (causal_mask_for(t, offset, &x, self.ops)?, None)
         };
-        let mut step = Step { cache, offset, mask, rotary: &self.rotary, ops: self.ops, positions };
+        let mut step = Step { cache, offset, mask, rotary: &self.rotary, ops: self.ops, spans };
         let x = self.layers.forward(x, &mut step)?;
         cache.advance(t);
         let x = self.final_norm.forward(&select_positions(&x, all)?, self.ops)?;
-        self.cast_logits(self.lm_head.forward(&x)?)
+        // The head sees only the selected rows; it takes the path the layers took for the whole pass, so a
+        // row's logits do not depend on how many rows were selected (or batched).
+        let logits = if Linear::many_rows(batch * t) {
+            self.lm_head.forward_as_many_rows(&x)?
+        } else {
+            self.lm_head.forward(&x)?
+        };
+        self.cast_logits(logits)
     }
 
     fn cast_logits(&self, logits: Tensor) -> candle_core::Result<Tensor> {
@@ -173,11 +180,11 @@ impl Model {
         if longest == 0 || prompts.iter().any(|p| p.is_empty()) {
             candle_core::bail!("every prompt of a batch needs at least one token");
         }
-        let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let starts: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
         // Padding columns hold token 0; what they compute is masked out.
         let ids: Vec<u32> =
             prompts.iter().flat_map(|p| std::iter::repeat_n(0, longest - p.len()).chain(p.iter().copied())).collect();
-        cache.set_pads(pads)?;
+        cache.set_starts(starts)?;
         let ids = Tensor::from_vec(ids, (prompts.len(), longest), &self.device)?;
         self.forward_last(&ids, cache)
     }
@@ -254,6 +261,50 @@ mod tests {
                 let ids = Tensor::from_vec(next, (prompts.len(), 1), device)?;
                 logits = m.forward_last(&ids, &mut cache)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Rows that share a prefix computed once (held by no row) and continue with suffixes of different
+    /// lengths: each row's logits, at the suffix's last token and one step later, equal the whole sequence run
+    /// alone.
+    #[test]
+    fn rows_after_a_shared_prefix_equal_whole_sequences() -> Result<()> {
+        for spec in arch::REGISTRY {
+            let cfg = ModelConfig::from_hf_json(&(spec.tiny_config)(320))?;
+            let m = Model::build(&cfg, &Weights::random(cfg.architecture, DType::F32, &Device::Cpu))?;
+            rows_after_a_shared_prefix(&m, spec.name)?;
+        }
+        // GGUF llama: interleaved rotary pairs and quantized linear layers.
+        for dtype in [candle_core::quantized::GgmlDType::F32, candle_core::quantized::GgmlDType::Q4_1] {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("tiny.gguf");
+            let cfg = crate::testing::tiny_config(Architecture::Llama, 320);
+            crate::testing::write_llama_gguf(&path, &cfg, 3, dtype)?;
+            let loaded = crate::load::load(path.to_str().unwrap(), &crate::load::LoadOptions::default())?;
+            rows_after_a_shared_prefix(&loaded.model, &format!("gguf {dtype:?}"))?;
+        }
+        Ok(())
+    }
+
+    fn rows_after_a_shared_prefix(m: &Model, name: &str) -> Result<()> {
+        let prefix: &[u32] = &[5, 9, 14, 2, 33, 8];
+        let suffixes: [&[u32]; 3] = [&[1, 7, 3], &[4], &[8, 2, 6, 5, 11]];
+        let mut primed = m.new_cache();
+        m.forward_last(&m.input(prefix)?, &mut primed)?;
+        let shared = std::sync::Arc::new(primed.share_prefix(prefix.len())?);
+        let mut cache = m.new_cache();
+        cache.set_prefix(shared)?;
+        let logits = m.prefill_rows(&suffixes, &mut cache)?;
+        let step = m.forward_last(&Tensor::new(&[[3u32], [4], [5]], &Device::Cpu)?, &mut cache)?;
+        for (r, suffix) in suffixes.iter().enumerate() {
+            let whole: Vec<u32> = prefix.iter().chain(suffix.iter()).copied().collect();
+            let mut alone = m.new_cache();
+            let want = m.forward_last(&m.input(&whole)?, &mut alone)?;
+            let want_step = m.forward_last(&m.input(&[3 + r as u32])?, &mut alone)?;
+            let d = (logits.narrow(0, r, 1)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d_step = (step.narrow(0, r, 1)? - want_step)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-4 && d_step < 1e-4, "{name}: row {r} differs by {d} / {d_step}");
         }
         Ok(())
     }

@@ -41,6 +41,14 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, t: usize, offset: 
     }
 }
 
+/// Attention probabilities for rows holding sequences of different lengths (see [`SpanSoftmax`]): `scores`
+/// `[b, .., rows, total]` with `total = prefix + offset + t`, `starts` (u32 `[b]`, on the scores' device) the
+/// first own column of each sequence. Columns of a shared prefix are always visible; own columns from the
+/// sequence's start up to the query itself.
+pub fn span_softmax(scores: &Tensor, starts: &Tensor, t: usize, offset: usize, prefix: usize) -> Result<Tensor> {
+    scores.contiguous()?.apply_op2_no_bwd(starts, &SpanSoftmax { t, offset, prefix })
+}
+
 /// `silu(gate) * up` in one kernel on CUDA.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.device().is_cuda() && gate.is_contiguous() && up.is_contiguous() && gate.shape() == up.shape() {
@@ -65,6 +73,84 @@ struct CausalSoftmax {
 }
 
 struct SwiGlu;
+
+/// Softmax over the visible columns of each row: query `i` (of `t` new tokens after `offset` own cached
+/// columns) of sequence `b` sees the `prefix` shared columns, then own columns `starts[b]..=offset + i`.
+struct SpanSoftmax {
+    t: usize,
+    offset: usize,
+    prefix: usize,
+}
+
+impl SpanSoftmax {
+    /// `(rows, total, rows per sequence)` of contiguous scores for `seqs` sequences, checked.
+    fn shape(&self, l: &Layout, seqs: usize) -> Result<(usize, usize, usize)> {
+        let total = *l.dims().last().expect("scores have a last dim");
+        let rows = l.shape().elem_count() / total.max(1);
+        let per_seq = rows / seqs.max(1);
+        if self.prefix + self.offset + self.t != total || per_seq * seqs != rows || !per_seq.is_multiple_of(self.t) {
+            candle_core::bail!(
+                "span-softmax: {rows} x {total} scores for {seqs} sequences of {} new tokens after {} own and {} shared",
+                self.t,
+                self.offset,
+                self.prefix
+            );
+        }
+        Ok((rows, total, per_seq))
+    }
+
+    fn cpu<T: candle_core::WithDType>(&self, x: &[T], starts: &[u32], total: usize, per_seq: usize) -> Vec<T> {
+        let mut y = vec![T::zero(); x.len()];
+        for (r, (xr, yr)) in x.chunks(total).zip(y.chunks_mut(total)).enumerate() {
+            let lo = self.prefix + starts[r / per_seq] as usize;
+            let hi = total.min(self.prefix + self.offset + r % self.t + 1);
+            let visible = |j: usize| j < hi && (j < self.prefix || j >= lo);
+            let m = (0..hi).filter(|&j| visible(j)).map(|j| xr[j].to_f64()).fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = (0..hi).filter(|&j| visible(j)).map(|j| (xr[j].to_f64() - m).exp()).sum();
+            for (j, v) in yr.iter_mut().enumerate() {
+                if visible(j) {
+                    *v = T::from_f64((xr[j].to_f64() - m).exp() / sum);
+                }
+            }
+        }
+        y
+    }
+}
+
+impl CustomOp2 for SpanSoftmax {
+    fn name(&self) -> &'static str {
+        "span-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, st: &CpuStorage, sl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let starts = match st {
+            CpuStorage::U32(v) => &v[sl.start_offset()..sl.start_offset() + sl.shape().elem_count()],
+            _ => candle_core::bail!("span-softmax: starts must be u32"),
+        };
+        let (_, total, per_seq) = self.shape(l, starts.len())?;
+        let (o1, o2) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("span-softmax: strided".into()))?;
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(self.cpu(&x[o1..o2], starts, total, per_seq)),
+            CpuStorage::BF16(x) => CpuStorage::BF16(self.cpu(&x[o1..o2], starts, total, per_seq)),
+            CpuStorage::F16(x) => CpuStorage::F16(self.cpu(&x[o1..o2], starts, total, per_seq)),
+            _ => candle_core::bail!("span-softmax: unsupported dtype"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::cuda_backend::CudaStorage,
+        l: &Layout,
+        st: &candle_core::cuda_backend::CudaStorage,
+        sl: &Layout,
+    ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let (rows, total, per_seq) = self.shape(l, sl.shape().elem_count())?;
+        let args = [rows, total, self.t, self.offset, self.prefix, per_seq].map(|v| v as i32);
+        Ok((cuda::span_softmax(s, l, st, sl, cuda::grid_for_warps(rows), &args)?, l.shape().clone()))
+    }
+}
 
 struct ArgmaxLast;
 
@@ -201,6 +287,45 @@ pub(crate) mod cuda {
             CudaStorageSlice::BF16(x) => run!(bf16, x, BF16),
             CudaStorageSlice::F16(x) => run!(f16, x, F16),
             _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
+        })
+    }
+
+    /// `span_softmax_{dtype}(x, starts, y, args...)`: scores and per-sequence starts (u32).
+    pub fn span_softmax(
+        s: &CudaStorage,
+        l: &Layout,
+        st: &CudaStorage,
+        sl: &Layout,
+        cfg: LaunchConfig,
+        args: &[i32],
+    ) -> Result<CudaStorage> {
+        let dev = s.device();
+        let n = l.shape().elem_count();
+        let bad = || candle_core::Error::Msg("span-softmax: inputs not contiguous".into());
+        let (o1, o2) = l.contiguous_offsets().ok_or_else(bad)?;
+        let (s1, s2) = sl.contiguous_offsets().ok_or_else(bad)?;
+        let CudaStorageSlice::U32(starts) = &st.slice else { candle_core::bail!("span-softmax: starts must be u32") };
+        let starts = starts.slice(s1..s2);
+        let f = dev.get_or_load_custom_func(&format!("span_softmax_{}", suffix(s.dtype())?), MODULE, PTX)?;
+        macro_rules! run {
+            ($t:ty, $x:expr, $variant:ident) => {{
+                let x = $x.slice(o1..o2);
+                // SAFETY: the kernel writes every element of `y`.
+                let y: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
+                let mut b = f.builder();
+                b.arg(&x).arg(&starts).arg(&y);
+                for a in args {
+                    b.arg(a);
+                }
+                unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+                wrap(dev, CudaStorageSlice::$variant(y))
+            }};
+        }
+        Ok(match &s.slice {
+            CudaStorageSlice::F32(x) => run!(f32, x, F32),
+            CudaStorageSlice::BF16(x) => run!(bf16, x, BF16),
+            CudaStorageSlice::F16(x) => run!(f16, x, F16),
+            _ => candle_core::bail!("span-softmax: unsupported dtype {:?}", s.dtype()),
         })
     }
 

@@ -3,7 +3,7 @@
 
 use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step, TrunkNames};
 use crate::model::config::{Activation, HfConfig, ModelConfig, NormKind};
-use crate::model::layers::{activation, attention, Norm};
+use crate::model::layers::{activation, Norm};
 use crate::model::linear::Linear;
 use crate::model::weights::Weights;
 use anyhow::{bail, Result};
@@ -159,7 +159,7 @@ impl Layers for GptNeoXLayers {
             let q = s.rotate_query(&qkv.narrow(3, 0, hd)?)?;
             let k = s.rotate_key(&qkv.narrow(3, hd, hd)?)?;
             let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
-            let attn = blk.dense.forward(&attention(&q, &k, &v, s.cache, i, s.mask.as_ref(), ops)?)?;
+            let attn = blk.dense.forward(&s.attention(&q, &k, &v, i)?)?;
             let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
                 blk.down.forward(&activation(&blk.up.forward(input)?, self.cfg.activation)?)
             };

@@ -4,7 +4,7 @@
 use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step, TrunkNames};
 use crate::model::config::{Activation, HfConfig, ModelConfig, NormKind};
 use crate::model::decode_graph::GraphLayer;
-use crate::model::layers::{attention, gated, split_heads, Norm};
+use crate::model::layers::{gated, split_heads, Norm};
 use crate::model::linear::Linear;
 use crate::model::weights::Weights;
 use anyhow::Result;
@@ -173,7 +173,7 @@ impl Layers for LlamaLayers {
             let q = s.rotate_query(&split_heads(&blk.q.forward(&hs)?, nh, hd)?)?;
             let k = s.rotate_key(&split_heads(&blk.k.forward(&hs)?, nkv, hd)?)?;
             let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
-            let attn = attention(&q, &k, &v, s.cache, i, s.mask.as_ref(), s.ops)?;
+            let attn = s.attention(&q, &k, &v, i)?;
             x = (x + blk.o.forward(&attn)?)?;
             let hs = blk.mlp_norm.forward(&x, s.ops)?;
             let gated = gated(&blk.gate.forward(&hs)?, &blk.up.forward(&hs)?, self.cfg.activation, s.ops)?;

@@ -13,7 +13,7 @@ pub mod stablelm;
 use super::cache::KvCache;
 use super::config::{Activation, HfConfig, ModelConfig, NormKind};
 use super::decode_graph::GraphLayer;
-use super::layers::{Ops, Rotary};
+use super::layers::{Ops, Rotary, RowAngles};
 use super::linear::Linear;
 use super::weights::Weights;
 use anyhow::Result;
@@ -205,24 +205,37 @@ pub struct Step<'a> {
     pub mask: Option<Tensor>,
     pub rotary: &'a Rotary,
     pub ops: Ops,
-    /// Per-row positions `[b, t]` (on the CPU) when rows are padded to different lengths; else every row's
-    /// new tokens sit at `offset..offset + t`.
-    pub positions: Option<Tensor>,
+    /// Rows of different lengths (or a shared prefix): each row's rotation tables and first own column; else
+    /// every row's new tokens sit at `offset..offset + t`.
+    pub spans: Option<RowSpans>,
+}
+
+/// What attention needs of rows of different lengths, prepared once per forward pass.
+pub struct RowSpans {
+    pub angles: RowAngles,
+    /// u32 `[b]` on the compute device.
+    pub starts: Tensor,
 }
 
 impl Step<'_> {
     /// Rotate queries `[b, heads, t, d]` at their positions (scaled for attention with fused ops).
     pub fn rotate_query(&self, q: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.positions {
-            Some(p) => self.rotary.apply_query_at(q, p),
+        match &self.spans {
+            Some(s) => self.rotary.apply_query_at(q, &s.angles),
             None => self.rotary.apply_query(q, self.offset, self.ops),
         }
     }
 
+    /// Attention of layer `layer` over the cache (appending `k`, `v`): see [`layers::attention`].
+    pub fn attention(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, layer: usize) -> candle_core::Result<Tensor> {
+        let starts = self.spans.as_ref().map(|s| &s.starts);
+        crate::model::layers::attention(q, k, v, self.cache, layer, self.mask.as_ref(), self.ops, starts)
+    }
+
     /// Rotate keys `[b, kv_heads, t, d]` at their positions.
     pub fn rotate_key(&self, k: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.positions {
-            Some(p) => self.rotary.apply_at(k, p),
+        match &self.spans {
+            Some(s) => self.rotary.apply_at(k, &s.angles),
             None => self.rotary.apply(k, self.offset, self.ops),
         }
     }

@@ -4,7 +4,7 @@
 use super::llama::LLAMA_LINEARS;
 use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step};
 use crate::model::config::{Activation, HfConfig, ModelConfig, NormKind};
-use crate::model::layers::{attention, gated, split_heads, Norm, Ops};
+use crate::model::layers::{gated, split_heads, Norm, Ops};
 use crate::model::linear::Linear;
 use crate::model::weights::{Init, Weights};
 use anyhow::Result;
@@ -185,7 +185,7 @@ impl Layers for StableLmLayers {
             let q = s.rotate_query(&q)?;
             let k = s.rotate_key(&k)?;
             let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
-            let attn = blk.o.forward(&attention(&q, &k, &v, s.cache, i, s.mask.as_ref(), ops)?)?;
+            let attn = blk.o.forward(&s.attention(&q, &k, &v, i)?)?;
             let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
                 let gated = gated(&blk.gate.forward(input)?, &blk.up.forward(input)?, self.cfg.activation, ops)?;
                 blk.down.forward(&gated)

@@ -662,6 +662,30 @@ __device__ void causal_softmax(const T* x, T* y, int rows, int total, int t, int
     for (int j = lane; j < total; j += 32) yr[j] = from_f<T>(j < limit ? expf(to_f(xr[j]) - m) * inv : 0.f);
 }
 
+// Softmax over attention scores `[rows, total]` of rows that hold sequences of different lengths: the
+// `rows_per_seq` rows of sequence b see the `prefix` columns of a shared prefix, then their own columns from
+// `prefix + starts[b]` (earlier ones are padding or another sequence's leftovers) up to themselves: row r is
+// query r % t of t new tokens after `offset` cached columns. One warp per row, f32 math.
+template <typename T>
+__device__ void span_softmax(const T* x, const unsigned* starts, T* y, int rows, int total, int t, int offset,
+                             int prefix, int rows_per_seq) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    int lo = prefix + (int)starts[row / rows_per_seq], hi = min(total, prefix + offset + row % t + 1);
+    const T* xr = x + (size_t)row * total;
+    T* yr = y + (size_t)row * total;
+    float m = -INFINITY;
+    for (int j = lane; j < hi; j += 32)
+        if (j < prefix || j >= lo) m = fmaxf(m, to_f(xr[j]));
+    m = warp_max(m);
+    float s = 0.f;
+    for (int j = lane; j < hi; j += 32)
+        if (j < prefix || j >= lo) s += expf(to_f(xr[j]) - m);
+    float inv = 1.f / warp_sum(s);
+    for (int j = lane; j < total; j += 32)
+        yr[j] = from_f<T>(j < hi && (j < prefix || j >= lo) ? expf(to_f(xr[j]) - m) * inv : 0.f);
+}
+
 // silu(gate) * up, elementwise over contiguous tensors.
 template <typename T>
 __device__ void swiglu(const T* g, const T* u, T* y, size_t n) {
@@ -674,6 +698,10 @@ __device__ void swiglu(const T* g, const T* u, T* y, size_t n) {
 #define FUSED_OPS(T, NAME)                                                                                          \
     extern "C" __global__ void causal_softmax_##NAME(const T* x, T* y, int rows, int total, int t, int offset) {  \
         causal_softmax<T>(x, y, rows, total, t, offset);                                                            \
+    }                                                                                                               \
+    extern "C" __global__ void span_softmax_##NAME(const T* x, const unsigned* starts, T* y, int rows, int total,  \
+                                                  int t, int offset, int prefix, int rows_per_seq) {             \
+        span_softmax<T>(x, starts, y, rows, total, t, offset, prefix, rows_per_seq);                                \
     }                                                                                                               \
     extern "C" __global__ void swiglu_##NAME(const T* g, const T* u, T* y, unsigned long long n) {                 \
         swiglu<T>(g, u, y, (size_t)n);                                                                              \
