@@ -356,15 +356,15 @@ struct Planned {
     question: usize,
     suffix: Vec<u32>,
     letters: [u32; 4],
+    /// The context lost its first tokens to the window (so it does not begin with the shared prefix).
+    truncated: bool,
 }
 
-/// A question's tokens and its letters' tokens, when one forward pass scores it (the harness's general case
-/// — a continuation of several tokens, or a context longer than the window — is scored alone).
+/// A question's tokens and its letters' tokens, when one forward pass scores it (the harness's general case —
+/// a continuation of several tokens — is scored alone). A context longer than the window keeps its last
+/// tokens, as the harness cuts context + continuation from the left; such a question shares no prefix.
 fn plan(tok: &Tokenizer, context: &str, window: usize, question: usize) -> Result<Option<Planned>> {
     let ctx = tok.encode(context, false)?;
-    if ctx.len() + 1 > window {
-        return Ok(None);
-    }
     let mut letters = [0u32; 4];
     for (slot, l) in letters.iter_mut().zip(LETTERS) {
         let whole = tok.encode(&format!("{context} {l}"), false)?;
@@ -373,7 +373,8 @@ fn plan(tok: &Tokenizer, context: &str, window: usize, question: usize) -> Resul
         }
         *slot = whole[ctx.len()];
     }
-    Ok(Some(Planned { question, suffix: ctx, letters }))
+    let cut = (ctx.len() + 1).saturating_sub(window);
+    Ok(Some(Planned { question, suffix: ctx[cut..].to_vec(), letters, truncated: cut > 0 }))
 }
 
 /// Questions planned per round of batches.
@@ -416,8 +417,11 @@ fn plan_all(
 /// with (the prefix's last tokens may merge with a question's first characters, as "\n\n" + "Which" does in
 /// byte-level BPE).
 fn split_shared_len(prefix: &[u32], planned: &[Planned]) -> usize {
-    let mut lens: Vec<usize> =
-        planned.iter().map(|p| p.suffix.iter().zip(prefix).take_while(|(a, b)| a == b).count()).collect();
+    let mut lens: Vec<usize> = planned
+        .iter()
+        .filter(|p| !p.truncated)
+        .map(|p| p.suffix.iter().zip(prefix).take_while(|(a, b)| a == b).count())
+        .collect();
     lens.sort_unstable();
     lens.get(lens.len() / 2).copied().unwrap_or(0)
 }
@@ -427,7 +431,9 @@ fn split_shared_len(prefix: &[u32], planned: &[Planned]) -> usize {
 fn keep_shared(prefix: &[u32], shared: usize, planned: &mut Vec<Planned>) -> Vec<usize> {
     let mut alone = vec![];
     planned.retain_mut(|p| {
-        if shared > 0 && p.suffix.len() > shared && p.suffix[..shared] == prefix[..shared] {
+        if p.truncated {
+            true
+        } else if shared > 0 && p.suffix.len() > shared && p.suffix[..shared] == prefix[..shared] {
             p.suffix.drain(..shared);
             true
         } else {
@@ -438,9 +444,10 @@ fn keep_shared(prefix: &[u32], shared: usize, planned: &mut Vec<Planned>) -> Vec
     alone
 }
 
-/// Rows per forward pass for questions of up to `longest` tokens after a prefix of `prefix` tokens: what the
-/// activations of one row take (attention scores, MLP, hidden states) against half the device's free memory
-/// (a fixed budget on the CPU, where wider batches stop paying off early).
+/// Rows per forward pass for questions of up to `longest` tokens after a prefix of `prefix` tokens. The
+/// attention scores of a pass are materialized (`[rows, heads, tokens, prefix + tokens]`): passes are kept to
+/// about [`PASS_TOKENS`] tokens and [`PASS_SCORE_BYTES`] of scores, which measured fastest (wider passes of long
+/// questions ran slower), and within half the device's free memory. At most 8 rows on the CPU.
 pub fn auto_rows(
     cfg: &crate::model::ModelConfig,
     dtype: DType,
@@ -450,17 +457,24 @@ pub fn auto_rows(
 ) -> usize {
     let t = longest.max(1);
     let elem = dtype.size_in_bytes().max(2);
-    let scores = 4 * cfg.num_heads * t * (prefix + t) * elem;
-    let mlp = 4 * t * cfg.intermediate_size * elem;
-    let hidden = 12 * t * cfg.hidden_size * elem;
-    let logits = 2 * cfg.vocab_size * 4;
-    let per_row = scores + mlp + hidden + logits;
+    let scores = cfg.num_heads * t * (prefix + t) * elem;
+    let per_row = 4 * scores + 4 * t * cfg.intermediate_size * elem + 12 * t * cfg.hidden_size * elem;
     let (budget, most) = match crate::util::gpu_memory_free_bytes(device) {
-        Some(free) => (free / 2, 512),
-        None => (2usize << 30, 32),
+        Some(free) => (free / 2, 256),
+        // On the CPU 8 rows measured fastest (SmolLM2 Q4_1, 2 threads: 1.83 questions/s, against 1.20 at 20
+        // rows and 1.36 one at a time).
+        None => (2usize << 30, 8),
     };
-    (budget / per_row.max(1)).clamp(1, most)
+    let by_memory = budget / per_row.max(1);
+    let by_tokens = PASS_TOKENS / t;
+    let by_scores = PASS_SCORE_BYTES / scores.max(1);
+    by_memory.min(by_tokens).min(by_scores).clamp(1, most)
 }
+
+/// Tokens per batched scoring pass (see [`auto_rows`]).
+const PASS_TOKENS: usize = 8192;
+/// Bytes of attention scores per batched scoring pass (see [`auto_rows`]).
+const PASS_SCORE_BYTES: usize = 1 << 30;
 
 /// Every subject batched: the few-shot prefix runs once into a shared cache, then the questions run sorted by
 /// length, `batch` rows per forward pass, each row's last position scoring the four letters.
@@ -495,71 +509,90 @@ fn evaluate_batched(
         let mut primed_alone = false;
         // A few hundred questions at a time: tokenized on every core, then scored sorted by length (a subject
         // of thousands shows progress, and stops on Ctrl-C, early).
-        for (c, chunk) in contexts.chunks(PLAN_CHUNK).enumerate() {
-            if interrupted.load(Ordering::Relaxed) {
-                out.interrupted = true;
-                break;
-            }
-            let mut batched = vec![];
-            let mut alone = vec![];
-            for (i, planned) in plan_all(tok, chunk, window, c * PLAN_CHUNK)? {
-                match planned {
-                    Some(p) => batched.push(p),
-                    None => alone.push(i),
+        // The next chunk is tokenized while this one is scored.
+        let chunks: Vec<&[String]> = contexts.chunks(PLAN_CHUNK).collect();
+        let chunks = &chunks;
+        let plan_chunk = move |c: usize| plan_all(tok, chunks[c], window, c * PLAN_CHUNK);
+        std::thread::scope(|scope| -> Result<()> {
+            let mut pending = (!chunks.is_empty()).then(|| scope.spawn(move || plan_chunk(0)));
+            for c in 0..chunks.len() {
+                let planned = pending
+                    .take()
+                    .expect("spawned")
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a tokenizer thread panicked"))??;
+                if c + 1 < chunks.len() {
+                    pending = Some(scope.spawn(move || plan_chunk(c + 1)));
                 }
-            }
-            let shared_len = match &shared {
-                Some((len, _)) => *len,
-                None => split_shared_len(&prefix, &batched),
-            };
-            alone.extend(keep_shared(&prefix, shared_len, &mut batched));
-            alone.sort_unstable();
-            if !batched.is_empty() && shared.is_none() {
-                let mut primed = model.new_cache().with_capacity(shared_len);
-                model.forward_last(&model.input(&prefix[..shared_len])?, &mut primed)?;
-                out.tokens_run += shared_len;
-                shared = Some((shared_len, Arc::new(primed.share_prefix(shared_len)?)));
-            }
-            // Longest first: similar lengths share a batch (little padding), and the first batch shows whether
-            // the widest one fits.
-            batched.sort_by_key(|p| std::cmp::Reverse(p.suffix.len()));
-            let mut rest: &[Planned] = &batched;
-            while !rest.is_empty() {
                 if interrupted.load(Ordering::Relaxed) {
                     out.interrupted = true;
                     break;
                 }
-                let rows = match batch {
-                    BatchSize::Rows(n) => n,
-                    BatchSize::Auto => {
-                        auto_rows(model.config(), model.dtype(), model.device(), shared_len, rest[0].suffix.len())
+                let mut batched = vec![];
+                let mut alone = vec![];
+                for (i, planned) in planned {
+                    match planned {
+                        Some(p) => batched.push(p),
+                        None => alone.push(i),
                     }
+                }
+                let shared_len = match &shared {
+                    Some((len, _)) => *len,
+                    None => split_shared_len(&prefix, &batched),
                 };
-                let (part, tail) = rest.split_at(rows.min(rest.len()));
-                rest = tail;
-                let prefix_kv = &shared.as_ref().expect("primed before the first batch").1;
-                let lls = score_rows(loaded, prefix_kv, part)?;
-                for (p, ll) in part.iter().zip(lls) {
-                    results[p.question] = Some(answer(&questions[p.question], ll));
-                    out.tokens_run += p.suffix.len();
+                alone.extend(keep_shared(&prefix, shared_len, &mut batched));
+                alone.sort_unstable();
+                if batched.iter().any(|p| !p.truncated) && shared.is_none() {
+                    let mut primed = model.new_cache().with_capacity(shared_len);
+                    model.forward_last(&model.input(&prefix[..shared_len])?, &mut primed)?;
+                    out.tokens_run += shared_len;
+                    shared = Some((shared_len, Arc::new(primed.share_prefix(shared_len)?)));
                 }
-                out.batch_rows = out.batch_rows.max(part.len());
-                progress(part.len());
+                // Longest first: similar lengths share a batch (little padding), and the first batch shows whether
+                // the widest one fits. Cut contexts (no shared prefix) batch among themselves.
+                batched.sort_by_key(|p| (p.truncated, std::cmp::Reverse(p.suffix.len())));
+                let mut rest: &[Planned] = &batched;
+                while !rest.is_empty() {
+                    let truncated = rest[0].truncated;
+                    let same = rest.iter().take_while(|p| p.truncated == truncated).count();
+                    if interrupted.load(Ordering::Relaxed) {
+                        out.interrupted = true;
+                        break;
+                    }
+                    let seen = if truncated { 0 } else { shared_len };
+                    let rows = match batch {
+                        BatchSize::Rows(n) => n,
+                        BatchSize::Auto => {
+                            auto_rows(model.config(), model.dtype(), model.device(), seen, rest[0].suffix.len())
+                        }
+                    };
+                    let (part, tail) = rest.split_at(rows.min(same));
+                    rest = tail;
+                    let prefix_kv = if truncated { None } else { shared.as_ref().map(|(_, kv)| kv) };
+                    let lls = score_rows(loaded, prefix_kv, part)?;
+                    for (p, ll) in part.iter().zip(lls) {
+                        results[p.question] = Some(answer(&questions[p.question], ll));
+                        out.tokens_run += p.suffix.len();
+                    }
+                    out.batch_rows = out.batch_rows.max(part.len());
+                    progress(part.len());
+                }
+                for i in alone {
+                    if interrupted.load(Ordering::Relaxed) {
+                        out.interrupted = true;
+                        break;
+                    }
+                    if !primed_alone {
+                        scorer.prime(&prefix_text)?;
+                        primed_alone = true;
+                    }
+                    let ll = scorer.loglik(&contexts[i], &continuations)?;
+                    results[i] = Some(answer(&questions[i], [ll[0], ll[1], ll[2], ll[3]]));
+                    progress(1);
+                }
             }
-            for i in alone {
-                if interrupted.load(Ordering::Relaxed) {
-                    out.interrupted = true;
-                    break;
-                }
-                if !primed_alone {
-                    scorer.prime(&prefix_text)?;
-                    primed_alone = true;
-                }
-                let ll = scorer.loglik(&contexts[i], &continuations)?;
-                results[i] = Some(answer(&questions[i], [ll[0], ll[1], ll[2], ll[3]]));
-                progress(1);
-            }
-        }
+            Ok(())
+        })?;
         out.add_subject(s, groups, results.into_iter().flatten().collect());
     }
     out.tokens_run += scorer.tokens_processed;
@@ -570,13 +603,15 @@ fn evaluate_batched(
 /// (log-softmax on the device; only `[rows, 4]` values come back).
 fn score_rows(
     loaded: &LoadedModel,
-    shared: &Arc<crate::model::cache::SharedPrefix>,
+    shared: Option<&Arc<crate::model::cache::SharedPrefix>>,
     rows: &[Planned],
 ) -> Result<Vec<[f64; 4]>> {
     let model = &loaded.model;
     let longest = rows.iter().map(|p| p.suffix.len()).max().unwrap_or(1);
     let mut cache = model.new_cache().with_capacity(longest);
-    cache.set_prefix(shared.clone())?;
+    if let Some(shared) = shared {
+        cache.set_prefix(shared.clone())?;
+    }
     let suffixes: Vec<&[u32]> = rows.iter().map(|p| p.suffix.as_slice()).collect();
     let logits = model.prefill_rows(&suffixes, &mut cache)?; // [rows, vocab] f32
     let max = logits.max_keepdim(D::Minus1)?;

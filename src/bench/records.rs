@@ -155,6 +155,17 @@ pub struct HumanEvalRecord {
     pub mode: String,
     /// How far the programs were isolated.
     pub sandbox: String,
+    /// Completions decoded together (a refilled batch).
+    pub batch_rows: usize,
+    /// Wall time of generating every completion, and of running the programs.
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub generation_seconds: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub run_seconds: f64,
+    /// Tokens generated over all completions, per second of generation.
+    pub generated_tokens: usize,
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub generation_tok_s: f64,
     /// Stopped by Ctrl-C: the figures cover the problems whose completions were generated and run before it.
     #[serde(skip_serializing_if = "is_false")]
     pub interrupted: bool,

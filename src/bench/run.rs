@@ -355,7 +355,7 @@ pub fn run_humaneval(
     let batch = BatchParams { batch: rows, eos_ids, interrupt: Some(interrupted.clone()) };
     let only: Vec<BatchRequest> = requests.iter().map(|(_, r)| r.clone()).collect();
     let mut texts: Vec<Option<String>> = vec![None; only.len()];
-    generate_batch(&loaded.model, Some(tok), &only, &batch, |i, out| {
+    let stats = generate_batch(&loaded.model, Some(tok), &only, &batch, |i, out| {
         if out.stop_reason != StopReason::Interrupted {
             texts[i] = Some(out.text);
             pb.inc(1);
@@ -376,7 +376,9 @@ pub fn run_humaneval(
     pb.finish_and_clear();
     let sandbox = Sandbox { timeout: Duration::from_secs_f64(h.timeout), ..Default::default() };
     let pb = progress_bar(programs.len() as u64, "HumanEval run", quiet);
+    let started = Instant::now();
     let outcomes = sandbox.run_until(&programs, interrupted, || pb.inc(1))?;
+    let run_seconds = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
     // Only what was generated and run counts.
     let (ran, outcomes): (Vec<(usize, String)>, Vec<Outcome>) =
@@ -385,6 +387,11 @@ pub fn run_humaneval(
     record.mode = mode.name().to_string();
     record.sandbox = sandbox.isolation().describe().to_string();
     record.interrupted = set(interrupted);
+    record.batch_rows = rows.min(only.len());
+    record.generation_seconds = stats.seconds;
+    record.run_seconds = run_seconds;
+    record.generated_tokens = stats.generated_tokens;
+    record.generation_tok_s = stats.tok_s();
     Ok(record)
 }
 

@@ -158,8 +158,9 @@ impl Linear {
             }
             (LinearWeight::Dense(w), _) => match x.dims() {
                 [b1, b2, _, _] => x.matmul(&w.broadcast_left((*b1, *b2))?.t()?)?,
-                [b, t, _] if *t == 1 || !x.is_contiguous() => x.matmul(&w.broadcast_left(*b)?.t()?)?,
-                // Folding the batch into rows gives one large GEMM instead of a batched one.
+                [b, _, _] if !x.is_contiguous() => x.matmul(&w.broadcast_left(*b)?.t()?)?,
+                // Folding the batch into rows gives one GEMM that reads the weight once (a batched product
+                // would read it once per row: a decode step of many rows, one token each).
                 [b, t, i] => x.reshape((b * t, *i))?.matmul(&w.t()?)?.reshape((*b, *t, self.out_features))?,
                 _ => x.matmul(&w.t()?)?,
             },

@@ -101,18 +101,37 @@ impl SpanSoftmax {
 
     fn cpu<T: candle_core::WithDType>(&self, x: &[T], starts: &[u32], total: usize, per_seq: usize) -> Vec<T> {
         let mut y = vec![T::zero(); x.len()];
-        for (r, (xr, yr)) in x.chunks(total).zip(y.chunks_mut(total)).enumerate() {
-            let lo = self.prefix + starts[r / per_seq] as usize;
-            let hi = total.min(self.prefix + self.offset + r % self.t + 1);
-            let visible = |j: usize| j < hi && (j < self.prefix || j >= lo);
-            let m = (0..hi).filter(|&j| visible(j)).map(|j| xr[j].to_f64()).fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = (0..hi).filter(|&j| visible(j)).map(|j| (xr[j].to_f64() - m).exp()).sum();
-            for (j, v) in yr.iter_mut().enumerate() {
-                if visible(j) {
-                    *v = T::from_f64((xr[j].to_f64() - m).exp() / sum);
-                }
+        let rows = x.len() / total.max(1);
+        // Rows split over the cores; each row: max, one exp per visible column, then the scale (f32 math).
+        // (Small score tensors, as in a decode step, stay on this thread: spawning would cost more.)
+        let cores = if x.len() < 1 << 16 { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
+        let threads = cores.min(rows.max(1));
+        let per = rows.div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|scope| {
+            for (part, (xs, ys)) in x.chunks(per * total).zip(y.chunks_mut(per * total)).enumerate() {
+                scope.spawn(move || {
+                    let mut e = vec![0f32; total];
+                    for (i, (xr, yr)) in xs.chunks(total).zip(ys.chunks_mut(total)).enumerate() {
+                        let r = part * per + i;
+                        let lo = self.prefix + starts[r / per_seq] as usize;
+                        let hi = total.min(self.prefix + self.offset + r % self.t + 1);
+                        let visible = |j: usize| j < self.prefix || j >= lo;
+                        let m = (0..hi)
+                            .filter(|&j| visible(j))
+                            .fold(f32::NEG_INFINITY, |m, j| m.max(xr[j].to_f64() as f32));
+                        let mut sum = 0f32;
+                        for j in 0..hi {
+                            e[j] = if visible(j) { (xr[j].to_f64() as f32 - m).exp() } else { 0.0 };
+                            sum += e[j];
+                        }
+                        let inv = 1.0 / sum;
+                        for j in 0..hi {
+                            yr[j] = T::from_f64((e[j] * inv) as f64);
+                        }
+                    }
+                });
             }
-        }
+        });
         y
     }
 }
@@ -421,6 +440,30 @@ mod tests {
         Ok(())
     }
 
+    /// Two sequences (starts 0 and 2) of 2 new tokens after 2 own cached columns, after a 3-column shared
+    /// prefix: each row is a plain softmax over the prefix and its own visible columns, zero elsewhere.
+    #[test]
+    fn span_softmax_sees_the_prefix_and_each_rows_own_columns() -> Result<()> {
+        let (t, offset, prefix) = (2, 2, 3);
+        let total = prefix + offset + t;
+        let scores = seeded_randn(3, 0.0, 2.0, &[2, 3, t, total]);
+        let starts = Tensor::new(&[0u32, 2], &Device::Cpu)?;
+        let p = span_softmax(&scores, &starts, t, offset, prefix)?.flatten_all()?.to_vec1::<f32>()?;
+        let s = scores.flatten_all()?.to_vec1::<f32>()?;
+        for r in 0..12 {
+            let (seq, i) = (r / 6, r % t);
+            let visible: Vec<usize> =
+                (0..total).filter(|&j| j < prefix || (j >= prefix + 2 * seq && j <= prefix + offset + i)).collect();
+            let row: Vec<f32> = visible.iter().map(|&j| s[r * total + j]).collect();
+            let want = plain_softmax(&row, row.len());
+            for j in 0..total {
+                let expected = visible.iter().position(|&v| v == j).map_or(0.0, |k| want[k]);
+                assert!((p[r * total + j] as f64 - expected).abs() < 1e-6, "row {r} column {j}");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn swiglu_and_argmax_equal_their_definitions() -> Result<()> {
         let g = seeded_randn(3, 0.0, 2.0, &[2, 7]);
@@ -467,6 +510,14 @@ mod tests {
             let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
             let d = max_diff(&got, &want)? / scale;
             assert!(d < tol, "{dtype:?} swiglu differs by {d} of the largest value");
+        }
+        for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+            let scores = seeded_randn(9, 0.0, 2.0, &[3, 4, 2, 3 + 40 + 2]);
+            let starts = Tensor::new(&[0u32, 17, 39], &Device::Cpu)?;
+            let want = span_softmax(&scores, &starts, 2, 40, 3)?;
+            let got = span_softmax(&scores.to_dtype(dtype)?.to_device(&gpu)?, &starts.to_device(&gpu)?, 2, 40, 3)?;
+            let d = max_diff(&got, &want)?;
+            assert!(d < tol, "{dtype:?} span softmax differs by {d}");
         }
         let x = seeded_randn(8, 0.0, 1.0, &[3, 50_000]);
         let got = argmax_last(&x.to_device(&gpu)?)?.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
