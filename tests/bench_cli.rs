@@ -229,6 +229,12 @@ fn edge_values_are_refused_before_any_work() {
         assert!(err.contains(want), "{extra:?}: {err}");
         assert!(!res.join("benchmark_results.json").exists(), "{extra:?}: nothing was run");
     }
+    for bad in ["0", "many"] {
+        let out = common::billion(&["bench", "--models", m, "--mmlu", "--mmlu-dir", d, "--batch-size", bad]);
+        let err = common::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "--batch-size {bad}: {err}");
+        assert!(err.contains("--batch-size") && err.contains("≥ 1 or `auto`"), "{err}");
+    }
     // A missing second model, or a results folder that cannot be written, stop the run before the first model.
     let missing = dir.path().join("missing.gguf");
     let out = common::billion(&[

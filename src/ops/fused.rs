@@ -124,7 +124,8 @@ impl SpanSoftmax {
                             e[j] = if visible(j) { (xr[j].to_f64() as f32 - m).exp() } else { 0.0 };
                             sum += e[j];
                         }
-                        let inv = 1.0 / sum;
+                        // A padding query sees nothing: its row stays zero (no 0 / 0).
+                        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                         for j in 0..hi {
                             yr[j] = T::from_f64((e[j] * inv) as f64);
                         }
