@@ -300,6 +300,13 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// Items per thread when `items` are split over the cores (at least 1): the chunk size for `chunks(per)` under
+/// `std::thread::scope`, one chunk a core.
+pub fn items_per_thread(items: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    items.div_ceil(cores.min(items).max(1)).max(1)
+}
+
 /// Free memory on the GPU behind `device`, if it is a CUDA device.
 pub fn gpu_memory_free_bytes(device: &candle_core::Device) -> Option<usize> {
     #[cfg(feature = "cuda")]

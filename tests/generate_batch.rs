@@ -4,9 +4,9 @@
 mod common;
 
 use serde_json::{json, Value};
-use std::io::BufRead;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 
 /// A tiny llama with the byte-level test tokenizer (one token per byte, context window 256).
 fn chat_model(dir: &Path, seed: u64) -> String {
@@ -207,6 +207,20 @@ fn a_stop_string_that_never_appears_ends_at_max_tokens() {
     }
 }
 
+/// `generate --prompts FILE --batch N` started with piped output, and the first line it wrote.
+fn spawn_batch(model: &str, file: &str, batch: &str) -> (Child, BufReader<ChildStdout>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_billion"))
+        .args(["generate", "--model", model, "--prompts", file, "--device", "cpu", "--batch", batch])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    (child, reader, first)
+}
+
 #[test]
 fn a_closed_stdout_ends_quietly() {
     let d = tempfile::tempdir().unwrap();
@@ -216,15 +230,7 @@ fn a_closed_stdout_ends_quietly() {
     let lines: Vec<String> =
         (0..300).map(|i| json!({"id": i, "prompt": prompt, "max_tokens": 2}).to_string()).collect();
     let file = write_lines(&d.path().join("p.jsonl"), &lines);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_billion"))
-        .args(["generate", "--model", &model, "--prompts", &file, "--device", "cpu", "--batch", "32"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
+    let (child, reader, first) = spawn_batch(&model, &file, "32");
     drop(reader);
     let out = child.wait_with_output().unwrap();
     let err = common::stderr(&out);
@@ -241,15 +247,7 @@ fn ctrl_c_writes_what_finished_and_exits_130() {
     let lines: Vec<String> =
         (0..400).map(|i| json!({"id": i, "prompt": format!("row {i}"), "max_tokens": 200}).to_string()).collect();
     let file = write_lines(&d.path().join("p.jsonl"), &lines);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_billion"))
-        .args(["generate", "--model", &model, "--prompts", &file, "--device", "cpu", "--batch", "4"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
+    let (child, mut reader, first) = spawn_batch(&model, &file, "4");
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let mut rest = String::new();

@@ -225,6 +225,13 @@ impl<'a> Scorer<'a> {
         Ok(())
     }
 
+    /// `q` scored alone: each answer letter's log-likelihood after `context` (the question's prompt).
+    pub fn answer(&mut self, q: &Question, context: &str) -> Result<QuestionResult> {
+        let continuations = LETTERS.map(|l| format!(" {l}"));
+        let ll = self.loglik(context, &continuations)?;
+        Ok(answer(q, [ll[0], ll[1], ll[2], ll[3]]))
+    }
+
     /// Log-likelihood of `continuation` after `context`, as lm-evaluation-harness computes it (a context
     /// longer than the model's window loses its oldest tokens, as the harness truncates from the left).
     pub fn loglik(&mut self, context: &str, continuations: &[String]) -> Result<Vec<f64>> {
@@ -297,7 +304,6 @@ pub fn evaluate(
     }
     let mut scorer = Scorer::new(loaded)?;
     scorer.reuse_prefix = reuse_prefix;
-    let continuations: Vec<String> = LETTERS.iter().map(|l| format!(" {l}")).collect();
     let mut out = Evaluation::default();
     for s in subjects {
         if interrupted.load(Ordering::Relaxed) {
@@ -314,8 +320,7 @@ pub fn evaluate(
                 break;
             }
             let context = prefix.clone() + &format_question(q);
-            let ll = scorer.loglik(&context, &continuations)?;
-            per_q.push(answer(q, [ll[0], ll[1], ll[2], ll[3]]));
+            per_q.push(scorer.answer(q, &context)?);
             progress(1);
         }
         out.add_subject(s, groups, per_q);
@@ -387,8 +392,7 @@ fn plan_all(
     window: usize,
     first: usize,
 ) -> Result<Vec<(usize, Option<Planned>)>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(contexts.len().max(1));
-    let per = contexts.len().div_ceil(threads.max(1)).max(1);
+    let per = crate::util::items_per_thread(contexts.len());
     std::thread::scope(|scope| {
         let workers: Vec<_> = contexts
             .chunks(per)
@@ -493,7 +497,6 @@ fn evaluate_batched(
     let tok = loaded.tokenizer()?;
     let window = model.config().max_position_embeddings;
     let mut scorer = Scorer::new(loaded)?;
-    let continuations: Vec<String> = LETTERS.iter().map(|l| format!(" {l}")).collect();
     let mut out = Evaluation::default();
     for s in subjects {
         if interrupted.load(Ordering::Relaxed) {
@@ -586,8 +589,7 @@ fn evaluate_batched(
                         scorer.prime(&prefix_text)?;
                         primed_alone = true;
                     }
-                    let ll = scorer.loglik(&contexts[i], &continuations)?;
-                    results[i] = Some(answer(&questions[i], [ll[0], ll[1], ll[2], ll[3]]));
+                    results[i] = Some(scorer.answer(&questions[i], &contexts[i])?);
                     progress(1);
                 }
             }

@@ -329,7 +329,8 @@ pub fn run_humaneval(
     let budget = h.max_tokens.min(loaded.config().max_position_embeddings / 2);
     // Every problem × sample is one request of a continuously refilled batch; each sample keeps the seed it
     // has when generated alone.
-    let mut requests = vec![];
+    // `requests[i]` is a completion of problem `problem_of[i]`.
+    let (mut requests, mut problem_of) = (vec![], vec![]);
     for (pi, p) in problems.iter().enumerate() {
         let ids = problem_tokens(loaded, p, mode, budget)?;
         for s in 0..samples {
@@ -339,7 +340,8 @@ pub fn run_humaneval(
                 HumanEvalMode::Instruct => vec![],
                 _ => humaneval::STOP_SEQUENCES.iter().map(|s| s.to_string()).collect(),
             };
-            requests.push((pi, BatchRequest { prompt: ids.clone(), max_tokens: budget, stop_strings, sampling }));
+            requests.push(BatchRequest { prompt: ids.clone(), max_tokens: budget, stop_strings, sampling });
+            problem_of.push(pi);
         }
     }
     let eos_ids = match mode {
@@ -348,14 +350,11 @@ pub fn run_humaneval(
     };
     let rows = match params.batch_size {
         BatchSize::Rows(n) => n,
-        BatchSize::Auto => {
-            generation_rows(loaded, budget + requests.iter().map(|(_, r)| r.prompt.len()).max().unwrap_or(0))
-        }
+        BatchSize::Auto => generation_rows(loaded, budget + requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0)),
     };
     let batch = BatchParams { batch: rows, eos_ids, interrupt: Some(interrupted.clone()) };
-    let only: Vec<BatchRequest> = requests.iter().map(|(_, r)| r.clone()).collect();
-    let mut texts: Vec<Option<String>> = vec![None; only.len()];
-    let stats = generate_batch(&loaded.model, Some(tok), &only, &batch, |i, out| {
+    let mut texts: Vec<Option<String>> = vec![None; requests.len()];
+    let stats = generate_batch(&loaded.model, Some(tok), &requests, &batch, |i, out| {
         if out.stop_reason != StopReason::Interrupted {
             texts[i] = Some(out.text);
             pb.inc(1);
@@ -364,14 +363,14 @@ pub fn run_humaneval(
     })?;
     let mut programs = vec![];
     let mut completions = vec![];
-    for ((pi, _), text) in requests.iter().zip(texts) {
+    for (&pi, text) in problem_of.iter().zip(texts) {
         let Some(text) = text else { continue };
-        let p = &problems[*pi];
+        let p = &problems[pi];
         programs.push(match mode {
             HumanEvalMode::Instruct => humaneval::instruct_program(p, &text),
             _ => humaneval::check_program(p, &text),
         });
-        completions.push((*pi, text));
+        completions.push((pi, text));
     }
     pb.finish_and_clear();
     let sandbox = Sandbox { timeout: Duration::from_secs_f64(h.timeout), ..Default::default() };
@@ -387,7 +386,7 @@ pub fn run_humaneval(
     record.mode = mode.name().to_string();
     record.sandbox = sandbox.isolation().describe().to_string();
     record.interrupted = set(interrupted);
-    record.batch_rows = rows.min(only.len());
+    record.batch_rows = rows.min(requests.len());
     record.generation_seconds = stats.seconds;
     record.run_seconds = run_seconds;
     record.generated_tokens = stats.generated_tokens;

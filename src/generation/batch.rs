@@ -278,7 +278,7 @@ impl<'a> Engine<'a> {
             };
             let slots: Vec<usize> = if first { (0..starting.len()).collect() } else { free };
             let mut new_rows: Vec<Row<'a>> = starting.iter().map(|&i| self.new_row(i)).collect();
-            let tokens = choose(&logits, &mut new_rows.iter_mut().collect::<Vec<_>>())?;
+            let tokens = choose(&logits, &mut new_rows)?;
             for ((row, token), &slot) in new_rows.into_iter().zip(tokens).zip(&slots) {
                 self.admit(slot, row, token, &mut done)?;
             }
@@ -327,10 +327,13 @@ impl<'a> Engine<'a> {
         let logits = self.model.forward_last(&input, &mut self.cache)?;
         let slots: Vec<usize> = (0..self.rows.len()).filter(|&s| self.rows[s].is_some()).collect();
         let mut rows: Vec<Row<'a>> = slots.iter().map(|&s| self.rows[s].take().expect("live")).collect();
-        let index =
-            Tensor::from_vec(slots.iter().map(|&s| s as u32).collect::<Vec<_>>(), slots.len(), logits.device())?;
-        let live_logits = if slots.len() == logits.dim(0)? { logits } else { logits.index_select(&index, 0)? };
-        let tokens = choose(&live_logits, &mut rows.iter_mut().collect::<Vec<_>>())?;
+        let live_logits = if slots.len() == logits.dim(0)? {
+            logits
+        } else {
+            let index = slots.iter().map(|&s| s as u32).collect::<Vec<_>>();
+            logits.index_select(&Tensor::from_vec(index, slots.len(), logits.device())?, 0)?
+        };
+        let tokens = choose(&live_logits, &mut rows)?;
         let mut done = vec![];
         for ((row, token), slot) in rows.into_iter().zip(tokens).zip(slots) {
             self.admit(slot, row, token, &mut done)?;
@@ -341,15 +344,14 @@ impl<'a> Engine<'a> {
 
 /// Each row's next token from its logits row (`logits` `[rows, vocab]`, f32): one device argmax for the
 /// greedy rows, the rows' own samplers on the host for the others.
-fn choose(logits: &Tensor, rows: &mut [&mut Row]) -> Result<Vec<u32>> {
+fn choose(logits: &Tensor, rows: &mut [Row]) -> Result<Vec<u32>> {
     if !rows.iter().any(|r| r.wants_host_logits()) {
         return Ok(crate::ops::fused::argmax_last(logits)?.to_vec1::<u32>()?);
     }
     let all = logits.to_vec2::<f32>()?;
     // Each row's penalty, softmax and draw are its own (its sampler, its history): rows spread over the cores.
     let mut tokens = vec![0u32; rows.len()];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.len()).max(1);
-    let per = rows.len().div_ceil(threads);
+    let per = crate::util::items_per_thread(rows.len());
     std::thread::scope(|scope| {
         for ((rows, logits), out) in rows.chunks_mut(per).zip(all.chunks(per)).zip(tokens.chunks_mut(per)) {
             scope.spawn(move || {

@@ -59,6 +59,30 @@ fn write_row_columns(buf: &Tensor, row: usize, at: usize, tokens: &Tensor) -> Re
     buf.slice_set(&rebuilt, 0, row)
 }
 
+/// The capacity a buffer of `capacity` columns grows to for `needed` (doubling from at least `initial`, amortised
+/// O(1) a token), at most the context window; unchanged when `needed` fits.
+fn capacity_for(capacity: usize, needed: usize, initial: usize, max_len: usize) -> usize {
+    if needed <= capacity {
+        return capacity;
+    }
+    let mut new_cap = capacity.max(initial).max(1);
+    while new_cap < needed {
+        new_cap *= 2;
+    }
+    new_cap.min(max_len)
+}
+
+/// A new buffer of `capacity` columns (`[b, kv_heads, capacity, head_dim]`) holding `old`'s first `len` columns
+/// from column `at`.
+fn relocated(old: &Tensor, len: usize, capacity: usize, at: usize) -> Result<Tensor> {
+    let (b, h, _, d) = old.dims4()?;
+    let new = Tensor::zeros((b, h, capacity, d), old.dtype(), old.device())?;
+    if len > 0 {
+        new.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, at)?;
+    }
+    Ok(new)
+}
+
 /// Cloning copies the buffers: a clone can be extended or rolled back without touching the original.
 #[derive(Debug)]
 pub struct KvCache {
@@ -247,17 +271,12 @@ impl KvCache {
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.starts.len()) {
             candle_core::bail!("row {bad} is outside a batch of {}", self.starts.len());
         }
-        let device = match self.device() {
-            Some(d) => d,
-            None => {
-                self.starts = rows.iter().map(|&r| self.starts[r]).collect();
-                return Ok(());
+        if let Some(device) = self.device() {
+            let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &device)?;
+            for l in self.layers.iter_mut().flatten() {
+                l.k = l.k.index_select(&index, 0)?;
+                l.v = l.v.index_select(&index, 0)?;
             }
-        };
-        let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &device)?;
-        for l in self.layers.iter_mut().flatten() {
-            l.k = l.k.index_select(&index, 0)?;
-            l.v = l.v.index_select(&index, 0)?;
         }
         self.starts = rows.iter().map(|&r| self.starts[r]).collect();
         Ok(())
@@ -269,17 +288,8 @@ impl KvCache {
         self.check_room(extra)?;
         let len = self.len;
         for l in self.layers.iter_mut().flatten() {
-            let (b, h, cap, d) = l.k.dims4()?;
-            let cap = if needed <= cap { cap } else { needed.next_power_of_two().min(self.max_len) };
-            let (nk, nv) = (
-                Tensor::zeros((b, h, cap, d), l.k.dtype(), l.k.device())?,
-                Tensor::zeros((b, h, cap, d), l.v.dtype(), l.v.device())?,
-            );
-            if len > 0 {
-                nk.slice_set(&l.k.narrow(2, 0, len)?.contiguous()?, 2, extra)?;
-                nv.slice_set(&l.v.narrow(2, 0, len)?.contiguous()?, 2, extra)?;
-            }
-            (l.k, l.v) = (nk, nv);
+            let capacity = capacity_for(l.k.dim(2)?, needed, self.initial_capacity, self.max_len);
+            (l.k, l.v) = (relocated(&l.k, len, capacity, extra)?, relocated(&l.v, len, capacity, extra)?);
         }
         self.len = needed;
         for s in &mut self.starts {
@@ -418,20 +428,16 @@ impl KvCache {
         if needed <= capacity {
             return Ok(());
         }
-        let mut new_cap = capacity.max(self.initial_capacity);
-        while new_cap < needed {
-            new_cap *= 2;
-        }
-        let new_cap = new_cap.min(self.max_len);
-        let nk = Tensor::zeros((b, h, new_cap, d), dtype, device)?;
-        let nv = Tensor::zeros((b, h, new_cap, d), dtype, device)?;
-        if let Some(old) = slot.as_ref() {
-            if self.len > 0 {
-                nk.slice_set(&old.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                nv.slice_set(&old.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+        let new_cap = capacity_for(capacity, needed, self.initial_capacity, self.max_len);
+        *slot = Some(match slot.as_ref() {
+            Some(old) => {
+                LayerCache { k: relocated(&old.k, self.len, new_cap, 0)?, v: relocated(&old.v, self.len, new_cap, 0)? }
             }
-        }
-        *slot = Some(LayerCache { k: nk, v: nv });
+            None => LayerCache {
+                k: Tensor::zeros((b, h, new_cap, d), dtype, device)?,
+                v: Tensor::zeros((b, h, new_cap, d), dtype, device)?,
+            },
+        });
         Ok(())
     }
 

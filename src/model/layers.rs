@@ -336,39 +336,35 @@ pub fn attention(
     };
     let scale = 1.0 / (d as f64).sqrt();
     match (ops, starts) {
-        (Ops::Fused, Some(starts)) => {
-            // Rows of different lengths (and maybe a shared prefix): scores over [prefix | own columns], each
-            // row's visible span picked by the span softmax.
-            let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
-            let own = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
-            let Some(prefix) = cache.prefix().cloned() else {
-                let probs = crate::ops::fused::span_softmax(&own, starts, t, prev, 0)?;
-                let out = probs.matmul(&v_all)?;
-                return out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d));
-            };
-            let (kp, vp) = prefix.layer(layer).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?;
-            let p = prefix.len();
-            // Every row's queries against the one prefix: [kv, b*g*t, d] x [kv, d, p] (the prefix is not copied).
-            let qp = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, d))?;
-            let shared = qp.matmul(&kp.squeeze(0)?.t()?)?.reshape((kv_heads, b, groups * t, p))?.transpose(0, 1)?;
-            let scores = Tensor::cat(&[&shared, &own], 3)?;
-            let probs = crate::ops::fused::span_softmax(&scores, starts, t, prev, p)?;
-            let probs_shared =
-                probs.narrow(3, 0, p)?.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, p))?;
-            let from_shared =
-                probs_shared.matmul(&vp.squeeze(0)?)?.reshape((kv_heads, b, groups * t, d))?.transpose(0, 1)?;
-            let from_own = probs.narrow(3, p, prev + t)?.contiguous()?.matmul(&v_all)?;
-            let out = (from_shared + from_own)?;
-            out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
-        }
-        (Ops::Fused, None) => {
+        (Ops::Fused, _) => {
             // q comes pre-scaled (`Rotary::apply_query`). Scores stay in the compute dtype: they leave the
             // matmul in it, the mask is 0 / -inf (exact in any float type) and the softmax kernel accumulates
             // in f32 — casting around it only added two kernels per layer.
             let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
-            let scores = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
-            let probs = crate::ops::fused::masked_softmax(&scores, mask, t, prev)?;
-            let out = probs.matmul(&v_all)?;
+            let own = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
+            let out = match (starts, cache.prefix()) {
+                (None, _) => crate::ops::fused::masked_softmax(&own, mask, t, prev)?.matmul(&v_all)?,
+                // Rows of different lengths: each row's visible span picked by the span softmax.
+                (Some(starts), None) => crate::ops::fused::span_softmax(&own, starts, t, prev, 0)?.matmul(&v_all)?,
+                // And a shared prefix: scores over [prefix | own columns].
+                (Some(starts), Some(prefix)) => {
+                    let (kp, vp) =
+                        prefix.layer(layer).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?;
+                    let p = prefix.len();
+                    // Every row's queries against the one prefix: [kv, b*g*t, d] x [kv, d, p] (not copied).
+                    let qp = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, d))?;
+                    let shared =
+                        qp.matmul(&kp.squeeze(0)?.t()?)?.reshape((kv_heads, b, groups * t, p))?.transpose(0, 1)?;
+                    let scores = Tensor::cat(&[&shared, &own], 3)?;
+                    let probs = crate::ops::fused::span_softmax(&scores, starts, t, prev, p)?;
+                    let probs_shared =
+                        probs.narrow(3, 0, p)?.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, p))?;
+                    let from_shared =
+                        probs_shared.matmul(&vp.squeeze(0)?)?.reshape((kv_heads, b, groups * t, d))?.transpose(0, 1)?;
+                    let from_own = probs.narrow(3, p, prev + t)?.contiguous()?.matmul(&v_all)?;
+                    (from_shared + from_own)?
+                }
+            };
             out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))
         }
         (Ops::Differentiable, Some(_)) => {

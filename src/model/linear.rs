@@ -127,11 +127,7 @@ impl Linear {
     pub fn forward_as_many_rows(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Quantized(q) if x.device().is_cpu() && self.lora.is_none() && !x.track_op() => {
-                let y = self.dequantized_product(q, x)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+                self.with_bias(self.dequantized_product(q, x)?)
             }
             _ => self.forward(x),
         }
@@ -184,7 +180,10 @@ impl Linear {
 
     /// The base product plus bias, no gradient tracking.
     fn frozen_value(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base_product(x)?;
+        self.with_bias(self.base_product(x)?)
+    }
+
+    fn with_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -17,20 +17,10 @@ pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Re
 /// `mask` is not needed; elsewhere `mask` (`[t, total]`, from `causal_mask`) is added first, and
 /// without one the scores are a single token's (nothing to mask).
 pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, t: usize, offset: usize) -> Result<Tensor> {
-    // A per-row mask (`[b, 1, t, total]`, rows padded on the left) is added as it is; the kernel only knows the
-    // causal pattern.
-    let per_row = mask.is_some_and(|m| m.rank() == 4);
-    if t > 1 && scores.device().is_cuda() && !per_row {
+    if t > 1 && scores.device().is_cuda() {
         return scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { t, offset });
     }
     match mask {
-        Some(m) if per_row => {
-            let b = m.dim(0)?;
-            let total = scores.dim(D::Minus1)?;
-            let rows = scores.elem_count() / total;
-            let s = scores.reshape((b, rows / (b * t), t, total))?.broadcast_add(m)?;
-            candle_nn::ops::softmax_last_dim(&s)?.reshape(scores.shape())
-        }
         Some(m) => {
             let total = scores.dim(D::Minus1)?;
             let rows = scores.elem_count() / total;
@@ -104,9 +94,7 @@ impl SpanSoftmax {
         let rows = x.len() / total.max(1);
         // Rows split over the cores; each row: max, one exp per visible column, then the scale (f32 math).
         // (Small score tensors, as in a decode step, stay on this thread: spawning would cost more.)
-        let cores = if x.len() < 1 << 16 { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
-        let threads = cores.min(rows.max(1));
-        let per = rows.div_ceil(threads.max(1)).max(1);
+        let per = if x.len() < 1 << 16 { rows.max(1) } else { crate::util::items_per_thread(rows) };
         std::thread::scope(|scope| {
             for (part, (xs, ys)) in x.chunks(per * total).zip(y.chunks_mut(per * total)).enumerate() {
                 scope.spawn(move || {
@@ -283,10 +271,42 @@ pub(crate) mod cuda {
 
     /// Same-shape unary kernel `name_{dtype}(x, y, args...)` over a contiguous input.
     pub fn unary(s: &CudaStorage, l: &Layout, name: &str, cfg: LaunchConfig, args: &[i32]) -> Result<CudaStorage> {
+        unary_with(s, l, None, name, cfg, args)
+    }
+
+    /// `span_softmax_{dtype}(x, starts, y, args...)`: scores and per-sequence starts (u32).
+    pub fn span_softmax(
+        s: &CudaStorage,
+        l: &Layout,
+        st: &CudaStorage,
+        sl: &Layout,
+        cfg: LaunchConfig,
+        args: &[i32],
+    ) -> Result<CudaStorage> {
+        unary_with(s, l, Some((st, sl)), "span_softmax", cfg, args)
+    }
+
+    /// `name_{dtype}(x, [u32 side input,] y, args...)` over a contiguous input, output of its shape.
+    fn unary_with(
+        s: &CudaStorage,
+        l: &Layout,
+        side: Option<(&CudaStorage, &Layout)>,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &[i32],
+    ) -> Result<CudaStorage> {
         let dev = s.device();
         let n = l.shape().elem_count();
-        let (o1, o2) =
-            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{name}: input not contiguous")))?;
+        let strided = || candle_core::Error::Msg(format!("{name}: input not contiguous"));
+        let (o1, o2) = l.contiguous_offsets().ok_or_else(strided)?;
+        let side = match side {
+            None => None,
+            Some((st, sl)) => {
+                let (s1, s2) = sl.contiguous_offsets().ok_or_else(strided)?;
+                let CudaStorageSlice::U32(v) = &st.slice else { candle_core::bail!("{name}: expected u32 input") };
+                Some(v.slice(s1..s2))
+            }
+        };
         let f = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(s.dtype())?), MODULE, PTX)?;
         macro_rules! run {
             ($t:ty, $x:expr, $variant:ident) => {{
@@ -294,7 +314,11 @@ pub(crate) mod cuda {
                 // SAFETY: the kernel writes every element of `y`.
                 let y: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
                 let mut b = f.builder();
-                b.arg(&x).arg(&y);
+                b.arg(&x);
+                if let Some(side) = &side {
+                    b.arg(side);
+                }
+                b.arg(&y);
                 for a in args {
                     b.arg(a);
                 }
@@ -307,45 +331,6 @@ pub(crate) mod cuda {
             CudaStorageSlice::BF16(x) => run!(bf16, x, BF16),
             CudaStorageSlice::F16(x) => run!(f16, x, F16),
             _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
-        })
-    }
-
-    /// `span_softmax_{dtype}(x, starts, y, args...)`: scores and per-sequence starts (u32).
-    pub fn span_softmax(
-        s: &CudaStorage,
-        l: &Layout,
-        st: &CudaStorage,
-        sl: &Layout,
-        cfg: LaunchConfig,
-        args: &[i32],
-    ) -> Result<CudaStorage> {
-        let dev = s.device();
-        let n = l.shape().elem_count();
-        let bad = || candle_core::Error::Msg("span-softmax: inputs not contiguous".into());
-        let (o1, o2) = l.contiguous_offsets().ok_or_else(bad)?;
-        let (s1, s2) = sl.contiguous_offsets().ok_or_else(bad)?;
-        let CudaStorageSlice::U32(starts) = &st.slice else { candle_core::bail!("span-softmax: starts must be u32") };
-        let starts = starts.slice(s1..s2);
-        let f = dev.get_or_load_custom_func(&format!("span_softmax_{}", suffix(s.dtype())?), MODULE, PTX)?;
-        macro_rules! run {
-            ($t:ty, $x:expr, $variant:ident) => {{
-                let x = $x.slice(o1..o2);
-                // SAFETY: the kernel writes every element of `y`.
-                let y: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
-                let mut b = f.builder();
-                b.arg(&x).arg(&starts).arg(&y);
-                for a in args {
-                    b.arg(a);
-                }
-                unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
-                wrap(dev, CudaStorageSlice::$variant(y))
-            }};
-        }
-        Ok(match &s.slice {
-            CudaStorageSlice::F32(x) => run!(f32, x, F32),
-            CudaStorageSlice::BF16(x) => run!(bf16, x, BF16),
-            CudaStorageSlice::F16(x) => run!(f16, x, F16),
-            _ => candle_core::bail!("span-softmax: unsupported dtype {:?}", s.dtype()),
         })
     }
 
