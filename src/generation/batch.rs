@@ -4,6 +4,7 @@
 use super::sampling::{Sampler, SamplingParams};
 use super::{generate, held_back, GenerateParams, StopReason};
 use crate::model::{KvCache, Model};
+use crate::ops::fused::{sample_rows, RowDraw};
 use crate::tokenizer::{TokenStream, Tokenizer};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -138,6 +139,9 @@ pub fn generate_batch(
     Ok(stats)
 }
 
+/// A refill waits for this share of the batch's slots to be free (1/8: the batch stays ≥ 7/8 full).
+const REFILL_SHARE: usize = 8;
+
 fn interrupted(params: &BatchParams) -> bool {
     params.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
 }
@@ -197,6 +201,18 @@ impl<'t> Row<'t> {
         Ok((self.index, BatchOutput { tokens: self.tokens, text: self.text, stop_reason: reason }))
     }
 
+    /// This row's next draw as the device sampler takes it (the draw index: tokens generated so far).
+    fn device_draw(&self) -> RowDraw {
+        let p = self.sampler.params();
+        RowDraw {
+            temperature: if p.is_greedy() { 0.0 } else { p.temperature as f32 },
+            top_p: p.top_p.map_or(1.0, |v| v as f32),
+            top_k: p.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
+            seed: p.seed,
+            draw: self.tokens.len() as u32,
+        }
+    }
+
     fn wants_host_logits(&self) -> bool {
         let p = self.sampler.params();
         !p.is_greedy() || p.repeat_penalty != 1.0
@@ -246,6 +262,13 @@ impl<'a> Engine<'a> {
             } else {
                 (0..self.rows.len()).filter(|&s| self.rows[s].is_none()).collect()
             };
+            // Refills wait until enough slots are free to share one prefill (or the queue's rest fits): a
+            // prefill and its row moves cost many launches, one per finished row would stall every step.
+            let waiting = self.requests.len() - self.next;
+            let live = self.rows.iter().any(Option::is_some);
+            if !first && live && free.len() < waiting.min((self.width / REFILL_SHARE).max(1)) {
+                return Ok(done);
+            }
             let mut starting = vec![];
             while starting.len() < free.len() && self.next < self.requests.len() {
                 let index = self.next;
@@ -348,6 +371,11 @@ fn choose(logits: &Tensor, rows: &mut [Row]) -> Result<Vec<u32>> {
     if !rows.iter().any(|r| r.wants_host_logits()) {
         return Ok(crate::ops::fused::argmax_last(logits)?.to_vec1::<u32>()?);
     }
+    // On the GPU, rows without a repeat penalty draw there: `[rows, vocab]` logits never cross to the host.
+    if logits.device().is_cuda() && rows.iter().all(|r| r.sampler.params().repeat_penalty == 1.0) {
+        let draws: Vec<RowDraw> = rows.iter().map(Row::device_draw).collect();
+        return Ok(sample_rows(logits, &draws)?.to_vec1::<u32>()?);
+    }
     let all = logits.to_vec2::<f32>()?;
     // Each row's penalty, softmax and draw are its own (its sampler, its history): rows spread over the cores.
     let mut tokens = vec![0u32; rows.len()];
@@ -447,7 +475,9 @@ mod tests {
     fn stop_strings_are_per_row() -> Result<()> {
         let dir = tempfile::tempdir()?;
         crate::testing::write_chat_model(dir.path(), 5)?;
-        let loaded = crate::load::load(dir.path().to_str().unwrap(), &crate::load::LoadOptions::default())?;
+        // On the CPU in f32: equality with the sequence alone is exact there (a GPU's bf16 GEMMs round by shape).
+        let cpu = crate::load::LoadOptions { device: Some(crate::load::DeviceSpec::Cpu), ..Default::default() };
+        let loaded = crate::load::load(dir.path().to_str().unwrap(), &cpu)?;
         let (m, tok) = (&loaded.model, loaded.tokenizer()?);
         let base: Vec<BatchRequest> = ["hello there", "a", "the quick brown fox"]
             .iter()

@@ -59,6 +59,64 @@ fn write_row_columns(buf: &Tensor, row: usize, at: usize, tokens: &Tensor) -> Re
     buf.slice_set(&rebuilt, 0, row)
 }
 
+/// Copy columns `from..from + n` of row `src_row` of `src` into columns `at..at + n` of row `row` of `dst` (both
+/// `[b, kv_heads, capacity, head_dim]`) as one strided device copy per buffer, on CUDA. Returns false where it
+/// does not apply (other devices or dtypes): the caller then rebuilds the row with tensor ops.
+#[cfg(feature = "cuda")]
+fn copy_columns_on_device(
+    dst: &Tensor,
+    row: usize,
+    at: usize,
+    src: &Tensor,
+    src_row: usize,
+    from: usize,
+    n: usize,
+) -> Result<bool> {
+    use super::decode_graph::launch::storage_ptr;
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(dev) = dst.device() else { return Ok(false) };
+    if dst.dtype() != src.dtype()
+        || !matches!(dst.dtype(), DType::BF16 | DType::F32)
+        || !dst.is_contiguous()
+        || !src.is_contiguous()
+        || n == 0
+    {
+        return Ok(false);
+    }
+    let (_, heads, dst_cap, d) = dst.dims4()?;
+    let src_cap = src.dim(2)?;
+    let es = dst.dtype().size_in_bytes();
+    let stream = dev.cuda_stream();
+    let device = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+    let copy = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: device,
+        srcHost: std::ptr::null(),
+        srcDevice: storage_ptr(src, &stream)? + (((src_row * heads * src_cap) + from) * d * es) as u64,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: src_cap * d * es,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: device,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: storage_ptr(dst, &stream)? + (((row * heads * dst_cap) + at) * d * es) as u64,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: dst_cap * d * es,
+        WidthInBytes: n * d * es,
+        Height: heads,
+    };
+    // SAFETY: source and destination lie inside the two live buffers (rows, heads and columns checked by the
+    // caller against their shapes); the copy is ordered on the stream every op of these tensors runs on.
+    unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }.result().map_err(candle_core::Error::wrap)?;
+    Ok(true)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn copy_columns_on_device(_: &Tensor, _: usize, _: usize, _: &Tensor, _: usize, _: usize, _: usize) -> Result<bool> {
+    Ok(false)
+}
+
 /// The capacity a buffer of `capacity` columns grows to for `needed` (doubling from at least `initial`, amortised
 /// O(1) a token), at most the context window; unchanged when `needed` fits.
 fn capacity_for(capacity: usize, needed: usize, initial: usize, max_len: usize) -> usize {
@@ -228,6 +286,9 @@ impl KvCache {
         for (dst, from) in self.layers.iter().zip(&src.layers) {
             let (Some(dst), Some(from)) = (dst, from) else { candle_core::bail!("place_row: a layer is empty") };
             for (buf, f) in [(&dst.k, &from.k), (&dst.v, &from.v)] {
+                if copy_columns_on_device(buf, row, self.len - n, f, src_row, src_start, n)? {
+                    continue;
+                }
                 let tokens = f.i(src_row)?.narrow(1, src_start, n)?.unsqueeze(0)?;
                 write_row_columns(buf, row, self.len - n, &tokens)?;
             }

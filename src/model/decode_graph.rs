@@ -97,6 +97,86 @@ impl GraphSlot {
     }
 }
 
+/// Kernel launches and device addresses shared by the decode graphs.
+#[cfg(feature = "cuda")]
+pub(super) mod launch {
+    use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+    use candle_core::{DType, Result, Storage, Tensor};
+    use half::bf16;
+
+    /// A kernel argument, passed in an 8-byte slot.
+    #[derive(Clone, Copy)]
+    pub enum Arg {
+        P(u64),
+        I(i32),
+        F(f32),
+    }
+
+    impl Arg {
+        pub fn bits(self) -> u64 {
+            match self {
+                Arg::P(p) => p,
+                Arg::I(i) => i as u32 as u64,
+                Arg::F(f) => f.to_bits() as u64,
+            }
+        }
+    }
+
+    pub fn storage_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+        if !t.is_contiguous() {
+            candle_core::bail!("graph decode: tensor is not contiguous");
+        }
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else { candle_core::bail!("graph decode: tensor is not on CUDA") };
+        let base = match t.dtype() {
+            DType::BF16 => cs.as_cuda_slice::<bf16>()?.device_ptr(stream).0,
+            DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
+            dt => candle_core::bail!("graph decode: unexpected dtype {dt:?}"),
+        };
+        Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+    }
+
+    pub fn slice_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+        s.device_ptr(stream).0
+    }
+
+    /// Launch `f` on `stream` with one 8-byte slot per argument; with `pdl`, the kernel may start while the
+    /// previous one finishes (our kernels wait for it before reading anything it wrote).
+    pub fn launch(
+        stream: &CudaStream,
+        f: &CudaFunction,
+        pdl: bool,
+        grid: (u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        let mut slots: Vec<u64> = args.iter().map(|a| a.bits()).collect();
+        let mut params: Vec<*mut std::ffi::c_void> =
+            slots.iter_mut().map(|v| v as *mut u64 as *mut std::ffi::c_void).collect();
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: pdl as u32,
+        };
+        // SAFETY: `params` points at one 8-byte slot per kernel parameter, in the kernel's order; every
+        // pointer parameter is a live device buffer (held by the caller's engine or keyed by the cache).
+        unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use super::*;
@@ -118,9 +198,7 @@ mod imp {
 mod imp {
     use super::*;
     use crate::model::linear::LinearWeight;
-    use candle_core::cuda_backend::cudarc::driver::{
-        result, sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
-    };
+    use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaFunction, CudaGraph, CudaSlice, CudaStream};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
     use candle_core::op::BackpropOp;
     use candle_core::quantized::GgmlDType;
@@ -128,6 +206,7 @@ mod imp {
     use half::bf16;
     use std::sync::Arc;
 
+    use super::launch::{launch, slice_ptr, storage_ptr, Arg};
     use crate::ops::fused::cuda::{MODULE, PTX};
 
     const WARPS: u32 = 8;
@@ -220,24 +299,6 @@ mod imp {
         graphs: Vec<Captured>,
     }
 
-    /// A kernel argument, passed in an 8-byte slot.
-    #[derive(Clone, Copy)]
-    enum Arg {
-        P(u64),
-        I(i32),
-        F(f32),
-    }
-
-    impl Arg {
-        fn bits(self) -> u64 {
-            match self {
-                Arg::P(p) => p,
-                Arg::I(i) => i as u32 as u64,
-                Arg::F(f) => f.to_bits() as u64,
-            }
-        }
-    }
-
     #[derive(Clone, Copy, Default)]
     struct Ptrs {
         inv_freq: u64,
@@ -249,24 +310,6 @@ mod imp {
         logits: u64,
         pos: u64,
         done: u64,
-    }
-
-    fn storage_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
-        if !t.is_contiguous() {
-            candle_core::bail!("graph decode: tensor is not contiguous");
-        }
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(cs) = &*storage else { candle_core::bail!("graph decode: tensor is not on CUDA") };
-        let base = match t.dtype() {
-            DType::BF16 => cs.as_cuda_slice::<bf16>()?.device_ptr(stream).0,
-            DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
-            dt => candle_core::bail!("graph decode: unexpected dtype {dt:?}"),
-        };
-        Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
-    }
-
-    fn slice_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-        s.device_ptr(stream).0
     }
 
     /// The weight as the kernels read it, or `None` if this linear layer needs the regular path.
@@ -441,35 +484,10 @@ mod imp {
             self.funcs.get(name).ok_or_else(|| candle_core::Error::Msg(format!("graph decode: no kernel {name}")))
         }
 
-        /// Record the whole step's kernels on the stream (captured into a graph by the caller). `key` holds
-        /// the cache capacity and every layer's key and value buffer addresses.
         /// Launch `name` on the stream; with PDL on, it may start while the previous kernel finishes (the
         /// kernels wait for it before reading anything it wrote).
         fn launch(&self, name: &str, grid: (u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
-            let f = self.func(name)?;
-            let mut slots: Vec<u64> = args.iter().map(|a| a.bits()).collect();
-            let mut params: Vec<*mut std::ffi::c_void> =
-                slots.iter_mut().map(|v| v as *mut u64 as *mut std::ffi::c_void).collect();
-            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
-            let cfg = sys::CUlaunchConfig {
-                gridDimX: grid.0,
-                gridDimY: grid.1,
-                gridDimZ: 1,
-                blockDimX: block,
-                blockDimY: 1,
-                blockDimZ: 1,
-                sharedMemBytes: smem,
-                hStream: self.stream.cu_stream(),
-                attrs: &mut attr,
-                numAttrs: self.pdl as u32,
-            };
-            // SAFETY: `params` points at one 8-byte slot per kernel parameter, in the kernel's order; every
-            // pointer parameter is a live device buffer (held by the engine or keyed by the cache).
-            unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
-                .result()
-                .map_err(candle_core::Error::wrap)
+            launch(&self.stream, self.func(name)?, self.pdl, grid, block, smem, args)
         }
 
         /// Record the whole step's kernels on the stream (captured into a graph by the caller). `key` holds

@@ -346,6 +346,19 @@ pub fn attention(
                 (None, _) => crate::ops::fused::masked_softmax(&own, mask, t, prev)?.matmul(&v_all)?,
                 // Rows of different lengths: each row's visible span picked by the span softmax.
                 (Some(starts), None) => crate::ops::fused::span_softmax(&own, starts, t, prev, 0)?.matmul(&v_all)?,
+                // And a shared prefix on the GPU: the prefix's scores and the own ones stay two tensors, one
+                // softmax over both (the joined path below copies the scores four times).
+                (Some(starts), Some(prefix)) if q.device().is_cuda() => {
+                    let (kp, vp) =
+                        prefix.layer(layer).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?;
+                    let qp = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, d))?;
+                    let shared = qp.matmul(&kp.squeeze(0)?.t()?)?;
+                    let (probs_shared, probs_own) =
+                        crate::ops::fused::span_softmax_split(&shared, &own, starts, t, prev)?;
+                    let from_shared =
+                        probs_shared.matmul(&vp.squeeze(0)?)?.reshape((kv_heads, b, groups * t, d))?.transpose(0, 1)?;
+                    (from_shared + probs_own.matmul(&v_all)?)?
+                }
                 // And a shared prefix: scores over [prefix | own columns].
                 (Some(starts), Some(prefix)) => {
                     let (kp, vp) =

@@ -88,6 +88,29 @@ impl Linear {
         self.lora = lora;
     }
 
+    /// Put these layers' dense weights (same input width, dtype and device) side by side in one buffer, each
+    /// layer keeping a view of its own rows, so that a step over many rows can multiply them as one matrix (the
+    /// batched decode graph does: q, k, v in one GEMM). Layers that are not all dense are left as they are.
+    pub fn place_side_by_side(layers: &mut [&mut Linear]) -> Result<()> {
+        let dense: Vec<&Tensor> = layers
+            .iter()
+            .filter_map(|l| match &l.weight {
+                LinearWeight::Dense(w) => Some(w),
+                LinearWeight::Quantized(_) => None,
+            })
+            .collect();
+        if dense.len() != layers.len() || dense.len() < 2 {
+            return Ok(());
+        }
+        let joined = Tensor::cat(&dense, 0)?;
+        let mut row = 0;
+        for l in layers.iter_mut() {
+            l.weight = LinearWeight::Dense(joined.narrow(0, row, l.out_features)?);
+            row += l.out_features;
+        }
+        Ok(())
+    }
+
     /// The weight as a dense tensor of `dtype` (dequantizing if needed).
     pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
         match &self.weight {

@@ -39,6 +39,122 @@ pub fn span_softmax(scores: &Tensor, starts: &Tensor, t: usize, offset: usize, p
     scores.contiguous()?.apply_op2_no_bwd(starts, &SpanSoftmax { t, offset, prefix })
 }
 
+/// [`span_softmax`] after a shared prefix whose scores are a tensor of their own: `shared` `[kv, seqs * g * t,
+/// prefix]` (every row's queries times the one prefix), `own` `[seqs, kv, g * t, offset + t]`, `starts` (u32
+/// `[seqs]`). Returns the probabilities in those two layouts, contiguous views of one buffer: neither side is
+/// copied to meet its value product (joining them cost four strided copies of the scores per layer).
+pub fn span_softmax_split(
+    shared: &Tensor,
+    own: &Tensor,
+    starts: &Tensor,
+    t: usize,
+    offset: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (seqs, kv, gt, own_total) = own.dims4()?;
+    let (skv, shared_rows, prefix) = shared.dims3()?;
+    if skv != kv || shared_rows != seqs * gt || own_total != offset + t || !gt.is_multiple_of(t) {
+        candle_core::bail!(
+            "span-softmax-split: shared scores {:?} and own scores {:?} for {t} new tokens after {offset}",
+            shared.dims(),
+            own.dims()
+        );
+    }
+    let op = SpanSoftmaxSplit { t, offset, prefix, kv, seqs };
+    let flat = shared.contiguous()?.apply_op3_no_bwd(&own.contiguous()?, starts, &op)?;
+    let n_shared = kv * seqs * gt * prefix;
+    let probs_shared = flat.narrow(0, 0, n_shared)?.reshape((kv, seqs * gt, prefix))?;
+    let probs_own = flat.narrow(0, n_shared, seqs * kv * gt * own_total)?.reshape((seqs, kv, gt, own_total))?;
+    Ok((probs_shared, probs_own))
+}
+
+struct SpanSoftmaxSplit {
+    t: usize,
+    offset: usize,
+    prefix: usize,
+    kv: usize,
+    seqs: usize,
+}
+
+impl SpanSoftmaxSplit {
+    /// The kernel's loop on the CPU (f32 math), for tests against the joined path.
+    fn cpu<T: candle_core::WithDType>(&self, shared: &[T], own: &[T], starts: &[u32]) -> Vec<T> {
+        let rows = shared.len() / self.prefix.max(1);
+        let own_total = own.len() / rows.max(1);
+        let per_seq = rows / self.seqs.max(1);
+        let gt = per_seq / self.kv.max(1);
+        let mut y = vec![T::zero(); shared.len() + own.len()];
+        let (ys, yo) = y.split_at_mut(shared.len());
+        for row in 0..rows {
+            let (b, rem) = (row / per_seq, row % per_seq);
+            let (k, i) = (rem / gt, rem % gt);
+            let srow = (k * self.seqs + b) * gt + i;
+            let sr = &shared[srow * self.prefix..(srow + 1) * self.prefix];
+            let xr = &own[row * own_total..(row + 1) * own_total];
+            let (lo, hi) = (starts[b] as usize, own_total.min(self.offset + i % self.t + 1));
+            let f = |v: T| v.to_f64() as f32;
+            let m = sr.iter().chain(&xr[lo.min(hi)..hi]).fold(f32::NEG_INFINITY, |m, &v| m.max(f(v)));
+            let sum: f32 = sr.iter().chain(&xr[lo.min(hi)..hi]).map(|&v| (f(v) - m).exp()).sum();
+            for (j, &v) in sr.iter().enumerate() {
+                ys[srow * self.prefix + j] = T::from_f64(((f(v) - m).exp() / sum) as f64);
+            }
+            for j in lo.min(hi)..hi {
+                yo[row * own_total + j] = T::from_f64(((f(xr[j]) - m).exp() / sum) as f64);
+            }
+        }
+        y
+    }
+}
+
+impl candle_core::CustomOp3 for SpanSoftmaxSplit {
+    fn name(&self) -> &'static str {
+        "span-softmax-split"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        o: &CpuStorage,
+        ol: &Layout,
+        st: &CpuStorage,
+        stl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let strided = || candle_core::Error::Msg("span-softmax-split: strided input".into());
+        let ((s1, s2), (o1, o2), (t1, t2)) = (
+            l.contiguous_offsets().ok_or_else(strided)?,
+            ol.contiguous_offsets().ok_or_else(strided)?,
+            stl.contiguous_offsets().ok_or_else(strided)?,
+        );
+        let CpuStorage::U32(starts) = st else { candle_core::bail!("span-softmax-split: starts must be u32") };
+        let starts = &starts[t1..t2];
+        let out = match (s, o) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(self.cpu(&a[s1..s2], &b[o1..o2], starts)),
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => CpuStorage::BF16(self.cpu(&a[s1..s2], &b[o1..o2], starts)),
+            (CpuStorage::F16(a), CpuStorage::F16(b)) => CpuStorage::F16(self.cpu(&a[s1..s2], &b[o1..o2], starts)),
+            _ => candle_core::bail!("span-softmax-split: unsupported or mismatched dtypes"),
+        };
+        Ok((out, Shape::from(l.shape().elem_count() + ol.shape().elem_count())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::cuda_backend::CudaStorage,
+        l: &Layout,
+        o: &candle_core::cuda_backend::CudaStorage,
+        ol: &Layout,
+        st: &candle_core::cuda_backend::CudaStorage,
+        stl: &Layout,
+    ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let rows = l.shape().elem_count() / self.prefix.max(1);
+        let own_total = ol.shape().elem_count() / rows.max(1);
+        let per_seq = rows / self.seqs.max(1);
+        let args = [rows, own_total, self.t, self.offset, self.prefix, per_seq, self.kv, self.seqs].map(|v| v as i32);
+        let out = cuda::span_softmax_split(s, l, o, ol, st, stl, cuda::grid_for_warps(rows), &args)?;
+        Ok((out, Shape::from(l.shape().elem_count() + ol.shape().elem_count())))
+    }
+}
+
 /// `silu(gate) * up` in one kernel on CUDA.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.device().is_cuda() && gate.is_contiguous() && up.is_contiguous() && gate.shape() == up.shape() {
@@ -54,6 +170,151 @@ pub fn argmax_last(x: &Tensor) -> Result<Tensor> {
         return x.apply_op1_no_bwd(&ArgmaxLast);
     }
     x.argmax(D::Minus1)
+}
+
+/// How one row of a batch draws its next token in [`sample_rows`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowDraw {
+    /// 0 (or below): greedy.
+    pub temperature: f32,
+    /// 1.0: off.
+    pub top_p: f32,
+    /// 0: off.
+    pub top_k: u32,
+    pub seed: u64,
+    /// Which draw of the row's sequence this is (a fresh random stream per draw).
+    pub draw: u32,
+}
+
+/// Words of [`RowDraw`] per row, as the kernel reads them.
+const DRAW_WORDS: usize = 6;
+
+impl RowDraw {
+    fn words(&self) -> [u32; DRAW_WORDS] {
+        let seed = self.seed;
+        [self.temperature.to_bits(), self.top_p.to_bits(), self.top_k, seed as u32, (seed >> 32) as u32, self.draw]
+    }
+}
+
+/// Each row's next token from `logits` `[rows, vocab]` (f32), drawn where the logits are (one kernel on CUDA, so
+/// a batch's logits never cross to the host): greedy rows take the argmax; the others sample
+/// softmax(logits / T) restricted to the top-k, then to the smallest top set whose mass reaches top-p
+/// (transformers' order), by the Gumbel-max trick with uniforms hashed from (seed, draw, token). The CPU runs
+/// the same algorithm, so a seed gives the same tokens on either device up to float rounding.
+pub fn sample_rows(logits: &Tensor, draws: &[RowDraw]) -> Result<Tensor> {
+    let rows = logits.dim(0)?;
+    if draws.len() != rows || logits.rank() != 2 {
+        candle_core::bail!("sample_rows: {} draws for logits of shape {:?}", draws.len(), logits.dims());
+    }
+    let words: Vec<u32> = draws.iter().flat_map(|d| d.words()).collect();
+    let params = Tensor::from_vec(words, (rows, DRAW_WORDS), logits.device())?;
+    logits.to_dtype(DType::F32)?.contiguous()?.apply_op2_no_bwd(&params, &SampleRows)
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E3779B97F4A7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D049BB133111EB);
+    x ^ (x >> 31)
+}
+
+/// Bisection steps for the top-k and top-p thresholds (as in the kernel).
+const BISECT_STEPS: usize = 32;
+
+/// The largest threshold `a` in `[lo, 0]` with `keep(a)` (true at `lo`), by bisection.
+fn bisect(mut a: f32, keep: impl Fn(f32) -> bool) -> f32 {
+    let mut b = 0f32;
+    for _ in 0..BISECT_STEPS {
+        let mid = 0.5 * (a + b);
+        if keep(mid) {
+            a = mid;
+        } else {
+            b = mid;
+        }
+    }
+    a
+}
+
+/// One row of [`sample_rows`] on the CPU: the kernel's algorithm, step for step.
+fn sample_row(x: &[f32], d: &RowDraw) -> u32 {
+    let argmax = |score: &dyn Fn(usize) -> Option<f32>| {
+        let (mut best, mut idx) = (f32::NEG_INFINITY, 0usize);
+        for j in 0..x.len() {
+            if let Some(v) = score(j) {
+                if v > best {
+                    (best, idx) = (v, j);
+                }
+            }
+        }
+        idx as u32
+    };
+    if d.temperature.is_nan() || d.temperature <= 0.0 {
+        return argmax(&|j| Some(x[j]));
+    }
+    let mx = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let inv_t = 1.0 / d.temperature;
+    let z = |j: usize| (x[j] - mx) * inv_t;
+    let zmin = |lo: f32| (0..x.len()).map(z).filter(|&v| v >= lo).fold(f32::INFINITY, f32::min);
+    let mut lo = f32::NEG_INFINITY;
+    let k = d.top_k as usize;
+    if k > 0 && k < x.len() {
+        lo = bisect(zmin(lo), |t| (0..x.len()).filter(|&j| z(j) >= t).count() >= k);
+    }
+    if d.top_p > 0.0 && d.top_p < 1.0 {
+        let mass = |t: f32| (0..x.len()).map(z).filter(|&v| v >= t).map(f32::exp).sum::<f32>();
+        let total = mass(lo);
+        lo = lo.max(bisect(zmin(lo), |t| mass(t) >= d.top_p * total));
+    }
+    let key = splitmix64(d.seed ^ splitmix64(d.draw as u64));
+    argmax(&|j| {
+        let v = z(j);
+        (v >= lo).then(|| {
+            let u = ((splitmix64(key.wrapping_add(j as u64)) >> 40) as f32 + 0.5) * (1.0 / 16777216.0);
+            v - (-u.ln()).ln()
+        })
+    })
+}
+
+struct SampleRows;
+
+impl CustomOp2 for SampleRows {
+    fn name(&self) -> &'static str {
+        "sample-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, p: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::U32(words)) = (s, p) else {
+            candle_core::bail!("sample_rows: expected f32 logits and u32 draws")
+        };
+        let (rows, n) = l.shape().dims2()?;
+        let (x, words) = (&x[l.start_offset()..], &words[pl.start_offset()..]);
+        let out = (0..rows)
+            .map(|r| {
+                let w = &words[r * DRAW_WORDS..(r + 1) * DRAW_WORDS];
+                let d = RowDraw {
+                    temperature: f32::from_bits(w[0]),
+                    top_p: f32::from_bits(w[1]),
+                    top_k: w[2],
+                    seed: w[3] as u64 | (w[4] as u64) << 32,
+                    draw: w[5],
+                };
+                sample_row(&x[r * n..(r + 1) * n], &d)
+            })
+            .collect();
+        Ok((CpuStorage::U32(out), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::cuda_backend::CudaStorage,
+        l: &Layout,
+        p: &candle_core::cuda_backend::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let (rows, n) = l.shape().dims2()?;
+        Ok((cuda::sample_rows(s, l, p, pl, rows, n)?, Shape::from(rows)))
+    }
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -334,6 +595,49 @@ pub(crate) mod cuda {
         })
     }
 
+    /// `span_softmax_split_{dtype}(shared, own, starts, y, args...)`: `y` holds both probability tensors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn span_softmax_split(
+        s: &CudaStorage,
+        l: &Layout,
+        o: &CudaStorage,
+        ol: &Layout,
+        st: &CudaStorage,
+        stl: &Layout,
+        cfg: LaunchConfig,
+        args: &[i32],
+    ) -> Result<CudaStorage> {
+        let dev = s.device();
+        let strided = || candle_core::Error::Msg("span_softmax_split: input not contiguous".into());
+        let (s1, s2) = l.contiguous_offsets().ok_or_else(strided)?;
+        let (o1, o2) = ol.contiguous_offsets().ok_or_else(strided)?;
+        let (t1, t2) = stl.contiguous_offsets().ok_or_else(strided)?;
+        let CudaStorageSlice::U32(starts) = &st.slice else { candle_core::bail!("span_softmax_split: u32 starts") };
+        let starts = starts.slice(t1..t2);
+        let n = (s2 - s1) + (o2 - o1);
+        let f = dev.get_or_load_custom_func(&format!("span_softmax_split_{}", suffix(s.dtype())?), MODULE, PTX)?;
+        macro_rules! run {
+            ($t:ty, $a:expr, $b:expr, $variant:ident) => {{
+                let (a, b) = ($a.slice(s1..s2), $b.slice(o1..o2));
+                // SAFETY: the kernel writes every element of `y` (both halves).
+                let y: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
+                let mut builder = f.builder();
+                builder.arg(&a).arg(&b).arg(&starts).arg(&y);
+                for v in args {
+                    builder.arg(v);
+                }
+                unsafe { builder.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+                wrap(dev, CudaStorageSlice::$variant(y))
+            }};
+        }
+        Ok(match (&s.slice, &o.slice) {
+            (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => run!(f32, a, b, F32),
+            (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => run!(bf16, a, b, BF16),
+            (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => run!(f16, a, b, F16),
+            _ => candle_core::bail!("span_softmax_split: unsupported or mismatched dtypes"),
+        })
+    }
+
     pub fn swiglu(g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout) -> Result<CudaStorage> {
         let dev = g.device();
         let n = gl.shape().elem_count();
@@ -366,6 +670,34 @@ pub(crate) mod cuda {
         })
     }
 
+    /// `sample_rows(x, params, out, n)`: one block of 1024 threads per row.
+    pub fn sample_rows(
+        s: &CudaStorage,
+        l: &Layout,
+        p: &CudaStorage,
+        pl: &Layout,
+        rows: usize,
+        n: usize,
+    ) -> Result<CudaStorage> {
+        let dev = s.device();
+        let bad = || candle_core::Error::Msg("sample_rows: inputs not contiguous".into());
+        let (o1, o2) = l.contiguous_offsets().ok_or_else(bad)?;
+        let (p1, p2) = pl.contiguous_offsets().ok_or_else(bad)?;
+        let (CudaStorageSlice::F32(x), CudaStorageSlice::U32(w)) = (&s.slice, &p.slice) else {
+            candle_core::bail!("sample_rows: expected f32 logits and u32 draws")
+        };
+        let f = dev.get_or_load_custom_func("sample_rows", MODULE, PTX)?;
+        let (x, w) = (x.slice(o1..o2), w.slice(p1..p2));
+        // SAFETY: one block per row writes each element of `y`.
+        let y: CudaSlice<u32> = unsafe { dev.alloc::<u32>(rows)? };
+        let n32 = n as i32;
+        let mut b = f.builder();
+        b.arg(&x).arg(&w).arg(&y).arg(&n32);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        Ok(wrap(dev, CudaStorageSlice::U32(y)))
+    }
+
     pub fn argmax(s: &CudaStorage, l: &Layout, n: usize) -> Result<CudaStorage> {
         let dev = s.device();
         let rows = l.shape().elem_count() / n.max(1);
@@ -391,6 +723,92 @@ mod tests {
     use candle_core::{DType, Device};
 
     use crate::testing::seeded_randn;
+
+    /// The split softmax equals the span softmax over the joined scores (CPU), and its kernel the CPU (CUDA).
+    #[test]
+    fn split_softmax_equals_the_joined_one() -> Result<()> {
+        // 3 sequences, 2 KV heads x 2 query heads each, 2 new tokens after 3 own columns, a prefix of 5.
+        let (seqs, kv, g, t, offset, prefix) = (3, 2, 2, 2, 3, 5);
+        let shared = seeded_randn(3, 0.0, 2.0, &[kv, seqs * g * t, prefix]);
+        let own = seeded_randn(4, 0.0, 2.0, &[seqs, kv, g * t, offset + t]);
+        let starts = Tensor::new(&[0u32, 2, 4], &Device::Cpu)?;
+        let joined =
+            Tensor::cat(&[&shared.reshape((kv, seqs, g * t, prefix))?.transpose(0, 1)?.contiguous()?, &own], 3)?;
+        let want = span_softmax(&joined, &starts, t, offset, prefix)?;
+        let (ps, po) = span_softmax_split(&shared, &own, &starts, t, offset)?;
+        let got = Tensor::cat(&[&ps.reshape((kv, seqs, g * t, prefix))?.transpose(0, 1)?, &po], 3)?;
+        let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "split softmax differs from the joined one by {d}");
+        #[cfg(feature = "cuda")]
+        if let Ok(gpu) = Device::new_cuda(0) {
+            let (gs, go) = span_softmax_split(
+                &shared.to_device(&gpu)?,
+                &own.to_device(&gpu)?,
+                &starts.to_device(&gpu)?,
+                t,
+                offset,
+            )?;
+            let ds = (gs.to_device(&Device::Cpu)? - &ps)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let dov = (go.to_device(&Device::Cpu)? - &po)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(ds < 1e-5 && dov < 1e-5, "CUDA split softmax differs from the CPU by {ds} / {dov}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sample_rows_draws_from_the_filtered_distribution() -> Result<()> {
+        let logits = [1.0f32, 3.0, 2.0, 0.0, 2.5];
+        for (top_k, top_p) in [(0, 1.0f32), (3, 1.0), (0, 0.6), (4, 0.8)] {
+            let want = crate::generation::sampling::probabilities(
+                &logits,
+                0.8,
+                (top_k > 0).then_some(top_k as usize),
+                (top_p < 1.0).then_some(top_p as f64),
+            );
+            let draws = 20_000;
+            let rows: Vec<RowDraw> =
+                (0..draws).map(|i| RowDraw { temperature: 0.8, top_p, top_k, seed: 42, draw: i as u32 }).collect();
+            let x = Tensor::from_vec(logits.repeat(draws), (draws, logits.len()), &Device::Cpu)?;
+            let tokens = sample_rows(&x, &rows)?.to_vec1::<u32>()?;
+            for (j, &p) in want.iter().enumerate() {
+                let seen = tokens.iter().filter(|&&t| t as usize == j).count() as f32 / draws as f32;
+                assert!((seen - p).abs() < 0.015, "top_k {top_k} top_p {top_p}: token {j} drawn {seen}, expected {p}");
+            }
+        }
+        // Greedy rows take the argmax; a seed and draw repeat their token.
+        let x = Tensor::new(&[[0.5f32, 2.0, -1.0], [3.0, 0.0, 1.0]], &Device::Cpu)?;
+        let greedy = [RowDraw { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 1, draw: 0 }; 2];
+        assert_eq!(sample_rows(&x, &greedy)?.to_vec1::<u32>()?, vec![1, 0]);
+        let hot = [RowDraw { temperature: 5.0, top_p: 1.0, top_k: 0, seed: 9, draw: 3 }; 2];
+        assert_eq!(sample_rows(&x, &hot)?.to_vec1::<u32>()?, sample_rows(&x, &hot)?.to_vec1::<u32>()?);
+        Ok(())
+    }
+
+    /// The CUDA kernel draws the CPU's tokens (where a GPU is present).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn sample_rows_on_cuda_matches_the_cpu() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return Ok(());
+        };
+        let rows = 96;
+        let x = seeded_randn(5, 0.0, 3.0, &[rows, 32000]);
+        let draws: Vec<RowDraw> = (0..rows)
+            .map(|r| RowDraw {
+                temperature: [0.0, 0.8, 1.3][r % 3],
+                top_p: [1.0, 0.9, 0.5][(r / 3) % 3],
+                top_k: [0, 40, 0, 7][r % 4],
+                seed: 1000 + r as u64,
+                draw: r as u32 * 3,
+            })
+            .collect();
+        let cpu = sample_rows(&x, &draws)?.to_vec1::<u32>()?;
+        let gpu = sample_rows(&x.to_device(&gpu)?, &draws)?.to_vec1::<u32>()?;
+        let same = cpu.iter().zip(&gpu).filter(|(a, b)| a == b).count();
+        assert!(same >= rows - 2, "CUDA drew {same} of {rows} rows as the CPU did");
+        Ok(())
+    }
 
     /// Softmax of one row over its first `visible` entries (the rest 0), in f64.
     fn plain_softmax(row: &[f32], visible: usize) -> Vec<f64> {

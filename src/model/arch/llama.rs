@@ -149,7 +149,7 @@ impl LlamaLayers {
         for i in 0..cfg.num_layers {
             let p = format!("{}.{i}", SPEC.trunk.layers);
             let bias = cfg.attention_bias;
-            blocks.push(Block {
+            let mut b = Block {
                 attn_norm: w.rms_norm(&format!("{p}.input_layernorm"), h, cfg.norm_eps)?,
                 q: w.linear(&format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, bias)?,
                 k: w.linear(&format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, bias)?,
@@ -159,7 +159,13 @@ impl LlamaLayers {
                 gate: w.linear(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
                 up: w.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
                 down: w.linear(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
-            });
+            };
+            // On the GPU, q/k/v and gate/up side by side: the batched decode step multiplies each set as one.
+            if w.device.is_cuda() {
+                Linear::place_side_by_side(&mut [&mut b.q, &mut b.k, &mut b.v])?;
+                Linear::place_side_by_side(&mut [&mut b.gate, &mut b.up])?;
+            }
+            blocks.push(b);
         }
         Ok(Self { cfg: cfg.clone(), blocks })
     }

@@ -686,6 +686,35 @@ __device__ void span_softmax(const T* x, const unsigned* starts, T* y, int rows,
         yr[j] = from_f<T>(j < hi && (j < prefix || j >= lo) ? expf(to_f(xr[j]) - m) * inv : 0.f);
 }
 
+// The span softmax of rows after a shared prefix, with the prefix's scores in their own tensor (the product of
+// every row's queries with the one prefix, `[kv, seqs * g * t, prefix]`) beside the own columns' scores
+// (`[seqs, kv, g * t, own]`, `rows_per_seq = kv * g * t`): one softmax over both, written to `y` as the two
+// probability tensors back to back in those same layouts, so neither needs a copy to meet the value products.
+template <typename T>
+__device__ void span_softmax_split(const T* shared, const T* own, const unsigned* starts, T* y, int rows,
+                                   int own_total, int t, int offset, int prefix, int rows_per_seq, int kv, int seqs) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    int gt = rows_per_seq / kv;
+    int b = row / rows_per_seq, rem = row - b * rows_per_seq, k = rem / gt, i = rem - k * gt;
+    size_t srow = ((size_t)k * seqs + b) * gt + i;
+    const T* sr = shared + srow * prefix;
+    T* ys = y + srow * prefix;
+    const T* xr = own + (size_t)row * own_total;
+    T* yo = y + (size_t)rows * prefix + (size_t)row * own_total;
+    int lo = (int)starts[b], hi = min(own_total, offset + i % t + 1);
+    float m = -INFINITY;
+    for (int j = lane; j < prefix; j += 32) m = fmaxf(m, to_f(sr[j]));
+    for (int j = lo + lane; j < hi; j += 32) m = fmaxf(m, to_f(xr[j]));
+    m = warp_max(m);
+    float s = 0.f;
+    for (int j = lane; j < prefix; j += 32) s += expf(to_f(sr[j]) - m);
+    for (int j = lo + lane; j < hi; j += 32) s += expf(to_f(xr[j]) - m);
+    float inv = 1.f / warp_sum(s);
+    for (int j = lane; j < prefix; j += 32) ys[j] = from_f<T>(expf(to_f(sr[j]) - m) * inv);
+    for (int j = lane; j < own_total; j += 32) yo[j] = from_f<T>(j >= lo && j < hi ? expf(to_f(xr[j]) - m) * inv : 0.f);
+}
+
 // silu(gate) * up, elementwise over contiguous tensors.
 template <typename T>
 __device__ void swiglu(const T* g, const T* u, T* y, size_t n) {
@@ -702,6 +731,11 @@ __device__ void swiglu(const T* g, const T* u, T* y, size_t n) {
     extern "C" __global__ void span_softmax_##NAME(const T* x, const unsigned* starts, T* y, int rows, int total,  \
                                                   int t, int offset, int prefix, int rows_per_seq) {             \
         span_softmax<T>(x, starts, y, rows, total, t, offset, prefix, rows_per_seq);                                \
+    }                                                                                                               \
+    extern "C" __global__ void span_softmax_split_##NAME(const T* shared, const T* own, const unsigned* starts,    \
+                                                        T* y, int rows, int own_total, int t, int offset,         \
+                                                        int prefix, int rows_per_seq, int kv, int seqs) {          \
+        span_softmax_split<T>(shared, own, starts, y, rows, own_total, t, offset, prefix, rows_per_seq, kv, seqs); \
     }                                                                                                               \
     extern "C" __global__ void swiglu_##NAME(const T* g, const T* u, T* y, unsigned long long n) {                 \
         swiglu<T>(g, u, y, (size_t)n);                                                                              \
@@ -748,4 +782,304 @@ extern "C" __global__ void argmax_f32(const float* x, unsigned* out, int n) {
             }
         out[blockIdx.x] = idx == 0x7fffffff ? 0u : (unsigned)idx;
     }
+}
+
+// ---- batched decode: one new token for each of B rows (captured into a CUDA graph per batch) ----
+// Per layer: [RMSNorm rows] -> cuBLAS GEMMs Q, K, V (bf16 out) -> [rope + KV write + attention over each row's
+// span] -> cuBLAS O GEMM accumulated into the f32 residual -> [RMSNorm rows] -> gate, up GEMMs -> [SwiGLU rows]
+// -> down GEMM accumulated into the residual. The write column and every row's first column come from device
+// memory (`lens` = [len, start_0, .., start_{B-1}]), so one captured graph serves every step of a batch.
+
+// RMSNorm of each row of the f32 residual `[B, n]` into bf16 (grid B).
+extern "C" __global__ void rms_rows(const float* x, const bf16* w, float eps, bf16* out, int n) {
+    __shared__ float red[32];
+    const float* xr = x + (size_t)blockIdx.x * n;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s = fmaf(xr[i], xr[i], s);
+    float inv = rsqrtf(block_sum(s, red) / n + eps);
+    bf16* o = out + (size_t)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = __float2bfloat16(xr[i] * inv * __bfloat162float(w[i]));
+}
+
+// act[r, j] = silu(gate[r, j]) * up[r, j] with gate and up side by side in `gu` `[B, 2 * inter]`.
+extern "C" __global__ void swiglu_rows(const bf16* gu, bf16* act, int inter, int total) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    int r = i / inter, j = i - r * inter;
+    float g = __bfloat162float(gu[(size_t)r * 2 * inter + j]);
+    float u = __bfloat162float(gu[(size_t)r * 2 * inter + inter + j]);
+    act[i] = __float2bfloat16(g / (1.f + expf(-g)) * u);
+}
+
+// grid (kv_heads, B), max(4, D / 32, heads per group) warps; at most 8 heads per group. Block (g, r) owns
+// row r's KV group g: it rotates the new key at the row's position (len - start) and writes it and the value
+// at column `len`, then each of the group's query heads (one warp each) attends over columns start..len. The
+// keys and values are read once per group, in tiles of 32 columns staged in shared memory (the next tile's
+// loads in flight while this one is used): lane j scores column j, the warp's online softmax rescales once
+// per tile, and each lane accumulates D/32 dimensions of the values.
+#define ROW_TILE 32
+#define ROW_MAX_GROUP 8
+// Tile loads per thread (16 bytes each) for the keys and for the values.
+#define ROW_LOADS 4
+
+template <int D>
+__device__ void attention_rows(const bf16* qkv, const int* lens, bf16* kc, bf16* vc, int cap, int nh, int nkv,
+                               const float* inv_freq, float q_scale, int interleaved, bf16* out) {
+    constexpr int E = D / 32;
+    constexpr int KW = D / 2 + 1;  // words per key row in shared memory: padded, so lane j's row is its own bank
+    constexpr int CHUNKS = ROW_TILE * D / 8;  // 16-byte pieces of a tile
+    __shared__ uint32_t ks[ROW_TILE * KW];
+    __shared__ __align__(16) bf16 vs[ROW_TILE * D];
+    __shared__ __align__(16) float qs[ROW_MAX_GROUP][D];
+    int g = blockIdx.x, r = blockIdx.y;
+    int groups = nh / nkv;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nthreads = blockDim.x;
+    int len = lens[0], start = lens[1 + r];
+    int pos = len - start;
+    const bf16* row = qkv + (size_t)r * (nh + 2 * nkv) * D;
+    const bf16* k = row + nh * D + g * D;
+    const bf16* v = row + (nh + nkv) * D + g * D;
+    bf16* krow = kc + ((size_t)r * nkv + g) * cap * D;
+    bf16* vrow = vc + ((size_t)r * nkv + g) * cap * D;
+    bool head = warp < groups;
+    int h = g * groups + warp;
+    for (int i = lane; i < D / 2; i += 32) {
+        float c, s;
+        sincosf((float)pos * inv_freq[i], &s, &c);
+        int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + D / 2;
+        if (head) {
+            const bf16* q = row + h * D;
+            float q0 = __bfloat162float(q[i0]), q1 = __bfloat162float(q[i1]);
+            qs[warp][i0] = (q0 * c - q1 * s) * q_scale;
+            qs[warp][i1] = (q1 * c + q0 * s) * q_scale;
+        }
+        if (warp == 0) {
+            float k0 = __bfloat162float(k[i0]), k1 = __bfloat162float(k[i1]);
+            krow[(size_t)len * D + i0] = __float2bfloat16(k0 * c - k1 * s);
+            krow[(size_t)len * D + i1] = __float2bfloat16(k1 * c + k0 * s);
+        }
+    }
+    if (warp == 0)
+        for (int i = lane; i < D; i += 32) vrow[(size_t)len * D + i] = v[i];
+    __syncthreads();  // the new column is in the cache for every warp of the block
+    uint4 kreg[ROW_LOADS], vreg[ROW_LOADS];
+    auto load = [&](int c0) {
+        int n = min(ROW_TILE, len + 1 - c0);
+#pragma unroll
+        for (int u = 0; u < ROW_LOADS; u++) {
+            int idx = threadIdx.x + u * nthreads;
+            int j = idx / (D / 8);
+            bool ok = idx < CHUNKS && j < n;
+            kreg[u] = ok ? *reinterpret_cast<const uint4*>(krow + (size_t)(c0 + j) * D + (idx % (D / 8)) * 8)
+                         : make_uint4(0, 0, 0, 0);
+            vreg[u] = ok ? *reinterpret_cast<const uint4*>(vrow + (size_t)(c0 + j) * D + (idx % (D / 8)) * 8)
+                         : make_uint4(0, 0, 0, 0);
+        }
+    };
+    auto stage = [&]() {
+#pragma unroll
+        for (int u = 0; u < ROW_LOADS; u++) {
+            int idx = threadIdx.x + u * nthreads;
+            if (idx >= CHUNKS) break;
+            int j = idx / (D / 8), w = (idx % (D / 8)) * 4;
+            uint32_t* kd = ks + j * KW + w;
+            kd[0] = kreg[u].x;
+            kd[1] = kreg[u].y;
+            kd[2] = kreg[u].z;
+            kd[3] = kreg[u].w;
+            reinterpret_cast<uint4*>(vs)[idx] = vreg[u];
+        }
+    };
+    float m = -INFINITY, l = 0.f, acc[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) acc[e] = 0.f;
+    load(start);
+    for (int c0 = start; c0 <= len; c0 += ROW_TILE) {
+        int n = min(ROW_TILE, len + 1 - c0);
+        stage();
+        __syncthreads();
+        if (c0 + ROW_TILE <= len) load(c0 + ROW_TILE);  // next tile in flight while this one is used
+        if (head) {
+            float s = -INFINITY;
+            if (lane < n) {
+                float a = 0.f;
+                const uint32_t* kr = ks + lane * KW;
+                const float2* q2 = reinterpret_cast<const float2*>(qs[warp]);
+#pragma unroll 16
+                for (int w = 0; w < D / 2; w++) {
+                    float2 kf = bf2_to_f2(kr[w]), qf = q2[w];
+                    a = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, a));
+                }
+                s = a;
+            }
+            float mt = s;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+            float mx = fmaxf(m, mt);
+            float scale = __expf(m - mx);
+            float p = lane < n ? __expf(s - mx) : 0.f;
+            l = l * scale + warp_sum(p);
+#pragma unroll
+            for (int e = 0; e < E; e++) acc[e] *= scale;
+            for (int j = 0; j < n; j++) {
+                float pj = __shfl_sync(0xffffffffu, p, j);
+                const bf16* vr = vs + j * D + lane * E;
+#pragma unroll
+                for (int e = 0; e < E; e += 2) {
+                    float2 vf = bf2_to_f2(*reinterpret_cast<const uint32_t*>(vr + e));
+                    acc[e] = fmaf(pj, vf.x, acc[e]);
+                    acc[e + 1] = fmaf(pj, vf.y, acc[e + 1]);
+                }
+            }
+            m = mx;
+        }
+        __syncthreads();  // every warp is done with the tile before the next is staged
+    }
+    if (head) {
+        bf16* o = out + ((size_t)r * nh + h) * D + lane * E;
+#pragma unroll
+        for (int e = 0; e < E; e++) o[e] = __float2bfloat16(acc[e] / l);
+    }
+}
+
+#define ROW_ATTENTION_KERNEL(D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ROW_MAX_GROUP * 32)                                              \
+        attention_rows_##D(const bf16* qkv, const int* lens, bf16* kc, bf16* vc, int cap, int nh, int nkv,       \
+                           const float* inv_freq, float q_scale, int interleaved, bf16* out) {                   \
+        attention_rows<D>(qkv, lens, kc, vc, cap, nh, nkv, inv_freq, q_scale, interleaved, out);                 \
+    }
+
+ROW_ATTENTION_KERNEL(64)
+ROW_ATTENTION_KERNEL(128)
+ROW_ATTENTION_KERNEL(256)
+
+// ---- sampling on the device: one block per row of `[rows, n]` f32 logits ----
+// Per row (u32 words): temperature (f32 bits), top-p (f32 bits), top-k (0: off), seed low, seed high, draw.
+// Temperature <= 0 is argmax. Otherwise z = (x - max) / T; top-k keeps z >= the k-th largest and top-p the
+// largest threshold whose kept mass reaches p (both found by bisection on the value, no sort); the token is
+// the Gumbel-max draw over the kept set: argmax z + G with G = -log(-log(u)), u from a counter hash of
+// (seed, draw, token) — an exact sample of the renormalised distribution, the same on every device.
+#define SAMPLE_PARAMS 6
+#define BISECT_STEPS 32
+
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = -INFINITY;
+    for (int i = 0; i < (int)(blockDim.x >> 5); i++) t = fmaxf(t, red[i]);
+    __syncthreads();
+    return t;
+}
+
+// (value, index) argmax over the block, first index on ties; every thread gets the winner's index.
+__device__ __forceinline__ int block_argmax(float best, int idx, float* rv, int* ri) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > best || (ov == best && oi < idx)) {
+            best = ov;
+            idx = oi;
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        rv[warp] = best;
+        ri[warp] = idx;
+    }
+    __syncthreads();
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++)
+        if (rv[w] > best || (rv[w] == best && ri[w] < idx)) {
+            best = rv[w];
+            idx = ri[w];
+        }
+    __syncthreads();
+    return idx == 0x7fffffff ? 0 : idx;
+}
+
+extern "C" __global__ void sample_rows(const float* x, const unsigned* params, unsigned* out, int n) {
+    __shared__ float red[32];
+    __shared__ int red_i[32];
+    const float* xr = x + (size_t)blockIdx.x * n;
+    const unsigned* p = params + (size_t)blockIdx.x * SAMPLE_PARAMS;
+    float temperature = __uint_as_float(p[0]), top_p = __uint_as_float(p[1]);
+    int top_k = (int)p[2];
+    unsigned long long seed = (unsigned long long)p[3] | ((unsigned long long)p[4] << 32);
+    unsigned long long draw = p[5];
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+        if (xr[j] > best) {
+            best = xr[j];
+            idx = j;
+        }
+    if (!(temperature > 0.f)) {
+        int w = block_argmax(best, idx, red, red_i);
+        if (threadIdx.x == 0) out[blockIdx.x] = (unsigned)w;
+        return;
+    }
+    float mx = block_max(best, red);
+    float inv_t = 1.f / temperature;
+    // The kept set is z >= lo; lo starts below every z.
+    float lo = -INFINITY;
+    if (top_k > 0 && top_k < n) {
+        float zmin = INFINITY;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) zmin = fminf(zmin, (xr[j] - mx) * inv_t);
+        float a = -block_max(-zmin, red), b = 0.f;  // count(z >= a) = n >= k; find the largest such a
+        for (int it = 0; it < BISECT_STEPS; it++) {
+            float mid = 0.5f * (a + b);
+            float cnt = 0.f;
+            for (int j = threadIdx.x; j < n; j += blockDim.x) cnt += ((xr[j] - mx) * inv_t >= mid) ? 1.f : 0.f;
+            if (block_sum(cnt, red) >= (float)top_k) a = mid; else b = mid;
+        }
+        lo = a;
+    }
+    if (top_p > 0.f && top_p < 1.f) {
+        float total = 0.f, zmin = INFINITY;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            float z = (xr[j] - mx) * inv_t;
+            if (z >= lo) {
+                total += __expf(z);
+                zmin = fminf(zmin, z);
+            }
+        }
+        total = block_sum(total, red);
+        float a = -block_max(-zmin, red), b = 0.f;  // mass(z >= a) = total; find the largest a whose mass >= p
+        for (int it = 0; it < BISECT_STEPS; it++) {
+            float mid = 0.5f * (a + b);
+            float mass = 0.f;
+            for (int j = threadIdx.x; j < n; j += blockDim.x) {
+                float z = (xr[j] - mx) * inv_t;
+                if (z >= mid) mass += __expf(z);
+            }
+            if (block_sum(mass, red) >= top_p * total) a = mid; else b = mid;
+        }
+        lo = fmaxf(lo, a);
+    }
+    unsigned long long key = splitmix64(seed ^ splitmix64(draw));
+    best = -INFINITY;
+    idx = 0x7fffffff;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float z = (xr[j] - mx) * inv_t;
+        if (z < lo) continue;
+        unsigned long long hsh = splitmix64(key + (unsigned long long)j);
+        float u = ((float)(hsh >> 40) + 0.5f) * (1.f / 16777216.f);
+        float gz = z - __logf(-__logf(u));
+        if (gz > best) {
+            best = gz;
+            idx = j;
+        }
+    }
+    int w = block_argmax(best, idx, red, red_i);
+    if (threadIdx.x == 0) out[blockIdx.x] = (unsigned)w;
 }
