@@ -8,7 +8,7 @@
 //!       [--dtype bf16] [--random-weights] [--mmlu DIR] [--humaneval FILE] [--limit N] [--samples 1]
 //!       [--temperature 0.8] [--max-tokens 512] [--batch-size N|auto] [--compare]
 //!
-//! Rows run through the regular forward pass (candle ops; the CUDA decode graph is batch 1 only).
+//! On CUDA a step of many rows is the batched decode graph (`model/batch_graph.rs`); elsewhere the regular pass.
 
 use anyhow::{bail, Context, Result};
 use billion::bench::humaneval;
@@ -163,10 +163,11 @@ fn evals(loaded: &LoadedModel, ev: &Evals) -> Result<()> {
                 });
             }
         }
+        let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + ev.max_tokens;
         for &b in &runs {
             let rows = match b {
                 BatchSize::Rows(n) => n,
-                BatchSize::Auto => 128,
+                BatchSize::Auto => billion::bench::run::generation_rows(loaded, longest),
             };
             let params = BatchParams { batch: rows, eos_ids: loaded.eos_ids(), interrupt: None };
             let stats = generate_batch(&loaded.model, Some(tok), &requests, &params, |_, _| Ok(()))?;

@@ -394,13 +394,17 @@ pub fn run_humaneval(
     Ok(record)
 }
 
+/// Rows decoded together at most when the batch size is `auto` (on an H200, TinyLlama's batched decode
+/// graph still gains from 256 to 512 rows: 20-sample HumanEval 39.7 s → 38.5 s).
+const MAX_GENERATION_ROWS: usize = 512;
+
 /// Rows to decode together when the batch size is `auto`: what the KV cache of rows of `tokens` tokens leaves
-/// of a quarter of the GPU's free memory, at most 128; 8 on the CPU.
-fn generation_rows(loaded: &LoadedModel, tokens: usize) -> usize {
+/// of a quarter of the GPU's free memory, at most [`MAX_GENERATION_ROWS`]; 8 on the CPU.
+pub fn generation_rows(loaded: &LoadedModel, tokens: usize) -> usize {
     let cfg = loaded.config();
     let per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * tokens.max(1) * 4;
     match crate::util::gpu_memory_free_bytes(loaded.model.device()) {
-        Some(free) => (free / 4 / per_row.max(1)).clamp(1, 128),
+        Some(free) => (free / 4 / per_row.max(1)).clamp(1, MAX_GENERATION_ROWS),
         None => 8,
     }
 }

@@ -357,12 +357,34 @@ impl<'a> Engine<'a> {
             logits.index_select(&Tensor::from_vec(index, slots.len(), logits.device())?, 0)?
         };
         let tokens = choose(&live_logits, &mut rows)?;
+        // Each row's text (detokenizing, stop strings) is its own: rows spread over the cores.
+        let reasons = push_all(&mut rows, &tokens, self.eos_ids, self.window);
         let mut done = vec![];
-        for ((row, token), slot) in rows.into_iter().zip(tokens).zip(slots) {
-            self.admit(slot, row, token, &mut done)?;
+        for ((row, reason), slot) in rows.into_iter().zip(reasons).zip(slots) {
+            match reason? {
+                Some(reason) => done.push(row.end(reason)?),
+                None => self.rows[slot] = Some(row),
+            }
         }
         Ok(done)
     }
+}
+
+/// [`Row::push`] of every row's token, on the cores (a large batch's text work is a visible share of a step).
+fn push_all(rows: &mut [Row], tokens: &[u32], eos_ids: &[u32], window: usize) -> Vec<Result<Option<StopReason>>> {
+    let mut reasons: Vec<Result<Option<StopReason>>> = (0..rows.len()).map(|_| Ok(None)).collect();
+    // A few rows are not worth a thread.
+    let per = if rows.len() < 32 { rows.len().max(1) } else { crate::util::items_per_thread(rows.len()) };
+    std::thread::scope(|scope| {
+        for ((rows, tokens), out) in rows.chunks_mut(per).zip(tokens.chunks(per)).zip(reasons.chunks_mut(per)) {
+            scope.spawn(move || {
+                for ((row, &token), r) in rows.iter_mut().zip(tokens).zip(out) {
+                    *r = row.push(token, eos_ids, window);
+                }
+            });
+        }
+    });
+    reasons
 }
 
 /// Each row's next token from its logits row (`logits` `[rows, vocab]`, f32): one device argmax for the

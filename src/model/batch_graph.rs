@@ -114,6 +114,9 @@ mod imp {
     const WORKSPACE_BYTES: usize = 32 << 20;
     /// Query heads per KV group the attention kernel takes (one warp each).
     const MAX_GROUP: usize = 8;
+    /// Columns per attention tile (`ROW_TILE` in the kernels) and the most splits of a row's columns.
+    const ATT_TILE: usize = 32;
+    const MAX_SPLITS: usize = 16;
 
     /// A bf16 weight matrix `[rows, cols]` (row-major), read in place.
     #[derive(Clone, Copy)]
@@ -160,6 +163,8 @@ mod imp {
         logits: CudaSlice<f32>,
         /// `[len, start_0, .., start_{rows-1}]`, written before each replay.
         lens: CudaSlice<i32>,
+        /// Attention splits' partial results (max, sum, weighted values per row, head and split).
+        partials: CudaSlice<f32>,
     }
 
     struct Captured {
@@ -191,6 +196,8 @@ mod imp {
         interleaved: bool,
         inv_freq: CudaSlice<f32>,
         funcs: HashMap<String, CudaFunction>,
+        /// Streaming multiprocessors (sizes the attention splits).
+        sms: usize,
         graphs: Vec<Captured>,
     }
 
@@ -221,6 +228,7 @@ mod imp {
                 || nkv == 0
                 || nh % nkv != 0
                 || nh / nkv > MAX_GROUP
+                || !cfg.hidden_size.is_multiple_of(8)
             {
                 return Ok(None);
             }
@@ -272,9 +280,16 @@ mod imp {
                 .result()
                 .map_err(candle_core::Error::wrap)?;
             }
+            let sms = stream
+                .context()
+                .attribute(
+                    candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                )
+                .map_err(candle_core::Error::wrap)? as usize;
             // Load every kernel now: loading a module while the stream captures is not allowed.
             let mut funcs = HashMap::new();
-            for n in ["hidden_from_bf16", "rms_rows", "swiglu_rows", &format!("attention_rows_{hd}")] {
+            let names = ["hidden_from_bf16", "rms_rows", "swiglu_rows", "attention_rows_combine"];
+            for n in names.iter().copied().chain([format!("attention_rows_{hd}").as_str()]) {
                 let f = device.get_or_load_custom_func(n, MODULE, PTX)?.into_cuda_function();
                 funcs.insert(n.to_string(), f);
             }
@@ -297,13 +312,22 @@ mod imp {
                 interleaved: p.interleaved,
                 inv_freq,
                 funcs,
+                sms,
                 graphs: vec![],
             }))
         }
 
-        fn launch(&self, name: &str, grid: (u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
             let f = self.funcs.get(name).ok_or_else(|| candle_core::Error::Msg(format!("batch graph: no {name}")))?;
             launch(&self.stream, f, false, grid, block, 0, args)
+        }
+
+        /// Attention splits per (row, KV group) for a batch: enough blocks to fill the card about four times
+        /// over, each split at least four tiles of the cache's columns.
+        fn splits(&self, rows: usize, capacity: usize) -> usize {
+            let blocks = rows * self.kv_heads;
+            let for_the_card = (self.sms * 4).div_ceil(blocks.max(1));
+            for_the_card.min(capacity.div_ceil(4 * ATT_TILE)).clamp(1, MAX_SPLITS)
         }
 
         /// `y[rows, w.rows] (+)= x[rows, w.cols] · wᵀ` (row strides `ldx`, `ldy`; y f32 or bf16), f32 accumulate.
@@ -350,7 +374,7 @@ mod imp {
             .map_err(candle_core::Error::wrap)
         }
 
-        fn buffers(&self, rows: usize) -> Result<Buffers> {
+        fn buffers(&self, rows: usize, splits: usize) -> Result<Buffers> {
             let d = &self.device;
             let (h, hd, nh, nkv) = (self.hidden, self.head_dim, self.heads, self.kv_heads);
             Ok(Buffers {
@@ -363,12 +387,13 @@ mod imp {
                 act: d.alloc_zeros::<bf16>(rows * self.inter)?,
                 logits: d.alloc_zeros::<f32>(rows * self.vocab)?,
                 lens: d.alloc_zeros::<i32>(rows + 1)?,
+                partials: d.alloc_zeros::<f32>(if splits > 1 { rows * nh * splits * (hd + 2) } else { 1 })?,
             })
         }
 
         /// Record the whole step on the stream (captured by the caller). `key` is [rows, capacity, then every
         /// layer's key and value buffer addresses].
-        fn record(&self, key: &[u64], b: &Buffers) -> Result<()> {
+        fn record(&self, key: &[u64], b: &Buffers, splits: usize) -> Result<()> {
             use Arg::{F, I, P};
             let (rows, capacity) = (key[0] as usize, key[1] as usize);
             let s = &*self.stream;
@@ -380,12 +405,12 @@ mod imp {
             let n = (rows * h) as u32;
             self.launch(
                 "hidden_from_bf16",
-                (n.div_ceil(256), 1),
+                (n.div_ceil(256), 1, 1),
                 256,
                 &[P(slice_ptr(&b.embedded, s)), P(residual), I(n as i32)],
             )?;
             let norm = |w: u64| {
-                self.launch("rms_rows", (r, 1), 256, &[P(residual), P(w), F(self.eps), P(normed), I(h as i32)])
+                self.launch("rms_rows", (r, 1, 1), 256, &[P(residual), P(w), F(self.eps), P(normed), I(h as i32)])
             };
             let qkv_width = (nh + 2 * nkv) * hd;
             let att = format!("attention_rows_{hd}");
@@ -406,8 +431,14 @@ mod imp {
                     }
                 }
                 let args = [P(qkv), P(lens), P(kc), P(vc), I(capacity as i32), I(nh as i32), I(nkv as i32)];
-                let args = [&args[..], &[P(inv_freq), q_scale, I(self.interleaved as i32), P(attn)]].concat();
-                self.launch(&att, (nkv as u32, r), att_threads, &args)?;
+                let partials = slice_ptr(&b.partials, s);
+                let args =
+                    [&args[..], &[P(inv_freq), q_scale, I(self.interleaved as i32), P(attn), P(partials)]].concat();
+                self.launch(&att, (nkv as u32, r, splits as u32), att_threads, &args)?;
+                if splits > 1 {
+                    let args = [P(partials), P(attn), I(nh as i32), I(splits as i32), I(hd as i32)];
+                    self.launch("attention_rows_combine", (nh as u32, r, 1), hd as u32, &args)?;
+                }
                 self.gemm(&l.o, attn, nh * hd, rows, residual, h, true, true)?;
                 norm(l.mlp_norm)?;
                 match joined(&[l.gate, l.up]) {
@@ -420,7 +451,7 @@ mod imp {
                 let total = (rows * inter) as u32;
                 self.launch(
                     "swiglu_rows",
-                    (total.div_ceil(256), 1),
+                    (total.div_ceil(256), 1, 1),
                     256,
                     &[P(gate_up), P(act), I(inter as i32), I(total as i32)],
                 )?;
@@ -431,12 +462,13 @@ mod imp {
         }
 
         fn capture(&self, key: Vec<u64>) -> Result<Captured> {
-            let rows = key[0] as usize;
-            let bufs = self.buffers(rows)?;
+            let (rows, capacity) = (key[0] as usize, key[1] as usize);
+            let splits = self.splits(rows, capacity);
+            let bufs = self.buffers(rows, splits)?;
             let s = &self.stream;
             s.begin_capture(candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(candle_core::Error::wrap)?;
-            let recorded = self.record(&key, &bufs);
+            let recorded = self.record(&key, &bufs, splits);
             let graph = s
                 .end_capture(candle_core::cuda_backend::cudarc::driver::sys::CUgraphInstantiate_flags(0))
                 .map_err(candle_core::Error::wrap)?;
@@ -527,13 +559,15 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        for (arch, hidden, heads, kv_heads) in [(crate::model::Architecture::Llama, 256, 4, 2)] {
+        // Head dims 64 and 128; 2, 8 and 1 query heads per KV group.
+        let llama = crate::model::Architecture::Llama;
+        for (arch, hidden, heads, kv_heads) in [(llama, 256, 4, 2), (llama, 512, 8, 1), (llama, 512, 4, 4)] {
             let mut config = crate::testing::tiny_config(arch, 512);
             config["hidden_size"] = hidden.into();
             config["num_attention_heads"] = heads.into();
             config["num_key_value_heads"] = kv_heads.into();
             config["intermediate_size"] = 768.into();
-            let path = dir.path().join("bf16");
+            let path = dir.path().join(format!("bf16-{hidden}-{heads}-{kv_heads}"));
             crate::testing::write_hf_model(&path, &config, 17).unwrap();
             let opts =
                 LoadOptions { device: Some(DeviceSpec::Cuda(0)), dtype: Some(DType::BF16), ..Default::default() };
@@ -566,7 +600,7 @@ mod tests {
                 let all = m.forward(&m.input(seq).unwrap(), &mut m.new_cache()).unwrap();
                 let reference = all.squeeze(0).unwrap().narrow(0, prompts[r].len(), 12).unwrap();
                 let rel = rms(&(&graph - &reference).unwrap()) / rms(&reference);
-                eprintln!("row {r}: batch graph vs one prefill, relative RMS difference of 12 steps' logits {rel:.4}");
+                eprintln!("{hidden}/{heads}/{kv_heads} row {r}: batch graph vs one prefill, relative RMS difference of 12 steps' logits {rel:.4}");
                 assert!(rel < 0.05, "row {r}: batch graph logits differ from the regular forward pass by {rel}");
             }
         }

@@ -146,7 +146,7 @@ pub(super) mod launch {
         stream: &CudaStream,
         f: &CudaFunction,
         pdl: bool,
-        grid: (u32, u32),
+        grid: (u32, u32, u32),
         block: u32,
         smem: u32,
         args: &[Arg],
@@ -160,7 +160,7 @@ pub(super) mod launch {
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
-            gridDimZ: 1,
+            gridDimZ: grid.2,
             blockDimX: block,
             blockDimY: 1,
             blockDimZ: 1,
@@ -487,7 +487,7 @@ mod imp {
         /// Launch `name` on the stream; with PDL on, it may start while the previous kernel finishes (the
         /// kernels wait for it before reading anything it wrote).
         fn launch(&self, name: &str, grid: (u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
-            launch(&self.stream, self.func(name)?, self.pdl, grid, block, smem, args)
+            launch(&self.stream, self.func(name)?, self.pdl, (grid.0, grid.1, 1), block, smem, args)
         }
 
         /// Record the whole step's kernels on the stream (captured into a graph by the caller). `key` holds

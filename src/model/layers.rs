@@ -352,11 +352,17 @@ pub fn attention(
                     let (kp, vp) =
                         prefix.layer(layer).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?;
                     let qp = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, d))?;
-                    let shared = qp.matmul(&kp.squeeze(0)?.t()?)?;
+                    // The prefix padded with zero columns to a multiple of 8: the products over it then take
+                    // cuBLAS's aligned kernels (an odd width fell to a kernel several times slower).
+                    let p = prefix.len();
+                    let pad = p.next_multiple_of(8) - p;
+                    let (kp, vp) =
+                        (kp.squeeze(0)?.pad_with_zeros(1, 0, pad)?, vp.squeeze(0)?.pad_with_zeros(1, 0, pad)?);
+                    let shared = qp.matmul(&kp.t()?)?;
                     let (probs_shared, probs_own) =
-                        crate::ops::fused::span_softmax_split(&shared, &own, starts, t, prev)?;
+                        crate::ops::fused::span_softmax_split(&shared, &own, starts, t, prev, p)?;
                     let from_shared =
-                        probs_shared.matmul(&vp.squeeze(0)?)?.reshape((kv_heads, b, groups * t, d))?.transpose(0, 1)?;
+                        probs_shared.matmul(&vp)?.reshape((kv_heads, b, groups * t, d))?.transpose(0, 1)?;
                     (from_shared + probs_own.matmul(&v_all)?)?
                 }
                 // And a shared prefix: scores over [prefix | own columns].

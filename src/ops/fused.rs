@@ -40,29 +40,32 @@ pub fn span_softmax(scores: &Tensor, starts: &Tensor, t: usize, offset: usize, p
 }
 
 /// [`span_softmax`] after a shared prefix whose scores are a tensor of their own: `shared` `[kv, seqs * g * t,
-/// prefix]` (every row's queries times the one prefix), `own` `[seqs, kv, g * t, offset + t]`, `starts` (u32
-/// `[seqs]`). Returns the probabilities in those two layouts, contiguous views of one buffer: neither side is
-/// copied to meet its value product (joining them cost four strided copies of the scores per layer).
+/// prefix_cols]` (every row's queries times the one prefix; columns from `prefix` on are padding, probability
+/// 0), `own` `[seqs, kv, g * t, offset + t]`, `starts` (u32 `[seqs]`). Returns the probabilities in those two
+/// layouts, contiguous views of one buffer: neither side is copied to meet its value product (joining them cost
+/// four strided copies of the scores per layer).
 pub fn span_softmax_split(
     shared: &Tensor,
     own: &Tensor,
     starts: &Tensor,
     t: usize,
     offset: usize,
+    prefix: usize,
 ) -> Result<(Tensor, Tensor)> {
     let (seqs, kv, gt, own_total) = own.dims4()?;
-    let (skv, shared_rows, prefix) = shared.dims3()?;
-    if skv != kv || shared_rows != seqs * gt || own_total != offset + t || !gt.is_multiple_of(t) {
+    let (skv, shared_rows, prefix_cols) = shared.dims3()?;
+    if skv != kv || shared_rows != seqs * gt || own_total != offset + t || !gt.is_multiple_of(t) || prefix > prefix_cols
+    {
         candle_core::bail!(
             "span-softmax-split: shared scores {:?} and own scores {:?} for {t} new tokens after {offset}",
             shared.dims(),
             own.dims()
         );
     }
-    let op = SpanSoftmaxSplit { t, offset, prefix, kv, seqs };
+    let op = SpanSoftmaxSplit { t, offset, prefix, prefix_cols, kv, seqs };
     let flat = shared.contiguous()?.apply_op3_no_bwd(&own.contiguous()?, starts, &op)?;
-    let n_shared = kv * seqs * gt * prefix;
-    let probs_shared = flat.narrow(0, 0, n_shared)?.reshape((kv, seqs * gt, prefix))?;
+    let n_shared = kv * seqs * gt * prefix_cols;
+    let probs_shared = flat.narrow(0, 0, n_shared)?.reshape((kv, seqs * gt, prefix_cols))?;
     let probs_own = flat.narrow(0, n_shared, seqs * kv * gt * own_total)?.reshape((seqs, kv, gt, own_total))?;
     Ok((probs_shared, probs_own))
 }
@@ -71,6 +74,7 @@ struct SpanSoftmaxSplit {
     t: usize,
     offset: usize,
     prefix: usize,
+    prefix_cols: usize,
     kv: usize,
     seqs: usize,
 }
@@ -78,7 +82,8 @@ struct SpanSoftmaxSplit {
 impl SpanSoftmaxSplit {
     /// The kernel's loop on the CPU (f32 math), for tests against the joined path.
     fn cpu<T: candle_core::WithDType>(&self, shared: &[T], own: &[T], starts: &[u32]) -> Vec<T> {
-        let rows = shared.len() / self.prefix.max(1);
+        let (p, cols) = (self.prefix, self.prefix_cols);
+        let rows = shared.len() / cols.max(1);
         let own_total = own.len() / rows.max(1);
         let per_seq = rows / self.seqs.max(1);
         let gt = per_seq / self.kv.max(1);
@@ -88,16 +93,17 @@ impl SpanSoftmaxSplit {
             let (b, rem) = (row / per_seq, row % per_seq);
             let (k, i) = (rem / gt, rem % gt);
             let srow = (k * self.seqs + b) * gt + i;
-            let sr = &shared[srow * self.prefix..(srow + 1) * self.prefix];
+            let sr = &shared[srow * cols..srow * cols + p];
             let xr = &own[row * own_total..(row + 1) * own_total];
-            let (lo, hi) = (starts[b] as usize, own_total.min(self.offset + i % self.t + 1));
+            let hi = own_total.min(self.offset + i % self.t + 1);
+            let lo = (starts[b] as usize).min(hi);
             let f = |v: T| v.to_f64() as f32;
-            let m = sr.iter().chain(&xr[lo.min(hi)..hi]).fold(f32::NEG_INFINITY, |m, &v| m.max(f(v)));
-            let sum: f32 = sr.iter().chain(&xr[lo.min(hi)..hi]).map(|&v| (f(v) - m).exp()).sum();
+            let m = sr.iter().chain(&xr[lo..hi]).fold(f32::NEG_INFINITY, |m, &v| m.max(f(v)));
+            let sum: f32 = sr.iter().chain(&xr[lo..hi]).map(|&v| (f(v) - m).exp()).sum();
             for (j, &v) in sr.iter().enumerate() {
-                ys[srow * self.prefix + j] = T::from_f64(((f(v) - m).exp() / sum) as f64);
+                ys[srow * cols + j] = T::from_f64(((f(v) - m).exp() / sum) as f64);
             }
-            for j in lo.min(hi)..hi {
+            for j in lo..hi {
                 yo[row * own_total + j] = T::from_f64(((f(xr[j]) - m).exp() / sum) as f64);
             }
         }
@@ -146,10 +152,11 @@ impl candle_core::CustomOp3 for SpanSoftmaxSplit {
         st: &candle_core::cuda_backend::CudaStorage,
         stl: &Layout,
     ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
-        let rows = l.shape().elem_count() / self.prefix.max(1);
+        let rows = l.shape().elem_count() / self.prefix_cols.max(1);
         let own_total = ol.shape().elem_count() / rows.max(1);
         let per_seq = rows / self.seqs.max(1);
-        let args = [rows, own_total, self.t, self.offset, self.prefix, per_seq, self.kv, self.seqs].map(|v| v as i32);
+        let args = [rows, own_total, self.t, self.offset, self.prefix, self.prefix_cols, per_seq, self.kv, self.seqs]
+            .map(|v| v as i32);
         let out = cuda::span_softmax_split(s, l, o, ol, st, stl, cuda::grid_for_warps(rows), &args)?;
         Ok((out, Shape::from(l.shape().elem_count() + ol.shape().elem_count())))
     }
@@ -735,19 +742,20 @@ mod tests {
         let joined =
             Tensor::cat(&[&shared.reshape((kv, seqs, g * t, prefix))?.transpose(0, 1)?.contiguous()?, &own], 3)?;
         let want = span_softmax(&joined, &starts, t, offset, prefix)?;
-        let (ps, po) = span_softmax_split(&shared, &own, &starts, t, offset)?;
+        let (ps, po) = span_softmax_split(&shared, &own, &starts, t, offset, prefix)?;
+        // Padding columns after the prefix get probability 0 and change nothing else.
+        let (pps, ppo) = span_softmax_split(&shared.pad_with_zeros(2, 0, 3)?, &own, &starts, t, offset, prefix)?;
+        let dpad = (pps.narrow(2, 0, prefix)? - &ps)?.abs()?.max_all()?.to_scalar::<f32>()?
+            + pps.narrow(2, prefix, 3)?.abs()?.max_all()?.to_scalar::<f32>()?
+            + (ppo - &po)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(dpad < 1e-6, "padding columns changed the split softmax by {dpad}");
         let got = Tensor::cat(&[&ps.reshape((kv, seqs, g * t, prefix))?.transpose(0, 1)?, &po], 3)?;
         let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-6, "split softmax differs from the joined one by {d}");
         #[cfg(feature = "cuda")]
         if let Ok(gpu) = Device::new_cuda(0) {
-            let (gs, go) = span_softmax_split(
-                &shared.to_device(&gpu)?,
-                &own.to_device(&gpu)?,
-                &starts.to_device(&gpu)?,
-                t,
-                offset,
-            )?;
+            let (sg, og, stg) = (shared.to_device(&gpu)?, own.to_device(&gpu)?, starts.to_device(&gpu)?);
+            let (gs, go) = span_softmax_split(&sg, &og, &stg, t, offset, prefix)?;
             let ds = (gs.to_device(&Device::Cpu)? - &ps)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let dov = (go.to_device(&Device::Cpu)? - &po)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(ds < 1e-5 && dov < 1e-5, "CUDA split softmax differs from the CPU by {ds} / {dov}");

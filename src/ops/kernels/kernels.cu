@@ -692,27 +692,30 @@ __device__ void span_softmax(const T* x, const unsigned* starts, T* y, int rows,
 // probability tensors back to back in those same layouts, so neither needs a copy to meet the value products.
 template <typename T>
 __device__ void span_softmax_split(const T* shared, const T* own, const unsigned* starts, T* y, int rows,
-                                   int own_total, int t, int offset, int prefix, int rows_per_seq, int kv, int seqs) {
+                                   int own_total, int t, int offset, int prefix, int prefix_cols, int rows_per_seq,
+                                   int kv, int seqs) {
     int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (row >= rows) return;
     int gt = rows_per_seq / kv;
     int b = row / rows_per_seq, rem = row - b * rows_per_seq, k = rem / gt, i = rem - k * gt;
     size_t srow = ((size_t)k * seqs + b) * gt + i;
-    const T* sr = shared + srow * prefix;
-    T* ys = y + srow * prefix;
+    const T* sr = shared + srow * prefix_cols;
+    T* ys = y + srow * prefix_cols;
     const T* xr = own + (size_t)row * own_total;
-    T* yo = y + (size_t)rows * prefix + (size_t)row * own_total;
+    T* yo = y + (size_t)rows * prefix_cols + (size_t)row * own_total;
     int lo = (int)starts[b], hi = min(own_total, offset + i % t + 1);
     float m = -INFINITY;
     for (int j = lane; j < prefix; j += 32) m = fmaxf(m, to_f(sr[j]));
     for (int j = lo + lane; j < hi; j += 32) m = fmaxf(m, to_f(xr[j]));
     m = warp_max(m);
     float s = 0.f;
-    for (int j = lane; j < prefix; j += 32) s += expf(to_f(sr[j]) - m);
-    for (int j = lo + lane; j < hi; j += 32) s += expf(to_f(xr[j]) - m);
+    for (int j = lane; j < prefix; j += 32) s += __expf(to_f(sr[j]) - m);
+    for (int j = lo + lane; j < hi; j += 32) s += __expf(to_f(xr[j]) - m);
     float inv = 1.f / warp_sum(s);
-    for (int j = lane; j < prefix; j += 32) ys[j] = from_f<T>(expf(to_f(sr[j]) - m) * inv);
-    for (int j = lane; j < own_total; j += 32) yo[j] = from_f<T>(j >= lo && j < hi ? expf(to_f(xr[j]) - m) * inv : 0.f);
+    // Columns past the prefix's own (padding to an aligned width) get 0.
+    for (int j = lane; j < prefix_cols; j += 32) ys[j] = from_f<T>(j < prefix ? __expf(to_f(sr[j]) - m) * inv : 0.f);
+    for (int j = lane; j < own_total; j += 32)
+        yo[j] = from_f<T>(j >= lo && j < hi ? __expf(to_f(xr[j]) - m) * inv : 0.f);
 }
 
 // silu(gate) * up, elementwise over contiguous tensors.
@@ -734,8 +737,10 @@ __device__ void swiglu(const T* g, const T* u, T* y, size_t n) {
     }                                                                                                               \
     extern "C" __global__ void span_softmax_split_##NAME(const T* shared, const T* own, const unsigned* starts,    \
                                                         T* y, int rows, int own_total, int t, int offset,         \
-                                                        int prefix, int rows_per_seq, int kv, int seqs) {          \
-        span_softmax_split<T>(shared, own, starts, y, rows, own_total, t, offset, prefix, rows_per_seq, kv, seqs); \
+                                                        int prefix, int prefix_cols, int rows_per_seq, int kv,    \
+                                                        int seqs) {                                                \
+        span_softmax_split<T>(shared, own, starts, y, rows, own_total, t, offset, prefix, prefix_cols, rows_per_seq, \
+                              kv, seqs);                                                                           \
     }                                                                                                               \
     extern "C" __global__ void swiglu_##NAME(const T* g, const T* u, T* y, unsigned long long n) {                 \
         swiglu<T>(g, u, y, (size_t)n);                                                                              \
@@ -790,15 +795,39 @@ extern "C" __global__ void argmax_f32(const float* x, unsigned* out, int n) {
 // -> down GEMM accumulated into the residual. The write column and every row's first column come from device
 // memory (`lens` = [len, start_0, .., start_{B-1}]), so one captured graph serves every step of a batch.
 
-// RMSNorm of each row of the f32 residual `[B, n]` into bf16 (grid B).
+// RMSNorm of each row of the f32 residual `[B, n]` into bf16 (grid B, 256 threads, n % 4 == 0): each thread
+// keeps its float4s in registers between the sum and the scaling (one read of the row).
+#define RMS_ROW_VECS 8
 extern "C" __global__ void rms_rows(const float* x, const bf16* w, float eps, bf16* out, int n) {
     __shared__ float red[32];
-    const float* xr = x + (size_t)blockIdx.x * n;
+    const float4* xr = reinterpret_cast<const float4*>(x + (size_t)blockIdx.x * n);
+    int n4 = n / 4;
+    float4 v[RMS_ROW_VECS];
     float s = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s = fmaf(xr[i], xr[i], s);
+#pragma unroll
+    for (int u = 0; u < RMS_ROW_VECS; u++) {
+        int i = threadIdx.x + u * blockDim.x;
+        v[u] = i < n4 ? xr[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        s = fmaf(v[u].x, v[u].x, fmaf(v[u].y, v[u].y, fmaf(v[u].z, v[u].z, fmaf(v[u].w, v[u].w, s))));
+    }
+    for (int i = threadIdx.x + RMS_ROW_VECS * blockDim.x; i < n4; i += blockDim.x) {
+        float4 t = xr[i];
+        s = fmaf(t.x, t.x, fmaf(t.y, t.y, fmaf(t.z, t.z, fmaf(t.w, t.w, s))));
+    }
     float inv = rsqrtf(block_sum(s, red) / n + eps);
-    bf16* o = out + (size_t)blockIdx.x * n;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = __float2bfloat16(xr[i] * inv * __bfloat162float(w[i]));
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out + (size_t)blockIdx.x * n);
+    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(w);
+    auto put = [&](int i, float4 t) {
+        float2 a = __bfloat1622float2(w2[2 * i]), b = __bfloat1622float2(w2[2 * i + 1]);
+        o[2 * i] = __floats2bfloat162_rn(t.x * inv * a.x, t.y * inv * a.y);
+        o[2 * i + 1] = __floats2bfloat162_rn(t.z * inv * b.x, t.w * inv * b.y);
+    };
+#pragma unroll
+    for (int u = 0; u < RMS_ROW_VECS; u++) {
+        int i = threadIdx.x + u * blockDim.x;
+        if (i < n4) put(i, v[u]);
+    }
+    for (int i = threadIdx.x + RMS_ROW_VECS * blockDim.x; i < n4; i += blockDim.x) put(i, xr[i]);
 }
 
 // act[r, j] = silu(gate[r, j]) * up[r, j] with gate and up side by side in `gu` `[B, 2 * inter]`.
@@ -824,7 +853,7 @@ extern "C" __global__ void swiglu_rows(const bf16* gu, bf16* act, int inter, int
 
 template <int D>
 __device__ void attention_rows(const bf16* qkv, const int* lens, bf16* kc, bf16* vc, int cap, int nh, int nkv,
-                               const float* inv_freq, float q_scale, int interleaved, bf16* out) {
+                               const float* inv_freq, float q_scale, int interleaved, bf16* out, float* part) {
     constexpr int E = D / 32;
     constexpr int KW = D / 2 + 1;  // words per key row in shared memory: padded, so lane j's row is its own bank
     constexpr int CHUNKS = ROW_TILE * D / 8;  // 16-byte pieces of a tile
@@ -836,6 +865,12 @@ __device__ void attention_rows(const bf16* qkv, const int* lens, bf16* kc, bf16*
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nthreads = blockDim.x;
     int len = lens[0], start = lens[1 + r];
     int pos = len - start;
+    // Split z of gridDim.z covers its share of the row's columns (whole tiles); the split holding column
+    // `len` writes the new key and value there.
+    int split = blockIdx.z, nsplit = gridDim.z;
+    int chunk = ((len + 1 - start + nsplit - 1) / nsplit + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
+    int c_begin = start + split * chunk, c_end = min(start + (split + 1) * chunk, len + 1);
+    bool writer = c_begin <= len && len < c_end;
     const bf16* row = qkv + (size_t)r * (nh + 2 * nkv) * D;
     const bf16* k = row + nh * D + g * D;
     const bf16* v = row + (nh + nkv) * D + g * D;
@@ -853,18 +888,18 @@ __device__ void attention_rows(const bf16* qkv, const int* lens, bf16* kc, bf16*
             qs[warp][i0] = (q0 * c - q1 * s) * q_scale;
             qs[warp][i1] = (q1 * c + q0 * s) * q_scale;
         }
-        if (warp == 0) {
+        if (warp == 0 && writer) {
             float k0 = __bfloat162float(k[i0]), k1 = __bfloat162float(k[i1]);
             krow[(size_t)len * D + i0] = __float2bfloat16(k0 * c - k1 * s);
             krow[(size_t)len * D + i1] = __float2bfloat16(k1 * c + k0 * s);
         }
     }
-    if (warp == 0)
+    if (warp == 0 && writer)
         for (int i = lane; i < D; i += 32) vrow[(size_t)len * D + i] = v[i];
     __syncthreads();  // the new column is in the cache for every warp of the block
     uint4 kreg[ROW_LOADS], vreg[ROW_LOADS];
     auto load = [&](int c0) {
-        int n = min(ROW_TILE, len + 1 - c0);
+        int n = min(ROW_TILE, c_end - c0);
 #pragma unroll
         for (int u = 0; u < ROW_LOADS; u++) {
             int idx = threadIdx.x + u * nthreads;
@@ -893,12 +928,12 @@ __device__ void attention_rows(const bf16* qkv, const int* lens, bf16* kc, bf16*
     float m = -INFINITY, l = 0.f, acc[E];
 #pragma unroll
     for (int e = 0; e < E; e++) acc[e] = 0.f;
-    load(start);
-    for (int c0 = start; c0 <= len; c0 += ROW_TILE) {
-        int n = min(ROW_TILE, len + 1 - c0);
+    if (c_begin < c_end) load(c_begin);
+    for (int c0 = c_begin; c0 < c_end; c0 += ROW_TILE) {
+        int n = min(ROW_TILE, c_end - c0);
         stage();
         __syncthreads();
-        if (c0 + ROW_TILE <= len) load(c0 + ROW_TILE);  // next tile in flight while this one is used
+        if (c0 + ROW_TILE < c_end) load(c0 + ROW_TILE);  // next tile in flight while this one is used
         if (head) {
             float s = -INFINITY;
             if (lane < n) {
@@ -935,18 +970,47 @@ __device__ void attention_rows(const bf16* qkv, const int* lens, bf16* kc, bf16*
         }
         __syncthreads();  // every warp is done with the tile before the next is staged
     }
-    if (head) {
+    if (!head) return;
+    if (nsplit == 1) {
         bf16* o = out + ((size_t)r * nh + h) * D + lane * E;
 #pragma unroll
         for (int e = 0; e < E; e++) o[e] = __float2bfloat16(acc[e] / l);
+        return;
     }
+    // A split's partial: its max, sum of exponentials and weighted values (an empty split has l = 0).
+    float* pp = part + (((size_t)r * nh + h) * nsplit + split) * (D + 2);
+    if (lane == 0) {
+        pp[0] = m;
+        pp[1] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++) pp[2 + lane * E + e] = acc[e];
+}
+
+// The splits of each (row, head) merged: grid (num_heads, B), D threads.
+extern "C" __global__ void attention_rows_combine(const float* part, bf16* out, int nh, int nsplit, int d) {
+    int h = blockIdx.x, r = blockIdx.y, i = threadIdx.x;
+    const float* pp = part + ((size_t)r * nh + h) * nsplit * (d + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++)
+        if (pp[s * (d + 2) + 1] > 0.f) M = fmaxf(M, pp[s * (d + 2)]);
+    float L = 0.f, A = 0.f;
+    for (int s = 0; s < nsplit; s++) {
+        const float* q = pp + s * (d + 2);
+        if (q[1] > 0.f) {
+            float f = __expf(q[0] - M);
+            L += q[1] * f;
+            A += q[2 + i] * f;
+        }
+    }
+    out[((size_t)r * nh + h) * d + i] = __float2bfloat16(A / L);
 }
 
 #define ROW_ATTENTION_KERNEL(D)                                                                                   \
     extern "C" __global__ void __launch_bounds__(ROW_MAX_GROUP * 32)                                              \
         attention_rows_##D(const bf16* qkv, const int* lens, bf16* kc, bf16* vc, int cap, int nh, int nkv,       \
-                           const float* inv_freq, float q_scale, int interleaved, bf16* out) {                   \
-        attention_rows<D>(qkv, lens, kc, vc, cap, nh, nkv, inv_freq, q_scale, interleaved, out);                 \
+                           const float* inv_freq, float q_scale, int interleaved, bf16* out, float* part) {      \
+        attention_rows<D>(qkv, lens, kc, vc, cap, nh, nkv, inv_freq, q_scale, interleaved, out, part);           \
     }
 
 ROW_ATTENTION_KERNEL(64)
