@@ -282,21 +282,44 @@ impl<'a> Engine<'a> {
             if starting.is_empty() {
                 return Ok(done);
             }
-            let prompts: Vec<&[u32]> = starting.iter().map(|&i| self.requests[i].prompt.as_slice()).collect();
-            let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+            // Requests with the same prompt (pass@k samples of one problem) share one prefill: each unique
+            // prompt is run once and copied into every row that starts with it.
+            let mut unique: Vec<&[u32]> = vec![];
+            let mut seen: std::collections::HashMap<&[u32], usize> = Default::default();
+            let of_unique: Vec<usize> = starting
+                .iter()
+                .map(|&i| {
+                    let p = self.requests[i].prompt.as_slice();
+                    *seen.entry(p).or_insert_with(|| {
+                        unique.push(p);
+                        unique.len() - 1
+                    })
+                })
+                .collect();
+            let longest = unique.iter().map(|p| p.len()).max().unwrap_or(0);
             let logits = if first {
                 // The first requests go straight into the batch's cache, allocated once for the longest
                 // prompt and answer of the whole queue (refills reuse the columns; compaction frees them).
                 let most = self.requests.iter().map(|r| r.prompt.len() + r.max_tokens).max().unwrap_or(0);
                 self.cache = self.model.new_cache().with_capacity(most.max(longest));
                 self.rows = (0..starting.len()).map(|_| None).collect();
-                self.model.prefill_rows(&prompts, &mut self.cache)?
+                let logits = self.model.prefill_rows(&unique, &mut self.cache)?;
+                if unique.len() < starting.len() {
+                    self.cache.retain_rows(&of_unique)?;
+                }
+                logits
             } else {
                 let mut fresh = self.model.new_cache().with_capacity(longest);
-                let logits = self.model.prefill_rows(&prompts, &mut fresh)?;
-                for (i, &slot) in free.iter().take(starting.len()).enumerate() {
-                    self.cache.place_row(slot, &fresh, i)?;
+                let logits = self.model.prefill_rows(&unique, &mut fresh)?;
+                for (&u, &slot) in of_unique.iter().zip(&free) {
+                    self.cache.place_row(slot, &fresh, u)?;
                 }
+                logits
+            };
+            let logits = if unique.len() < starting.len() {
+                let index: Vec<u32> = of_unique.iter().map(|&u| u as u32).collect();
+                logits.index_select(&Tensor::from_vec(index, starting.len(), logits.device())?, 0)?
+            } else {
                 logits
             };
             let slots: Vec<usize> = if first { (0..starting.len()).collect() } else { free };
@@ -488,6 +511,34 @@ mod tests {
             let outs = batched(&m, None, &reqs[6..], 3, &[])?;
             assert_eq!(outs[3].stop_reason, StopReason::ContextFull, "{}", spec.name);
             assert_eq!(outs[3].tokens, alone(&m, None, &reqs[9], &[])?.tokens, "{}", spec.name);
+        }
+        Ok(())
+    }
+
+    /// Requests with the same prompt (pass@k samples) share one prefill and still each equal their prompt alone,
+    /// in the first fill and in refills.
+    #[test]
+    fn requests_sharing_a_prompt_equal_it_alone() -> Result<()> {
+        let spec = REGISTRY[0];
+        let cfg = ModelConfig::from_hf_json(&(spec.tiny_config)(320))?;
+        let m = Model::build(&cfg, &Weights::random(cfg.architecture, DType::F32, &Device::Cpu))?;
+        let (a, b): (Vec<u32>, Vec<u32>) = ((3..14).collect(), (40..45).collect());
+        let reqs: Vec<BatchRequest> = [&a, &a, &b, &a, &b, &a, &a]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let sampling = match i % 3 {
+                    0 => SamplingParams::default(),
+                    _ => SamplingParams { temperature: 1.0, top_k: Some(20), seed: i as u64, ..Default::default() },
+                };
+                request(p.to_vec(), 6 + i, sampling)
+            })
+            .collect();
+        for batch in [3, 7] {
+            let outs = batched(&m, None, &reqs, batch, &[])?;
+            for (i, (r, got)) in reqs.iter().zip(&outs).enumerate() {
+                assert_eq!(got.tokens, alone(&m, None, r, &[])?.tokens, "batch {batch}: request {i}");
+            }
         }
         Ok(())
     }

@@ -18,6 +18,10 @@ use super::decode_graph::GraphParts;
 use candle_core::{Result, Tensor};
 use std::sync::Mutex;
 
+/// Set `BILLION_CUDA_MMA_ATTENTION=0` to run the batched step's attention on CUDA cores instead of tensor
+/// cores (for comparisons).
+pub const MMA_ATTENTION_ENV: &str = "BILLION_CUDA_MMA_ATTENTION";
+
 /// Lazily built batched decode graphs of one model (dropped when its linear layers change).
 #[derive(Default)]
 pub struct BatchGraphSlot {
@@ -93,6 +97,7 @@ mod imp {
 
 #[cfg(feature = "cuda")]
 mod imp {
+    use super::MMA_ATTENTION_ENV;
     use super::*;
     use crate::model::decode_graph::launch::{launch, slice_ptr, storage_ptr, Arg};
     use crate::model::decode_graph::{GraphLayer, DISABLE_ENV};
@@ -114,7 +119,7 @@ mod imp {
     const WORKSPACE_BYTES: usize = 32 << 20;
     /// Query heads per KV group the attention kernel takes (one warp each).
     const MAX_GROUP: usize = 8;
-    /// Columns per attention tile (`ROW_TILE` in the kernels) and the most splits of a row's columns.
+    /// Columns per attention tile (`ROW_TILE` / `MMA_TILE` in the kernels) and the most splits of a row's columns.
     const ATT_TILE: usize = 32;
     const MAX_SPLITS: usize = 16;
 
@@ -198,6 +203,8 @@ mod imp {
         funcs: HashMap<String, CudaFunction>,
         /// Streaming multiprocessors (sizes the attention splits).
         sms: usize,
+        /// Attention on tensor cores (head dims 64 and 128), else the CUDA-core tile kernel.
+        mma_attention: bool,
         graphs: Vec<Captured>,
     }
 
@@ -288,8 +295,11 @@ mod imp {
                 .map_err(candle_core::Error::wrap)? as usize;
             // Load every kernel now: loading a module while the stream captures is not allowed.
             let mut funcs = HashMap::new();
+            let mma_attention = hd <= 128 && !std::env::var(MMA_ATTENTION_ENV).is_ok_and(|v| v == "0");
+            let attention =
+                if mma_attention { format!("attention_rows_mma_{hd}") } else { format!("attention_rows_{hd}") };
             let names = ["hidden_from_bf16", "rms_rows", "swiglu_rows", "attention_rows_combine"];
-            for n in names.iter().copied().chain([format!("attention_rows_{hd}").as_str()]) {
+            for n in names.iter().copied().chain([attention.as_str()]) {
                 let f = device.get_or_load_custom_func(n, MODULE, PTX)?.into_cuda_function();
                 funcs.insert(n.to_string(), f);
             }
@@ -313,6 +323,7 @@ mod imp {
                 inv_freq,
                 funcs,
                 sms,
+                mma_attention,
                 graphs: vec![],
             }))
         }
@@ -323,10 +334,12 @@ mod imp {
         }
 
         /// Attention splits per (row, KV group) for a batch: enough blocks to fill the card about four times
-        /// over, each split at least four tiles of the cache's columns.
+        /// over (sixteen one-warp blocks per SM for the tensor-core kernel), each split at least four tiles of
+        /// the cache's columns.
         fn splits(&self, rows: usize, capacity: usize) -> usize {
             let blocks = rows * self.kv_heads;
-            let for_the_card = (self.sms * 4).div_ceil(blocks.max(1));
+            let per_sm = if self.mma_attention { 16 } else { 4 };
+            let for_the_card = (self.sms * per_sm).div_ceil(blocks.max(1));
             for_the_card.min(capacity.div_ceil(4 * ATT_TILE)).clamp(1, MAX_SPLITS)
         }
 
@@ -413,10 +426,14 @@ mod imp {
                 self.launch("rms_rows", (r, 1, 1), 256, &[P(residual), P(w), F(self.eps), P(normed), I(h as i32)])
             };
             let qkv_width = (nh + 2 * nkv) * hd;
-            let att = format!("attention_rows_{hd}");
             let q_scale = F(1.0 / (hd as f32).sqrt());
-            // One warp per query head of a group, and enough threads to stage a tile of keys and values.
-            let att_threads = 32 * (nh / nkv).max(hd / 32).max(4) as u32;
+            // Tensor cores: one warp per (row, group, split). CUDA cores: one warp per query head of a group, and
+            // enough threads to stage a tile of keys and values.
+            let (att, att_threads) = if self.mma_attention {
+                (format!("attention_rows_mma_{hd}"), 32)
+            } else {
+                (format!("attention_rows_{hd}"), 32 * (nh / nkv).max(hd / 32).max(4) as u32)
+            };
             for (i, l) in self.layers.iter().enumerate() {
                 let (kc, vc) = (key[2 + 2 * i], key[3 + 2 * i]);
                 norm(l.attn_norm)?;
@@ -561,13 +578,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Head dims 64 and 128; 2, 8 and 1 query heads per KV group.
         let llama = crate::model::Architecture::Llama;
-        for (arch, hidden, heads, kv_heads) in [(llama, 256, 4, 2), (llama, 512, 8, 1), (llama, 512, 4, 4)] {
+        let layouts = [(llama, 256, 4, 2), (llama, 512, 8, 1), (llama, 512, 4, 4)];
+        // Both attention kernels: tensor cores (the default) and CUDA cores. (Another test running meanwhile
+        // may pick up the switch: both kernels are correct.)
+        for ((arch, hidden, heads, kv_heads), cuda_cores) in layouts.iter().flat_map(|l| [(*l, false), (*l, true)]) {
+            if cuda_cores {
+                std::env::set_var(super::MMA_ATTENTION_ENV, "0");
+            }
             let mut config = crate::testing::tiny_config(arch, 512);
             config["hidden_size"] = hidden.into();
             config["num_attention_heads"] = heads.into();
             config["num_key_value_heads"] = kv_heads.into();
             config["intermediate_size"] = 768.into();
-            let path = dir.path().join(format!("bf16-{hidden}-{heads}-{kv_heads}"));
+            let path = dir.path().join(format!("bf16-{hidden}-{heads}-{kv_heads}-{cuda_cores}"));
             crate::testing::write_hf_model(&path, &config, 17).unwrap();
             let opts =
                 LoadOptions { device: Some(DeviceSpec::Cuda(0)), dtype: Some(DType::BF16), ..Default::default() };
@@ -600,9 +623,10 @@ mod tests {
                 let all = m.forward(&m.input(seq).unwrap(), &mut m.new_cache()).unwrap();
                 let reference = all.squeeze(0).unwrap().narrow(0, prompts[r].len(), 12).unwrap();
                 let rel = rms(&(&graph - &reference).unwrap()) / rms(&reference);
-                eprintln!("{hidden}/{heads}/{kv_heads} row {r}: batch graph vs one prefill, relative RMS difference of 12 steps' logits {rel:.4}");
+                eprintln!("{hidden}/{heads}/{kv_heads} cuda cores {cuda_cores} row {r}: batch graph vs one prefill, relative RMS difference of 12 steps' logits {rel:.4}");
                 assert!(rel < 0.05, "row {r}: batch graph logits differ from the regular forward pass by {rel}");
             }
+            std::env::remove_var(super::MMA_ATTENTION_ENV);
         }
     }
 }

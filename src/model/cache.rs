@@ -327,7 +327,8 @@ impl KvCache {
         Ok(unused)
     }
 
-    /// Keep only the given rows, in that order (a batch that shrinks once its queue is empty).
+    /// Keep only the given rows, in that order (a batch that shrinks once its queue is empty); a row named twice
+    /// is copied (rows that start from the same prompt).
     pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.starts.len()) {
             candle_core::bail!("row {bad} is outside a batch of {}", self.starts.len());

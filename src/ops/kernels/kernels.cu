@@ -1017,6 +1017,223 @@ ROW_ATTENTION_KERNEL(64)
 ROW_ATTENTION_KERNEL(128)
 ROW_ATTENTION_KERNEL(256)
 
+// The same attention on tensor cores: one warp per (row, KV group, split). The group's query heads (zero-padded
+// to 16) are the A operand of m16n8k16 bf16 MMAs: S = Q·Kᵀ over a tile of 32 columns is 4 column blocks × D/16
+// steps, the online softmax runs on S's fragments (a row's values sit in the 4 lanes of a quad), and the
+// probabilities, packed to bf16 in place, are the A operand of O += P·V. Keys and values are staged per tile in
+// the warp's shared memory (rows padded by 8 elements: conflict-free fragment loads). Head dims 64 and 128.
+#define MMA_TILE 32
+
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
+    __nv_bfloat162 v;
+    v.x = lo;
+    v.y = hi;
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <int D>
+__device__ void attention_rows_mma(const bf16* qkv, const int* lens, bf16* kc, bf16* vc, int cap, int nh, int nkv,
+                                   const float* inv_freq, float q_scale, int interleaved, bf16* out, float* part) {
+    constexpr int KS = D / 16;  // MMA steps over the head dim for S
+    constexpr int NB = D / 8;   // column blocks of O
+    constexpr int TW = D + 8;   // padded shared-memory row
+    __shared__ __align__(16) bf16 qs[16 * TW];
+    __shared__ __align__(16) bf16 ks[MMA_TILE * TW];
+    __shared__ __align__(16) bf16 vs[MMA_TILE * TW];
+    int g = blockIdx.x, r = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
+    int lane = threadIdx.x, gid = lane >> 2, tig = lane & 3;
+    int groups = nh / nkv;
+    int len = lens[0], start = lens[1 + r];
+    int pos = len - start;
+    int chunk = ((len + 1 - start + nsplit - 1) / nsplit + MMA_TILE - 1) / MMA_TILE * MMA_TILE;
+    int c_begin = start + split * chunk, c_end = min(start + (split + 1) * chunk, len + 1);
+    bool writer = c_begin <= len && len < c_end;
+    const bf16* row = qkv + (size_t)r * (nh + 2 * nkv) * D;
+    const bf16* k = row + nh * D + g * D;
+    const bf16* v = row + (nh + nkv) * D + g * D;
+    bf16* krow = kc + ((size_t)r * nkv + g) * cap * D;
+    bf16* vrow = vc + ((size_t)r * nkv + g) * cap * D;
+    for (int i = lane; i < D / 2; i += 32) {
+        float c, s;
+        sincosf((float)pos * inv_freq[i], &s, &c);
+        int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + D / 2;
+        for (int hh = 0; hh < 16; hh++) {
+            float r0 = 0.f, r1 = 0.f;
+            if (hh < groups) {
+                const bf16* q = row + (g * groups + hh) * D;
+                float q0 = __bfloat162float(q[i0]), q1 = __bfloat162float(q[i1]);
+                r0 = (q0 * c - q1 * s) * q_scale;
+                r1 = (q1 * c + q0 * s) * q_scale;
+            }
+            qs[hh * TW + i0] = __float2bfloat16(r0);
+            qs[hh * TW + i1] = __float2bfloat16(r1);
+        }
+        if (writer) {
+            float k0 = __bfloat162float(k[i0]), k1 = __bfloat162float(k[i1]);
+            krow[(size_t)len * D + i0] = __float2bfloat16(k0 * c - k1 * s);
+            krow[(size_t)len * D + i1] = __float2bfloat16(k1 * c + k0 * s);
+        }
+    }
+    if (writer)
+        for (int i = lane; i < D; i += 32) vrow[(size_t)len * D + i] = v[i];
+    __syncwarp();  // the queries in shared memory and the new column in the cache, for every lane
+    uint32_t qa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        const bf16* q0 = qs + gid * TW + kk * 16 + tig * 2;
+        const bf16* q8 = q0 + 8 * TW;
+        qa[kk][0] = *reinterpret_cast<const uint32_t*>(q0);
+        qa[kk][1] = *reinterpret_cast<const uint32_t*>(q8);
+        qa[kk][2] = *reinterpret_cast<const uint32_t*>(q0 + 8);
+        qa[kk][3] = *reinterpret_cast<const uint32_t*>(q8 + 8);
+    }
+    float o[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
+    // Rows gid and gid + 8 of the tile (query heads), held by the 4 lanes of a quad.
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    for (int c0 = c_begin; c0 < c_end; c0 += MMA_TILE) {
+        int n = min(MMA_TILE, c_end - c0);
+#pragma unroll
+        for (int idx = lane; idx < MMA_TILE * D / 8; idx += 32) {
+            int j = idx / (D / 8), w = (idx % (D / 8)) * 8;
+            uint4 kk4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (j < n) {
+                kk4 = *reinterpret_cast<const uint4*>(krow + (size_t)(c0 + j) * D + w);
+                vv4 = *reinterpret_cast<const uint4*>(vrow + (size_t)(c0 + j) * D + w);
+            }
+            *reinterpret_cast<uint4*>(ks + j * TW + w) = kk4;
+            *reinterpret_cast<uint4*>(vs + j * TW + w) = vv4;
+        }
+        __syncwarp();
+        float sc[4][4];
+#pragma unroll
+        for (int cb = 0; cb < 4; cb++) {
+            sc[cb][0] = sc[cb][1] = sc[cb][2] = sc[cb][3] = 0.f;
+            const bf16* kr = ks + (cb * 8 + gid) * TW + tig * 2;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(kr + kk * 16),
+                                 *reinterpret_cast<const uint32_t*>(kr + kk * 16 + 8)};
+                mma_16816(sc[cb], qa[kk], b);
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int cb = 0; cb < 4; cb++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                if (cb * 8 + tig * 2 + (e & 1) >= n) sc[cb][e] = -INFINITY;
+            }
+            mx0 = fmaxf(mx0, fmaxf(sc[cb][0], sc[cb][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[cb][2], sc[cb][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        float f0 = __expf(m0 - n0), f1 = __expf(m1 - n1);
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int cb = 0; cb < 4; cb++) {
+            sc[cb][0] = __expf(sc[cb][0] - n0);
+            sc[cb][1] = __expf(sc[cb][1] - n0);
+            sc[cb][2] = __expf(sc[cb][2] - n1);
+            sc[cb][3] = __expf(sc[cb][3] - n1);
+            s0 += sc[cb][0] + sc[cb][1];
+            s1 += sc[cb][2] + sc[cb][3];
+        }
+        s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+        s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+        l0 = l0 * f0 + s0;
+        l1 = l1 * f1 + s1;
+        m0 = n0;
+        m1 = n1;
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+            o[nb][0] *= f0;
+            o[nb][1] *= f0;
+            o[nb][2] *= f1;
+            o[nb][3] *= f1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++) {
+            uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+            const bf16* vp = vs + (kk * 16 + tig * 2) * TW + gid;
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+                const bf16* vq = vp + nb * 8;
+                uint32_t b[2] = {pack_bf16(vq[0], vq[TW]), pack_bf16(vq[8 * TW], vq[9 * TW])};
+                mma_16816(o[nb], pa, b);
+            }
+        }
+        __syncwarp();  // every lane is done with the tile before the next is staged
+    }
+    int h0 = g * groups + gid, h1 = h0 + 8;
+    bool has0 = gid < groups, has1 = gid + 8 < groups;
+    if (nsplit == 1) {
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+            int d = nb * 8 + tig * 2;
+            if (has0) *reinterpret_cast<uint32_t*>(out + ((size_t)r * nh + h0) * D + d) = pack_bf16(o[nb][0] / l0, o[nb][1] / l0);
+            if (has1) *reinterpret_cast<uint32_t*>(out + ((size_t)r * nh + h1) * D + d) = pack_bf16(o[nb][2] / l1, o[nb][3] / l1);
+        }
+        return;
+    }
+    float* p0 = part + (((size_t)r * nh + h0) * nsplit + split) * (D + 2);
+    float* p1 = part + (((size_t)r * nh + h1) * nsplit + split) * (D + 2);
+    if (tig == 0) {
+        if (has0) {
+            p0[0] = m0;
+            p0[1] = c_begin < c_end ? l0 : 0.f;
+        }
+        if (has1) {
+            p1[0] = m1;
+            p1[1] = c_begin < c_end ? l1 : 0.f;
+        }
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        int d = nb * 8 + tig * 2;
+        if (has0) {
+            p0[2 + d] = o[nb][0];
+            p0[3 + d] = o[nb][1];
+        }
+        if (has1) {
+            p1[2 + d] = o[nb][2];
+            p1[3 + d] = o[nb][3];
+        }
+    }
+}
+
+#define ROW_ATTENTION_MMA_KERNEL(D)                                                                                \
+    extern "C" __global__ void __launch_bounds__(32)                                                               \
+        attention_rows_mma_##D(const bf16* qkv, const int* lens, bf16* kc, bf16* vc, int cap, int nh, int nkv,    \
+                               const float* inv_freq, float q_scale, int interleaved, bf16* out, float* part) {  \
+        attention_rows_mma<D>(qkv, lens, kc, vc, cap, nh, nkv, inv_freq, q_scale, interleaved, out, part);       \
+    }
+
+ROW_ATTENTION_MMA_KERNEL(64)
+ROW_ATTENTION_MMA_KERNEL(128)
+
 // ---- sampling on the device: one block per row of `[rows, n]` f32 logits ----
 // Per row (u32 words): temperature (f32 bits), top-p (f32 bits), top-k (0: off), seed low, seed high, draw.
 // Temperature <= 0 is argmax. Otherwise z = (x - max) / T; top-k keeps z >= the k-th largest and top-p the
