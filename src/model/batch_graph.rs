@@ -18,10 +18,6 @@ use super::decode_graph::GraphParts;
 use candle_core::{Result, Tensor};
 use std::sync::Mutex;
 
-/// Set `BILLION_CUDA_MMA_ATTENTION=0` to run the batched step's attention on CUDA cores instead of tensor
-/// cores (for comparisons).
-pub const MMA_ATTENTION_ENV: &str = "BILLION_CUDA_MMA_ATTENTION";
-
 /// Lazily built batched decode graphs of one model (dropped when its linear layers change).
 #[derive(Default)]
 pub struct BatchGraphSlot {
@@ -97,13 +93,13 @@ mod imp {
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::MMA_ATTENTION_ENV;
     use super::*;
-    use crate::model::decode_graph::launch::{launch, slice_ptr, storage_ptr, Arg};
     use crate::model::decode_graph::{GraphLayer, DISABLE_ENV};
     use crate::model::layers::Norm;
     use crate::model::linear::{Linear, LinearWeight};
     use crate::ops::fused::cuda::{MODULE, PTX};
+    use crate::ops::fused::MMA_ATTENTION_ENV;
+    use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
     use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
     use candle_core::cuda_backend::cudarc::driver::{result, CudaFunction, CudaGraph, CudaSlice, CudaStream};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
@@ -583,7 +579,7 @@ mod tests {
         // may pick up the switch: both kernels are correct.)
         for ((arch, hidden, heads, kv_heads), cuda_cores) in layouts.iter().flat_map(|l| [(*l, false), (*l, true)]) {
             if cuda_cores {
-                std::env::set_var(super::MMA_ATTENTION_ENV, "0");
+                std::env::set_var(crate::ops::fused::MMA_ATTENTION_ENV, "0");
             }
             let mut config = crate::testing::tiny_config(arch, 512);
             config["hidden_size"] = hidden.into();
@@ -626,7 +622,7 @@ mod tests {
                 eprintln!("{hidden}/{heads}/{kv_heads} cuda cores {cuda_cores} row {r}: batch graph vs one prefill, relative RMS difference of 12 steps' logits {rel:.4}");
                 assert!(rel < 0.05, "row {r}: batch graph logits differ from the regular forward pass by {rel}");
             }
-            std::env::remove_var(super::MMA_ATTENTION_ENV);
+            std::env::remove_var(crate::ops::fused::MMA_ATTENTION_ENV);
         }
     }
 }

@@ -72,7 +72,7 @@ fn copy_columns_on_device(
     from: usize,
     n: usize,
 ) -> Result<bool> {
-    use super::decode_graph::launch::storage_ptr;
+    use crate::ops::launch::storage_ptr;
     use candle_core::cuda_backend::cudarc::driver::sys;
     let Device::Cuda(dev) = dst.device() else { return Ok(false) };
     if dst.dtype() != src.dtype()

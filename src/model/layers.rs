@@ -337,6 +337,20 @@ pub fn attention(
     let scale = 1.0 / (d as f64).sqrt();
     match (ops, starts) {
         (Ops::Fused, _) => {
+            // Rows with spans on the GPU: one tensor-core kernel over [shared prefix | own span], where it applies.
+            if let (Some(starts), true) = (starts, q.device().is_cuda() && crate::ops::fused::mma_attention_enabled()) {
+                let (kb, vb) =
+                    cache.layer_buffers(layer).ok_or_else(|| candle_core::Error::Msg("cache layer missing".into()))?;
+                let prefix_kv = match cache.prefix() {
+                    Some(p) => {
+                        Some(p.layer(layer).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?)
+                    }
+                    None => None,
+                };
+                if let Some(out) = crate::ops::fused::span_attention(q, kb, vb, starts, prefix_kv, prev)? {
+                    return Ok(out);
+                }
+            }
             // q comes pre-scaled (`Rotary::apply_query`). Scores stay in the compute dtype: they leave the
             // matmul in it, the mask is 0 / -inf (exact in any float type) and the softmax kernel accumulates
             // in f32 — casting around it only added two kernels per layer.

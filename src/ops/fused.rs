@@ -162,6 +162,41 @@ impl candle_core::CustomOp3 for SpanSoftmaxSplit {
     }
 }
 
+/// Set `BILLION_CUDA_MMA_ATTENTION=0` to run batched attention through CUDA-core kernels and composed ops instead
+/// of the tensor-core kernels (for comparisons).
+pub const MMA_ATTENTION_ENV: &str = "BILLION_CUDA_MMA_ATTENTION";
+
+/// Whether the tensor-core attention kernels are on (read once per process).
+pub fn mma_attention_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var(MMA_ATTENTION_ENV).is_ok_and(|v| v == "0"))
+}
+
+/// Attention of `t` new tokens per row on tensor cores, written as `[b, t, heads · d]` (the O projection's
+/// layout): `q` `[b, heads, t, d]` (rotated and scaled), `k_buf` / `v_buf` the cache's whole buffers `[b, kv,
+/// capacity, d]` with this pass's keys and values at columns `prev..prev + t`, `starts` (u32 `[b]`) each row's
+/// first own column, `prefix` the keys and values `[1, kv, p, d]` every row sees first. Query i sees the prefix and
+/// its row's columns `start..=prev + i` (nothing: zeros). One kernel: no scores in memory, no transposes. `None`
+/// where it does not apply (only CUDA, bf16, head dim 64 or 128); the caller then composes the ops.
+pub fn span_attention(
+    q: &Tensor,
+    k_buf: &Tensor,
+    v_buf: &Tensor,
+    starts: &Tensor,
+    prefix: Option<(&Tensor, &Tensor)>,
+    prev: usize,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::span_attention(q, k_buf, v_buf, starts, prefix, prev)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k_buf, v_buf, starts, prefix, prev);
+        Ok(None)
+    }
+}
+
 /// `silu(gate) * up` in one kernel on CUDA.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.device().is_cuda() && gate.is_contiguous() && up.is_contiguous() && gate.shape() == up.shape() {
@@ -645,6 +680,70 @@ pub(crate) mod cuda {
         })
     }
 
+    /// See [`super::span_attention`].
+    pub fn span_attention(
+        q: &candle_core::Tensor,
+        k_buf: &candle_core::Tensor,
+        v_buf: &candle_core::Tensor,
+        starts: &candle_core::Tensor,
+        prefix: Option<(&candle_core::Tensor, &candle_core::Tensor)>,
+        prev: usize,
+    ) -> Result<Option<candle_core::Tensor>> {
+        use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
+        use candle_core::op::BackpropOp;
+        let candle_core::Device::Cuda(dev) = q.device() else { return Ok(None) };
+        let (b, nh, t, d) = q.dims4()?;
+        let (kb, nkv, cap, kd) = k_buf.dims4()?;
+        let bf16_all = [q, k_buf, v_buf].iter().all(|x| x.dtype() == DType::BF16)
+            && prefix.is_none_or(|(k, v)| k.dtype() == DType::BF16 && v.dtype() == DType::BF16);
+        if !bf16_all
+            || ![64, 128].contains(&d)
+            || kd != d
+            || kb != b
+            || nkv == 0
+            || nh % nkv != 0
+            || v_buf.dims() != k_buf.dims()
+            || !k_buf.is_contiguous()
+            || !v_buf.is_contiguous()
+            || prev + t > cap
+            || starts.dtype() != DType::U32
+            || starts.elem_count() != b
+        {
+            return Ok(None);
+        }
+        let stream = dev.cuda_stream();
+        let q = q.contiguous()?;
+        let starts = starts.contiguous()?;
+        let (kp, vp, p) = match prefix {
+            Some((k, v)) => (Some(k.contiguous()?), Some(v.contiguous()?), k.dim(2)?),
+            None => (None, None, 0),
+        };
+        let ptr = |x: &Option<candle_core::Tensor>| x.as_ref().map_or(Ok(0), |x| storage_ptr(x, &stream));
+        // SAFETY: the kernel writes every element of `out` (each query row of each head).
+        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * t * nh * d)? };
+        let f = dev.get_or_load_custom_func(&format!("span_attention_mma_{d}"), MODULE, PTX)?.into_cuda_function();
+        use Arg::{I, P};
+        let args = [
+            P(storage_ptr(&q, &stream)?),
+            P(storage_ptr(k_buf, &stream)?),
+            P(storage_ptr(v_buf, &stream)?),
+            P(ptr(&kp)?),
+            P(ptr(&vp)?),
+            P(storage_ptr(&starts, &stream)?),
+            P(slice_ptr(&out, &stream)),
+            I(t as i32),
+            I(prev as i32),
+            I(cap as i32),
+            I(p as i32),
+            I(nh as i32),
+            I(nkv as i32),
+        ];
+        // Inputs are freed in stream order, after the kernel has read them.
+        launch(&stream, &f, false, (t.div_ceil(64) as u32, nh as u32, b as u32), 128, 0, &args)?;
+        let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        Ok(Some(candle_core::Tensor::from_storage(storage, (b, t, nh * d), BackpropOp::none(), false)))
+    }
+
     pub fn swiglu(g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout) -> Result<CudaStorage> {
         let dev = g.device();
         let n = gl.shape().elem_count();
@@ -759,6 +858,77 @@ mod tests {
             let ds = (gs.to_device(&Device::Cpu)? - &ps)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let dov = (go.to_device(&Device::Cpu)? - &po)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(ds < 1e-5 && dov < 1e-5, "CUDA split softmax differs from the CPU by {ds} / {dov}");
+        }
+        Ok(())
+    }
+
+    /// The tensor-core span attention against a plain loop over the visible columns (where a GPU is present):
+    /// rows with different starts, a row whose first queries see nothing (zeros), with and without a prefix.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn span_attention_on_cuda_matches_a_plain_loop() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return Ok(());
+        };
+        for d in [64usize, 128] {
+            let (b, nh, nkv, t, prev, cap, p) = (3usize, 4usize, 2usize, 37usize, 6usize, 48usize, 7usize);
+            let bf = |t: Tensor| t.to_dtype(DType::BF16).and_then(|t| t.to_dtype(DType::F32));
+            let q = bf(seeded_randn(11, 0.0, 0.5, &[b, nh, t, d]))?;
+            let k = bf(seeded_randn(12, 0.0, 1.0, &[b, nkv, cap, d]))?;
+            let v = bf(seeded_randn(13, 0.0, 1.0, &[b, nkv, cap, d]))?;
+            let kp = bf(seeded_randn(14, 0.0, 1.0, &[1, nkv, p, d]))?;
+            let vp = bf(seeded_randn(15, 0.0, 1.0, &[1, nkv, p, d]))?;
+            let starts = [0u32, 3, 8];
+            let (qv, kv, vv) = (
+                q.flatten_all()?.to_vec1::<f32>()?,
+                k.flatten_all()?.to_vec1::<f32>()?,
+                v.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let (kpv, vpv) = (kp.flatten_all()?.to_vec1::<f32>()?, vp.flatten_all()?.to_vec1::<f32>()?);
+            for with_prefix in [false, true] {
+                let g16 = |x: &Tensor| x.to_dtype(DType::BF16).and_then(|x| x.to_device(&gpu));
+                let st = Tensor::new(&starts, &gpu)?;
+                let (gkp, gvp) = (g16(&kp)?, g16(&vp)?);
+                let prefix = with_prefix.then_some((&gkp, &gvp));
+                let got = span_attention(&g16(&q)?, &g16(&k)?, &g16(&v)?, &st, prefix, prev)?.expect("applies");
+                let got = got.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut worst = 0f32;
+                for bi in 0..b {
+                    for h in 0..nh {
+                        let g = h / (nh / nkv);
+                        for i in 0..t {
+                            let qr = &qv[((bi * nh + h) * t + i) * d..][..d];
+                            let mut cols: Vec<(&[f32], &[f32])> = vec![];
+                            if with_prefix {
+                                for c in 0..p {
+                                    let at = (g * p + c) * d;
+                                    cols.push((&kpv[at..at + d], &vpv[at..at + d]));
+                                }
+                            }
+                            for c in starts[bi] as usize..=prev + i {
+                                let at = ((bi * nkv + g) * cap + c) * d;
+                                cols.push((&kv[at..at + d], &vv[at..at + d]));
+                            }
+                            let scores: Vec<f32> =
+                                cols.iter().map(|(kc, _)| kc.iter().zip(qr).map(|(a, b)| a * b).sum()).collect();
+                            let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                            let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+                            let sum: f32 = e.iter().sum();
+                            for j in 0..d {
+                                let want: f32 = if cols.is_empty() {
+                                    0.0
+                                } else {
+                                    e.iter().zip(&cols).map(|(w, (_, vc))| w * vc[j]).sum::<f32>() / sum
+                                };
+                                let have = got[(bi * t + i) * nh * d + h * d + j];
+                                worst = worst.max((have - want).abs());
+                            }
+                        }
+                    }
+                }
+                assert!(worst < 0.03, "head dim {d}, prefix {with_prefix}: worst difference {worst}");
+            }
         }
         Ok(())
     }

@@ -3,3 +3,5 @@
 
 pub mod autograd;
 pub mod fused;
+#[cfg(feature = "cuda")]
+pub mod launch;

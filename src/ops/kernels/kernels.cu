@@ -1044,6 +1044,117 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// The A operand of 16 query rows (staged in `q`, rows padded to TW) for D / 16 MMA steps, and O zeroed.
+template <int D, int TW>
+__device__ __forceinline__ void mma_start(const bf16* q, int gid, int tig, uint32_t (*qa)[4], float (*o)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const bf16* q0 = q + gid * TW + kk * 16 + tig * 2;
+        const bf16* q8 = q0 + 8 * TW;
+        qa[kk][0] = *reinterpret_cast<const uint32_t*>(q0);
+        qa[kk][1] = *reinterpret_cast<const uint32_t*>(q8);
+        qa[kk][2] = *reinterpret_cast<const uint32_t*>(q0 + 8);
+        qa[kk][3] = *reinterpret_cast<const uint32_t*>(q8 + 8);
+    }
+#pragma unroll
+    for (int nb = 0; nb < D / 8; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
+}
+
+// Stage `n` columns (the rest zero) of keys and values from `c0` into shared memory, threads `first` + k·`step`.
+template <int D, int TW>
+__device__ __forceinline__ void mma_stage(const bf16* kb, const bf16* vb, int c0, int n, bf16* ks, bf16* vs,
+                                          int first, int step) {
+    for (int idx = first; idx < MMA_TILE * D / 8; idx += step) {
+        int j = idx / (D / 8), w = (idx % (D / 8)) * 8;
+        uint4 k4 = make_uint4(0, 0, 0, 0), v4 = make_uint4(0, 0, 0, 0);
+        if (j < n) {
+            k4 = *reinterpret_cast<const uint4*>(kb + (size_t)(c0 + j) * D + w);
+            v4 = *reinterpret_cast<const uint4*>(vb + (size_t)(c0 + j) * D + w);
+        }
+        *reinterpret_cast<uint4*>(ks + j * TW + w) = k4;
+        *reinterpret_cast<uint4*>(vs + j * TW + w) = v4;
+    }
+}
+
+// S (16 query rows × one 32-column tile) = A operand `qa` (D / 16 steps) · the staged keys `ks` (rows padded to TW).
+template <int D, int TW>
+__device__ __forceinline__ void mma_scores(const uint32_t (*qa)[4], const bf16* ks, int gid, int tig, float (*sc)[4]) {
+#pragma unroll
+    for (int cb = 0; cb < 4; cb++) {
+        sc[cb][0] = sc[cb][1] = sc[cb][2] = sc[cb][3] = 0.f;
+        const bf16* kr = ks + (cb * 8 + gid) * TW + tig * 2;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(kr + kk * 16),
+                             *reinterpret_cast<const uint32_t*>(kr + kk * 16 + 8)};
+            mma_16816(sc[cb], qa[kk], b);
+        }
+    }
+}
+
+// One online-softmax step on a tile's scores (masked entries -inf) for rows gid (m0, l0) and gid + 8 (m1, l1),
+// held by the 4 lanes of a quad: rescales `o`, leaves the tile's probabilities in `sc`. A row that sees nothing
+// in the tile keeps its state.
+template <int NB>
+__device__ __forceinline__ void mma_softmax_step(float (*sc)[4], float& m0, float& m1, float& l0, float& l1,
+                                                 float (*o)[4]) {
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int cb = 0; cb < 4; cb++) {
+        mx0 = fmaxf(mx0, fmaxf(sc[cb][0], sc[cb][1]));
+        mx1 = fmaxf(mx1, fmaxf(sc[cb][2], sc[cb][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+    float f0 = n0 == -INFINITY ? 1.f : __expf(m0 - n0), f1 = n1 == -INFINITY ? 1.f : __expf(m1 - n1);
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+    for (int cb = 0; cb < 4; cb++) {
+        sc[cb][0] = sc[cb][0] == -INFINITY ? 0.f : __expf(sc[cb][0] - n0);
+        sc[cb][1] = sc[cb][1] == -INFINITY ? 0.f : __expf(sc[cb][1] - n0);
+        sc[cb][2] = sc[cb][2] == -INFINITY ? 0.f : __expf(sc[cb][2] - n1);
+        sc[cb][3] = sc[cb][3] == -INFINITY ? 0.f : __expf(sc[cb][3] - n1);
+        s0 += sc[cb][0] + sc[cb][1];
+        s1 += sc[cb][2] + sc[cb][3];
+    }
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+    l0 = l0 * f0 + s0;
+    l1 = l1 * f1 + s1;
+    m0 = n0;
+    m1 = n1;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        o[nb][0] *= f0;
+        o[nb][1] *= f0;
+        o[nb][2] *= f1;
+        o[nb][3] *= f1;
+    }
+}
+
+// O += P · V: the probabilities in `sc`, packed to bf16, are the A operand; the staged values `vs` the B operand.
+template <int D, int TW>
+__device__ __forceinline__ void mma_values(const float (*sc)[4], const bf16* vs, int gid, int tig, float (*o)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < 2; kk++) {
+        uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                          pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                          pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+        const bf16* vq0 = vs + (kk * 16 + tig * 2) * TW + gid;
+#pragma unroll
+        for (int nb = 0; nb < D / 8; nb++) {
+            const bf16* vq = vq0 + nb * 8;
+            uint32_t b[2] = {pack_bf16(vq[0], vq[TW]), pack_bf16(vq[8 * TW], vq[9 * TW])};
+            mma_16816(o[nb], pa, b);
+        }
+    }
+}
+
 template <int D>
 __device__ void attention_rows_mma(const bf16* qkv, const int* lens, bf16* kc, bf16* vc, int cap, int nh, int nkv,
                                    const float* inv_freq, float q_scale, int interleaved, bf16* out, float* part) {
@@ -1091,100 +1202,25 @@ __device__ void attention_rows_mma(const bf16* qkv, const int* lens, bf16* kc, b
         for (int i = lane; i < D; i += 32) vrow[(size_t)len * D + i] = v[i];
     __syncwarp();  // the queries in shared memory and the new column in the cache, for every lane
     uint32_t qa[KS][4];
-#pragma unroll
-    for (int kk = 0; kk < KS; kk++) {
-        const bf16* q0 = qs + gid * TW + kk * 16 + tig * 2;
-        const bf16* q8 = q0 + 8 * TW;
-        qa[kk][0] = *reinterpret_cast<const uint32_t*>(q0);
-        qa[kk][1] = *reinterpret_cast<const uint32_t*>(q8);
-        qa[kk][2] = *reinterpret_cast<const uint32_t*>(q0 + 8);
-        qa[kk][3] = *reinterpret_cast<const uint32_t*>(q8 + 8);
-    }
     float o[NB][4];
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
+    mma_start<D, TW>(qs, gid, tig, qa, o);
     // Rows gid and gid + 8 of the tile (query heads), held by the 4 lanes of a quad.
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     for (int c0 = c_begin; c0 < c_end; c0 += MMA_TILE) {
         int n = min(MMA_TILE, c_end - c0);
-#pragma unroll
-        for (int idx = lane; idx < MMA_TILE * D / 8; idx += 32) {
-            int j = idx / (D / 8), w = (idx % (D / 8)) * 8;
-            uint4 kk4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-            if (j < n) {
-                kk4 = *reinterpret_cast<const uint4*>(krow + (size_t)(c0 + j) * D + w);
-                vv4 = *reinterpret_cast<const uint4*>(vrow + (size_t)(c0 + j) * D + w);
-            }
-            *reinterpret_cast<uint4*>(ks + j * TW + w) = kk4;
-            *reinterpret_cast<uint4*>(vs + j * TW + w) = vv4;
-        }
+        mma_stage<D, TW>(krow, vrow, c0, n, ks, vs, lane, 32);
         __syncwarp();
         float sc[4][4];
-#pragma unroll
-        for (int cb = 0; cb < 4; cb++) {
-            sc[cb][0] = sc[cb][1] = sc[cb][2] = sc[cb][3] = 0.f;
-            const bf16* kr = ks + (cb * 8 + gid) * TW + tig * 2;
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++) {
-                uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(kr + kk * 16),
-                                 *reinterpret_cast<const uint32_t*>(kr + kk * 16 + 8)};
-                mma_16816(sc[cb], qa[kk], b);
-            }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
+        mma_scores<D, TW>(qa, ks, gid, tig, sc);
 #pragma unroll
         for (int cb = 0; cb < 4; cb++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 if (cb * 8 + tig * 2 + (e & 1) >= n) sc[cb][e] = -INFINITY;
             }
-            mx0 = fmaxf(mx0, fmaxf(sc[cb][0], sc[cb][1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[cb][2], sc[cb][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        float f0 = __expf(m0 - n0), f1 = __expf(m1 - n1);
-        float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-        for (int cb = 0; cb < 4; cb++) {
-            sc[cb][0] = __expf(sc[cb][0] - n0);
-            sc[cb][1] = __expf(sc[cb][1] - n0);
-            sc[cb][2] = __expf(sc[cb][2] - n1);
-            sc[cb][3] = __expf(sc[cb][3] - n1);
-            s0 += sc[cb][0] + sc[cb][1];
-            s1 += sc[cb][2] + sc[cb][3];
-        }
-        s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-        s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-        s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-        s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
-        l0 = l0 * f0 + s0;
-        l1 = l1 * f1 + s1;
-        m0 = n0;
-        m1 = n1;
-#pragma unroll
-        for (int nb = 0; nb < NB; nb++) {
-            o[nb][0] *= f0;
-            o[nb][1] *= f0;
-            o[nb][2] *= f1;
-            o[nb][3] *= f1;
-        }
-#pragma unroll
-        for (int kk = 0; kk < 2; kk++) {
-            uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
-                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-            const bf16* vp = vs + (kk * 16 + tig * 2) * TW + gid;
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++) {
-                const bf16* vq = vp + nb * 8;
-                uint32_t b[2] = {pack_bf16(vq[0], vq[TW]), pack_bf16(vq[8 * TW], vq[9 * TW])};
-                mma_16816(o[nb], pa, b);
-            }
-        }
+        mma_softmax_step<NB>(sc, m0, m1, l0, l1, o);
+        mma_values<D, TW>(sc, vs, gid, tig, o);
         __syncwarp();  // every lane is done with the tile before the next is staged
     }
     int h0 = g * groups + gid, h1 = h0 + 8;
@@ -1233,6 +1269,93 @@ __device__ void attention_rows_mma(const bf16* qkv, const int* lens, bf16* kc, b
 
 ROW_ATTENTION_MMA_KERNEL(64)
 ROW_ATTENTION_MMA_KERNEL(128)
+
+// Attention of a pass of t new tokens per row on tensor cores, over an optional shared prefix and each row's own
+// span: grid (ceil(t / 64), heads, rows), 4 warps, each warp 16 query positions of one head. Query position i
+// (column prev + i) sees every prefix column and its row's own columns start..prev + i. Key/value tiles of 32
+// columns (prefix first, then own) are staged once per block; the output is written as `[rows, t, heads * D]`,
+// the layout the O projection reads (no transposes). A query that sees nothing (left padding, no prefix) gets 0.
+#define SPAN_ATT_WARPS 4
+
+template <int D>
+__device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,
+                                   const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,
+                                   int nkv) {
+    constexpr int KS = D / 16, NB = D / 8, TW = D + 8;
+    __shared__ __align__(16) bf16 qs[SPAN_ATT_WARPS * 16 * TW];
+    __shared__ __align__(16) bf16 ks[MMA_TILE * TW];
+    __shared__ __align__(16) bf16 vs[MMA_TILE * TW];
+    int b = blockIdx.z, h = blockIdx.y;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    int g = h / (nh / nkv);
+    int qbase = blockIdx.x * SPAN_ATT_WARPS * 16, qw = qbase + warp * 16;
+    int start = (int)starts[b];
+    int own_end = prev + min(qbase + SPAN_ATT_WARPS * 16, t);
+    const bf16* qh = q + ((size_t)b * nh + h) * t * D;
+    bf16* myq = qs + warp * 16 * TW;
+    for (int idx = lane; idx < 16 * D / 8; idx += 32) {
+        int rr = idx / (D / 8), w8 = (idx % (D / 8)) * 8;
+        uint4 v4 = qw + rr < t ? *reinterpret_cast<const uint4*>(qh + (size_t)(qw + rr) * D + w8) : make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(myq + rr * TW + w8) = v4;
+    }
+    __syncwarp();
+    uint32_t qa[KS][4];
+    float o[NB][4];
+    mma_start<D, TW>(myq, gid, tig, qa, o);
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    int lim0 = prev + qw + gid, lim1 = lim0 + 8;  // last own column rows gid and gid + 8 see
+    int last = prev + min(qw + 15, t - 1);        // the warp's last query's column
+    const bf16* kpre = kp + (size_t)g * prefix * D;
+    const bf16* vpre = vp + (size_t)g * prefix * D;
+    const bf16* krow = kc + ((size_t)b * nkv + g) * cap * D;
+    const bf16* vrow = vc + ((size_t)b * nkv + g) * cap * D;
+    int pre_tiles = (prefix + MMA_TILE - 1) / MMA_TILE;
+    int own_tiles = own_end > start ? (own_end - start + MMA_TILE - 1) / MMA_TILE : 0;
+    for (int tile = 0; tile < pre_tiles + own_tiles; tile++) {
+        bool pre = tile < pre_tiles;
+        int c0 = pre ? tile * MMA_TILE : start + (tile - pre_tiles) * MMA_TILE;
+        int n = pre ? min(MMA_TILE, prefix - c0) : min(MMA_TILE, own_end - c0);
+        const bf16* kb = pre ? kpre : krow;
+        const bf16* vb = pre ? vpre : vrow;
+        mma_stage<D, TW>(kb, vb, c0, n, ks, vs, threadIdx.x, blockDim.x);
+        __syncthreads();
+        if (pre || c0 <= last) {
+            float sc[4][4];
+            mma_scores<D, TW>(qa, ks, gid, tig, sc);
+#pragma unroll
+            for (int cb = 0; cb < 4; cb++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int j = cb * 8 + tig * 2 + (e & 1);
+                    bool ok = j < n && (pre || c0 + j <= (e < 2 ? lim0 : lim1));
+                    if (!ok) sc[cb][e] = -INFINITY;
+                }
+            }
+            mma_softmax_step<NB>(sc, m0, m1, l0, l1, o);
+            mma_values<D, TW>(sc, vs, gid, tig, o);
+        }
+        __syncthreads();  // every warp is done with the tile before the next is staged
+    }
+    float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    int r0 = qw + gid, r1 = r0 + 8;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        int d = h * D + nb * 8 + tig * 2;
+        if (r0 < t) *reinterpret_cast<uint32_t*>(out + ((size_t)b * t + r0) * nh * D + d) = pack_bf16(o[nb][0] * i0, o[nb][1] * i0);
+        if (r1 < t) *reinterpret_cast<uint32_t*>(out + ((size_t)b * t + r1) * nh * D + d) = pack_bf16(o[nb][2] * i1, o[nb][3] * i1);
+    }
+}
+
+#define SPAN_ATTENTION_KERNEL(D)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(SPAN_ATT_WARPS * 32)                                               \
+        span_attention_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,      \
+                               const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,    \
+                               int nkv) {                                                                          \
+        span_attention_mma<D>(q, kc, vc, kp, vp, starts, out, t, prev, cap, prefix, nh, nkv);                     \
+    }
+
+SPAN_ATTENTION_KERNEL(64)
+SPAN_ATTENTION_KERNEL(128)
 
 // ---- sampling on the device: one block per row of `[rows, n]` f32 logits ----
 // Per row (u32 words): temperature (f32 bits), top-p (f32 bits), top-k (0: off), seed low, seed high, draw.
