@@ -13,88 +13,18 @@
 //! without bias or adapters, no shared prefix, head dim 64, 128 or 256. Anything else takes the regular forward
 //! pass, which stays the reference.
 
-use super::cache::KvCache;
-use super::decode_graph::GraphParts;
-use candle_core::{Result, Tensor};
-use std::sync::Mutex;
-
-/// Lazily built batched decode graphs of one model (dropped when its linear layers change).
-#[derive(Default)]
-pub struct BatchGraphSlot {
-    state: Mutex<SlotState>,
-}
-
-#[derive(Default)]
-enum SlotState {
-    #[default]
-    Unbuilt,
-    Unavailable,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    Ready(Box<imp::Engine>),
-}
-
-impl std::fmt::Debug for BatchGraphSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BatchGraphSlot")
-    }
-}
-
-impl BatchGraphSlot {
-    /// Forget the built engine (the weights it points at may change).
-    pub fn reset(&mut self) {
-        *self.state.get_mut().expect("graph slot lock") = SlotState::Unbuilt;
-    }
-
-    /// Run one decode step of every row through the graph if this model and input qualify: `embedded` is the
-    /// rows' new tokens embedded, `[rows, 1, hidden]`. Returns `None` to fall back to the regular path.
-    pub fn step<'a>(
-        &self,
-        parts: impl FnOnce() -> Option<GraphParts<'a>>,
-        embedded: &Tensor,
-        cache: &mut KvCache,
-    ) -> Result<Option<Tensor>> {
-        if cache.prefix_len() != 0 {
-            return Ok(None);
-        }
-        let mut state = self.state.lock().expect("graph slot lock");
-        if matches!(*state, SlotState::Unbuilt) {
-            let engine = match parts() {
-                Some(p) => imp::Engine::new(&p, embedded)?,
-                None => None,
-            };
-            *state = match engine {
-                Some(e) => SlotState::Ready(Box::new(e)),
-                None => SlotState::Unavailable,
-            };
-        }
-        match &mut *state {
-            SlotState::Ready(engine) => engine.step(embedded, cache).map(Some),
-            _ => Ok(None),
-        }
-    }
-}
+/// The batched decode graph engine (built lazily by a `decode_graph::GraphSlot`).
+pub type BatchEngine = imp::Engine;
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    use super::*;
-
-    pub struct Engine;
-
-    impl Engine {
-        pub fn new(_: &GraphParts, _: &Tensor) -> Result<Option<Self>> {
-            Ok(None)
-        }
-
-        pub fn step(&mut self, _: &Tensor, _: &mut KvCache) -> Result<Tensor> {
-            unreachable!("no CUDA decode graph without the cuda feature")
-        }
-    }
+    pub type Engine = crate::model::decode_graph::NoGraph;
 }
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::*;
-    use crate::model::decode_graph::{GraphLayer, DISABLE_ENV};
+    use crate::model::cache::KvCache;
+    use crate::model::decode_graph::{GraphEngine, GraphLayer, GraphParts, DISABLE_ENV};
     use crate::model::layers::Norm;
     use crate::model::linear::{Linear, LinearWeight};
     use crate::ops::fused::cuda::{MODULE, PTX};
@@ -104,7 +34,7 @@ mod imp {
     use candle_core::cuda_backend::cudarc::driver::{result, CudaFunction, CudaGraph, CudaSlice, CudaStream};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
     use candle_core::op::BackpropOp;
-    use candle_core::{DType, Device, Storage};
+    use candle_core::{DType, Device, Result, Storage, Tensor};
     use half::bf16;
     use std::collections::HashMap;
     use std::sync::Arc;
@@ -217,8 +147,18 @@ mod imp {
         })
     }
 
+    impl GraphEngine for Engine {
+        fn build(p: &GraphParts, embedded: &Tensor) -> Result<Option<Self>> {
+            Self::new(p, embedded)
+        }
+
+        fn step(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+            self.run_step(embedded, cache)
+        }
+    }
+
     impl Engine {
-        pub fn new(p: &GraphParts, embedded: &Tensor) -> Result<Option<Self>> {
+        fn new(p: &GraphParts, embedded: &Tensor) -> Result<Option<Self>> {
             if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "0") {
                 return Ok(None);
             }
@@ -491,7 +431,7 @@ mod imp {
             Ok(Captured { key, graph, rows, bufs })
         }
 
-        pub fn step(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        fn run_step(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
             let rows = embedded.dim(0)?;
             let len = cache.len();
             // The batch's buffers exist from its prefill; this only grows them if the step needs a column.

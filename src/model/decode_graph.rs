@@ -43,36 +43,49 @@ pub struct GraphParts<'a> {
     pub interleaved: bool,
 }
 
+/// A CUDA-graph decode step a [`GraphSlot`] builds on first use.
+pub trait GraphEngine: Sized {
+    /// The engine for these model parts, or `None` where the model or input does not qualify.
+    fn build(parts: &GraphParts, embedded: &Tensor) -> Result<Option<Self>>;
+    /// One decode step from the new tokens' embeddings; advances `cache`.
+    fn step(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+}
+
+/// The batch-1 decode graph engine.
+pub type SingleRowEngine = imp::Engine;
+
 /// Lazily built decode graph of one model: built on the first eligible step, dropped when the model's
 /// linear layers change (adapters).
-#[derive(Default)]
-pub struct GraphSlot {
-    state: Mutex<SlotState>,
+pub struct GraphSlot<E> {
+    state: Mutex<SlotState<E>>,
 }
 
-#[derive(Default)]
-enum SlotState {
-    #[default]
+enum SlotState<E> {
     Unbuilt,
     Unavailable,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    Ready(Box<imp::Engine>),
+    Ready(Box<E>),
 }
 
-impl std::fmt::Debug for GraphSlot {
+impl<E> Default for GraphSlot<E> {
+    fn default() -> Self {
+        Self { state: Mutex::new(SlotState::Unbuilt) }
+    }
+}
+
+impl<E> std::fmt::Debug for GraphSlot<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("GraphSlot")
     }
 }
 
-impl GraphSlot {
+impl<E: GraphEngine> GraphSlot<E> {
     /// Forget the built graph (the weights it points at may change).
     pub fn reset(&mut self) {
         *self.state.get_mut().expect("graph slot lock") = SlotState::Unbuilt;
     }
 
-    /// Run one decode step through the graph if this model and input qualify: `embedded` is the new
-    /// token's embedding `[1, 1, hidden]`. Returns `None` to fall back to the regular path.
+    /// Run one decode step through the graph if this model and input qualify: `embedded` is the new tokens'
+    /// embeddings `[rows, 1, hidden]`. Returns `None` to fall back to the regular path.
     pub fn step<'a>(
         &self,
         parts: impl FnOnce() -> Option<GraphParts<'a>>,
@@ -82,7 +95,7 @@ impl GraphSlot {
         let mut state = self.state.lock().expect("graph slot lock");
         if matches!(*state, SlotState::Unbuilt) {
             let engine = match parts() {
-                Some(p) => imp::Engine::new(&p, embedded)?,
+                Some(p) => E::build(&p, embedded)?,
                 None => None,
             };
             *state = match engine {
@@ -97,21 +110,24 @@ impl GraphSlot {
     }
 }
 
+/// Without CUDA there is no graph: every step takes the regular path.
+#[cfg(not(feature = "cuda"))]
+pub enum NoGraph {}
+
+#[cfg(not(feature = "cuda"))]
+impl GraphEngine for NoGraph {
+    fn build(_: &GraphParts, _: &Tensor) -> Result<Option<Self>> {
+        Ok(None)
+    }
+
+    fn step(&mut self, _: &Tensor, _: &mut KvCache) -> Result<Tensor> {
+        match *self {}
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    use super::*;
-
-    pub struct Engine;
-
-    impl Engine {
-        pub fn new(_: &GraphParts, _: &Tensor) -> Result<Option<Self>> {
-            Ok(None)
-        }
-
-        pub fn step(&mut self, _: &Tensor, _: &mut KvCache) -> Result<Tensor> {
-            unreachable!("no CUDA decode graph without the cuda feature")
-        }
-    }
+    pub type Engine = super::NoGraph;
 }
 
 #[cfg(feature = "cuda")]
@@ -265,8 +281,18 @@ mod imp {
         }
     }
 
+    impl GraphEngine for Engine {
+        fn build(p: &GraphParts, embedded: &Tensor) -> Result<Option<Self>> {
+            Self::new(p, embedded)
+        }
+
+        fn step(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+            self.run_step(embedded, cache)
+        }
+    }
+
     impl Engine {
-        pub fn new(p: &GraphParts, embedded: &Tensor) -> Result<Option<Self>> {
+        fn new(p: &GraphParts, embedded: &Tensor) -> Result<Option<Self>> {
             if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "0") {
                 return Ok(None);
             }
@@ -492,7 +518,7 @@ mod imp {
             Ok(Captured { key, graph, _partials: partials })
         }
 
-        pub fn step(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        fn run_step(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
             let pos = cache.len();
             cache.reserve(1, self.kv_heads, self.head_dim, DType::BF16, embedded.device())?;
             let s = self.stream.clone();

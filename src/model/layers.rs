@@ -337,16 +337,20 @@ pub fn attention(
     let scale = 1.0 / (d as f64).sqrt();
     match (ops, starts) {
         (Ops::Fused, _) => {
+            // The shared prefix's length, keys and values for this layer, if the cache has one.
+            let prefix = match cache.prefix() {
+                Some(p) => {
+                    let (kp, vp) =
+                        p.layer(layer).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?;
+                    Some((p.len(), kp, vp))
+                }
+                None => None,
+            };
             // Rows with spans on the GPU: one tensor-core kernel over [shared prefix | own span], where it applies.
             if let (Some(starts), true) = (starts, q.device().is_cuda() && crate::ops::fused::mma_attention_enabled()) {
                 let (kb, vb) =
                     cache.layer_buffers(layer).ok_or_else(|| candle_core::Error::Msg("cache layer missing".into()))?;
-                let prefix_kv = match cache.prefix() {
-                    Some(p) => {
-                        Some(p.layer(layer).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?)
-                    }
-                    None => None,
-                };
+                let prefix_kv = prefix.map(|(_, kp, vp)| (kp, vp));
                 if let Some(out) = crate::ops::fused::span_attention(q, kb, vb, starts, prefix_kv, prev)? {
                     return Ok(out);
                 }
@@ -356,46 +360,42 @@ pub fn attention(
             // in f32 — casting around it only added two kernels per layer.
             let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
             let own = q.matmul(&k_all.t()?)?; // [b, kv, g*t, total]
-            let out = match (starts, cache.prefix()) {
+            let out = match (starts, prefix) {
                 (None, _) => crate::ops::fused::masked_softmax(&own, mask, t, prev)?.matmul(&v_all)?,
                 // Rows of different lengths: each row's visible span picked by the span softmax.
                 (Some(starts), None) => crate::ops::fused::span_softmax(&own, starts, t, prev, 0)?.matmul(&v_all)?,
-                // And a shared prefix on the GPU: the prefix's scores and the own ones stay two tensors, one
-                // softmax over both (the joined path below copies the scores four times).
-                (Some(starts), Some(prefix)) if q.device().is_cuda() => {
-                    let (kp, vp) =
-                        prefix.layer(layer).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?;
+                // And a shared prefix: every row's queries against the one prefix, [kv, b*g*t, d] x [kv, d, p]
+                // (not copied).
+                (Some(starts), Some((p, kp, vp))) => {
                     let qp = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, d))?;
-                    // The prefix padded with zero columns to a multiple of 8: the products over it then take
-                    // cuBLAS's aligned kernels (an odd width fell to a kernel several times slower).
-                    let p = prefix.len();
-                    let pad = p.next_multiple_of(8) - p;
-                    let (kp, vp) =
-                        (kp.squeeze(0)?.pad_with_zeros(1, 0, pad)?, vp.squeeze(0)?.pad_with_zeros(1, 0, pad)?);
-                    let shared = qp.matmul(&kp.t()?)?;
-                    let (probs_shared, probs_own) =
-                        crate::ops::fused::span_softmax_split(&shared, &own, starts, t, prev, p)?;
-                    let from_shared =
-                        probs_shared.matmul(&vp)?.reshape((kv_heads, b, groups * t, d))?.transpose(0, 1)?;
-                    (from_shared + probs_own.matmul(&v_all)?)?
-                }
-                // And a shared prefix: scores over [prefix | own columns].
-                (Some(starts), Some(prefix)) => {
-                    let (kp, vp) =
-                        prefix.layer(layer).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?;
-                    let p = prefix.len();
-                    // Every row's queries against the one prefix: [kv, b*g*t, d] x [kv, d, p] (not copied).
-                    let qp = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, d))?;
-                    let shared =
-                        qp.matmul(&kp.squeeze(0)?.t()?)?.reshape((kv_heads, b, groups * t, p))?.transpose(0, 1)?;
-                    let scores = Tensor::cat(&[&shared, &own], 3)?;
-                    let probs = crate::ops::fused::span_softmax(&scores, starts, t, prev, p)?;
-                    let probs_shared =
-                        probs.narrow(3, 0, p)?.transpose(0, 1)?.contiguous()?.reshape((kv_heads, b * groups * t, p))?;
-                    let from_shared =
-                        probs_shared.matmul(&vp.squeeze(0)?)?.reshape((kv_heads, b, groups * t, d))?.transpose(0, 1)?;
-                    let from_own = probs.narrow(3, p, prev + t)?.contiguous()?.matmul(&v_all)?;
-                    (from_shared + from_own)?
+                    // Each half's values: the prefix's `[kv, b*g*t, d]`, the own columns' `[b, kv, g*t, d]`.
+                    let (from_shared, from_own) = if q.device().is_cuda() {
+                        // On the GPU the prefix's scores and the own ones stay two tensors, one softmax over both
+                        // (joining them copies the scores four times). The prefix is padded with zero columns to
+                        // a multiple of 8: the products over it then take cuBLAS's aligned kernels (an odd width
+                        // fell to a kernel several times slower).
+                        let pad = p.next_multiple_of(8) - p;
+                        let (kp, vp) =
+                            (kp.squeeze(0)?.pad_with_zeros(1, 0, pad)?, vp.squeeze(0)?.pad_with_zeros(1, 0, pad)?);
+                        let shared = qp.matmul(&kp.t()?)?;
+                        let (probs_shared, probs_own) =
+                            crate::ops::fused::span_softmax_split(&shared, &own, starts, t, prev, p)?;
+                        (probs_shared.matmul(&vp)?, probs_own.matmul(&v_all)?)
+                    } else {
+                        // Scores over [prefix | own columns].
+                        let shared =
+                            qp.matmul(&kp.squeeze(0)?.t()?)?.reshape((kv_heads, b, groups * t, p))?.transpose(0, 1)?;
+                        let scores = Tensor::cat(&[&shared, &own], 3)?;
+                        let probs = crate::ops::fused::span_softmax(&scores, starts, t, prev, p)?;
+                        let probs_shared = probs.narrow(3, 0, p)?.transpose(0, 1)?.contiguous()?.reshape((
+                            kv_heads,
+                            b * groups * t,
+                            p,
+                        ))?;
+                        let from_own = probs.narrow(3, p, prev + t)?.contiguous()?.matmul(&v_all)?;
+                        (probs_shared.matmul(&vp.squeeze(0)?)?, from_own)
+                    };
+                    (from_shared.reshape((kv_heads, b, groups * t, d))?.transpose(0, 1)? + from_own)?
                 }
             };
             out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))

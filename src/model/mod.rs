@@ -21,9 +21,9 @@ pub use linear::Linear;
 
 use anyhow::Result;
 use arch::{Layers, RowSpans, Step};
-use batch_graph::BatchGraphSlot;
+use batch_graph::BatchEngine;
 use candle_core::{DType, Device, Module, Tensor};
-use decode_graph::{GraphParts, GraphSlot};
+use decode_graph::{GraphParts, GraphSlot, SingleRowEngine};
 use layers::{causal_mask_for, select_positions, Embedding, Norm, Rotary};
 use weights::Weights;
 
@@ -37,9 +37,9 @@ pub struct Model {
     lm_head: Linear,
     rotary: Rotary,
     /// The CUDA-graph decode step, built on first use by models whose layers have its shape.
-    graph: GraphSlot,
+    graph: GraphSlot<SingleRowEngine>,
     /// The CUDA-graph decode step of a batch of rows, built on first use likewise.
-    batch_graph: BatchGraphSlot,
+    batch_graph: GraphSlot<BatchEngine>,
     device: Device,
     dtype: DType,
     ops: Ops,
@@ -66,7 +66,7 @@ impl Model {
             lm_head,
             rotary,
             graph: GraphSlot::default(),
-            batch_graph: BatchGraphSlot::default(),
+            batch_graph: GraphSlot::default(),
             device: w.device.clone(),
             dtype: w.dtype,
             ops: Ops::Fused,
@@ -120,8 +120,10 @@ impl Model {
         if t == 1 && self.ops == Ops::Fused && x.device().is_cuda() {
             let logits = if batch == 1 && !cache.has_spans() {
                 self.graph.step(|| self.graph_parts(), &x, cache)?
-            } else {
+            } else if cache.prefix_len() == 0 {
                 self.batch_graph.step(|| self.graph_parts(), &x, cache)?
+            } else {
+                None
             };
             if let Some(logits) = logits {
                 return self.cast_logits(logits);

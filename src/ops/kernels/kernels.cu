@@ -750,20 +750,8 @@ FUSED_OPS(float, f32)
 FUSED_OPS(bf16, bf16)
 FUSED_OPS(__half, f16)
 
-// Index of the largest value of each row of `[rows, n]` f32 (first one on ties), one block per row.
-extern "C" __global__ void argmax_f32(const float* x, unsigned* out, int n) {
-    __shared__ float bv[32];
-    __shared__ int bi[32];
-    const float* xr = x + (size_t)blockIdx.x * n;
-    float best = -INFINITY;
-    int idx = 0x7fffffff;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float v = xr[j];
-        if (v > best) {  // strided, so a later j never beats an equal earlier value of this thread
-            best = v;
-            idx = j;
-        }
-    }
+// (value, index) argmax over the block, first index on ties; every thread gets the winner's index.
+__device__ __forceinline__ int block_argmax(float best, int idx, float* rv, int* ri) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(0xffffffffu, best, o);
@@ -775,18 +763,39 @@ extern "C" __global__ void argmax_f32(const float* x, unsigned* out, int n) {
     }
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
-        bv[warp] = best;
-        bi[warp] = idx;
+        rv[warp] = best;
+        ri[warp] = idx;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-            if (bv[w] > best || (bv[w] == best && bi[w] < idx)) {
-                best = bv[w];
-                idx = bi[w];
-            }
-        out[blockIdx.x] = idx == 0x7fffffff ? 0u : (unsigned)idx;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++)
+        if (rv[w] > best || (rv[w] == best && ri[w] < idx)) {
+            best = rv[w];
+            idx = ri[w];
+        }
+    __syncthreads();
+    return idx == 0x7fffffff ? 0 : idx;
+}
+
+// Index of the largest value of row `xr` (first one on ties) for the whole block; `rv`, `ri` hold 32 entries.
+__device__ __forceinline__ int row_argmax(const float* xr, int n, float* rv, int* ri) {
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float v = xr[j];
+        if (v > best) {  // strided, so a later j never beats an equal earlier value of this thread
+            best = v;
+            idx = j;
+        }
     }
+    return block_argmax(best, idx, rv, ri);
+}
+
+// Index of the largest value of each row of `[rows, n]` f32 (first one on ties), one block per row.
+extern "C" __global__ void argmax_f32(const float* x, unsigned* out, int n) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    int w = row_argmax(x + (size_t)blockIdx.x * n, n, bv, bi);
+    if (threadIdx.x == 0) out[blockIdx.x] = (unsigned)w;
 }
 
 // ---- batched decode: one new token for each of B rows (captured into a CUDA graph per batch) ----
@@ -1385,32 +1394,6 @@ __device__ __forceinline__ float block_max(float v, float* red) {
     return t;
 }
 
-// (value, index) argmax over the block, first index on ties; every thread gets the winner's index.
-__device__ __forceinline__ int block_argmax(float best, int idx, float* rv, int* ri) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > best || (ov == best && oi < idx)) {
-            best = ov;
-            idx = oi;
-        }
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-        rv[warp] = best;
-        ri[warp] = idx;
-    }
-    __syncthreads();
-    for (int w = 0; w < (int)(blockDim.x >> 5); w++)
-        if (rv[w] > best || (rv[w] == best && ri[w] < idx)) {
-            best = rv[w];
-            idx = ri[w];
-        }
-    __syncthreads();
-    return idx == 0x7fffffff ? 0 : idx;
-}
-
 extern "C" __global__ void sample_rows(const float* x, const unsigned* params, unsigned* out, int n) {
     __shared__ float red[32];
     __shared__ int red_i[32];
@@ -1420,19 +1403,12 @@ extern "C" __global__ void sample_rows(const float* x, const unsigned* params, u
     int top_k = (int)p[2];
     unsigned long long seed = (unsigned long long)p[3] | ((unsigned long long)p[4] << 32);
     unsigned long long draw = p[5];
-    float best = -INFINITY;
-    int idx = 0x7fffffff;
-    for (int j = threadIdx.x; j < n; j += blockDim.x)
-        if (xr[j] > best) {
-            best = xr[j];
-            idx = j;
-        }
+    int top = row_argmax(xr, n, red, red_i);
     if (!(temperature > 0.f)) {
-        int w = block_argmax(best, idx, red, red_i);
-        if (threadIdx.x == 0) out[blockIdx.x] = (unsigned)w;
+        if (threadIdx.x == 0) out[blockIdx.x] = (unsigned)top;
         return;
     }
-    float mx = block_max(best, red);
+    float mx = xr[top];
     float inv_t = 1.f / temperature;
     // The kept set is z >= lo; lo starts below every z.
     float lo = -INFINITY;
@@ -1471,8 +1447,8 @@ extern "C" __global__ void sample_rows(const float* x, const unsigned* params, u
         lo = fmaxf(lo, a);
     }
     unsigned long long key = splitmix64(seed ^ splitmix64(draw));
-    best = -INFINITY;
-    idx = 0x7fffffff;
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
         float z = (xr[j] - mx) * inv_t;
         if (z < lo) continue;
