@@ -36,6 +36,7 @@ struct Evals {
 }
 
 fn main() -> Result<()> {
+    billion::ops::cpu::pool::settle_thread_count();
     let (mut model, mut rows, mut prompt, mut gen) = (None, vec![1, 8, 32, 64, 128], 128usize, 128usize);
     let mut opts = LoadOptions::default();
     let mut ev = Evals { samples: 1, max_tokens: 512, ..Default::default() };

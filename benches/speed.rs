@@ -59,6 +59,7 @@ fn parse() -> Result<Args> {
 }
 
 fn main() -> Result<()> {
+    billion::ops::cpu::pool::settle_thread_count();
     let args = parse()?;
     if !args.json {
         println!(

@@ -19,6 +19,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 fn main() -> Result<()> {
+    billion::ops::cpu::pool::settle_thread_count();
     let (mut model, mut opts) = (None, LoadOptions::default());
     let (mut batch, mut len, mut rank, mut steps, mut dropout) = (4usize, 256usize, 8usize, 10usize, 0.05f32);
     let mut targets = "q_proj,v_proj".to_string();

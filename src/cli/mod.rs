@@ -71,7 +71,9 @@ pub fn main() -> i32 {
         // Read by the thread pools when they start (first CPU matmul), before any thread of ours exists.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        std::env::set_var("BILLION_THREADS", n.to_string());
     }
+    crate::ops::cpu::pool::settle_thread_count();
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
         Command::Chat(a) => chat::run(a),

@@ -51,6 +51,11 @@ impl Norm {
 pub enum Embedding {
     Dense(Tensor),
     Quantized(Arc<QTensor>, DType),
+    /// Quantized rows packed for the CPU kernels (shared with a tied LM head), dequantized row by row on lookup.
+    Packed(Arc<crate::ops::cpu::PackedMatrix>, DType),
+    /// Half-precision rows kept as stored on the CPU (the tied LM head reads the same memory), widened to the
+    /// compute dtype on lookup.
+    Half(Tensor, DType),
 }
 
 impl Embedding {
@@ -61,14 +66,34 @@ impl Embedding {
                 dims.push(w.dim(1)?);
                 w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
             }
+            Embedding::Half(w, dtype) => {
+                let mut dims = ids.dims().to_vec();
+                dims.push(w.dim(1)?);
+                w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)?.to_dtype(*dtype)
+            }
             Embedding::Quantized(q, dtype) => q.embedding(ids)?.to_dtype(*dtype),
+            Embedding::Packed(p, dtype) => {
+                let ids_dims = ids.dims().to_vec();
+                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let mut rows = Vec::with_capacity(ids.len() * p.cols());
+                for &id in &ids {
+                    if id as usize >= p.rows() {
+                        candle_core::bail!("token id {id} is outside the vocabulary of {} entries", p.rows());
+                    }
+                    rows.extend(p.dequantize_row(id as usize));
+                }
+                let mut dims = ids_dims;
+                dims.push(p.cols());
+                Tensor::from_vec(rows, dims, &candle_core::Device::Cpu)?.to_dtype(*dtype)
+            }
         }
     }
 
     pub fn bytes(&self) -> usize {
         match self {
-            Embedding::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Embedding::Dense(w) | Embedding::Half(w, _) => w.elem_count() * w.dtype().size_in_bytes(),
             Embedding::Quantized(q, _) => q.storage_size_in_bytes(),
+            Embedding::Packed(p, _) => p.bytes(),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The one linear-layer seam every architecture goes through: dense or quantized weights, an optional bias,
 //! and room for an adapter (LoRA) on top. Architectures never touch weight storage directly.
 
+use crate::ops::cpu::{self, PackedMatrix, WeightKind};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor};
 use std::sync::Arc;
 
 /// From this many input rows on, a quantized CPU matmul dequantizes and uses a dense GEMM.
@@ -14,6 +15,9 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// GGUF blocks (Q4_0 … Q8_0, K-quants); activations go through f32.
     Quantized(Arc<QTensor>),
+    /// GGUF blocks of the 32-wide types regrouped for our CPU kernels (see `ops::cpu::packed`); the only
+    /// copy of those weights on the CPU.
+    Packed(Arc<PackedMatrix>),
 }
 
 /// A low-rank adapter added to a frozen base: `y += scale * B(A(dropout(x)))`.
@@ -43,8 +47,12 @@ impl Linear {
         Ok(Self { weight: LinearWeight::Dense(weight), qmatmul: None, bias, lora: None, out_features, in_features })
     }
 
+    /// Packed for our kernels on the CPU where the type has a packed layout.
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
+        if let Some(p) = Self::pack(&weight)? {
+            return Self::packed(Arc::new(p), bias);
+        }
         let qmatmul = QMatMul::from_arc(weight.clone())?;
         Ok(Self {
             weight: LinearWeight::Quantized(weight),
@@ -54,6 +62,22 @@ impl Linear {
             out_features,
             in_features,
         })
+    }
+
+    /// The 8-row packed layout of a quantized CPU weight, where its type has one.
+    pub fn pack(q: &QTensor) -> Result<Option<PackedMatrix>> {
+        let (rows, cols) = q.shape().dims2()?;
+        match WeightKind::from_ggml(q.dtype()) {
+            Some(kind) if q.device().is_cpu() && PackedMatrix::packs(kind) && cpu::supports(kind, cols) => {
+                Ok(Some(PackedMatrix::pack(kind, &q.data()?, rows, cols)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub fn packed(weight: Arc<PackedMatrix>, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = (weight.rows(), weight.cols());
+        Ok(Self { weight: LinearWeight::Packed(weight), qmatmul: None, bias, lora: None, out_features, in_features })
     }
 
     /// Quantizes a dense `[out, in]` weight to `dtype` (rows must be a multiple of the block size).
@@ -96,7 +120,7 @@ impl Linear {
             .iter()
             .filter_map(|l| match &l.weight {
                 LinearWeight::Dense(w) => Some(w),
-                LinearWeight::Quantized(_) => None,
+                LinearWeight::Quantized(_) | LinearWeight::Packed(_) => None,
             })
             .collect();
         if dense.len() != layers.len() || dense.len() < 2 {
@@ -116,6 +140,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(w) => w.to_dtype(dtype),
             LinearWeight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+            LinearWeight::Packed(p) => Self::dequantized_packed(p)?.to_dtype(dtype),
         }
     }
 
@@ -124,17 +149,31 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
+            LinearWeight::Packed(p) => p.bytes(),
         }
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, LinearWeight::Quantized(_))
+        matches!(self.weight, LinearWeight::Quantized(_) | LinearWeight::Packed(_))
+    }
+
+    fn dequantized_packed(p: &PackedMatrix) -> Result<Tensor> {
+        Tensor::from_vec(p.dequantize(), (p.rows(), p.cols()), &candle_core::Device::Cpu)
     }
 }
 
 impl Linear {
-    fn dequantized_product(&self, q: &candle_core::quantized::QTensor, x: &Tensor) -> Result<Tensor> {
-        let w = q.dequantize(x.device())?;
+    /// `x Wᵀ` in f32 with the weight dequantized for this product. Passes of many rows (prefill, scoring) take
+    /// this path on the CPU rather than the 8-bit-activation kernels: a row's scores must not depend on how
+    /// many rows share its pass, and 8-bit activation rounding is sensitive enough on real models (activation
+    /// outliers make a block's step coarse) that last-bit differences between batch shapes move a
+    /// log-likelihood by up to 0.1 on SmolLM2.
+    fn dequantized_product(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match &self.weight {
+            LinearWeight::Quantized(q) => q.dequantize(x.device())?,
+            LinearWeight::Packed(p) => Self::dequantized_packed(p)?,
+            LinearWeight::Dense(w) => w.to_dtype(DType::F32)?,
+        };
         let dtype = x.dtype();
         let rows = x.elem_count() / self.in_features;
         x.to_dtype(DType::F32)?
@@ -149,8 +188,10 @@ impl Linear {
     /// a prefill, so a row's logits do not depend on how many rows the pass selected).
     pub fn forward_as_many_rows(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
-            LinearWeight::Quantized(q) if x.device().is_cpu() && self.lora.is_none() && !x.track_op() => {
-                self.with_bias(self.dequantized_product(q, x)?)
+            LinearWeight::Quantized(_) | LinearWeight::Packed(_)
+                if x.device().is_cpu() && self.lora.is_none() && !x.track_op() =>
+            {
+                self.with_bias(self.dequantized_product(x)?)
             }
             _ => self.forward(x),
         }
@@ -161,15 +202,67 @@ impl Linear {
         rows >= DEQUANT_GEMM_ROWS
     }
 
+    /// `x Wᵀ` through our CPU kernels, when the weight is of a type they take (quantized blocks as stored, or
+    /// half precision kept as such) and `x` is on the CPU; `None` otherwise.
+    fn cpu_kernel_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let kind = match &self.weight {
+            LinearWeight::Packed(p) => Some(p.kind()),
+            LinearWeight::Quantized(q) => WeightKind::from_ggml(q.dtype()),
+            LinearWeight::Dense(w) if w.dtype() != x.dtype() => WeightKind::from_dtype(w.dtype()),
+            LinearWeight::Dense(_) => None,
+        };
+        let Some(kind) = kind.filter(|k| cpu::supports(*k, self.in_features)) else { return Ok(None) };
+        if kind.activation() != cpu::ActivationKind::F32 && Self::many_rows(x.elem_count() / self.in_features) {
+            // Many rows: the exact product of the dequantized weight (see `dequantized_product`).
+            return Ok(None);
+        }
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let rows = x.elem_count() / self.in_features;
+        let mut y = vec![0f32; rows * self.out_features];
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(xs)) = &*xs else { return Ok(None) };
+            let xs = &xs[xl.start_offset()..xl.start_offset() + x.elem_count()];
+            match &self.weight {
+                LinearWeight::Packed(p) => cpu::matmul_packed(p, xs, rows, &mut y),
+                LinearWeight::Quantized(q) => {
+                    let bytes = q.data()?;
+                    cpu::matmul(kind, &bytes, self.out_features, self.in_features, xs, rows, &mut y);
+                }
+                LinearWeight::Dense(w) => {
+                    let w = w.contiguous()?;
+                    let (ws, wl) = w.storage_and_layout();
+                    let half: &[u16] = match &*ws {
+                        Storage::Cpu(CpuStorage::F16(v)) => bytemuck_u16(v),
+                        Storage::Cpu(CpuStorage::BF16(v)) => bytemuck_u16(v),
+                        _ => return Ok(None),
+                    };
+                    let half = &half[wl.start_offset()..wl.start_offset() + w.elem_count()];
+                    // SAFETY: u16 → bytes of the same memory, twice as many.
+                    let bytes = unsafe { std::slice::from_raw_parts(half.as_ptr() as *const u8, half.len() * 2) };
+                    cpu::matmul(kind, bytes, self.out_features, self.in_features, xs, rows, &mut y);
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(y, self.out_dims(&x), x.device())?.to_dtype(dtype)?))
+    }
+
     /// `x Wᵀ` through the fastest inference path (no gradient tracking).
     fn base_product(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.cpu_kernel_product(x)? {
+            return Ok(y);
+        }
         Ok(match (&self.weight, &self.qmatmul) {
             // Many rows on the CPU: dequantizing the weight once and running one f32 GEMM is far faster
             // than candle's per-row quantized dot products (prefill, scoring).
-            (LinearWeight::Quantized(q), _)
+            (LinearWeight::Quantized(_) | LinearWeight::Packed(_), _)
                 if x.device().is_cpu() && x.elem_count() / self.in_features >= DEQUANT_GEMM_ROWS =>
             {
-                self.dequantized_product(q, x)?
+                self.dequantized_product(x)?
             }
             (LinearWeight::Quantized(_), Some(qm)) => {
                 let dtype = x.dtype();
@@ -184,16 +277,32 @@ impl Linear {
                 _ => x.matmul(&w.t()?)?,
             },
             (LinearWeight::Quantized(_), None) => unreachable!("quantized linear always has a QMatMul"),
+            (LinearWeight::Packed(_), _) => {
+                candle_core::bail!("packed CPU weights multiplied with {:?} input", x.device())
+            }
         })
     }
 }
+
+/// Half-precision values as their bits.
+fn bytemuck_u16<T: HalfBits>(v: &[T]) -> &[u16] {
+    // SAFETY: `T` is f16 or bf16, both 2-byte plain-old-data with u16's alignment.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()) }
+}
+
+trait HalfBits {}
+impl HalfBits for half::f16 {}
+impl HalfBits for half::bf16 {}
 
 impl Linear {
     /// `dy · W` for the frozen weight, shaped like `x` (a quantized W is dequantized just for this).
     fn input_grad(weight: &LinearWeight, x: &Tensor, g: &Tensor) -> Result<Tensor> {
         let w = match weight {
+            // Half-precision weights kept as such on the CPU: widened for this product.
+            LinearWeight::Dense(w) if w.device().is_cpu() && w.dtype() != x.dtype() => w.to_dtype(x.dtype())?,
             LinearWeight::Dense(w) => w.clone(),
             LinearWeight::Quantized(q) => q.dequantize(g.device())?,
+            LinearWeight::Packed(p) => Self::dequantized_packed(p)?,
         };
         let out_f = w.dim(0)?;
         let rows = g.elem_count() / out_f;
@@ -204,6 +313,23 @@ impl Linear {
     /// The base product plus bias, no gradient tracking.
     fn frozen_value(&self, x: &Tensor) -> Result<Tensor> {
         self.with_bias(self.base_product(x)?)
+    }
+
+    /// The base product for training: quantized or half-precision CPU weights are widened to f32 and
+    /// multiplied with the activations as they are (as QLoRA does), not through the inference kernels'
+    /// 8-bit activations, so the loss and gradients are those of the dequantized model.
+    fn frozen_training_value(&self, x: &Tensor) -> Result<Tensor> {
+        let widened = x.device().is_cpu()
+            && match &self.weight {
+                LinearWeight::Packed(_) => true,
+                LinearWeight::Quantized(q) => WeightKind::from_ggml(q.dtype()).is_some(),
+                LinearWeight::Dense(w) => w.dtype() != x.dtype(),
+            };
+        if widened {
+            self.with_bias(self.dequantized_product(x)?)
+        } else {
+            self.frozen_value(x)
+        }
     }
 
     fn with_bias(&self, y: Tensor) -> Result<Tensor> {
@@ -237,7 +363,8 @@ impl Linear {
         let scale = if mask.is_some() { l.scale / keep } else { l.scale };
         let xd = dropped(&x.detach(), &mask)?;
         let delta = (xd.matmul(&l.a.detach().t()?)?.matmul(&l.b.detach().t()?)? * scale)?;
-        let value = (self.frozen_value(&x.detach())? + delta.reshape(self.out_dims(x))?.to_dtype(x.dtype())?)?;
+        let value =
+            (self.frozen_training_value(&x.detach())? + delta.reshape(self.out_dims(x))?.to_dtype(x.dtype())?)?;
         let weight = self.weight.clone();
         crate::ops::autograd::with_backward3(x, &l.a, &l.b, value, "lora-linear", move |[x, a, b], needs, g| {
             let g32 = (g.reshape((rows, out_f))?.to_dtype(cd)? * scale)?;
@@ -280,9 +407,12 @@ impl Module for Linear {
             // instead, with a backward for the input only: `dx = dy · W`, a quantized W dequantized just for
             // that moment, so the base stays quantized in memory (QLoRA).
             let weight = self.weight.clone();
-            crate::ops::autograd::with_backward(x, self.frozen_value(&x.detach())?, "frozen-linear", move |x, _, g| {
-                Self::input_grad(&weight, x, g)
-            })?
+            crate::ops::autograd::with_backward(
+                x,
+                self.frozen_training_value(&x.detach())?,
+                "frozen-linear",
+                move |x, _, g| Self::input_grad(&weight, x, g),
+            )?
         } else {
             self.frozen_value(x)?
         };
@@ -380,11 +510,18 @@ mod tests {
             let (gq, gd) = (grad(&q), grad(&dense));
             let d = (gq - gd).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-4, "rows {rows}: gradient differs by {d}");
-            // And the forward value is the quantized product either way.
+            // The training forward is the dequantized product; inference (8-bit activations) stays within the
+            // activations' rounding: half a step of each 32-block times the weights' magnitudes.
             let yq = q.forward(x.as_tensor()).unwrap();
+            let yd = dense.forward(&x.as_tensor().detach()).unwrap();
+            let d = (&yq - &yd).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "rows {rows}: training forward differs from the dequantized product by {d}");
             let yn = q.forward(&x.as_tensor().detach()).unwrap();
-            let d = (yq - yn).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(d < 1e-3, "rows {rows}: training forward differs by {d}");
+            let d = (yn - yd).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let xmax = x.as_tensor().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let wsum = dense.dense_weight(DType::F32).unwrap().abs().unwrap().sum(1).unwrap().max_all().unwrap();
+            let bound = wsum.to_scalar::<f32>().unwrap() * xmax / 127.0 / 2.0;
+            assert!(d <= bound, "rows {rows}: inference differs by {d}, beyond the rounding bound {bound}");
         }
     }
 }

@@ -8,7 +8,7 @@ use super::linear::Linear;
 use super::quant::{is_float, Quantize};
 use crate::formats::safetensors::{self, TensorEntry};
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -158,6 +158,34 @@ impl Weights {
 
     /// A dense tensor in the compute dtype. `init` is what random weights use: `Init::Normal` for matrices.
     pub fn tensor(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        Ok(self.tensor_as_stored(name, shape, init)?.to_dtype(self.dtype)?)
+    }
+
+    /// On the CPU with f32 compute, half-precision matrices stay half: our kernels widen them in registers,
+    /// which halves the bytes a product streams (and the memory). `--quantize` and `--dequantize` take over.
+    fn keeps_half(&self, stored: DType) -> bool {
+        self.device.is_cpu()
+            && self.dtype == DType::F32
+            && matches!(stored, DType::F16 | DType::BF16)
+            && self.quantize.is_none()
+            && !self.dequantize
+    }
+
+    /// A GGUF half-precision tensor as a dense tensor of the same dtype, where it [stays half](Self::keeps_half).
+    fn gguf_half(&self, q: &QTensor) -> Result<Option<Tensor>> {
+        let dtype = match q.dtype() {
+            GgmlDType::F16 => DType::F16,
+            GgmlDType::BF16 => DType::BF16,
+            _ => return Ok(None),
+        };
+        if !self.keeps_half(dtype) {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_raw_buffer(&q.data()?, dtype, q.shape().dims(), &Device::Cpu)?))
+    }
+
+    /// A dense tensor in the dtype it is stored in (random weights: f32).
+    fn tensor_as_stored(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = match &self.source {
             Source::SafeTensors { st, .. } => {
                 let mut found = None;
@@ -182,7 +210,7 @@ impl Weights {
         if t.dims() != shape {
             bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", self.origin(), t.dims(), shape);
         }
-        Ok(t.to_dtype(self.dtype)?)
+        Ok(t)
     }
 
     pub fn linear(&self, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Linear> {
@@ -197,14 +225,20 @@ impl Weights {
                     q.shape().dims()
                 );
             }
+            if let Some(w) = self.gguf_half(&q)? {
+                return Ok(Linear::dense(w, bias)?);
+            }
             return if is_float(q.dtype()) || self.dequantize {
                 Ok(Linear::dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?, bias)?)
             } else {
                 Ok(Linear::quantized(Arc::new(q), bias)?)
             };
         }
-        let w = self.tensor(&wname, &[out_f, in_f], Init::Normal)?;
-        self.maybe_quantize(&wname, w, bias)
+        let w = self.tensor_as_stored(&wname, &[out_f, in_f], Init::Normal)?;
+        if self.keeps_half(w.dtype()) {
+            return Ok(Linear::dense(w, bias)?);
+        }
+        self.maybe_quantize(&wname, w.to_dtype(self.dtype)?, bias)
     }
 
     fn maybe_quantize(&self, name: &str, w: Tensor, bias: Option<Tensor>) -> Result<Linear> {
@@ -228,13 +262,24 @@ impl Weights {
                     q.shape().dims()
                 );
             }
+            if let Some(w) = self.gguf_half(&q)? {
+                return Ok(Embedding::Half(w, self.dtype));
+            }
             return Ok(if is_float(q.dtype()) || self.dequantize {
                 Embedding::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
             } else {
-                Embedding::Quantized(Arc::new(q), self.dtype)
+                match Linear::pack(&q)? {
+                    Some(p) => Embedding::Packed(Arc::new(p), self.dtype),
+                    None => Embedding::Quantized(Arc::new(q), self.dtype),
+                }
             });
         }
-        Ok(Embedding::Dense(self.tensor(name, &[vocab, hidden], Init::Normal)?))
+        let w = self.tensor_as_stored(name, &[vocab, hidden], Init::Normal)?;
+        Ok(if self.keeps_half(w.dtype()) {
+            Embedding::Half(w, self.dtype)
+        } else {
+            Embedding::Dense(w.to_dtype(self.dtype)?)
+        })
     }
 
     /// The output projection: its own tensor when present, else the (tied) input embedding.
@@ -245,7 +290,9 @@ impl Weights {
         }
         match embed {
             Embedding::Dense(w) => self.maybe_quantize(&format!("{name}.weight"), w.clone(), None),
+            Embedding::Half(w, _) => Ok(Linear::dense(w.clone(), None)?),
             Embedding::Quantized(q, _) => Ok(Linear::quantized(q.clone(), None)?),
+            Embedding::Packed(p, _) => Ok(Linear::packed(p.clone(), None)?),
         }
     }
 

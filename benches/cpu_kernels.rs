@@ -1,0 +1,84 @@
+//! Our CPU matrix kernels alone, on SmolLM2-135M's and TinyLlama's matrix shapes: decode (one row: GB/s of
+//! weights streamed) and prefill (512 rows: GOP/s, two per multiply-add).
+//!
+//!   cargo bench --bench cpu_kernels -- [q4_1,q8_0,f16,...] [--tokens 512]
+//!
+//! Threads: `BILLION_THREADS` (default one per core). Kernels: `BILLION_CPU_KERNELS=portable` forces the
+//! portable ones.
+
+use billion::ops::cpu::{self, WeightKind};
+use candle_core::quantized::{GgmlDType, QTensor};
+use std::time::Instant;
+
+fn kind_of(name: &str) -> Option<(WeightKind, GgmlDType)> {
+    Some(match name {
+        "q4_0" => (WeightKind::Q4_0, GgmlDType::Q4_0),
+        "q4_1" => (WeightKind::Q4_1, GgmlDType::Q4_1),
+        "q5_0" => (WeightKind::Q5_0, GgmlDType::Q5_0),
+        "q5_1" => (WeightKind::Q5_1, GgmlDType::Q5_1),
+        "q8_0" => (WeightKind::Q8_0, GgmlDType::Q8_0),
+        "q4k" => (WeightKind::Q4K, GgmlDType::Q4K),
+        "q5k" => (WeightKind::Q5K, GgmlDType::Q5K),
+        "q6k" => (WeightKind::Q6K, GgmlDType::Q6K),
+        "f16" => (WeightKind::F16, GgmlDType::F16),
+        "bf16" => (WeightKind::BF16, GgmlDType::BF16),
+        _ => return None,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    billion::ops::cpu::pool::settle_thread_count();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let mut tokens = 512;
+    let mut names = vec!["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4k", "q5k", "q6k", "f16", "bf16"];
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--tokens" {
+            tokens = it.next().map(|v| v.parse()).transpose()?.unwrap_or(512);
+        } else {
+            names = a.split(',').collect::<Vec<_>>().leak().to_vec();
+        }
+    }
+    println!("kernels: {}, threads: {}", cpu::isa(), cpu::pool::pool().threads());
+    println!("| type | rows × cols | decode µs | decode GB/s | prefill {tokens} ms | prefill GOP/s |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    let shapes = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (5632, 2048), (2048, 5632)];
+    for name in names {
+        let (kind, g) = kind_of(name).ok_or_else(|| anyhow::anyhow!("unknown type {name}"))?;
+        for (rows, cols) in shapes {
+            let w = candle_core::Tensor::randn(0f32, 1.0, (rows, cols), &candle_core::Device::Cpu)?;
+            let bytes = QTensor::quantize(&w, g)?.data()?.to_vec();
+            let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+            let mut y = vec![0f32; tokens * rows];
+            // Decode: a few hundred products, weights cycling through more memory than the caches hold when
+            // large (the 2048-wide ones), as in a forward pass.
+            let reps = (200_000_000 / bytes.len()).clamp(20, 2000);
+            // The layout the model loads: 8-row groups for the 32-wide types, rows for the others.
+            let packed = cpu::PackedMatrix::packs(kind).then(|| cpu::PackedMatrix::pack(kind, &bytes, rows, cols));
+            let product = |x: &[f32], n: usize, y: &mut [f32]| match &packed {
+                Some(p) => cpu::matmul_packed(p, x, n, y),
+                None => cpu::matmul(kind, &bytes, rows, cols, x, n, y),
+            };
+            product(&x[..cols], 1, &mut y[..rows]);
+            let t = Instant::now();
+            for _ in 0..reps {
+                product(&x[..cols], 1, &mut y[..rows]);
+            }
+            let decode = t.elapsed().as_secs_f64() / reps as f64;
+            let t = Instant::now();
+            let preps = 3;
+            for _ in 0..preps {
+                product(&x, tokens, &mut y);
+            }
+            let prefill = t.elapsed().as_secs_f64() / preps as f64;
+            println!(
+                "| {name} | {rows} × {cols} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                decode * 1e6,
+                bytes.len() as f64 / decode / 1e9,
+                prefill * 1e3,
+                2.0 * (rows * cols * tokens) as f64 / prefill / 1e9
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,636 @@
+//! Our CPU matrix kernels for weights kept as they were stored: GGML blocks (Q4_0 … Q8_0, Q4_K, Q5_K, Q6_K)
+//! multiplied against activations quantized once per row to 8 bits, and f16/bf16 weights widened in
+//! registers. One entry point, [`matmul`], serves decode (one row) and prefill (many rows, in tiles of 4 so
+//! that a block of weights is unpacked once for 4 tokens), split over the kernel threads by output rows.
+//!
+//! The SIMD kernel is chosen once per process from what the CPU reports (AVX2+FMA+F16C on x86); every other
+//! CPU runs the portable kernels of `blocks.rs`, which the SIMD ones are tested against.
+
+// `let out = out;` in the task closures captures the whole `Out` (Sync), not its raw pointer field.
+#![allow(clippy::redundant_locals)]
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod avx2;
+pub mod blocks;
+pub mod packed;
+pub mod pool;
+
+pub use blocks::ActivationKind;
+pub use blocks::WeightKind;
+use blocks::{Activations, Q8Block, Q8KBlock};
+pub use packed::PackedMatrix;
+use packed::GROUP;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// Tokens per tile of the prefill kernels.
+const TILE: usize = 4;
+/// Output rows per task of a prefill product (the weight rows a task streams while it walks the tokens).
+const PREFILL_ROWS: usize = 16;
+/// Tokens per task of a prefill product (so that one task's activations stay in the core's cache).
+const PREFILL_TOKENS: usize = 64;
+
+/// One weight row against 1 or [`TILE`] activation rows; `len` is blocks (quantized) or columns (half).
+type Tile1 = unsafe fn(*const u8, usize, &[*const u8; 1]) -> [f32; 1];
+type TileN = unsafe fn(*const u8, usize, &[*const u8; TILE]) -> [f32; TILE];
+
+#[derive(Clone, Copy)]
+struct Kernel {
+    one: Tile1,
+    tile: TileN,
+}
+
+/// Which kernels this process runs: `avx2` or `portable`.
+pub fn isa() -> &'static str {
+    if simd() {
+        "avx2"
+    } else {
+        "portable"
+    }
+}
+
+fn simd() -> bool {
+    static SIMD: OnceLock<bool> = OnceLock::new();
+    *SIMD.get_or_init(|| {
+        if std::env::var("BILLION_CPU_KERNELS").is_ok_and(|v| v == "portable") {
+            return false;
+        }
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        {
+            avx2::available()
+        }
+        #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+        {
+            false
+        }
+    })
+}
+
+/// The portable kernel with the SIMD kernels' signature.
+unsafe fn portable<const N: usize>(kind: WeightKind, row: *const u8, len: usize, x: &[*const u8; N]) -> [f32; N] {
+    let row = std::slice::from_raw_parts(row, kind.row_bytes(len * kind.block_elems()));
+    let mut out = [0f32; N];
+    for (o, &x) in out.iter_mut().zip(x) {
+        // SAFETY: the caller passes activation rows of `len` blocks (or columns) of the kind's activation type.
+        let act = match kind.activation() {
+            ActivationKind::Q8 => Activations::Q8(std::slice::from_raw_parts(x as *const Q8Block, len)),
+            ActivationKind::Q8K => Activations::Q8K(std::slice::from_raw_parts(x as *const Q8KBlock, len)),
+            ActivationKind::F32 => Activations::F32(std::slice::from_raw_parts(x as *const f32, len)),
+        };
+        *o = blocks::dot_row(kind, row, act);
+    }
+    out
+}
+
+macro_rules! portable_kernels {
+    ($($kind:ident),*) => {
+        fn portable_kernel(kind: WeightKind) -> Kernel {
+            match kind {
+                $(WeightKind::$kind => Kernel {
+                    one: |r, l, x| unsafe { portable::<1>(WeightKind::$kind, r, l, x) },
+                    tile: |r, l, x| unsafe { portable::<TILE>(WeightKind::$kind, r, l, x) },
+                },)*
+            }
+        }
+    };
+}
+portable_kernels!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K, F16, BF16);
+
+fn kernel(kind: WeightKind) -> Kernel {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if simd() {
+        use avx2::*;
+        return match kind {
+            WeightKind::Q4_0 => Kernel { one: dot_q8::<Q4_0, 1>, tile: dot_q8::<Q4_0, TILE> },
+            WeightKind::Q4_1 => Kernel { one: dot_q8::<Q4_1, 1>, tile: dot_q8::<Q4_1, TILE> },
+            WeightKind::Q5_0 => Kernel { one: dot_q8::<Q5_0, 1>, tile: dot_q8::<Q5_0, TILE> },
+            WeightKind::Q5_1 => Kernel { one: dot_q8::<Q5_1, 1>, tile: dot_q8::<Q5_1, TILE> },
+            WeightKind::Q8_0 => Kernel { one: dot_q8::<Q8_0, 1>, tile: dot_q8::<Q8_0, TILE> },
+            WeightKind::Q4K => Kernel { one: dot_q45k::<false, 1>, tile: dot_q45k::<false, TILE> },
+            WeightKind::Q5K => Kernel { one: dot_q45k::<true, 1>, tile: dot_q45k::<true, TILE> },
+            WeightKind::Q6K => Kernel { one: dot_q6k::<1>, tile: dot_q6k::<TILE> },
+            WeightKind::F16 => Kernel { one: dot_half::<false, 1>, tile: dot_half::<false, TILE> },
+            WeightKind::BF16 => Kernel { one: dot_half::<true, 1>, tile: dot_half::<true, TILE> },
+        };
+    }
+    portable_kernel(kind)
+}
+
+/// The activations of a product, converted once (reused buffers: a decode step allocates nothing here).
+#[derive(Default)]
+struct Scratch {
+    q8: Vec<Q8Block>,
+    q8k: Vec<Q8KBlock>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Raw pointer to the output, written at disjoint places by the tasks of one product.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint elements, and `Pool::run` returns only after all of them.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Can the kernels take this weight with rows of `cols` elements?
+pub fn supports(kind: WeightKind, cols: usize) -> bool {
+    cols.is_multiple_of(kind.block_elems()) && cols > 0
+}
+
+/// `y[t, r] = Σ_c W[r, c] · x[t, c]` for `t < n`: `w` holds `rows` rows of `cols` elements of `kind` (as
+/// stored in GGUF), `x` is `n × cols` f32, `y` is `n × rows`.
+pub fn matmul(kind: WeightKind, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
+    assert!(supports(kind, cols), "{kind:?} rows of {cols} elements");
+    assert_eq!(w.len(), rows * kind.row_bytes(cols), "weight bytes");
+    assert_eq!(x.len(), n * cols, "activation length");
+    assert_eq!(y.len(), n * rows, "output length");
+    if n == 0 || rows == 0 {
+        return;
+    }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if simd() && kind.activation() == ActivationKind::F32 {
+        return matmul_half(kind == WeightKind::BF16, w, rows, cols, x, n, y);
+    }
+    with_activations(kind, x, n, cols, |act, act_stride| {
+        let len = cols / kind.block_elems();
+        let pool = pool::pool();
+        let k = kernel(kind);
+        let row_bytes = kind.row_bytes(cols);
+        let out = Out(y.as_mut_ptr());
+        let wp = w.as_ptr() as usize;
+        if n == 1 {
+            // Decode: enough tasks to even out the threads, each a run of whole rows.
+            let per = rows.div_ceil(pool.threads() * 8).max(8);
+            pool.run(rows.div_ceil(per), &|task| {
+                let out = out;
+                let x = [act as *const u8];
+                for r in task * per..((task + 1) * per).min(rows) {
+                    // SAFETY: r < rows, so the row and the output element are inside their buffers.
+                    unsafe { *out.0.add(r) = (k.one)((wp + r * row_bytes) as *const u8, len, &x)[0] };
+                }
+            });
+            return;
+        }
+        let row_tasks = rows.div_ceil(PREFILL_ROWS);
+        let token_tasks = n.div_ceil(PREFILL_TOKENS);
+        // Consecutive tasks share a token range: the threads stream different weights over the same tokens.
+        pool.run(row_tasks * token_tasks, &|task| {
+            let out = out;
+            let (tt, rt) = (task / row_tasks, task % row_tasks);
+            let (t0, t1) = (tt * PREFILL_TOKENS, ((tt + 1) * PREFILL_TOKENS).min(n));
+            let (r0, r1) = (rt * PREFILL_ROWS, ((rt + 1) * PREFILL_ROWS).min(rows));
+            let xrow = |t: usize| (act + t * act_stride) as *const u8;
+            let mut t = t0;
+            while t < t1 {
+                if t + TILE <= t1 {
+                    let xs = [xrow(t), xrow(t + 1), xrow(t + 2), xrow(t + 3)];
+                    for r in r0..r1 {
+                        // SAFETY: rows, tokens and outputs are inside their buffers (t + 3 < n, r < rows).
+                        let v = unsafe { (k.tile)((wp + r * row_bytes) as *const u8, len, &xs) };
+                        for (i, v) in v.into_iter().enumerate() {
+                            unsafe { *out.0.add((t + i) * rows + r) = v };
+                        }
+                    }
+                    t += TILE;
+                } else {
+                    for r in r0..r1 {
+                        // SAFETY: as above.
+                        unsafe {
+                            *out.0.add(t * rows + r) = (k.one)((wp + r * row_bytes) as *const u8, len, &[xrow(t)])[0]
+                        };
+                    }
+                    t += 1;
+                }
+            }
+        });
+    });
+}
+
+/// `R` half-precision rows (`R` = `rows.len()`: 1, 2 or 4) against `N` f32 rows (1 or 4); `put(r, t, value)`.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn half_tile(bf: bool, rows: &[*const u8], cols: usize, x: &[*const u8], put: &mut impl FnMut(usize, usize, f32)) {
+    macro_rules! tile {
+        ($r:literal, $n:literal) => {{
+            let rr: [*const u8; $r] = rows.try_into().expect("row count");
+            let xx: [*const u8; $n] = x.try_into().expect("token count");
+            // SAFETY: every row holds `cols` halves and every activation row `cols` floats.
+            let o = unsafe {
+                if bf {
+                    avx2::gemv_half::<true, $r, $n>(&rr, cols, &xx)
+                } else {
+                    avx2::gemv_half::<false, $r, $n>(&rr, cols, &xx)
+                }
+            };
+            for (i, o) in o.iter().enumerate() {
+                for (t, v) in o.iter().enumerate() {
+                    put(i, t, *v);
+                }
+            }
+        }};
+    }
+    match (rows.len(), x.len()) {
+        (4, 1) => tile!(4, 1),
+        (2, 4) => tile!(2, 4),
+        (2, 1) => tile!(2, 1),
+        (1, 4) => tile!(1, 4),
+        (1, 1) => tile!(1, 1),
+        other => unreachable!("half tile {other:?}"),
+    }
+}
+
+/// [`matmul`] for f16 / bf16 weights with the SIMD kernels: decode 4 rows at a time, prefill 2 rows × 4
+/// tokens.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn matmul_half(bf: bool, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
+    let pool = pool::pool();
+    let out = Out(y.as_mut_ptr());
+    let (wp, xp) = (w.as_ptr() as usize, x.as_ptr() as usize);
+    let row = |r: usize| (wp + r * cols * 2) as *const u8;
+    let xrow = |t: usize| (xp + t * cols * 4) as *const u8;
+    let put = |r0: usize, t0: usize| {
+        move |i: usize, t: usize, v: f32| {
+            let out = out;
+            // SAFETY: the tiles below stay inside rows × n.
+            unsafe { *out.0.add((t0 + t) * rows + r0 + i) = v };
+        }
+    };
+    if n == 1 {
+        let per = (rows.div_ceil(pool.threads() * 8).max(8)).next_multiple_of(4);
+        pool.run(rows.div_ceil(per), &|task| {
+            let (mut r, end) = (task * per, ((task + 1) * per).min(rows));
+            while r < end {
+                let k = if r + 4 <= end { 4 } else { 1 };
+                let rows4 = [row(r), row(r + 1.min(k - 1)), row(r + 2.min(k - 1)), row(r + 3.min(k - 1))];
+                half_tile(bf, &rows4[..k], cols, &[xrow(0)], &mut put(r, 0));
+                r += k;
+            }
+        });
+        return;
+    }
+    let row_tasks = rows.div_ceil(PREFILL_ROWS);
+    let token_tasks = n.div_ceil(PREFILL_TOKENS);
+    pool.run(row_tasks * token_tasks, &|task| {
+        let (tt, rt) = (task / row_tasks, task % row_tasks);
+        let (t1, r1) = (((tt + 1) * PREFILL_TOKENS).min(n), ((rt + 1) * PREFILL_ROWS).min(rows));
+        let mut t = tt * PREFILL_TOKENS;
+        while t < t1 {
+            let nt = if t + TILE <= t1 { TILE } else { 1 };
+            let xs = [xrow(t), xrow(t + 1.min(nt - 1)), xrow(t + 2.min(nt - 1)), xrow(t + 3.min(nt - 1))];
+            let mut r = rt * PREFILL_ROWS;
+            while r < r1 {
+                let k = if r + 2 <= r1 { 2 } else { 1 };
+                half_tile(bf, &[row(r), row(r + k - 1)][..k], cols, &xs[..nt], &mut put(r, t));
+                r += k;
+            }
+            t += nt;
+        }
+    });
+}
+
+/// Runs `f(activations, stride)` with the `n` rows of `x` in the form `kind` multiplies (quantized once per
+/// row into this thread's reused buffers; f32 rows as they are): row t starts at `activations + t · stride`
+/// bytes.
+fn with_activations<R>(kind: WeightKind, x: &[f32], n: usize, cols: usize, f: impl FnOnce(usize, usize) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let pool = pool::pool();
+        let (act, stride): (*const u8, usize) = match kind.activation() {
+            ActivationKind::F32 => (x.as_ptr() as *const u8, cols * 4),
+            ActivationKind::Q8 => {
+                let nb = cols / blocks::QK;
+                s.q8.resize(n * nb, Q8Block::default());
+                quantize_rows(pool, x, cols, &mut s.q8, nb, blocks::quantize_q8);
+                (s.q8.as_ptr() as *const u8, nb * std::mem::size_of::<Q8Block>())
+            }
+            ActivationKind::Q8K => {
+                let nb = cols / blocks::QK_K;
+                s.q8k.resize(n * nb, Q8KBlock::default());
+                quantize_rows(pool, x, cols, &mut s.q8k, nb, blocks::quantize_q8k);
+                (s.q8k.as_ptr() as *const u8, nb * std::mem::size_of::<Q8KBlock>())
+            }
+        };
+        f(act as usize, stride)
+    })
+}
+
+/// One packed group of 8 rows against 1 or [`TILE`] activation rows.
+type Group1 = unsafe fn(*const u8, usize, &[*const u8; 1], &mut [[f32; GROUP]; 1]);
+type GroupN = unsafe fn(*const u8, usize, &[*const u8; TILE], &mut [[f32; GROUP]; TILE]);
+
+fn group_kernel(kind: WeightKind) -> Option<(Group1, GroupN)> {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if simd() {
+        use avx2::*;
+        return Some(match kind {
+            WeightKind::Q4_0 => (gemv_packed::<Q4_0, 1>, gemv_packed::<Q4_0, TILE>),
+            WeightKind::Q4_1 => (gemv_packed::<Q4_1, 1>, gemv_packed::<Q4_1, TILE>),
+            WeightKind::Q5_0 => (gemv_packed::<Q5_0, 1>, gemv_packed::<Q5_0, TILE>),
+            WeightKind::Q5_1 => (gemv_packed::<Q5_1, 1>, gemv_packed::<Q5_1, TILE>),
+            WeightKind::Q8_0 => (gemv_packed::<Q8_0, 1>, gemv_packed::<Q8_0, TILE>),
+            _ => return None,
+        });
+    }
+    let _ = kind;
+    None
+}
+
+/// `y[t, r] = Σ_c W[r, c] · x[t, c]` for `t < n` with a packed `W` (`rows × cols`); `x` is `n × cols`, `y`
+/// is `n × rows`.
+pub fn matmul_packed(w: &PackedMatrix, x: &[f32], n: usize, y: &mut [f32]) {
+    let (kind, rows, cols) = (w.kind(), w.rows(), w.cols());
+    assert_eq!(x.len(), n * cols, "activation length");
+    assert_eq!(y.len(), n * rows, "output length");
+    if n == 0 || rows == 0 {
+        return;
+    }
+    let nb = w.blocks();
+    let group_bytes = nb * GROUP * kind.block_bytes();
+    let groups = rows.div_ceil(GROUP);
+    let simd = group_kernel(kind);
+    with_activations(kind, x, n, cols, |act, stride| {
+        let pool = pool::pool();
+        let out = Out(y.as_mut_ptr());
+        let base = w.data().as_ptr() as usize;
+        // Results of group g for tokens t.. into y (the padded lanes of the last group are dropped).
+        let store = |g: usize, t: usize, res: &[[f32; GROUP]]| {
+            let out = out;
+            for (i, r) in res.iter().enumerate() {
+                for (lane, v) in r.iter().enumerate().take(rows - g * GROUP) {
+                    // SAFETY: t + i < n and g·GROUP + lane < rows.
+                    unsafe { *out.0.add((t + i) * rows + g * GROUP + lane) = *v };
+                }
+            }
+        };
+        let run = |g: usize, t: usize, count: usize| {
+            let xrow = |i: usize| (act + (t + i) * stride) as *const u8;
+            let gp = (base + g * group_bytes) as *const u8;
+            match simd {
+                Some((_, tile)) if count == TILE => {
+                    let mut res = [[0f32; GROUP]; TILE];
+                    // SAFETY: the group and the activation rows are inside their buffers.
+                    unsafe { tile(gp, nb, &[xrow(0), xrow(1), xrow(2), xrow(3)], &mut res) };
+                    store(g, t, &res);
+                }
+                Some((one, _)) => {
+                    for i in 0..count {
+                        let mut res = [[0f32; GROUP]; 1];
+                        // SAFETY: as above.
+                        unsafe { one(gp, nb, &[xrow(i)], &mut res) };
+                        store(g, t + i, &res);
+                    }
+                }
+                None => {
+                    let mut xs: [&[Q8Block]; TILE] = [&[]; TILE];
+                    for (i, x) in xs.iter_mut().enumerate().take(count) {
+                        // SAFETY: each activation row holds `nb` blocks.
+                        *x = unsafe { std::slice::from_raw_parts(xrow(i) as *const Q8Block, nb) };
+                    }
+                    let mut res = [[0f32; GROUP]; TILE];
+                    w.group_portable(g, &xs[..count], &mut res[..count]);
+                    store(g, t, &res[..count]);
+                }
+            }
+        };
+        if n == 1 {
+            let per = groups.div_ceil(pool.threads() * 8).max(1);
+            pool.run(groups.div_ceil(per), &|task| {
+                for g in task * per..((task + 1) * per).min(groups) {
+                    run(g, 0, 1);
+                }
+            });
+            return;
+        }
+        let group_tasks = groups.div_ceil(PREFILL_ROWS / GROUP);
+        let token_tasks = n.div_ceil(PREFILL_TOKENS);
+        pool.run(group_tasks * token_tasks, &|task| {
+            let (tt, gt) = (task / group_tasks, task % group_tasks);
+            let (t0, t1) = (tt * PREFILL_TOKENS, ((tt + 1) * PREFILL_TOKENS).min(n));
+            let (g0, g1) = (gt * PREFILL_ROWS / GROUP, ((gt + 1) * PREFILL_ROWS / GROUP).min(groups));
+            let mut t = t0;
+            while t < t1 {
+                let count = if t + TILE <= t1 { TILE } else { 1 };
+                for g in g0..g1 {
+                    run(g, t, count);
+                }
+                t += count;
+            }
+        });
+    });
+}
+
+/// Quantizes each of the `n` activation rows into its `nb` blocks, the rows spread over the threads.
+fn quantize_rows<B: Send>(
+    pool: &pool::Pool,
+    x: &[f32],
+    cols: usize,
+    out: &mut [B],
+    nb: usize,
+    f: fn(&[f32], &mut [B]),
+) {
+    let n = x.len() / cols;
+    if n < 8 {
+        for (xr, o) in x.chunks_exact(cols).zip(out.chunks_exact_mut(nb)) {
+            f(xr, o);
+        }
+        return;
+    }
+    let base = out.as_mut_ptr() as usize;
+    let per = n.div_ceil(pool.threads() * 4);
+    pool.run(n.div_ceil(per), &|task| {
+        for t in task * per..((task + 1) * per).min(n) {
+            // SAFETY: each task writes its own rows' blocks.
+            let o = unsafe { std::slice::from_raw_parts_mut((base as *mut B).add(t * nb), nb) };
+            f(&x[t * cols..(t + 1) * cols], o);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::blocks::*;
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Device;
+
+    const KINDS: [(WeightKind, GgmlDType); 10] = [
+        (WeightKind::Q4_0, GgmlDType::Q4_0),
+        (WeightKind::Q4_1, GgmlDType::Q4_1),
+        (WeightKind::Q5_0, GgmlDType::Q5_0),
+        (WeightKind::Q5_1, GgmlDType::Q5_1),
+        (WeightKind::Q8_0, GgmlDType::Q8_0),
+        (WeightKind::Q4K, GgmlDType::Q4K),
+        (WeightKind::Q5K, GgmlDType::Q5K),
+        (WeightKind::Q6K, GgmlDType::Q6K),
+        (WeightKind::F16, GgmlDType::F16),
+        (WeightKind::BF16, GgmlDType::BF16),
+    ];
+
+    fn weights(kind: GgmlDType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        let w = crate::testing::seeded_randn(seed, 0.0, 1.0, &[rows, cols]);
+        let q = QTensor::quantize(&w, kind).unwrap();
+        let bytes = q.data().unwrap().to_vec();
+        let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (bytes, dense)
+    }
+
+    /// Our reading of every block layout equals candle's dequantization of the same bytes (candle reads them
+    /// as llama.cpp does).
+    #[test]
+    fn block_layouts_read_as_candle_reads_them() {
+        for (kind, g) in KINDS {
+            let (bytes, dense) = weights(g, 3, 512, 1);
+            let rb = kind.row_bytes(512);
+            for r in 0..3 {
+                let ours = dequantize_row(kind, &bytes[r * rb..(r + 1) * rb]);
+                assert_eq!(ours, dense[r * 512..(r + 1) * 512], "{kind:?} row {r}");
+            }
+        }
+    }
+
+    /// The portable dot product is the dequantized weights times the dequantized activations, up to float
+    /// rounding; and the activation quantization is within half a step of the input.
+    #[test]
+    fn portable_dot_is_the_dequantized_product() {
+        let cols = 768;
+        let x = crate::testing::seeded_randn(2, 0.0, 1.0, &[cols]).to_vec1::<f32>().unwrap();
+        let mut q8 = vec![Q8Block::default(); cols / QK];
+        quantize_q8(&x, &mut q8);
+        let mut q8k = vec![Q8KBlock::default(); cols / QK_K];
+        quantize_q8k(&x, &mut q8k);
+        let x8: Vec<f32> = q8.iter().flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32)).collect();
+        let x8k: Vec<f32> = q8k.iter().flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32)).collect();
+        for (a, b) in x.iter().zip(&x8) {
+            assert!((a - b).abs() <= q8[0].d.max(1e-6) * 0.51 + 0.05, "{a} vs {b}");
+        }
+        for (kind, g) in KINDS {
+            let (bytes, dense) = weights(g, 1, cols, 3);
+            let (act, xq) = match kind.activation() {
+                ActivationKind::Q8 => (Activations::Q8(&q8), &x8),
+                ActivationKind::Q8K => (Activations::Q8K(&q8k), &x8k),
+                ActivationKind::F32 => (Activations::F32(&x), &x),
+            };
+            let ours = dot_row(kind, &bytes, act);
+            let want: f64 = dense.iter().zip(xq).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let scale: f64 = dense.iter().zip(xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+            assert!(((ours as f64) - want).abs() <= 1e-5 * scale, "{kind:?}: {ours} vs {want}");
+        }
+    }
+
+    /// The SIMD kernels (decode and prefill tiles, over the pool) equal the portable ones, for every type,
+    /// row counts that do not divide the tasks and token counts that do not divide the tiles.
+    #[test]
+    fn simd_kernels_match_the_portable_ones() {
+        if !simd() {
+            eprintln!("no SIMD kernel on this CPU; the portable kernels are the ones in use");
+            return;
+        }
+        for (kind, g) in KINDS {
+            let (rows, cols) = (37, 512);
+            let (bytes, _) = weights(g, rows, cols, 4);
+            for n in [1, 3, 4, 9, 70] {
+                let x = crate::testing::seeded_randn(5 + n as u64, 0.0, 1.0, &[n, cols]).flatten_all().unwrap();
+                let x = x.to_vec1::<f32>().unwrap();
+                let mut y = vec![0f32; n * rows];
+                matmul(kind, &bytes, rows, cols, &x, n, &mut y);
+                let rb = kind.row_bytes(cols);
+                for t in 0..n {
+                    let xr = &x[t * cols..(t + 1) * cols];
+                    let (mut q8, mut q8k) =
+                        (vec![Q8Block::default(); cols / QK], vec![Q8KBlock::default(); cols / QK_K]);
+                    let act = match kind.activation() {
+                        ActivationKind::Q8 => {
+                            quantize_q8(xr, &mut q8);
+                            Activations::Q8(&q8)
+                        }
+                        ActivationKind::Q8K => {
+                            quantize_q8k(xr, &mut q8k);
+                            Activations::Q8K(&q8k)
+                        }
+                        ActivationKind::F32 => Activations::F32(xr),
+                    };
+                    for r in 0..rows {
+                        let want = dot_row(kind, &bytes[r * rb..(r + 1) * rb], act);
+                        let got = y[t * rows + r];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "{kind:?} n {n} t {t} r {r}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The packed layout reads back as the file's bytes, and its products (SIMD and portable) equal the
+    /// row-layout kernels' for rows that do not fill the last group and token counts off the tiles.
+    #[test]
+    fn packed_matrices_multiply_as_the_rows_do() {
+        for (kind, g) in KINDS.into_iter().filter(|(k, _)| PackedMatrix::packs(*k)) {
+            let (rows, cols) = (21, 256);
+            let (bytes, _) = weights(g, rows, cols, 8);
+            let p = PackedMatrix::pack(kind, &bytes, rows, cols);
+            assert_eq!(p.unpacked(), bytes, "{kind:?}");
+            assert_eq!(p.bytes(), 24 * kind.row_bytes(cols));
+            for n in [1, 2, 5, 70] {
+                let x = crate::testing::seeded_randn(9, 0.0, 1.0, &[n, cols])
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let (mut want, mut got) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                matmul(kind, &bytes, rows, cols, &x, n, &mut want);
+                matmul_packed(&p, &x, n, &mut got);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{kind:?} n {n} at {i}: {a} vs {b}");
+                }
+                // The portable kernel on the packed layout gives the row kernel's exact sums.
+                let mut xq = vec![Q8Block::default(); n * cols / QK];
+                for (xr, o) in x.chunks_exact(cols).zip(xq.chunks_exact_mut(cols / QK)) {
+                    quantize_q8(xr, o);
+                }
+                let xs: Vec<&[Q8Block]> = xq.chunks_exact(cols / QK).collect();
+                let mut res = vec![[0f32; GROUP]; n];
+                for gi in 0..rows.div_ceil(GROUP) {
+                    p.group_portable(gi, &xs, &mut res);
+                    for (t, r) in res.iter().enumerate() {
+                        for (lane, v) in r.iter().enumerate().filter(|(l, _)| gi * GROUP + l < rows) {
+                            let row = &bytes[(gi * GROUP + lane) * kind.row_bytes(cols)..][..kind.row_bytes(cols)];
+                            assert_eq!(*v, dot_row(kind, row, Activations::Q8(xs[t])), "{kind:?}");
+                        }
+                    }
+                }
+            }
+            // Batch invariance on the packed layout too.
+            let x =
+                crate::testing::seeded_randn(10, 0.0, 1.0, &[6, cols]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut all = vec![0f32; 6 * rows];
+            matmul_packed(&p, &x, 6, &mut all);
+            for t in 0..6 {
+                let mut one = vec![0f32; rows];
+                matmul_packed(&p, &x[t * cols..(t + 1) * cols], 1, &mut one);
+                assert_eq!(one, all[t * rows..(t + 1) * rows], "{kind:?} token {t}");
+            }
+        }
+    }
+
+    /// A token's result does not depend on how many tokens share the product (batch invariance: the decode
+    /// kernel and the prefill tile give the same bits).
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_batch() {
+        for (kind, g) in KINDS {
+            let (rows, cols) = (20, 256);
+            let (bytes, _) = weights(g, rows, cols, 6);
+            let x =
+                crate::testing::seeded_randn(7, 0.0, 1.0, &[9, cols]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut all = vec![0f32; 9 * rows];
+            matmul(kind, &bytes, rows, cols, &x, 9, &mut all);
+            for t in 0..9 {
+                let mut one = vec![0f32; rows];
+                matmul(kind, &bytes, rows, cols, &x[t * cols..(t + 1) * cols], 1, &mut one);
+                assert_eq!(one, all[t * rows..(t + 1) * rows], "{kind:?} token {t}");
+            }
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The 32-wide block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) regrouped at load for the CPU kernels: 8 rows at
+//! a time, each column of blocks stored as the 8 rows' scales side by side, then their quants in slices of 4
+//! elements × 8 rows. A kernel then multiplies 8 rows at once: one broadcast of 4 activations against one
+//! 32-byte load of weights gives all 8 rows' partial sums in the lanes of one register, the scales of the 8
+//! rows are one 16-byte load, and no horizontal sum is left at the end. Same bytes as the file's layout,
+//! permuted; the original blocks of any row can be read back (embedding lookups, dequantization).
+
+#![allow(clippy::needless_range_loop)] // lanes index several arrays at once
+
+use super::blocks::{self, Q8Block, WeightKind};
+
+/// Rows per group.
+pub const GROUP: usize = 8;
+
+/// Where a block's parts lie: in the file's block, and in a group's column of 8 blocks.
+#[derive(Clone, Copy)]
+struct Parts {
+    /// Offsets in the file's block of the min `m`, the fifth bits `qh`, and the quants.
+    m: Option<usize>,
+    qh: Option<usize>,
+    qs: usize,
+    /// Bytes of quants per block (16 nibble pairs or 32 signed bytes).
+    qs_len: usize,
+}
+
+impl Parts {
+    fn of(kind: WeightKind) -> Parts {
+        match kind {
+            WeightKind::Q4_0 => Parts { m: None, qh: None, qs: 2, qs_len: 16 },
+            WeightKind::Q4_1 => Parts { m: Some(2), qh: None, qs: 4, qs_len: 16 },
+            WeightKind::Q5_0 => Parts { m: None, qh: Some(2), qs: 6, qs_len: 16 },
+            WeightKind::Q5_1 => Parts { m: Some(2), qh: Some(4), qs: 8, qs_len: 16 },
+            WeightKind::Q8_0 => Parts { m: None, qh: None, qs: 2, qs_len: 32 },
+            _ => unreachable!("{kind:?} is not packed"),
+        }
+    }
+
+    /// Offsets in a group's column: scales at 0, then the mins, the fifth bits and the quant slices.
+    fn packed(self) -> (Option<usize>, Option<usize>, usize) {
+        let m = self.m.map(|_| 16);
+        let qh = self.qh.map(|_| 16 + 16 * m.is_some() as usize);
+        let qs = 16 + 16 * m.is_some() as usize + 32 * qh.is_some() as usize;
+        (m, qh, qs)
+    }
+}
+
+/// A weight matrix of a 32-wide block type in groups of 8 rows (the last group padded with zero blocks).
+#[derive(Debug, Clone)]
+pub struct PackedMatrix {
+    kind: WeightKind,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl PackedMatrix {
+    /// Does this type have a packed layout?
+    pub fn packs(kind: WeightKind) -> bool {
+        matches!(kind, WeightKind::Q4_0 | WeightKind::Q4_1 | WeightKind::Q5_0 | WeightKind::Q5_1 | WeightKind::Q8_0)
+    }
+
+    /// Regroups `rows × cols` weights stored as `kind` blocks, row after row (the GGUF layout).
+    pub fn pack(kind: WeightKind, bytes: &[u8], rows: usize, cols: usize) -> Self {
+        assert!(Self::packs(kind) && cols.is_multiple_of(blocks::QK) && bytes.len() == rows * kind.row_bytes(cols));
+        let (bb, nb) = (kind.block_bytes(), cols / blocks::QK);
+        let groups = rows.div_ceil(GROUP);
+        let mut data = vec![0u8; groups * nb * GROUP * bb];
+        let parts = Parts::of(kind);
+        let (pm, pqh, pqs) = parts.packed();
+        for r in 0..rows {
+            let (g, lane) = (r / GROUP, r % GROUP);
+            for b in 0..nb {
+                let src = &bytes[(r * nb + b) * bb..][..bb];
+                let dst = &mut data[(g * nb + b) * GROUP * bb..][..GROUP * bb];
+                dst[2 * lane..2 * lane + 2].copy_from_slice(&src[0..2]);
+                if let (Some(m), Some(pm)) = (parts.m, pm) {
+                    dst[pm + 2 * lane..pm + 2 * lane + 2].copy_from_slice(&src[m..m + 2]);
+                }
+                if let (Some(qh), Some(pqh)) = (parts.qh, pqh) {
+                    dst[pqh + 4 * lane..pqh + 4 * lane + 4].copy_from_slice(&src[qh..qh + 4]);
+                }
+                for k in 0..parts.qs_len / 4 {
+                    let at = pqs + 32 * k + 4 * lane;
+                    dst[at..at + 4].copy_from_slice(&src[parts.qs + 4 * k..parts.qs + 4 * k + 4]);
+                }
+            }
+        }
+        Self { kind, rows, cols, data }
+    }
+
+    pub fn kind(&self) -> WeightKind {
+        self.kind
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held (the file's size of the matrix, plus the padding of the last group).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    pub(super) fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Blocks per row.
+    pub(super) fn blocks(&self) -> usize {
+        self.cols / blocks::QK
+    }
+
+    /// Row `r`'s block `b` as the file stores it.
+    fn block(&self, r: usize, b: usize, out: &mut [u8]) {
+        let (bb, nb) = (self.kind.block_bytes(), self.blocks());
+        let (g, lane) = (r / GROUP, r % GROUP);
+        let src = &self.data[(g * nb + b) * GROUP * bb..][..GROUP * bb];
+        let parts = Parts::of(self.kind);
+        let (pm, pqh, pqs) = parts.packed();
+        out[0..2].copy_from_slice(&src[2 * lane..2 * lane + 2]);
+        if let (Some(m), Some(pm)) = (parts.m, pm) {
+            out[m..m + 2].copy_from_slice(&src[pm + 2 * lane..pm + 2 * lane + 2]);
+        }
+        if let (Some(qh), Some(pqh)) = (parts.qh, pqh) {
+            out[qh..qh + 4].copy_from_slice(&src[pqh + 4 * lane..pqh + 4 * lane + 4]);
+        }
+        for k in 0..parts.qs_len / 4 {
+            let at = pqs + 32 * k + 4 * lane;
+            out[parts.qs + 4 * k..parts.qs + 4 * k + 4].copy_from_slice(&src[at..at + 4]);
+        }
+    }
+
+    /// Row `r` as the file stores it.
+    pub fn row_blocks(&self, r: usize) -> Vec<u8> {
+        let bb = self.kind.block_bytes();
+        let mut out = vec![0u8; self.kind.row_bytes(self.cols)];
+        for b in 0..self.blocks() {
+            self.block(r, b, &mut out[b * bb..(b + 1) * bb]);
+        }
+        out
+    }
+
+    /// The whole matrix as the file stores it.
+    pub fn unpacked(&self) -> Vec<u8> {
+        (0..self.rows).flat_map(|r| self.row_blocks(r)).collect()
+    }
+
+    /// Row `r` as f32.
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        blocks::dequantize_row(self.kind, &self.row_blocks(r))
+    }
+
+    /// The whole matrix as f32, row after row (rows spread over the kernel threads).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (cols, bb) = (self.cols, self.kind.block_bytes());
+        let mut out = vec![0f32; self.rows * cols];
+        let base = out.as_mut_ptr() as usize;
+        let pool = super::pool::pool();
+        let per = self.rows.div_ceil(pool.threads() * 4).max(1);
+        pool.run(self.rows.div_ceil(per), &|task| {
+            let (mut block, mut values) = ([0u8; 34], Vec::with_capacity(blocks::QK));
+            for r in task * per..((task + 1) * per).min(self.rows) {
+                // SAFETY: each task writes its own rows.
+                let row = unsafe { std::slice::from_raw_parts_mut((base as *mut f32).add(r * cols), cols) };
+                for (b, dst) in row.chunks_exact_mut(blocks::QK).enumerate() {
+                    self.block(r, b, &mut block[..bb]);
+                    values.clear();
+                    blocks::dequantize_into(self.kind, &block[..bb], &mut values);
+                    dst.copy_from_slice(&values);
+                }
+            }
+        });
+        out
+    }
+
+    /// The portable kernel on this layout: group `g`'s 8 rows against `n` activation rows (each `blocks()`
+    /// [`Q8Block`]s, `stride` bytes apart from `x`), results into `out[t][lane]`.
+    pub(super) fn group_portable(&self, g: usize, x: &[&[Q8Block]], out: &mut [[f32; GROUP]]) {
+        let (bb, nb) = (self.kind.block_bytes(), self.blocks());
+        let mut block = [0u8; 34];
+        for o in out.iter_mut().take(x.len()) {
+            *o = [0.0; GROUP];
+        }
+        for lane in 0..GROUP {
+            let r = g * GROUP + lane;
+            if r >= self.rows {
+                break;
+            }
+            for b in 0..nb {
+                self.block(r, b, &mut block[..bb]);
+                for (t, xa) in x.iter().enumerate() {
+                    out[t][lane] += blocks::dot_block_q8(self.kind, &block[..bb], &xa[b]);
+                }
+            }
+        }
+    }
+}
