@@ -1,7 +1,8 @@
 //! Our CPU matrix kernels for weights kept as they were stored: GGML blocks (Q4_0 … Q8_0, Q4_K, Q5_K, Q6_K)
 //! multiplied against activations quantized once per row to 8 bits, and f16/bf16 weights widened in
-//! registers. One entry point, [`matmul`], serves decode (one row) and prefill (many rows, in tiles of 4 so
-//! that a block of weights is unpacked once for 4 tokens), split over the kernel threads by output rows.
+//! registers. [`matmul`] (row layout) and [`matmul_packed`] (8-row groups) serve one row (decode) and many
+//! (in tiles of 4 tokens, so that a block of weights is unpacked once for 4 tokens), split over the kernel
+//! threads by output rows. Which passes use them is `model::linear`'s decision.
 //!
 //! The SIMD kernel is chosen once per process from what the CPU reports (AVX2+FMA+F16C on x86); every other
 //! CPU runs the portable kernels of `blocks.rs`, which the SIMD ones are tested against.
