@@ -61,16 +61,8 @@ pub enum Embedding {
 impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
-            Embedding::Dense(w) => {
-                let mut dims = ids.dims().to_vec();
-                dims.push(w.dim(1)?);
-                w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
-            }
-            Embedding::Half(w, dtype) => {
-                let mut dims = ids.dims().to_vec();
-                dims.push(w.dim(1)?);
-                w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)?.to_dtype(*dtype)
-            }
+            Embedding::Dense(w) => Self::rows_of(w, ids),
+            Embedding::Half(w, dtype) => Self::rows_of(w, ids)?.to_dtype(*dtype),
             Embedding::Quantized(q, dtype) => q.embedding(ids)?.to_dtype(*dtype),
             Embedding::Packed(p, dtype) => {
                 let ids_dims = ids.dims().to_vec();
@@ -87,6 +79,13 @@ impl Embedding {
                 Tensor::from_vec(rows, dims, &candle_core::Device::Cpu)?.to_dtype(*dtype)
             }
         }
+    }
+
+    /// The rows of a dense table at `ids`, shaped `ids.dims() + [hidden]`.
+    fn rows_of(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        dims.push(w.dim(1)?);
+        w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
     }
 
     pub fn bytes(&self) -> usize {

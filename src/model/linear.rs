@@ -215,10 +215,6 @@ impl Linear {
             LinearWeight::Dense(_) => None,
         };
         let Some(kind) = kind.filter(|k| cpu::supports(*k, self.in_features)) else { return Ok(None) };
-        if kind.activation() != cpu::ActivationKind::F32 && Self::many_rows(x.elem_count() / self.in_features) {
-            // Many rows: the exact product of the dequantized weight (see `dequantized_product`).
-            return Ok(None);
-        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let rows = x.elem_count() / self.in_features;
@@ -253,17 +249,15 @@ impl Linear {
 
     /// `x Wᵀ` through the fastest inference path (no gradient tracking).
     fn base_product(&self, x: &Tensor) -> Result<Tensor> {
+        // Many rows of quantized weights on the CPU (prefill, scoring): the exact product of the dequantized
+        // weight (see `dequantized_product`); fewer through our kernels.
+        if x.device().is_cpu() && self.is_quantized() && Self::many_rows(x.elem_count() / self.in_features) {
+            return self.dequantized_product(x);
+        }
         if let Some(y) = self.cpu_kernel_product(x)? {
             return Ok(y);
         }
         Ok(match (&self.weight, &self.qmatmul) {
-            // Many rows on the CPU: dequantizing the weight once and running one f32 GEMM is far faster
-            // than candle's per-row quantized dot products (prefill, scoring).
-            (LinearWeight::Quantized(_) | LinearWeight::Packed(_), _)
-                if x.device().is_cpu() && x.elem_count() / self.in_features >= DEQUANT_GEMM_ROWS =>
-            {
-                self.dequantized_product(x)?
-            }
             (LinearWeight::Quantized(_), Some(qm)) => {
                 let dtype = x.dtype();
                 qm.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?

@@ -228,35 +228,6 @@ unsafe fn widen8<const BF: bool>(p: *const u16) -> __m256 {
     }
 }
 
-/// A row of f16 (`BF = false`) or bf16 weights against `N` f32 rows; `cols` elements.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_half<const BF: bool, const N: usize>(row: *const u8, cols: usize, x: &[*const u8; N]) -> [f32; N] {
-    let w = row as *const u16;
-    let mut acc0 = [_mm256_setzero_ps(); N];
-    let mut acc1 = [_mm256_setzero_ps(); N];
-    let mut c = 0;
-    while c + 16 <= cols {
-        let (w0, w1) = (widen8::<BF>(w.add(c)), widen8::<BF>(w.add(c + 8)));
-        for t in 0..N {
-            let xp = (x[t] as *const f32).add(c);
-            acc0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc0[t]);
-            acc1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc1[t]);
-        }
-        c += 16;
-    }
-    let mut out = [0f32; N];
-    for t in 0..N {
-        out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t]));
-        let xp = x[t] as *const f32;
-        for k in c..cols {
-            let h = w.add(k).read_unaligned();
-            let wv = if BF { f32::from_bits((h as u32) << 16) } else { half::f16::from_bits(h).to_f32() };
-            out[t] += wv * *xp.add(k);
-        }
-    }
-    out
-}
-
 /// The fifth bits of 4 consecutive elements (from bit `first` on) of each of 8 rows (`qh`: one u32 per row)
 /// as 0x10 in the bytes of those elements (byte 4·row + i for element `first + i`).
 #[inline]

@@ -270,6 +270,17 @@ fn k_values(qs: &[u8], qh: Option<&[u8]>) -> [u8; QK_K] {
     u
 }
 
+/// A Q4_K or Q5_K super-block: its scale and min scale, the eight sub-blocks' scales and mins, and the
+/// unsigned values in element order.
+fn k_block(kind: WeightKind, b: &[u8]) -> (f32, f32, [u8; 8], [u8; 8], [u8; QK_K]) {
+    let (sc, m) = k_scales_mins(&b[4..16]);
+    let u = match kind {
+        WeightKind::Q4K => k_values(&b[16..144], None),
+        _ => k_values(&b[48..176], Some(&b[16..48])),
+    };
+    (f16_at(b, 0), f16_at(b, 2), sc, m, u)
+}
+
 /// One block of a 32-wide type against its activation block.
 #[inline]
 pub fn dot_block_q8(kind: WeightKind, b: &[u8], a: &Q8Block) -> f32 {
@@ -317,12 +328,7 @@ pub fn dot_row(kind: WeightKind, row: &[u8], act: Activations<'_>) -> f32 {
             for (b, a) in row.chunks_exact(bb).zip(x) {
                 acc += match kind {
                     WeightKind::Q4K | WeightKind::Q5K => {
-                        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                        let (sc, m) = k_scales_mins(&b[4..16]);
-                        let u = match kind {
-                            WeightKind::Q4K => k_values(&b[16..144], None),
-                            _ => k_values(&b[48..176], Some(&b[16..48])),
-                        };
+                        let (d, dmin, sc, m, u) = k_block(kind, b);
                         let (mut sumi, mut summ) = (0i32, 0i32);
                         for s in 0..8 {
                             sumi += sc[s] as i32 * idot(&u[32 * s..32 * s + 32], &a.qs[32 * s..32 * s + 32]);
@@ -384,12 +390,7 @@ pub fn dequantize_into(kind: WeightKind, row: &[u8], out: &mut Vec<f32>) {
             ),
             WeightKind::Q8_0 => out.extend(b[2..34].iter().map(|&w| f16_at(b, 0) * w as i8 as f32)),
             WeightKind::Q4K | WeightKind::Q5K => {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let (sc, m) = k_scales_mins(&b[4..16]);
-                let u = match kind {
-                    WeightKind::Q4K => k_values(&b[16..144], None),
-                    _ => k_values(&b[48..176], Some(&b[16..48])),
-                };
+                let (d, dmin, sc, m, u) = k_block(kind, b);
                 out.extend(
                     u.iter().enumerate().map(|(i, &u)| d * sc[i / 32] as f32 * u as f32 - dmin * m[i / 32] as f32),
                 );

@@ -110,8 +110,8 @@ fn kernel(kind: WeightKind) -> Kernel {
             WeightKind::Q4K => Kernel { one: dot_q45k::<false, 1>, tile: dot_q45k::<false, TILE> },
             WeightKind::Q5K => Kernel { one: dot_q45k::<true, 1>, tile: dot_q45k::<true, TILE> },
             WeightKind::Q6K => Kernel { one: dot_q6k::<1>, tile: dot_q6k::<TILE> },
-            WeightKind::F16 => Kernel { one: dot_half::<false, 1>, tile: dot_half::<false, TILE> },
-            WeightKind::BF16 => Kernel { one: dot_half::<true, 1>, tile: dot_half::<true, TILE> },
+            // With SIMD, half weights go through `matmul_half` (several rows per tile), never this table.
+            WeightKind::F16 | WeightKind::BF16 => portable_kernel(kind),
         };
     }
     portable_kernel(kind)
@@ -156,60 +156,61 @@ pub fn matmul(kind: WeightKind, w: &[u8], rows: usize, cols: usize, x: &[f32], n
     }
     with_activations(kind, x, n, cols, |act, act_stride| {
         let len = cols / kind.block_elems();
-        let pool = pool::pool();
         let k = kernel(kind);
         let row_bytes = kind.row_bytes(cols);
         let out = Out(y.as_mut_ptr());
         let wp = w.as_ptr() as usize;
-        if n == 1 {
-            // Decode: enough tasks to even out the threads, each a run of whole rows.
-            let per = rows.div_ceil(pool.threads() * 8).max(8);
-            pool.run(rows.div_ceil(per), &|task| {
-                let out = out;
-                let x = [act as *const u8];
-                for r in task * per..((task + 1) * per).min(rows) {
-                    // SAFETY: r < rows, so the row and the output element are inside their buffers.
-                    unsafe { *out.0.add(r) = (k.one)((wp + r * row_bytes) as *const u8, len, &x)[0] };
-                }
-            });
-            return;
-        }
-        let row_tasks = rows.div_ceil(PREFILL_ROWS);
-        let token_tasks = n.div_ceil(PREFILL_TOKENS);
-        // Consecutive tasks share a token range: the threads stream different weights over the same tokens.
-        pool.run(row_tasks * token_tasks, &|task| {
+        let xrow = |t: usize| (act + t * act_stride) as *const u8;
+        spread(rows, n, 8, PREFILL_ROWS, &|rs, t, count| {
             let out = out;
-            let (tt, rt) = (task / row_tasks, task % row_tasks);
-            let (t0, t1) = (tt * PREFILL_TOKENS, ((tt + 1) * PREFILL_TOKENS).min(n));
-            let (r0, r1) = (rt * PREFILL_ROWS, ((rt + 1) * PREFILL_ROWS).min(rows));
-            let xrow = |t: usize| (act + t * act_stride) as *const u8;
-            let mut t = t0;
-            while t < t1 {
-                if t + TILE <= t1 {
-                    let xs = [xrow(t), xrow(t + 1), xrow(t + 2), xrow(t + 3)];
-                    for r in r0..r1 {
-                        // SAFETY: rows, tokens and outputs are inside their buffers (t + 3 < n, r < rows).
-                        let v = unsafe { (k.tile)((wp + r * row_bytes) as *const u8, len, &xs) };
-                        for (i, v) in v.into_iter().enumerate() {
-                            unsafe { *out.0.add((t + i) * rows + r) = v };
-                        }
+            for r in rs {
+                let w = (wp + r * row_bytes) as *const u8;
+                // SAFETY: r < rows and t + count ≤ n, so rows, activations and outputs are inside their buffers.
+                if count == TILE {
+                    let v = unsafe { (k.tile)(w, len, &[xrow(t), xrow(t + 1), xrow(t + 2), xrow(t + 3)]) };
+                    for (i, v) in v.into_iter().enumerate() {
+                        unsafe { *out.0.add((t + i) * rows + r) = v };
                     }
-                    t += TILE;
                 } else {
-                    for r in r0..r1 {
-                        // SAFETY: as above.
-                        unsafe {
-                            *out.0.add(t * rows + r) = (k.one)((wp + r * row_bytes) as *const u8, len, &[xrow(t)])[0]
-                        };
-                    }
-                    t += 1;
+                    unsafe { *out.0.add(t * rows + r) = (k.one)(w, len, &[xrow(t)])[0] };
                 }
             }
         });
     });
 }
 
-/// `R` half-precision rows (`R` = `rows.len()`: 1, 2 or 4) against `N` f32 rows (1 or 4); `put(r, t, value)`.
+/// Spreads one product over the kernel threads and calls `f(units, t, count)` for each tile: `units` a range
+/// of the weight's units (rows, or 8-row groups), `count` tokens from `t` on (1, or [`TILE`] while that many
+/// are left in the task's tokens). Decode (`n` = 1) runs of a multiple of `decode_min` units, enough of them
+/// to even out the threads; prefill tasks of `prefill_units` units × [`PREFILL_TOKENS`] tokens, consecutive
+/// tasks sharing a token range so that the threads stream different weights over the same activations.
+fn spread(
+    units: usize,
+    n: usize,
+    decode_min: usize,
+    prefill_units: usize,
+    f: &(dyn Fn(std::ops::Range<usize>, usize, usize) + Sync),
+) {
+    let pool = pool::pool();
+    if n == 1 {
+        let per = units.div_ceil(pool.threads() * 8).max(decode_min).next_multiple_of(decode_min);
+        pool.run(units.div_ceil(per), &|task| f(task * per..((task + 1) * per).min(units), 0, 1));
+        return;
+    }
+    let unit_tasks = units.div_ceil(prefill_units);
+    pool.run(unit_tasks * n.div_ceil(PREFILL_TOKENS), &|task| {
+        let (tt, ut) = (task / unit_tasks, task % unit_tasks);
+        let (t1, u1) = (((tt + 1) * PREFILL_TOKENS).min(n), ((ut + 1) * prefill_units).min(units));
+        let mut t = tt * PREFILL_TOKENS;
+        while t < t1 {
+            let count = if t + TILE <= t1 { TILE } else { 1 };
+            f(ut * prefill_units..u1, t, count);
+            t += count;
+        }
+    });
+}
+
+/// `R` half-precision rows against `N` f32 rows (4 × 1, 2 × 4, or one row against either); `put(r, t, value)`.
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 fn half_tile(bf: bool, rows: &[*const u8], cols: usize, x: &[*const u8], put: &mut impl FnMut(usize, usize, f32)) {
     macro_rules! tile {
@@ -234,7 +235,6 @@ fn half_tile(bf: bool, rows: &[*const u8], cols: usize, x: &[*const u8], put: &m
     match (rows.len(), x.len()) {
         (4, 1) => tile!(4, 1),
         (2, 4) => tile!(2, 4),
-        (2, 1) => tile!(2, 1),
         (1, 4) => tile!(1, 4),
         (1, 1) => tile!(1, 1),
         other => unreachable!("half tile {other:?}"),
@@ -245,7 +245,6 @@ fn half_tile(bf: bool, rows: &[*const u8], cols: usize, x: &[*const u8], put: &m
 /// tokens.
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 fn matmul_half(bf: bool, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
-    let pool = pool::pool();
     let out = Out(y.as_mut_ptr());
     let (wp, xp) = (w.as_ptr() as usize, x.as_ptr() as usize);
     let row = |r: usize| (wp + r * cols * 2) as *const u8;
@@ -257,35 +256,16 @@ fn matmul_half(bf: bool, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize
             unsafe { *out.0.add((t0 + t) * rows + r0 + i) = v };
         }
     };
-    if n == 1 {
-        let per = (rows.div_ceil(pool.threads() * 8).max(8)).next_multiple_of(4);
-        pool.run(rows.div_ceil(per), &|task| {
-            let (mut r, end) = (task * per, ((task + 1) * per).min(rows));
-            while r < end {
-                let k = if r + 4 <= end { 4 } else { 1 };
-                let rows4 = [row(r), row(r + 1.min(k - 1)), row(r + 2.min(k - 1)), row(r + 3.min(k - 1))];
-                half_tile(bf, &rows4[..k], cols, &[xrow(0)], &mut put(r, 0));
-                r += k;
-            }
-        });
-        return;
-    }
-    let row_tasks = rows.div_ceil(PREFILL_ROWS);
-    let token_tasks = n.div_ceil(PREFILL_TOKENS);
-    pool.run(row_tasks * token_tasks, &|task| {
-        let (tt, rt) = (task / row_tasks, task % row_tasks);
-        let (t1, r1) = (((tt + 1) * PREFILL_TOKENS).min(n), ((rt + 1) * PREFILL_ROWS).min(rows));
-        let mut t = tt * PREFILL_TOKENS;
-        while t < t1 {
-            let nt = if t + TILE <= t1 { TILE } else { 1 };
-            let xs = [xrow(t), xrow(t + 1.min(nt - 1)), xrow(t + 2.min(nt - 1)), xrow(t + 3.min(nt - 1))];
-            let mut r = rt * PREFILL_ROWS;
-            while r < r1 {
-                let k = if r + 2 <= r1 { 2 } else { 1 };
-                half_tile(bf, &[row(r), row(r + k - 1)][..k], cols, &xs[..nt], &mut put(r, t));
-                r += k;
-            }
-            t += nt;
+    // Decode 4 rows × 1 token at a time, prefill 2 rows × 4 tokens; single rows where fewer are left.
+    spread(rows, n, 8, PREFILL_ROWS, &|rs, t, count| {
+        let xs = [xrow(t), xrow(t + 1.min(count - 1)), xrow(t + 2.min(count - 1)), xrow(t + 3.min(count - 1))];
+        let step = if count == 1 { 4 } else { 2 };
+        let mut r = rs.start;
+        while r < rs.end {
+            let k = if r + step <= rs.end { step } else { 1 };
+            let rs4 = [row(r), row(r + 1.min(k - 1)), row(r + 2.min(k - 1)), row(r + 3.min(k - 1))];
+            half_tile(bf, &rs4[..k], cols, &xs[..count], &mut put(r, t));
+            r += k;
         }
     });
 }
@@ -351,7 +331,6 @@ pub fn matmul_packed(w: &PackedMatrix, x: &[f32], n: usize, y: &mut [f32]) {
     let groups = rows.div_ceil(GROUP);
     let simd = group_kernel(kind);
     with_activations(kind, x, n, cols, |act, stride| {
-        let pool = pool::pool();
         let out = Out(y.as_mut_ptr());
         let base = w.data().as_ptr() as usize;
         // Results of group g for tokens t.. into y (the padded lanes of the last group are dropped).
@@ -394,30 +373,7 @@ pub fn matmul_packed(w: &PackedMatrix, x: &[f32], n: usize, y: &mut [f32]) {
                 }
             }
         };
-        if n == 1 {
-            let per = groups.div_ceil(pool.threads() * 8).max(1);
-            pool.run(groups.div_ceil(per), &|task| {
-                for g in task * per..((task + 1) * per).min(groups) {
-                    run(g, 0, 1);
-                }
-            });
-            return;
-        }
-        let group_tasks = groups.div_ceil(PREFILL_ROWS / GROUP);
-        let token_tasks = n.div_ceil(PREFILL_TOKENS);
-        pool.run(group_tasks * token_tasks, &|task| {
-            let (tt, gt) = (task / group_tasks, task % group_tasks);
-            let (t0, t1) = (tt * PREFILL_TOKENS, ((tt + 1) * PREFILL_TOKENS).min(n));
-            let (g0, g1) = (gt * PREFILL_ROWS / GROUP, ((gt + 1) * PREFILL_ROWS / GROUP).min(groups));
-            let mut t = t0;
-            while t < t1 {
-                let count = if t + TILE <= t1 { TILE } else { 1 };
-                for g in g0..g1 {
-                    run(g, t, count);
-                }
-                t += count;
-            }
-        });
+        spread(groups, n, 1, PREFILL_ROWS / GROUP, &|gs, t, count| gs.for_each(|g| run(g, t, count)));
     });
 }
 
@@ -527,8 +483,10 @@ mod tests {
             eprintln!("no SIMD kernel on this CPU; the portable kernels are the ones in use");
             return;
         }
-        for (kind, g) in KINDS {
-            let (rows, cols) = (37, 512);
+        // Half-precision rows also of a width off the 8-wide vectors (the kernel's scalar tail).
+        let shapes = KINDS.iter().map(|&(k, g)| (k, g, 512)).chain([(WeightKind::F16, GgmlDType::F16, 100)]);
+        for (kind, g, cols) in shapes.chain([(WeightKind::BF16, GgmlDType::BF16, 100)]) {
+            let rows = 37;
             let (bytes, _) = weights(g, rows, cols, 4);
             for n in [1, 3, 4, 9, 70] {
                 let x = crate::testing::seeded_randn(5 + n as u64, 0.0, 1.0, &[n, cols]).flatten_all().unwrap();
