@@ -24,8 +24,8 @@ mod imp {
 #[cfg(feature = "cuda")]
 mod imp {
     use crate::model::cache::KvCache;
-    use crate::model::decode_graph::{GraphEngine, GraphLayer, GraphParts, DISABLE_ENV};
-    use crate::model::layers::Norm;
+    use crate::model::decode_graph::imp::{graph_device, GraphWeights, LayerWeights};
+    use crate::model::decode_graph::{GraphEngine, GraphParts};
     use crate::model::linear::{Linear, LinearWeight};
     use crate::ops::fused::cuda::{MODULE, PTX};
     use crate::ops::fused::MMA_ATTENTION_ENV;
@@ -34,7 +34,7 @@ mod imp {
     use candle_core::cuda_backend::cudarc::driver::{result, CudaFunction, CudaGraph, CudaSlice, CudaStream};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
     use candle_core::op::BackpropOp;
-    use candle_core::{DType, Device, Result, Storage, Tensor};
+    use candle_core::{DType, Result, Storage, Tensor};
     use half::bf16;
     use std::collections::HashMap;
     use std::sync::Arc;
@@ -70,17 +70,7 @@ mod imp {
         Some(Mat { ptr: first.ptr, rows: mats.iter().map(|m| m.rows).sum(), cols: first.cols })
     }
 
-    struct Layer {
-        attn_norm: u64,
-        q: Mat,
-        k: Mat,
-        v: Mat,
-        o: Mat,
-        mlp_norm: u64,
-        gate: Mat,
-        up: Mat,
-        down: Mat,
-    }
+    type Layer = LayerWeights<Mat>;
 
     /// The activations of one batch size, at fixed addresses the graph reads and writes.
     struct Buffers {
@@ -159,58 +149,16 @@ mod imp {
 
     impl Engine {
         fn new(p: &GraphParts, embedded: &Tensor) -> Result<Option<Self>> {
-            if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "0") {
-                return Ok(None);
-            }
-            let Device::Cuda(device) = embedded.device() else { return Ok(None) };
+            let Some(device) = graph_device(p, embedded, MAX_GROUP) else { return Ok(None) };
             let cfg = p.cfg;
             let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-            if embedded.dtype() != DType::BF16
-                || ![64, 128, 256].contains(&hd)
-                || cfg.rotary_dim != hd
-                || nkv == 0
-                || nh % nkv != 0
-                || nh / nkv > MAX_GROUP
-                || !cfg.hidden_size.is_multiple_of(8)
-            {
-                return Ok(None);
-            }
             let stream = device.cuda_stream();
-            let mut held = vec![];
-            let mut norm_ptr = |n: &Norm| -> Result<Option<(u64, f64)>> {
-                let Norm::Rms { weight, eps } = n else { return Ok(None) };
-                let w = weight.to_dtype(DType::BF16)?.contiguous()?;
-                let ptr = storage_ptr(&w, &stream)?;
-                held.push(w);
-                Ok(Some((ptr, *eps)))
+            let Some(GraphWeights { held, layers, final_norm, lm_head, eps, inv_freq }) =
+                GraphWeights::gather(p, device, &stream, mat)?
+            else {
+                return Ok(None);
             };
-            let mut layers = Vec::with_capacity(p.layers.len());
-            let mut eps = None;
-            for GraphLayer { attn_norm, qkvo, mlp_norm, gate_up_down } in &p.layers {
-                let (Some((attn_norm, e)), Some((mlp_norm, _))) = (norm_ptr(attn_norm)?, norm_ptr(mlp_norm)?) else {
-                    return Ok(None);
-                };
-                eps = Some(e);
-                let mut ms = vec![];
-                for l in qkvo.iter().chain(gate_up_down) {
-                    match mat(l, &stream)? {
-                        Some(m) => ms.push(m),
-                        None => return Ok(None),
-                    }
-                }
-                let [q, k, v, o, gate, up, down]: [Mat; 7] =
-                    ms.try_into().map_err(|_| candle_core::Error::Msg("seven matrices".into()))?;
-                layers.push(Layer { attn_norm, q, k, v, o, mlp_norm, gate, up, down });
-            }
-            let Some((final_norm, _)) = norm_ptr(p.final_norm)? else { return Ok(None) };
-            let Some(lm_head) = mat(p.lm_head, &stream)? else { return Ok(None) };
-            let (Some(eps), Some(first)) = (eps, layers.first()) else { return Ok(None) };
-            let inter = first.gate.rows;
-            let inv_freq = {
-                let mut s = device.alloc_zeros::<f32>(p.inv_freq.len())?;
-                device.memcpy_htod(p.inv_freq, &mut s)?;
-                s
-            };
+            let inter = layers[0].gate.rows;
             let blas = CudaBlas::new(stream.clone()).map_err(candle_core::Error::wrap)?;
             let workspace = device.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
             // SAFETY: the workspace outlives the handle (field order) and is used by nothing else.

@@ -130,8 +130,9 @@ mod imp {
     pub type Engine = super::NoGraph;
 }
 
+/// The batch-1 engine, and the weight gathering and eligibility both CUDA engines share.
 #[cfg(feature = "cuda")]
-mod imp {
+pub(crate) mod imp {
     use super::*;
     use crate::model::linear::LinearWeight;
     use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaFunction, CudaGraph, CudaSlice, CudaStream};
@@ -182,17 +183,7 @@ mod imp {
         cols: usize,
     }
 
-    struct Layer {
-        attn_norm: u64,
-        q: Mat,
-        k: Mat,
-        v: Mat,
-        o: Mat,
-        mlp_norm: u64,
-        gate: Mat,
-        up: Mat,
-        down: Mat,
-    }
+    type Layer = LayerWeights<Mat>;
 
     struct Captured {
         key: Vec<u64>,
@@ -274,11 +265,94 @@ mod imp {
         })
     }
 
-    fn rms_weight(n: &Norm) -> Option<(Tensor, f64)> {
-        match n {
-            Norm::Rms { weight, eps } => Some((weight.clone(), *eps)),
-            Norm::Layer { .. } => None,
+    /// One layer's weights as a graph engine reads them: the norms' bf16 weights by device pointer and the
+    /// seven matrices in the engine's form `M`.
+    pub(crate) struct LayerWeights<M> {
+        pub attn_norm: u64,
+        pub q: M,
+        pub k: M,
+        pub v: M,
+        pub o: M,
+        pub mlp_norm: u64,
+        pub gate: M,
+        pub up: M,
+        pub down: M,
+    }
+
+    /// What both CUDA engines read of a model, gathered once.
+    pub(crate) struct GraphWeights<M> {
+        /// The bf16 norm weights whose device memory the pointers name (kept alive by the engine).
+        pub held: Vec<Tensor>,
+        pub layers: Vec<LayerWeights<M>>,
+        pub final_norm: u64,
+        pub lm_head: M,
+        pub eps: f64,
+        pub inv_freq: CudaSlice<f32>,
+    }
+
+    impl<M> GraphWeights<M> {
+        /// The weights of `p`, each matrix in the form `mat` gives it; `None` when a norm is not RMSNorm or
+        /// `mat` cannot take a matrix (the engine then does not apply).
+        pub(crate) fn gather(
+            p: &GraphParts,
+            device: &CudaDevice,
+            stream: &Arc<CudaStream>,
+            mat: impl Fn(&Linear, &CudaStream) -> Result<Option<M>>,
+        ) -> Result<Option<Self>> {
+            let mut held = vec![];
+            let mut norm_ptr = |n: &Norm| -> Result<Option<(u64, f64)>> {
+                let Norm::Rms { weight, eps } = n else { return Ok(None) };
+                let w = weight.to_dtype(DType::BF16)?.contiguous()?;
+                let ptr = storage_ptr(&w, stream)?;
+                held.push(w);
+                Ok(Some((ptr, *eps)))
+            };
+            let mut layers = Vec::with_capacity(p.layers.len());
+            let mut eps = None;
+            for GraphLayer { attn_norm: an, qkvo: [q, k, v, o], mlp_norm: mn, gate_up_down: [gate, up, down] } in
+                &p.layers
+            {
+                let (Some((attn_norm, e)), Some((mlp_norm, _))) = (norm_ptr(an)?, norm_ptr(mn)?) else {
+                    return Ok(None);
+                };
+                eps = Some(e);
+                let mut ms = vec![];
+                for l in [q, k, v, o, gate, up, down] {
+                    match mat(l, stream)? {
+                        Some(m) => ms.push(m),
+                        None => return Ok(None),
+                    }
+                }
+                let [q, k, v, o, gate, up, down]: [M; 7] =
+                    ms.try_into().map_err(|_| candle_core::Error::Msg("seven matrices".into()))?;
+                layers.push(LayerWeights { attn_norm, q, k, v, o, mlp_norm, gate, up, down });
+            }
+            let Some((final_norm, _)) = norm_ptr(p.final_norm)? else { return Ok(None) };
+            let Some(lm_head) = mat(p.lm_head, stream)? else { return Ok(None) };
+            let Some(eps) = eps else { return Ok(None) };
+            let mut inv_freq = device.alloc_zeros::<f32>(p.inv_freq.len())?;
+            device.memcpy_htod(p.inv_freq, &mut inv_freq)?;
+            Ok(Some(Self { held, layers, final_norm, lm_head, eps, inv_freq }))
         }
+    }
+
+    /// The CUDA device `embedded` lives on, if the graph engines apply to this model and input at all (not
+    /// turned off, bf16, a head size the kernels have, full rotary, at most `max_group` query heads per KV
+    /// head, a hidden size of whole 16-byte rows).
+    pub(crate) fn graph_device<'a>(p: &GraphParts, embedded: &'a Tensor, max_group: usize) -> Option<&'a CudaDevice> {
+        if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "0") {
+            return None;
+        }
+        let Device::Cuda(device) = embedded.device() else { return None };
+        let (hd, nh, nkv) = (p.cfg.head_dim, p.cfg.num_heads, p.cfg.num_kv_heads);
+        let fits = embedded.dtype() == DType::BF16
+            && [64, 128, 256].contains(&hd)
+            && p.cfg.rotary_dim == hd
+            && nkv != 0
+            && nh.is_multiple_of(nkv)
+            && nh / nkv <= max_group
+            && p.cfg.hidden_size.is_multiple_of(8);
+        fits.then_some(device)
     }
 
     impl GraphEngine for Engine {
@@ -293,62 +367,26 @@ mod imp {
 
     impl Engine {
         fn new(p: &GraphParts, embedded: &Tensor) -> Result<Option<Self>> {
-            if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "0") {
-                return Ok(None);
-            }
-            let Device::Cuda(device) = embedded.device() else { return Ok(None) };
+            let Some(device) = graph_device(p, embedded, usize::MAX) else { return Ok(None) };
             let cfg = p.cfg;
             let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-            if embedded.dtype() != DType::BF16
-                || ![64, 128, 256].contains(&hd)
-                || cfg.rotary_dim != hd
-                || nkv == 0
-                || nh % nkv != 0
-                || !cfg.hidden_size.is_multiple_of(8)
-            {
+            let stream = device.cuda_stream();
+            let Some(GraphWeights { held, layers, final_norm, lm_head, eps, inv_freq }) =
+                GraphWeights::gather(p, device, &stream, mat)?
+            else {
+                return Ok(None);
+            };
+            let supported = |m: &Mat| match m.format {
+                Format::Bf16 => m.cols.is_multiple_of(8),
+                Format::Q8_0 => m.cols.is_multiple_of(32),
+                Format::Q4K | Format::Q6K => m.cols.is_multiple_of(256),
+            };
+            let layer_fits = |l: &Layer| {
+                l.gate.format == l.up.format && [l.q, l.k, l.v, l.o, l.gate, l.up, l.down].iter().all(supported)
+            };
+            if !layers.iter().all(layer_fits) {
                 return Ok(None);
             }
-            let stream = device.cuda_stream();
-            let mut held = vec![];
-            let mut norm_ptr = |n: &Norm| -> Result<Option<(u64, f64)>> {
-                let Some((w, eps)) = rms_weight(n) else { return Ok(None) };
-                let w = w.to_dtype(DType::BF16)?.contiguous()?;
-                let ptr = storage_ptr(&w, &stream)?;
-                held.push(w);
-                Ok(Some((ptr, eps)))
-            };
-            let mut layers = Vec::with_capacity(p.layers.len());
-            let mut eps = None;
-            for GraphLayer { attn_norm: an, qkvo: [q, k, v, o], mlp_norm: mn, gate_up_down: [gate, up, down] } in
-                &p.layers
-            {
-                let (Some((attn_norm, e)), Some((mlp_norm, _))) = (norm_ptr(an)?, norm_ptr(mn)?) else {
-                    return Ok(None);
-                };
-                eps = Some(e);
-                let mats = [q, k, v, o, gate, up, down].map(|l| mat(l, &stream));
-                let mut ms = vec![];
-                for m in mats {
-                    match m? {
-                        Some(m) => ms.push(m),
-                        None => return Ok(None),
-                    }
-                }
-                let [q, k, v, o, gate, up, down]: [Mat; 7] =
-                    ms.try_into().map_err(|_| candle_core::Error::Msg("seven".into()))?;
-                let supported = |m: &Mat| match m.format {
-                    Format::Bf16 => m.cols.is_multiple_of(8),
-                    Format::Q8_0 => m.cols.is_multiple_of(32),
-                    Format::Q4K | Format::Q6K => m.cols.is_multiple_of(256),
-                };
-                if gate.format != up.format || ![q, k, v, o, gate, up, down].iter().all(supported) {
-                    return Ok(None);
-                }
-                layers.push(Layer { attn_norm, q, k, v, o, mlp_norm, gate, up, down });
-            }
-            let Some((final_norm, _)) = norm_ptr(p.final_norm)? else { return Ok(None) };
-            let Some(lm_head) = mat(p.lm_head, &stream)? else { return Ok(None) };
-            let Some(eps) = eps else { return Ok(None) };
             // The kernel-side input buffer is sized by the largest matvec input.
             let max_in = layers.iter().map(|l| l.down.cols.max(l.q.cols).max(l.o.cols)).max().unwrap_or(0);
             if max_in * 2 > 48 * 1024 {
@@ -357,11 +395,6 @@ mod imp {
             let h = cfg.hidden_size;
             let inter = layers[0].gate.rows;
             let alloc_f32 = |n: usize| device.alloc_zeros::<f32>(n);
-            let inv_freq = {
-                let mut s = device.alloc_zeros::<f32>(p.inv_freq.len())?;
-                device.memcpy_htod(p.inv_freq, &mut s)?;
-                s
-            };
             let mut engine = Self {
                 device: device.clone(),
                 stream: stream.clone(),
