@@ -849,6 +849,45 @@ extern "C" __global__ void swiglu_rows(const bf16* gu, bf16* act, int inter, int
     act[i] = __float2bfloat16(g / (1.f + expf(-g)) * u);
 }
 
+// The part of a batched decode step that block (g, r) split z of both row-attention kernels share: row r's
+// new column `len` and first column `start`, the columns [c_begin, c_end) this split attends to (whole tiles
+// of `tile`; the split holding column `len` writes the new key and value there), and row r's q/k/v and its
+// group's cache rows.
+struct RowSplit {
+    int len, start, pos, c_begin, c_end;
+    bool writer;
+    const bf16 *row, *k, *v;
+    bf16 *krow, *vrow;
+};
+
+template <int D>
+__device__ RowSplit row_split(int tile, const bf16* qkv, const int* lens, bf16* kc, bf16* vc, int cap, int nh,
+                              int nkv) {
+    int g = blockIdx.x, r = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
+    RowSplit t;
+    t.len = lens[0];
+    t.start = lens[1 + r];
+    t.pos = t.len - t.start;
+    int chunk = ((t.len + 1 - t.start + nsplit - 1) / nsplit + tile - 1) / tile * tile;
+    t.c_begin = t.start + split * chunk;
+    t.c_end = min(t.start + (split + 1) * chunk, t.len + 1);
+    t.writer = t.c_begin <= t.len && t.len < t.c_end;
+    t.row = qkv + (size_t)r * (nh + 2 * nkv) * D;
+    t.k = t.row + nh * D + g * D;
+    t.v = t.row + (nh + nkv) * D + g * D;
+    t.krow = kc + ((size_t)r * nkv + g) * cap * D;
+    t.vrow = vc + ((size_t)r * nkv + g) * cap * D;
+    return t;
+}
+
+// Rotates the new key's pair (i0, i1) by (c, s) and writes it at column `len` of the cache row.
+template <int D>
+__device__ void write_rotated_key(const RowSplit& t, int i0, int i1, float c, float s) {
+    float k0 = __bfloat162float(t.k[i0]), k1 = __bfloat162float(t.k[i1]);
+    t.krow[(size_t)t.len * D + i0] = __float2bfloat16(k0 * c - k1 * s);
+    t.krow[(size_t)t.len * D + i1] = __float2bfloat16(k1 * c + k0 * s);
+}
+
 // grid (kv_heads, B), max(4, D / 32, heads per group) warps; at most 8 heads per group. Block (g, r) owns
 // row r's KV group g: it rotates the new key at the row's position (len - start) and writes it and the value
 // at column `len`, then each of the group's query heads (one warp each) attends over columns start..len. The
@@ -869,22 +908,14 @@ __device__ void attention_rows(const bf16* qkv, const int* lens, bf16* kc, bf16*
     __shared__ uint32_t ks[ROW_TILE * KW];
     __shared__ __align__(16) bf16 vs[ROW_TILE * D];
     __shared__ __align__(16) float qs[ROW_MAX_GROUP][D];
-    int g = blockIdx.x, r = blockIdx.y;
+    int g = blockIdx.x, r = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     int groups = nh / nkv;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nthreads = blockDim.x;
-    int len = lens[0], start = lens[1 + r];
-    int pos = len - start;
-    // Split z of gridDim.z covers its share of the row's columns (whole tiles); the split holding column
-    // `len` writes the new key and value there.
-    int split = blockIdx.z, nsplit = gridDim.z;
-    int chunk = ((len + 1 - start + nsplit - 1) / nsplit + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
-    int c_begin = start + split * chunk, c_end = min(start + (split + 1) * chunk, len + 1);
-    bool writer = c_begin <= len && len < c_end;
-    const bf16* row = qkv + (size_t)r * (nh + 2 * nkv) * D;
-    const bf16* k = row + nh * D + g * D;
-    const bf16* v = row + (nh + nkv) * D + g * D;
-    bf16* krow = kc + ((size_t)r * nkv + g) * cap * D;
-    bf16* vrow = vc + ((size_t)r * nkv + g) * cap * D;
+    const RowSplit t = row_split<D>(ROW_TILE, qkv, lens, kc, vc, cap, nh, nkv);
+    const int len = t.len, start = t.start, pos = t.pos, c_begin = t.c_begin, c_end = t.c_end;
+    const bool writer = t.writer;
+    const bf16 *row = t.row, *v = t.v;
+    bf16 *krow = t.krow, *vrow = t.vrow;
     bool head = warp < groups;
     int h = g * groups + warp;
     for (int i = lane; i < D / 2; i += 32) {
@@ -897,11 +928,7 @@ __device__ void attention_rows(const bf16* qkv, const int* lens, bf16* kc, bf16*
             qs[warp][i0] = (q0 * c - q1 * s) * q_scale;
             qs[warp][i1] = (q1 * c + q0 * s) * q_scale;
         }
-        if (warp == 0 && writer) {
-            float k0 = __bfloat162float(k[i0]), k1 = __bfloat162float(k[i1]);
-            krow[(size_t)len * D + i0] = __float2bfloat16(k0 * c - k1 * s);
-            krow[(size_t)len * D + i1] = __float2bfloat16(k1 * c + k0 * s);
-        }
+        if (warp == 0 && writer) write_rotated_key<D>(t, i0, i1, c, s);
     }
     if (warp == 0 && writer)
         for (int i = lane; i < D; i += 32) vrow[(size_t)len * D + i] = v[i];
@@ -1176,16 +1203,11 @@ __device__ void attention_rows_mma(const bf16* qkv, const int* lens, bf16* kc, b
     int g = blockIdx.x, r = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     int lane = threadIdx.x, gid = lane >> 2, tig = lane & 3;
     int groups = nh / nkv;
-    int len = lens[0], start = lens[1 + r];
-    int pos = len - start;
-    int chunk = ((len + 1 - start + nsplit - 1) / nsplit + MMA_TILE - 1) / MMA_TILE * MMA_TILE;
-    int c_begin = start + split * chunk, c_end = min(start + (split + 1) * chunk, len + 1);
-    bool writer = c_begin <= len && len < c_end;
-    const bf16* row = qkv + (size_t)r * (nh + 2 * nkv) * D;
-    const bf16* k = row + nh * D + g * D;
-    const bf16* v = row + (nh + nkv) * D + g * D;
-    bf16* krow = kc + ((size_t)r * nkv + g) * cap * D;
-    bf16* vrow = vc + ((size_t)r * nkv + g) * cap * D;
+    const RowSplit t = row_split<D>(MMA_TILE, qkv, lens, kc, vc, cap, nh, nkv);
+    const int len = t.len, start = t.start, pos = t.pos, c_begin = t.c_begin, c_end = t.c_end;
+    const bool writer = t.writer;
+    const bf16 *row = t.row, *v = t.v;
+    bf16 *krow = t.krow, *vrow = t.vrow;
     for (int i = lane; i < D / 2; i += 32) {
         float c, s;
         sincosf((float)pos * inv_freq[i], &s, &c);
@@ -1201,11 +1223,7 @@ __device__ void attention_rows_mma(const bf16* qkv, const int* lens, bf16* kc, b
             qs[hh * TW + i0] = __float2bfloat16(r0);
             qs[hh * TW + i1] = __float2bfloat16(r1);
         }
-        if (writer) {
-            float k0 = __bfloat162float(k[i0]), k1 = __bfloat162float(k[i1]);
-            krow[(size_t)len * D + i0] = __float2bfloat16(k0 * c - k1 * s);
-            krow[(size_t)len * D + i1] = __float2bfloat16(k1 * c + k0 * s);
-        }
+        if (writer) write_rotated_key<D>(t, i0, i1, c, s);
     }
     if (writer)
         for (int i = lane; i < D; i += 32) vrow[(size_t)len * D + i] = v[i];
