@@ -10,7 +10,7 @@
 //! so that is once per batch and again when the batch shrinks).
 //!
 //! Used for one new token per row, inference ops, on CUDA, bf16 weights and activations, llama-shaped layers
-//! without bias or adapters, no shared prefix, head dim 64, 128 or 256. Anything else takes the regular forward
+//! (RMSNorm, SwiGLU, full rotary) without bias or adapters, no shared prefix, head dim 64, 128 or 256. Anything else takes the regular forward
 //! pass, which stays the reference.
 
 /// The batched decode graph engine (built lazily by a `decode_graph::GraphSlot`).
@@ -24,7 +24,8 @@ mod imp {
 #[cfg(feature = "cuda")]
 mod imp {
     use crate::model::cache::KvCache;
-    use crate::model::decode_graph::imp::{graph_device, GraphWeights, LayerWeights};
+    use crate::model::config::Activation;
+    use crate::model::decode_graph::imp::{graph_device, GraphWeights, LlamaLayer};
     use crate::model::decode_graph::{GraphEngine, GraphParts};
     use crate::model::linear::{Linear, LinearWeight};
     use crate::ops::fused::cuda::{MODULE, PTX};
@@ -70,7 +71,7 @@ mod imp {
         Some(Mat { ptr: first.ptr, rows: mats.iter().map(|m| m.rows).sum(), cols: first.cols })
     }
 
-    type Layer = LayerWeights<Mat>;
+    type Layer = LlamaLayer<Mat>;
 
     /// The activations of one batch size, at fixed addresses the graph reads and writes.
     struct Buffers {
@@ -149,15 +150,25 @@ mod imp {
 
     impl Engine {
         fn new(p: &GraphParts, embedded: &Tensor) -> Result<Option<Self>> {
-            let Some(device) = graph_device(p, embedded, MAX_GROUP) else { return Ok(None) };
+            let Some(device) = graph_device(p, embedded, &[64, 128, 256], MAX_GROUP) else { return Ok(None) };
             let cfg = p.cfg;
             let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+            if cfg.rotary_dim != hd || cfg.activation != Activation::Silu {
+                return Ok(None);
+            }
             let stream = device.cuda_stream();
             let Some(GraphWeights { held, layers, final_norm, lm_head, eps, inv_freq }) =
                 GraphWeights::gather(p, device, &stream, mat)?
             else {
                 return Ok(None);
             };
+            let Some(layers) = layers.into_iter().map(|l| l.into_llama()).collect::<Option<Vec<Layer>>>() else {
+                return Ok(None);
+            };
+            if final_norm.layer_norm {
+                return Ok(None);
+            }
+            let final_norm = final_norm.weight;
             let inter = layers[0].gate.rows;
             let blas = CudaBlas::new(stream.clone()).map_err(candle_core::Error::wrap)?;
             let workspace = device.alloc_zeros::<u8>(WORKSPACE_BYTES)?;

@@ -3,6 +3,7 @@
 
 use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step, TrunkNames};
 use crate::model::config::{Activation, HfConfig, ModelConfig, NormKind};
+use crate::model::decode_graph::{GraphLayer, QkvLinears};
 use crate::model::layers::{activation, Norm};
 use crate::model::linear::Linear;
 use crate::model::weights::Weights;
@@ -173,6 +174,24 @@ impl Layers for GptNeoXLayers {
             };
         }
         Ok(x)
+    }
+
+    fn graph_layers(&self) -> Option<Vec<GraphLayer<'_>>> {
+        Some(
+            self.blocks
+                .iter()
+                .map(|b| GraphLayer {
+                    attn_norm: &b.input_norm,
+                    qkv: QkvLinears::PerHead(&b.qkv),
+                    o: &b.dense,
+                    mlp_norm: &b.post_norm,
+                    gate: None,
+                    up: &b.up,
+                    down: &b.down,
+                    parallel_residual: self.cfg.parallel_residual,
+                })
+                .collect(),
+        )
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {

@@ -3,7 +3,7 @@
 
 use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step, TrunkNames};
 use crate::model::config::{Activation, HfConfig, ModelConfig, NormKind};
-use crate::model::decode_graph::GraphLayer;
+use crate::model::decode_graph::{GraphLayer, QkvLinears};
 use crate::model::layers::{gated, split_heads, Norm};
 use crate::model::linear::Linear;
 use crate::model::weights::Weights;
@@ -203,9 +203,13 @@ impl Layers for LlamaLayers {
                 .iter()
                 .map(|b| GraphLayer {
                     attn_norm: &b.attn_norm,
-                    qkvo: [&b.q, &b.k, &b.v, &b.o],
+                    qkv: QkvLinears::Separate([&b.q, &b.k, &b.v]),
+                    o: &b.o,
                     mlp_norm: &b.mlp_norm,
-                    gate_up_down: [&b.gate, &b.up, &b.down],
+                    gate: Some(&b.gate),
+                    up: &b.up,
+                    down: &b.down,
+                    parallel_residual: false,
                 })
                 .collect(),
         )

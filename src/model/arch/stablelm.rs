@@ -4,6 +4,7 @@
 use super::llama::LLAMA_LINEARS;
 use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step};
 use crate::model::config::{Activation, HfConfig, ModelConfig, NormKind};
+use crate::model::decode_graph::{GraphLayer, QkvLinears};
 use crate::model::layers::{gated, split_heads, Norm, Ops};
 use crate::model::linear::Linear;
 use crate::model::weights::{Init, Weights};
@@ -200,6 +201,29 @@ impl Layers for StableLmLayers {
             };
         }
         Ok(x)
+    }
+
+    fn graph_layers(&self) -> Option<Vec<GraphLayer<'_>>> {
+        // Per-head q/k LayerNorms (StableLM-2-12B) have no kernel in the graph.
+        if self.cfg.qk_layernorm {
+            return None;
+        }
+        Some(
+            self.blocks
+                .iter()
+                .map(|b| GraphLayer {
+                    attn_norm: &b.input_norm,
+                    qkv: QkvLinears::Separate([&b.q, &b.k, &b.v]),
+                    o: &b.o,
+                    // Parallel StableLM layers feed the MLP the attention's own normed input.
+                    mlp_norm: b.post_norm.as_ref().unwrap_or(&b.input_norm),
+                    gate: Some(&b.gate),
+                    up: &b.up,
+                    down: &b.down,
+                    parallel_residual: b.post_norm.is_none(),
+                })
+                .collect(),
+        )
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {

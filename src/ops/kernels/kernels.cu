@@ -1,8 +1,9 @@
 // Our CUDA kernels: the decode step (below) and a few fused ops of the prefill path (at the end).
 //
 // The decode step (one token, batch 1) is captured once into a CUDA graph and replayed.
-// Per layer: [RMSNorm + QKV matvec] -> [rope + KV write + attention over the cache, splits combined by the
-// last block] -> [O matvec + residual] -> [RMSNorm + gate/up matvec + SwiGLU] -> [down matvec + residual].
+// Per layer: [norm + QKV matvec] -> [rope + KV write + attention over the cache, splits combined by the
+// last block] -> [O matvec + residual] -> [norm + gate/up matvec + activation] -> [down matvec + residual]
+// (a parallel-residual layer runs its MLP before the attention: both read the layer's input).
 // The residual stream stays in f32; matvec inputs are rounded to bf16 like the bf16 model's activations.
 // The position comes from device memory, so one captured graph serves every step.
 
@@ -137,16 +138,61 @@ __device__ __forceinline__ float q8_0_part(const uint8_t* row, const bf16* xs, i
     return d * s;
 }
 
-__device__ __forceinline__ float row_dot_q8_0(const uint8_t* row, const bf16* xs, int K) {
+// Rows of 32-weight blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): `PART` is one lane's eight weights of a block;
+// four blocks per lane are in flight.
+template <float (*PART)(const uint8_t*, const bf16*, int, int)>
+__device__ __forceinline__ float row_dot_block32(const uint8_t* row, const bf16* xs, int K) {
     int lane = threadIdx.x & 31;
     int nb = K >> 5, part = lane & 3;
     float s = 0.f;
     int b = lane >> 2;
     for (; b + 24 < nb; b += 32)
-        s += q8_0_part(row, xs, b, part) + q8_0_part(row, xs, b + 8, part) + q8_0_part(row, xs, b + 16, part) +
-             q8_0_part(row, xs, b + 24, part);
-    for (; b < nb; b += 8) s += q8_0_part(row, xs, b, part);
+        s += PART(row, xs, b, part) + PART(row, xs, b + 8, part) + PART(row, xs, b + 16, part) +
+             PART(row, xs, b + 24, part);
+    for (; b < nb; b += 8) s += PART(row, xs, b, part);
     return warp_sum(s);
+}
+
+// Eight bytes at a 2-byte aligned address (odd-sized blocks keep only that): four 16-bit loads.
+__device__ __forceinline__ void load8_u16(const uint8_t* p, uint8_t* out) {
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        uint16_t v = __ldg(q + i);
+        out[2 * i] = v & 0xff;
+        out[2 * i + 1] = v >> 8;
+    }
+}
+
+// GGUF 4- and 5-bit 32-weight blocks: {f16 d; [f16 m;] [u32 qh;] u8 qs[16]} (Q4_0 18, Q4_1 20, Q5_0 22, Q5_1 24
+// bytes). Weight j < 16 is the low nibble of qs[j], weight j + 16 its high nibble; the 5-bit types add bit j
+// of qh as the fifth bit. Without a min the value is d·(q - 8) (Q4_0) or d·(q - 16) (Q5_0); with one, d·q + m.
+// Lane part p takes weights [8p, 8p + 8).
+template <int BYTES, bool MIN, bool HIGH>
+__device__ __forceinline__ float q32_part(const uint8_t* row, const bf16* xs, int b, int part) {
+    const uint8_t* blk = row + b * BYTES;
+    float d = __half2float(*reinterpret_cast<const __half*>(blk));
+    const uint8_t* after = blk + (MIN ? 4 : 2);
+    uint32_t qh = 0;
+    if (HIGH) {
+        const uint16_t* h = reinterpret_cast<const uint16_t*>(after);  // 2-byte aligned: two 16-bit loads
+        qh = (uint32_t)__ldg(h) | ((uint32_t)__ldg(h + 1) << 16);
+    }
+    uint8_t q[8];
+    load8_u16(after + (HIGH ? 4 : 0) + 8 * (part & 1), q);
+    int shift = part >= 2 ? 4 : 0;
+    float xf[8];
+    unpack8(reinterpret_cast<const uint4*>(xs)[b * 4 + part], xf);
+    float s = 0.f, sx = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        int v = (q[k] >> shift) & 0xF;
+        if (HIGH) v |= ((qh >> (8 * part + k)) & 1) << 4;
+        s = fmaf((float)v, xf[k], s);
+        sx += xf[k];
+    }
+    if (MIN) return d * s + __half2float(*reinterpret_cast<const __half*>(blk + 2)) * sx;
+    return d * (s - (HIGH ? 16.f : 8.f) * sx);
 }
 
 // GGUF Q4_K: super-blocks of 256 weights {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]} (144 bytes), eight
@@ -192,6 +238,41 @@ __device__ __forceinline__ float q4k_part(const uint8_t* row, const bf16* xs, in
     return d * (sc1 * sl + sc2 * sh) - dmin * (m1 * xsl + m2 * xsh);
 }
 
+// GGUF Q5_K: super-blocks of 256 weights {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]} (176 bytes):
+// Q4_K's layout and scales plus a fifth bit, bit 2j (low nibbles) or 2j + 1 (high nibbles) of qh[l] for the
+// weights of qs byte 32j + l. Lanes share a super-block as in Q4_K.
+__device__ __forceinline__ float q5k_part(const uint8_t* row, const bf16* xs, int b, int p) {
+    const uint8_t* blk = row + b * 176;
+    float d = __half2float(*reinterpret_cast<const __half*>(blk));
+    float dmin = __half2float(*reinterpret_cast<const __half*>(blk + 2));
+    const uint8_t* scales = blk + 4;
+    int j = p >> 1, h = p & 1;
+    uint4 hv = __ldg(reinterpret_cast<const uint4*>(blk + 16 + h * 16));
+    uint4 qv = __ldg(reinterpret_cast<const uint4*>(blk + 48 + p * 16));
+    float sc1, m1, sc2, m2;
+    q4k_scale_min(2 * j, scales, sc1, m1);
+    q4k_scale_min(2 * j + 1, scales, sc2, m2);
+    const uint4* x = reinterpret_cast<const uint4*>(xs + b * 256);
+    int lo = (64 * j + 16 * h) >> 3, hi = (64 * j + 32 + 16 * h) >> 3;
+    float xl[16], xh[16];
+    unpack8(x[lo], xl);
+    unpack8(x[lo + 1], xl + 8);
+    unpack8(x[hi], xh);
+    unpack8(x[hi + 1], xh + 8);
+    uint32_t words[4] = {qv.x, qv.y, qv.z, qv.w}, highs[4] = {hv.x, hv.y, hv.z, hv.w};
+    float sl = 0.f, sh = 0.f, xsl = 0.f, xsh = 0.f;
+#pragma unroll
+    for (int k = 0; k < 16; k++) {
+        uint32_t byte = (words[k >> 2] >> (8 * (k & 3))) & 0xff;
+        uint32_t hb = (highs[k >> 2] >> (8 * (k & 3))) >> (2 * j);
+        sl = fmaf((float)((byte & 0xF) | ((hb & 1) << 4)), xl[k], sl);
+        sh = fmaf((float)((byte >> 4) | ((hb & 2) << 3)), xh[k], sh);
+        xsl += xl[k];
+        xsh += xh[k];
+    }
+    return d * (sc1 * sl + sc2 * sh) - dmin * (m1 * xsl + m2 * xsh);
+}
+
 // K-quant rows (256-weight super-blocks, eight lanes each): `PART` is one lane's share of a super-block; two
 // super-blocks per lane are in flight.
 template <float (*PART)(const uint8_t*, const bf16*, int, int)>
@@ -208,17 +289,6 @@ __device__ __forceinline__ float row_dot_k_quant(const uint8_t* row, const bf16*
 // GGUF Q6_K: super-blocks of 256 weights {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d} (210 bytes), each
 // weight 4 low bits in ql and 2 high bits in qh, minus 32, times d * scales[16 weights]. Eight lanes share a
 // super-block: lane p takes half hf = p/4 and positions l in [8(p%4), 8(p%4)+8) of its four 32-weight groups.
-__device__ __forceinline__ void load8_u16(const uint8_t* p, uint8_t* out) {
-    // 2-byte aligned (a 210-byte block keeps only that): four 16-bit loads
-    const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        uint16_t v = __ldg(q + i);
-        out[2 * i] = v & 0xff;
-        out[2 * i + 1] = v >> 8;
-    }
-}
-
 __device__ __forceinline__ float q6k_part(const uint8_t* row, const bf16* xs, int b, int p) {
     const uint8_t* blk = row + b * 210;
     int hf = p >> 2, l0 = 8 * (p & 3);
@@ -247,46 +317,93 @@ __device__ __forceinline__ float q6k_part(const uint8_t* row, const bf16* xs, in
     return d * (s0 * g0 + s1 * g1 + s2 * g2 + s3 * g3);
 }
 
+// Weight formats (WT): 0 bf16, 1 Q8_0, 2 Q4_K, 3 Q6_K, 4 Q4_0, 5 Q4_1, 6 Q5_0, 7 Q5_1, 8 Q5_K.
 template <int WT>
 __device__ __forceinline__ float row_dot_quant(const uint8_t* row, const bf16* xs, int K) {
-    if (WT == 1) return row_dot_q8_0(row, xs, K);
+    if (WT == 1) return row_dot_block32<q8_0_part>(row, xs, K);
     if (WT == 2) return row_dot_k_quant<q4k_part>(row, xs, K);
-    return row_dot_k_quant<q6k_part>(row, xs, K);
+    if (WT == 3) return row_dot_k_quant<q6k_part>(row, xs, K);
+    if (WT == 4) return row_dot_block32<q32_part<18, false, false>>(row, xs, K);
+    if (WT == 5) return row_dot_block32<q32_part<20, true, false>>(row, xs, K);
+    if (WT == 6) return row_dot_block32<q32_part<22, false, true>>(row, xs, K);
+    if (WT == 7) return row_dot_block32<q32_part<24, true, true>>(row, xs, K);
+    return row_dot_k_quant<q5k_part>(row, xs, K);
 }
 
 template <int WT>
 __device__ __forceinline__ size_t row_bytes(int K) {
+    constexpr int BLOCK32[] = {0, 34, 0, 0, 18, 20, 22, 24, 0};
     if (WT == 0) return (size_t)K * 2;
-    if (WT == 1) return (size_t)(K >> 5) * 34;
+    if (BLOCK32[WT]) return (size_t)(K >> 5) * BLOCK32[WT];
     if (WT == 2) return (size_t)(K >> 8) * 144;
+    if (WT == 8) return (size_t)(K >> 8) * 176;
     return (size_t)(K >> 8) * 210;
 }
 
 // ---- matvec kernels ----
-// Input: IN_NORM = RMSNorm of the f32 residual `xf` with `norm_w`; otherwise the bf16 vector `xb`.
-// Output: OUT_STORE: outf[row] = y; OUT_RESID: outf[row] += y; OUT_SWIGLU: outb[row] = silu(gate)·up with
-// gate rows from w0 and up rows from w1 (n0 rows each).
+// Input: IN_NORM = RMSNorm or LayerNorm of the f32 residual `xf`; otherwise the bf16 vector `xb`.
+// Output (after adding `bias[row]` where a bias is given): OUT_STORE: outf[row] = y; OUT_RESID: outf[row] += y;
+// OUT_GATED: outb[row] = act(gate)·up with gate rows from w0 and up rows from w1 (n0 rows each, the up bias
+// after the gate's); OUT_ACT: outb[row] = act(y).
 // Rows of w0, w1, w2 are numbered one after the other (QKV in one launch).
 
 #define IN_NORM 0
 #define IN_BF16 1
 #define OUT_STORE 0
 #define OUT_RESID 1
-#define OUT_SWIGLU 2
+#define OUT_GATED 2
+#define OUT_ACT 3
 
-// Fills xs with the matvec input and returns the scale of the products: for IN_NORM, xs = x * norm_w and the
-// scale is RMSNorm's 1/rms(x), applied to each dot product (one pass over x instead of two).
+// The MLP's activation (`act` argument).
+#define ACT_SILU 0
+#define ACT_GELU 1
+#define ACT_GELU_TANH 2
+
+__device__ __forceinline__ float activate(float x, int act) {
+    if (act == ACT_GELU) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+    if (act == ACT_GELU_TANH) return 0.5f * x * (1.f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    return x / (1.f + __expf(-x));
+}
+
+// The norm in front of a matvec: RMSNorm (`norm_b` unused) or LayerNorm (`layer_norm`; `norm_b` may be null).
+struct NormArgs {
+    const float* xf;
+    const bf16* w;
+    const bf16* b;
+    int layer_norm;
+    float eps;
+};
+
+// Fills xs with the matvec input and returns the scale of the products: for RMSNorm, xs = x * norm_w and the
+// scale is 1/rms(x), applied to each dot product (one pass over x instead of two). LayerNorm's bias does not
+// factor out that way: xs is the finished (x - mean)/std * w + b and the scale 1.
 template <int IN>
-__device__ __forceinline__ float load_input(bf16* xs, int K, const float* xf, const bf16* xb, const bf16* norm_w,
-                                            float eps, float* red) {
+__device__ __forceinline__ float load_input(bf16* xs, int K, const NormArgs& nm, const bf16* xb, float* red) {
+    if (IN == IN_NORM && nm.layer_norm) {
+        float sum = 0.f;
+        for (int i = threadIdx.x; i < K; i += blockDim.x) sum += nm.xf[i];
+        float mean = block_sum(sum, red) / (float)K;
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < K; i += blockDim.x) {
+            float d = nm.xf[i] - mean;
+            ss += d * d;
+        }
+        float rstd = rsqrtf(block_sum(ss, red) / (float)K + nm.eps);
+        for (int i = threadIdx.x; i < K; i += blockDim.x) {
+            float v = (nm.xf[i] - mean) * rstd * __bfloat162float(nm.w[i]);
+            xs[i] = __float2bfloat16(nm.b ? v + __bfloat162float(nm.b[i]) : v);
+        }
+        __syncthreads();
+        return 1.f;
+    }
     if (IN == IN_NORM) {
         float ss = 0.f;
         for (int i = threadIdx.x; i < K; i += blockDim.x) {
-            float v = xf[i];
+            float v = nm.xf[i];
             ss += v * v;
-            xs[i] = __float2bfloat16(v * __bfloat162float(norm_w[i]));
+            xs[i] = __float2bfloat16(v * __bfloat162float(nm.w[i]));
         }
-        return rsqrtf(block_sum(ss, red) / (float)K + eps);  // block_sum's barriers publish xs
+        return rsqrtf(block_sum(ss, red) / (float)K + nm.eps);  // block_sum's barriers publish xs
     }
     const uint4* src = reinterpret_cast<const uint4*>(xb);
     uint4* dst = reinterpret_cast<uint4*>(xs);
@@ -300,7 +417,7 @@ __device__ __forceinline__ float load_input(bf16* xs, int K, const float* xf, co
 template <int OUT>
 __device__ __forceinline__ bool warp_rows(int row, const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, int n0,
                                           int n1, int n2, size_t rb, const uint8_t** rows) {
-    if (OUT == OUT_SWIGLU) {
+    if (OUT == OUT_GATED) {
         if (row >= n0) return false;
         rows[0] = w0 + row * rb;
         rows[1] = w1 + row * rb;
@@ -313,20 +430,34 @@ __device__ __forceinline__ bool warp_rows(int row, const uint8_t* w0, const uint
     return true;
 }
 
+// Where a row's result goes, and what is applied on the way.
+struct Epilogue {
+    const float* bias;  // null: none
+    int n0;             // gate rows (OUT_GATED: the up bias starts there)
+    int act;
+    float* outf;
+    bf16* outb;
+};
+
 template <int OUT>
-__device__ __forceinline__ void store_row(int row, float* y, float scale, float* outf, bf16* outb) {
+__device__ __forceinline__ void store_row(int row, float* y, float scale, const Epilogue& e) {
     if ((threadIdx.x & 31) != 0) return;
     y[0] *= scale;
-    if (OUT == OUT_SWIGLU) y[1] *= scale;
-    if (OUT == OUT_SWIGLU) outb[row] = __float2bfloat16(y[0] / (1.f + __expf(-y[0])) * y[1]);
-    else if (OUT == OUT_RESID) outf[row] += y[0];
-    else outf[row] = y[0];
+    if (OUT == OUT_GATED) y[1] *= scale;
+    if (e.bias) {
+        y[0] += e.bias[row];
+        if (OUT == OUT_GATED) y[1] += e.bias[e.n0 + row];
+    }
+    if (OUT == OUT_GATED) e.outb[row] = __float2bfloat16(activate(y[0], e.act) * y[1]);
+    else if (OUT == OUT_ACT) e.outb[row] = __float2bfloat16(activate(y[0], e.act));
+    else if (OUT == OUT_RESID) e.outf[row] += y[0];
+    else e.outf[row] = y[0];
 }
 
 template <int WT, int IN, int OUT, int DEPTH>
 __device__ void matvec(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, int n0, int n1, int n2, int K,
-                       const float* xf, const bf16* xb, const bf16* norm_w, float eps, float* outf, bf16* outb) {
-    constexpr int NR = OUT == OUT_SWIGLU ? 2 : 1;
+                       const NormArgs& nm, const bf16* xb, const Epilogue& ep) {
+    constexpr int NR = OUT == OUT_GATED ? 2 : 1;
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ float red[32];
     bf16* xs = reinterpret_cast<bf16*>(smem);
@@ -362,14 +493,14 @@ __device__ void matvec(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, 
     }
     pdl_wait();
     pdl_launch_dependents();
-    float scale = load_input<IN>(xs, K, xf, xb, norm_w, eps, red);
+    float scale = load_input<IN>(xs, K, nm, xb, red);
     if (!have) return;
     if (WT != 0) {
         for (int row = first; have; row += stride) {
             float y[NR];
 #pragma unroll
             for (int r = 0; r < NR; r++) y[r] = row_dot_quant<WT>(rows[r], xs, K);
-            store_row<OUT>(row, y, scale, outf, outb);
+            store_row<OUT>(row, y, scale, ep);
             have = warp_rows<OUT>(row + stride, w0, w1, w2, n0, n1, n2, rb, rows);
         }
         return;
@@ -397,7 +528,7 @@ __device__ void matvec(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, 
                 y[r] = warp_sum(acc[r]);
                 acc[r] = 0.f;
             }
-            store_row<OUT>(row, y, scale, outf, outb);
+            store_row<OUT>(row, y, scale, ep);
         }
         row = nrow;
         c = nc;
@@ -410,28 +541,47 @@ __device__ void matvec(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, 
 }
 
 // DEPTH: 16-byte weight vectors per lane per chunk (two chunks in flight); BPS: blocks per SM it is built for.
+// `norm_b` / `bias` may be null; `layer_norm` picks LayerNorm over RMSNorm.
 #define MATVEC_KERNELS(NAME, WT, DEPTH, BPS)                                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
         NAME##_norm_store(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, int n0, int n1, int n2, int K,   \
-                          const float* xf, const bf16* norm_w, float eps, float* out) {                            \
-        matvec<WT, IN_NORM, OUT_STORE, DEPTH>(w0, w1, w2, n0, n1, n2, K, xf, nullptr, norm_w, eps, out, nullptr);   \
+                          const float* xf, const bf16* norm_w, const bf16* norm_b, int layer_norm, float eps,      \
+                          const float* bias, float* out) {                                                         \
+        NormArgs nm{xf, norm_w, norm_b, layer_norm, eps};                                                          \
+        matvec<WT, IN_NORM, OUT_STORE, DEPTH>(w0, w1, w2, n0, n1, n2, K, nm, nullptr,                              \
+                                              Epilogue{bias, n0, 0, out, nullptr});                                \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
-        NAME##_resid(const uint8_t* w0, int n0, int K, const bf16* xb, float* resid) {                             \
-        matvec<WT, IN_BF16, OUT_RESID, DEPTH>(w0, nullptr, nullptr, n0, 0, 0, K, nullptr, xb, nullptr, 0.f, resid,  \
-                                              nullptr);                                                            \
+        NAME##_resid(const uint8_t* w0, int n0, int K, const bf16* xb, const float* bias, float* resid) {          \
+        NormArgs nm{nullptr, nullptr, nullptr, 0, 0.f};                                                            \
+        matvec<WT, IN_BF16, OUT_RESID, DEPTH>(w0, nullptr, nullptr, n0, 0, 0, K, nm, xb,                           \
+                                              Epilogue{bias, n0, 0, resid, nullptr});                              \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
-        NAME##_norm_swiglu(const uint8_t* gate, const uint8_t* up, int n, int K, const float* xf,                  \
-                           const bf16* norm_w, float eps, bf16* out) {                                             \
-        matvec<WT, IN_NORM, OUT_SWIGLU, DEPTH>(gate, up, nullptr, n, 0, 0, K, xf, nullptr, norm_w, eps, nullptr,    \
-                                               out);                                                               \
+        NAME##_norm_gated(const uint8_t* gate, const uint8_t* up, int n, int K, const float* xf,                   \
+                          const bf16* norm_w, const bf16* norm_b, int layer_norm, float eps, const float* bias,    \
+                          int act, bf16* out) {                                                                    \
+        NormArgs nm{xf, norm_w, norm_b, layer_norm, eps};                                                          \
+        matvec<WT, IN_NORM, OUT_GATED, DEPTH>(gate, up, nullptr, n, 0, 0, K, nm, nullptr,                          \
+                                              Epilogue{bias, n, act, nullptr, out});                               \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
+        NAME##_norm_act(const uint8_t* w0, int n, int K, const float* xf, const bf16* norm_w, const bf16* norm_b,  \
+                        int layer_norm, float eps, const float* bias, int act, bf16* out) {                        \
+        NormArgs nm{xf, norm_w, norm_b, layer_norm, eps};                                                          \
+        matvec<WT, IN_NORM, OUT_ACT, DEPTH>(w0, nullptr, nullptr, n, 0, 0, K, nm, nullptr,                         \
+                                            Epilogue{bias, n, act, nullptr, out});                                 \
     }
 
 MATVEC_KERNELS(mv_bf16, 0, 4, MV_BLOCKS_PER_SM)
 MATVEC_KERNELS(mv_q8_0, 1, 4, MV_QUANT_BLOCKS_PER_SM)
 MATVEC_KERNELS(mv_q4k, 2, 4, MV_QUANT_BLOCKS_PER_SM)
 MATVEC_KERNELS(mv_q6k, 3, 4, MV_QUANT_BLOCKS_PER_SM)
+MATVEC_KERNELS(mv_q4_0, 4, 4, MV_QUANT_BLOCKS_PER_SM)
+MATVEC_KERNELS(mv_q4_1, 5, 4, MV_QUANT_BLOCKS_PER_SM)
+MATVEC_KERNELS(mv_q5_0, 6, 4, MV_QUANT_BLOCKS_PER_SM)
+MATVEC_KERNELS(mv_q5_1, 7, 4, MV_QUANT_BLOCKS_PER_SM)
+MATVEC_KERNELS(mv_q5k, 8, 4, MV_QUANT_BLOCKS_PER_SM)
 
 // ---- hidden state in: the embedding row (bf16) to the f32 residual stream ----
 extern "C" __global__ void hidden_from_bf16(const bf16* src, float* dst, int n) {
@@ -453,8 +603,8 @@ extern "C" __global__ void hidden_from_bf16(const bf16* src, float* dst, int n) 
 
 template <int D>
 __device__ void attention_decode(const float* qkv, const int* pos_ptr, bf16* kc, bf16* vc, int cap, int nh, int nkv,
-                                 const float* inv_freq, float q_scale, int interleaved, bf16* out, float* part,
-                                 unsigned* done) {
+                                 const float* inv_freq, int rot, float q_scale, int interleaved, int per_head,
+                                 bf16* out, float* part, unsigned* done) {
     constexpr int DG = D / 8;             // 8-dim slices of a head
     constexpr int PG = ATT_THREADS / DG;  // position groups in the value sum
     __shared__ float q_s[D], k_s[D], v_s[D];
@@ -487,19 +637,25 @@ __device__ void attention_decode(const float* qkv, const int* pos_ptr, bf16* kc,
     }
     pdl_wait();
     pdl_launch_dependents();
-    const float* q = qkv + h * D;
-    const float* k = qkv + nh * D + g * D;
-    const float* v = qkv + (nh + nkv) * D + g * D;
-    for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
+    // q | k | v as blocks of all heads (llama), or [q | k | v] per head (GPT-NeoX's fused query_key_value).
+    const float* q = per_head ? qkv + h * 3 * D : qkv + h * D;
+    const float* k = per_head ? qkv + g * 3 * D + D : qkv + nh * D + g * D;
+    const float* v = per_head ? qkv + g * 3 * D + 2 * D : qkv + (nh + nkv) * D + g * D;
+    // The first `rot` dims rotate (pairs (i, i + rot/2), or adjacent ones); the rest pass through.
+    for (int i = threadIdx.x; i < rot / 2; i += blockDim.x) {
         // f32 angle like the reference's table; sincosf is within an ulp of its f64-then-rounded values
         float c, s;
         sincosf((float)pos * inv_freq[i], &s, &c);
-        int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + D / 2;
+        int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + rot / 2;
         q_s[i0] = (q[i0] * c - q[i1] * s) * q_scale;
         q_s[i1] = (q[i1] * c + q[i0] * s) * q_scale;
         // keys and values are used at the cache's precision, also for the new token
         k_s[i0] = __bfloat162float(__float2bfloat16(k[i0] * c - k[i1] * s));
         k_s[i1] = __bfloat162float(__float2bfloat16(k[i1] * c + k[i0] * s));
+    }
+    for (int i = rot + threadIdx.x; i < D; i += blockDim.x) {
+        q_s[i] = q[i] * q_scale;
+        k_s[i] = __bfloat162float(__float2bfloat16(k[i]));
     }
     for (int i = threadIdx.x; i < D; i += blockDim.x) v_s[i] = __bfloat162float(__float2bfloat16(v[i]));
     __syncthreads();
@@ -618,11 +774,16 @@ __device__ void attention_decode(const float* qkv, const int* pos_ptr, bf16* kc,
 #define ATTENTION_KERNEL(D)                                                                                     \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                    \
         attention_decode_##D(const float* qkv, const int* pos, bf16* kc, bf16* vc, int cap, int nh, int nkv,    \
-                             const float* inv_freq, float q_scale, int interleaved, bf16* out, float* part,     \
-                             unsigned* done) {                                                                  \
-        attention_decode<D>(qkv, pos, kc, vc, cap, nh, nkv, inv_freq, q_scale, interleaved, out, part, done);  \
+                             const float* inv_freq, int rot, float q_scale, int interleaved, int per_head,      \
+                             bf16* out, float* part, unsigned* done) {                                          \
+        attention_decode<D>(qkv, pos, kc, vc, cap, nh, nkv, inv_freq, rot, q_scale, interleaved, per_head, out, \
+                            part, done);                                                                        \
     }
 
+// 8, 16 and 32 serve small models (the reference fixtures) through the same graph.
+ATTENTION_KERNEL(8)
+ATTENTION_KERNEL(16)
+ATTENTION_KERNEL(32)
 ATTENTION_KERNEL(64)
 ATTENTION_KERNEL(128)
 ATTENTION_KERNEL(256)
