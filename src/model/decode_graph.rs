@@ -12,8 +12,11 @@
 //! partial rotary) or GPT-NeoX's (one per-head query_key_value matrix, GELU MLP, every linear with a bias,
 //! parallel residual): norms, biases, activations and the rotary width are arguments of the same kernels.
 //!
-//! Used for one new token at batch 1, inference ops, on CUDA, with bf16 activations, linear layers without
-//! adapters whose weights are bf16 or a GGUF type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), and a
+//! Unmerged LoRA adapters (`--adapter`) ride along: one small launch per adapted matvec computes A·x for all
+//! its matrices' adapters, and the matvec adds scale·B·(A·x) to each row in its epilogue.
+//!
+//! Used for one new token at batch 1, inference ops, on CUDA, with bf16 activations, linear layers whose
+//! weights are bf16 or a GGUF type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), and a
 //! head dim of 8 to 256 (a power of two). Anything else goes through the regular forward pass, which stays
 //! the reference.
 
@@ -292,6 +295,8 @@ pub(crate) mod imp {
         act: CudaSlice<bf16>,
         logits: CudaSlice<f32>,
         pos: CudaSlice<i32>,
+        /// A launch's adapters' A · x, read by the launch after it.
+        lora_t: CudaSlice<f32>,
         /// Per head: attention blocks finished (the last one combines the splits and resets it).
         done: CudaSlice<u32>,
         /// Device addresses of the buffers above, taken once: nothing may query them while capturing.
@@ -315,14 +320,12 @@ pub(crate) mod imp {
         logits: u64,
         pos: u64,
         done: u64,
+        lora_t: u64,
     }
 
-    /// The weight as the kernels read it (its bias is gathered apart), or `None` if this linear layer needs
-    /// the regular path.
+    /// The weight as the kernels read it (its bias and adapter are gathered apart), or `None` if this linear
+    /// layer needs the regular path.
     fn mat(l: &Linear, stream: &CudaStream) -> Result<Option<Mat>> {
-        if l.lora().is_some() {
-            return Ok(None);
-        }
         let (rows, cols) = (l.out_features(), l.in_features());
         Ok(match l.weight() {
             LinearWeight::Dense(w) if w.dtype() == DType::BF16 && cols.is_multiple_of(8) => {
@@ -345,6 +348,15 @@ pub(crate) mod imp {
         pub weight: u64,
         pub bias: u64,
         pub layer_norm: bool,
+    }
+
+    /// The unmerged LoRA adapters of one launch's matrices: their A stacked (`[rank, in]`, bf16) and a
+    /// `[rows, rank]` bf16 matrix holding each matrix's scale·B in its own columns (zeros elsewhere).
+    #[derive(Clone, Copy)]
+    pub(crate) struct LoraWeights {
+        pub a: u64,
+        pub b: u64,
+        pub rank: usize,
     }
 
     /// A layer's query/key/value matrices in an engine's form.
@@ -380,6 +392,8 @@ pub(crate) mod imp {
         pub down: M,
         pub down_bias: u64,
         pub parallel_residual: bool,
+        /// Adapters of the QKV, O, gate/up and down launches.
+        pub lora: [Option<LoraWeights>; 4],
     }
 
     /// A llama-shaped layer (RMSNorms, separate q/k/v, gated MLP, no biases, sequential residual).
@@ -399,7 +413,8 @@ pub(crate) mod imp {
         /// The layer as a llama-shaped one, if it is.
         pub(crate) fn into_llama(self) -> Option<LlamaLayer<M>> {
             let biased = [self.qkv_bias, self.o_bias, self.up_bias, self.down_bias].iter().any(|&b| b != 0);
-            if biased || self.attn_norm.layer_norm || self.mlp_norm.layer_norm || self.parallel_residual {
+            let plain = !self.attn_norm.layer_norm && !self.mlp_norm.layer_norm && !self.parallel_residual;
+            if biased || !plain || self.lora.iter().any(Option::is_some) {
                 return None;
             }
             let (QkvMats::Separate([q, k, v]), Some(gate)) = (self.qkv, self.gate) else { return None };
@@ -466,6 +481,35 @@ pub(crate) mod imp {
                     .collect::<Result<Vec<_>>>()?;
                 hold(Tensor::cat(&parts, 0)?, DType::F32)
             };
+            // The adapters of the matrices one launch multiplies (`LoraWeights`), if any has one.
+            let loras = |ls: &[&Linear], hold: &mut dyn FnMut(Tensor, DType) -> Result<u64>| -> Result<_> {
+                let adapted: Vec<_> = ls.iter().filter_map(|l| l.lora()).collect();
+                let Some(first) = adapted.first() else { return Ok(None) };
+                let rank: usize = adapted.iter().map(|a| a.a.dim(0)).sum::<Result<usize>>()?;
+                let a = Tensor::cat(&adapted.iter().map(|a| a.a.to_dtype(DType::F32)).collect::<Result<Vec<_>>>()?, 0)?;
+                let zeros = |rows: usize, cols: usize| Tensor::zeros((rows, cols), DType::F32, first.b.device());
+                let (mut col, mut blocks) = (0, vec![]);
+                for l in ls {
+                    let out = l.out_features();
+                    let Some(ad) = l.lora() else {
+                        blocks.push(zeros(out, rank)?);
+                        continue;
+                    };
+                    let r = ad.a.dim(0)?;
+                    let mut parts = vec![];
+                    if col > 0 {
+                        parts.push(zeros(out, col)?);
+                    }
+                    parts.push((ad.b.to_dtype(DType::F32)? * ad.scale)?);
+                    if col + r < rank {
+                        parts.push(zeros(out, rank - col - r)?);
+                    }
+                    blocks.push(Tensor::cat(&parts, 1)?);
+                    col += r;
+                }
+                let b = Tensor::cat(&blocks, 0)?;
+                Ok(Some(LoraWeights { a: hold(a, DType::BF16)?, b: hold(b, DType::BF16)?, rank }))
+            };
             fn b_device<'l>(ls: &[&'l Linear]) -> &'l Device {
                 ls.iter().find_map(|l| l.bias()).map(|b| b.device()).expect("a bias")
             }
@@ -476,15 +520,15 @@ pub(crate) mod imp {
                     return Ok(None);
                 };
                 let take = |l: &Linear| -> Result<Option<M>> { mat(l, stream) };
-                let (qkv, qkv_bias) = match &l.qkv {
+                let (qkv, qkv_bias, qkv_lora) = match &l.qkv {
                     QkvLinears::Separate(ls) => {
                         let [q, k, v] = ls;
                         let (Some(q), Some(k), Some(v)) = (take(q)?, take(k)?, take(v)?) else { return Ok(None) };
-                        (QkvMats::Separate([q, k, v]), biases(&ls[..], &mut hold)?)
+                        (QkvMats::Separate([q, k, v]), biases(&ls[..], &mut hold)?, loras(&ls[..], &mut hold)?)
                     }
                     QkvLinears::PerHead(qkv) => {
                         let Some(m) = take(qkv)? else { return Ok(None) };
-                        (QkvMats::PerHead(m), biases(&[qkv], &mut hold)?)
+                        (QkvMats::PerHead(m), biases(&[qkv], &mut hold)?, loras(&[qkv], &mut hold)?)
                     }
                 };
                 let (Some(o), Some(up), Some(down)) = (take(l.o)?, take(l.up)?, take(l.down)?) else {
@@ -511,10 +555,16 @@ pub(crate) mod imp {
                     down,
                     down_bias: biases(&[l.down], &mut hold)?,
                     parallel_residual: l.parallel_residual,
+                    lora: [
+                        qkv_lora,
+                        loras(&[l.o], &mut hold)?,
+                        loras(&up_linears, &mut hold)?,
+                        loras(&[l.down], &mut hold)?,
+                    ],
                 });
             }
             let Some(final_norm) = norm(p.final_norm, &mut hold)? else { return Ok(None) };
-            if p.lm_head.bias().is_some() {
+            if p.lm_head.bias().is_some() || p.lm_head.lora().is_some() {
                 return Ok(None);
             }
             let Some(lm_head) = mat(p.lm_head, stream)? else { return Ok(None) };
@@ -576,9 +626,15 @@ pub(crate) mod imp {
                 l.gate.is_none_or(|g| g.format == l.up.format)
                     && l.qkv.mats().chain([&l.o, &l.up, &l.down]).chain(l.gate.as_ref()).all(supported)
             };
-            if !layers.iter().all(layer_fits) {
+            // Adapters go with one QKV launch (not with per-matrix ones, as in Q4_K_M files).
+            let qkv_split = |l: &Layer| match &l.qkv {
+                QkvMats::Separate([q, k, v]) => q.format != k.format || k.format != v.format,
+                QkvMats::PerHead(_) => false,
+            };
+            if !layers.iter().all(|l| layer_fits(l) && !(qkv_split(l) && l.lora[0].is_some())) {
                 return Ok(None);
             }
+            let max_rank = layers.iter().flat_map(|l| l.lora.iter().flatten().map(|w| w.rank)).max().unwrap_or(0);
             // The kernel-side input buffer is sized by the largest matvec input.
             let max_in = layers.iter().flat_map(|l| [l.down.cols, l.up.cols, l.o.cols]).max().unwrap_or(0);
             if max_in * 2 > 48 * 1024 {
@@ -617,6 +673,7 @@ pub(crate) mod imp {
                 logits: alloc_f32(lm_head.rows)?,
                 pos: device.alloc_zeros::<i32>(1)?,
                 done: device.alloc_zeros::<u32>(nh)?,
+                lora_t: alloc_f32(max_rank.max(1))?,
                 ptr: Ptrs::default(),
                 funcs: Default::default(),
                 pdl: false,
@@ -643,11 +700,12 @@ pub(crate) mod imp {
                 logits: slice_ptr(&engine.logits, st),
                 pos: slice_ptr(&engine.pos, st),
                 done: slice_ptr(&engine.done, st),
+                lora_t: slice_ptr(&engine.lora_t, st),
             };
             // Load every kernel now: loading a module while the stream captures is not allowed.
             let mut names = vec!["hidden_from_bf16".to_string(), format!("attention_decode_{hd}")];
             for f in Format::ALL {
-                for kind in ["norm_store", "resid", "norm_gated", "norm_act"] {
+                for kind in ["norm_store", "store", "resid", "norm_gated", "norm_act"] {
                     names.push(format!("{}_{kind}", f.prefix()));
                 }
             }
@@ -673,7 +731,7 @@ pub(crate) mod imp {
         fn record(&self, key: &[u64], part: u64) -> Result<()> {
             use Arg::{F, I, P};
             let capacity = key[0] as usize;
-            let Ptrs { inv_freq, embedded, residual, qkv, attn, act, logits, pos, done } = self.ptr;
+            let Ptrs { inv_freq, embedded, residual, qkv, attn, act, logits, pos, done, lora_t } = self.ptr;
             let hd = self.head_dim;
             let splits = capacity.div_ceil(ATT_THREADS as usize) as u32;
             let mv_threads = WARPS * 32;
@@ -691,39 +749,59 @@ pub(crate) mod imp {
             let cols = |m: &Mat| I(m.cols as i32);
             let smem = |m: &Mat| (m.cols * 2) as u32;
             let norm = |nw: &NormWeights| [P(residual), P(nw.weight), P(nw.bias), I(nw.layer_norm as i32), F(self.eps)];
+            // The adapter part of a launch: its B and rank; the launch before it left A·x in `lora_t`.
+            let lora = |lw: &Option<LoraWeights>| match lw {
+                Some(w) => [P(w.b), P(lora_t), I(w.rank as i32)],
+                None => [P(0), P(0), I(0)],
+            };
+            // A launch's adapters' A as a matrix: `lora_t = A · norm(residual)` or `A · input`.
+            let lora_a = |lw: &Option<LoraWeights>, cols: usize| {
+                lw.map(|w| Mat { ptr: w.a, format: Format::Bf16, rows: w.rank, cols })
+            };
             // The norm of the residual times one to three matrices of one format in one launch; f32 results
-            // (plus `bias`) at `out`.
-            let norm_store = |ms: &[&Mat], nw: &NormWeights, bias: u64, out: u64| -> Result<()> {
+            // (plus `bias` and the adapters' part) at `out`.
+            let norm_store = |ms: &[&Mat], nw: &NormWeights, bias: u64, out: u64, lw: &Option<LoraWeights>| {
+                if let Some(a) = lora_a(lw, ms[0].cols) {
+                    let args = [P(a.ptr), P(0), P(0), rows(&a), I(0), I(0), cols(&a)];
+                    let args = [&args[..], &norm(nw), &[P(0), P(lora_t)], &lora(&None)].concat();
+                    self.launch("mv_bf16_norm_store", mv_grid(&a, a.rows), mv_threads, smem(&a), &args)?;
+                }
                 let at = |i: usize| ms.get(i).map_or((0, 0), |m| (m.ptr, m.rows));
                 let ((p0, n0), (p1, n1), (p2, n2)) = (at(0), at(1), at(2));
                 let args = [P(p0), P(p1), P(p2), I(n0 as i32), I(n1 as i32), I(n2 as i32), cols(ms[0])];
-                let args = [&args[..], &norm(nw), &[P(bias), P(out)]].concat();
+                let args = [&args[..], &norm(nw), &[P(bias), P(out)], &lora(lw)].concat();
                 let name = format!("{}_norm_store", ms[0].format.prefix());
                 self.launch(&name, mv_grid(ms[0], n0 + n1 + n2), mv_threads, smem(ms[0]), &args)
             };
-            // residual += m · input (+ bias)
-            let add_product = |m: &Mat, input: u64, bias: u64| -> Result<()> {
-                let args = [P(m.ptr), rows(m), cols(m), P(input), P(bias), P(residual)];
+            // residual += m · input (+ bias and the adapter's part)
+            let add_product = |m: &Mat, input: u64, bias: u64, lw: &Option<LoraWeights>| -> Result<()> {
+                if let Some(a) = lora_a(lw, m.cols) {
+                    let args = [P(a.ptr), rows(&a), cols(&a), P(input), P(lora_t)];
+                    self.launch("mv_bf16_store", mv_grid(&a, a.rows), mv_threads, smem(&a), &args)?;
+                }
+                let args = [&[P(m.ptr), rows(m), cols(m), P(input), P(bias), P(residual)][..], &lora(lw)].concat();
                 self.launch(&format!("{}_resid", m.format.prefix()), mv_grid(m, m.rows), mv_threads, smem(m), &args)
             };
             for (i, l) in self.layers.iter().enumerate() {
                 let (kc, vc) = (key[1 + 2 * i], key[2 + 2 * i]);
-                // norm + QKV in one launch (one per matrix where their formats differ, as in Q4_K_M files)
+                let [qkv_lora, o_lora, up_lora, down_lora] = &l.lora;
+                // norm + QKV in one launch (one per matrix where their formats differ, as in Q4_K_M files; the
+                // engine takes no adapter there)
                 match &l.qkv {
                     QkvMats::Separate([q, k, v]) if q.format == k.format && k.format == v.format => {
-                        norm_store(&[q, k, v], &l.attn_norm, l.qkv_bias, qkv)?
+                        norm_store(&[q, k, v], &l.attn_norm, l.qkv_bias, qkv, qkv_lora)?
                     }
                     QkvMats::Separate(ms) => {
                         let (mut out, mut bias) = (qkv, l.qkv_bias);
                         for m in ms {
-                            norm_store(&[m], &l.attn_norm, bias, out)?;
+                            norm_store(&[m], &l.attn_norm, bias, out, &None)?;
                             out += (m.rows * 4) as u64;
                             if bias != 0 {
                                 bias += (m.rows * 4) as u64;
                             }
                         }
                     }
-                    QkvMats::PerHead(m) => norm_store(&[m], &l.attn_norm, l.qkv_bias, qkv)?,
+                    QkvMats::PerHead(m) => norm_store(&[m], &l.attn_norm, l.qkv_bias, qkv, qkv_lora)?,
                 }
                 // rope + KV write + attention, then O + residual
                 let attention = || -> Result<()> {
@@ -732,25 +810,32 @@ pub(crate) mod imp {
                     let args = [&args[..], &[I(self.rotary_dim as i32), q_scale, I(self.interleaved as i32)]].concat();
                     let args = [&args[..], &[I(per_head as i32), P(attn), P(part), P(done)]].concat();
                     self.launch(&att, (self.heads as u32, splits), ATT_THREADS, 0, &args)?;
-                    add_product(&l.o, attn, l.o_bias)
+                    add_product(&l.o, attn, l.o_bias, o_lora)
                 };
                 // norm + gate/up + activation (or up + activation), then down + residual
                 let mlp = || -> Result<()> {
+                    if let Some(a) = lora_a(up_lora, l.up.cols) {
+                        let args = [P(a.ptr), P(0), P(0), rows(&a), I(0), I(0), cols(&a)];
+                        let args = [&args[..], &norm(&l.mlp_norm), &[P(0), P(lora_t)], &lora(&None)].concat();
+                        self.launch("mv_bf16_norm_store", mv_grid(&a, a.rows), mv_threads, smem(&a), &args)?;
+                    }
                     let tail = [P(l.up_bias), I(self.activation), P(act)];
                     match &l.gate {
                         Some(g) => {
                             let args = [&[P(g.ptr), P(l.up.ptr), rows(g), cols(g)][..], &norm(&l.mlp_norm), &tail];
                             let name = format!("{}_norm_gated", g.format.prefix());
-                            self.launch(&name, mv_grid(g, g.rows), mv_threads, smem(g), &args.concat())?;
+                            let args = [&args.concat()[..], &lora(up_lora)].concat();
+                            self.launch(&name, mv_grid(g, g.rows), mv_threads, smem(g), &args)?;
                         }
                         None => {
                             let u = &l.up;
                             let args = [&[P(u.ptr), rows(u), cols(u)][..], &norm(&l.mlp_norm), &tail];
                             let name = format!("{}_norm_act", u.format.prefix());
-                            self.launch(&name, mv_grid(u, u.rows), mv_threads, smem(u), &args.concat())?;
+                            let args = [&args.concat()[..], &lora(up_lora)].concat();
+                            self.launch(&name, mv_grid(u, u.rows), mv_threads, smem(u), &args)?;
                         }
                     }
-                    add_product(&l.down, act, l.down_bias)
+                    add_product(&l.down, act, l.down_bias, down_lora)
                 };
                 // A parallel-residual layer's MLP reads the layer's input, as the QKV norm did: it runs (and
                 // adds its output) before the attention adds its own.
@@ -763,7 +848,7 @@ pub(crate) mod imp {
                 }
             }
             // final norm + LM head
-            norm_store(&[&self.lm_head], &self.final_norm, 0, logits)
+            norm_store(&[&self.lm_head], &self.final_norm, 0, logits, &None)
         }
 
         fn capture(&self, key: Vec<u64>) -> Result<Captured> {
@@ -924,28 +1009,77 @@ mod tests {
         }
         for (name, path) in cases {
             let m = load(path.to_str().unwrap(), &on(DeviceSpec::Cuda(0), DType::BF16)).unwrap().model;
-            let ids: Vec<u32> = (0..56).map(|i| (i * 37 % 500 + 3) as u32).collect();
-            let (graph, built) = graph_steps(&m, &ids, 40);
-            assert!(built, "{name}: the decode graph was not used");
-            // The references: one prefill over the whole sequence on the GPU, and on the CPU in f32 (quantized
-            // weights exactly dequantized there: the most accurate product we have).
             let cpu = load(path.to_str().unwrap(), &on(DeviceSpec::Cpu, DType::F32)).unwrap().model;
-            let last16 = |m: &Model| {
-                let all = m.forward(&m.input(&ids).unwrap(), &mut m.new_cache()).unwrap();
-                all.squeeze(0).unwrap().narrow(0, 40, 16).unwrap().to_device(&Device::Cpu).unwrap()
+            check_against_f32(&name, &m, &cpu);
+        }
+    }
+
+    /// Decode 16 steps through the graph after a 40-token prompt and compare their logits with the CPU's f32
+    /// path over the whole sequence (quantized weights exactly dequantized there: the most accurate product
+    /// we have), beside the regular GPU path's.
+    fn check_against_f32(name: &str, m: &Model, cpu: &Model) {
+        let ids: Vec<u32> = (0..56).map(|i| (i * 37 % 500 + 3) as u32).collect();
+        let (graph, built) = graph_steps(m, &ids, 40);
+        assert!(built, "{name}: the decode graph was not used");
+        let last16 = |m: &Model| {
+            let all = m.forward(&m.input(&ids).unwrap(), &mut m.new_cache()).unwrap();
+            all.squeeze(0).unwrap().narrow(0, 40, 16).unwrap().to_device(&Device::Cpu).unwrap()
+        };
+        let (prefill, f32_path) = (last16(m), last16(cpu));
+        let graph = graph.to_device(&Device::Cpu).unwrap();
+        let rel = |a: &Tensor| rms(&(a - &f32_path).unwrap()) / rms(&f32_path);
+        let (rel_graph, rel_prefill) = (rel(&graph), rel(&prefill));
+        eprintln!(
+            "{name}: relative RMS difference of 16 steps' logits from the f32 path: graph {rel_graph:.4}, GPU \
+             prefill {rel_prefill:.4}"
+        );
+        // bf16 activations cost ~3% (more with the min terms of Q4_1 / Q5_1): no more than the regular GPU
+        // path's own rounding.
+        let bound = 0.03f32.max(1.1 * rel_prefill);
+        assert!(rel_graph < bound, "{name}: graph logits differ from the f32 path by {rel_graph} (> {bound})");
+    }
+
+    /// Unmerged adapters on every linear layer (llama and GPT-NeoX with bf16 weights, llama Q4_K) through the
+    /// graph equal the f32 CPU path with the same adapter.
+    #[test]
+    fn graph_applies_unmerged_adapters() {
+        use crate::model::adapter::{Lora, LoraConfig};
+        if !cuda() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut llama = crate::testing::tiny_config(Architecture::Llama, 512);
+        llama["hidden_size"] = 256.into();
+        llama["intermediate_size"] = 768.into();
+        let mut neox = crate::testing::tiny_config(Architecture::GptNeoX, 512);
+        neox["hidden_size"] = 512.into();
+        neox["num_attention_heads"] = 4.into();
+        neox["intermediate_size"] = 1024.into();
+        let (bf16, neox_dir, q4k) = (dir.path().join("llama"), dir.path().join("neox"), dir.path().join("q4k.gguf"));
+        crate::testing::write_hf_model(&bf16, &llama, 5).unwrap();
+        crate::testing::write_hf_model(&neox_dir, &neox, 5).unwrap();
+        crate::testing::write_llama_gguf(&q4k, &llama, 5, candle_core::quantized::GgmlDType::Q4K).unwrap();
+        for (name, path) in [("llama bf16", bf16), ("gpt_neox bf16", neox_dir), ("llama Q4_K", q4k)] {
+            let path = path.to_str().unwrap();
+            let mut m = load(path, &on(DeviceSpec::Cuda(0), DType::BF16)).unwrap().model;
+            let mut cpu = load(path, &on(DeviceSpec::Cpu, DType::F32)).unwrap().model;
+            let config = LoraConfig {
+                r: 8,
+                lora_alpha: 16.0,
+                target_modules: vec!["all-linear".into()],
+                lora_dropout: 0.0,
+                base_model_name_or_path: None,
             };
-            let (prefill, f32_path) = (last16(&m), last16(&cpu));
-            let graph = graph.to_device(&Device::Cpu).unwrap();
-            let rel = |a: &Tensor| rms(&(a - &f32_path).unwrap()) / rms(&f32_path);
-            let (rel_graph, rel_prefill) = (rel(&graph), rel(&prefill));
-            eprintln!(
-                "{name}: relative RMS difference of 16 steps' logits from the f32 path: graph {rel_graph:.4}, \
-                 GPU prefill {rel_prefill:.4}"
-            );
-            // bf16 activations cost ~3% (more with the min terms of Q4_1 / Q5_1): no more than the regular
-            // GPU path's own rounding.
-            let bound = 0.03f32.max(1.1 * rel_prefill);
-            assert!(rel_graph < bound, "{name}: graph logits differ from the f32 path by {rel_graph} (> {bound})");
+            // The same A (seeded) on both; B random so the adapter changes the output.
+            for (model, dtype) in [(&mut m, DType::BF16), (&mut cpu, DType::F32)] {
+                let lora = Lora::init(model, config.clone(), 7).unwrap();
+                for (i, (_, _, b)) in lora.params.iter().enumerate() {
+                    let values = crate::testing::seeded_randn(100 + i as u64, 0.0, 0.05, b.dims());
+                    b.set(&values.to_device(b.device()).unwrap()).unwrap();
+                }
+                lora.attach_frozen(model, dtype).unwrap();
+            }
+            check_against_f32(name, &m, &cpu);
         }
     }
 

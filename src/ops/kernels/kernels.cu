@@ -433,17 +433,37 @@ __device__ __forceinline__ bool warp_rows(int row, const uint8_t* w0, const uint
 // Where a row's result goes, and what is applied on the way.
 struct Epilogue {
     const float* bias;  // null: none
-    int n0;             // gate rows (OUT_GATED: the up bias starts there)
+    int n0;             // gate rows (OUT_GATED: the up bias and adapter rows start there)
     int act;
     float* outf;
     bf16* outb;
+    // An unmerged LoRA adapter: row r adds lora_b[r, :] · lora_t, where lora_t = A x (all the launch's
+    // adapters' A stacked, computed by the launch before) and lora_b holds each matrix's scale·B in its own
+    // columns (zeros elsewhere). Null: none.
+    const bf16* lora_b;
+    const float* lora_t;
+    int lora_r;
 };
 
+// The adapter's share of a row (the whole warp, before the row is stored), NR values as the row's outputs.
+template <int OUT, int NR>
+__device__ __forceinline__ void lora_rows(int row, const Epilogue& e, float* add) {
+#pragma unroll
+    for (int r = 0; r < NR; r++) {
+        float s = 0.f;
+        if (e.lora_b) {
+            const bf16* b = e.lora_b + (size_t)(OUT == OUT_GATED && r == 1 ? e.n0 + row : row) * e.lora_r;
+            for (int j = threadIdx.x & 31; j < e.lora_r; j += 32) s = fmaf(__bfloat162float(b[j]), e.lora_t[j], s);
+        }
+        add[r] = warp_sum(s);
+    }
+}
+
 template <int OUT>
-__device__ __forceinline__ void store_row(int row, float* y, float scale, const Epilogue& e) {
+__device__ __forceinline__ void store_row(int row, float* y, float scale, const float* add, const Epilogue& e) {
     if ((threadIdx.x & 31) != 0) return;
-    y[0] *= scale;
-    if (OUT == OUT_GATED) y[1] *= scale;
+    y[0] = y[0] * scale + add[0];
+    if (OUT == OUT_GATED) y[1] = y[1] * scale + add[1];
     if (e.bias) {
         y[0] += e.bias[row];
         if (OUT == OUT_GATED) y[1] += e.bias[e.n0 + row];
@@ -500,7 +520,9 @@ __device__ void matvec(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, 
             float y[NR];
 #pragma unroll
             for (int r = 0; r < NR; r++) y[r] = row_dot_quant<WT>(rows[r], xs, K);
-            store_row<OUT>(row, y, scale, ep);
+            float add[NR];
+            lora_rows<OUT, NR>(row, ep, add);
+            store_row<OUT>(row, y, scale, add, ep);
             have = warp_rows<OUT>(row + stride, w0, w1, w2, n0, n1, n2, rb, rows);
         }
         return;
@@ -528,7 +550,9 @@ __device__ void matvec(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, 
                 y[r] = warp_sum(acc[r]);
                 acc[r] = 0.f;
             }
-            store_row<OUT>(row, y, scale, ep);
+            float add[NR];
+            lora_rows<OUT, NR>(row, ep, add);
+            store_row<OUT>(row, y, scale, add, ep);
         }
         row = nrow;
         c = nc;
@@ -541,36 +565,44 @@ __device__ void matvec(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, 
 }
 
 // DEPTH: 16-byte weight vectors per lane per chunk (two chunks in flight); BPS: blocks per SM it is built for.
-// `norm_b` / `bias` may be null; `layer_norm` picks LayerNorm over RMSNorm.
+// `norm_b` / `bias` / `lora_b` may be null; `layer_norm` picks LayerNorm over RMSNorm.
+#define LORA_ARGS const bf16 *lora_b, const float *lora_t, int lora_r
 #define MATVEC_KERNELS(NAME, WT, DEPTH, BPS)                                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
         NAME##_norm_store(const uint8_t* w0, const uint8_t* w1, const uint8_t* w2, int n0, int n1, int n2, int K,   \
                           const float* xf, const bf16* norm_w, const bf16* norm_b, int layer_norm, float eps,      \
-                          const float* bias, float* out) {                                                         \
+                          const float* bias, float* out, LORA_ARGS) {                                              \
         NormArgs nm{xf, norm_w, norm_b, layer_norm, eps};                                                          \
         matvec<WT, IN_NORM, OUT_STORE, DEPTH>(w0, w1, w2, n0, n1, n2, K, nm, nullptr,                              \
-                                              Epilogue{bias, n0, 0, out, nullptr});                                \
+                                              Epilogue{bias, n0, 0, out, nullptr, lora_b, lora_t, lora_r});        \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
-        NAME##_resid(const uint8_t* w0, int n0, int K, const bf16* xb, const float* bias, float* resid) {          \
+        NAME##_store(const uint8_t* w0, int n0, int K, const bf16* xb, float* out) {                               \
+        NormArgs nm{nullptr, nullptr, nullptr, 0, 0.f};                                                            \
+        matvec<WT, IN_BF16, OUT_STORE, DEPTH>(w0, nullptr, nullptr, n0, 0, 0, K, nm, xb,                           \
+                                              Epilogue{nullptr, n0, 0, out, nullptr, nullptr, nullptr, 0});        \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
+        NAME##_resid(const uint8_t* w0, int n0, int K, const bf16* xb, const float* bias, float* resid,            \
+                     LORA_ARGS) {                                                                                  \
         NormArgs nm{nullptr, nullptr, nullptr, 0, 0.f};                                                            \
         matvec<WT, IN_BF16, OUT_RESID, DEPTH>(w0, nullptr, nullptr, n0, 0, 0, K, nm, xb,                           \
-                                              Epilogue{bias, n0, 0, resid, nullptr});                              \
+                                              Epilogue{bias, n0, 0, resid, nullptr, lora_b, lora_t, lora_r});      \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
         NAME##_norm_gated(const uint8_t* gate, const uint8_t* up, int n, int K, const float* xf,                   \
                           const bf16* norm_w, const bf16* norm_b, int layer_norm, float eps, const float* bias,    \
-                          int act, bf16* out) {                                                                    \
+                          int act, bf16* out, LORA_ARGS) {                                                         \
         NormArgs nm{xf, norm_w, norm_b, layer_norm, eps};                                                          \
         matvec<WT, IN_NORM, OUT_GATED, DEPTH>(gate, up, nullptr, n, 0, 0, K, nm, nullptr,                          \
-                                              Epilogue{bias, n, act, nullptr, out});                               \
+                                              Epilogue{bias, n, act, nullptr, out, lora_b, lora_t, lora_r});       \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS, BPS)                                                     \
         NAME##_norm_act(const uint8_t* w0, int n, int K, const float* xf, const bf16* norm_w, const bf16* norm_b,  \
-                        int layer_norm, float eps, const float* bias, int act, bf16* out) {                        \
+                        int layer_norm, float eps, const float* bias, int act, bf16* out, LORA_ARGS) {             \
         NormArgs nm{xf, norm_w, norm_b, layer_norm, eps};                                                          \
         matvec<WT, IN_NORM, OUT_ACT, DEPTH>(w0, nullptr, nullptr, n, 0, 0, K, nm, nullptr,                         \
-                                            Epilogue{bias, n, act, nullptr, out});                                 \
+                                            Epilogue{bias, n, act, nullptr, out, lora_b, lora_t, lora_r});         \
     }
 
 MATVEC_KERNELS(mv_bf16, 0, 4, MV_BLOCKS_PER_SM)
