@@ -7,6 +7,7 @@
 
 use super::records::{GroupScore, MmluRecord};
 use crate::load::LoadedModel;
+use crate::model::linear::ExactScoring;
 use crate::model::KvCache;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
@@ -179,6 +180,8 @@ pub struct Scorer<'a> {
     pub reuse_prefix: bool,
     /// Tokens actually run through the model (a measure of the work prefix reuse saves).
     pub tokens_processed: usize,
+    /// Scores that do not depend on the pass's shape (CPU quantized weights).
+    _exact: ExactScoring,
 }
 
 impl<'a> Scorer<'a> {
@@ -190,6 +193,7 @@ impl<'a> Scorer<'a> {
             cached: vec![],
             reuse_prefix: true,
             tokens_processed: 0,
+            _exact: ExactScoring::hold(),
         })
     }
 
@@ -299,6 +303,7 @@ pub fn evaluate(
     interrupted: &AtomicBool,
     mut progress: impl FnMut(usize),
 ) -> Result<Evaluation> {
+    let _exact = ExactScoring::hold();
     if reuse_prefix && batch != BatchSize::Rows(1) {
         return evaluate_batched(loaded, subjects, shots, limit, groups, batch, interrupted, progress);
     }

@@ -4,10 +4,41 @@
 use crate::ops::cpu::{self, PackedMatrix, WeightKind};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// From this many input rows on, a quantized CPU matmul dequantizes and uses a dense GEMM.
+/// From this many input rows on, a quantized CPU matmul dequantizes and uses a dense GEMM while
+/// [`ExactScoring`] is held.
 const DEQUANT_GEMM_ROWS: usize = 16;
+
+/// Holders of [`ExactScoring`].
+static EXACT_SCORING: AtomicUsize = AtomicUsize::new(0);
+
+/// While one is held, CPU passes of many rows over quantized weights take the exact product of the
+/// dequantized weight (see `Linear::dequantized_product`) instead of the 8-bit-activation kernels, so that a
+/// row's scores do not depend on how many rows share its pass: log-likelihood scoring (MMLU) holds one.
+/// Generation does not: its prefill runs the kernels, as llama.cpp's does. `BILLION_CPU_EXACT_PREFILL=1` holds
+/// it for the whole process.
+pub struct ExactScoring(());
+
+impl ExactScoring {
+    pub fn hold() -> Self {
+        EXACT_SCORING.fetch_add(1, Ordering::SeqCst);
+        Self(())
+    }
+
+    fn active() -> bool {
+        static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        EXACT_SCORING.load(Ordering::SeqCst) > 0
+            || *ENV.get_or_init(|| std::env::var("BILLION_CPU_EXACT_PREFILL").is_ok_and(|v| v == "1"))
+    }
+}
+
+impl Drop for ExactScoring {
+    fn drop(&mut self) {
+        EXACT_SCORING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
@@ -163,9 +194,9 @@ impl Linear {
 }
 
 impl Linear {
-    /// `x Wᵀ` in f32 with the weight dequantized for this product. Passes of many rows (prefill, scoring) take
-    /// this path on the CPU rather than the 8-bit-activation kernels: a row's scores must not depend on how
-    /// many rows share its pass, and 8-bit activation rounding is sensitive enough on real models (activation
+    /// `x Wᵀ` in f32 with the weight dequantized for this product. Scoring passes of many rows take this path
+    /// on the CPU rather than the 8-bit-activation kernels: a row's scores must not depend on how many rows
+    /// share its pass, and 8-bit activation rounding is sensitive enough on real models (activation
     /// outliers make a block's step coarse) that last-bit differences between batch shapes move a
     /// log-likelihood by up to 0.1 on SmolLM2.
     fn dequantized_product(&self, x: &Tensor) -> Result<Tensor> {
@@ -197,9 +228,10 @@ impl Linear {
         }
     }
 
-    /// Does a pass of `rows` rows take the many-rows path (see [`Linear::forward_as_many_rows`])?
+    /// Does a pass of `rows` rows take the many-rows path (see [`Linear::forward_as_many_rows`])? Only while
+    /// [`ExactScoring`] is held.
     pub fn many_rows(rows: usize) -> bool {
-        rows >= DEQUANT_GEMM_ROWS
+        rows >= DEQUANT_GEMM_ROWS && ExactScoring::active()
     }
 
     /// `x Wᵀ` through our CPU kernels, when the weight is of a type they take (quantized blocks as stored, or
@@ -249,9 +281,13 @@ impl Linear {
 
     /// `x Wᵀ` through the fastest inference path (no gradient tracking).
     fn base_product(&self, x: &Tensor) -> Result<Tensor> {
-        // Many rows of quantized weights on the CPU (prefill, scoring): the exact product of the dequantized
-        // weight (see `dequantized_product`); fewer through our kernels.
-        if x.device().is_cpu() && self.is_quantized() && Self::many_rows(x.elem_count() / self.in_features) {
+        // Many rows of quantized weights on the CPU while scoring, and of K-quants always (their prefill
+        // kernels lose to the dequantized GEMM: 138 vs 276 tok/s at pp512 on SmolLM2 Q4_K): the exact product
+        // of the dequantized weight (see `dequantized_product`); everything else through our kernels.
+        let rows = x.elem_count() / self.in_features;
+        let dequantize = Self::many_rows(rows)
+            || rows >= DEQUANT_GEMM_ROWS && matches!(self.weight, LinearWeight::Quantized(_));
+        if x.device().is_cpu() && self.is_quantized() && dequantize {
             return self.dequantized_product(x);
         }
         if let Some(y) = self.cpu_kernel_product(x)? {
