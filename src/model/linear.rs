@@ -285,8 +285,8 @@ impl Linear {
         // kernels lose to the dequantized GEMM: 138 vs 276 tok/s at pp512 on SmolLM2 Q4_K): the exact product
         // of the dequantized weight (see `dequantized_product`); everything else through our kernels.
         let rows = x.elem_count() / self.in_features;
-        let dequantize = Self::many_rows(rows)
-            || rows >= DEQUANT_GEMM_ROWS && matches!(self.weight, LinearWeight::Quantized(_));
+        let dequantize =
+            Self::many_rows(rows) || rows >= DEQUANT_GEMM_ROWS && matches!(self.weight, LinearWeight::Quantized(_));
         if x.device().is_cpu() && self.is_quantized() && dequantize {
             return self.dequantized_product(x);
         }
