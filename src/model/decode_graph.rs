@@ -436,13 +436,16 @@ pub(crate) mod imp {
 
     impl<M> GraphWeights<M> {
         /// The weights of `p`, each matrix in the form `mat` gives it; `None` when the norms' epsilons differ,
-        /// the LM head has a bias, or `mat` cannot take a matrix (the engine then does not apply).
+        /// the LM head has a bias or an adapter, or `mat` cannot take a matrix (the engine then does not apply).
         pub(crate) fn gather(
             p: &GraphParts,
             device: &CudaDevice,
             stream: &Arc<CudaStream>,
             mat: impl Fn(&Linear, &CudaStream) -> Result<Option<M>>,
         ) -> Result<Option<Self>> {
+            if p.lm_head.bias().is_some() || p.lm_head.lora().is_some() {
+                return Ok(None);
+            }
             let mut held = vec![];
             let mut eps = None;
             let mut hold = |t: Tensor, dtype: DType| -> Result<u64> {
@@ -469,14 +472,14 @@ pub(crate) mod imp {
             };
             // The biases of the matrices one launch multiplies, as one f32 vector (zeros for a matrix without).
             let biases = |ls: &[&Linear], hold: &mut dyn FnMut(Tensor, DType) -> Result<u64>| -> Result<u64> {
-                if ls.iter().all(|l| l.bias().is_none()) {
+                let Some(device) = ls.iter().find_map(|l| l.bias()).map(|b| b.device().clone()) else {
                     return Ok(0);
-                }
+                };
                 let parts = ls
                     .iter()
                     .map(|l| match l.bias() {
                         Some(b) => b.to_dtype(DType::F32)?.flatten_all(),
-                        None => Tensor::zeros(l.out_features(), DType::F32, b_device(ls)),
+                        None => Tensor::zeros(l.out_features(), DType::F32, &device),
                     })
                     .collect::<Result<Vec<_>>>()?;
                 hold(Tensor::cat(&parts, 0)?, DType::F32)
@@ -510,9 +513,6 @@ pub(crate) mod imp {
                 let b = Tensor::cat(&blocks, 0)?;
                 Ok(Some(LoraWeights { a: hold(a, DType::BF16)?, b: hold(b, DType::BF16)?, rank }))
             };
-            fn b_device<'l>(ls: &[&'l Linear]) -> &'l Device {
-                ls.iter().find_map(|l| l.bias()).map(|b| b.device()).expect("a bias")
-            }
             let mut layers = Vec::with_capacity(p.layers.len());
             for l in &p.layers {
                 let (Some(attn_norm), Some(mlp_norm)) = (norm(l.attn_norm, &mut hold)?, norm(l.mlp_norm, &mut hold)?)
@@ -564,9 +564,6 @@ pub(crate) mod imp {
                 });
             }
             let Some(final_norm) = norm(p.final_norm, &mut hold)? else { return Ok(None) };
-            if p.lm_head.bias().is_some() || p.lm_head.lora().is_some() {
-                return Ok(None);
-            }
             let Some(lm_head) = mat(p.lm_head, stream)? else { return Ok(None) };
             let Some(eps) = eps else { return Ok(None) };
             let mut inv_freq = device.alloc_zeros::<f32>(p.inv_freq.len().max(1))?;
