@@ -554,4 +554,25 @@ mod tests {
             assert!(d <= bound, "rows {rows}: inference differs by {d}, beyond the rounding bound {bound}");
         }
     }
+
+    /// Many rows of a 32-wide quantized weight: generation's pass runs the 8-bit kernels (close to the
+    /// dequantized product); while `ExactScoring` is held the pass is the dequantized product itself.
+    #[test]
+    fn exact_scoring_holds_many_row_products_to_the_dequantized_weight() {
+        let w = crate::testing::seeded_randn(111, 0.0, 0.5, &[64, 128]);
+        let lin = Linear::quantize(&w, None, GgmlDType::Q4_0).unwrap();
+        let x = crate::testing::seeded_randn(112, 0.0, 1.0, &[1, 24, 128]);
+        let reference = x.broadcast_matmul(&lin.dense_weight(DType::F32).unwrap().t().unwrap()).unwrap();
+        let max_diff =
+            |a: &Tensor| (a - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let exact = {
+            let _scoring = ExactScoring::hold();
+            lin.forward(&x).unwrap()
+        };
+        assert!(max_diff(&exact) <= 1e-5 * scale, "scoring: {}", max_diff(&exact));
+        // (Other tests may hold scoring meanwhile: this pass is then exact, which the bound admits too.)
+        let fast = max_diff(&lin.forward(&x).unwrap());
+        assert!(fast < 2e-2 * scale, "generation: 8-bit activations, {fast} of {scale}");
+    }
 }
