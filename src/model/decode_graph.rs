@@ -755,14 +755,17 @@ pub(crate) mod imp {
             let lora_a = |lw: &Option<LoraWeights>, cols: usize| {
                 lw.map(|w| Mat { ptr: w.a, format: Format::Bf16, rows: w.rank, cols })
             };
+            // `lora_t = A · norm(residual)` for a launch of normed inputs whose matrices have adapters.
+            let norm_lora_a = |nw: &NormWeights, lw: &Option<LoraWeights>, width: usize| -> Result<()> {
+                let Some(a) = lora_a(lw, width) else { return Ok(()) };
+                let args = [P(a.ptr), P(0), P(0), rows(&a), I(0), I(0), cols(&a)];
+                let args = [&args[..], &norm(nw), &[P(0), P(lora_t)], &lora(&None)].concat();
+                self.launch("mv_bf16_norm_store", mv_grid(&a, a.rows), mv_threads, smem(&a), &args)
+            };
             // The norm of the residual times one to three matrices of one format in one launch; f32 results
             // (plus `bias` and the adapters' part) at `out`.
             let norm_store = |ms: &[&Mat], nw: &NormWeights, bias: u64, out: u64, lw: &Option<LoraWeights>| {
-                if let Some(a) = lora_a(lw, ms[0].cols) {
-                    let args = [P(a.ptr), P(0), P(0), rows(&a), I(0), I(0), cols(&a)];
-                    let args = [&args[..], &norm(nw), &[P(0), P(lora_t)], &lora(&None)].concat();
-                    self.launch("mv_bf16_norm_store", mv_grid(&a, a.rows), mv_threads, smem(&a), &args)?;
-                }
+                norm_lora_a(nw, lw, ms[0].cols)?;
                 let at = |i: usize| ms.get(i).map_or((0, 0), |m| (m.ptr, m.rows));
                 let ((p0, n0), (p1, n1), (p2, n2)) = (at(0), at(1), at(2));
                 let args = [P(p0), P(p1), P(p2), I(n0 as i32), I(n1 as i32), I(n2 as i32), cols(ms[0])];
@@ -811,27 +814,16 @@ pub(crate) mod imp {
                 };
                 // norm + gate/up + activation (or up + activation), then down + residual
                 let mlp = || -> Result<()> {
-                    if let Some(a) = lora_a(up_lora, l.up.cols) {
-                        let args = [P(a.ptr), P(0), P(0), rows(&a), I(0), I(0), cols(&a)];
-                        let args = [&args[..], &norm(&l.mlp_norm), &[P(0), P(lora_t)], &lora(&None)].concat();
-                        self.launch("mv_bf16_norm_store", mv_grid(&a, a.rows), mv_threads, smem(&a), &args)?;
-                    }
+                    norm_lora_a(&l.mlp_norm, up_lora, l.up.cols)?;
+                    // The gate's rows lead a gated launch (up's rows beside them); a plain one has up's alone.
+                    let (m, weights, kind) = match &l.gate {
+                        Some(g) => (g, vec![P(g.ptr), P(l.up.ptr)], "norm_gated"),
+                        None => (&l.up, vec![P(l.up.ptr)], "norm_act"),
+                    };
                     let tail = [P(l.up_bias), I(self.activation), P(act)];
-                    match &l.gate {
-                        Some(g) => {
-                            let args = [&[P(g.ptr), P(l.up.ptr), rows(g), cols(g)][..], &norm(&l.mlp_norm), &tail];
-                            let name = format!("{}_norm_gated", g.format.prefix());
-                            let args = [&args.concat()[..], &lora(up_lora)].concat();
-                            self.launch(&name, mv_grid(g, g.rows), mv_threads, smem(g), &args)?;
-                        }
-                        None => {
-                            let u = &l.up;
-                            let args = [&[P(u.ptr), rows(u), cols(u)][..], &norm(&l.mlp_norm), &tail];
-                            let name = format!("{}_norm_act", u.format.prefix());
-                            let args = [&args.concat()[..], &lora(up_lora)].concat();
-                            self.launch(&name, mv_grid(u, u.rows), mv_threads, smem(u), &args)?;
-                        }
-                    }
+                    let args = [&weights[..], &[rows(m), cols(m)], &norm(&l.mlp_norm), &tail, &lora(up_lora)].concat();
+                    let name = format!("{}_{kind}", m.format.prefix());
+                    self.launch(&name, mv_grid(m, m.rows), mv_threads, smem(m), &args)?;
                     add_product(&l.down, act, l.down_bias, down_lora)
                 };
                 // A parallel-residual layer's MLP reads the layer's input, as the QKV norm did: it runs (and

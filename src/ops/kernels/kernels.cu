@@ -208,47 +208,18 @@ __device__ __forceinline__ void q4k_scale_min(int j, const uint8_t* q, float& sc
     }
 }
 
-__device__ __forceinline__ float q4k_part(const uint8_t* row, const bf16* xs, int b, int p) {
-    const uint8_t* blk = row + b * 144;
-    float d = __half2float(*reinterpret_cast<const __half*>(blk));
-    float dmin = __half2float(*reinterpret_cast<const __half*>(blk + 2));
-    const uint8_t* scales = blk + 4;
-    uint4 qv = __ldg(reinterpret_cast<const uint4*>(blk + 16 + p * 16));
-    int j = p >> 1, h = p & 1;
-    float sc1, m1, sc2, m2;
-    q4k_scale_min(2 * j, scales, sc1, m1);
-    q4k_scale_min(2 * j + 1, scales, sc2, m2);
-    const uint4* x = reinterpret_cast<const uint4*>(xs + b * 256);
-    int lo = (64 * j + 16 * h) >> 3, hi = (64 * j + 32 + 16 * h) >> 3;
-    float xl[16], xh[16];
-    unpack8(x[lo], xl);
-    unpack8(x[lo + 1], xl + 8);
-    unpack8(x[hi], xh);
-    unpack8(x[hi + 1], xh + 8);
-    uint32_t words[4] = {qv.x, qv.y, qv.z, qv.w};
-    float sl = 0.f, sh = 0.f, xsl = 0.f, xsh = 0.f;
-#pragma unroll
-    for (int k = 0; k < 16; k++) {
-        uint32_t byte = (words[k >> 2] >> (8 * (k & 3))) & 0xff;
-        sl = fmaf((float)(byte & 0xF), xl[k], sl);
-        sh = fmaf((float)(byte >> 4), xh[k], sh);
-        xsl += xl[k];
-        xsh += xh[k];
-    }
-    return d * (sc1 * sl + sc2 * sh) - dmin * (m1 * xsl + m2 * xsh);
-}
-
-// GGUF Q5_K: super-blocks of 256 weights {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]} (176 bytes):
-// Q4_K's layout and scales plus a fifth bit, bit 2j (low nibbles) or 2j + 1 (high nibbles) of qh[l] for the
-// weights of qs byte 32j + l. Lanes share a super-block as in Q4_K.
-__device__ __forceinline__ float q5k_part(const uint8_t* row, const bf16* xs, int b, int p) {
-    const uint8_t* blk = row + b * 176;
+// GGUF Q5_K (`FIVE`): super-blocks of 256 weights {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]} (176
+// bytes): Q4_K's layout and scales plus a fifth bit, bit 2j (low nibbles) or 2j + 1 (high nibbles) of qh[l] for
+// the weights of qs byte 32j + l. Lanes share a super-block as in Q4_K.
+template <bool FIVE>
+__device__ __forceinline__ float q45k_part(const uint8_t* row, const bf16* xs, int b, int p) {
+    const uint8_t* blk = row + b * (FIVE ? 176 : 144);
     float d = __half2float(*reinterpret_cast<const __half*>(blk));
     float dmin = __half2float(*reinterpret_cast<const __half*>(blk + 2));
     const uint8_t* scales = blk + 4;
     int j = p >> 1, h = p & 1;
-    uint4 hv = __ldg(reinterpret_cast<const uint4*>(blk + 16 + h * 16));
-    uint4 qv = __ldg(reinterpret_cast<const uint4*>(blk + 48 + p * 16));
+    uint4 qv = __ldg(reinterpret_cast<const uint4*>(blk + (FIVE ? 48 : 16) + p * 16));
+    uint4 hv = FIVE ? __ldg(reinterpret_cast<const uint4*>(blk + 16 + h * 16)) : make_uint4(0, 0, 0, 0);
     float sc1, m1, sc2, m2;
     q4k_scale_min(2 * j, scales, sc1, m1);
     q4k_scale_min(2 * j + 1, scales, sc2, m2);
@@ -264,9 +235,14 @@ __device__ __forceinline__ float q5k_part(const uint8_t* row, const bf16* xs, in
 #pragma unroll
     for (int k = 0; k < 16; k++) {
         uint32_t byte = (words[k >> 2] >> (8 * (k & 3))) & 0xff;
-        uint32_t hb = (highs[k >> 2] >> (8 * (k & 3))) >> (2 * j);
-        sl = fmaf((float)((byte & 0xF) | ((hb & 1) << 4)), xl[k], sl);
-        sh = fmaf((float)((byte >> 4) | ((hb & 2) << 3)), xh[k], sh);
+        uint32_t lo_q = byte & 0xF, hi_q = byte >> 4;
+        if (FIVE) {
+            uint32_t hb = (highs[k >> 2] >> (8 * (k & 3))) >> (2 * j);
+            lo_q |= (hb & 1) << 4;
+            hi_q |= (hb & 2) << 3;
+        }
+        sl = fmaf((float)lo_q, xl[k], sl);
+        sh = fmaf((float)hi_q, xh[k], sh);
         xsl += xl[k];
         xsh += xh[k];
     }
@@ -321,13 +297,13 @@ __device__ __forceinline__ float q6k_part(const uint8_t* row, const bf16* xs, in
 template <int WT>
 __device__ __forceinline__ float row_dot_quant(const uint8_t* row, const bf16* xs, int K) {
     if (WT == 1) return row_dot_block32<q8_0_part>(row, xs, K);
-    if (WT == 2) return row_dot_k_quant<q4k_part>(row, xs, K);
+    if (WT == 2) return row_dot_k_quant<q45k_part<false>>(row, xs, K);
     if (WT == 3) return row_dot_k_quant<q6k_part>(row, xs, K);
     if (WT == 4) return row_dot_block32<q32_part<18, false, false>>(row, xs, K);
     if (WT == 5) return row_dot_block32<q32_part<20, true, false>>(row, xs, K);
     if (WT == 6) return row_dot_block32<q32_part<22, false, true>>(row, xs, K);
     if (WT == 7) return row_dot_block32<q32_part<24, true, true>>(row, xs, K);
-    return row_dot_k_quant<q5k_part>(row, xs, K);
+    return row_dot_k_quant<q45k_part<true>>(row, xs, K);
 }
 
 template <int WT>
@@ -450,11 +426,11 @@ template <int OUT, int NR>
 __device__ __forceinline__ void lora_rows(int row, const Epilogue& e, float* add) {
 #pragma unroll
     for (int r = 0; r < NR; r++) {
+        add[r] = 0.f;
+        if (!e.lora_b) continue;  // the same for the whole launch: no warp sum without an adapter
         float s = 0.f;
-        if (e.lora_b) {
-            const bf16* b = e.lora_b + (size_t)(OUT == OUT_GATED && r == 1 ? e.n0 + row : row) * e.lora_r;
-            for (int j = threadIdx.x & 31; j < e.lora_r; j += 32) s = fmaf(__bfloat162float(b[j]), e.lora_t[j], s);
-        }
+        const bf16* b = e.lora_b + (size_t)(OUT == OUT_GATED && r == 1 ? e.n0 + row : row) * e.lora_r;
+        for (int j = threadIdx.x & 31; j < e.lora_r; j += 32) s = fmaf(__bfloat162float(b[j]), e.lora_t[j], s);
         add[r] = warp_sum(s);
     }
 }
