@@ -143,7 +143,7 @@ pub fn prompt(subject: &Subject, shots: usize, q: &Question) -> String {
     fewshot_prefix(subject, shots) + &format_question(q)
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct QuestionResult {
     pub predicted: usize,
     pub answer: usize,
@@ -214,6 +214,15 @@ impl<'a> Scorer<'a> {
             rows.push(logits.get(pos - keep)?.to_vec1::<f32>()?);
         }
         Ok(rows)
+    }
+
+    /// Make the cache hold `prefix` computed afresh, as at the start of a chunk of questions: what a question
+    /// reuses then does not depend on the questions scored before it, so a chunk scores the same on any rank.
+    pub fn restart(&mut self, prefix: &str) -> Result<()> {
+        // A new cache: one that grew while scoring earlier questions lays its columns out differently.
+        self.cache = self.loaded.model.new_cache();
+        self.cached.clear();
+        self.prime(prefix)
     }
 
     /// Make the cache hold `prefix` (called once per subject).
@@ -289,6 +298,108 @@ pub struct Evaluation {
     pub batch_rows: usize,
 }
 
+/// Every subject's questions, each `Some` once scored (a question left out — another rank's, or not reached
+/// before Ctrl-C — stays `None`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Scored {
+    pub per_subject: Vec<Vec<Option<QuestionResult>>>,
+    pub tokens_run: usize,
+    pub batch_rows: usize,
+    pub interrupted: bool,
+}
+
+impl Scored {
+    /// The evaluation of the questions scored, subject by subject (a subject without any is left out).
+    fn into_evaluation(self, subjects: &[Subject], groups: &BTreeMap<String, String>) -> Evaluation {
+        let mut out = Evaluation {
+            tokens_run: self.tokens_run,
+            interrupted: self.interrupted,
+            batch_rows: self.batch_rows,
+            ..Default::default()
+        };
+        for (s, answered) in subjects.iter().zip(self.per_subject) {
+            out.add_subject(s, groups, answered.into_iter().flatten().collect());
+        }
+        out
+    }
+
+    /// Several ranks' shares as one: each question from the rank that scored it.
+    fn merge(parts: Vec<Scored>) -> Scored {
+        let mut out = Scored::default();
+        for part in parts {
+            if out.per_subject.is_empty() {
+                out.per_subject = part.per_subject.iter().map(|q| vec![None; q.len()]).collect();
+            }
+            for (mine, theirs) in out.per_subject.iter_mut().zip(part.per_subject) {
+                for (m, t) in mine.iter_mut().zip(theirs) {
+                    if m.is_none() {
+                        *m = t;
+                    }
+                }
+            }
+            out.tokens_run += part.tokens_run;
+            out.batch_rows = out.batch_rows.max(part.batch_rows);
+            out.interrupted |= part.interrupted;
+        }
+        out
+    }
+}
+
+/// Which rank scores each chunk of [`PLAN_CHUNK`] questions of each subject: whole chunks (so every question
+/// runs in the batch it runs in on one rank, and the results are the same), balanced by the chunks' question
+/// tokens plus the few-shot prefix each rank computes for a subject it has a chunk of.
+pub fn shard(
+    tok: &Tokenizer,
+    subjects: &[Subject],
+    shots: usize,
+    limit: Option<usize>,
+    world: usize,
+) -> Result<Vec<Vec<usize>>> {
+    let mut costs = vec![];
+    let mut chunks_of = vec![];
+    for s in subjects {
+        let n = limit.unwrap_or(s.test.len()).min(s.test.len());
+        let prefix = tok.encode(&fewshot_prefix(s, shots), false)?.len();
+        let mut chunks = 0;
+        for part in s.test[..n].chunks(PLAN_CHUNK) {
+            let mut cost = prefix;
+            for q in part {
+                // Each question runs its own tokens and attends over the prefix.
+                cost += tok.encode(&format_question(q), false)?.len();
+            }
+            costs.push(cost);
+            chunks += 1;
+        }
+        chunks_of.push(chunks);
+    }
+    let owners = crate::dist::shard::assign(&costs, world);
+    let mut at = 0;
+    Ok(chunks_of
+        .into_iter()
+        .map(|n| {
+            at += n;
+            owners[at - n..at].to_vec()
+        })
+        .collect())
+}
+
+/// The questions rank `rank` scores under [`shard`]'s assignment.
+pub fn questions_of(owners: &[Vec<usize>], subjects: &[Subject], limit: Option<usize>, rank: usize) -> usize {
+    subjects
+        .iter()
+        .zip(owners)
+        .map(|(s, chunks)| {
+            let n = limit.unwrap_or(s.test.len()).min(s.test.len());
+            chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, &r)| r == rank)
+                .map(|(c, _)| (n - c * PLAN_CHUNK).min(PLAN_CHUNK))
+                .sum::<usize>()
+        })
+        .sum()
+}
+
 /// Score `limit` test questions (all when `None`) of every subject. Once `interrupted` is set no further
 /// question starts: the subject being scored keeps the questions answered so far, later subjects are left out.
 #[allow(clippy::too_many_arguments)]
@@ -301,37 +412,83 @@ pub fn evaluate(
     reuse_prefix: bool,
     batch: BatchSize,
     interrupted: &AtomicBool,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> Result<Evaluation> {
+    let all = |_: usize, _: usize| true;
+    let scored = score(loaded, subjects, shots, limit, reuse_prefix, batch, interrupted, progress, &all)?;
+    Ok(scored.into_evaluation(subjects, groups))
+}
+
+/// [`evaluate`] over the ranks of `group`: each scores the chunks `owners` ([`shard`]) gives it, and every rank
+/// gets the whole evaluation, the same as one rank's.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_ranks(
+    group: &crate::dist::Group,
+    owners: &[Vec<usize>],
+    loaded: &LoadedModel,
+    subjects: &[Subject],
+    shots: usize,
+    limit: Option<usize>,
+    groups: &BTreeMap<String, String>,
+    reuse_prefix: bool,
+    batch: BatchSize,
+    interrupted: &AtomicBool,
+    progress: impl FnMut(usize),
+) -> Result<Evaluation> {
+    let rank = group.rank();
+    let mine = |s: usize, c: usize| owners[s][c] == rank;
+    let scored = score(loaded, subjects, shots, limit, reuse_prefix, batch, interrupted, progress, &mine)?;
+    let all = group.all_gather_json(&scored)?;
+    Ok(Scored::merge(all).into_evaluation(subjects, groups))
+}
+
+/// The questions of the chunks `mine(subject, chunk)` picks.
+#[allow(clippy::too_many_arguments)]
+fn score(
+    loaded: &LoadedModel,
+    subjects: &[Subject],
+    shots: usize,
+    limit: Option<usize>,
+    reuse_prefix: bool,
+    batch: BatchSize,
+    interrupted: &AtomicBool,
+    mut progress: impl FnMut(usize),
+    mine: &dyn Fn(usize, usize) -> bool,
+) -> Result<Scored> {
     let _exact = ExactScoring::hold();
     if reuse_prefix && batch != BatchSize::Rows(1) {
-        return evaluate_batched(loaded, subjects, shots, limit, groups, batch, interrupted, progress);
+        return score_batched(loaded, subjects, shots, limit, batch, interrupted, progress, mine);
     }
     let mut scorer = Scorer::new(loaded)?;
     scorer.reuse_prefix = reuse_prefix;
-    let mut out = Evaluation::default();
-    for s in subjects {
-        if interrupted.load(Ordering::Relaxed) {
+    let mut out = Scored { batch_rows: 1, ..Default::default() };
+    for (si, s) in subjects.iter().enumerate() {
+        let n = limit.unwrap_or(s.test.len()).min(s.test.len());
+        let mut per_q = vec![None; n];
+        if out.interrupted || interrupted.load(Ordering::Relaxed) {
             out.interrupted = true;
-            break;
+            out.per_subject.push(per_q);
+            continue;
         }
         let prefix = fewshot_prefix(s, shots);
-        scorer.prime(&prefix)?;
-        let n = limit.unwrap_or(s.test.len()).min(s.test.len());
-        let mut per_q = vec![];
-        for q in &s.test[..n] {
+        for (i, q) in s.test[..n].iter().enumerate() {
+            if !mine(si, i / PLAN_CHUNK) {
+                continue;
+            }
             if interrupted.load(Ordering::Relaxed) {
                 out.interrupted = true;
                 break;
             }
+            if i % PLAN_CHUNK == 0 {
+                scorer.restart(&prefix)?;
+            }
             let context = prefix.clone() + &format_question(q);
-            per_q.push(scorer.answer(q, &context)?);
+            per_q[i] = Some(scorer.answer(q, &context)?);
             progress(1);
         }
-        out.add_subject(s, groups, per_q);
+        out.per_subject.push(per_q);
     }
     out.tokens_run = scorer.tokens_processed;
-    out.batch_rows = 1;
     Ok(out)
 }
 
@@ -486,35 +643,42 @@ const PASS_TOKENS: usize = 8192;
 const PASS_SCORE_BYTES: usize = 1 << 30;
 
 /// Every subject batched: the few-shot prefix runs once into a shared cache, then the questions run sorted by
-/// length, `batch` rows per forward pass, each row's last position scoring the four letters.
+/// length, `batch` rows per forward pass, each row's last position scoring the four letters. Only the chunks
+/// `mine(subject, chunk)` picks are scored.
 #[allow(clippy::too_many_arguments)]
-fn evaluate_batched(
+fn score_batched(
     loaded: &LoadedModel,
     subjects: &[Subject],
     shots: usize,
     limit: Option<usize>,
-    groups: &BTreeMap<String, String>,
     batch: BatchSize,
     interrupted: &AtomicBool,
     mut progress: impl FnMut(usize),
-) -> Result<Evaluation> {
+    mine: &dyn Fn(usize, usize) -> bool,
+) -> Result<Scored> {
     let model = &loaded.model;
     let tok = loaded.tokenizer()?;
     let window = model.config().max_position_embeddings;
     let mut scorer = Scorer::new(loaded)?;
-    let mut out = Evaluation::default();
-    for s in subjects {
-        if interrupted.load(Ordering::Relaxed) {
-            out.interrupted = true;
-            break;
+    let mut out = Scored::default();
+    for (si, s) in subjects.iter().enumerate() {
+        let questions = &s.test[..limit.unwrap_or(s.test.len()).min(s.test.len())];
+        let mut results: Vec<Option<QuestionResult>> = vec![None; questions.len()];
+        let n_chunks = questions.len().div_ceil(PLAN_CHUNK);
+        let owned: Vec<usize> = (0..n_chunks).filter(|&c| mine(si, c)).collect();
+        if owned.is_empty() || out.interrupted || interrupted.load(Ordering::Relaxed) {
+            out.interrupted |= !owned.is_empty();
+            out.per_subject.push(results);
+            continue;
         }
+        // The first chunk decides how many prefix tokens the subject's questions share, so a rank that scores
+        // only later chunks still plans it (and scores nothing of it).
+        let planned_chunks: Vec<usize> = if owned[0] == 0 { owned.clone() } else { [&[0][..], &owned].concat() };
         let prefix_text = fewshot_prefix(s, shots);
         let prefix = tok.encode(&prefix_text, false)?;
-        let questions = &s.test[..limit.unwrap_or(s.test.len()).min(s.test.len())];
         let contexts: Vec<String> = questions.iter().map(|q| prefix_text.clone() + &format_question(q)).collect();
-        let mut results: Vec<Option<QuestionResult>> = vec![None; questions.len()];
-        let mut shared: Option<(usize, Arc<crate::model::cache::SharedPrefix>)> = None;
-        let mut primed_alone = false;
+        let mut shared_len: Option<usize> = None;
+        let mut shared: Option<Arc<crate::model::cache::SharedPrefix>> = None;
         // A few hundred questions at a time: tokenized on every core, then scored sorted by length (a subject
         // of thousands shows progress, and stops on Ctrl-C, early).
         // The next chunk is tokenized while this one is scored.
@@ -522,15 +686,16 @@ fn evaluate_batched(
         let chunks = &chunks;
         let plan_chunk = move |c: usize| plan_all(tok, chunks[c], window, c * PLAN_CHUNK);
         std::thread::scope(|scope| -> Result<()> {
-            let mut pending = (!chunks.is_empty()).then(|| scope.spawn(move || plan_chunk(0)));
-            for c in 0..chunks.len() {
+            let first = planned_chunks[0];
+            let mut pending = Some(scope.spawn(move || plan_chunk(first)));
+            for (k, &c) in planned_chunks.iter().enumerate() {
                 let planned = pending
                     .take()
                     .expect("spawned")
                     .join()
                     .map_err(|_| anyhow::anyhow!("a tokenizer thread panicked"))??;
-                if c + 1 < chunks.len() {
-                    pending = Some(scope.spawn(move || plan_chunk(c + 1)));
+                if let Some(&next) = planned_chunks.get(k + 1) {
+                    pending = Some(scope.spawn(move || plan_chunk(next)));
                 }
                 if interrupted.load(Ordering::Relaxed) {
                     out.interrupted = true;
@@ -544,17 +709,20 @@ fn evaluate_batched(
                         None => alone.push(i),
                     }
                 }
-                let shared_len = match &shared {
-                    Some((len, _)) => *len,
-                    None => split_shared_len(&prefix, &batched),
-                };
-                alone.extend(keep_shared(&prefix, shared_len, &mut batched));
+                let split = shared_len.unwrap_or_else(|| split_shared_len(&prefix, &batched));
+                alone.extend(keep_shared(&prefix, split, &mut batched));
                 alone.sort_unstable();
+                if batched.iter().any(|p| !p.truncated) && shared_len.is_none() {
+                    shared_len = Some(split);
+                }
+                if !mine(si, c) {
+                    continue;
+                }
                 if batched.iter().any(|p| !p.truncated) && shared.is_none() {
-                    let mut primed = model.new_cache().with_capacity(shared_len);
-                    model.forward_last(&model.input(&prefix[..shared_len])?, &mut primed)?;
-                    out.tokens_run += shared_len;
-                    shared = Some((shared_len, Arc::new(primed.share_prefix(shared_len)?)));
+                    let mut primed = model.new_cache().with_capacity(split);
+                    model.forward_last(&model.input(&prefix[..split])?, &mut primed)?;
+                    out.tokens_run += split;
+                    shared = Some(Arc::new(primed.share_prefix(split)?));
                 }
                 // Longest first: similar lengths share a batch (little padding), and the first batch shows whether
                 // the widest one fits. Cut contexts (no shared prefix) batch among themselves.
@@ -567,7 +735,7 @@ fn evaluate_batched(
                         out.interrupted = true;
                         break;
                     }
-                    let seen = if truncated { 0 } else { shared_len };
+                    let seen = if truncated { 0 } else { split };
                     let rows = match batch {
                         BatchSize::Rows(n) => n,
                         BatchSize::Auto => {
@@ -576,7 +744,7 @@ fn evaluate_batched(
                     };
                     let (part, tail) = rest.split_at(rows.min(same));
                     rest = tail;
-                    let prefix_kv = if truncated { None } else { shared.as_ref().map(|(_, kv)| kv) };
+                    let prefix_kv = if truncated { None } else { shared.as_ref() };
                     let lls = score_rows(loaded, prefix_kv, part)?;
                     for (p, ll) in part.iter().zip(lls) {
                         results[p.question] = Some(answer(&questions[p.question], ll));
@@ -585,13 +753,14 @@ fn evaluate_batched(
                     out.batch_rows = out.batch_rows.max(part.len());
                     progress(part.len());
                 }
+                let mut primed_alone = false;
                 for i in alone {
                     if interrupted.load(Ordering::Relaxed) {
                         out.interrupted = true;
                         break;
                     }
                     if !primed_alone {
-                        scorer.prime(&prefix_text)?;
+                        scorer.restart(&prefix_text)?;
                         primed_alone = true;
                     }
                     results[i] = Some(scorer.answer(&questions[i], &contexts[i])?);
@@ -600,7 +769,7 @@ fn evaluate_batched(
             }
             Ok(())
         })?;
-        out.add_subject(s, groups, results.into_iter().flatten().collect());
+        out.per_subject.push(results);
     }
     out.tokens_run += scorer.tokens_processed;
     Ok(out)

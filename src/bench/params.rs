@@ -116,4 +116,30 @@ impl BenchParams {
     pub fn load_options(&self, quantize: Option<Quantize>) -> LoadOptions {
         LoadOptions { quantize, dequantize: false, ..self.load.clone() }
     }
+
+    /// What every data-parallel rank must agree on: everything that changes a record, but not where the
+    /// files are, the device or how progress is shown.
+    pub fn signature(&self) -> String {
+        let (m, h) = (&self.mmlu, &self.humaneval);
+        format!(
+            "{:?} {:?} mmlu {:?} {} {:?} {} batch {:?} humaneval {:?} {} {:?} {} {} {:?} speed {:?} {:?} {:?} {}",
+            self.models,
+            self.evaluators,
+            m.subjects,
+            m.shots,
+            m.limit,
+            m.prefix_reuse,
+            self.batch_size,
+            h.limit,
+            h.samples,
+            h.sampling,
+            h.max_tokens,
+            h.timeout,
+            h.mode,
+            self.speed,
+            self.quantize,
+            self.load.dtype,
+            self.load.random_weights
+        )
+    }
 }

@@ -9,6 +9,7 @@ use super::records::{HumanEvalRecord, ModelRecord, SpeedRecord};
 use super::{datasets, report, speed};
 use crate::chat::end_of_turn_ids;
 use crate::chat::template::{ChatTemplate, Message};
+use crate::dist::Group;
 use crate::generation::batch::{generate_batch, BatchParams, BatchRequest};
 use crate::generation::{sampling::SamplingParams, StopReason};
 use crate::load::device::{device_name, dtype_name};
@@ -149,26 +150,50 @@ pub struct RunSummary {
 pub fn run(
     params: &BenchParams,
     data: &Datasets,
+    load: impl FnMut(&str, &LoadOptions) -> Result<LoadedModel>,
+    interrupted: &Arc<AtomicBool>,
+) -> Result<RunSummary> {
+    run_rank(params, data, load, interrupted, &Group::single())
+}
+
+/// [`run`] as one data-parallel rank of `group` (see [`crate::dist`]): every rank loads each model; MMLU's
+/// question chunks and HumanEval's completions are shared out between the ranks and their results merged, so
+/// every record is the one a single rank writes; the speed step runs on rank 0 alone. Rank 0 saves the records.
+pub fn run_rank(
+    params: &BenchParams,
+    data: &Datasets,
     mut load: impl FnMut(&str, &LoadOptions) -> Result<LoadedModel>,
     interrupted: &Arc<AtomicBool>,
+    group: &Group,
 ) -> Result<RunSummary> {
     let groups = mmlu::subject_groups();
     let mut summary = RunSummary::default();
+    if group.world() > 1 {
+        group.agree("benchmark options", &params.signature())?;
+        let questions: Vec<(&str, usize)> = data.subjects.iter().map(|s| (s.name.as_str(), s.test.len())).collect();
+        let problems: Vec<&str> = data.problems.iter().map(|p| p.task_id.as_str()).collect();
+        group.agree("datasets", &format!("{questions:?} {problems:?}"))?;
+    }
     for name in &params.models {
         for q in &params.quantize {
             let what = format!("{name} ({})", q.map(|q| q.name()).unwrap_or("none"));
-            if set(interrupted) {
+            if stopped(group, interrupted)? {
                 summary.not_started.push(what);
                 continue;
             }
             let mut rss = PeakRss::start();
             let loaded = load(name, &params.load_options(*q)).with_context(|| format!("loading {name}"))?;
-            if let Some(note) = loaded.kept_dense_note().filter(|_| !params.json) {
+            if group.world() > 1 {
+                group.agree("model", &crate::dist::model_fingerprint(&loaded))?;
+            }
+            if let Some(note) = loaded.kept_dense_note().filter(|_| !params.json && group.is_main()) {
                 eprintln!("note: {what}: {note}");
             }
             rss.sample();
-            let record = run_model(params, data, name, &loaded, &groups, interrupted, &mut rss)?;
-            report::save(&params.results_dir, &record)?;
+            let record = run_model(params, data, name, &loaded, &groups, interrupted, &mut rss, group)?;
+            if group.is_main() {
+                report::save(&params.results_dir, &record)?;
+            }
             summary.records.push(record);
             drop(loaded); // free this model before loading the next
         }
@@ -176,9 +201,17 @@ pub fn run(
     Ok(summary)
 }
 
+/// Whether Ctrl-C was pressed on any rank (every rank gets the same answer, so all skip the same steps).
+fn stopped(group: &Group, interrupted: &AtomicBool) -> Result<bool> {
+    if group.world() == 1 {
+        return Ok(set(interrupted));
+    }
+    Ok(group.sum_f64(&[set(interrupted) as u8 as f64])?[0] > 0.0)
+}
+
 /// Say on stderr which step of which model starts (progress where no bar is drawn).
-fn step(params: &BenchParams, name: &str, loaded: &LoadedModel, what: &str) {
-    if !params.json {
+fn step(params: &BenchParams, group: &Group, name: &str, loaded: &LoadedModel, what: &str) {
+    if !params.json && group.is_main() {
         eprintln!("bench: {} ({}): {what}", report::short_name(name), loaded.quantization);
     }
 }
@@ -193,8 +226,10 @@ pub fn run_model(
     groups: &BTreeMap<String, String>,
     interrupted: &Arc<AtomicBool>,
     rss: &mut PeakRss,
+    group: &Group,
 ) -> Result<ModelRecord> {
-    let quiet = params.json;
+    // Rank 0 shows progress; every rank's share is merged into its record.
+    let quiet = params.json || !group.is_main();
     let cfg = loaded.config();
     let gpu = loaded.model.device().clone();
     let mut gpu_peak = crate::util::gpu_memory_used_bytes(&gpu);
@@ -218,13 +253,16 @@ pub fn run_model(
         kept_dense: loaded.kept_dense.len(),
         ..Default::default()
     };
+    if group.world() > 1 {
+        record.device = group.all_gather_json(&record.device)?.join("+");
+    }
     let ev = params.evaluators;
-    if ev.speed {
+    if ev.speed && group.is_main() {
         if set(interrupted) {
             record.not_run.push("speed".into());
         } else {
             let s = params.speed;
-            step(params, name, loaded, &format!("speed (-p {} -n {} -r {})", s.prefill, s.decode, s.reps));
+            step(params, group, name, loaded, &format!("speed (-p {} -n {} -r {})", s.prefill, s.decode, s.reps));
             let pb = progress_bar(2, "speed", quiet);
             let measured = speed::measure_until(&loaded.model, s.prefill, s.decode, s.reps, interrupted)?;
             sample_gpu();
@@ -248,41 +286,64 @@ pub fn run_model(
         }
     }
     if ev.mmlu {
-        if set(interrupted) {
+        if stopped(group, interrupted)? {
             record.not_run.push("mmlu".into());
         } else {
             let m = &params.mmlu;
             let total: usize = data.subjects.iter().map(|s| m.limit.unwrap_or(s.test.len()).min(s.test.len())).sum();
-            step(params, name, loaded, &format!("MMLU, {total} questions"));
-            let pb = progress_bar(total as u64, "MMLU", quiet);
             let start = Instant::now();
-            let run = mmlu::evaluate(
-                loaded,
-                &data.subjects,
-                m.shots,
-                m.limit,
-                groups,
-                m.prefix_reuse,
-                params.batch_size,
-                interrupted,
-                |n| pb.inc(n as u64),
-            )?;
-            pb.finish_and_clear();
+            let run = if group.world() == 1 {
+                step(params, group, name, loaded, &format!("MMLU, {total} questions"));
+                let pb = progress_bar(total as u64, "MMLU", quiet);
+                let run = mmlu::evaluate(
+                    loaded,
+                    &data.subjects,
+                    m.shots,
+                    m.limit,
+                    groups,
+                    m.prefix_reuse,
+                    params.batch_size,
+                    interrupted,
+                    |n| pb.inc(n as u64),
+                )?;
+                pb.finish_and_clear();
+                run
+            } else {
+                let owners = mmlu::shard(loaded.tokenizer()?, &data.subjects, m.shots, m.limit, group.world())?;
+                let mine = mmlu::questions_of(&owners, &data.subjects, m.limit, group.rank());
+                step(params, group, name, loaded, &format!("MMLU, {total} questions over {} ranks", group.world()));
+                let pb = progress_bar(mine as u64, "MMLU (rank 0)", quiet);
+                let run = mmlu::evaluate_ranks(
+                    group,
+                    &owners,
+                    loaded,
+                    &data.subjects,
+                    m.shots,
+                    m.limit,
+                    groups,
+                    m.prefix_reuse,
+                    params.batch_size,
+                    interrupted,
+                    |n| pb.inc(n as u64),
+                )?;
+                pb.finish_and_clear();
+                run
+            };
             record.mmlu = Some(mmlu::summarize(run, m.shots, m.prefix_reuse, start.elapsed().as_secs_f64()));
             sample_gpu();
             rss.sample();
         }
     }
     if ev.humaneval {
-        if set(interrupted) {
+        if stopped(group, interrupted)? {
             record.not_run.push("humaneval".into());
         } else {
-            record.humaneval = Some(run_humaneval(params, name, loaded, &data.problems, interrupted)?);
+            record.humaneval = Some(run_humaneval(params, name, loaded, &data.problems, interrupted, group)?);
             sample_gpu();
             rss.sample();
         }
     }
-    record.interrupted = set(interrupted);
+    record.interrupted = stopped(group, interrupted)?;
     record.peak_rss_bytes = rss.peak();
     // Sampled after each step: the card's memory in use (all processes), at its highest.
     record.gpu_memory_peak_bytes = gpu_peak;
@@ -318,13 +379,14 @@ pub fn run_humaneval(
     loaded: &LoadedModel,
     problems: &[Problem],
     interrupted: &Arc<AtomicBool>,
+    group: &Group,
 ) -> Result<HumanEvalRecord> {
     let h = &params.humaneval;
-    let quiet = params.json;
+    let quiet = params.json || !group.is_main();
     let tok = loaded.tokenizer()?;
     let mode = h.mode.resolve(tok.chat_template.is_some());
     let samples = h.samples.max(1);
-    step(params, name, loaded, &format!("HumanEval ({}), {} problems × {samples}", mode.name(), problems.len()));
+    step(params, group, name, loaded, &format!("HumanEval ({}), {} problems × {samples}", mode.name(), problems.len()));
     let pb = progress_bar((problems.len() * samples) as u64, "HumanEval gen", quiet);
     let budget = h.max_tokens.min(loaded.config().max_position_embeddings / 2);
     // Every problem × sample is one request of a continuously refilled batch; each sample keeps the seed it
@@ -348,13 +410,24 @@ pub fn run_humaneval(
         HumanEvalMode::Instruct => end_of_turn_ids(loaded),
         _ => loaded.eos_ids(),
     };
+    // With several ranks each generates and runs its share of the completions (balanced by prompt tokens plus
+    // the token budget); every completion keeps its own seed, so the shares add up to one rank's run.
+    let costs: Vec<usize> = requests.iter().map(|r| r.prompt.len() + budget).collect();
+    let owners = crate::dist::shard::assign(&costs, group.world());
+    let mine: Vec<usize> = (0..requests.len()).filter(|&i| owners[i] == group.rank()).collect();
+    let my_requests: Vec<BatchRequest> = mine.iter().map(|&i| requests[i].clone()).collect();
+    if group.world() > 1 {
+        pb.set_length(mine.len() as u64);
+    }
     let rows = match params.batch_size {
         BatchSize::Rows(n) => n,
-        BatchSize::Auto => generation_rows(loaded, budget + requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0)),
+        BatchSize::Auto => {
+            generation_rows(loaded, budget + my_requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0))
+        }
     };
     let batch = BatchParams { batch: rows, eos_ids, interrupt: Some(interrupted.clone()) };
-    let mut texts: Vec<Option<String>> = vec![None; requests.len()];
-    let stats = generate_batch(&loaded.model, Some(tok), &requests, &batch, |i, out| {
+    let mut texts: Vec<Option<String>> = vec![None; my_requests.len()];
+    let stats = generate_batch(&loaded.model, Some(tok), &my_requests, &batch, |i, out| {
         if out.stop_reason != StopReason::Interrupted {
             texts[i] = Some(out.text);
             pb.inc(1);
@@ -362,15 +435,15 @@ pub fn run_humaneval(
         Ok(())
     })?;
     let mut programs = vec![];
-    let mut completions = vec![];
-    for (&pi, text) in problem_of.iter().zip(texts) {
+    let mut generated = vec![];
+    for (&i, text) in mine.iter().zip(texts) {
         let Some(text) = text else { continue };
-        let p = &problems[pi];
+        let p = &problems[problem_of[i]];
         programs.push(match mode {
             HumanEvalMode::Instruct => humaneval::instruct_program(p, &text),
             _ => humaneval::check_program(p, &text),
         });
-        completions.push((pi, text));
+        generated.push((i, text));
     }
     pb.finish_and_clear();
     let sandbox = Sandbox { timeout: Duration::from_secs_f64(h.timeout), ..Default::default() };
@@ -380,18 +453,44 @@ pub fn run_humaneval(
     let run_seconds = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
     // Only what was generated and run counts.
-    let (ran, outcomes): (Vec<(usize, String)>, Vec<Outcome>) =
-        completions.into_iter().zip(outcomes).filter_map(|(c, o)| o.map(|o| (c, o))).unzip();
-    let mut record = humaneval::summarize(problems, &ran, &outcomes, samples, h.sampling.temperature);
+    let ran: Vec<(usize, String, Outcome)> =
+        generated.into_iter().zip(outcomes).filter_map(|((i, t), o)| o.map(|o| (i, t, o))).collect();
+    let share = Share {
+        ran,
+        generation_seconds: stats.seconds,
+        run_seconds,
+        generated_tokens: stats.generated_tokens,
+        rows: rows.min(my_requests.len()),
+        interrupted: set(interrupted),
+    };
+    let shares = if group.world() > 1 { group.all_gather_json(&share)? } else { vec![share] };
+    let mut ran: Vec<(usize, String, Outcome)> = shares.iter().flat_map(|s| s.ran.iter().cloned()).collect();
+    ran.sort_by_key(|(i, _, _)| *i);
+    let (completions, outcomes): (Vec<(usize, String)>, Vec<Outcome>) =
+        ran.into_iter().map(|(i, t, o)| ((problem_of[i], t), o)).unzip();
+    let mut record = humaneval::summarize(problems, &completions, &outcomes, samples, h.sampling.temperature);
+    let longest = |f: fn(&Share) -> f64| shares.iter().map(f).fold(0.0, f64::max);
     record.mode = mode.name().to_string();
     record.sandbox = sandbox.isolation().describe().to_string();
-    record.interrupted = set(interrupted);
-    record.batch_rows = rows.min(requests.len());
-    record.generation_seconds = stats.seconds;
-    record.run_seconds = run_seconds;
-    record.generated_tokens = stats.generated_tokens;
-    record.generation_tok_s = stats.tok_s();
+    record.interrupted = shares.iter().any(|s| s.interrupted);
+    record.batch_rows = shares.iter().map(|s| s.rows).max().unwrap_or(0);
+    // The ranks work at once: the run takes as long as the slowest one.
+    record.generation_seconds = longest(|s| s.generation_seconds);
+    record.run_seconds = longest(|s| s.run_seconds);
+    record.generated_tokens = shares.iter().map(|s| s.generated_tokens).sum();
+    record.generation_tok_s = record.generated_tokens as f64 / record.generation_seconds.max(1e-9);
     Ok(record)
+}
+
+/// One rank's HumanEval completions (request index, text, outcome) and its timings.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Share {
+    ran: Vec<(usize, String, Outcome)>,
+    generation_seconds: f64,
+    run_seconds: f64,
+    generated_tokens: usize,
+    rows: usize,
+    interrupted: bool,
 }
 
 /// Rows decoded together at most when the batch size is `auto` (on an H200, TinyLlama's batched decode

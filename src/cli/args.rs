@@ -21,6 +21,30 @@ pub struct DeviceArgs {
     pub dtype: Option<DType>,
 }
 
+/// Data-parallel runs: one worker per GPU of this host, or one process per rank as torchrun starts them.
+#[derive(Args, Debug, Clone)]
+pub struct DistArgs {
+    /// Data-parallel over GPUs of this host, one worker and model replica each: cuda:0,cuda:1 or all. For
+    /// several hosts start the command once per GPU with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    /// MASTER_PORT set (as torchrun does) instead
+    #[arg(long, value_name = "LIST")]
+    pub devices: Option<crate::dist::DeviceList>,
+    /// Seconds a rank waits for the others (to join, and at each exchange) before it stops with an error
+    #[arg(long, value_name = "SECONDS", default_value_t = 1800.0)]
+    pub dist_timeout: f64,
+}
+
+impl DistArgs {
+    /// How this run's ranks start, with `--device` as given.
+    pub fn launch(&self, device: Option<DeviceSpec>) -> Result<crate::dist::Launch> {
+        if !(self.dist_timeout.is_finite() && self.dist_timeout > 0.0) {
+            bail!("--dist-timeout must be a number of seconds > 0, got {}", self.dist_timeout);
+        }
+        let timeout = std::time::Duration::from_secs_f64(self.dist_timeout);
+        crate::dist::Launch::resolve(self.devices.as_ref(), device, timeout)
+    }
+}
+
 /// How to load one model; flattened into every subcommand that takes `--model`.
 #[derive(Args, Debug, Clone)]
 pub struct LoadArgs {

@@ -3,11 +3,12 @@
 //! [`BenchParams`] and hands them to [`crate::bench::run`]; the printers are in [`crate::bench::report`].
 
 use super::args::{load_flagged, quantize_list};
-use super::{DeviceArgs, SamplingArgs};
+use super::{DeviceArgs, DistArgs, SamplingArgs};
 use crate::bench::humaneval::Outcome;
 use crate::bench::params::{BenchParams, Evaluators, HumanEvalMode, HumanEvalParams, MmluParams, SpeedParams};
 use crate::bench::report;
 use crate::bench::run::{self as bench_run, Datasets};
+use crate::dist::{Group, Launch};
 use crate::load::{resolve, LoadOptions, ModelSource};
 use crate::model::quant::QuantizeChoice;
 use anyhow::{bail, Context, Result};
@@ -98,6 +99,8 @@ pub struct BenchArgs {
     /// Print this run's results as JSON on stdout
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 impl BenchArgs {
@@ -224,9 +227,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--models: name at least one model");
     }
     let params = a.params()?;
-    preflight(&params)?;
+    let launch = a.dist.launch(params.load.device)?;
+    let main_process = !matches!(&launch, Launch::Process { me, .. } if me.rank != 0);
+    if main_process {
+        preflight(&params)?;
+    }
     let data = Datasets::load(&params)?;
-    let summary = bench_run::run(&params, &data, load_flagged, &interrupted)?;
+    let work = |group: &mut Group, device| {
+        let load = |name: &str, opts: &LoadOptions| load_flagged(name, &LoadOptions { device, ..opts.clone() });
+        bench_run::run_rank(&params, &data, load, &interrupted, group)
+    };
+    let summary = crate::dist::run(&launch, &work)?;
+    if !main_process {
+        eprintln!("this rank's share of the benchmarks is done; rank 0 writes the results");
+        return Ok(());
+    }
     let doc = report::load(&params.results_dir.join("benchmark_results.json"))?;
     if params.json {
         println!("{}", report::json_document(&summary.records)?);

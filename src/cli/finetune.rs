@@ -1,7 +1,8 @@
 //! `billion finetune`: LoRA training on instruction/chat JSONL, before/after evaluation, PEFT adapter out,
 //! optional merged model, results/finetune_results.json. The run itself is `finetune::pipeline`.
 
-use super::LoadArgs;
+use super::{DistArgs, LoadArgs};
+use crate::dist::{Group, Launch};
 use crate::finetune::pipeline::{self, FinetuneParams, Input, InputError, Interrupted, RunHooks, Targets};
 use crate::finetune::train::{StepRecord, TrainSettings};
 use crate::load::{LoadOptions, LoadedModel};
@@ -88,6 +89,8 @@ pub struct FinetuneArgs {
     /// Print the results as JSON on stdout
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 impl FinetuneArgs {
@@ -137,8 +140,21 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     if a.merge && a.model.random_weights {
         bail!("--merge needs a model with weight files; --random-weights models have none to merge into");
     }
-    let mut terminal = Terminal::new(!a.json && std::io::stderr().is_terminal());
-    let record = pipeline::run(&a.params(), &mut terminal).map_err(flagged)?;
+    let launch = a.dist.launch(a.model.device.device)?;
+    let params = a.params();
+    // --batch-size is per rank: a step of N ranks trains N batches, and each rank's gradients are summed.
+    let work = |group: &mut Group, device| {
+        let p = FinetuneParams { load: LoadOptions { device, ..params.clone().load }, ..params.clone() };
+        // Rank 0 shows progress; a rank in its own process takes Ctrl-C (threads share rank 0's).
+        let ctrl_c = group.is_main() || matches!(launch, Launch::Process { .. });
+        let mut terminal = Terminal::new(!a.json && group.is_main() && std::io::stderr().is_terminal(), ctrl_c);
+        terminal.quiet = !group.is_main();
+        pipeline::run_rank(&p, &mut terminal, group)
+    };
+    let Some(record) = crate::dist::run(&launch, &work).map_err(flagged)? else {
+        eprintln!("this rank's share of the training is done; rank 0 writes the adapter and the results");
+        return Ok(());
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&record)?)?);
     } else {
@@ -218,11 +234,15 @@ struct Terminal {
     show_bar: bool,
     bar: Option<ProgressBar>,
     print_every: usize,
+    /// Take Ctrl-C (one handler per process).
+    ctrl_c: bool,
+    /// Print nothing (a rank other than 0).
+    quiet: bool,
 }
 
 impl Terminal {
-    fn new(show_bar: bool) -> Self {
-        Self { show_bar, bar: None, print_every: 1 }
+    fn new(show_bar: bool, ctrl_c: bool) -> Self {
+        Self { show_bar, bar: None, print_every: 1, ctrl_c, quiet: false }
     }
 }
 
@@ -232,13 +252,18 @@ impl RunHooks for Terminal {
     }
 
     fn note(&mut self, line: &str) {
-        eprintln!("{line}");
+        if !self.quiet {
+            eprintln!("{line}");
+        }
     }
 
     fn training_started(&mut self, step: usize, total: usize) -> Result<Arc<AtomicBool>> {
         let interrupt = Arc::new(AtomicBool::new(false));
         let flag = interrupt.clone();
-        ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed)).context("cannot install the Ctrl-C handler")?;
+        if self.ctrl_c {
+            ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+                .context("cannot install the Ctrl-C handler")?;
+        }
         if self.show_bar {
             let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
             bar.set_style(
@@ -261,6 +286,7 @@ impl RunHooks for Terminal {
                 bar.set_position(r.step as u64);
                 bar.set_message(msg);
             }
+            None if self.quiet => {}
             None if r.step.is_multiple_of(self.print_every) || r.step == total => {
                 eprintln!("step {}/{}  epoch {:.2}  {msg}  lr {:.2e}", r.step, total, r.epoch, r.lr);
             }

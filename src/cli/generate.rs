@@ -2,6 +2,7 @@
 //! a JSONL file of prompts generated in batches, one JSON line out per prompt in input order.
 
 use super::{LoadArgs, SamplingArgs, StoppedByUser};
+use crate::dist::Group;
 use crate::generation::batch::{generate_batch, BatchOutput, BatchParams, BatchRequest};
 use crate::generation::sampling::SamplingParams;
 use crate::generation::{generate, GenerateParams};
@@ -55,9 +56,12 @@ pub struct GenerateArgs {
     /// [TEXT]}; prints one JSON line per prompt, in input order
     #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["prompt", "prompt_ids", "logits_out", "prefill_chunk"])]
     pub prompts: Option<PathBuf>,
-    /// With --prompts: prompts decoded together (default 16)
+    /// With --prompts: prompts decoded together (default 16; per rank with --devices)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub batch: Option<u64>,
+    /// With --prompts: the prompts shared out between GPUs, one contiguous block of lines each
+    #[command(flatten)]
+    pub dist: super::DistArgs,
 }
 
 fn parse_ids(ids: &[String]) -> Result<Vec<u32>> {
@@ -69,6 +73,9 @@ fn parse_ids(ids: &[String]) -> Result<Vec<u32>> {
 pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(path) = &a.prompts {
         return run_prompts(&a, path);
+    }
+    if a.dist.devices.is_some() {
+        bail!("--devices shares the prompts of --prompts FILE.jsonl between GPUs; one prompt runs on one device (--device)");
     }
     if a.batch.is_some() {
         // Checked here: clap waives `requires = "prompts"` when a flag that conflicts with --prompts is given.
@@ -383,16 +390,75 @@ fn output_line(loaded: &LoadedModel, row: &PromptRow, request: &BatchRequest, ou
     .to_string()
 }
 
-/// `--prompts FILE.jsonl`: every prompt of the file through the batched generator.
+/// `--prompts FILE.jsonl`: every prompt of the file through the batched generator; with several ranks each
+/// generates one contiguous block of the prompts (balanced by prompt tokens plus the token budget) and rank 0
+/// writes every line, in input order (its own block as it goes, the others' as they arrive).
 fn run_prompts(a: &GenerateArgs, path: &Path) -> Result<()> {
     let sampling = a.sampling.params()?;
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1 with --prompts");
     }
+    let launch = a.dist.launch(a.model.device.device)?;
     let rows = read_prompt_rows(path)?;
+    let interrupted = interrupt_flag()?;
+    let work = |group: &mut Group, device| {
+        let mut load = a.model.clone();
+        load.device.device = device;
+        prompts_rank(a, path, &rows, &sampling, &load, &interrupted, group)
+    };
+    crate::dist::run(&launch, &work)
+}
+
+/// What a rank other than 0 sends back: its output lines by input index, and its counts.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct RankLines {
+    lines: Vec<(usize, String)>,
+    requests_done: usize,
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    seconds: f64,
+}
+
+/// The requests `[start, end)` of rank `rank` of `world`: contiguous blocks of about equal cost.
+fn block_of(costs: &[usize], rank: usize, world: usize) -> (usize, usize) {
+    let total: usize = costs.iter().sum();
+    let bound = |r: usize| -> usize {
+        if r >= world {
+            return costs.len();
+        }
+        let target = total * r / world;
+        let mut acc = 0;
+        costs
+            .iter()
+            .take_while(|&&c| {
+                let before = acc;
+                acc += c;
+                before < target
+            })
+            .count()
+    };
+    (bound(rank), bound(rank + 1))
+}
+
+fn prompts_rank(
+    a: &GenerateArgs,
+    path: &Path,
+    rows: &[PromptRow],
+    sampling: &SamplingParams,
+    load: &super::LoadArgs,
+    interrupted: &Arc<AtomicBool>,
+    group: &mut Group,
+) -> Result<()> {
+    let main = group.is_main();
     let file = path.display().to_string();
-    let loaded = a.model.load()?;
-    if let Some(note) = loaded.kept_dense_note() {
+    let loaded = load.load()?;
+    if group.world() > 1 {
+        group.agree("model", &crate::dist::model_fingerprint(&loaded))?;
+        let options = format!("{:?} {} {:?} {:?} {}", sampling, a.max_tokens, a.stop, a.batch, a.truncate_prompt);
+        group.agree("generation options", &options)?;
+        group.agree("prompts", &format!("{} lines", rows.len()))?;
+    }
+    if let Some(note) = loaded.kept_dense_note().filter(|_| main) {
         eprintln!("note: {note}");
     }
     let tokenizer = loaded.tokenizer().context("--prompts (text prompts need the model's tokenizer)")?;
@@ -403,14 +469,16 @@ fn run_prompts(a: &GenerateArgs, path: &Path) -> Result<()> {
     let mut out = InOrder::new();
     let mut refused = vec![];
     for (index, row) in rows.iter().enumerate() {
-        match prepare_row(row, index, a, tokenizer, context, &sampling, &file) {
+        match prepare_row(row, index, a, tokenizer, context, sampling, &file) {
             Ok(request) => {
                 requests.push(request);
                 request_rows.push(index);
             }
             Err(why) => {
-                eprintln!("{file}:{}: refused: {why}", row.line);
-                out.put(index, serde_json::json!({"id": row.id, "line": row.line, "error": why}).to_string());
+                if main {
+                    eprintln!("{file}:{}: refused: {why}", row.line);
+                    out.put(index, serde_json::json!({"id": row.id, "line": row.line, "error": why}).to_string());
+                }
                 refused.push(row.line.to_string());
             }
         }
@@ -428,31 +496,61 @@ fn run_prompts(a: &GenerateArgs, path: &Path) -> Result<()> {
     if requests.is_empty() {
         return Err(refused_error());
     }
-    let interrupted = interrupt_flag()?;
+    let costs: Vec<usize> = requests.iter().map(|r| r.prompt.len() + r.max_tokens).collect();
+    let (start, end) = block_of(&costs, group.rank(), group.world());
+    let mine = &requests[start..end];
     let params = BatchParams {
-        batch: usize::try_from(a.batch.unwrap_or(DEFAULT_BATCH)).unwrap_or(usize::MAX).min(requests.len()),
+        batch: usize::try_from(a.batch.unwrap_or(DEFAULT_BATCH)).unwrap_or(usize::MAX).min(mine.len()).max(1),
         eos_ids: loaded.eos_ids(),
         interrupt: Some(interrupted.clone()),
     };
-    let bar = crate::bench::run::progress_bar(requests.len() as u64, "prompts", false);
+    let bar = crate::bench::run::progress_bar(mine.len() as u64, "prompts", !main);
     let mut reported = 0;
-    let stats = generate_batch(&loaded.model, loaded.tokenizer.as_ref(), &requests, &params, |k, output| {
-        let index = request_rows[k];
-        out.put(index, output_line(&loaded, &rows[index], &requests[k], &output));
+    let mut theirs = RankLines::default();
+    let stats = generate_batch(&loaded.model, loaded.tokenizer.as_ref(), mine, &params, |k, output| {
+        let index = request_rows[start + k];
+        let line = output_line(&loaded, &rows[index], &mine[k], &output);
+        if main {
+            out.put(index, line);
+        } else {
+            theirs.lines.push((index, line));
+        }
         reported += 1;
         bar.inc(1);
         Ok(())
     });
     bar.finish_and_clear();
-    let stats = stats?;
+    let mut stats = stats?;
+    if group.world() > 1 {
+        theirs.requests_done = stats.requests_done;
+        theirs.prompt_tokens = stats.prompt_tokens;
+        theirs.generated_tokens = stats.generated_tokens;
+        theirs.seconds = stats.seconds;
+        let all: Vec<RankLines> = group.all_gather_json(&theirs)?;
+        if !main {
+            return Ok(());
+        }
+        for part in all.into_iter().skip(1) {
+            reported += part.lines.len();
+            for (index, line) in part.lines {
+                out.put(index, line);
+            }
+            stats.requests_done += part.requests_done;
+            stats.prompt_tokens += part.prompt_tokens;
+            stats.generated_tokens += part.generated_tokens;
+            // The ranks ran at once: the whole took as long as the slowest.
+            stats.seconds = stats.seconds.max(part.seconds);
+        }
+    }
     eprintln!(
-        "[{} requests, {} prompt tokens, {} generated in {:.2} s: {:.1} tok/s; batch {}, load {:.2} s]",
+        "[{} requests, {} prompt tokens, {} generated in {:.2} s: {:.1} tok/s; batch {}{}, load {:.2} s]",
         stats.requests_done,
         stats.prompt_tokens,
         stats.generated_tokens,
         stats.seconds,
         stats.tok_s(),
         params.batch,
+        if group.world() > 1 { format!(" per rank × {} ranks", group.world()) } else { String::new() },
         loaded.load_seconds
     );
     if interrupted.load(Ordering::Relaxed) {
@@ -469,4 +567,21 @@ fn run_prompts(a: &GenerateArgs, path: &Path) -> Result<()> {
         return Err(refused_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod block_tests {
+    use super::block_of;
+
+    #[test]
+    fn blocks_cover_every_request_once_in_order() {
+        let costs = [5, 5, 5, 5, 20, 1, 1, 1];
+        let blocks: Vec<(usize, usize)> = (0..3).map(|r| block_of(&costs, r, 3)).collect();
+        assert_eq!(blocks[0].0, 0);
+        assert_eq!(blocks[2].1, costs.len());
+        for w in blocks.windows(2) {
+            assert_eq!(w[0].1, w[1].0);
+        }
+        assert_eq!(block_of(&costs, 0, 1), (0, costs.len()));
+    }
 }

@@ -10,7 +10,7 @@ mod generate;
 mod info;
 mod speculative;
 
-pub use args::{DeviceArgs, LoadArgs, SamplingArgs};
+pub use args::{DeviceArgs, DistArgs, LoadArgs, SamplingArgs};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

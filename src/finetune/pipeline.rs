@@ -8,6 +8,7 @@ use super::data::{self, Example, Renderer, Tokenized};
 use super::files;
 use super::merge;
 use super::train::{self, evaluate, EvalMetrics, Outcome, StepRecord, TrainSettings, Trainer, TrainerState};
+use crate::dist::Group;
 use crate::load::device::{device_name, dtype_name};
 use crate::load::{LoadOptions, LoadedModel, ModelSource};
 use crate::model::adapter::{Lora, LoraConfig};
@@ -240,6 +241,12 @@ pub struct FinetuneRecord {
     /// Peak GPU memory this process allocated.
     pub peak_gpu_allocated_bytes: Option<u64>,
     pub loss_curve: Vec<StepRecord>,
+    /// Data-parallel ranks that trained (1: one device).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Each rank's share when several trained (empty for one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranks: Vec<RankRecord>,
     pub before: EvalMetrics,
     pub after: EvalMetrics,
     /// The adapter folder.
@@ -249,6 +256,24 @@ pub struct FinetuneRecord {
     /// The held-out examples whose generations `before` and `after` hold (not in the JSON).
     #[serde(skip)]
     pub shown: Vec<ShownExample>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One data-parallel rank's part of a run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RankRecord {
+    pub rank: usize,
+    pub device: String,
+    /// Mean loss over the answer tokens this rank trained on.
+    pub loss: f64,
+    pub tokens: usize,
+    pub train_seconds: f64,
+    pub train_tokens_per_s: f64,
+    pub peak_gpu_allocated_bytes: Option<u64>,
+    pub peak_rss_bytes: Option<u64>,
 }
 
 impl FinetuneRecord {
@@ -297,13 +322,31 @@ impl FinetuneRecord {
             (None, Some(c)) => format!(", GPU memory in use {}", human_bytes(c)),
             _ => String::new(),
         };
+        let ranks: String = self
+            .ranks
+            .iter()
+            .map(|r| {
+                format!(
+                    "\n  rank {} ({}): loss {:.4}, {} tokens, {:.0} tok/s{}",
+                    r.rank,
+                    r.device,
+                    r.loss,
+                    r.tokens,
+                    r.train_tokens_per_s,
+                    r.peak_gpu_allocated_bytes
+                        .map(|b| format!(", peak GPU allocated {}", human_bytes(b)))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
         format!(
-            "{}\n{} steps in {:.1} s: {:.1} ms/step, {:.0} training tok/s; peak RSS {}{}\nadapter saved in {}",
+            "{}\n{} steps in {:.1} s: {:.1} ms/step, {:.0} training tok/s{}; peak RSS {}{}{ranks}\nadapter saved in {}",
             self.metrics_table(),
             self.steps,
             self.train_seconds,
             self.step_time_ms,
             self.train_tokens_per_s,
+            if self.world_size > 1 { format!(" over {} ranks", self.world_size) } else { String::new() },
             self.peak_rss_bytes.map(human_bytes).unwrap_or_else(|| "unknown".into()),
             gpu,
             self.adapter.display()
@@ -421,7 +464,15 @@ fn tokenize_all(
 /// Run the whole job; see the module documentation. Errors about one input are [`InputError`]s; a run stopped
 /// through the hooks' flag ends in [`Interrupted`].
 pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecord> {
+    run_rank(p, hooks, &mut Group::single())?.context("a run of one rank returned no record")
+}
+
+/// One data-parallel rank of a run (see [`crate::dist`]): every rank loads its replica and trains on its share of
+/// each step; rank 0 evaluates, writes the adapter, checkpoints and results, and returns the record (the others
+/// return `None` once training is done).
+pub fn run_rank(p: &FinetuneParams, hooks: &mut dyn RunHooks, group: &mut Group) -> Result<Option<FinetuneRecord>> {
     let wall = Instant::now();
+    let main = group.is_main();
     // Everything that can be checked without the model, before any work: values, where the outputs go, the
     // checkpoint, the data.
     if p.max_steps == Some(0) {
@@ -440,9 +491,11 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
     if p.out.exists() && !p.out.is_dir() {
         return Err(input_error(Input::Out, anyhow::anyhow!("{}: not a folder", p.out.display())));
     }
-    files::check_writable_folder(&p.out).about(Input::Out)?;
-    if let Some(results) = &p.results {
-        crate::util::check_results_file(results).about(Input::Results)?;
+    if main {
+        files::check_writable_folder(&p.out).about(Input::Out)?;
+        if let Some(results) = &p.results {
+            crate::util::check_results_file(results).about(Input::Results)?;
+        }
     }
     let data = load_data(p, resumed.as_ref().map_or(p.settings.seed, |st| st.settings.seed))?;
     if let Some(st) = &resumed {
@@ -466,6 +519,13 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
     let merge_to = if p.merge { Some(merge_target(&p.out, &source).about(Input::Merge)?) } else { None };
 
     let mut loaded = hooks.load(&p.model, &p.load)?;
+    if group.world() > 1 {
+        group.agree("model", &crate::dist::model_fingerprint(&loaded))?;
+        group.agree("training data (sha256)", &data.sha256)?;
+        let given = serde_json::to_string(&(&p.settings, format!("{:?}", p.targets), p.max_steps, p.resume.is_some()))?;
+        group.agree("training settings", &given)?;
+        group.connect_devices(loaded.model.device())?;
+    }
     let cfg = loaded.config().clone();
     let layer_names: Vec<String> = loaded.model.linears_mut().into_iter().map(|(n, _)| n).collect();
     let s = match &resumed {
@@ -486,8 +546,12 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
     }
     let train = tokenize_all(&renderer, &data.train, s.max_len, "training", hooks)?;
     let eval_tok = tokenize_all(&renderer, &data.eval, s.max_len, "held-out", hooks)?;
-    std::fs::create_dir_all(&p.out).with_context(|| format!("{}: cannot create", p.out.display())).about(Input::Out)?;
-    let cleaned = files::clean_leftovers(&p.out);
+    if main {
+        std::fs::create_dir_all(&p.out)
+            .with_context(|| format!("{}: cannot create", p.out.display()))
+            .about(Input::Out)?;
+    }
+    let cleaned = if main { files::clean_leftovers(&p.out) } else { 0 };
     if cleaned > 0 {
         hooks.note(&format!(
             "removed {cleaned} unfinished temporary output(s) of an earlier run from {}",
@@ -527,19 +591,36 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
         total_params
     ));
 
+    // Rank 0 evaluates; the others take its figures (and wait for them).
     let before = match resumed.as_ref().and_then(|st| st.before.clone()) {
         Some(b) => b,
         None => {
-            hooks.note("evaluating the base model on the held-out examples…");
-            evaluate(&loaded.model, &renderer, &data.eval, &eval_tok, s.batch_size, &eos, p.show)?
+            let mine = if main {
+                hooks.note("evaluating the base model on the held-out examples…");
+                Some(evaluate(&loaded.model, &renderer, &data.eval, &eval_tok, s.batch_size, &eos, p.show)?)
+            } else {
+                None
+            };
+            group.all_gather_json(&mine)?.swap_remove(0).context("rank 0 sent no evaluation")?
         }
     };
-    let per_epoch = train::steps_per_epoch(train.len(), &s);
+    let world = group.world();
+    let per_epoch = train::steps_per_epoch(train.len(), &s, world);
     let total_steps = match p.max_steps {
         Some(m) => (per_epoch * s.epochs).min(m),
         None => per_epoch * s.epochs,
     };
     let state = match resumed {
+        // A checkpoint of another world size: the same share of the data done, counted in this run's steps.
+        Some(st) if st.world_size != world => {
+            let seen = st.step * s.batch_size * s.grad_accum * st.world_size;
+            let step = (seen / (s.batch_size * s.grad_accum * world)).min(total_steps);
+            hooks.note(&format!(
+                "note: the checkpoint was written by {} rank(s), this run has {world}: step {} of {} there is step {step} of {total_steps} here",
+                st.world_size, st.step, st.total_steps
+            ));
+            TrainerState { step, total_steps, world_size: world, ..st }
+        }
         Some(st) => st,
         None => TrainerState {
             settings: s.clone(),
@@ -552,10 +633,12 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
             train_seconds: 0.0,
             tokens_trained: 0,
             before: Some(before.clone()),
+            world_size: world,
         },
     };
     let mut trainer = Trainer::new(&mut loaded.model, lora, train, state, &p.out)?;
     trainer.pause_in_save = p.pause_in_save;
+    trainer.group = Some(&*group);
     if let Some(dir) = &p.resume {
         trainer.restore(dir).about(Input::Resume)?;
         hooks.note(&format!("resuming at step {} of {}", trainer.state.step, trainer.state.total_steps));
@@ -580,6 +663,26 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
     if let Outcome::Interrupted(checkpoint) = outcome? {
         return Err(Interrupted { step: trainer.state.step, total, checkpoint }.into());
     }
+    let ranks = if world > 1 {
+        let t = &trainer.totals;
+        let mine = RankRecord {
+            rank: group.rank(),
+            device: device_name(&device),
+            loss: t.nll / t.targets.max(1) as f64,
+            tokens: t.tokens,
+            train_seconds: t.seconds,
+            train_tokens_per_s: t.tokens as f64 / t.seconds.max(1e-9),
+            peak_gpu_allocated_bytes: crate::util::gpu_peak_allocated_bytes(&device),
+            peak_rss_bytes: crate::util::peak_rss_bytes(),
+        };
+        group.all_gather_json(&mine)?
+    } else {
+        vec![]
+    };
+    if !main {
+        return Ok(None);
+    }
+    let ranks_devices = ranks.iter().map(|r| r.device.as_str()).collect::<Vec<_>>().join("+");
     let state = trainer.state.clone();
     let lora = trainer.lora;
     drop(trainer.optimizer);
@@ -622,7 +725,10 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
         model: p.model.clone(),
         architecture,
         quantization,
-        device: device_name(&device),
+        device: match world {
+            1 => device_name(&device),
+            _ => ranks_devices,
+        },
         dtype: dtype_name(model.dtype()).to_string(),
         data: state.data,
         train_examples: data.train.len(),
@@ -640,6 +746,8 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
         peak_gpu_memory_bytes: peak_gpu,
         peak_gpu_allocated_bytes: crate::util::gpu_peak_allocated_bytes(&device),
         loss_curve: state.history,
+        world_size: world,
+        ranks,
         before,
         after,
         adapter: p.out.clone(),
@@ -656,7 +764,7 @@ pub fn run(p: &FinetuneParams, hooks: &mut dyn RunHooks) -> Result<FinetuneRecor
                 .with_context(|| format!("cannot remove the spent checkpoint {}", dir.display()))?;
         }
     }
-    Ok(record)
+    Ok(Some(record))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use super::data::{Example, Renderer, Tokenized, IGNORE};
 use super::files::publish;
 use super::loss::{causal_lm_loss, labelled_rows};
 use super::optim::{clip, grad_norm, AdamW, AdamWParams};
+use crate::dist::Group;
 use crate::generation::batch::{generate_batch, BatchParams, BatchRequest};
 use crate::generation::sampling::SamplingParams;
 use crate::model::adapter::Lora;
@@ -148,6 +149,23 @@ pub struct TrainerState {
     pub train_seconds: f64,
     pub tokens_trained: usize,
     pub before: Option<EvalMetrics>,
+    /// Data-parallel ranks the steps were counted for (a step of 2 ranks holds twice the examples).
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
+}
+
+/// What this rank did itself over a run (the step records hold the sums over all ranks).
+#[derive(Debug, Clone, Default)]
+pub struct RankTotals {
+    /// Summed loss over this rank's answer tokens, and their count.
+    pub nll: f64,
+    pub targets: usize,
+    pub tokens: usize,
+    pub seconds: f64,
 }
 
 pub enum Outcome {
@@ -199,19 +217,23 @@ pub fn learning_rate(s: &TrainSettings, step: usize, total: usize) -> f64 {
     }
 }
 
-pub fn steps_per_epoch(n_train: usize, s: &TrainSettings) -> usize {
-    n_train.div_ceil(s.batch_size).div_ceil(s.grad_accum)
+/// Optimizer steps per epoch when `world` ranks each run `grad_accum` micro-batches of `batch_size` per step.
+pub fn steps_per_epoch(n_train: usize, s: &TrainSettings, world: usize) -> usize {
+    n_train.div_ceil(s.batch_size).div_ceil(s.grad_accum * world.max(1))
 }
 
-/// The micro-batches (indices into the training set) of optimizer step `step`; the order of each epoch is a
-/// seeded shuffle, so a resumed run sees exactly the batches the interrupted one would have.
-pub fn step_batches(n_train: usize, s: &TrainSettings, step: usize) -> Vec<Vec<usize>> {
-    let per_epoch = steps_per_epoch(n_train, s);
+/// The micro-batches (indices into the training set) of optimizer step `step` over all `world` ranks: rank `r`
+/// runs those at `r`, `r + world`, …; the order of each epoch is a seeded shuffle, so a resumed run sees exactly
+/// the batches the interrupted one would have, and `world` ranks with batch `b` see the examples that one rank
+/// with batch `world · b` sees.
+pub fn step_batches(n_train: usize, s: &TrainSettings, step: usize, world: usize) -> Vec<Vec<usize>> {
+    let per_step = s.grad_accum * world.max(1);
+    let per_epoch = steps_per_epoch(n_train, s, world);
     let (epoch, within) = (step / per_epoch, step % per_epoch);
     let mut order: Vec<usize> = (0..n_train).collect();
     super::data::shuffle(&mut order, s.seed.wrapping_add(epoch as u64 + 1));
     let batches: Vec<Vec<usize>> = order.chunks(s.batch_size).map(|c| c.to_vec()).collect();
-    batches.into_iter().skip(within * s.grad_accum).take(s.grad_accum).collect()
+    batches.into_iter().skip(within * per_step).take(per_step).collect()
 }
 
 /// Sum of NLL, correct argmax predictions and count over labelled targets (labels shifted by one).
@@ -328,6 +350,10 @@ pub struct Trainer<'a> {
     pub out_dir: PathBuf,
     /// Test hook: wait this long between a checkpoint written in full and its rename into place.
     pub pause_in_save: Option<std::time::Duration>,
+    /// The data-parallel ranks this one trains with (`None`: alone). Each runs its share of every step's
+    /// micro-batches; the gradients are summed over the ranks before the (identical) optimizer step.
+    pub group: Option<&'a Group>,
+    pub totals: RankTotals,
 }
 
 impl<'a> Trainer<'a> {
@@ -340,7 +366,17 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self> {
         let params = AdamWParams { weight_decay: state.settings.weight_decay, ..Default::default() };
         let optimizer = AdamW::new(lora.vars(), params)?;
-        Ok(Self { model, lora, optimizer, train, state, out_dir: out.to_path_buf(), pause_in_save: None })
+        Ok(Self {
+            model,
+            lora,
+            optimizer,
+            train,
+            state,
+            out_dir: out.to_path_buf(),
+            pause_in_save: None,
+            group: None,
+            totals: RankTotals::default(),
+        })
     }
 
     pub fn checkpoint_dir(&self) -> PathBuf {
@@ -364,6 +400,20 @@ impl<'a> Trainer<'a> {
     /// whole, whenever the process stops.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let dir = self.checkpoint_dir();
+        // Every rank holds the same adapter and moments: rank 0 writes them, the others wait until it has.
+        if let Some(g) = self.group.filter(|g| g.world() > 1) {
+            if g.is_main() {
+                self.write_checkpoint(&dir)?;
+            }
+            g.barrier()?;
+            return Ok(dir);
+        }
+        self.write_checkpoint(&dir)?;
+        Ok(dir)
+    }
+
+    fn write_checkpoint(&self, dir: &Path) -> Result<()> {
+        let dir = dir.to_path_buf();
         let tmp = temp_path_beside(&dir);
         let _ = std::fs::remove_dir_all(&tmp);
         self.lora.save_for(&tmp, self.model.config())?;
@@ -373,14 +423,20 @@ impl<'a> Trainer<'a> {
         let marker = format!("step {} of {}\n", self.state.step, self.state.total_steps);
         write_atomic(&tmp.join(CHECKPOINT_COMPLETE), marker.as_bytes())?;
         publish(&tmp, &dir, self.pause_in_save)?;
-        Ok(dir)
+        Ok(())
     }
 
-    /// Run the remaining optimizer steps.
+    /// Run the remaining optimizer steps. The loss of a step is the mean over every answer token of the step's
+    /// micro-batches, on every rank (token-weighted, as transformers accumulates since 4.46): each micro-batch
+    /// adds its tokens' summed loss divided by the step's token count, so accumulation and ranks change nothing
+    /// but the rounding.
     pub fn run(&mut self, hooks: &mut Hooks) -> Result<Outcome> {
+        let single = Group::single();
+        let group = self.group.unwrap_or(&single);
+        let (rank, world) = (group.rank(), group.world());
         let s = self.state.settings.clone();
         let total = self.state.total_steps;
-        let per_epoch = steps_per_epoch(self.train.len(), &s);
+        let per_epoch = steps_per_epoch(self.train.len(), &s, world);
         let vars = self.lora.vars();
         let device = self.model.device().clone();
         self.model.set_ops(Ops::Differentiable);
@@ -388,28 +444,32 @@ impl<'a> Trainer<'a> {
         while self.state.step < total {
             let step = self.state.step;
             let started = Instant::now();
-            let batches = step_batches(self.train.len(), &s, step);
+            let batches = step_batches(self.train.len(), &s, step, world);
+            let step_targets: usize = batches.iter().flatten().map(|&i| self.train[i].trained_tokens()).sum();
             let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
             let mut loss_sum = 0.0;
             let mut tokens = 0;
-            for batch in &batches {
+            for batch in batches.iter().skip(rank).step_by(world) {
                 let refs: Vec<&Tokenized> = batch.iter().map(|&i| &self.train[i]).collect();
                 tokens += refs.iter().map(|t| t.ids.len()).sum::<usize>();
-                if refs.iter().all(|t| t.trained_tokens() == 0) {
+                let targets: usize = refs.iter().map(|t| t.trained_tokens()).sum();
+                if targets == 0 {
                     continue; // every answer was cut by --max-len
                 }
                 let (ids, labels) = batch_tensors(&refs, &device)?;
                 let mut cache = self.model.new_cache();
                 let logits = self.model.forward(&ids, &mut cache)?;
-                let loss = (causal_lm_loss(&logits, &labels)? / batches.len() as f64)?;
+                let loss = (causal_lm_loss(&logits, &labels)? * (targets as f64 / step_targets as f64))?;
                 let mut value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if hooks.inject_nan_at_step == Some(step + 1) {
                     value = f64::NAN;
                 }
-                if !value.is_finite() {
-                    return Err(self.diverged(step, "loss", value));
-                }
                 loss_sum += value;
+                self.totals.nll += value * step_targets as f64;
+                self.totals.targets += targets;
+                if !value.is_finite() {
+                    break; // the ranks stop together, below
+                }
                 let grads = loss.backward()?;
                 (hooks.on_memory)();
                 for (slot, var) in acc.iter_mut().zip(&vars) {
@@ -421,12 +481,20 @@ impl<'a> Trainer<'a> {
                     });
                 }
             }
+            self.totals.tokens += tokens;
+            // One exchange per step: the loss, the tokens run, and whether any rank was asked to stop.
+            let stop_here = hooks.interrupt.load(Ordering::Relaxed) as u8 as f64;
+            let summed = group.sum_f64(&[loss_sum, tokens as f64, stop_here])?;
+            let (loss_sum, tokens, stop) = (summed[0], summed[1] as usize, summed[2] > 0.0);
+            if !loss_sum.is_finite() {
+                return Err(self.diverged(step, "loss", loss_sum));
+            }
             let grads: Vec<Tensor> = acc
                 .into_iter()
                 .zip(&vars)
                 .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
                 .collect::<candle_core::Result<_>>()?;
-            let flat = self.optimizer.flatten_grads(&grads)?;
+            let flat = group.sum_tensor(&self.optimizer.flatten_grads(&grads)?)?;
             let grad_norm = grad_norm(&flat)?;
             if !grad_norm.is_finite() {
                 return Err(self.diverged(step, "gradient norm", grad_norm));
@@ -434,6 +502,7 @@ impl<'a> Trainer<'a> {
             let lr = learning_rate(&s, step, total);
             self.optimizer.step_flat(&clip(flat, grad_norm, s.max_grad_norm)?, lr)?;
             let seconds = started.elapsed().as_secs_f64();
+            self.totals.seconds += seconds;
             let rec = StepRecord {
                 step: step + 1,
                 epoch: (step + 1) as f64 / per_epoch as f64,
@@ -448,7 +517,7 @@ impl<'a> Trainer<'a> {
             self.state.tokens_trained += tokens;
             (hooks.on_step)(&rec, total);
             self.state.history.push(rec);
-            if hooks.interrupt.load(Ordering::Relaxed) && self.state.step < total {
+            if stop && self.state.step < total {
                 return Ok(Outcome::Interrupted(self.save_checkpoint()?));
             }
         }
@@ -457,7 +526,8 @@ impl<'a> Trainer<'a> {
 
     /// Save the adapter as it was before the failing step and describe the failure.
     fn diverged(&self, step: usize, what: &str, value: f64) -> anyhow::Error {
-        let saved = self.lora.save_for(&self.out_dir, self.model.config());
+        let main = self.group.is_none_or(|g| g.is_main());
+        let saved = if main { self.lora.save_for(&self.out_dir, self.model.config()) } else { Ok(()) };
         let kept = match saved {
             Ok(()) => format!("the last good adapter (after step {step}) is in {}", self.out_dir.display()),
             Err(e) => format!("saving the last good adapter failed too: {e}"),
@@ -496,14 +566,32 @@ mod tests {
     #[test]
     fn every_example_once_per_epoch() {
         let s = settings();
-        let per = steps_per_epoch(21, &s);
+        let per = steps_per_epoch(21, &s, 1);
         assert_eq!(per, 3); // 6 micro-batches of ≤ 4, 2 per step
         for epoch in 0..2 {
-            let mut seen: Vec<usize> = (0..per).flat_map(|k| step_batches(21, &s, epoch * per + k)).flatten().collect();
+            let mut seen: Vec<usize> =
+                (0..per).flat_map(|k| step_batches(21, &s, epoch * per + k, 1)).flatten().collect();
             seen.sort();
             assert_eq!(seen, (0..21).collect::<Vec<_>>());
         }
-        assert_ne!(step_batches(21, &s, 0), step_batches(21, &s, per), "each epoch reshuffles");
+        assert_ne!(step_batches(21, &s, 0, 1), step_batches(21, &s, per, 1), "each epoch reshuffles");
+    }
+
+    #[test]
+    fn ranks_share_the_examples_of_one_larger_batch() {
+        let mut one = settings();
+        one.batch_size = 4;
+        one.grad_accum = 1;
+        let mut two = one.clone();
+        two.batch_size = 2;
+        assert_eq!(steps_per_epoch(21, &one, 1), steps_per_epoch(21, &two, 2));
+        for step in 0..steps_per_epoch(21, &one, 1) {
+            let mut a: Vec<usize> = step_batches(21, &one, step, 1).concat();
+            let mut b: Vec<usize> = step_batches(21, &two, step, 2).concat();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b);
+        }
     }
 
     #[test]
