@@ -121,6 +121,7 @@ fn train_on(run: &Run, opts: &LoadOptions, group: &mut Group, world: usize) -> R
         tokens_trained: 0,
         before: None,
         world_size: world,
+        updates: 0,
     };
     let device = loaded.model.device().clone();
     let dtype = loaded.model.dtype();

@@ -294,3 +294,72 @@ fn mismatched_missing_and_different_ranks_end_every_rank_with_a_reason() {
     let o = common::billion(&["generate", "--model", "m", "--prompt", "x", "--devices", "cuda:0,cuda:0"]);
     assert!(common::stderr(&o).contains("named twice"), "{}", common::stderr(&o));
 }
+
+/// Ctrl-C on one rank stops both at the same step with one checkpoint, which one rank then resumes and finishes.
+#[test]
+fn ctrl_c_on_one_rank_checkpoints_and_one_rank_resumes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    billion::testing::write_chat_model(&model, 9).unwrap();
+    common::write_even_odd_task(&dir.path().join("train.jsonl"), 0, 48);
+    common::write_even_odd_task(&dir.path().join("eval.jsonl"), 100, 4);
+    let mut args = finetune_args(dir.path(), &model, "run", "4", &[]);
+    for flag in ["--max-steps", "--epochs", "--lr"] {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        args.drain(at..at + 2);
+    }
+    args.extend(strings(&["--epochs", "10", "--lr", "1e-3"]));
+    let port = free_port().to_string();
+    let spawn = |r: usize| {
+        Command::new(env!("CARGO_BIN_EXE_billion"))
+            .args(&args)
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_PORT", &port)
+            .env("BILLION_THREADS", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (mut rank0, rank1) = (spawn(0), spawn(1));
+    let mut err = BufReader::new(rank0.stderr.take().unwrap());
+    let mut log = String::new();
+    loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        log.push_str(&line);
+        if line.starts_with("step ") {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(rank0.id() as i32, libc::SIGINT) };
+            break;
+        }
+    }
+    std::io::Read::read_to_string(&mut err, &mut log).unwrap();
+    assert_eq!(rank0.wait().unwrap().code(), Some(130), "{log}");
+    let other = rank1.wait_with_output().unwrap();
+    assert_eq!(other.status.code(), Some(130), "rank 1 stops at the same step: {}", common::stderr(&other));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/checkpoint/trainer_state.json")).unwrap())
+            .unwrap();
+    let (step, world) = (state["step"].as_u64().unwrap(), state["world_size"].as_u64().unwrap());
+    assert_eq!(world, 2);
+    assert!(step > 0 && step < 60, "stopped mid-run at step {step}");
+    // One rank resumes: the same share of the data done, counted in its own (twice as large) steps.
+    args.extend(["--resume".into(), dir.path().join("run/checkpoint").to_str().unwrap().into()]);
+    let o = alone(&args);
+    ok(&o, "resume with one rank");
+    // 6 steps an epoch of two ranks' 2 × 4 examples are 12 of one rank's 4.
+    let mapped = format!(
+        "the checkpoint was written by 2 rank(s), this run has 1: step {step} of 60 there is step {} of 120 here",
+        2 * step
+    );
+    assert!(common::stderr(&o).contains(&mapped), "{mapped}: {}", common::stderr(&o));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&common::stdout(&o)).unwrap()["steps"], 120);
+    let record: serde_json::Value = serde_json::from_str(&common::stdout(&o)).unwrap();
+    assert_eq!(record["world_size"], 1);
+    assert!(!dir.path().join("run/checkpoint").exists(), "the spent checkpoint is removed");
+}

@@ -671,9 +671,10 @@ fn score_batched(
             out.per_subject.push(results);
             continue;
         }
-        // The first chunk decides how many prefix tokens the subject's questions share, so a rank that scores
-        // only later chunks still plans it (and scores nothing of it).
-        let planned_chunks: Vec<usize> = if owned[0] == 0 { owned.clone() } else { [&[0][..], &owned].concat() };
+        // The first chunk with a question that keeps the prefix decides how many prefix tokens the subject's
+        // questions share, so a rank that scores only later chunks still plans the chunks before its first (and
+        // scores nothing of them).
+        let planned_chunks: Vec<usize> = (0..owned[0]).chain(owned.iter().copied()).collect();
         let prefix_text = fewshot_prefix(s, shots);
         let prefix = tok.encode(&prefix_text, false)?;
         let contexts: Vec<String> = questions.iter().map(|q| prefix_text.clone() + &format_question(q)).collect();
@@ -700,6 +701,9 @@ fn score_batched(
                 if interrupted.load(Ordering::Relaxed) {
                     out.interrupted = true;
                     break;
+                }
+                if !mine(si, c) && shared_len.is_some() {
+                    continue; // planned only to find the shared length, which is known now
                 }
                 let mut batched = vec![];
                 let mut alone = vec![];

@@ -413,6 +413,7 @@ fn run_prompts(a: &GenerateArgs, path: &Path) -> Result<()> {
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 struct RankLines {
     lines: Vec<(usize, String)>,
+    interrupted: bool,
     requests_done: usize,
     prompt_tokens: usize,
     generated_tokens: usize,
@@ -526,7 +527,12 @@ fn prompts_rank(
         theirs.prompt_tokens = stats.prompt_tokens;
         theirs.generated_tokens = stats.generated_tokens;
         theirs.seconds = stats.seconds;
+        theirs.interrupted = interrupted.load(Ordering::Relaxed);
         let all: Vec<RankLines> = group.all_gather_json(&theirs)?;
+        // Ctrl-C on any rank: rank 0 writes what every rank finished, past the gaps.
+        if all.iter().any(|p| p.interrupted) {
+            interrupted.store(true, Ordering::Relaxed);
+        }
         if !main {
             return Ok(());
         }

@@ -163,12 +163,18 @@ impl Group {
     /// exchange). Nothing to do for a run of one, a CPU device, a binary built without `nccl`, or with
     /// `BILLION_DIST_NCCL=0` (sums then go through the exchange: slower, but ranks may then share a GPU).
     pub fn connect_devices(&mut self, device: &Device) -> Result<()> {
-        let nccl_off = std::env::var("BILLION_DIST_NCCL").is_ok_and(|v| v == "0");
-        if self.world == 1 || !device.is_cuda() || nccl_off {
+        if self.world == 1 {
             return Ok(());
         }
+        let nccl_off = std::env::var("BILLION_DIST_NCCL").is_ok_and(|v| v == "0");
+        let nccl = cfg!(feature = "nccl") && device.is_cuda() && !nccl_off;
+        // Every rank must take the same way, or the NCCL id exchange would pair with another collective.
+        self.agree(
+            "way gradients are summed (NCCL, or the host: BILLION_DIST_NCCL=0, CPU or no `nccl` build)",
+            if nccl { "NCCL" } else { "host" },
+        )?;
         #[cfg(feature = "nccl")]
-        {
+        if nccl {
             self.devices = Some(nccl::DeviceReduce::connect(self, device)?);
         }
         Ok(())
@@ -453,7 +459,10 @@ pub fn run_threads<T: Send>(
                     .name(format!("rank-{rank}"))
                     .spawn_scoped(scope, move || {
                         let mut group = Group::new(rank, world, Some(Box::new(x)));
-                        let out = work(&mut group, device);
+                        // A panicking rank tells the others too, instead of leaving them to their timeout.
+                        let caught =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut group, device)));
+                        let out = caught.unwrap_or_else(|_| Err(anyhow::anyhow!("rank {rank}'s worker panicked")));
                         if let Err(e) = &out {
                             group.abort(e);
                         }

@@ -121,6 +121,7 @@ impl TcpExchange {
                     s.set_nonblocking(false)?;
                     s.set_nodelay(true)?;
                     s.set_read_timeout(Some(timeout))?;
+                    s.set_write_timeout(Some(timeout))?;
                     let (_, hello) = read_frame(&mut s, 0, usize::MAX, timeout)
                         .with_context(|| format!("rank 0: a rank connecting from {from} sent no greeting"))?;
                     let hello: Hello = serde_json::from_slice(&hello)
@@ -202,6 +203,7 @@ impl TcpExchange {
         };
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
         let hello = Hello { rank: me.rank, world: me.world, version: version() };
         write_frame(&mut s, DATA, &serde_json::to_vec(&hello)?).context("greeting rank 0")?;
         match read_frame(&mut s, me.rank, 0, timeout)? {

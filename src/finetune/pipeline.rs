@@ -524,6 +524,11 @@ pub fn run_rank(p: &FinetuneParams, hooks: &mut dyn RunHooks, group: &mut Group)
         group.agree("training data (sha256)", &data.sha256)?;
         let given = serde_json::to_string(&(&p.settings, format!("{:?}", p.targets), p.max_steps, p.resume.is_some()))?;
         group.agree("training settings", &given)?;
+        if let (Some(dir), Some(st)) = (&p.resume, &resumed) {
+            // Every rank resumes from the same checkpoint (hosts without a shared disk each read their own copy).
+            let adapter = std::fs::read(dir.join("adapter_model.safetensors")).unwrap_or_default();
+            group.agree("checkpoint (step, adapter sha256)", &format!("{} {}", st.step, sha256_hex(&adapter)))?;
+        }
         group.connect_devices(loaded.model.device())?;
     }
     let cfg = loaded.config().clone();
@@ -611,15 +616,18 @@ pub fn run_rank(p: &FinetuneParams, hooks: &mut dyn RunHooks, group: &mut Group)
         None => per_epoch * s.epochs,
     };
     let state = match resumed {
-        // A checkpoint of another world size: the same share of the data done, counted in this run's steps.
+        // A checkpoint of another world size: the same epoch and share of it done, counted in this run's steps
+        // (AdamW keeps counting its own updates).
         Some(st) if st.world_size != world => {
-            let seen = st.step * s.batch_size * s.grad_accum * st.world_size;
-            let step = (seen / (s.batch_size * s.grad_accum * world)).min(total_steps);
+            let old_per_epoch = train::steps_per_epoch(train.len(), &s, st.world_size);
+            let map = |k| train::map_step(k, old_per_epoch, st.world_size, per_epoch, world);
+            let (step, total) = (map(st.step), map(st.total_steps));
             hooks.note(&format!(
-                "note: the checkpoint was written by {} rank(s), this run has {world}: step {} of {} there is step {step} of {total_steps} here",
+                "note: the checkpoint was written by {} rank(s), this run has {world}: step {} of {} there is step {step} of {total} here",
                 st.world_size, st.step, st.total_steps
             ));
-            TrainerState { step, total_steps, world_size: world, ..st }
+            let updates = if st.updates > 0 { st.updates } else { st.step };
+            TrainerState { step, total_steps: total, world_size: world, updates, ..st }
         }
         Some(st) => st,
         None => TrainerState {
@@ -634,6 +642,7 @@ pub fn run_rank(p: &FinetuneParams, hooks: &mut dyn RunHooks, group: &mut Group)
             tokens_trained: 0,
             before: Some(before.clone()),
             world_size: world,
+            updates: 0,
         },
     };
     let mut trainer = Trainer::new(&mut loaded.model, lora, train, state, &p.out)?;

@@ -152,6 +152,17 @@ pub struct TrainerState {
     /// Data-parallel ranks the steps were counted for (a step of 2 ranks holds twice the examples).
     #[serde(default = "one_rank")]
     pub world_size: usize,
+    /// AdamW updates made (its bias correction counts them); 0 in checkpoints that predate it: `step`.
+    #[serde(default)]
+    pub updates: usize,
+}
+
+/// Where `step` of a run of `from` ranks is in a run of `to` ranks (`per_epoch_*` steps per epoch each): the
+/// same epoch, and the same share of the epoch's micro-batches done.
+pub fn map_step(step: usize, per_epoch_from: usize, from: usize, per_epoch_to: usize, to: usize) -> usize {
+    let (epoch, within) = (step / per_epoch_from.max(1), step % per_epoch_from.max(1));
+    // Rounded down: a few examples run again rather than some not at all.
+    epoch * per_epoch_to + (within * from / to.max(1)).min(per_epoch_to)
 }
 
 fn one_rank() -> usize {
@@ -391,7 +402,8 @@ impl<'a> Trainer<'a> {
         let state = candle_core::safetensors::load(&opt_path, self.model.device())
             .with_context(|| format!("{}: cannot read", opt_path.display()))?;
         let names = self.lora.var_names();
-        self.optimizer.load_state(&names, &state.into_iter().collect(), self.state.step)?;
+        let updates = if self.state.updates > 0 { self.state.updates } else { self.state.step };
+        self.optimizer.load_state(&names, &state.into_iter().collect(), updates)?;
         Ok(())
     }
 
@@ -513,6 +525,7 @@ impl<'a> Trainer<'a> {
                 seconds,
             };
             self.state.step += 1;
+            self.state.updates = self.state.updates.max(step) + 1;
             self.state.train_seconds += seconds;
             self.state.tokens_trained += tokens;
             (hooks.on_step)(&rec, total);
@@ -575,6 +588,15 @@ mod tests {
             assert_eq!(seen, (0..21).collect::<Vec<_>>());
         }
         assert_ne!(step_batches(21, &s, 0, 1), step_batches(21, &s, per, 1), "each epoch reshuffles");
+    }
+
+    #[test]
+    fn a_step_maps_to_the_same_place_at_another_world_size() {
+        // 21 examples in batches of 4: 6 micro-batches an epoch; 4 ranks take 2 steps an epoch, 1 rank 6.
+        assert_eq!(map_step(2, 2, 4, 6, 1), 6, "the start of epoch 1");
+        assert_eq!(map_step(1, 2, 4, 6, 1), 4, "half of epoch 0 done: 4 micro-batches");
+        assert_eq!(map_step(3, 6, 1, 3, 2), 1, "3 of 6 micro-batches done: step 1 of 3 (the third runs again)");
+        assert_eq!(map_step(6, 6, 1, 3, 2), 3);
     }
 
     #[test]
