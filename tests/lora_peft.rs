@@ -2,7 +2,7 @@
 
 mod common;
 
-use billion::finetune::loss::causal_lm_loss;
+use billion::finetune::loss::{causal_lm_loss, labelled_rows, selected_rows_loss};
 use billion::finetune::optim::{AdamW, AdamWParams};
 use billion::load::{load, LoadOptions};
 use billion::model::adapter::Lora;
@@ -48,6 +48,27 @@ fn check(case: &str) {
             let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {module}.{which}"));
             let e = rel_err(got, want);
             assert!(e <= 1e-4, "{case}: gradient of {module}.{which} off by {e:.2e} (relative)");
+        }
+    }
+
+    // The training loop's path: only the labelled positions through the head, the same loss and gradients.
+    let (rows, targets) = labelled_rows(&reference["labels"], loaded.config().vocab_size).unwrap();
+    let rows = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
+    let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+    let mut cache = loaded.model.new_cache();
+    let selected = loaded.model.forward_rows(&ids, &mut cache, &rows).unwrap();
+    let loss_rows = selected_rows_loss(&selected, &targets).unwrap();
+    let got_rows = loss_rows.to_scalar::<f32>().unwrap();
+    assert!(
+        ((got_rows - want_loss) / want_loss).abs() < 1e-5,
+        "{case}: selected-rows loss {got_rows} vs peft {want_loss}"
+    );
+    let grads_rows = loss_rows.backward().unwrap();
+    for (module, a, b) in &lora.params {
+        for (which, var) in [("lora_A", a), ("lora_B", b)] {
+            let want = &reference[&format!("grad.{module}.{which}.weight")];
+            let e = rel_err(grads_rows.get(var.as_tensor()).unwrap(), want);
+            assert!(e <= 1e-4, "{case}: selected-rows gradient of {module}.{which} off by {e:.2e} (relative)");
         }
     }
 

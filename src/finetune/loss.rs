@@ -26,6 +26,18 @@ pub fn labelled_rows(labels: &Tensor, vocab: usize) -> Result<(Vec<u32>, Vec<u32
     Ok((rows, targets))
 }
 
+/// The causal-LM loss from logits of the labelled positions only (`Model::forward_rows` with the rows of
+/// [`labelled_rows`]): `[n, vocab]` logits, `n` targets (u32). The same value and gradients as
+/// [`causal_lm_loss`] over every position's logits.
+pub fn selected_rows_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    if n == 0 {
+        bail!("every label is ignored (-100): nothing to learn from");
+    }
+    let rows = Tensor::arange(0u32, n as u32, logits.device())?;
+    Ok(crate::ops::autograd::cross_entropy_rows(logits, &rows, targets)?.mean_all()?)
+}
+
 /// Hugging Face's causal-LM loss: the mean negative log-likelihood over [`labelled_rows`].
 /// `logits` `[b, t, vocab]`, `labels` `[b, t]` (i64).
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {

@@ -4,7 +4,7 @@
 
 use super::data::{Example, Renderer, Tokenized, IGNORE};
 use super::files::publish;
-use super::loss::{causal_lm_loss, labelled_rows};
+use super::loss::{labelled_rows, selected_rows_loss};
 use super::optim::{clip, grad_norm, AdamW, AdamWParams};
 use crate::dist::Group;
 use crate::generation::batch::{generate_batch, BatchParams, BatchRequest};
@@ -470,8 +470,12 @@ impl<'a> Trainer<'a> {
                 }
                 let (ids, labels) = batch_tensors(&refs, &device)?;
                 let mut cache = self.model.new_cache();
-                let logits = self.model.forward(&ids, &mut cache)?;
-                let loss = (causal_lm_loss(&logits, &labels)? * (targets as f64 / step_targets as f64))?;
+                // Only the positions that predict an answer token go through the head.
+                let (rows, answer) = labelled_rows(&labels, self.model.config().vocab_size)?;
+                let rows = Tensor::new(rows.as_slice(), &device)?;
+                let logits = self.model.forward_rows(&ids, &mut cache, &rows)?;
+                let answer = Tensor::new(answer.as_slice(), &device)?;
+                let loss = (selected_rows_loss(&logits, &answer)? * (targets as f64 / step_targets as f64))?;
                 let mut value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if hooks.inject_nan_at_step == Some(step + 1) {
                     value = f64::NAN;

@@ -22,7 +22,7 @@ pub use linear::Linear;
 use anyhow::Result;
 use arch::{Layers, RowSpans, Step};
 use batch_graph::BatchEngine;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 use decode_graph::{GraphParts, GraphSlot, SingleRowEngine};
 use layers::{causal_mask_for, select_positions, Embedding, Norm, Rotary};
 use weights::Weights;
@@ -111,8 +111,9 @@ impl Model {
         KvCache::new(self.cfg.num_layers, self.cfg.max_position_embeddings)
     }
 
-    /// The trunk: embedding, the architecture's layers, final norm and head; the cache advances once.
-    fn run(&self, ids: &Tensor, cache: &mut KvCache, all: bool) -> candle_core::Result<Tensor> {
+    /// The trunk: embedding, the architecture's layers, final norm and head (for the `positions` asked for);
+    /// the cache advances once.
+    fn run(&self, ids: &Tensor, cache: &mut KvCache, positions: Positions) -> candle_core::Result<Tensor> {
         let (batch, t) = ids.dims2()?;
         cache.check_room(t)?;
         let offset = cache.len();
@@ -142,7 +143,15 @@ impl Model {
         let mut step = Step { cache, offset, mask, rotary: &self.rotary, ops: self.ops, spans };
         let x = self.layers.forward(x, &mut step)?;
         cache.advance(t);
-        let x = self.final_norm.forward(&select_positions(&x, all)?, self.ops)?;
+        let x = match positions {
+            Positions::All => x,
+            Positions::Last => select_positions(&x, false)?,
+            Positions::Rows(rows) => {
+                let hidden = x.dim(D::Minus1)?;
+                x.reshape((batch * t, hidden))?.index_select(rows, 0)?
+            }
+        };
+        let x = self.final_norm.forward(&x, self.ops)?;
         // The head sees only the selected rows; it takes the path the layers took for the whole pass, so a
         // row's logits do not depend on how many rows were selected (or batched).
         let logits = if Linear::many_rows(batch * t) {
@@ -176,12 +185,19 @@ impl Model {
     /// Logits at every given position: `ids` `[b, t]` → `[b, t, vocab]` (f32; in the compute dtype with
     /// `Ops::Differentiable`). Appends to `cache`.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        self.run(ids, cache, true)
+        self.run(ids, cache, Positions::All)
     }
 
     /// Logits at the last position only: `[b, vocab]` (f32). Appends all of `ids` to `cache`.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        self.run(ids, cache, false)?.squeeze(1)
+        self.run(ids, cache, Positions::Last)?.squeeze(1)
+    }
+
+    /// Logits at the positions `rows` (u32, `b · t + position` of `ids` `[b, t]`) only: `[rows, vocab]`. Training
+    /// asks for the positions that predict an answer token: the head (the largest product when answers are
+    /// short) and its gradient cover those rows, not every position. Appends all of `ids` to `cache`.
+    pub fn forward_rows(&self, ids: &Tensor, cache: &mut KvCache, rows: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(ids, cache, Positions::Rows(rows))
     }
 
     /// Start a batch of prompts of different lengths in an empty `cache`: each is padded on the left to the
@@ -219,6 +235,15 @@ impl Model {
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
     }
+}
+
+/// Which positions of a pass go through the final norm and the head.
+#[derive(Clone, Copy)]
+enum Positions<'a> {
+    All,
+    Last,
+    /// Flattened `b · t + position` indices (u32).
+    Rows(&'a Tensor),
 }
 
 #[cfg(test)]
