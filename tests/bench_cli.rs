@@ -176,25 +176,6 @@ fn mmlu_dir(dir: &Path, questions: usize) -> PathBuf {
     root
 }
 
-/// A HumanEval file of `n` small problems.
-fn humaneval_file(dir: &Path, n: usize) -> PathBuf {
-    let path = dir.join("problems.jsonl");
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            serde_json::json!({
-                "task_id": format!("Tiny/{i}"),
-                "prompt": format!("def add{i}(a, b):\n    \"\"\"Add two numbers.\"\"\"\n"),
-                "canonical_solution": "    return a + b\n",
-                "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
-                "entry_point": format!("add{i}"),
-            })
-            .to_string()
-        })
-        .collect();
-    std::fs::write(&path, lines.join("\n")).unwrap();
-    path
-}
-
 fn results(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("benchmark_results.json")).unwrap()).unwrap()
 }
@@ -266,7 +247,7 @@ fn every_flag_has_help_and_p_says_it_is_prefill() {
 #[test]
 fn selfcheck_honours_limit_and_a_gz_name_must_be_gzip() {
     let dir = tempfile::tempdir().unwrap();
-    let file = humaneval_file(dir.path(), 3);
+    let file = common::humaneval_file(dir.path(), 3);
     let out = common::billion(&[
         "bench",
         "--humaneval-selfcheck",
@@ -410,7 +391,7 @@ fn humaneval_asks_chat_models_with_their_template() {
     let chat = dir.path().join("chat");
     billion::testing::write_chat_model(&chat, 5).unwrap();
     let base = tiny_gguf(&dir.path().join("base.gguf"));
-    let file = humaneval_file(dir.path(), 2);
+    let file = common::humaneval_file(dir.path(), 2);
     let res = dir.path().join("results");
     let run = |models: String, extra: &[&str]| -> Value {
         let mut args = vec![

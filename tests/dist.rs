@@ -13,25 +13,26 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `billion ARGS` as rank `rank` of `world`, rank 0 listening on `port`, stdout and stderr piped.
+fn rank_command(args: &[String], rank: usize, world: usize, port: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_billion"));
+    c.args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port)
+        .env("BILLION_THREADS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    c
+}
+
 /// `args_of(rank)` run as every rank of a world of `world`, at once; their outputs by rank.
 fn ranks(world: usize, env_world: impl Fn(usize) -> usize, args_of: impl Fn(usize) -> Vec<String>) -> Vec<Output> {
     let port = free_port().to_string();
-    let children: Vec<_> = (0..world)
-        .map(|r| {
-            Command::new(env!("CARGO_BIN_EXE_billion"))
-                .args(args_of(r))
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", env_world(r).to_string())
-                .env("LOCAL_RANK", r.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .env("BILLION_THREADS", "1")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children: Vec<_> =
+        (0..world).map(|r| rank_command(&args_of(r), r, env_world(r), &port).spawn().unwrap()).collect();
     children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
 }
 
@@ -158,20 +159,7 @@ fn two_ranks_write_the_bench_records_one_rank_writes() {
         std::fs::write(mmlu.join(format!("dev/{s}_dev.csv")), rows(5, "dev")).unwrap();
         std::fs::write(mmlu.join(format!("test/{s}_test.csv")), rows(n, s)).unwrap();
     }
-    let problems = dir.path().join("problems.jsonl");
-    let lines: Vec<String> = (0..5)
-        .map(|i| {
-            serde_json::json!({
-                "task_id": format!("Tiny/{i}"),
-                "prompt": format!("def add{i}(a, b):\n    \"\"\"Add two numbers.\"\"\"\n"),
-                "canonical_solution": "    return a + b\n",
-                "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
-                "entry_point": format!("add{i}"),
-            })
-            .to_string()
-        })
-        .collect();
-    std::fs::write(&problems, lines.join("\n")).unwrap();
+    let problems = common::humaneval_file(dir.path(), 5);
     let args = |res: &str| -> Vec<String> {
         let mut v = strings(&["bench", "--models", model.to_str().unwrap(), "--humaneval", "--humaneval-file"]);
         v.extend([problems.to_str().unwrap().into()]);
@@ -272,24 +260,12 @@ fn mismatched_missing_and_different_ranks_end_every_rank_with_a_reason() {
     // Rank 1 never starts: rank 0 gives up at --dist-timeout.
     let port = free_port().to_string();
     let started = std::time::Instant::now();
-    let args = batch_waiting(&model, "2");
-    let o = Command::new(env!("CARGO_BIN_EXE_billion"))
-        .args(&args)
-        .env("RANK", "0")
-        .env("WORLD_SIZE", "2")
-        .env("MASTER_PORT", &port)
-        .output()
-        .unwrap();
+    let o = rank_command(&batch_waiting(&model, "2"), 0, 2, &port).output().unwrap();
     assert!(!o.status.success());
     assert!(common::stderr(&o).contains("rank(s) 1 did not join within 2 s"), "{}", common::stderr(&o));
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
     // Bad values are refused before any work.
-    let o = Command::new(env!("CARGO_BIN_EXE_billion"))
-        .args(batch(&model))
-        .env("RANK", "3")
-        .env("WORLD_SIZE", "2")
-        .output()
-        .unwrap();
+    let o = rank_command(&batch(&model), 3, 2, &port).output().unwrap();
     assert!(common::stderr(&o).contains("RANK=3 with WORLD_SIZE=2"), "{}", common::stderr(&o));
     let o = common::billion(&["generate", "--model", "m", "--prompt", "x", "--devices", "cuda:0,cuda:0"]);
     assert!(common::stderr(&o).contains("named twice"), "{}", common::stderr(&o));
@@ -298,7 +274,6 @@ fn mismatched_missing_and_different_ranks_end_every_rank_with_a_reason() {
 /// Ctrl-C on one rank stops both at the same step with one checkpoint, which one rank then resumes and finishes.
 #[test]
 fn ctrl_c_on_one_rank_checkpoints_and_one_rank_resumes() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     billion::testing::write_chat_model(&model, 9).unwrap();
@@ -311,34 +286,9 @@ fn ctrl_c_on_one_rank_checkpoints_and_one_rank_resumes() {
     }
     args.extend(strings(&["--epochs", "10", "--lr", "1e-3"]));
     let port = free_port().to_string();
-    let spawn = |r: usize| {
-        Command::new(env!("CARGO_BIN_EXE_billion"))
-            .args(&args)
-            .env("RANK", r.to_string())
-            .env("WORLD_SIZE", "2")
-            .env("MASTER_PORT", &port)
-            .env("BILLION_THREADS", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let spawn = |r: usize| rank_command(&args, r, 2, &port).stdout(std::process::Stdio::null()).spawn().unwrap();
     let (mut rank0, rank1) = (spawn(0), spawn(1));
-    let mut err = BufReader::new(rank0.stderr.take().unwrap());
-    let mut log = String::new();
-    loop {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        log.push_str(&line);
-        if line.starts_with("step ") {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(rank0.id() as i32, libc::SIGINT) };
-            break;
-        }
-    }
-    std::io::Read::read_to_string(&mut err, &mut log).unwrap();
+    let log = common::interrupt_at_first_step(&mut rank0);
     assert_eq!(rank0.wait().unwrap().code(), Some(130), "{log}");
     let other = rank1.wait_with_output().unwrap();
     assert_eq!(other.status.code(), Some(130), "rank 1 stops at the same step: {}", common::stderr(&other));

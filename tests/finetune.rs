@@ -7,7 +7,6 @@ mod common;
 use billion::model::config::Architecture;
 use billion::testing::{tiny_config, write_chat_model, write_llama_gguf};
 use candle_core::quantized::GgmlDType;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -244,23 +243,7 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_same_run() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    // Interrupt once training is under way (the first progress line), as a user pressing Ctrl-C would.
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut log = String::new();
-    loop {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        log.push_str(&line);
-        if line.starts_with("step ") {
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            break;
-        }
-    }
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
-    log.push_str(&rest);
+    let log = common::interrupt_at_first_step(&mut child);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "Ctrl-C ends with 130, as bench does: {log}");
     assert!(log.contains("interrupted at step"), "{log}");

@@ -325,11 +325,9 @@ impl Scored {
 
     /// Several ranks' shares as one: each question from the rank that scored it.
     fn merge(parts: Vec<Scored>) -> Scored {
-        let mut out = Scored::default();
+        let mut parts = parts.into_iter();
+        let mut out = parts.next().unwrap_or_default();
         for part in parts {
-            if out.per_subject.is_empty() {
-                out.per_subject = part.per_subject.iter().map(|q| vec![None; q.len()]).collect();
-            }
             for (mine, theirs) in out.per_subject.iter_mut().zip(part.per_subject) {
                 for (m, t) in mine.iter_mut().zip(theirs) {
                     if m.is_none() {
@@ -414,17 +412,16 @@ pub fn evaluate(
     interrupted: &AtomicBool,
     progress: impl FnMut(usize),
 ) -> Result<Evaluation> {
-    let all = |_: usize, _: usize| true;
-    let scored = score(loaded, subjects, shots, limit, reuse_prefix, batch, interrupted, progress, &all)?;
-    Ok(scored.into_evaluation(subjects, groups))
+    let one = crate::dist::Group::single();
+    evaluate_ranks(&one, None, loaded, subjects, shots, limit, groups, reuse_prefix, batch, interrupted, progress)
 }
 
-/// [`evaluate`] over the ranks of `group`: each scores the chunks `owners` ([`shard`]) gives it, and every rank
-/// gets the whole evaluation, the same as one rank's.
+/// [`evaluate`] over the ranks of `group`: each scores the chunks `owners` ([`shard`]) gives it (`None`: every
+/// chunk, for a group of one), and every rank gets the whole evaluation, the same as one rank's.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_ranks(
     group: &crate::dist::Group,
-    owners: &[Vec<usize>],
+    owners: Option<&[Vec<usize>]>,
     loaded: &LoadedModel,
     subjects: &[Subject],
     shots: usize,
@@ -436,10 +433,10 @@ pub fn evaluate_ranks(
     progress: impl FnMut(usize),
 ) -> Result<Evaluation> {
     let rank = group.rank();
-    let mine = |s: usize, c: usize| owners[s][c] == rank;
+    let mine = |s: usize, c: usize| owners.is_none_or(|o| o[s][c] == rank);
     let scored = score(loaded, subjects, shots, limit, reuse_prefix, batch, interrupted, progress, &mine)?;
-    let all = group.all_gather_json(&scored)?;
-    Ok(Scored::merge(all).into_evaluation(subjects, groups))
+    let scored = if group.world() > 1 { Scored::merge(group.all_gather_json(&scored)?) } else { scored };
+    Ok(scored.into_evaluation(subjects, groups))
 }
 
 /// The questions of the chunks `mine(subject, chunk)` picks.

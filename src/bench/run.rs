@@ -203,10 +203,7 @@ pub fn run_rank(
 
 /// Whether Ctrl-C was pressed on any rank (every rank gets the same answer, so all skip the same steps).
 fn stopped(group: &Group, interrupted: &AtomicBool) -> Result<bool> {
-    if group.world() == 1 {
-        return Ok(set(interrupted));
-    }
-    Ok(group.sum_f64(&[set(interrupted) as u8 as f64])?[0] > 0.0)
+    group.any(set(interrupted))
 }
 
 /// Say on stderr which step of which model starts (progress where no bar is drawn).
@@ -292,43 +289,30 @@ pub fn run_model(
             let m = &params.mmlu;
             let total: usize = data.subjects.iter().map(|s| m.limit.unwrap_or(s.test.len()).min(s.test.len())).sum();
             let start = Instant::now();
-            let run = if group.world() == 1 {
-                step(params, group, name, loaded, &format!("MMLU, {total} questions"));
-                let pb = progress_bar(total as u64, "MMLU", quiet);
-                let run = mmlu::evaluate(
-                    loaded,
-                    &data.subjects,
-                    m.shots,
-                    m.limit,
-                    groups,
-                    m.prefix_reuse,
-                    params.batch_size,
-                    interrupted,
-                    |n| pb.inc(n as u64),
-                )?;
-                pb.finish_and_clear();
-                run
-            } else {
+            // With several ranks, each scores its chunks and its bar counts those.
+            let (owners, mine, what) = if group.world() > 1 {
                 let owners = mmlu::shard(loaded.tokenizer()?, &data.subjects, m.shots, m.limit, group.world())?;
                 let mine = mmlu::questions_of(&owners, &data.subjects, m.limit, group.rank());
-                step(params, group, name, loaded, &format!("MMLU, {total} questions over {} ranks", group.world()));
-                let pb = progress_bar(mine as u64, "MMLU (rank 0)", quiet);
-                let run = mmlu::evaluate_ranks(
-                    group,
-                    &owners,
-                    loaded,
-                    &data.subjects,
-                    m.shots,
-                    m.limit,
-                    groups,
-                    m.prefix_reuse,
-                    params.batch_size,
-                    interrupted,
-                    |n| pb.inc(n as u64),
-                )?;
-                pb.finish_and_clear();
-                run
+                (Some(owners), mine, format!("MMLU, {total} questions over {} ranks", group.world()))
+            } else {
+                (None, total, format!("MMLU, {total} questions"))
             };
+            step(params, group, name, loaded, &what);
+            let pb = progress_bar(mine as u64, "MMLU", quiet);
+            let run = mmlu::evaluate_ranks(
+                group,
+                owners.as_deref(),
+                loaded,
+                &data.subjects,
+                m.shots,
+                m.limit,
+                groups,
+                m.prefix_reuse,
+                params.batch_size,
+                interrupted,
+                |n| pb.inc(n as u64),
+            )?;
+            pb.finish_and_clear();
             record.mmlu = Some(mmlu::summarize(run, m.shots, m.prefix_reuse, start.elapsed().as_secs_f64()));
             sample_gpu();
             rss.sample();
@@ -455,30 +439,24 @@ pub fn run_humaneval(
     // Only what was generated and run counts.
     let ran: Vec<(usize, String, Outcome)> =
         generated.into_iter().zip(outcomes).filter_map(|((i, t), o)| o.map(|o| (i, t, o))).collect();
-    let share = Share {
-        ran,
-        generation_seconds: stats.seconds,
-        run_seconds,
-        generated_tokens: stats.generated_tokens,
-        rows: rows.min(my_requests.len()),
-        interrupted: set(interrupted),
-    };
+    let share = Share { ran, stats, run_seconds, rows: rows.min(my_requests.len()), interrupted: set(interrupted) };
     let shares = if group.world() > 1 { group.all_gather_json(&share)? } else { vec![share] };
     let mut ran: Vec<(usize, String, Outcome)> = shares.iter().flat_map(|s| s.ran.iter().cloned()).collect();
     ran.sort_by_key(|(i, _, _)| *i);
     let (completions, outcomes): (Vec<(usize, String)>, Vec<Outcome>) =
         ran.into_iter().map(|(i, t, o)| ((problem_of[i], t), o)).unzip();
     let mut record = humaneval::summarize(problems, &completions, &outcomes, samples, h.sampling.temperature);
-    let longest = |f: fn(&Share) -> f64| shares.iter().map(f).fold(0.0, f64::max);
+    // The ranks work at once: the run takes as long as the slowest one.
+    let mut generation = crate::generation::batch::BatchStats::default();
+    shares.iter().for_each(|s| generation.merge(&s.stats));
     record.mode = mode.name().to_string();
     record.sandbox = sandbox.isolation().describe().to_string();
     record.interrupted = shares.iter().any(|s| s.interrupted);
     record.batch_rows = shares.iter().map(|s| s.rows).max().unwrap_or(0);
-    // The ranks work at once: the run takes as long as the slowest one.
-    record.generation_seconds = longest(|s| s.generation_seconds);
-    record.run_seconds = longest(|s| s.run_seconds);
-    record.generated_tokens = shares.iter().map(|s| s.generated_tokens).sum();
-    record.generation_tok_s = record.generated_tokens as f64 / record.generation_seconds.max(1e-9);
+    record.generation_seconds = generation.seconds;
+    record.run_seconds = shares.iter().map(|s| s.run_seconds).fold(0.0, f64::max);
+    record.generated_tokens = generation.generated_tokens;
+    record.generation_tok_s = generation.tok_s();
     Ok(record)
 }
 
@@ -486,9 +464,8 @@ pub fn run_humaneval(
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Share {
     ran: Vec<(usize, String, Outcome)>,
-    generation_seconds: f64,
+    stats: crate::generation::batch::BatchStats,
     run_seconds: f64,
-    generated_tokens: usize,
     rows: usize,
     interrupted: bool,
 }

@@ -414,10 +414,7 @@ fn run_prompts(a: &GenerateArgs, path: &Path) -> Result<()> {
 struct RankLines {
     lines: Vec<(usize, String)>,
     interrupted: bool,
-    requests_done: usize,
-    prompt_tokens: usize,
-    generated_tokens: usize,
-    seconds: f64,
+    stats: crate::generation::batch::BatchStats,
 }
 
 /// The requests `[start, end)` of rank `rank` of `world`: contiguous blocks of about equal cost.
@@ -523,10 +520,7 @@ fn prompts_rank(
     bar.finish_and_clear();
     let mut stats = stats?;
     if group.world() > 1 {
-        theirs.requests_done = stats.requests_done;
-        theirs.prompt_tokens = stats.prompt_tokens;
-        theirs.generated_tokens = stats.generated_tokens;
-        theirs.seconds = stats.seconds;
+        theirs.stats = stats.clone();
         theirs.interrupted = interrupted.load(Ordering::Relaxed);
         let all: Vec<RankLines> = group.all_gather_json(&theirs)?;
         // Ctrl-C on any rank: rank 0 writes what every rank finished, past the gaps.
@@ -541,11 +535,7 @@ fn prompts_rank(
             for (index, line) in part.lines {
                 out.put(index, line);
             }
-            stats.requests_done += part.requests_done;
-            stats.prompt_tokens += part.prompt_tokens;
-            stats.generated_tokens += part.generated_tokens;
-            // The ranks ran at once: the whole took as long as the slowest.
-            stats.seconds = stats.seconds.max(part.seconds);
+            stats.merge(&part.stats);
         }
     }
     eprintln!(

@@ -109,6 +109,11 @@ impl Group {
         Ok(out)
     }
 
+    /// Whether `flag` is set on any rank (the same answer on every rank).
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        Ok(self.sum_f64(&[flag as u8 as f64])?[0] > 0.0)
+    }
+
     /// Wait until every rank gets here.
     pub fn barrier(&self) -> Result<()> {
         self.all_gather(vec![]).map(|_| ())
@@ -148,15 +153,6 @@ impl Group {
             }
         }
         Ok(Tensor::from_vec(sum, t.shape(), t.device())?.to_dtype(t.dtype())?)
-    }
-
-    /// Whether device sums run through NCCL.
-    pub fn on_devices(&self) -> bool {
-        #[cfg(feature = "nccl")]
-        if self.devices.is_some() {
-            return true;
-        }
-        false
     }
 
     /// Connect the ranks' CUDA devices through NCCL (rank 0 makes the NCCL id and hands it out through the

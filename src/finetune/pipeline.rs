@@ -242,7 +242,7 @@ pub struct FinetuneRecord {
     pub peak_gpu_allocated_bytes: Option<u64>,
     pub loss_curve: Vec<StepRecord>,
     /// Data-parallel ranks that trained (1: one device).
-    #[serde(default = "one")]
+    #[serde(default = "train::one_rank")]
     pub world_size: usize,
     /// Each rank's share when several trained (empty for one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -256,10 +256,6 @@ pub struct FinetuneRecord {
     /// The held-out examples whose generations `before` and `after` hold (not in the JSON).
     #[serde(skip)]
     pub shown: Vec<ShownExample>,
-}
-
-fn one() -> usize {
-    1
 }
 
 /// One data-parallel rank's part of a run.

@@ -165,7 +165,8 @@ pub fn map_step(step: usize, per_epoch_from: usize, from: usize, per_epoch_to: u
     epoch * per_epoch_to + (within * from / to.max(1)).min(per_epoch_to)
 }
 
-fn one_rank() -> usize {
+/// The world size of records and checkpoints written before there were several ranks.
+pub(crate) fn one_rank() -> usize {
     1
 }
 

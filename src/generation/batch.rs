@@ -39,7 +39,7 @@ pub struct BatchParams {
 }
 
 /// Totals of a batch run.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct BatchStats {
     pub requests_done: usize,
     pub prompt_tokens: usize,
@@ -48,6 +48,14 @@ pub struct BatchStats {
 }
 
 impl BatchStats {
+    /// Another run's totals added to these, the two having run at once (the time is the longer one's).
+    pub fn merge(&mut self, other: &BatchStats) {
+        self.requests_done += other.requests_done;
+        self.prompt_tokens += other.prompt_tokens;
+        self.generated_tokens += other.generated_tokens;
+        self.seconds = self.seconds.max(other.seconds);
+    }
+
     /// Generated tokens per second of wall time (prefill included).
     pub fn tok_s(&self) -> f64 {
         self.generated_tokens as f64 / self.seconds.max(1e-9)

@@ -121,3 +121,45 @@ pub fn assert_every_flag_has_help(sub: &str) -> (String, usize) {
     }
     (help, flags)
 }
+
+/// A HumanEval file of `n` small problems (`addI(a, b)`, checked with `candidate(2, 3) == 5`), at
+/// `dir/problems.jsonl`.
+pub fn humaneval_file(dir: &std::path::Path, n: usize) -> PathBuf {
+    let path = dir.join("problems.jsonl");
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "task_id": format!("Tiny/{i}"),
+                "prompt": format!("def add{i}(a, b):\n    \"\"\"Add two numbers.\"\"\"\n"),
+                "canonical_solution": "    return a + b\n",
+                "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
+                "entry_point": format!("add{i}"),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+/// Ctrl-C for a fine-tune once training is under way (its first `step` line on stderr), as a user pressing it
+/// would; returns all it wrote to stderr. `child` has stderr piped.
+pub fn interrupt_at_first_step(child: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader, Read};
+    let mut err = BufReader::new(child.stderr.take().expect("stderr piped"));
+    let mut log = String::new();
+    loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        log.push_str(&line);
+        if line.starts_with("step ") {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            break;
+        }
+    }
+    err.read_to_string(&mut log).unwrap();
+    log
+}
