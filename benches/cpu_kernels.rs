@@ -1,5 +1,8 @@
 //! Our CPU matrix kernels alone, on SmolLM2-135M's and TinyLlama's matrix shapes: decode (one row: GB/s of
-//! weights streamed) and prefill (512 rows: GOP/s, two per multiply-add).
+//! weights streamed) and prefill (512 rows: GOP/s, two per multiply-add) through the 8-bit-activation
+//! kernels; the f32 products over weights dequantized tile by tile (`ops::cpu::gemm`: `x·Wᵀ` and the
+//! training backward's `dy·W`); and, beside them, what those replaced: the whole matrix dequantized, then
+//! candle's f32 GEMM.
 //!
 //!   cargo bench --bench cpu_kernels -- [q4_1,q8_0,f16,...] [--tokens 512]
 //!
@@ -40,14 +43,17 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!("kernels: {}, threads: {}", cpu::isa(), cpu::pool::pool().threads());
-    println!("| type | rows × cols | decode µs | decode GB/s | prefill {tokens} ms | prefill GOP/s |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| type | rows × cols | decode µs | decode GB/s | prefill {tokens} ms | prefill GOP/s | f32 x·Wᵀ GFLOP/s | \
+         f32 dy·W GFLOP/s | dequantize + candle x·Wᵀ GFLOP/s |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let shapes = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (5632, 2048), (2048, 5632)];
     for name in names {
         let (kind, g) = kind_of(name).ok_or_else(|| anyhow::anyhow!("unknown type {name}"))?;
         for (rows, cols) in shapes {
-            let w = candle_core::Tensor::randn(0f32, 1.0, (rows, cols), &candle_core::Device::Cpu)?;
-            let bytes = QTensor::quantize(&w, g)?.data()?.to_vec();
+            let w_dense = candle_core::Tensor::randn(0f32, 1.0, (rows, cols), &candle_core::Device::Cpu)?;
+            let bytes = QTensor::quantize(&w_dense, g)?.data()?.to_vec();
             let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
             let mut y = vec![0f32; tokens * rows];
             // Decode: a few hundred products, weights cycling through more memory than the caches hold when
@@ -71,12 +77,36 @@ fn main() -> anyhow::Result<()> {
                 product(&x, tokens, &mut y);
             }
             let prefill = t.elapsed().as_secs_f64() / preps as f64;
+            let weights = match &packed {
+                Some(p) => cpu::gemm::Weights::Packed(p),
+                None => cpu::gemm::Weights::Rows { kind, bytes: &bytes, rows, cols },
+            };
+            let flops = 2.0 * (rows * cols * tokens) as f64;
+            let timed = |f: &mut dyn FnMut()| {
+                f();
+                let t = Instant::now();
+                for _ in 0..preps {
+                    f();
+                }
+                flops / (t.elapsed().as_secs_f64() / preps as f64) / 1e9
+            };
+            let wt = timed(&mut || cpu::gemm::matmul_wt(weights, &x, tokens, &mut y));
+            let dy: Vec<f32> = x.iter().cycle().take(tokens * rows).copied().collect();
+            let mut dx = vec![0f32; tokens * cols];
+            let w = timed(&mut || cpu::gemm::matmul_w(weights, &dy, tokens, &mut dx));
+            let xt = candle_core::Tensor::from_slice(&x, (tokens, cols), &candle_core::Device::Cpu)?;
+            let q = QTensor::quantize(&w_dense, g)?;
+            let mut run_candle = || {
+                let w = q.dequantize(&candle_core::Device::Cpu).expect("dequantize");
+                xt.matmul(&w.t().expect("transpose")).expect("matmul");
+            };
+            let candle = timed(&mut run_candle);
             println!(
-                "| {name} | {rows} × {cols} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                "| {name} | {rows} × {cols} | {:.1} | {:.1} | {:.1} | {:.1} | {wt:.1} | {w:.1} | {candle:.1} |",
                 decode * 1e6,
                 bytes.len() as f64 / decode / 1e9,
                 prefill * 1e3,
-                2.0 * (rows * cols * tokens) as f64 / prefill / 1e9
+                flops / prefill / 1e9
             );
         }
     }

@@ -1,23 +1,24 @@
 //! The one linear-layer seam every architecture goes through: dense or quantized weights, an optional bias,
 //! and room for an adapter (LoRA) on top. Architectures never touch weight storage directly.
 
-use crate::ops::cpu::{self, PackedMatrix, WeightKind};
+use crate::ops::cpu::{self, gemm, PackedMatrix, WeightKind};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// From this many input rows on, a quantized CPU matmul dequantizes and uses a dense GEMM while
-/// [`ExactScoring`] is held.
+/// From this many input rows on, a CPU product over quantized or half-precision weights takes the f32 GEMM
+/// over dequantized tiles (`ops::cpu::gemm`) while [`ExactScoring`] is held, and where that GEMM is the
+/// faster path (see `Linear::tiles_beat_kernels`).
 const DEQUANT_GEMM_ROWS: usize = 16;
 
 /// Holders of [`ExactScoring`].
 static EXACT_SCORING: AtomicUsize = AtomicUsize::new(0);
 
-/// While one is held, CPU passes of many rows over quantized weights take the exact product of the
-/// dequantized weight (see `Linear::dequantized_product`) instead of the 8-bit-activation kernels, so that a
-/// row's scores do not depend on how many rows share its pass: log-likelihood scoring (MMLU) holds one.
-/// Generation does not: its prefill runs the kernels, as llama.cpp's does. `BILLION_CPU_EXACT_PREFILL=1` holds
+/// While one is held, CPU passes of many rows over quantized or half-precision weights take the exact
+/// product of the dequantized weight (see `Linear::dequantized_product`) instead of the 8-bit-activation
+/// kernels, so that a row's scores do not depend on how many rows share its pass: log-likelihood scoring
+/// (MMLU) holds one. Generation does not: its prefill runs whichever path is faster for the weight's type. `BILLION_CPU_EXACT_PREFILL=1` holds
 /// it for the whole process.
 pub struct ExactScoring(());
 
@@ -194,19 +195,30 @@ impl Linear {
 }
 
 impl Linear {
-    /// `x Wᵀ` in f32 with the weight dequantized for this product. Scoring passes of many rows take this path
+    /// `x Wᵀ` in f32 with the weight dequantized for this product (on the CPU tile by tile, inside our GEMM;
+    /// elsewhere as a whole). Scoring passes of many rows take this path
     /// on the CPU rather than the 8-bit-activation kernels: a row's scores must not depend on how many rows
     /// share its pass, and 8-bit activation rounding is sensitive enough on real models (activation
     /// outliers make a block's step coarse) that last-bit differences between batch shapes move a
     /// log-likelihood by up to 0.1 on SmolLM2.
     fn dequantized_product(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / self.in_features;
+        let n = self.out_features;
+        // On the CPU each weight tile is dequantized just before it is used (no f32 copy of the matrix).
+        let tiled = with_cpu_weights(&self.weight, x, |w, xs| {
+            let mut y = vec![0f32; rows * n];
+            gemm::matmul_wt(w, xs, rows, &mut y);
+            y
+        })?;
+        if let Some(y) = tiled {
+            return Tensor::from_vec(y, self.out_dims(x), x.device())?.to_dtype(x.dtype());
+        }
         let w = match &self.weight {
             LinearWeight::Quantized(q) => q.dequantize(x.device())?,
             LinearWeight::Packed(p) => Self::dequantized_packed(p)?,
             LinearWeight::Dense(w) => w.to_dtype(DType::F32)?,
         };
         let dtype = x.dtype();
-        let rows = x.elem_count() / self.in_features;
         x.to_dtype(DType::F32)?
             .reshape((rows, self.in_features))?
             .matmul(&w.t()?)?
@@ -214,17 +226,35 @@ impl Linear {
             .to_dtype(dtype)
     }
 
-    /// Inference as for a pass of many rows even when `x` has few: on the CPU a quantized weight is then
-    /// dequantized for an f32 product, like the layers of that pass got (the LM head at the last positions of
-    /// a prefill, so a row's logits do not depend on how many rows the pass selected).
+    /// Inference as for a pass of many rows even when `x` has few: on the CPU a quantized or half-precision
+    /// weight then takes the f32 product of its dequantized tiles, like the layers of that pass did (the LM
+    /// head at the last positions of a prefill, so a row's logits do not depend on how many rows the pass
+    /// selected).
     pub fn forward_as_many_rows(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            LinearWeight::Quantized(_) | LinearWeight::Packed(_)
-                if x.device().is_cpu() && self.lora.is_none() && !x.track_op() =>
-            {
-                self.with_bias(self.dequantized_product(x)?)
+        if self.tiled_on_cpu(x) && self.lora.is_none() && !x.track_op() {
+            return self.with_bias(self.dequantized_product(x)?);
+        }
+        self.forward(x)
+    }
+
+    /// Is this a CPU product whose weight our kernels read as stored (quantized, or half precision kept as
+    /// such)?
+    fn tiled_on_cpu(&self, x: &Tensor) -> bool {
+        x.device().is_cpu()
+            && match &self.weight {
+                LinearWeight::Quantized(_) | LinearWeight::Packed(_) => true,
+                LinearWeight::Dense(w) => w.dtype() != x.dtype() && WeightKind::from_dtype(w.dtype()).is_some(),
             }
-            _ => self.forward(x),
+    }
+
+    /// Do many rows multiply faster as the f32 GEMM over dequantized tiles than through the 8-bit-activation
+    /// (or half) kernels? Measured with `cargo bench --bench cpu_kernels` (2-core AVX2, 256 rows, SmolLM2's
+    /// shapes): Q8_0 140–174 GFLOP/s against 134–172 GOP/s, f16 150–170 against 135–157, K-quants (whose
+    /// prefill kernels are slow) always; the 4- and 5-bit 32-wide types stay on their kernels (190–300 GOP/s).
+    fn tiles_beat_kernels(&self) -> bool {
+        match &self.weight {
+            LinearWeight::Packed(p) => p.kind() == WeightKind::Q8_0,
+            LinearWeight::Quantized(_) | LinearWeight::Dense(_) => true,
         }
     }
 
@@ -279,15 +309,52 @@ impl Linear {
         Ok(Some(Tensor::from_vec(y, self.out_dims(&x), x.device())?.to_dtype(dtype)?))
     }
 
+    /// `y = x Wᵀ` for the `x.len() / in_features` f32 rows of `x`, straight into `y` through our CPU kernels
+    /// (the path a one-row pass of [`Linear::forward`] takes; no bias, no adapter). False, with `y` untouched,
+    /// where the weight is not one of theirs (dense f32, or on another device).
+    pub fn cpu_rows_into(&self, x: &[f32], y: &mut [f32]) -> Result<bool> {
+        let rows = x.len() / self.in_features;
+        let kind = match &self.weight {
+            LinearWeight::Packed(p) => {
+                cpu::matmul_packed(p, x, rows, y);
+                return Ok(true);
+            }
+            LinearWeight::Quantized(q) if q.device().is_cpu() => WeightKind::from_ggml(q.dtype()),
+            LinearWeight::Dense(w) if w.device().is_cpu() && w.dtype() != DType::F32 => {
+                WeightKind::from_dtype(w.dtype())
+            }
+            _ => None,
+        };
+        let Some(kind) = kind.filter(|k| cpu::supports(*k, self.in_features)) else { return Ok(false) };
+        match &self.weight {
+            LinearWeight::Quantized(q) => {
+                cpu::matmul(kind, &q.data()?, self.out_features, self.in_features, x, rows, y);
+            }
+            LinearWeight::Dense(w) => {
+                let w = w.contiguous()?;
+                let (ws, wl) = w.storage_and_layout();
+                let half: &[u16] = match &*ws {
+                    Storage::Cpu(CpuStorage::F16(v)) => bytemuck_u16(v),
+                    Storage::Cpu(CpuStorage::BF16(v)) => bytemuck_u16(v),
+                    _ => return Ok(false),
+                };
+                let half = &half[wl.start_offset()..wl.start_offset() + w.elem_count()];
+                // SAFETY: u16 → bytes of the same memory, twice as many.
+                let bytes = unsafe { std::slice::from_raw_parts(half.as_ptr() as *const u8, half.len() * 2) };
+                cpu::matmul(kind, bytes, self.out_features, self.in_features, x, rows, y);
+            }
+            LinearWeight::Packed(_) => unreachable!("handled above"),
+        }
+        Ok(true)
+    }
+
     /// `x Wᵀ` through the fastest inference path (no gradient tracking).
     fn base_product(&self, x: &Tensor) -> Result<Tensor> {
-        // Many rows of quantized weights on the CPU while scoring, and of K-quants always (their prefill
-        // kernels lose to the dequantized GEMM: 138 vs 276 tok/s at pp512 on SmolLM2 Q4_K): the exact product
-        // of the dequantized weight (see `dequantized_product`); everything else through our kernels.
+        // Many rows on the CPU while scoring, and wherever the tiles are faster: the exact product of the
+        // dequantized weight (see `dequantized_product`); everything else through our kernels.
         let rows = x.elem_count() / self.in_features;
-        let dequantize =
-            Self::many_rows(rows) || rows >= DEQUANT_GEMM_ROWS && matches!(self.weight, LinearWeight::Quantized(_));
-        if x.device().is_cpu() && self.is_quantized() && dequantize {
+        let tiles = Self::many_rows(rows) || rows >= DEQUANT_GEMM_ROWS && self.tiles_beat_kernels();
+        if self.tiled_on_cpu(x) && tiles {
             return self.dequantized_product(x);
         }
         if let Some(y) = self.cpu_kernel_product(x)? {
@@ -314,6 +381,51 @@ impl Linear {
     }
 }
 
+/// `f(weights, x)` with a CPU weight seen as our kernels read it (blocks as stored, packed groups, or halves)
+/// and `x` as contiguous f32 rows; `None` when the weight is not one of those or `x` is not on the CPU.
+fn with_cpu_weights<R>(
+    weight: &LinearWeight,
+    x: &Tensor,
+    f: impl FnOnce(gemm::Weights<'_>, &[f32]) -> R,
+) -> Result<Option<R>> {
+    if !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(xs)) = &*xs else { return Ok(None) };
+    let xs = &xs[xl.start_offset()..xl.start_offset() + x.elem_count()];
+    Ok(match weight {
+        LinearWeight::Packed(p) => Some(f(gemm::Weights::Packed(p), xs)),
+        LinearWeight::Quantized(q) => match WeightKind::from_ggml(q.dtype()) {
+            Some(kind) if q.device().is_cpu() => {
+                let (rows, cols) = q.shape().dims2()?;
+                if !cpu::supports(kind, cols) {
+                    return Ok(None);
+                }
+                let bytes = q.data()?;
+                Some(f(gemm::Weights::Rows { kind, bytes: &bytes, rows, cols }, xs))
+            }
+            _ => None,
+        },
+        LinearWeight::Dense(w) => {
+            let Some(kind) = WeightKind::from_dtype(w.dtype()) else { return Ok(None) };
+            let (rows, cols) = w.dims2()?;
+            let w = w.contiguous()?;
+            let (ws, wl) = w.storage_and_layout();
+            let half: &[u16] = match &*ws {
+                Storage::Cpu(CpuStorage::F16(v)) => bytemuck_u16(v),
+                Storage::Cpu(CpuStorage::BF16(v)) => bytemuck_u16(v),
+                _ => return Ok(None),
+            };
+            let half = &half[wl.start_offset()..wl.start_offset() + w.elem_count()];
+            // SAFETY: u16 → bytes of the same memory, twice as many.
+            let bytes = unsafe { std::slice::from_raw_parts(half.as_ptr() as *const u8, half.len() * 2) };
+            Some(f(gemm::Weights::Rows { kind, bytes, rows, cols }, xs))
+        }
+    })
+}
+
 /// Half-precision values as their bits.
 fn bytemuck_u16<T: HalfBits>(v: &[T]) -> &[u16] {
     // SAFETY: `T` is f16 or bf16, both 2-byte plain-old-data with u16's alignment.
@@ -327,6 +439,19 @@ impl HalfBits for half::bf16 {}
 impl Linear {
     /// `dy · W` for the frozen weight, shaped like `x` (a quantized W is dequantized just for this).
     fn input_grad(weight: &LinearWeight, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let in_f = *x.dims().last().unwrap_or(&0);
+        let rows = x.elem_count() / in_f.max(1);
+        // Quantized or half-precision CPU weights: dequantized tile by tile inside the product.
+        if !matches!(weight, LinearWeight::Dense(w) if w.dtype() == x.dtype()) {
+            let tiled = with_cpu_weights(weight, g, |w, gs| {
+                let mut dx = vec![0f32; rows * in_f];
+                gemm::matmul_w(w, gs, rows, &mut dx);
+                dx
+            })?;
+            if let Some(dx) = tiled {
+                return Tensor::from_vec(dx, x.dims(), x.device())?.to_dtype(x.dtype());
+            }
+        }
         let w = match weight {
             // Half-precision weights kept as such on the CPU: widened for this product.
             LinearWeight::Dense(w) if w.device().is_cpu() && w.dtype() != x.dtype() => w.to_dtype(x.dtype())?,

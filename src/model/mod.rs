@@ -7,6 +7,7 @@ pub mod arch;
 pub mod batch_graph;
 pub mod cache;
 pub mod config;
+pub mod cpu_decode;
 pub mod decode_graph;
 pub mod layers;
 pub mod linear;
@@ -40,6 +41,8 @@ pub struct Model {
     graph: GraphSlot<SingleRowEngine>,
     /// The CUDA-graph decode step of a batch of rows, built on first use likewise.
     batch_graph: GraphSlot<BatchEngine>,
+    /// The CPU decode step of one row on buffers of its own (no tensor ops), built on first use likewise.
+    cpu_decode: GraphSlot<cpu_decode::Engine>,
     device: Device,
     dtype: DType,
     ops: Ops,
@@ -67,6 +70,7 @@ impl Model {
             rotary,
             graph: GraphSlot::default(),
             batch_graph: GraphSlot::default(),
+            cpu_decode: GraphSlot::default(),
             device: w.device.clone(),
             dtype: w.dtype,
             ops: Ops::Fused,
@@ -127,6 +131,11 @@ impl Model {
                 None
             };
             if let Some(logits) = logits {
+                return self.cast_logits(logits);
+            }
+        }
+        if t == 1 && batch == 1 && self.ops == Ops::Fused && x.device().is_cpu() && !cache.has_spans() {
+            if let Some(logits) = self.cpu_decode.step(|| self.graph_parts(), &x, cache)? {
                 return self.cast_logits(logits);
             }
         }
@@ -227,6 +236,7 @@ impl Model {
         // Adapters may be attached or weights replaced: the decode graph must be rebuilt.
         self.graph.reset();
         self.batch_graph.reset();
+        self.cpu_decode.reset();
         let prefix = self.cfg.architecture.spec().trunk.layers;
         self.layers.linears_mut().into_iter().map(|(name, l)| (format!("{prefix}.{name}"), l)).collect()
     }
@@ -298,6 +308,40 @@ mod tests {
                 }
                 let ids = Tensor::from_vec(next, (prompts.len(), 1), device)?;
                 logits = m.forward_last(&ids, &mut cache)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The CPU decode step (buffers of its own, no tensor ops) gives the logits of the regular pass over the
+    /// whole sequence, step after step, for every architecture, on quantized weights (its kernels and the
+    /// regular pass's are the same below 16 rows).
+    #[test]
+    fn cpu_decode_step_equals_the_regular_pass() -> Result<()> {
+        for spec in arch::REGISTRY {
+            let mut json = (spec.tiny_config)(320);
+            // StableLM-2-1.6B's shape: no per-head q/k norms (a model with them keeps the regular path).
+            if json.get("qk_layernorm").is_some() {
+                json["qk_layernorm"] = false.into();
+            }
+            let cfg = ModelConfig::from_hf_json(&json)?;
+            for q in [quant::Quantize::Q8_0, quant::Quantize::Q4_0] {
+                let w = Weights::random(cfg.architecture, DType::F32, &Device::Cpu).with_quantize(Some(q));
+                let m = Model::build(&cfg, &w)?;
+                let mut seq: Vec<u32> = vec![1, 7, 3, 9];
+                let mut cache = m.new_cache();
+                let mut logits = m.forward_last(&m.input(&seq)?, &mut cache)?;
+                for step in 0..8 {
+                    let token = logits.argmax(1)?.to_vec1::<u32>()?[0];
+                    seq.push(token);
+                    logits = m.forward_last(&m.input(&[token])?, &mut cache)?;
+                    assert!(m.cpu_decode.is_built(), "{}: the CPU decode step was not used", spec.name);
+                    let whole = m.forward_last(&m.input(&seq)?, &mut m.new_cache())?;
+                    let d = (&logits - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let scale = whole.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(d <= 1e-4 * scale.max(1.0), "{} {q:?}: step {step} differs by {d} (of {scale})", spec.name);
+                }
+                assert_eq!(cache.len(), seq.len());
             }
         }
         Ok(())

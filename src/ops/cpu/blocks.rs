@@ -373,32 +373,58 @@ pub fn dequantize_row(kind: WeightKind, row: &[u8]) -> Vec<f32> {
 
 /// Appends the f32 values of whole blocks `row` to `out`.
 pub fn dequantize_into(kind: WeightKind, row: &[u8], out: &mut Vec<f32>) {
-    let bb = kind.block_bytes();
-    for b in row.chunks_exact(bb) {
-        match kind {
-            WeightKind::F16 => out.push(f16_at(b, 0)),
-            WeightKind::BF16 => out.push(bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            WeightKind::Q4_0 => out.extend(nibbles32(&b[2..18]).iter().map(|&u| f16_at(b, 0) * (u as f32 - 8.0))),
-            WeightKind::Q4_1 => {
-                out.extend(nibbles32(&b[4..20]).iter().map(|&u| f16_at(b, 0) * u as f32 + f16_at(b, 2)))
+    let at = out.len();
+    out.resize(at + row.len() / kind.block_bytes() * kind.block_elems(), 0.0);
+    dequantize_slice(kind, row, &mut out[at..]);
+}
+
+/// Writes the f32 values of whole blocks `row` to the start of `out` (which holds at least that many).
+pub fn dequantize_slice(kind: WeightKind, row: &[u8], out: &mut [f32]) {
+    let (bb, be) = (kind.block_bytes(), kind.block_elems());
+    for (b, out) in row.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
+        // `w = d·u + m` or `d·(u − o)` for the 32-wide types, rounded as llama.cpp rounds them (plain loops over
+        // arrays, which the compiler vectorizes).
+        let affine = |out: &mut [f32], u: [u8; QK], d: f32, m: f32| {
+            for (o, u) in out.iter_mut().zip(u) {
+                *o = d * u as f32 + m;
             }
-            WeightKind::Q5_0 => out.extend(
-                with_high_bits(nibbles32(&b[6..22]), &b[2..6]).iter().map(|&u| f16_at(b, 0) * (u as f32 - 16.0)),
-            ),
-            WeightKind::Q5_1 => out.extend(
-                with_high_bits(nibbles32(&b[8..24]), &b[4..8]).iter().map(|&u| f16_at(b, 0) * u as f32 + f16_at(b, 2)),
-            ),
-            WeightKind::Q8_0 => out.extend(b[2..34].iter().map(|&w| f16_at(b, 0) * w as i8 as f32)),
+        };
+        let offset = |out: &mut [f32], u: [u8; QK], d: f32, o: f32| {
+            for (w, u) in out.iter_mut().zip(u) {
+                *w = d * (u as f32 - o);
+            }
+        };
+        match kind {
+            WeightKind::F16 => out[0] = f16_at(b, 0),
+            WeightKind::BF16 => out[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            WeightKind::Q4_0 => offset(out, nibbles32(&b[2..18]), f16_at(b, 0), 8.0),
+            WeightKind::Q4_1 => affine(out, nibbles32(&b[4..20]), f16_at(b, 0), f16_at(b, 2)),
+            WeightKind::Q5_0 => offset(out, with_high_bits(nibbles32(&b[6..22]), &b[2..6]), f16_at(b, 0), 16.0),
+            WeightKind::Q5_1 => affine(out, with_high_bits(nibbles32(&b[8..24]), &b[4..8]), f16_at(b, 0), f16_at(b, 2)),
+            WeightKind::Q8_0 => {
+                let d = f16_at(b, 0);
+                for (o, &w) in out.iter_mut().zip(&b[2..34]) {
+                    *o = d * w as i8 as f32;
+                }
+            }
             WeightKind::Q4K | WeightKind::Q5K => {
                 let (d, dmin, sc, m, u) = k_block(kind, b);
-                out.extend(
-                    u.iter().enumerate().map(|(i, &u)| d * sc[i / 32] as f32 * u as f32 - dmin * m[i / 32] as f32),
-                );
+                for (i, (o, u)) in out.chunks_exact_mut(32).zip(u.chunks_exact(32)).enumerate() {
+                    let (scale, min) = (d * sc[i] as f32, dmin * m[i] as f32);
+                    for (o, &u) in o.iter_mut().zip(u) {
+                        *o = scale * u as f32 - min;
+                    }
+                }
             }
             WeightKind::Q6K => {
                 let d = f16_at(b, 208);
                 let u = q6k_values(b);
-                out.extend(u.iter().enumerate().map(|(i, &u)| d * b[192 + i / 16] as i8 as f32 * (u as f32 - 32.0)));
+                for (i, (o, u)) in out.chunks_exact_mut(16).zip(u.chunks_exact(16)).enumerate() {
+                    let scale = d * b[192 + i] as i8 as f32;
+                    for (o, &u) in o.iter_mut().zip(u) {
+                        *o = scale * (u as f32 - 32.0);
+                    }
+                }
             }
         }
     }

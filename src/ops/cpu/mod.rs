@@ -13,6 +13,7 @@
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod avx2;
 pub mod blocks;
+pub mod gemm;
 pub mod packed;
 pub mod pool;
 

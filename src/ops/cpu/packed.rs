@@ -154,6 +154,40 @@ impl PackedMatrix {
         blocks::dequantize_row(self.kind, &self.row_blocks(r))
     }
 
+    /// Row `r`'s blocks `b0..b1` as f32 into the start of `out`.
+    pub(super) fn dequantize_blocks(&self, r: usize, b0: usize, b1: usize, out: &mut [f32]) {
+        let bb = self.kind.block_bytes();
+        let mut block = [0u8; 34];
+        for (b, dst) in (b0..b1).zip(out.chunks_exact_mut(blocks::QK)) {
+            self.block(r, b, &mut block[..bb]);
+            blocks::dequantize_slice(self.kind, &block[..bb], dst);
+        }
+    }
+
+    /// Group `g`'s column of blocks `b` as f32: element `e` of the group's row `lane` into
+    /// `out[e · stride + lane]`, for the 32 elements and 8 lanes (rows past the matrix read as zeros).
+    pub(super) fn dequantize_column(&self, g: usize, b: usize, out: &mut [f32], stride: usize) {
+        assert!(out.len() > 31 * stride + 7 && stride >= GROUP, "column output");
+        let col =
+            &self.data[(g * self.blocks() + b) * GROUP * self.kind.block_bytes()..][..GROUP * self.kind.block_bytes()];
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if super::simd() {
+            // SAFETY: `col` is one whole column of 8 blocks and `out` holds 32 strided rows of 8 (asserted).
+            unsafe { simd::dequantize_column(self.kind, Parts::of(self.kind), col.as_ptr(), out.as_mut_ptr(), stride) };
+            return;
+        }
+        let mut block = [0u8; 34];
+        let mut values = [0f32; blocks::QK];
+        let bb = self.kind.block_bytes();
+        for lane in 0..GROUP {
+            self.block(g * GROUP + lane, b, &mut block[..bb]);
+            blocks::dequantize_slice(self.kind, &block[..bb], &mut values);
+            for (e, v) in values.iter().enumerate() {
+                out[e * stride + lane] = *v;
+            }
+        }
+    }
+
     /// The whole matrix as f32, row after row (rows spread over the kernel threads).
     pub fn dequantize(&self) -> Vec<f32> {
         let (cols, bb) = (self.cols, self.kind.block_bytes());
@@ -195,6 +229,74 @@ impl PackedMatrix {
                 for (t, xa) in x.iter().enumerate() {
                     out[t][lane] += blocks::dot_block_q8(self.kind, &block[..bb], &xa[b]);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod simd {
+    use super::Parts;
+    use crate::ops::cpu::blocks::WeightKind;
+    #[cfg(target_arch = "x86")]
+    use std::arch::x86::*;
+    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::*;
+
+    /// [`super::PackedMatrix::dequantize_column`] with 8 rows per register: one 32-byte slice of quants holds 4
+    /// elements of each of the 8 rows, so element `i` of the slice is a shift and a mask per 32-bit lane. The
+    /// arithmetic is the scalar dequantization's, operation for operation (the same bits).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dequantize_column(kind: WeightKind, parts: Parts, col: *const u8, out: *mut f32, stride: usize) {
+        let (pm, pqh, pqs) = parts.packed();
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(col as *const __m128i));
+        let m = pm.map(|o| _mm256_cvtph_ps(_mm_loadu_si128(col.add(o) as *const __m128i)));
+        let qh = pqh.map(|o| _mm256_loadu_si256(col.add(o) as *const __m256i));
+        let byte = _mm256_set1_epi32(0xff);
+        let put = |e: usize, u: __m256i| {
+            let w = match (kind, m) {
+                (WeightKind::Q4_1 | WeightKind::Q5_1, Some(m)) => {
+                    _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(u)), m)
+                }
+                (WeightKind::Q4_0, _) => {
+                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(u, _mm256_set1_epi32(8))))
+                }
+                (WeightKind::Q5_0, _) => {
+                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(u, _mm256_set1_epi32(16))))
+                }
+                _ => _mm256_mul_ps(d, _mm256_cvtepi32_ps(u)),
+            };
+            _mm256_storeu_ps(out.add(e * stride), w);
+        };
+        let high = |e: usize, u: __m256i| match qh {
+            Some(qh) => {
+                let bit = _mm256_and_si256(_mm256_srlv_epi32(qh, _mm256_set1_epi32(e as i32)), _mm256_set1_epi32(1));
+                _mm256_or_si256(u, _mm256_slli_epi32(bit, 4))
+            }
+            None => u,
+        };
+        if kind == WeightKind::Q8_0 {
+            for k in 0..8 {
+                let v = _mm256_loadu_si256(col.add(pqs + 32 * k) as *const __m256i);
+                // Byte i of each lane, sign-extended: shift it to the top, then arithmetically down.
+                put(4 * k, _mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+                put(4 * k + 1, _mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24));
+                put(4 * k + 2, _mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24));
+                put(4 * k + 3, _mm256_srai_epi32(v, 24));
+            }
+            return;
+        }
+        // Nibble types: byte j of a row holds element j (low nibble) and element j + 16 (high nibble).
+        let nibble = _mm256_set1_epi32(0x0f);
+        for k in 0..4 {
+            let v = _mm256_loadu_si256(col.add(pqs + 32 * k) as *const __m256i);
+            for (i, b) in
+                [v, _mm256_srli_epi32(v, 8), _mm256_srli_epi32(v, 16), _mm256_srli_epi32(v, 24)].into_iter().enumerate()
+            {
+                let b = _mm256_and_si256(b, byte);
+                let e = 4 * k + i;
+                put(e, high(e, _mm256_and_si256(b, nibble)));
+                put(e + 16, high(e + 16, _mm256_srli_epi32(b, 4)));
             }
         }
     }

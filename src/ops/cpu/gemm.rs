@@ -1,0 +1,568 @@
+//! f32 matrix products against weights kept as stored (GGML blocks, packed 8-row groups, f16 / bf16), each
+//! weight tile dequantized into a small f32 panel right before it is used: no full-precision copy of a matrix
+//! is ever made, and the result is the f32 product of the dequantized weights. Every output element is summed
+//! in one fixed order (blocks of [`KC`] reduction steps, each accumulated from zero by FMA, then added in
+//! order), whatever the number of activation rows or threads: a row's result does not depend on the rows
+//! beside it.
+//!
+//! Two shapes: `y = x·Wᵀ` ([`matmul_wt`], a layer's forward pass) and `dx = dy·W` ([`matmul_w`], the input
+//! gradient of a frozen weight while training). Both cut the weight side into panels of [`KC`] reduction
+//! steps × [`NR`] outputs, laid out so that the micro-kernel reads 16 consecutive floats per step, and walk the
+//! activation rows [`MR`] at a time with the 12 accumulators of a 6 × 16 tile in registers (the shape of the
+//! BLIS / llamafile kernels for AVX2: two FMAs per broadcast activation).
+
+// `let c = c;` in the task closure captures the whole `Out` (Sync), not its raw pointer field.
+#![allow(clippy::redundant_locals)]
+
+use super::blocks::{self, WeightKind};
+use super::packed::{PackedMatrix, GROUP};
+use super::pool;
+use std::cell::RefCell;
+
+/// Outputs per micro-panel (two 8-lane vectors).
+const NR: usize = 16;
+/// Activation rows per micro-kernel call.
+const MR: usize = 6;
+/// Reduction steps per panel: a micro-panel (KC × NR floats, 16 KiB) stays in L1 while the rows stream past.
+/// A multiple of every block width (32, 256), so that a panel of `x·Wᵀ` starts at a block boundary.
+const KC: usize = 256;
+/// Most outputs per task (a multiple of [`NR`]); fewer where that leaves threads idle.
+const NC: usize = 128;
+
+/// A weight matrix as stored, `rows × cols`.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    /// Rows of `kind` (blocks, or halves) one after another, as GGUF stores them.
+    Rows { kind: WeightKind, bytes: &'a [u8], rows: usize, cols: usize },
+    /// The 8-row groups of our kernels.
+    Packed(&'a PackedMatrix),
+    /// Plain f32 rows.
+    F32 { values: &'a [f32], rows: usize, cols: usize },
+}
+
+impl Weights<'_> {
+    pub fn rows(&self) -> usize {
+        match self {
+            Weights::Rows { rows, .. } | Weights::F32 { rows, .. } => *rows,
+            Weights::Packed(p) => p.rows(),
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Weights::Rows { cols, .. } | Weights::F32 { cols, .. } => *cols,
+            Weights::Packed(p) => p.cols(),
+        }
+    }
+
+    /// Elements per block along a row: a range of columns read at once starts at a multiple of it.
+    fn block(&self) -> usize {
+        match self {
+            Weights::Rows { kind, .. } => kind.block_elems(),
+            Weights::Packed(p) => p.kind().block_elems(),
+            Weights::F32 { .. } => 1,
+        }
+    }
+
+    fn check(&self) {
+        let (rows, cols) = (self.rows(), self.cols());
+        match self {
+            Weights::Rows { kind, bytes, .. } => {
+                assert!(cols.is_multiple_of(kind.block_elems()), "{kind:?} rows of {cols} elements");
+                assert_eq!(bytes.len(), rows * kind.row_bytes(cols), "weight bytes");
+            }
+            Weights::F32 { values, .. } => assert_eq!(values.len(), rows * cols, "weight length"),
+            Weights::Packed(_) => {}
+        }
+    }
+
+    /// Row `r`'s columns `c0..c1` as f32 into `out[..c1 - c0]`; `c0` is a multiple of [`Weights::block`], `c1`
+    /// one too or the row's end.
+    fn row_range(&self, r: usize, c0: usize, c1: usize, out: &mut [f32]) {
+        let out = &mut out[..c1 - c0];
+        match *self {
+            Weights::Rows { kind, bytes, cols, .. } => {
+                let row = &bytes[r * kind.row_bytes(cols)..][..kind.row_bytes(cols)];
+                let (b0, b1) = (c0 / kind.block_elems(), c1 / kind.block_elems());
+                let part = &row[b0 * kind.block_bytes()..b1 * kind.block_bytes()];
+                match kind {
+                    WeightKind::F16 => {
+                        for (o, h) in out.iter_mut().zip(part.chunks_exact(2)) {
+                            *o = half::f16::from_le_bytes([h[0], h[1]]).to_f32();
+                        }
+                    }
+                    WeightKind::BF16 => {
+                        for (o, h) in out.iter_mut().zip(part.chunks_exact(2)) {
+                            *o = f32::from_bits((u16::from_le_bytes([h[0], h[1]]) as u32) << 16);
+                        }
+                    }
+                    _ => blocks::dequantize_slice(kind, part, out),
+                }
+            }
+            Weights::Packed(p) => p.dequantize_blocks(r, c0 / blocks::QK, c1 / blocks::QK, out),
+            Weights::F32 { values, cols, .. } => out.copy_from_slice(&values[r * cols + c0..r * cols + c1]),
+        }
+    }
+}
+
+/// `y = x·Wᵀ`: `x` is `m × cols` (row-major), `y` is `m × rows`.
+pub fn matmul_wt(w: Weights<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+    w.check();
+    let (n, k) = (w.rows(), w.cols());
+    assert_eq!(x.len(), m * k, "activation length");
+    assert_eq!(y.len(), m * n, "output length");
+    // B[kk][j] = W[j][kk]: each output row j of the task is dequantized over the panel's reduction range and
+    // scattered into its lane of its micro-panel.
+    gemm(x, m, k, n, y, 1, &|j0, j1, k0, k1, panel, row| {
+        let kc = k1 - k0;
+        if let Weights::Packed(p) = w {
+            // A group's 8 rows are 8 lanes of a micro-panel (tasks start at multiples of 16 rows).
+            for g in j0 / GROUP..j1.div_ceil(GROUP) {
+                let (s, lane) = ((g * GROUP - j0) / NR, (g * GROUP - j0) % NR);
+                for b in k0 / blocks::QK..k1 / blocks::QK {
+                    let at = s * kc * NR + (b * blocks::QK - k0) * NR + lane;
+                    p.dequantize_column(g, b, &mut panel[at..], NR);
+                }
+            }
+            return;
+        }
+        for j in j0..j1 {
+            w.row_range(j, k0, k1, row);
+            let (s, lane) = ((j - j0) / NR, (j - j0) % NR);
+            let micro = &mut panel[s * kc * NR..(s + 1) * kc * NR];
+            for (kk, v) in row[..kc].iter().enumerate() {
+                micro[kk * NR + lane] = *v;
+            }
+        }
+    });
+}
+
+/// `dx = dy·W`: `dy` is `m × rows` (row-major), `dx` is `m × cols`.
+pub fn matmul_w(w: Weights<'_>, dy: &[f32], m: usize, dx: &mut [f32]) {
+    w.check();
+    let (k, n) = (w.rows(), w.cols());
+    assert_eq!(dy.len(), m * k, "gradient length");
+    assert_eq!(dx.len(), m * n, "output length");
+    // B[kk][j] = W[kk][j]: each weight row of the panel's reduction range is dequantized over the task's columns
+    // (a whole number of blocks) and cut into the micro-panels.
+    gemm(dy, m, k, n, dx, w.block(), &|j0, j1, k0, k1, panel, row| {
+        let kc = k1 - k0;
+        if let Weights::Packed(p) = w {
+            // A group's column of blocks (8 weight rows × 32 columns), turned into 8 rows of the micro-panels.
+            let column = &mut row[..GROUP * blocks::QK];
+            for g in k0 / GROUP..k1.div_ceil(GROUP) {
+                for b in j0 / blocks::QK..j1 / blocks::QK {
+                    p.dequantize_column(g, b, column, GROUP);
+                    let lanes = GROUP.min(k1 - g * GROUP);
+                    let kk = g * GROUP - k0;
+                    for e0 in (0..blocks::QK).step_by(GROUP) {
+                        // 8 elements × 8 rows, transposed into 8 rows of 8 consecutive columns.
+                        let j = b * blocks::QK + e0 - j0;
+                        let at = ((j / NR) * kc + kk) * NR + j % NR;
+                        transpose8(&column[e0 * GROUP..(e0 + GROUP) * GROUP], &mut panel[at..], NR, lanes);
+                    }
+                }
+            }
+            return;
+        }
+        for kk in k0..k1 {
+            w.row_range(kk, j0, j1, row);
+            for (s, chunk) in row[..j1 - j0].chunks(NR).enumerate() {
+                panel[(s * kc + kk - k0) * NR..][..chunk.len()].copy_from_slice(chunk);
+            }
+        }
+    });
+}
+
+/// `out[r · stride + c] = block[c · 8 + r]` for the 8 × 8 `block`, rows `r < rows`.
+fn transpose8(block: &[f32], out: &mut [f32], stride: usize, rows: usize) {
+    assert!(block.len() >= 64 && out.len() > (rows.max(1) - 1) * stride + 7);
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if super::simd() && rows == GROUP {
+        // SAFETY: bounds asserted above.
+        unsafe { avx2::transpose8(block.as_ptr(), out.as_mut_ptr(), stride) };
+        return;
+    }
+    for r in 0..rows {
+        for c in 0..GROUP {
+            out[r * stride + c] = block[c * GROUP + r];
+        }
+    }
+}
+
+/// Raw pointer to the output, written at disjoint tiles by the tasks of one product.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint tiles, and `Pool::run` returns only after all of them.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// A task's panel and the row it dequantizes through (reused: a product allocates nothing once warm).
+#[derive(Default)]
+struct Scratch {
+    panel: Vec<f32>,
+    row: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// What fills a panel: `fill(j0, j1, k0, k1, panel, row)` writes B[k0..k1][j0..j1] as micro-panels
+/// `panel[s][kk][lane]` (`s` = (j − j0) / NR, `kk` from 0; lanes past `j1` are left as they are, zero).
+type Fill<'a> = dyn Fn(usize, usize, usize, usize, &mut [f32], &mut [f32]) + Sync + 'a;
+
+/// `C (m × n) = A (m × k) · B (k × n)`, B given through `fill`. A task takes a range of outputs (starting at a
+/// multiple of `align`) and every row: each panel is dequantized once per product.
+fn gemm(a: &[f32], m: usize, k: usize, n: usize, c: &mut [f32], align: usize, fill: &Fill<'_>) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    // About three tasks per thread (so that uneven ones even out), at most NC outputs each.
+    let pool = pool::pool();
+    // Block widths are powers of two, so the larger of the two is a multiple of both.
+    let unit = NR.max(align);
+    let nc = n.div_ceil(pool.threads() * 3).clamp(1, NC.max(unit)).next_multiple_of(unit);
+    let out = Out(c.as_mut_ptr());
+    let a = a.as_ptr() as usize;
+    let micro = micro_kernels();
+    pool.run(n.div_ceil(nc), &|task| {
+        let c = out;
+        let (j0, j1) = (task * nc, ((task + 1) * nc).min(n));
+        let (t0, t1) = (0, m);
+        let panels = (j1 - j0).div_ceil(NR);
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            s.panel.resize(panels * KC * NR, 0.0);
+            s.row.resize(KC.max(nc), 0.0);
+            for k0 in (0..k).step_by(KC) {
+                let k1 = (k0 + KC).min(k);
+                let kc = k1 - k0;
+                let panel = &mut s.panel[..panels * kc * NR];
+                if (j1 - j0) % NR != 0 {
+                    // The last micro-panel's lanes past n: zeros, so that they add nothing (never stored).
+                    panel[(panels - 1) * kc * NR..].fill(0.0);
+                }
+                fill(j0, j1, k0, k1, panel, &mut s.row);
+                for p in 0..panels {
+                    let (jp, nr) = (j0 + p * NR, NR.min(j1 - j0 - p * NR));
+                    let b = panel[p * kc * NR..].as_ptr();
+                    let mut t = t0;
+                    while t < t1 {
+                        let rows = MR.min(t1 - t);
+                        // SAFETY: rows t..t + rows of A have k ≥ k1 columns; the tile of C at (t, jp) of `rows ×
+                        // nr` is inside C and written by this task only; the micro-panel holds kc × NR floats.
+                        unsafe {
+                            let ap = (a as *const f32).add(t * k + k0);
+                            let cp = c.0.add(t * n + jp);
+                            micro[rows - 1](ap, k, b, kc, cp, n, nr, k0 > 0);
+                        }
+                        t += rows;
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// `C[0..rows][0..nr] (+)= A[0..rows][0..kc] · B[0..kc][0..NR]`: A rows `lda` apart, B dense, C rows `ldc`
+/// apart; `add` accumulates into C instead of overwriting it.
+type Micro = unsafe fn(*const f32, usize, *const f32, usize, *mut f32, usize, usize, bool);
+
+fn micro_kernels() -> [Micro; MR] {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if super::simd() {
+        return [
+            avx2::micro::<1>,
+            avx2::micro::<2>,
+            avx2::micro::<3>,
+            avx2::micro::<4>,
+            avx2::micro::<5>,
+            avx2::micro::<6>,
+        ];
+    }
+    [micro::<1>, micro::<2>, micro::<3>, micro::<4>, micro::<5>, micro::<6>]
+}
+
+/// The portable micro-kernel (plain multiply-adds the compiler can vectorize).
+#[allow(clippy::too_many_arguments)] // the micro-kernel's operands, as BLIS passes them
+unsafe fn micro<const M: usize>(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    nr: usize,
+    add: bool,
+) {
+    let mut acc = [[0f32; NR]; M];
+    for kk in 0..kc {
+        let bk = std::slice::from_raw_parts(b.add(kk * NR), NR);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let av = *a.add(i * lda + kk);
+            for (o, bv) in acc.iter_mut().zip(bk) {
+                *o += av * bv;
+            }
+        }
+    }
+    store(&acc, c, ldc, nr, add);
+}
+
+/// Writes (or adds) a tile's first `nr` columns into C.
+#[inline(always)]
+unsafe fn store<const M: usize>(acc: &[[f32; NR]; M], c: *mut f32, ldc: usize, nr: usize, add: bool) {
+    for (i, acc) in acc.iter().enumerate() {
+        let row = std::slice::from_raw_parts_mut(c.add(i * ldc), nr);
+        if add {
+            row.iter_mut().zip(acc).for_each(|(o, v)| *o += v);
+        } else {
+            row.copy_from_slice(&acc[..nr]);
+        }
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod avx2 {
+    use super::NR;
+    #[cfg(target_arch = "x86")]
+    use std::arch::x86::*;
+    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::*;
+
+    /// `out[r · stride + c] = block[c · 8 + r]` for an 8 × 8 block (unpack, shuffle, swap halves).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn transpose8(block: *const f32, out: *mut f32, stride: usize) {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(block.add(8 * i)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xee>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xee>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xee>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xee>(t5, t7);
+        let rows = [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ];
+        for (i, v) in rows.into_iter().enumerate() {
+            _mm256_storeu_ps(out.add(i * stride), v);
+        }
+    }
+
+    /// The 6 × 16 tile (or fewer rows): per reduction step two loads of B, one broadcast of each row's
+    /// activation, two FMAs per row.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)] // the micro-kernel's operands, as BLIS passes them
+    pub unsafe fn micro<const M: usize>(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        nr: usize,
+        add: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        for kk in 0..kc {
+            let b0 = _mm256_loadu_ps(b.add(kk * NR));
+            let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
+                acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let row = c.add(i * ldc);
+            if nr == NR {
+                let (mut v0, mut v1) = (acc[0], acc[1]);
+                if add {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(row));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(row.add(8)));
+                }
+                _mm256_storeu_ps(row, v0);
+                _mm256_storeu_ps(row.add(8), v1);
+            } else {
+                let mut tile = [0f32; NR];
+                _mm256_storeu_ps(tile.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(tile.as_mut_ptr().add(8), acc[1]);
+                for (j, v) in tile.iter().take(nr).enumerate() {
+                    *row.add(j) = if add { *row.add(j) + v } else { *v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Device;
+
+    /// The dequantized weights as a dense f32 matrix, and their bytes as stored.
+    fn weights(kind: GgmlDType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        let w = crate::testing::seeded_randn(seed, 0.0, 1.0, &[rows, cols]);
+        let q = QTensor::quantize(&w, kind).unwrap();
+        let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (q.data().unwrap().to_vec(), dense)
+    }
+
+    fn close(got: &[f32], want: &[f64], what: &str) {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((*g as f64 - w).abs() <= 1e-4 * w.abs().max(1.0), "{what} at {i}: {g} vs {w}");
+        }
+    }
+
+    /// Both shapes equal the f64 product of the dequantized weights, for every stored form, sizes off every
+    /// tile (rows, outputs, reduction), and a reduction longer than one panel.
+    #[test]
+    fn products_equal_the_dequantized_ones() {
+        let kinds = [
+            (WeightKind::Q4_0, GgmlDType::Q4_0),
+            (WeightKind::Q4_1, GgmlDType::Q4_1),
+            (WeightKind::Q5_0, GgmlDType::Q5_0),
+            (WeightKind::Q5_1, GgmlDType::Q5_1),
+            (WeightKind::Q8_0, GgmlDType::Q8_0),
+            (WeightKind::Q4K, GgmlDType::Q4K),
+            (WeightKind::Q5K, GgmlDType::Q5K),
+            (WeightKind::Q6K, GgmlDType::Q6K),
+            (WeightKind::F16, GgmlDType::F16),
+            (WeightKind::BF16, GgmlDType::BF16),
+        ];
+        for (kind, g) in kinds {
+            for (rows, cols) in [(37, 512), (70, 768)] {
+                let (bytes, dense) = weights(g, rows, cols, 11);
+                let packed = PackedMatrix::packs(kind).then(|| PackedMatrix::pack(kind, &bytes, rows, cols));
+                let mut forms = vec![
+                    Weights::Rows { kind, bytes: &bytes, rows, cols },
+                    Weights::F32 { values: &dense, rows, cols },
+                ];
+                if let Some(p) = &packed {
+                    forms.push(Weights::Packed(p));
+                }
+                for m in [1, 5, 13, 100] {
+                    let x = crate::testing::seeded_randn(m as u64, 0.0, 1.0, &[m, cols]);
+                    let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let dy = crate::testing::seeded_randn(50 + m as u64, 0.0, 1.0, &[m, rows]);
+                    let dy = dy.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let mut want_y = vec![0f64; m * rows];
+                    let mut want_dx = vec![0f64; m * cols];
+                    for t in 0..m {
+                        for r in 0..rows {
+                            for c in 0..cols {
+                                let w = dense[r * cols + c] as f64;
+                                want_y[t * rows + r] += x[t * cols + c] as f64 * w;
+                                want_dx[t * cols + c] += dy[t * rows + r] as f64 * w;
+                            }
+                        }
+                    }
+                    for w in &forms {
+                        let mut y = vec![f32::NAN; m * rows];
+                        matmul_wt(*w, &x, m, &mut y);
+                        close(&y, &want_y, &format!("{kind:?} x·Wᵀ m {m} {rows}×{cols}"));
+                        let mut dx = vec![f32::NAN; m * cols];
+                        matmul_w(*w, &dy, m, &mut dx);
+                        close(&dx, &want_dx, &format!("{kind:?} dy·W m {m} {rows}×{cols}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A packed group's column reads as candle's dequantization of the same blocks, bit for bit (the SIMD path
+    /// where the CPU has it).
+    #[test]
+    fn packed_columns_dequantize_exactly() {
+        for (kind, g) in [
+            (WeightKind::Q4_0, GgmlDType::Q4_0),
+            (WeightKind::Q4_1, GgmlDType::Q4_1),
+            (WeightKind::Q5_0, GgmlDType::Q5_0),
+            (WeightKind::Q5_1, GgmlDType::Q5_1),
+            (WeightKind::Q8_0, GgmlDType::Q8_0),
+        ] {
+            let (rows, cols) = (13, 96);
+            let (bytes, dense) = weights(g, rows, cols, 21);
+            let p = PackedMatrix::pack(kind, &bytes, rows, cols);
+            let mut out = vec![f32::NAN; 32 * 10];
+            for grp in 0..2 {
+                for b in 0..3 {
+                    p.dequantize_column(grp, b, &mut out, 10);
+                    for lane in 0..GROUP {
+                        let r = grp * GROUP + lane;
+                        for e in 0..32 {
+                            let got = out[e * 10 + lane];
+                            if r < rows {
+                                let want = dense[r * cols + b * 32 + e];
+                                assert_eq!(got.to_bits(), want.to_bits(), "{kind:?} row {r} col {}", b * 32 + e);
+                            } else {
+                                assert_eq!(got, 0.0, "{kind:?} padding row {r}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transposes_8_by_8() {
+        let block: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        for rows in [8, 5] {
+            let mut out = vec![-1f32; 8 * 10];
+            transpose8(&block, &mut out, 10, rows);
+            for r in 0..8 {
+                for c in 0..8 {
+                    let want = if r < rows { block[c * 8 + r] } else { -1.0 };
+                    assert_eq!(out[r * 10 + c], want, "rows {rows} r {r} c {c}");
+                }
+            }
+        }
+    }
+
+    /// A row's result is the same bits whether it is multiplied alone or among others.
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_rows_beside_it() {
+        let (rows, cols) = (50, 640);
+        let (bytes, _) = weights(GgmlDType::Q4_1, rows, cols, 3);
+        let w = Weights::Rows { kind: WeightKind::Q4_1, bytes: &bytes, rows, cols };
+        let m = 130;
+        let x = crate::testing::seeded_randn(4, 0.0, 1.0, &[m, cols]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut all = vec![0f32; m * rows];
+        matmul_wt(w, &x, m, &mut all);
+        for t in [0, 7, 97, 129] {
+            let mut one = vec![0f32; rows];
+            matmul_wt(w, &x[t * cols..(t + 1) * cols], 1, &mut one);
+            assert_eq!(one, all[t * rows..(t + 1) * rows], "row {t}");
+        }
+        let dy = crate::testing::seeded_randn(5, 0.0, 1.0, &[m, rows]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut all = vec![0f32; m * cols];
+        matmul_w(w, &dy, m, &mut all);
+        for t in [0, 64, 129] {
+            let mut one = vec![0f32; cols];
+            matmul_w(w, &dy[t * rows..(t + 1) * rows], 1, &mut one);
+            assert_eq!(one, all[t * cols..(t + 1) * cols], "row {t}");
+        }
+    }
+}
