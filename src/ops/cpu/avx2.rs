@@ -349,6 +349,14 @@ pub unsafe fn gemv_half<const BF: bool, const R: usize, const N: usize>(
     let mut acc = [[_mm256_setzero_ps(); N]; R];
     let mut c = 0;
     while c + 8 <= cols {
+        if N == 1 && c % 32 == 0 {
+            // Decode streams each weight once: ask for the same line of the next R rows (the next tile's, where
+            // rows lie back to back) while this one is multiplied — rows of a few KiB end before the hardware
+            // prefetcher has ramped up. A prefetch past the matrix is dropped, never a fault.
+            for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>((rows[r] as *const i8).wrapping_add(2 * c + R * cols * 2));
+            }
+        }
         let mut w = [_mm256_setzero_ps(); R];
         for (r, w) in w.iter_mut().enumerate() {
             *w = widen8::<BF>((rows[r] as *const u16).add(c));
