@@ -168,10 +168,10 @@ impl PackedMatrix {
     /// `out[e · stride + lane]`, for the 32 elements and 8 lanes (rows past the matrix read as zeros).
     pub(super) fn dequantize_column(&self, g: usize, b: usize, out: &mut [f32], stride: usize) {
         assert!(out.len() > 31 * stride + 7 && stride >= GROUP, "column output");
-        let col =
-            &self.data[(g * self.blocks() + b) * GROUP * self.kind.block_bytes()..][..GROUP * self.kind.block_bytes()];
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         if super::simd() {
+            let column_bytes = GROUP * self.kind.block_bytes();
+            let col = &self.data[(g * self.blocks() + b) * column_bytes..][..column_bytes];
             // SAFETY: `col` is one whole column of 8 blocks and `out` holds 32 strided rows of 8 (asserted).
             unsafe { simd::dequantize_column(self.kind, Parts::of(self.kind), col.as_ptr(), out.as_mut_ptr(), stride) };
             return;
