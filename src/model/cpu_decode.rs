@@ -94,11 +94,7 @@ impl LinearParts {
 
     /// Can the CPU kernels multiply this layer as the regular one-row pass does?
     fn qualifies(l: &Linear) -> Result<bool> {
-        if l.lora().is_some() {
-            return Ok(false);
-        }
-        let mut probe = vec![0f32; l.out_features()];
-        l.cpu_rows_into(&vec![0f32; l.in_features()], &mut probe)
+        Ok(l.lora().is_none() && l.cpu_kernels_take()?)
     }
 }
 

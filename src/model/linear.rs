@@ -267,85 +267,28 @@ impl Linear {
     /// `x Wᵀ` through our CPU kernels, when the weight is of a type they take (quantized blocks as stored, or
     /// half precision kept as such) and `x` is on the CPU; `None` otherwise.
     fn cpu_kernel_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        if !x.device().is_cpu() {
+        if matches!(&self.weight, LinearWeight::Dense(w) if w.dtype() == x.dtype()) {
             return Ok(None);
         }
-        let kind = match &self.weight {
-            LinearWeight::Packed(p) => Some(p.kind()),
-            LinearWeight::Quantized(q) => WeightKind::from_ggml(q.dtype()),
-            LinearWeight::Dense(w) if w.dtype() != x.dtype() => WeightKind::from_dtype(w.dtype()),
-            LinearWeight::Dense(_) => None,
-        };
-        let Some(kind) = kind.filter(|k| cpu::supports(*k, self.in_features)) else { return Ok(None) };
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
         let rows = x.elem_count() / self.in_features;
-        let mut y = vec![0f32; rows * self.out_features];
-        {
-            let (xs, xl) = x.storage_and_layout();
-            let Storage::Cpu(CpuStorage::F32(xs)) = &*xs else { return Ok(None) };
-            let xs = &xs[xl.start_offset()..xl.start_offset() + x.elem_count()];
-            match &self.weight {
-                LinearWeight::Packed(p) => cpu::matmul_packed(p, xs, rows, &mut y),
-                LinearWeight::Quantized(q) => {
-                    let bytes = q.data()?;
-                    cpu::matmul(kind, &bytes, self.out_features, self.in_features, xs, rows, &mut y);
-                }
-                LinearWeight::Dense(w) => {
-                    let w = w.contiguous()?;
-                    let (ws, wl) = w.storage_and_layout();
-                    let half: &[u16] = match &*ws {
-                        Storage::Cpu(CpuStorage::F16(v)) => bytemuck_u16(v),
-                        Storage::Cpu(CpuStorage::BF16(v)) => bytemuck_u16(v),
-                        _ => return Ok(None),
-                    };
-                    let half = &half[wl.start_offset()..wl.start_offset() + w.elem_count()];
-                    // SAFETY: u16 → bytes of the same memory, twice as many.
-                    let bytes = unsafe { std::slice::from_raw_parts(half.as_ptr() as *const u8, half.len() * 2) };
-                    cpu::matmul(kind, bytes, self.out_features, self.in_features, xs, rows, &mut y);
-                }
-            }
-        }
-        Ok(Some(Tensor::from_vec(y, self.out_dims(&x), x.device())?.to_dtype(dtype)?))
+        let product = with_cpu_weights(&self.weight, x, |w, xs| {
+            let mut y = vec![0f32; rows * self.out_features];
+            kernel_product(w, xs, &mut y);
+            y
+        })?;
+        product.map(|y| Tensor::from_vec(y, self.out_dims(x), x.device())?.to_dtype(x.dtype())).transpose()
+    }
+
+    /// Do our CPU kernels take this weight (see [`Linear::cpu_rows_into`])?
+    pub fn cpu_kernels_take(&self) -> Result<bool> {
+        Ok(with_stored_weights(&self.weight, |_| ())?.is_some())
     }
 
     /// `y = x Wᵀ` for the `x.len() / in_features` f32 rows of `x`, straight into `y` through our CPU kernels
     /// (the path a one-row pass of [`Linear::forward`] takes; no bias, no adapter). False, with `y` untouched,
     /// where the weight is not one of theirs (dense f32, or on another device).
     pub fn cpu_rows_into(&self, x: &[f32], y: &mut [f32]) -> Result<bool> {
-        let rows = x.len() / self.in_features;
-        let kind = match &self.weight {
-            LinearWeight::Packed(p) => {
-                cpu::matmul_packed(p, x, rows, y);
-                return Ok(true);
-            }
-            LinearWeight::Quantized(q) if q.device().is_cpu() => WeightKind::from_ggml(q.dtype()),
-            LinearWeight::Dense(w) if w.device().is_cpu() && w.dtype() != DType::F32 => {
-                WeightKind::from_dtype(w.dtype())
-            }
-            _ => None,
-        };
-        let Some(kind) = kind.filter(|k| cpu::supports(*k, self.in_features)) else { return Ok(false) };
-        match &self.weight {
-            LinearWeight::Quantized(q) => {
-                cpu::matmul(kind, &q.data()?, self.out_features, self.in_features, x, rows, y);
-            }
-            LinearWeight::Dense(w) => {
-                let w = w.contiguous()?;
-                let (ws, wl) = w.storage_and_layout();
-                let half: &[u16] = match &*ws {
-                    Storage::Cpu(CpuStorage::F16(v)) => bytemuck_u16(v),
-                    Storage::Cpu(CpuStorage::BF16(v)) => bytemuck_u16(v),
-                    _ => return Ok(false),
-                };
-                let half = &half[wl.start_offset()..wl.start_offset() + w.elem_count()];
-                // SAFETY: u16 → bytes of the same memory, twice as many.
-                let bytes = unsafe { std::slice::from_raw_parts(half.as_ptr() as *const u8, half.len() * 2) };
-                cpu::matmul(kind, bytes, self.out_features, self.in_features, x, rows, y);
-            }
-            LinearWeight::Packed(_) => unreachable!("handled above"),
-        }
-        Ok(true)
+        Ok(with_stored_weights(&self.weight, |w| kernel_product(w, x, y))?.is_some())
     }
 
     /// `x Wᵀ` through the fastest inference path (no gradient tracking).
@@ -381,8 +324,45 @@ impl Linear {
     }
 }
 
-/// `f(weights, x)` with a CPU weight seen as our kernels read it (blocks as stored, packed groups, or halves)
-/// and `x` as contiguous f32 rows; `None` when the weight is not one of those or `x` is not on the CPU.
+/// `f(weights)` with a CPU weight seen as our kernels read it: blocks as stored, packed groups, or halves;
+/// `None` for dense f32 weights, weights off the CPU, and rows the kernels cannot take.
+fn with_stored_weights<R>(weight: &LinearWeight, f: impl FnOnce(gemm::Weights<'_>) -> R) -> Result<Option<R>> {
+    Ok(match weight {
+        LinearWeight::Packed(p) => Some(f(gemm::Weights::Packed(p))),
+        LinearWeight::Quantized(q) => match WeightKind::from_ggml(q.dtype()) {
+            Some(kind) if q.device().is_cpu() => {
+                let (rows, cols) = q.shape().dims2()?;
+                if !cpu::supports(kind, cols) {
+                    return Ok(None);
+                }
+                let bytes = q.data()?;
+                Some(f(gemm::Weights::Rows { kind, bytes: &bytes, rows, cols }))
+            }
+            _ => None,
+        },
+        LinearWeight::Dense(w) => {
+            let Some(kind) = WeightKind::from_dtype(w.dtype()) else { return Ok(None) };
+            let (rows, cols) = w.dims2()?;
+            if !cpu::supports(kind, cols) {
+                return Ok(None);
+            }
+            let w = w.contiguous()?;
+            let (ws, wl) = w.storage_and_layout();
+            let half: &[u16] = match &*ws {
+                Storage::Cpu(CpuStorage::F16(v)) => bytemuck_u16(v),
+                Storage::Cpu(CpuStorage::BF16(v)) => bytemuck_u16(v),
+                _ => return Ok(None),
+            };
+            let half = &half[wl.start_offset()..wl.start_offset() + w.elem_count()];
+            // SAFETY: u16 → bytes of the same memory, twice as many.
+            let bytes = unsafe { std::slice::from_raw_parts(half.as_ptr() as *const u8, half.len() * 2) };
+            Some(f(gemm::Weights::Rows { kind, bytes, rows, cols }))
+        }
+    })
+}
+
+/// `f(weights, x)` with the weight as [`with_stored_weights`] sees it and `x` as contiguous f32 rows; `None`
+/// where that gives none or `x` is not on the CPU.
 fn with_cpu_weights<R>(
     weight: &LinearWeight,
     x: &Tensor,
@@ -395,35 +375,16 @@ fn with_cpu_weights<R>(
     let (xs, xl) = x.storage_and_layout();
     let Storage::Cpu(CpuStorage::F32(xs)) = &*xs else { return Ok(None) };
     let xs = &xs[xl.start_offset()..xl.start_offset() + x.elem_count()];
-    Ok(match weight {
-        LinearWeight::Packed(p) => Some(f(gemm::Weights::Packed(p), xs)),
-        LinearWeight::Quantized(q) => match WeightKind::from_ggml(q.dtype()) {
-            Some(kind) if q.device().is_cpu() => {
-                let (rows, cols) = q.shape().dims2()?;
-                if !cpu::supports(kind, cols) {
-                    return Ok(None);
-                }
-                let bytes = q.data()?;
-                Some(f(gemm::Weights::Rows { kind, bytes: &bytes, rows, cols }, xs))
-            }
-            _ => None,
-        },
-        LinearWeight::Dense(w) => {
-            let Some(kind) = WeightKind::from_dtype(w.dtype()) else { return Ok(None) };
-            let (rows, cols) = w.dims2()?;
-            let w = w.contiguous()?;
-            let (ws, wl) = w.storage_and_layout();
-            let half: &[u16] = match &*ws {
-                Storage::Cpu(CpuStorage::F16(v)) => bytemuck_u16(v),
-                Storage::Cpu(CpuStorage::BF16(v)) => bytemuck_u16(v),
-                _ => return Ok(None),
-            };
-            let half = &half[wl.start_offset()..wl.start_offset() + w.elem_count()];
-            // SAFETY: u16 → bytes of the same memory, twice as many.
-            let bytes = unsafe { std::slice::from_raw_parts(half.as_ptr() as *const u8, half.len() * 2) };
-            Some(f(gemm::Weights::Rows { kind, bytes, rows, cols }, xs))
-        }
-    })
+    with_stored_weights(weight, |w| f(w, xs))
+}
+
+/// `y = x Wᵀ` through the 8-bit-activation (or half) kernels, for the `x.len() / cols` rows of `x`.
+fn kernel_product(w: gemm::Weights<'_>, x: &[f32], y: &mut [f32]) {
+    match w {
+        gemm::Weights::Packed(p) => cpu::matmul_packed(p, x, x.len() / p.cols(), y),
+        gemm::Weights::Rows { kind, bytes, rows, cols } => cpu::matmul(kind, bytes, rows, cols, x, x.len() / cols, y),
+        gemm::Weights::F32 { .. } => unreachable!("dense f32 weights are never seen as stored"),
+    }
 }
 
 /// Half-precision values as their bits.

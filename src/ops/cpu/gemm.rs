@@ -418,16 +418,8 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::Device;
-
-    /// The dequantized weights as a dense f32 matrix, and their bytes as stored.
-    fn weights(kind: GgmlDType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
-        let w = crate::testing::seeded_randn(seed, 0.0, 1.0, &[rows, cols]);
-        let q = QTensor::quantize(&w, kind).unwrap();
-        let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (q.data().unwrap().to_vec(), dense)
-    }
+    use crate::ops::cpu::tests::{weights, KINDS};
+    use candle_core::quantized::GgmlDType;
 
     fn close(got: &[f32], want: &[f64], what: &str) {
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -439,19 +431,7 @@ mod tests {
     /// tile (rows, outputs, reduction), and a reduction longer than one panel.
     #[test]
     fn products_equal_the_dequantized_ones() {
-        let kinds = [
-            (WeightKind::Q4_0, GgmlDType::Q4_0),
-            (WeightKind::Q4_1, GgmlDType::Q4_1),
-            (WeightKind::Q5_0, GgmlDType::Q5_0),
-            (WeightKind::Q5_1, GgmlDType::Q5_1),
-            (WeightKind::Q8_0, GgmlDType::Q8_0),
-            (WeightKind::Q4K, GgmlDType::Q4K),
-            (WeightKind::Q5K, GgmlDType::Q5K),
-            (WeightKind::Q6K, GgmlDType::Q6K),
-            (WeightKind::F16, GgmlDType::F16),
-            (WeightKind::BF16, GgmlDType::BF16),
-        ];
-        for (kind, g) in kinds {
+        for (kind, g) in KINDS {
             for (rows, cols) in [(37, 512), (70, 768)] {
                 let (bytes, dense) = weights(g, rows, cols, 11);
                 let packed = PackedMatrix::packs(kind).then(|| PackedMatrix::pack(kind, &bytes, rows, cols));
@@ -495,13 +475,7 @@ mod tests {
     /// where the CPU has it).
     #[test]
     fn packed_columns_dequantize_exactly() {
-        for (kind, g) in [
-            (WeightKind::Q4_0, GgmlDType::Q4_0),
-            (WeightKind::Q4_1, GgmlDType::Q4_1),
-            (WeightKind::Q5_0, GgmlDType::Q5_0),
-            (WeightKind::Q5_1, GgmlDType::Q5_1),
-            (WeightKind::Q8_0, GgmlDType::Q8_0),
-        ] {
+        for (kind, g) in KINDS.into_iter().filter(|(k, _)| PackedMatrix::packs(*k)) {
             let (rows, cols) = (13, 96);
             let (bytes, dense) = weights(g, rows, cols, 21);
             let p = PackedMatrix::pack(kind, &bytes, rows, cols);

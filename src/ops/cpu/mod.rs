@@ -412,7 +412,8 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
-    const KINDS: [(WeightKind, GgmlDType); 10] = [
+    /// Every weight type with a kernel, and candle's name for it.
+    pub(super) const KINDS: [(WeightKind, GgmlDType); 10] = [
         (WeightKind::Q4_0, GgmlDType::Q4_0),
         (WeightKind::Q4_1, GgmlDType::Q4_1),
         (WeightKind::Q5_0, GgmlDType::Q5_0),
@@ -425,7 +426,8 @@ mod tests {
         (WeightKind::BF16, GgmlDType::BF16),
     ];
 
-    fn weights(kind: GgmlDType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    /// Random `rows × cols` weights stored as `kind`: their bytes, and candle's dequantization of them.
+    pub(super) fn weights(kind: GgmlDType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
         let w = crate::testing::seeded_randn(seed, 0.0, 1.0, &[rows, cols]);
         let q = QTensor::quantize(&w, kind).unwrap();
         let bytes = q.data().unwrap().to_vec();
