@@ -85,19 +85,54 @@ fn json_output_and_logits_file() {
         "--json",
         "--logits-out",
         logits.to_str().unwrap(),
+        "--top-logprobs",
+        "3",
         "--device",
         "cpu",
     ]);
     assert!(out.status.success(), "{}", common::stderr(&out));
     let v: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
     assert_eq!(v["prompt_tokens"], serde_json::json!([1, 2, 3, 4]));
-    assert!(v["tokens"].as_array().unwrap().len() <= 5);
+    let tokens = v["tokens"].as_array().unwrap();
+    assert!(!tokens.is_empty() && tokens.len() <= 5);
     for k in ["load_s", "prefill_tok_s", "decode_tok_s", "ttft_ms"] {
         assert!(v["timings"][k].is_number(), "timings.{k}");
     }
     let t = candle_core::safetensors::load(&logits, &candle_core::Device::Cpu).unwrap();
     assert_eq!(t["logits"].dims(), &[4, 320]);
     assert_eq!(t["logits"].dtype(), candle_core::DType::F32);
+
+    // One entry per generated token; greedy picks the first of the top list, most likely first.
+    let steps = v["logprobs"].as_array().unwrap();
+    assert_eq!(steps.len(), tokens.len());
+    for (step, token) in steps.iter().zip(tokens) {
+        assert_eq!(&step["id"], token);
+        let top = step["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0]["id"], step["id"]);
+        assert_eq!(top[0]["logprob"], step["logprob"]);
+        let lp: Vec<f64> = top.iter().map(|e| e["logprob"].as_f64().unwrap()).collect();
+        assert!(lp.windows(2).all(|w| w[0] >= w[1]) && lp[0] <= 0.0, "{lp:?}");
+    }
+    // The first token's log-probability is the log-softmax of the last prompt position's logits.
+    let last: Vec<f32> = t["logits"].get(3).unwrap().to_vec1().unwrap();
+    let max = last.iter().copied().fold(f32::MIN, f32::max) as f64;
+    let norm = max + last.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+    let want = last[tokens[0].as_u64().unwrap() as usize] as f64 - norm;
+    assert!((steps[0]["logprob"].as_f64().unwrap() - want).abs() < 1e-4);
+
+    // Without --json there is nowhere to print them.
+    let out = common::billion(&[
+        "generate",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--top-logprobs",
+        "2",
+    ]);
+    assert!(!out.status.success());
+    assert!(common::stderr(&out).contains("--json"), "{}", common::stderr(&out));
 }
 
 #[test]

@@ -21,6 +21,7 @@ fn greedy_matches_llama2_c() {
         keep_prompt_logits: false,
         prefill_chunk: None,
         interrupt: None,
+        top_logprobs: 0,
     };
     let mut cache = loaded.model.new_cache();
     let mut streamed = String::new();

@@ -49,12 +49,16 @@ pub struct GenerateArgs {
     /// the decode step)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub prefill_chunk: Option<u64>,
+    /// With --json: each generated token's log-probability and the N likeliest tokens at its step (1-20),
+    /// from the model's distribution before temperature and penalties
+    #[arg(long, value_name = "N", requires = "json", value_parser = clap::value_parser!(u64).range(1..=20))]
+    pub top_logprobs: Option<u64>,
     /// Write the logits at every prompt position to this safetensors file (tensor `logits`, f32 [len, vocab])
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
     /// Generate for every line of a JSONL file: {"prompt": TEXT, "id"?: ANY, "max_tokens"?: N, "stop"?: TEXT or
     /// [TEXT]}; prints one JSON line per prompt, in input order
-    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["prompt", "prompt_ids", "logits_out", "prefill_chunk"])]
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["prompt", "prompt_ids", "logits_out", "prefill_chunk", "top_logprobs"])]
     pub prompts: Option<PathBuf>,
     /// With --prompts: prompts decoded together (default 16; per rank with --devices)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
@@ -140,6 +144,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         keep_prompt_logits: a.logits_out.is_some(),
         prefill_chunk: a.prefill_chunk.map(|n| n as usize),
         interrupt: None,
+        top_logprobs: a.top_logprobs.unwrap_or(0) as usize,
     };
     let mut cache = loaded.model.new_cache().with_capacity(prompt.len() + a.max_tokens);
     let stdout = std::io::stdout();
@@ -167,6 +172,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "tokens": gen.tokens,
             "text": gen.text,
             "stop_reason": gen.stop_reason,
+            "logprobs": a.top_logprobs.map(|_| logprobs_json(&gen.logprobs, loaded.tokenizer.as_ref())),
             "timings": {
                 "load_s": loaded.load_seconds,
                 "prefill_tok_s": gen.prefill_tok_s(prompt.len()),
@@ -188,6 +194,26 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `[{"id", "token", "logprob", "top": [{"id", "token", "logprob"}]}]`, one entry per generated token
+/// (`token`: its text, or null without a tokenizer).
+fn logprobs_json(
+    steps: &[crate::generation::TokenLogprobs],
+    tokenizer: Option<&crate::tokenizer::Tokenizer>,
+) -> serde_json::Value {
+    let entry = |id: u32, logprob: f32| {
+        let text = tokenizer.and_then(|t| t.decode(&[id], false).ok());
+        serde_json::json!({ "id": id, "token": text, "logprob": logprob })
+    };
+    steps
+        .iter()
+        .map(|s| {
+            let mut e = entry(s.id, s.logprob);
+            e["top"] = s.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+            e
+        })
+        .collect()
 }
 
 fn write_logits(path: &std::path::Path, logits: &candle_core::Tensor) -> Result<()> {

@@ -25,6 +25,9 @@ pub struct GenerateParams {
     pub prefill_chunk: Option<usize>,
     /// Checked before every decode step: set it (Ctrl-C) to end the reply early.
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Record, for every generated token, its log-probability and the `top_logprobs` likeliest tokens of
+    /// the model's distribution at that step (0: none; the logits then stay on the device when greedy).
+    pub top_logprobs: usize,
 }
 
 impl GenerateParams {
@@ -37,6 +40,7 @@ impl GenerateParams {
             keep_prompt_logits: false,
             prefill_chunk: None,
             interrupt: None,
+            top_logprobs: 0,
         }
     }
 }
@@ -60,6 +64,36 @@ pub struct Generation {
     pub decode_seconds: f64,
     pub ttft_seconds: f64,
     pub prompt_logits: Option<Tensor>,
+    /// One entry per generated token when `GenerateParams::top_logprobs` > 0.
+    pub logprobs: Vec<TokenLogprobs>,
+}
+
+/// A generated token's log-probability under the model (before temperature and penalties) and the
+/// likeliest tokens at its step, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// The step's log-softmax over `logits`, then the `n` likeliest tokens (ties: the lower id first).
+    pub fn at_step(logits: &[f32], chosen: u32, n: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        let norm = max as f64 + sum.ln();
+        let logprob = |id: u32| (logits[id as usize] as f64 - norm) as f32;
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let n = n.min(ids.len());
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        if n > 0 && n < ids.len() {
+            ids.select_nth_unstable_by(n - 1, by_logit);
+        }
+        ids.truncate(n);
+        ids.sort_unstable_by(by_logit);
+        Self { id: chosen, logprob: logprob(chosen), top: ids.into_iter().map(|id| (id, logprob(id))).collect() }
+    }
 }
 
 impl Generation {
@@ -78,15 +112,27 @@ impl Generation {
     }
 }
 
-/// Logits `[vocab]` (f32) → next token, with a device-side argmax when greedy and unpenalised.
-fn next_token(logits: &Tensor, sampler: &mut Sampler, history: &[u32]) -> Result<u32> {
+/// Logits `[vocab]` (f32) → next token, with a device-side argmax when greedy and unpenalised and no
+/// log-probabilities are asked for (`top_logprobs` > 0 appends the step's to `logprobs`).
+fn next_token(
+    logits: &Tensor,
+    sampler: &mut Sampler,
+    history: &[u32],
+    top_logprobs: usize,
+    logprobs: &mut Vec<TokenLogprobs>,
+) -> Result<u32> {
     let p = sampler.params();
-    if p.is_greedy() && p.repeat_penalty == 1.0 {
+    if p.is_greedy() && p.repeat_penalty == 1.0 && top_logprobs == 0 {
         return Ok(crate::ops::fused::argmax_last(logits)?.to_scalar::<u32>()?);
     }
-    let mut l = logits.to_vec1::<f32>()?;
+    let raw = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    let mut l = raw.clone();
     sampler.penalize(&mut l, history);
-    Ok(sampler.sample(&l))
+    let token = sampler.sample(&l);
+    if top_logprobs > 0 {
+        logprobs.push(TokenLogprobs::at_step(&raw, token, top_logprobs));
+    }
+    Ok(token)
 }
 
 /// Length of the longest suffix of `text` that begins some stop string (held back from streaming).
@@ -156,9 +202,11 @@ pub fn generate(
             decode_seconds: 0.0,
             ttft_seconds: prefill_seconds,
             prompt_logits,
+            logprobs: vec![],
         });
     }
-    let mut token = next_token(&last, &mut sampler, &history)?;
+    let mut logprobs = vec![];
+    let mut token = next_token(&last, &mut sampler, &history, params.top_logprobs, &mut logprobs)?;
     let ttft = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
 
@@ -211,7 +259,7 @@ pub fn generate(
             break;
         }
         let logits = model.forward_last(&model.input(&[token])?, cache)?.squeeze(0)?;
-        token = next_token(&logits, &mut sampler, &history)?;
+        token = next_token(&logits, &mut sampler, &history, params.top_logprobs, &mut logprobs)?;
     }
     if stop_reason != StopReason::StopString {
         if let Some(s) = stream.as_mut() {
@@ -224,6 +272,8 @@ pub fn generate(
         }
     }
     let decode_seconds = decode_start.elapsed().as_secs_f64();
+    // The EOS that ended the reply is not a generated token.
+    logprobs.truncate(tokens.len());
     Ok(Generation {
         tokens,
         text,
@@ -232,5 +282,23 @@ pub fn generate(
         decode_seconds,
         ttft_seconds: ttft,
         prompt_logits,
+        logprobs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenLogprobs;
+
+    #[test]
+    fn logprobs_are_a_log_softmax_and_the_top_is_sorted() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let s = TokenLogprobs::at_step(&logits, 2, 3);
+        let norm = logits.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
+        assert!((s.logprob as f64 - (2.0 - norm)).abs() < 1e-6);
+        // Ties keep the lower id first.
+        assert_eq!(s.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        assert!((s.top[0].1 as f64 - (3.0 - norm)).abs() < 1e-6);
+        assert_eq!(TokenLogprobs::at_step(&logits, 0, 20).top.len(), 5);
+    }
 }

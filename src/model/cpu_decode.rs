@@ -50,22 +50,27 @@ impl NormParts {
         })
     }
 
-    /// `out = norm(x)`, as candle's `rms_norm` / `LayerNorm` compute it in f32.
+    /// `out = norm(x)` with candle's `rms_norm` / `layer_norm` arithmetic to the bit (the same operations in
+    /// the same order): the products after it quantize their input to 8 bits, where one ulp can flip a
+    /// rounding and part this step's logits from the regular path's.
     fn apply(&self, x: &[f32], out: &mut [f32]) {
         let n = x.len() as f32;
         if self.rms {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / n;
-            let r = 1.0 / (ms + self.eps).sqrt();
+            let m = (x.iter().map(|v| v * v).sum::<f32>() / n + self.eps).sqrt();
             for ((o, v), w) in out.iter_mut().zip(x).zip(&self.weight) {
-                *o = v * r * w;
+                *o = v / m * w;
             }
             return;
         }
-        let mean = x.iter().sum::<f32>() / n;
-        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-        let r = 1.0 / (var + self.eps).sqrt();
+        let (mut sum, mut sum2) = (0f32, 0f32);
+        for &v in x {
+            sum += v;
+            sum2 += v * v;
+        }
+        let mean = sum / n;
+        let inv_std = (sum2 / n - mean * mean + self.eps).sqrt().recip();
         for (i, (o, v)) in out.iter_mut().zip(x).enumerate() {
-            *o = (v - mean) * r * self.weight[i] + self.bias.as_ref().map_or(0.0, |b| b[i]);
+            *o = (v - mean) * inv_std * self.weight[i] + self.bias.as_ref().map_or(0.0, |b| b[i]);
         }
     }
 }
@@ -426,5 +431,34 @@ fn activate(x: f32, act: Activation) -> f32 {
             let c = (2.0 / std::f32::consts::PI).sqrt();
             0.5 * x * (1.0 + (c * x * (1.0 + 0.044715 * x * x)).tanh())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::Ops;
+
+    /// The step's norms equal the regular pass's to the bit: the 8-bit products after them would turn an
+    /// ulp into a different rounding.
+    #[test]
+    fn norms_equal_the_regular_ops_to_the_bit() -> Result<()> {
+        let n = 576;
+        let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 - 500.0) * 0.0137).collect();
+        let w = Tensor::from_vec((0..n).map(|i| 0.5 + (i % 17) as f32 * 0.06).collect::<Vec<_>>(), n, &Device::Cpu)?;
+        let b = Tensor::from_vec((0..n).map(|i| (i % 5) as f32 * 0.01 - 0.02).collect::<Vec<_>>(), n, &Device::Cpu)?;
+        let norms = [
+            Norm::Rms { weight: w.clone(), eps: 1e-5 },
+            Norm::Layer { weight: w.clone(), bias: Some(b), eps: 1e-5 },
+            Norm::Layer { weight: w, bias: None, eps: 1e-5 },
+        ];
+        for norm in &norms {
+            let want: Vec<f32> =
+                norm.forward(&Tensor::from_slice(&x, (1, n), &Device::Cpu)?, Ops::Fused)?.flatten_all()?.to_vec1()?;
+            let mut got = vec![0.0; n];
+            NormParts::of(norm)?.apply(&x, &mut got);
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        Ok(())
     }
 }
