@@ -112,7 +112,7 @@ fn scripted_multi_turn_remembers_context() {
 fn kv_reuse_equals_fresh_prefill() {
     let Some(model) = smollm2() else { return };
     // Read when a model's first decode step builds its CPU step; the other tests here pass either way.
-    std::env::set_var(billion::model::cpu_decode::DISABLE_ENV, "0");
+    std::env::set_var(billion::model::cpu_forward::DISABLE_ENV, "0");
     let opts = billion::load::LoadOptions { device: Some(billion::load::DeviceSpec::Cpu), ..Default::default() };
     let loaded = billion::load::load(model.to_str().unwrap(), &opts).unwrap();
     let params = GenerateParams::new(24, SamplingParams::default(), vec![]);

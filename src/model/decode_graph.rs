@@ -107,19 +107,25 @@ impl<E: GraphEngine> GraphSlot<E> {
         matches!(*self.state.lock().expect("graph slot lock"), SlotState::Ready(_))
     }
 
+    /// Never build one: every step takes the regular path (tests compare the two).
+    #[cfg(test)]
+    pub fn disable(&mut self) {
+        *self.state.get_mut().expect("graph slot lock") = SlotState::Unavailable;
+    }
+
     /// Forget the built graph (the weights it points at may change).
     pub fn reset(&mut self) {
         *self.state.get_mut().expect("graph slot lock") = SlotState::Unbuilt;
     }
 
-    /// Run one decode step through the graph if this model and input qualify: `embedded` is the new tokens'
-    /// embeddings `[rows, 1, hidden]`. Returns `None` to fall back to the regular path.
-    pub fn step<'a>(
+    /// `f(engine)` with the engine built for these parts on first use; `None` where the model or input does
+    /// not qualify.
+    pub fn with<'a, R>(
         &self,
         parts: impl FnOnce() -> Option<GraphParts<'a>>,
         embedded: &Tensor,
-        cache: &mut KvCache,
-    ) -> Result<Option<Tensor>> {
+        f: impl FnOnce(&mut E) -> Result<R>,
+    ) -> Result<Option<R>> {
         let mut state = self.state.lock().expect("graph slot lock");
         if matches!(*state, SlotState::Unbuilt) {
             let engine = match parts() {
@@ -132,9 +138,20 @@ impl<E: GraphEngine> GraphSlot<E> {
             };
         }
         match &mut *state {
-            SlotState::Ready(engine) => engine.step(embedded, cache).map(Some),
+            SlotState::Ready(engine) => f(engine).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// Run one decode step through the graph if this model and input qualify: `embedded` is the new tokens'
+    /// embeddings `[rows, 1, hidden]`. Returns `None` to fall back to the regular path.
+    pub fn step<'a>(
+        &self,
+        parts: impl FnOnce() -> Option<GraphParts<'a>>,
+        embedded: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Option<Tensor>> {
+        self.with(parts, embedded, |engine| engine.step(embedded, cache))
     }
 }
 

@@ -279,16 +279,43 @@ impl Linear {
         product.map(|y| Tensor::from_vec(y, self.out_dims(x), x.device())?.to_dtype(x.dtype())).transpose()
     }
 
-    /// Do our CPU kernels take this weight (see [`Linear::cpu_rows_into`])?
-    pub fn cpu_kernels_take(&self) -> Result<bool> {
+    /// Does [`Linear::cpu_rows_product`] take this weight (stored blocks, packed groups, halves, or dense f32,
+    /// on the CPU)?
+    pub fn cpu_rows_take(&self) -> Result<bool> {
+        if let Some(dense) = self.dense_f32_on_cpu() {
+            return Ok(dense.dims().len() == 2);
+        }
         Ok(with_stored_weights(&self.weight, |_| ())?.is_some())
     }
 
-    /// `y = x Wᵀ` for the `x.len() / in_features` f32 rows of `x`, straight into `y` through our CPU kernels
-    /// (the path a one-row pass of [`Linear::forward`] takes; no bias, no adapter). False, with `y` untouched,
-    /// where the weight is not one of theirs (dense f32, or on another device).
-    pub fn cpu_rows_into(&self, x: &[f32], y: &mut [f32]) -> Result<bool> {
-        Ok(with_stored_weights(&self.weight, |w| kernel_product(w, x, y))?.is_some())
+    /// `y = x Wᵀ` for the `n` f32 rows of `x`, straight into `y` (no bias, no adapter), by the path a pass of
+    /// `path_rows` rows of [`Linear::forward`] takes on the CPU: the tiled f32 GEMM or the 8-bit (half)
+    /// kernels, as `base_product` picks them. Dense f32 weights go through our GEMM (our f32 matrix-vector loop for one
+    /// row) where the regular pass uses candle's. False, with `y` untouched, where the weight is not one of
+    /// these.
+    pub fn cpu_rows_product(&self, x: &[f32], n: usize, path_rows: usize, y: &mut [f32]) -> Result<bool> {
+        if let Some(w) = self.dense_f32_on_cpu() {
+            let (rows, cols) = w.dims2()?;
+            let w = w.contiguous()?;
+            let (ws, wl) = w.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(values)) = &*ws else { return Ok(false) };
+            let values = &values[wl.start_offset()..wl.start_offset() + rows * cols];
+            if n == 1 {
+                cpu::gemv_f32(values, rows, cols, x, y);
+            } else {
+                gemm::matmul_wt(gemm::Weights::F32 { values, rows, cols }, x, n, y);
+            }
+            return Ok(true);
+        }
+        let tiles = Self::many_rows(path_rows) || path_rows >= DEQUANT_GEMM_ROWS && self.tiles_beat_kernels();
+        Ok(with_stored_weights(&self.weight, |w| {
+            if tiles {
+                gemm::matmul_wt(w, x, n, y)
+            } else {
+                kernel_product(w, x, y)
+            }
+        })?
+        .is_some())
     }
 
     /// `x Wᵀ` through the fastest inference path (no gradient tracking).
@@ -321,6 +348,13 @@ impl Linear {
                 candle_core::bail!("packed CPU weights multiplied with {:?} input", x.device())
             }
         })
+    }
+
+    fn dense_f32_on_cpu(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) if w.dtype() == DType::F32 && w.device().is_cpu() => Some(w),
+            _ => None,
+        }
     }
 }
 

@@ -7,7 +7,7 @@ pub mod arch;
 pub mod batch_graph;
 pub mod cache;
 pub mod config;
-pub mod cpu_decode;
+pub mod cpu_forward;
 pub mod decode_graph;
 pub mod layers;
 pub mod linear;
@@ -42,7 +42,7 @@ pub struct Model {
     /// The CUDA-graph decode step of a batch of rows, built on first use likewise.
     batch_graph: GraphSlot<BatchEngine>,
     /// The CPU decode step of one row on buffers of its own (no tensor ops), built on first use likewise.
-    cpu_decode: GraphSlot<cpu_decode::Engine>,
+    cpu_forward: GraphSlot<cpu_forward::Engine>,
     device: Device,
     dtype: DType,
     ops: Ops,
@@ -70,7 +70,7 @@ impl Model {
             rotary,
             graph: GraphSlot::default(),
             batch_graph: GraphSlot::default(),
-            cpu_decode: GraphSlot::default(),
+            cpu_forward: GraphSlot::default(),
             device: w.device.clone(),
             dtype: w.dtype,
             ops: Ops::Fused,
@@ -134,8 +134,15 @@ impl Model {
                 return self.cast_logits(logits);
             }
         }
-        if t == 1 && batch == 1 && self.ops == Ops::Fused && x.device().is_cpu() && !cache.has_spans() {
-            if let Some(logits) = self.cpu_decode.step(|| self.graph_parts(), &x, cache)? {
+        // One sequence on the CPU: our own pass (decode steps and prefill), for the positions it can return.
+        let all = matches!(positions, Positions::All);
+        if batch == 1
+            && self.ops == Ops::Fused
+            && x.device().is_cpu()
+            && !cache.has_spans()
+            && matches!(positions, Positions::All | Positions::Last)
+        {
+            if let Some(logits) = self.cpu_forward.with(|| self.graph_parts(), &x, |e| e.run(&x, cache, all))? {
                 return self.cast_logits(logits);
             }
         }
@@ -236,7 +243,7 @@ impl Model {
         // Adapters may be attached or weights replaced: the decode graph must be rebuilt.
         self.graph.reset();
         self.batch_graph.reset();
-        self.cpu_decode.reset();
+        self.cpu_forward.reset();
         let prefix = self.cfg.architecture.spec().trunk.layers;
         self.layers.linears_mut().into_iter().map(|(name, l)| (format!("{prefix}.{name}"), l)).collect()
     }
@@ -313,11 +320,11 @@ mod tests {
         Ok(())
     }
 
-    /// The CPU decode step (buffers of its own, no tensor ops) gives the logits of the regular pass over the
-    /// whole sequence, step after step, for every architecture, on quantized weights (its kernels and the
-    /// regular pass's are the same below 16 rows).
+    /// Our CPU pass (buffers of its own, no tensor ops) gives the logits of the regular pass: a prefill of
+    /// 20 tokens (every position's logits) and 8 decode steps after it, for every architecture on packed
+    /// 8- and 4-bit, K-quant and f32 weights, and for GGUF f16 and Q6_K files.
     #[test]
-    fn cpu_decode_step_equals_the_regular_pass() -> Result<()> {
+    fn cpu_forward_equals_the_regular_pass() -> Result<()> {
         for spec in arch::REGISTRY {
             let mut json = (spec.tiny_config)(320);
             // StableLM-2-1.6B's shape: no per-head q/k norms (a model with them keeps the regular path).
@@ -325,24 +332,70 @@ mod tests {
                 json["qk_layernorm"] = false.into();
             }
             let cfg = ModelConfig::from_hf_json(&json)?;
-            for q in [quant::Quantize::Q8_0, quant::Quantize::Q4_0] {
-                let w = Weights::random(cfg.architecture, DType::F32, &Device::Cpu).with_quantize(Some(q));
-                let m = Model::build(&cfg, &w)?;
-                let mut seq: Vec<u32> = vec![1, 7, 3, 9];
-                let mut cache = m.new_cache();
-                let mut logits = m.forward_last(&m.input(&seq)?, &mut cache)?;
-                for step in 0..8 {
-                    let token = logits.argmax(1)?.to_vec1::<u32>()?[0];
-                    seq.push(token);
-                    logits = m.forward_last(&m.input(&[token])?, &mut cache)?;
-                    assert!(m.cpu_decode.is_built(), "{}: the CPU decode step was not used", spec.name);
-                    let whole = m.forward_last(&m.input(&seq)?, &mut m.new_cache())?;
-                    let d = (&logits - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                    let scale = whole.abs()?.max_all()?.to_scalar::<f32>()?;
-                    assert!(d <= 1e-4 * scale.max(1.0), "{} {q:?}: step {step} differs by {d} (of {scale})", spec.name);
-                }
-                assert_eq!(cache.len(), seq.len());
+            for q in [Some(quant::Quantize::Q8_0), Some(quant::Quantize::Q4_0), Some(quant::Quantize::Q4K), None] {
+                let w = Weights::random(cfg.architecture, DType::F32, &Device::Cpu).with_quantize(q);
+                let mut m = Model::build(&cfg, &w)?;
+                cpu_forward_against_regular(&mut m, &format!("{} {q:?}", spec.name), q.is_some())?;
             }
+        }
+        for dtype in [candle_core::quantized::GgmlDType::F16, candle_core::quantized::GgmlDType::Q6K] {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("tiny.gguf");
+            let mut cfg = crate::testing::tiny_config(Architecture::Llama, 320);
+            // K-quant rows hold 256 values.
+            cfg["hidden_size"] = 256.into();
+            cfg["intermediate_size"] = 512.into();
+            crate::testing::write_llama_gguf(&path, &cfg, 3, dtype)?;
+            let cpu = crate::load::LoadOptions { device: Some(crate::load::DeviceSpec::Cpu), ..Default::default() };
+            let mut loaded = crate::load::load(path.to_str().unwrap(), &cpu)?;
+            let quantized = dtype != candle_core::quantized::GgmlDType::F16;
+            cpu_forward_against_regular(&mut loaded.model, &format!("gguf {dtype:?}"), quantized)?;
+        }
+        Ok(())
+    }
+
+    /// One model (random weights differ from build to build) with our CPU pass switched on and off.
+    fn cpu_forward_against_regular(m: &mut Model, name: &str, quantized: bool) -> Result<()> {
+        let run = |m: &mut Model, ours: bool, ids: &[u32], cache: &mut KvCache, all: bool| -> Result<Tensor> {
+            if ours {
+                m.cpu_forward.reset();
+            } else {
+                m.cpu_forward.disable();
+            }
+            let input = m.input(ids)?;
+            let out = if all { m.forward(&input, cache)? } else { m.forward_last(&input, cache)? };
+            assert_eq!(m.cpu_forward.is_built(), ours, "{name}: our CPU pass used: {}", !ours);
+            Ok(out)
+        };
+        // The two passes' attention sums in different orders; where a product quantizes its input to 8 bits,
+        // an ulp there can flip one rounding (~1e-3 of the logits on these tiny models). A wrong pass is off
+        // by the logits' own size.
+        let tolerance = if quantized { 1e-2 } else { 2e-4 };
+        let close = |a: &Tensor, b: &Tensor, what: &str| -> Result<()> {
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d <= tolerance * scale.max(1.0), "{name}: {what} differs by {d} (of {scale})");
+            Ok(())
+        };
+        // Held throughout, so that a test beside this one taking or dropping it cannot switch one pass's
+        // product path: 12 rows take the 8-bit kernels, 20 rows the f32 tiles, either way.
+        let _exact = linear::ExactScoring::hold();
+        let vocab = m.config().vocab_size as u32;
+        for len in [12, 20] {
+            let prompt: Vec<u32> = (0..len).map(|i| (i * 37 + 5) % vocab).collect();
+            let (mut c1, mut c2) = (m.new_cache(), m.new_cache());
+            let a = run(m, true, &prompt, &mut c1, true)?;
+            let b = run(m, false, &prompt, &mut c2, true)?;
+            assert_eq!(a.dims(), b.dims());
+            close(&a, &b, &format!("prefill of {len}"))?;
+            let mut logits = b.get(0)?.get(prompt.len() - 1)?.unsqueeze(0)?;
+            for step in 0..8 {
+                let token = logits.argmax(1)?.to_vec1::<u32>()?[0];
+                let a = run(m, true, &[token], &mut c1, false)?;
+                logits = run(m, false, &[token], &mut c2, false)?;
+                close(&a, &logits, &format!("step {step} after {len}"))?;
+            }
+            assert_eq!(c1.len(), c2.len());
         }
         Ok(())
     }

@@ -318,6 +318,51 @@ fn group_kernel(kind: WeightKind) -> Option<(Group1, GroupN)> {
     None
 }
 
+/// `y[r] = Σ_c W[r, c] · x[c]` for an f32 `W` (`rows × cols`, row-major): one row of activations, the
+/// weight's rows spread over the kernel threads, four at a time so that their sums run side by side.
+pub fn gemv_f32(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(w.len(), rows * cols, "weight length");
+    assert_eq!(x.len(), cols, "activation length");
+    assert_eq!(y.len(), rows, "output length");
+    let out = Out(y.as_mut_ptr());
+    let per = rows.div_ceil(pool::pool().threads() * 4).max(16).next_multiple_of(4);
+    pool::pool().run(rows.div_ceil(per), &|task| {
+        let out = out;
+        let (r0, r1) = (task * per, ((task + 1) * per).min(rows));
+        let mut r = r0;
+        while r < r1 {
+            let take = (r1 - r).min(4);
+            let mut sums = [0f32; 4];
+            dot_rows(&w[r * cols..(r + take) * cols], cols, x, &mut sums[..take]);
+            for (i, s) in sums[..take].iter().enumerate() {
+                // SAFETY: r + i < rows; tasks own disjoint row ranges.
+                unsafe { *out.0.add(r + i) = *s };
+            }
+            r += take;
+        }
+    });
+}
+
+/// `sums[i] = W[i] · x` for the (up to 4) rows of `w`, eight lanes of partial sums per row.
+pub fn dot_rows(w: &[f32], cols: usize, x: &[f32], sums: &mut [f32]) {
+    let n = sums.len();
+    let mut acc = [[0f32; 8]; 4];
+    let whole = cols / 8 * 8;
+    for c in (0..whole).step_by(8) {
+        let xs = &x[c..c + 8];
+        for (i, acc) in acc.iter_mut().enumerate().take(n) {
+            let ws = &w[i * cols + c..i * cols + c + 8];
+            for l in 0..8 {
+                acc[l] += ws[l] * xs[l];
+            }
+        }
+    }
+    for (i, s) in sums.iter_mut().enumerate() {
+        let tail: f32 = (whole..cols).map(|c| w[i * cols + c] * x[c]).sum();
+        *s = acc[i].iter().sum::<f32>() + tail;
+    }
+}
+
 /// `y[t, r] = Σ_c W[r, c] · x[t, c]` for `t < n` with a packed `W` (`rows × cols`); `x` is `n × cols`, `y`
 /// is `n × rows`.
 pub fn matmul_packed(w: &PackedMatrix, x: &[f32], n: usize, y: &mut [f32]) {
