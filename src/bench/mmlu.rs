@@ -206,14 +206,13 @@ impl<'a> Scorer<'a> {
         self.cache.truncate(keep);
         self.cached.truncate(keep);
         let model = &self.loaded.model;
-        let logits = model.forward(&model.input(&tokens[keep..])?, &mut self.cache)?.squeeze(0)?;
+        // Only the positions asked for go through the head (a question's context is ~100 tokens, its
+        // continuation one or two).
+        let tail = tokens.len() - from;
+        let logits = model.forward_tail(&model.input(&tokens[keep..])?, &mut self.cache, tail)?.squeeze(0)?;
         self.tokens_processed += tokens.len() - keep;
         self.cached.extend_from_slice(&tokens[keep..]);
-        let mut rows = vec![];
-        for pos in from..tokens.len() {
-            rows.push(logits.get(pos - keep)?.to_vec1::<f32>()?);
-        }
-        Ok(rows)
+        (0..tail).map(|i| Ok(logits.get(i)?.to_vec1::<f32>()?)).collect()
     }
 
     /// Make the cache hold `prefix` computed afresh, as at the start of a chunk of questions: what a question
@@ -453,7 +452,10 @@ fn score(
     mine: &dyn Fn(usize, usize) -> bool,
 ) -> Result<Scored> {
     let _exact = ExactScoring::hold();
-    if reuse_prefix && batch != BatchSize::Rows(1) {
+    // On the CPU one question at a time through our own pass (the few-shot prefix cached once, each question
+    // on top of it) outruns batches of rows through tensor ops: `auto` takes it there.
+    let one_at_a_time = batch == BatchSize::Rows(1) || batch == BatchSize::Auto && loaded.model.device().is_cpu();
+    if reuse_prefix && !one_at_a_time {
         return score_batched(loaded, subjects, shots, limit, batch, interrupted, progress, mine);
     }
     let mut scorer = Scorer::new(loaded)?;
@@ -624,8 +626,8 @@ pub fn auto_rows(
     let per_row = 4 * scores + 4 * t * cfg.intermediate_size * elem + 12 * t * cfg.hidden_size * elem;
     let (budget, most) = match crate::util::gpu_memory_free_bytes(device) {
         Some(free) => (free / 2, 256),
-        // On the CPU 8 rows measured fastest (SmolLM2 Q4_1, 2 threads: 1.83 questions/s, against 1.20 at 20
-        // rows and 1.36 one at a time).
+        // On the CPU `auto` scores one question at a time (see `score`); 8 rows measured fastest of the
+        // batched passes (an explicit `--batch-size`).
         None => (2usize << 30, 8),
     };
     let by_memory = budget / per_row.max(1);

@@ -53,8 +53,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_prefix_reuse: bool,
     /// Rows per forward pass: MMLU questions scored together, HumanEval completions decoded together (finished
-    /// ones refilled from the queue); a number, or `auto` (as many as the device's memory fits); 1 runs one at a
-    /// time
+    /// ones refilled from the queue); a number, or `auto` (as many as the device's memory fits; MMLU on the CPU:
+    /// one at a time, which is fastest there); 1 runs one at a time
     #[arg(long, value_name = "N|auto", default_value = "auto")]
     pub batch_size: crate::bench::mmlu::BatchSize,
     /// HumanEval completions per problem (pass@k for k ≤ samples). More than 1 needs --temperature > 0:

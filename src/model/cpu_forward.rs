@@ -224,7 +224,7 @@ impl GraphEngine for Engine {
     }
 
     fn step(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.run(embedded, cache, false)
+        self.run(embedded, cache, 1)
     }
 }
 
@@ -331,8 +331,8 @@ impl Engine {
     }
 
     /// One pass over the `t` new tokens' embeddings (`[1, t, hidden]`) after what `cache` holds; advances
-    /// the cache. Logits `[1, t, vocab]` for every position when `all`, else `[1, 1, vocab]` for the last.
-    pub fn run(&mut self, embedded: &Tensor, cache: &mut KvCache, all: bool) -> Result<Tensor> {
+    /// the cache. Logits `[1, tail, vocab]` for the last `tail` positions (1 ≤ tail ≤ t).
+    pub fn run(&mut self, embedded: &Tensor, cache: &mut KvCache, tail: usize) -> Result<Tensor> {
         let t = embedded.dim(1)?;
         let pos = cache.len();
         let (h, nh, nkv, hd) = (self.hidden, self.heads, self.kv_heads, self.head_dim);
@@ -434,8 +434,8 @@ impl Engine {
         cache.advance(t);
         // The head sees the rows asked for; it takes the path the regular pass takes for them (the many-rows
         // path at the last position of a scoring prefill, see `Linear::forward_as_many_rows`).
-        let (first, rows) = if all { (0, t) } else { (t - 1, 1) };
-        let path_rows = if !all && Linear::many_rows(t) { t } else { rows };
+        let (first, rows) = (t - tail, tail);
+        let path_rows = if Linear::many_rows(t) { t } else { rows };
         let (x, normed) = (&self.x[first * h..t * h], &mut self.normed[..rows * h]);
         for_rows(normed, h, &|r, out| self.final_norm.apply(&x[r * h..(r + 1) * h], out));
         let vocab = self.lm_head.linear.out_features();

@@ -135,14 +135,16 @@ impl Model {
             }
         }
         // One sequence on the CPU: our own pass (decode steps and prefill), for the positions it can return.
-        let all = matches!(positions, Positions::All);
-        if batch == 1
-            && self.ops == Ops::Fused
-            && x.device().is_cpu()
-            && !cache.has_spans()
-            && matches!(positions, Positions::All | Positions::Last)
+        let tail = match positions {
+            Positions::All => Some(t),
+            Positions::Last => Some(1),
+            Positions::Tail(n) => Some(n),
+            Positions::Rows(_) => None,
+        };
+        if let (Some(tail), true) =
+            (tail, batch == 1 && self.ops == Ops::Fused && x.device().is_cpu() && !cache.has_spans())
         {
-            if let Some(logits) = self.cpu_forward.with(|| self.graph_parts(), &x, |e| e.run(&x, cache, all))? {
+            if let Some(logits) = self.cpu_forward.with(|| self.graph_parts(), &x, |e| e.run(&x, cache, tail))? {
                 return self.cast_logits(logits);
             }
         }
@@ -162,6 +164,7 @@ impl Model {
         let x = match positions {
             Positions::All => x,
             Positions::Last => select_positions(&x, false)?,
+            Positions::Tail(n) => x.narrow(1, t - n, n)?.contiguous()?,
             Positions::Rows(rows) => {
                 let hidden = x.dim(D::Minus1)?;
                 x.reshape((batch * t, hidden))?.index_select(rows, 0)?
@@ -207,6 +210,16 @@ impl Model {
     /// Logits at the last position only: `[b, vocab]` (f32). Appends all of `ids` to `cache`.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
         self.run(ids, cache, Positions::Last)?.squeeze(1)
+    }
+
+    /// Logits at the last `n` positions only (1 ≤ n ≤ the new tokens): `[b, n, vocab]` (f32). Scoring a
+    /// continuation needs the logits of its own positions, not the context's. Appends all of `ids` to `cache`.
+    pub fn forward_tail(&self, ids: &Tensor, cache: &mut KvCache, n: usize) -> candle_core::Result<Tensor> {
+        let t = ids.dim(1)?;
+        if n == 0 || n > t {
+            candle_core::bail!("forward_tail: {n} positions asked of {t} new tokens");
+        }
+        self.run(ids, cache, Positions::Tail(n))
     }
 
     /// Logits at the positions `rows` (u32, `b · t + position` of `ids` `[b, t]`) only: `[rows, vocab]`. Training
@@ -259,6 +272,8 @@ impl Model {
 enum Positions<'a> {
     All,
     Last,
+    /// The last n positions.
+    Tail(usize),
     /// Flattened `b · t + position` indices (u32).
     Rows(&'a Tensor),
 }
@@ -321,7 +336,7 @@ mod tests {
     }
 
     /// Our CPU pass (buffers of its own, no tensor ops) gives the logits of the regular pass: a prefill of
-    /// 20 tokens (every position's logits) and 8 decode steps after it, for every architecture on packed
+    /// 12 and of 20 tokens (every position's logits, and the last three alone) and 8 decode steps after it, for every architecture on packed
     /// 8- and 4-bit, K-quant and f32 weights, and for GGUF f16 and Q6_K files.
     #[test]
     fn cpu_forward_equals_the_regular_pass() -> Result<()> {
@@ -388,6 +403,14 @@ mod tests {
             let b = run(m, false, &prompt, &mut c2, true)?;
             assert_eq!(a.dims(), b.dims());
             close(&a, &b, &format!("prefill of {len}"))?;
+            // Only the last positions' logits: the same rows.
+            m.cpu_forward.reset();
+            let tail = m.forward_tail(&m.input(&prompt)?, &mut m.new_cache(), 3)?;
+            assert!(m.cpu_forward.is_built());
+            close(&tail, &b.narrow(1, len as usize - 3, 3)?, "the last 3 positions")?;
+            m.cpu_forward.disable();
+            let tail = m.forward_tail(&m.input(&prompt)?, &mut m.new_cache(), 3)?;
+            close(&tail, &b.narrow(1, len as usize - 3, 3)?, "the regular pass's last 3 positions")?;
             let mut logits = b.get(0)?.get(prompt.len() - 1)?.unsqueeze(0)?;
             for step in 0..8 {
                 let token = logits.argmax(1)?.to_vec1::<u32>()?[0];
