@@ -297,6 +297,39 @@ impl KvCache {
         Ok(())
     }
 
+    /// Make this empty cache hold `rows` (single-sequence caches of the same model) side by side, each ending
+    /// at the shared write column (the shorter ones start later), as a batch prefilled together would.
+    pub fn gather_rows(&mut self, rows: &[KvCache]) -> Result<()> {
+        if self.len != 0 || self.prefix.is_some() {
+            candle_core::bail!("gather_rows: the cache is not empty");
+        }
+        let longest = rows.iter().map(|r| r.len).max().unwrap_or(0);
+        if rows.iter().any(|r| r.prefix.is_some() || r.starts.len() > 1) {
+            candle_core::bail!("gather_rows: every source holds one sequence");
+        }
+        let capacity = capacity_for(0, longest.max(1), self.initial_capacity, self.max_len);
+        for layer in 0..self.layers.len() {
+            let mut ks = vec![];
+            let mut vs = vec![];
+            for r in rows {
+                let Some(c) = r.layers[layer].as_ref() else { candle_core::bail!("gather_rows: a layer is empty") };
+                let (_, h, _, d) = c.k.dims4()?;
+                let pad = |t: &Tensor| -> Result<Tensor> {
+                    let used = t.narrow(2, 0, r.len)?;
+                    let before = Tensor::zeros((1, h, longest - r.len, d), t.dtype(), t.device())?;
+                    let after = Tensor::zeros((1, h, capacity - longest, d), t.dtype(), t.device())?;
+                    Tensor::cat(&[&before, &used, &after], 2)
+                };
+                ks.push(pad(&c.k)?);
+                vs.push(pad(&c.v)?);
+            }
+            self.layers[layer] = Some(LayerCache { k: Tensor::cat(&ks, 0)?, v: Tensor::cat(&vs, 0)? });
+        }
+        self.starts = rows.iter().map(|r| longest - r.len).collect();
+        self.len = longest;
+        Ok(())
+    }
+
     /// Mark a row empty (a finished sequence whose slot waits): it attends to nothing but its own next column.
     pub fn clear_row(&mut self, row: usize) {
         if let Some(s) = self.starts.get_mut(row) {

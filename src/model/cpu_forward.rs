@@ -82,6 +82,13 @@ impl NormParts {
     }
 }
 
+/// The rows of a pass: a sequence's new tokens (logits for the last `tail`), or one token per batch row.
+#[derive(Debug, Clone, Copy)]
+enum Rows {
+    Sequence { tail: usize },
+    Batch,
+}
+
 /// A linear layer and its bias as f32.
 struct LinearParts {
     linear: Linear,
@@ -102,6 +109,20 @@ impl LinearParts {
         }
         if let Some(b) = &self.bias {
             y.chunks_exact_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+        }
+        Ok(())
+    }
+
+    /// [`LinearParts::apply`], and for the rows of a batch (`each_alone`) each row's result exactly as a pass
+    /// of that row alone gives it: one product where the kernels are batch-invariant (the 8-bit ones), else
+    /// row by row.
+    fn apply_rows(&self, x: &[f32], n: usize, path_rows: usize, each_alone: bool, y: &mut [f32]) -> Result<()> {
+        if !each_alone || n == 1 || self.linear.is_quantized() {
+            return self.apply(x, n, path_rows, y);
+        }
+        let (i, o) = (self.linear.in_features(), self.linear.out_features());
+        for (x, y) in x[..n * i].chunks_exact(i).zip(y[..n * o].chunks_exact_mut(o)) {
+            self.apply(x, 1, 1, y)?;
         }
         Ok(())
     }
@@ -154,12 +175,14 @@ fn for_rows(out: &mut [f32], dim: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync))
     });
 }
 
-/// Writes `rows` tokens' keys or values (`[rows, kv_heads, head_dim]`) into columns `col..col + rows` of a
-/// cache buffer (`[1, kv_heads, capacity, head_dim]`, f32) in place.
+/// Writes `rows` tokens' keys or values (`[rows, kv_heads, head_dim]`) into a cache buffer (`[b, kv_heads,
+/// capacity, head_dim]`, f32) in place: columns `col..col + rows` of batch row 0, or with `batch` column `col`
+/// of batch row `r` for token `r`.
 struct WriteColumns<'a> {
     values: &'a [f32],
     col: usize,
     rows: usize,
+    batch: bool,
     heads: usize,
     head_dim: usize,
 }
@@ -171,14 +194,16 @@ impl InplaceOp1 for WriteColumns<'_> {
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
         let CpuStorage::F32(buf) = storage else { candle_core::bail!("CPU forward: the KV cache is not f32") };
-        let (_, h, cap, d) = layout.shape().dims4()?;
-        if h != self.heads || d != self.head_dim || self.col + self.rows > cap || !layout.is_contiguous() {
+        let (b, h, cap, d) = layout.shape().dims4()?;
+        let (rows_b, cols) = if self.batch { (self.rows, 1) } else { (1, self.rows) };
+        if h != self.heads || d != self.head_dim || self.col + cols > cap || rows_b > b || !layout.is_contiguous() {
             candle_core::bail!("CPU forward: KV buffer of shape {:?}", layout.shape());
         }
         let base = layout.start_offset();
         for (r, token) in self.values.chunks_exact(h * d).take(self.rows).enumerate() {
+            let (row, col) = if self.batch { (r, self.col) } else { (0, self.col + r) };
             for (head, v) in token.chunks_exact(d).enumerate() {
-                buf[base + (head * cap + self.col + r) * d..][..d].copy_from_slice(v);
+                buf[base + ((row * h + head) * cap + col) * d..][..d].copy_from_slice(v);
             }
         }
         Ok(())
@@ -333,43 +358,70 @@ impl Engine {
     /// One pass over the `t` new tokens' embeddings (`[1, t, hidden]`) after what `cache` holds; advances
     /// the cache. Logits `[1, tail, vocab]` for the last `tail` positions (1 ≤ tail ≤ t).
     pub fn run(&mut self, embedded: &Tensor, cache: &mut KvCache, tail: usize) -> Result<Tensor> {
-        let t = embedded.dim(1)?;
+        self.pass(embedded, cache, Rows::Sequence { tail })
+    }
+
+    /// One decode step of every row of a batch (`[rows, 1, hidden]`; the cache's rows start at their own
+    /// columns, no shared prefix): each row gets the operations it gets alone — norms, rotation at its own
+    /// position, attention over its own columns, and products that are the same per row (the 8-bit kernels
+    /// are batch-invariant; other weights multiply row by row). Logits `[rows, 1, vocab]`.
+    pub fn run_rows(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.pass(embedded, cache, Rows::Batch)
+    }
+
+    fn pass(&mut self, embedded: &Tensor, cache: &mut KvCache, rows: Rows) -> Result<Tensor> {
+        let (b, t, _) = embedded.dims3()?;
         let pos = cache.len();
         let (h, nh, nkv, hd) = (self.hidden, self.heads, self.kv_heads, self.head_dim);
-        self.fit(t);
+        // `n` rows of activations: a sequence's new tokens, or one token of each batch row.
+        let (n, path_rows, tail) = match rows {
+            Rows::Sequence { tail } if b == 1 => (t, t, tail),
+            Rows::Batch if t == 1 && cache.prefix_len() == 0 && cache.starts().len() == b => (b, 1, b),
+            _ => candle_core::bail!("CPU forward: {b} rows of {t} tokens for {rows:?}"),
+        };
+        let batch = matches!(rows, Rows::Batch);
+        // Each row's position: a sequence's continue the cache; a batch row's count from its own start.
+        let positions: Vec<usize> =
+            if batch { cache.starts().iter().map(|&s| pos - s).collect() } else { (pos..pos + t).collect() };
+        self.fit(n);
         cache.reserve(t, nkv, hd, DType::F32, &Device::Cpu)?;
         {
             let embedded = embedded.contiguous()?;
             let (es, el) = embedded.storage_and_layout();
             let Storage::Cpu(CpuStorage::F32(es)) = &*es else { candle_core::bail!("CPU forward: embeddings not f32") };
-            self.x[..t * h].copy_from_slice(&es[el.start_offset()..el.start_offset() + t * h]);
+            self.x[..n * h].copy_from_slice(&es[el.start_offset()..el.start_offset() + n * h]);
         }
         // Each row's rotation, as the rotary table computes it (f32 angle, cos/sin in f64).
         let half = self.rotary_dim / 2;
-        for r in 0..t {
+        for (r, &p) in positions.iter().enumerate() {
             for (i, f) in self.inv_freq.iter().enumerate() {
-                let angle = ((pos + r) as f32 * f) as f64;
+                let angle = (p as f32 * f) as f64;
                 self.cos[r * half + i] = angle.cos() as f32;
                 self.sin[r * half + i] = angle.sin() as f32;
             }
         }
+        let spans: Vec<(usize, usize, usize)> = if batch {
+            cache.starts().iter().enumerate().map(|(r, &s)| (r, s, pos - s + 1)).collect()
+        } else {
+            vec![(0, 0, pos + 1)]
+        };
         let (k0, _) = cache.layer_buffers(0).ok_or_else(|| candle_core::Error::Msg("empty cache".into()))?;
         let capacity = k0.dim(2)?;
         for i in 0..self.layers.len() {
             let layer = &self.layers[i];
-            let (x, normed) = (&self.x, &mut self.normed[..t * h]);
+            let (x, normed) = (&self.x, &mut self.normed[..n * h]);
             for_rows(normed, h, &|r, out| layer.attn_norm.apply(&x[r * h..(r + 1) * h], out));
             match &layer.qkv {
                 Qkv::Separate(qkv) => {
                     let [q, k, v] = &**qkv;
-                    q.apply(&self.normed, t, t, &mut self.q)?;
-                    k.apply(&self.normed, t, t, &mut self.k)?;
-                    v.apply(&self.normed, t, t, &mut self.v)?;
+                    q.apply_rows(&self.normed, n, path_rows, batch, &mut self.q)?;
+                    k.apply_rows(&self.normed, n, path_rows, batch, &mut self.k)?;
+                    v.apply_rows(&self.normed, n, path_rows, batch, &mut self.v)?;
                 }
                 Qkv::PerHead(qkv) => {
                     // Output rows per head as [q | k | v] (heads = kv heads for these models).
-                    qkv.apply(&self.normed, t, t, &mut self.qkv)?;
-                    for r in 0..t {
+                    qkv.apply_rows(&self.normed, n, path_rows, batch, &mut self.qkv)?;
+                    for r in 0..n {
                         for head in 0..nh {
                             let part = &self.qkv[(r * nh + head) * 3 * hd..][..3 * hd];
                             let at = (r * nh + head) * hd;
@@ -386,19 +438,20 @@ impl Engine {
                     rotate(head, &cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half], dim, inter);
                 }
             };
-            for_rows(&mut self.q[..t * nh * hd], nh * hd, &rotate_row);
-            for_rows(&mut self.k[..t * nkv * hd], nkv * hd, &rotate_row);
+            for_rows(&mut self.q[..n * nh * hd], nh * hd, &rotate_row);
+            for_rows(&mut self.k[..n * nkv * hd], nkv * hd, &rotate_row);
             let (kb, vb) = cache.layer_buffers(i).expect("reserved");
-            kb.inplace_op1(&WriteColumns { values: &self.k, col: pos, rows: t, heads: nkv, head_dim: hd })?;
-            vb.inplace_op1(&WriteColumns { values: &self.v, col: pos, rows: t, heads: nkv, head_dim: hd })?;
+            let write = |values| WriteColumns { values, col: pos, rows: n, batch, heads: nkv, head_dim: hd };
+            kb.inplace_op1(&write(&self.k))?;
+            vb.inplace_op1(&write(&self.v))?;
             if t == 1 {
-                self.attention(kb, vb, pos, t, capacity)?;
+                self.attention(kb, vb, &spans, capacity)?;
             } else {
                 self.prefill_attention(kb, vb, pos, t, capacity)?;
             }
             let layer = &self.layers[i];
-            layer.o.apply(&self.attn, t, t, &mut self.attn_out)?;
-            let (x, normed) = (&mut self.x[..t * h], &mut self.normed[..t * h]);
+            layer.o.apply_rows(&self.attn, n, path_rows, batch, &mut self.attn_out)?;
+            let (x, normed) = (&mut self.x[..n * h], &mut self.normed[..n * h]);
             if !layer.parallel_residual {
                 x.iter_mut().zip(&self.attn_out).for_each(|(x, a)| *x += a);
             }
@@ -406,23 +459,24 @@ impl Engine {
             let x = &*x;
             for_rows(normed, h, &|r, out| layer.mlp_norm.apply(&x[r * h..(r + 1) * h], out));
             let act = self.activation;
-            let n = self.inter;
+            let width = self.inter;
             match &layer.gate {
                 Some(gate) => {
-                    gate.apply(&self.normed, t, t, &mut self.gate)?;
-                    layer.up.apply(&self.normed, t, t, &mut self.up)?;
+                    gate.apply_rows(&self.normed, n, path_rows, batch, &mut self.gate)?;
+                    layer.up.apply_rows(&self.normed, n, path_rows, batch, &mut self.up)?;
                     let g = &self.gate;
-                    for_rows(&mut self.up[..t * n], n, &|r, up| {
-                        up.iter_mut().zip(&g[r * n..(r + 1) * n]).for_each(|(u, g)| *u *= activate(*g, act))
+                    for_rows(&mut self.up[..n * width], width, &|r, up| {
+                        up.iter_mut().zip(&g[r * width..(r + 1) * width]).for_each(|(u, g)| *u *= activate(*g, act))
                     });
                 }
                 None => {
-                    layer.up.apply(&self.normed, t, t, &mut self.up)?;
-                    for_rows(&mut self.up[..t * n], n, &|_, up| up.iter_mut().for_each(|u| *u = activate(*u, act)));
+                    layer.up.apply_rows(&self.normed, n, path_rows, batch, &mut self.up)?;
+                    let up = &mut self.up[..n * width];
+                    for_rows(up, width, &|_, up| up.iter_mut().for_each(|u| *u = activate(*u, act)));
                 }
             }
-            layer.down.apply(&self.up, t, t, &mut self.mlp_out)?;
-            let x = &mut self.x[..t * h];
+            layer.down.apply_rows(&self.up, n, path_rows, batch, &mut self.mlp_out)?;
+            let x = &mut self.x[..n * h];
             if layer.parallel_residual {
                 for ((x, a), m) in x.iter_mut().zip(&self.attn_out).zip(&self.mlp_out) {
                     *x += a + m;
@@ -434,23 +488,30 @@ impl Engine {
         cache.advance(t);
         // The head sees the rows asked for; it takes the path the regular pass takes for them (the many-rows
         // path at the last position of a scoring prefill, see `Linear::forward_as_many_rows`).
-        let (first, rows) = (t - tail, tail);
-        let path_rows = if Linear::many_rows(t) { t } else { rows };
-        let (x, normed) = (&self.x[first * h..t * h], &mut self.normed[..rows * h]);
+        let (first, rows) = (n - tail, tail);
+        let head_rows = if batch {
+            1
+        } else if Linear::many_rows(t) {
+            t
+        } else {
+            rows
+        };
+        let (x, normed) = (&self.x[first * h..n * h], &mut self.normed[..rows * h]);
         for_rows(normed, h, &|r, out| self.final_norm.apply(&x[r * h..(r + 1) * h], out));
         let vocab = self.lm_head.linear.out_features();
         let mut logits = vec![0f32; rows * vocab];
-        self.lm_head.apply(&self.normed, rows, path_rows, &mut logits)?;
-        Tensor::from_vec(logits, (1, rows, vocab), &Device::Cpu)
+        self.lm_head.apply_rows(&self.normed, rows, head_rows, batch, &mut logits)?;
+        let shape = if batch { (rows, 1, vocab) } else { (1, rows, vocab) };
+        Tensor::from_vec(logits, shape, &Device::Cpu)
     }
 
-    /// Causal attention of the `t` new rows (positions `pos..pos + t`) over the cached keys and values, into
-    /// `self.attn`: each query head of each row against the keys it sees, tasks of (head, a few rows) spread
-    /// over the kernel threads, the rows with the most keys first. Each score is a dot product over the head
-    /// dimension (a decode step: one row).
-    fn attention(&mut self, kb: &Tensor, vb: &Tensor, pos: usize, t: usize, capacity: usize) -> Result<()> {
-        let (nh, hd) = (self.heads, self.head_dim);
-        let group = nh / self.kv_heads;
+    /// Attention of one new token per query row `i` over its own cached keys and values, into `self.attn`:
+    /// `spans[i] = (b, first, len)` — the row of the cache's batch, its first column, and how many columns it
+    /// sees. Tasks of (row, head) spread over the kernel threads; each score is a dot product over the head
+    /// dimension. A sequence alone and a row of a batch run the same operations.
+    fn attention(&mut self, kb: &Tensor, vb: &Tensor, spans: &[(usize, usize, usize)], capacity: usize) -> Result<()> {
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let group = nh / nkv;
         let scale = 1.0 / (hd as f32).sqrt();
         let (ks, kl) = kb.storage_and_layout();
         let (vs, vl) = vb.storage_and_layout();
@@ -459,36 +520,32 @@ impl Engine {
         };
         let (ks, vs) = (&ks[kl.start_offset()..], &vs[vl.start_offset()..]);
         let (q, out) = (&self.q, SharedOut(self.attn.as_mut_ptr()));
-        let chunk = if t == 1 { 1 } else { ATTENTION_ROWS };
-        let chunks = t.div_ceil(chunk);
-        pool::pool().run(nh * chunks, &|task| {
+        pool::pool().run(spans.len() * nh, &|task| {
             let out = out;
-            let (head, c) = (task % nh, chunks - 1 - task / nh);
+            let (r, head) = (task / nh, task % nh);
+            let (b, first, len) = spans[r];
             let kv = head / group;
             SCORES.with(|scores| {
                 let mut scores = scores.borrow_mut();
-                for r in c * chunk..((c + 1) * chunk).min(t) {
-                    let len = pos + r + 1;
-                    if scores.len() < len {
-                        scores.resize(len.next_power_of_two(), 0.0);
-                    }
-                    let s = &mut scores[..len];
-                    let qh = &q[(r * nh + head) * hd..][..hd];
-                    let keys = &ks[kv * capacity * hd..][..len * hd];
-                    let values = &vs[kv * capacity * hd..][..len * hd];
-                    for (s, key) in s.chunks_mut(4).zip(keys.chunks(4 * hd)) {
-                        dot_rows(key, hd, qh, s);
-                    }
-                    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    s.iter_mut().for_each(|v| *v = exp_nonpositive((*v - max) * scale));
-                    let inv = 1.0 / sum(s);
-                    // SAFETY: (row r, head) owns attn[(r · heads + head) · hd ..][..hd].
-                    let o = unsafe { std::slice::from_raw_parts_mut(out.0.add((r * nh + head) * hd), hd) };
-                    o.fill(0.0);
-                    for (p, value) in s.iter().zip(values.chunks_exact(hd)) {
-                        let p = p * inv;
-                        o.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
-                    }
+                if scores.len() < len {
+                    scores.resize(len.next_power_of_two(), 0.0);
+                }
+                let s = &mut scores[..len];
+                let qh = &q[(r * nh + head) * hd..][..hd];
+                let at = ((b * nkv + kv) * capacity + first) * hd;
+                let (keys, values) = (&ks[at..at + len * hd], &vs[at..at + len * hd]);
+                for (s, key) in s.chunks_mut(4).zip(keys.chunks(4 * hd)) {
+                    dot_rows(key, hd, qh, s);
+                }
+                let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                s.iter_mut().for_each(|v| *v = exp_nonpositive((*v - max) * scale));
+                let inv = 1.0 / sum(s);
+                // SAFETY: (row r, head) owns attn[(r · heads + head) · hd ..][..hd].
+                let o = unsafe { std::slice::from_raw_parts_mut(out.0.add((r * nh + head) * hd), hd) };
+                o.fill(0.0);
+                for (p, value) in s.iter().zip(values.chunks_exact(hd)) {
+                    let p = p * inv;
+                    o.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
                 }
             });
         });

@@ -141,10 +141,15 @@ impl Model {
             Positions::Tail(n) => Some(n),
             Positions::Rows(_) => None,
         };
-        if let (Some(tail), true) =
-            (tail, batch == 1 && self.ops == Ops::Fused && x.device().is_cpu() && !cache.has_spans())
-        {
+        let ours = self.ops == Ops::Fused && x.device().is_cpu();
+        if let (Some(tail), true) = (tail, ours && batch == 1 && !cache.has_spans()) {
             if let Some(logits) = self.cpu_forward.with(|| self.graph_parts(), &x, |e| e.run(&x, cache, tail))? {
+                return self.cast_logits(logits);
+            }
+        }
+        // A decode step of a batch (rows at their own columns, no shared prefix): each row as alone.
+        if ours && t == 1 && batch > 1 && matches!(positions, Positions::Last) && cache.prefix_len() == 0 {
+            if let Some(logits) = self.cpu_forward.with(|| self.graph_parts(), &x, |e| e.run_rows(&x, cache))? {
                 return self.cast_logits(logits);
             }
         }
@@ -236,6 +241,25 @@ impl Model {
         let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         if longest == 0 || prompts.iter().any(|p| p.is_empty()) {
             candle_core::bail!("every prompt of a batch needs at least one token");
+        }
+        // On the CPU through our own pass: each prompt alone, then side by side, so that a batch's rows hold
+        // what a prompt alone holds (and decode on from there as alone, see `cpu_forward::Engine::run_rows`).
+        if self.device.is_cpu() && self.ops == Ops::Fused && cache.is_empty() && cache.prefix_len() == 0 {
+            let mut alone = vec![];
+            let mut logits = vec![];
+            for p in prompts {
+                let mut c = self.new_cache().with_capacity(p.len());
+                let x = self.embed.forward(&self.input(p)?)?;
+                match self.cpu_forward.with(|| self.graph_parts(), &x, |e| e.run(&x, &mut c, 1))? {
+                    Some(l) => logits.push(self.cast_logits(l)?.squeeze(0)?),
+                    None => break,
+                }
+                alone.push(c);
+            }
+            if alone.len() == prompts.len() {
+                cache.gather_rows(&alone)?;
+                return Tensor::cat(&logits, 0);
+            }
         }
         let starts: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
         // Padding columns hold token 0; what they compute is masked out.
