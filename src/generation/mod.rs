@@ -125,11 +125,12 @@ fn next_token(
     if p.is_greedy() && p.repeat_penalty == 1.0 && top_logprobs == 0 {
         return Ok(crate::ops::fused::argmax_last(logits)?.to_scalar::<u32>()?);
     }
-    let raw = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-    let mut l = raw.clone();
+    let mut l = logits.to_vec1::<f32>()?;
+    // The model's own distribution, before penalties change `l` (copied only when asked for).
+    let raw = (top_logprobs > 0).then(|| l.clone());
     sampler.penalize(&mut l, history);
     let token = sampler.sample(&l);
-    if top_logprobs > 0 {
+    if let Some(raw) = raw {
         logprobs.push(TokenLogprobs::at_step(&raw, token, top_logprobs));
     }
     Ok(token)

@@ -380,9 +380,14 @@ impl Engine {
             _ => candle_core::bail!("CPU forward: {b} rows of {t} tokens for {rows:?}"),
         };
         let batch = matches!(rows, Rows::Batch);
-        // Each row's position: a sequence's continue the cache; a batch row's count from its own start.
-        let positions: Vec<usize> =
-            if batch { cache.starts().iter().map(|&s| pos - s).collect() } else { (pos..pos + t).collect() };
+        // Each row's keys: `(batch row, first column, columns seen)`. A sequence's rows continue the cache
+        // (row r sees pos + r + 1 columns); a batch row's own columns start at its own start. A row's
+        // position is the columns it sees less one.
+        let spans: Vec<(usize, usize, usize)> = if batch {
+            cache.starts().iter().enumerate().map(|(r, &s)| (r, s, pos - s + 1)).collect()
+        } else {
+            (0..t).map(|r| (0, 0, pos + r + 1)).collect()
+        };
         self.fit(n);
         cache.reserve(t, nkv, hd, DType::F32, &Device::Cpu)?;
         {
@@ -393,18 +398,13 @@ impl Engine {
         }
         // Each row's rotation, as the rotary table computes it (f32 angle, cos/sin in f64).
         let half = self.rotary_dim / 2;
-        for (r, &p) in positions.iter().enumerate() {
+        for (r, &(_, _, seen)) in spans.iter().enumerate() {
             for (i, f) in self.inv_freq.iter().enumerate() {
-                let angle = (p as f32 * f) as f64;
+                let angle = ((seen - 1) as f32 * f) as f64;
                 self.cos[r * half + i] = angle.cos() as f32;
                 self.sin[r * half + i] = angle.sin() as f32;
             }
         }
-        let spans: Vec<(usize, usize, usize)> = if batch {
-            cache.starts().iter().enumerate().map(|(r, &s)| (r, s, pos - s + 1)).collect()
-        } else {
-            vec![(0, 0, pos + 1)]
-        };
         let (k0, _) = cache.layer_buffers(0).ok_or_else(|| candle_core::Error::Msg("empty cache".into()))?;
         let capacity = k0.dim(2)?;
         for i in 0..self.layers.len() {

@@ -258,6 +258,12 @@ impl Linear {
         }
     }
 
+    /// Does a pass of `rows` rows multiply a stored CPU weight as f32 tiles rather than through the kernels?
+    /// Many rows while scoring, and wherever the tiles are faster.
+    fn tiles_for(&self, rows: usize) -> bool {
+        Self::many_rows(rows) || rows >= DEQUANT_GEMM_ROWS && self.tiles_beat_kernels()
+    }
+
     /// Does a pass of `rows` rows take the many-rows path (see [`Linear::forward_as_many_rows`])? Only while
     /// [`ExactScoring`] is held.
     pub fn many_rows(rows: usize) -> bool {
@@ -307,7 +313,7 @@ impl Linear {
             }
             return Ok(true);
         }
-        let tiles = Self::many_rows(path_rows) || path_rows >= DEQUANT_GEMM_ROWS && self.tiles_beat_kernels();
+        let tiles = self.tiles_for(path_rows);
         Ok(with_stored_weights(&self.weight, |w| {
             if tiles {
                 gemm::matmul_wt(w, x, n, y)
@@ -322,9 +328,7 @@ impl Linear {
     fn base_product(&self, x: &Tensor) -> Result<Tensor> {
         // Many rows on the CPU while scoring, and wherever the tiles are faster: the exact product of the
         // dequantized weight (see `dequantized_product`); everything else through our kernels.
-        let rows = x.elem_count() / self.in_features;
-        let tiles = Self::many_rows(rows) || rows >= DEQUANT_GEMM_ROWS && self.tiles_beat_kernels();
-        if self.tiled_on_cpu(x) && tiles {
+        if self.tiled_on_cpu(x) && self.tiles_for(x.elem_count() / self.in_features) {
             return self.dequantized_product(x);
         }
         if let Some(y) = self.cpu_kernel_product(x)? {
