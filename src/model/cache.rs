@@ -498,6 +498,27 @@ impl KvCache {
         Ok(())
     }
 
+    /// [`KvCache::reserve`] for a batch of `rows` (`[rows, kv_heads, capacity, head_dim]` buffers); a batch of
+    /// another size starts with every row at column 0, as [`KvCache::append`] does.
+    pub fn reserve_rows(
+        &mut self,
+        rows: usize,
+        extra: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        if self.starts.len() != rows {
+            self.starts = vec![0; rows];
+        }
+        let needed = self.len + extra;
+        for layer in 0..self.layers.len() {
+            self.grow(layer, needed, (rows, kv_heads, head_dim), dtype, device)?;
+        }
+        Ok(())
+    }
+
     /// A layer's whole key and value buffers (`[b, kv_heads, capacity, head_dim]`), once allocated.
     pub fn layer_buffers(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
         self.layers.get(layer)?.as_ref().map(|c| (&c.k, &c.v))
@@ -588,6 +609,23 @@ mod tests {
             assert_eq!(k.narrow(2, 0, 2)?.flatten_all()?.to_vec1::<f32>()?, vec![l as f32 + 1.0; 24]);
         }
         assert!(c.reserve(99, 3, 4, DType::F32, &dev).is_err(), "past the context window");
+        Ok(())
+    }
+
+    #[test]
+    fn reserve_rows_allocates_a_batch_and_its_starts() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(2, 100).with_capacity(4);
+        c.reserve_rows(3, 6, 2, 8, DType::F32, &dev)?;
+        assert_eq!(c.starts(), &[0, 0, 0]);
+        for l in 0..2 {
+            let (k, v) = c.layer_buffers(l).unwrap();
+            let (b, h, cap, d) = k.dims4()?;
+            assert_eq!((b, h, d), (3, 2, 8));
+            assert!(cap >= 6, "capacity {cap}");
+            assert_eq!(v.dims(), k.dims());
+        }
+        assert!(c.reserve_rows(3, 101, 2, 8, DType::F32, &dev).is_err(), "past the context window");
         Ok(())
     }
 

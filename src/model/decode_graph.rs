@@ -72,6 +72,11 @@ pub trait GraphEngine: Sized {
     fn build(parts: &GraphParts, embedded: &Tensor) -> Result<Option<Self>>;
     /// One decode step from the new tokens' embeddings; advances `cache`.
     fn step(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// A pass of several new tokens per row, with the logits of each row's last `tail` positions
+    /// (`[rows, tail, vocab]`); `None` where this engine has no such pass (the regular forward pass runs).
+    fn pass(&mut self, _embedded: &Tensor, _cache: &mut KvCache, _tail: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// The batch-1 decode graph engine.

@@ -24,9 +24,13 @@ use anyhow::Result;
 use arch::{Layers, RowSpans, Step};
 use batch_graph::BatchEngine;
 use candle_core::{DType, Device, Module, Tensor, D};
-use decode_graph::{GraphParts, GraphSlot, SingleRowEngine};
+use decode_graph::{GraphEngine, GraphParts, GraphSlot, SingleRowEngine};
 use layers::{causal_mask_for, select_positions, Embedding, Norm, Rotary};
 use weights::Weights;
+
+/// Set `BILLION_CUDA_PASS=0` to run prefill and scoring passes on the GPU through the regular forward pass
+/// (tensor ops) instead of the batched step's kernels (for comparisons).
+pub const PASS_ENV: &str = "BILLION_CUDA_PASS";
 
 /// A causal language model of any supported architecture.
 #[derive(Debug)]
@@ -43,6 +47,9 @@ pub struct Model {
     batch_graph: GraphSlot<BatchEngine>,
     /// The CPU decode step of one row on buffers of its own (no tensor ops), built on first use likewise.
     cpu_forward: GraphSlot<cpu_forward::Engine>,
+    /// Passes of several tokens per row on the GPU through the batched step's kernels (see
+    /// [`PASS_ENV`]); off, they take the regular forward pass (tests compare the two).
+    cuda_pass: std::sync::atomic::AtomicBool,
     device: Device,
     dtype: DType,
     ops: Ops,
@@ -71,6 +78,7 @@ impl Model {
             graph: GraphSlot::default(),
             batch_graph: GraphSlot::default(),
             cpu_forward: GraphSlot::default(),
+            cuda_pass: (!std::env::var(PASS_ENV).is_ok_and(|v| v == "0")).into(),
             device: w.device.clone(),
             dtype: w.dtype,
             ops: Ops::Fused,
@@ -134,13 +142,20 @@ impl Model {
                 return self.cast_logits(logits);
             }
         }
-        // One sequence on the CPU: our own pass (decode steps and prefill), for the positions it can return.
         let tail = match positions {
             Positions::All => Some(t),
             Positions::Last => Some(1),
             Positions::Tail(n) => Some(n),
             Positions::Rows(_) => None,
         };
+        // Several new tokens per row on the GPU (prefill, scoring): the batched step's kernels over every token.
+        if let (Some(tail), true) = (tail, t > 1 && self.ops == Ops::Fused && x.device().is_cuda() && self.cuda_pass())
+        {
+            if let Some(Some(logits)) = self.batch_graph.with(|| self.graph_parts(), &x, |e| e.pass(&x, cache, tail))? {
+                return self.cast_logits(logits);
+            }
+        }
+        // One sequence on the CPU: our own pass (decode steps and prefill), for the positions it can return.
         let ours = self.ops == Ops::Fused && x.device().is_cpu();
         if let (Some(tail), true) = (tail, ours && batch == 1 && !cache.has_spans()) {
             if let Some(logits) = self.cpu_forward.with(|| self.graph_parts(), &x, |e| e.run(&x, cache, tail))? {
@@ -184,6 +199,16 @@ impl Model {
             self.lm_head.forward(&x)?
         };
         self.cast_logits(logits)
+    }
+
+    fn cuda_pass(&self) -> bool {
+        self.cuda_pass.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Passes of several tokens per row on the GPU through our kernels (`true`, the default unless [`PASS_ENV`]
+    /// says otherwise) or through the regular forward pass (the reference the tests compare with).
+    pub fn set_cuda_pass(&self, on: bool) {
+        self.cuda_pass.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn cast_logits(&self, logits: Tensor) -> candle_core::Result<Tensor> {

@@ -976,9 +976,9 @@ extern "C" __global__ void argmax_f32(const float* x, unsigned* out, int n) {
 // RMSNorm of each row of the f32 residual `[B, n]` into bf16 (grid B, 256 threads, n % 4 == 0): each thread
 // keeps its float4s in registers between the sum and the scaling (one read of the row).
 #define RMS_ROW_VECS 8
-extern "C" __global__ void rms_rows(const float* x, const bf16* w, float eps, bf16* out, int n) {
+__device__ __forceinline__ void rms_row(const float* x, const bf16* w, float eps, bf16* out, int n) {
     __shared__ float red[32];
-    const float4* xr = reinterpret_cast<const float4*>(x + (size_t)blockIdx.x * n);
+    const float4* xr = reinterpret_cast<const float4*>(x);
     int n4 = n / 4;
     float4 v[RMS_ROW_VECS];
     float s = 0.f;
@@ -993,7 +993,7 @@ extern "C" __global__ void rms_rows(const float* x, const bf16* w, float eps, bf
         s = fmaf(t.x, t.x, fmaf(t.y, t.y, fmaf(t.z, t.z, fmaf(t.w, t.w, s))));
     }
     float inv = rsqrtf(block_sum(s, red) / n + eps);
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out + (size_t)blockIdx.x * n);
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out);
     const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(w);
     auto put = [&](int i, float4 t) {
         float2 a = __bfloat1622float2(w2[2 * i]), b = __bfloat1622float2(w2[2 * i + 1]);
@@ -1008,6 +1008,47 @@ extern "C" __global__ void rms_rows(const float* x, const bf16* w, float eps, bf
     for (int i = threadIdx.x + RMS_ROW_VECS * blockDim.x; i < n4; i += blockDim.x) put(i, xr[i]);
 }
 
+extern "C" __global__ void rms_rows(const float* x, const bf16* w, float eps, bf16* out, int n) {
+    rms_row(x + (size_t)blockIdx.x * n, w, eps, out + (size_t)blockIdx.x * n, n);
+}
+
+// ---- a pass of t new tokens per row (prefill, scoring), uncaptured: the batched step's kernels plus this ----
+// Rotate each token's query heads (scaled by q_scale) into q `[rows, nh, t, D]` (the span attention's layout) and
+// its key heads into the cache at column prev + i, its value heads beside them (`kc` / `vc` `[rows, nkv, cap, D]`).
+// Token i of row b sits at position prefix + (prev + i - start_b) (left padding, before the start, at 0: it is
+// never attended to). Grid (t, rows); `qkv` holds each token's q | k | v heads side by side.
+extern "C" __global__ void rope_qkv_rows(const bf16* qkv, const unsigned* starts, const float* inv_freq, bf16* q,
+                                         bf16* kc, bf16* vc, int t, int prev, int cap, int prefix, int nh, int nkv,
+                                         int d, float q_scale, int interleaved) {
+    __shared__ float cs[128], sn[128];
+    int i = blockIdx.x, b = blockIdx.y, half = d / 2, col = prev + i;
+    int pos = prefix + max(col - (int)starts[b], 0);
+    for (int j = threadIdx.x; j < half; j += blockDim.x) sincosf((float)pos * inv_freq[j], &sn[j], &cs[j]);
+    __syncthreads();
+    const bf16* row = qkv + ((size_t)b * t + i) * (size_t)(nh + 2 * nkv) * d;
+    for (int idx = threadIdx.x; idx < (nh + nkv) * half; idx += blockDim.x) {
+        int hh = idx / half, j = idx - hh * half;
+        int i0 = interleaved ? 2 * j : j, i1 = interleaved ? 2 * j + 1 : j + half;
+        float x0 = __bfloat162float(row[hh * d + i0]), x1 = __bfloat162float(row[hh * d + i1]);
+        float r0 = x0 * cs[j] - x1 * sn[j], r1 = x1 * cs[j] + x0 * sn[j];
+        bf16* dst;
+        if (hh < nh) {
+            dst = q + (((size_t)b * nh + hh) * t + i) * d;
+            r0 *= q_scale;
+            r1 *= q_scale;
+        } else {
+            dst = kc + (((size_t)b * nkv + hh - nh) * cap + col) * d;
+        }
+        dst[i0] = __float2bfloat16(r0);
+        dst[i1] = __float2bfloat16(r1);
+    }
+    const bf16* v = row + (size_t)(nh + nkv) * d;
+    for (int idx = threadIdx.x; idx < nkv * d; idx += blockDim.x) {
+        int g = idx / d, e = idx - g * d;
+        vc[(((size_t)b * nkv + g) * cap + col) * d + e] = v[idx];
+    }
+}
+
 // act[r, j] = silu(gate[r, j]) * up[r, j] with gate and up side by side in `gu` `[B, 2 * inter]`.
 extern "C" __global__ void swiglu_rows(const bf16* gu, bf16* act, int inter, int total) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -1016,6 +1057,31 @@ extern "C" __global__ void swiglu_rows(const bf16* gu, bf16* act, int inter, int
     float g = __bfloat162float(gu[(size_t)r * 2 * inter + j]);
     float u = __bfloat162float(gu[(size_t)r * 2 * inter + inter + j]);
     act[i] = __float2bfloat16(g / (1.f + expf(-g)) * u);
+}
+
+// The same, eight columns per thread (inter % 8 == 0): 16-byte loads and stores.
+extern "C" __global__ void swiglu_rows8(const bf16* gu, bf16* act, int inter, int total8) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total8) return;
+    int per = inter / 8, r = i / per, j = (i - r * per) * 8;
+    const bf16* row = gu + (size_t)r * 2 * inter + j;
+    uint4 g4 = *reinterpret_cast<const uint4*>(row), u4 = *reinterpret_cast<const uint4*>(row + inter), o4;
+    const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&g4);
+    const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&u4);
+    __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&o4);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float2 g = __bfloat1622float2(g2[k]), u = __bfloat1622float2(u2[k]);
+        o2[k] = __floats2bfloat162_rn(g.x / (1.f + expf(-g.x)) * u.x, g.y / (1.f + expf(-g.y)) * u.y);
+    }
+    *reinterpret_cast<uint4*>(act + (size_t)i * 8) = o4;
+}
+
+// The last `tail` of every `t` rows of `src` (rows of `words` 4-byte words) packed into `dst` (grid rows * tail).
+extern "C" __global__ void gather_tail_rows(const unsigned* src, unsigned* dst, int words, int t, int tail) {
+    int r = blockIdx.x;
+    size_t from = (size_t)(r / tail) * t + t - tail + r % tail;
+    for (int i = threadIdx.x; i < words; i += blockDim.x) dst[(size_t)r * words + i] = src[from * words + i];
 }
 
 // The part of a batched decode step that block (g, r) split z of both row-attention kernels share: row r's
@@ -1281,6 +1347,27 @@ __device__ __forceinline__ void mma_stage(const bf16* kb, const bf16* vb, int c0
     }
 }
 
+// The same through asynchronous copies (cp.async, 16 bytes each; columns past n are zero-filled): the caller
+// commits the group and waits for it before reading the tile.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+template <int D, int TW>
+__device__ __forceinline__ void mma_stage_async(const bf16* kb, const bf16* vb, int c0, int n, bf16* ks, bf16* vs,
+                                                int first, int step) {
+    for (int idx = first; idx < MMA_TILE * D / 8; idx += step) {
+        int j = idx / (D / 8), w = (idx % (D / 8)) * 8;
+        bool valid = j < n;
+        size_t src = valid ? (size_t)(c0 + j) * D + w : 0;
+        cp_async16(ks + j * TW + w, kb + src, valid);
+        cp_async16(vs + j * TW + w, vb + src, valid);
+    }
+}
+
 // S (16 query rows × one 32-column tile) = A operand `qa` (D / 16 steps) · the staged keys `ks` (rows padded to TW).
 template <int D, int TW>
 __device__ __forceinline__ void mma_scores(const uint32_t (*qa)[4], const bf16* ks, int gid, int tig, float (*sc)[4]) {
@@ -1469,7 +1556,8 @@ ROW_ATTENTION_MMA_KERNEL(128)
 // Attention of a pass of t new tokens per row on tensor cores, over an optional shared prefix and each row's own
 // span: grid (ceil(t / 64), heads, rows), 4 warps, each warp 16 query positions of one head. Query position i
 // (column prev + i) sees every prefix column and its row's own columns start..prev + i. Key/value tiles of 32
-// columns (prefix first, then own) are staged once per block; the output is written as `[rows, t, heads * D]`,
+// columns (prefix first, then own) are staged once per block, two stages deep through asynchronous copies (the
+// next tile lands while this one is multiplied); the output is written as `[rows, t, heads * D]`,
 // the layout the O projection reads (no transposes). A query that sees nothing (left padding, no prefix) gets 0.
 #define SPAN_ATT_WARPS 4
 
@@ -1478,9 +1566,13 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
                                    const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,
                                    int nkv) {
     constexpr int KS = D / 16, NB = D / 8, TW = D + 8;
-    __shared__ __align__(16) bf16 qs[SPAN_ATT_WARPS * 16 * TW];
-    __shared__ __align__(16) bf16 ks[MMA_TILE * TW];
-    __shared__ __align__(16) bf16 vs[MMA_TILE * TW];
+    // Two stages of key and value tiles (the next tile's copy is in flight while this one is multiplied); the
+    // queries pass through the same memory first, on their way to registers.
+    static_assert(4 * MMA_TILE >= SPAN_ATT_WARPS * 16, "the queries fit in the stages' memory");
+    __shared__ __align__(16) bf16 smem[4 * MMA_TILE * TW];
+    bf16* qs = smem;
+    bf16* ks[2] = {smem, smem + 2 * MMA_TILE * TW};
+    bf16* vs[2] = {smem + MMA_TILE * TW, smem + 3 * MMA_TILE * TW};
     int b = blockIdx.z, h = blockIdx.y;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     int g = h / (nh / nkv);
@@ -1498,6 +1590,7 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
     uint32_t qa[KS][4];
     float o[NB][4];
     mma_start<D, TW>(myq, gid, tig, qa, o);
+    __syncthreads();  // every warp holds its queries in registers: the stages may overwrite them
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     int lim0 = prev + qw + gid, lim1 = lim0 + 8;  // last own column rows gid and gid + 8 see
     int last = prev + min(qw + 15, t - 1);        // the warp's last query's column
@@ -1507,17 +1600,32 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
     const bf16* vrow = vc + ((size_t)b * nkv + g) * cap * D;
     int pre_tiles = (prefix + MMA_TILE - 1) / MMA_TILE;
     int own_tiles = own_end > start ? (own_end - start + MMA_TILE - 1) / MMA_TILE : 0;
-    for (int tile = 0; tile < pre_tiles + own_tiles; tile++) {
+    int tiles = pre_tiles + own_tiles;
+    // Tile `tile`: its first column, width, and whether it is the prefix's.
+    auto at = [&](int tile, int& c0, int& n) {
         bool pre = tile < pre_tiles;
-        int c0 = pre ? tile * MMA_TILE : start + (tile - pre_tiles) * MMA_TILE;
-        int n = pre ? min(MMA_TILE, prefix - c0) : min(MMA_TILE, own_end - c0);
-        const bf16* kb = pre ? kpre : krow;
-        const bf16* vb = pre ? vpre : vrow;
-        mma_stage<D, TW>(kb, vb, c0, n, ks, vs, threadIdx.x, blockDim.x);
-        __syncthreads();
+        c0 = pre ? tile * MMA_TILE : start + (tile - pre_tiles) * MMA_TILE;
+        n = pre ? min(MMA_TILE, prefix - c0) : min(MMA_TILE, own_end - c0);
+        return pre;
+    };
+    auto stage = [&](int tile) {
+        int c0, n;
+        bool pre = at(tile, c0, n);
+        mma_stage_async<D, TW>(pre ? kpre : krow, pre ? vpre : vrow, c0, n, ks[tile & 1], vs[tile & 1], threadIdx.x,
+                               blockDim.x);
+    };
+    if (tiles > 0) stage(0);
+    cp_async_commit();
+    for (int tile = 0; tile < tiles; tile++) {
+        if (tile + 1 < tiles) stage(tile + 1);
+        cp_async_commit();
+        cp_async_wait_1();
+        __syncthreads();  // this tile's copies, from every thread, have landed
+        int c0, n;
+        bool pre = at(tile, c0, n);
         if (pre || c0 <= last) {
             float sc[4][4];
-            mma_scores<D, TW>(qa, ks, gid, tig, sc);
+            mma_scores<D, TW>(qa, ks[tile & 1], gid, tig, sc);
 #pragma unroll
             for (int cb = 0; cb < 4; cb++) {
 #pragma unroll
@@ -1528,9 +1636,9 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
                 }
             }
             mma_softmax_step<NB>(sc, m0, m1, l0, l1, o);
-            mma_values<D, TW>(sc, vs, gid, tig, o);
+            mma_values<D, TW>(sc, vs[tile & 1], gid, tig, o);
         }
-        __syncthreads();  // every warp is done with the tile before the next is staged
+        __syncthreads();  // every warp is done with this stage before the copy after next overwrites it
     }
     float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
     int r0 = qw + gid, r1 = r0 + 8;
