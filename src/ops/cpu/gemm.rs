@@ -285,6 +285,17 @@ fn micro_kernels() -> [Micro; MR] {
             avx2::micro::<6>,
         ];
     }
+    #[cfg(target_arch = "aarch64")]
+    if super::simd() {
+        return [
+            neon::micro::<1>,
+            neon::micro::<2>,
+            neon::micro::<3>,
+            neon::micro::<4>,
+            neon::micro::<5>,
+            neon::micro::<6>,
+        ];
+    }
     [micro::<1>, micro::<2>, micro::<3>, micro::<4>, micro::<5>, micro::<6>]
 }
 
@@ -322,6 +333,49 @@ unsafe fn store<const M: usize>(acc: &[[f32; NR]; M], c: *mut f32, ldc: usize, n
             row.iter_mut().zip(acc).for_each(|(o, v)| *o += v);
         } else {
             row.copy_from_slice(&acc[..nr]);
+        }
+    }
+}
+
+/// The micro-kernel on ARM: the 6 × 16 tile as 24 four-lane accumulators, one multiply-add by a scalar
+/// (`fmla` by element) per row and vector.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::NR;
+    use std::arch::aarch64::*;
+
+    #[target_feature(enable = "neon")]
+    #[allow(clippy::too_many_arguments)] // the micro-kernel's operands, as BLIS passes them
+    pub unsafe fn micro<const M: usize>(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        nr: usize,
+        add: bool,
+    ) {
+        let mut acc = [[vdupq_n_f32(0.0); 4]; M];
+        for kk in 0..kc {
+            let bp = b.add(kk * NR);
+            let bv = [vld1q_f32(bp), vld1q_f32(bp.add(4)), vld1q_f32(bp.add(8)), vld1q_f32(bp.add(12))];
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = *a.add(i * lda + kk);
+                for (acc, bv) in acc.iter_mut().zip(&bv) {
+                    *acc = vfmaq_n_f32(*acc, *bv, av);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let row = c.add(i * ldc);
+            let mut tile = [0f32; NR];
+            for (j, v) in acc.iter().enumerate() {
+                vst1q_f32(tile.as_mut_ptr().add(4 * j), *v);
+            }
+            for (j, v) in tile.iter().take(nr).enumerate() {
+                *row.add(j) = if add { *row.add(j) + v } else { *v };
+            }
         }
     }
 }

@@ -14,6 +14,8 @@
 mod avx2;
 pub mod blocks;
 pub mod gemm;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub mod packed;
 pub mod pool;
 
@@ -42,8 +44,13 @@ struct Kernel {
     tile: TileN,
 }
 
-/// Which kernels this process runs: `avx2` or `portable`.
+/// Which kernels this process runs: `avx2`, `neon` (with `+dotprod` where the packed 8-bit products use it)
+/// or `portable`.
 pub fn isa() -> &'static str {
+    #[cfg(target_arch = "aarch64")]
+    if simd() {
+        return if neon::dotprod() { "neon+dotprod" } else { "neon" };
+    }
     if simd() {
         "avx2"
     } else {
@@ -61,7 +68,12 @@ fn simd() -> bool {
         {
             avx2::available()
         }
-        #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+        // NEON is part of every aarch64 CPU.
+        #[cfg(target_arch = "aarch64")]
+        {
+            true
+        }
+        #[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
         {
             false
         }
@@ -305,6 +317,18 @@ fn group_kernel(kind: WeightKind) -> Option<(Group1, GroupN)> {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if simd() {
         use avx2::*;
+        return Some(match kind {
+            WeightKind::Q4_0 => (gemv_packed::<Q4_0, 1>, gemv_packed::<Q4_0, TILE>),
+            WeightKind::Q4_1 => (gemv_packed::<Q4_1, 1>, gemv_packed::<Q4_1, TILE>),
+            WeightKind::Q5_0 => (gemv_packed::<Q5_0, 1>, gemv_packed::<Q5_0, TILE>),
+            WeightKind::Q5_1 => (gemv_packed::<Q5_1, 1>, gemv_packed::<Q5_1, TILE>),
+            WeightKind::Q8_0 => (gemv_packed::<Q8_0, 1>, gemv_packed::<Q8_0, TILE>),
+            _ => return None,
+        });
+    }
+    #[cfg(target_arch = "aarch64")]
+    if simd() && neon::dotprod() {
+        use neon::*;
         return Some(match kind {
             WeightKind::Q4_0 => (gemv_packed::<Q4_0, 1>, gemv_packed::<Q4_0, TILE>),
             WeightKind::Q4_1 => (gemv_packed::<Q4_1, 1>, gemv_packed::<Q4_1, TILE>),
@@ -618,6 +642,46 @@ mod tests {
                 let mut one = vec![0f32; rows];
                 matmul_packed(&p, &x[t * cols..(t + 1) * cols], 1, &mut one);
                 assert_eq!(one, all[t * rows..(t + 1) * rows], "{kind:?} token {t}");
+            }
+        }
+    }
+
+    /// The SIMD kernels of a packed group (AVX2, or NEON's `sdot`) against the portable one on the same
+    /// layout, for one token and a tile of tokens.
+    #[test]
+    fn simd_group_kernels_match_the_portable_one() {
+        eprintln!("kernels: {}", isa());
+        for (kind, g) in KINDS.into_iter().filter(|(k, _)| PackedMatrix::packs(*k)) {
+            let Some((one, tile)) = group_kernel(kind) else {
+                eprintln!("{kind:?}: no SIMD group kernel on this CPU");
+                continue;
+            };
+            let (rows, cols) = (16, 256);
+            let (bytes, _) = weights(g, rows, cols, 12);
+            let p = PackedMatrix::pack(kind, &bytes, rows, cols);
+            let x = crate::testing::seeded_randn(13, 0.0, 1.0, &[TILE, cols]).flatten_all().unwrap();
+            let x = x.to_vec1::<f32>().unwrap();
+            let mut xq = vec![Q8Block::default(); TILE * cols / QK];
+            for (xr, o) in x.chunks_exact(cols).zip(xq.chunks_exact_mut(cols / QK)) {
+                quantize_q8(xr, o);
+            }
+            let xs: Vec<&[Q8Block]> = xq.chunks_exact(cols / QK).collect();
+            let ptrs: [*const u8; TILE] = std::array::from_fn(|t| xs[t].as_ptr() as *const u8);
+            let group_bytes = p.blocks() * GROUP * kind.block_bytes();
+            for gi in 0..rows / GROUP {
+                let mut want = vec![[0f32; GROUP]; TILE];
+                p.group_portable(gi, &xs, &mut want);
+                let gp = p.data()[gi * group_bytes..].as_ptr();
+                let (mut got_tile, mut got_one) = ([[0f32; GROUP]; TILE], [[0f32; GROUP]; 1]);
+                // SAFETY: one whole group and TILE activation rows of the matrix's width.
+                unsafe { tile(gp, p.blocks(), &ptrs, &mut got_tile) };
+                for t in 0..TILE {
+                    unsafe { one(gp, p.blocks(), &[ptrs[t]], &mut got_one) };
+                    assert_eq!(got_one[0], got_tile[t], "{kind:?}: one token against the tile");
+                    for (a, b) in got_tile[t].iter().zip(&want[t]) {
+                        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{kind:?} group {gi} token {t}: {a} vs {b}");
+                    }
+                }
             }
         }
     }

@@ -1,0 +1,131 @@
+//! NEON kernels for ARM (aarch64): 8 rows of a packed 32-wide type (see `packed.rs`) against `N` rows of 8-bit
+//! activations through the dot-product instruction (`sdot`, Armv8.2 and later: Apple M1 on, Graviton 2 on).
+//! The packed layout puts elements 4j..4j+3 of the group's 8 rows side by side (byte 4·row + i), which is
+//! exactly `sdot`'s shape: one instruction adds four 4-byte products into each row's i32 lane. The integer sums
+//! are exact, so the results equal the AVX2 kernel's and the portable one's up to the float scaling.
+
+#![allow(clippy::missing_safety_doc)]
+// Kernels index several arrays by the same lane/block number; iterator chains would hide that.
+#![allow(clippy::needless_range_loop)]
+
+use super::blocks::Q8Block;
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+pub const Q4_0: u8 = 0;
+pub const Q4_1: u8 = 1;
+pub const Q5_0: u8 = 2;
+pub const Q5_1: u8 = 3;
+pub const Q8_0: u8 = 4;
+
+/// Whether this CPU has the 8-bit dot-product instructions (read once by the caller's dispatch).
+pub fn dotprod() -> bool {
+    std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+/// `acc[l] += Σ_i a[4l + i] · b[4l + i]` (signed bytes), the `sdot` instruction (its intrinsic is not stable).
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    asm!("sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b", acc = inout(vreg) acc, a = in(vreg) a, b = in(vreg) b,
+         options(pure, nomem, nostack));
+    acc
+}
+
+/// Eight f16 values as two four-lane f32 vectors.
+#[inline]
+unsafe fn halves(p: *const u8) -> [float32x4_t; 2] {
+    let v: [f32; 8] = std::array::from_fn(|i| super::blocks::f16_at(std::slice::from_raw_parts(p, 16), 2 * i));
+    [vld1q_f32(v.as_ptr()), vld1q_f32(v.as_ptr().add(4))]
+}
+
+/// The fifth bits of 4 consecutive elements (from bit `first` on) of 4 rows (`qh`: one u32 per row) as 0x10 in
+/// the bytes of those elements (byte 4·row + i for element `first + i`).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn fifth_bits(qh: uint32x4_t, first: i32) -> int8x16_t {
+    let t = vreinterpretq_u8_u32(vshlq_u32(qh, vdupq_n_s32(-first)));
+    const SPREAD: [u8; 16] = [0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12];
+    const BITS: [u8; 16] = [1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8];
+    let spread = vqtbl1q_u8(t, vld1q_u8(SPREAD.as_ptr()));
+    let set = vtstq_u8(spread, vld1q_u8(BITS.as_ptr()));
+    vreinterpretq_s8_u8(vandq_u8(set, vdupq_n_u8(0x10)))
+}
+
+/// 8 rows of a packed 32-wide type (one group) against `N` rows of [`Q8Block`]s; the results of row `lane` for
+/// token `t` in `out[t][lane]`. Rows 0–3 and 4–7 are the two halves of every vector.
+#[target_feature(enable = "neon,dotprod")]
+pub unsafe fn gemv_packed<const KIND: u8, const N: usize>(
+    group: *const u8,
+    blocks: usize,
+    x: &[*const u8; N],
+    out: &mut [[f32; 8]; N],
+) {
+    // Bytes of one column of 8 blocks, and where its mins, fifth bits and quants start.
+    let (gb, m_at, qh_at, qs_at) = match KIND {
+        Q4_0 => (144, 0, 0, 16),
+        Q4_1 => (160, 16, 0, 32),
+        Q5_0 => (176, 0, 16, 48),
+        Q5_1 => (192, 16, 32, 64),
+        _ => (272, 0, 0, 16),
+    };
+    let m4 = vdupq_n_u8(0x0f);
+    let mut acc = [[vdupq_n_f32(0.0); 2]; N];
+    for b in 0..blocks {
+        let p = group.add(b * gb);
+        let d = halves(p);
+        let m = match KIND {
+            Q4_1 | Q5_1 => halves(p.add(m_at)),
+            Q4_0 => [vmulq_n_f32(d[0], -8.0), vmulq_n_f32(d[1], -8.0)],
+            Q5_0 => [vmulq_n_f32(d[0], -16.0), vmulq_n_f32(d[1], -16.0)],
+            _ => [vdupq_n_f32(0.0); 2],
+        };
+        // u[j][h]: elements 4j..4j+3 of the block for rows 4h..4h+3 (byte 4·row + i).
+        let mut u = [[vdupq_n_s8(0); 2]; 8];
+        if KIND == Q8_0 {
+            for j in 0..8 {
+                for h in 0..2 {
+                    u[j][h] = vld1q_s8(p.add(qs_at + 32 * j + 16 * h) as *const i8);
+                }
+            }
+        } else {
+            for k in 0..4 {
+                for h in 0..2 {
+                    let q = vld1q_u8(p.add(qs_at + 32 * k + 16 * h));
+                    u[k][h] = vreinterpretq_s8_u8(vandq_u8(q, m4));
+                    u[k + 4][h] = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));
+                }
+            }
+            if KIND == Q5_0 || KIND == Q5_1 {
+                for h in 0..2 {
+                    let qh = vld1q_u32(p.add(qh_at + 16 * h) as *const u32);
+                    for k in 0..4 {
+                        u[k][h] = vorrq_s8(u[k][h], fifth_bits(qh, 4 * k as i32));
+                        u[k + 4][h] = vorrq_s8(u[k + 4][h], fifth_bits(qh, 16 + 4 * k as i32));
+                    }
+                }
+            }
+        }
+        for t in 0..N {
+            let a = &*(x[t] as *const Q8Block).add(b);
+            let xq = a.qs.as_ptr() as *const i32;
+            let mut s = [vdupq_n_s32(0); 2];
+            for j in 0..8 {
+                let bx = vreinterpretq_s8_s32(vdupq_n_s32(xq.add(j).read_unaligned()));
+                s[0] = sdot(s[0], u[j][0], bx);
+                s[1] = sdot(s[1], u[j][1], bx);
+            }
+            for h in 0..2 {
+                acc[t][h] = vfmaq_f32(acc[t][h], vmulq_n_f32(d[h], a.d), vcvtq_f32_s32(s[h]));
+                if KIND != Q8_0 {
+                    acc[t][h] = vfmaq_n_f32(acc[t][h], m[h], a.ds);
+                }
+            }
+        }
+    }
+    for t in 0..N {
+        vst1q_f32(out[t].as_mut_ptr(), acc[t][0]);
+        vst1q_f32(out[t].as_mut_ptr().add(4), acc[t][1]);
+    }
+}
