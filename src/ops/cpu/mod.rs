@@ -163,7 +163,7 @@ pub fn matmul(kind: WeightKind, w: &[u8], rows: usize, cols: usize, x: &[f32], n
     if n == 0 || rows == 0 {
         return;
     }
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
     if simd() && kind.activation() == ActivationKind::F32 {
         return matmul_half(kind == WeightKind::BF16, w, rows, cols, x, n, y);
     }
@@ -224,18 +224,22 @@ fn spread(
 }
 
 /// `R` half-precision rows against `N` f32 rows (4 × 1, 2 × 4, or one row against either); `put(r, t, value)`.
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
 fn half_tile(bf: bool, rows: &[*const u8], cols: usize, x: &[*const u8], put: &mut impl FnMut(usize, usize, f32)) {
     macro_rules! tile {
         ($r:literal, $n:literal) => {{
             let rr: [*const u8; $r] = rows.try_into().expect("row count");
             let xx: [*const u8; $n] = x.try_into().expect("token count");
+            #[cfg(not(target_arch = "aarch64"))]
+            use avx2 as isa;
+            #[cfg(target_arch = "aarch64")]
+            use neon as isa;
             // SAFETY: every row holds `cols` halves and every activation row `cols` floats.
             let o = unsafe {
                 if bf {
-                    avx2::gemv_half::<true, $r, $n>(&rr, cols, &xx)
+                    isa::gemv_half::<true, $r, $n>(&rr, cols, &xx)
                 } else {
-                    avx2::gemv_half::<false, $r, $n>(&rr, cols, &xx)
+                    isa::gemv_half::<false, $r, $n>(&rr, cols, &xx)
                 }
             };
             for (i, o) in o.iter().enumerate() {
@@ -256,7 +260,7 @@ fn half_tile(bf: bool, rows: &[*const u8], cols: usize, x: &[*const u8], put: &m
 
 /// [`matmul`] for f16 / bf16 weights with the SIMD kernels: decode 4 rows at a time, prefill 2 rows × 4
 /// tokens.
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
 fn matmul_half(bf: bool, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
     let out = Out(y.as_mut_ptr());
     let (wp, xp) = (w.as_ptr() as usize, x.as_ptr() as usize);

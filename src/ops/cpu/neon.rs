@@ -1,5 +1,6 @@
-//! NEON kernels for ARM (aarch64): 8 rows of a packed 32-wide type (see `packed.rs`) against `N` rows of 8-bit
-//! activations through the dot-product instruction (`sdot`, Armv8.2 and later: Apple M1 on, Graviton 2 on).
+//! NEON kernels for ARM (aarch64): half-precision rows against f32 activations, and 8 rows of a packed
+//! 32-wide type (see `packed.rs`) against `N` rows of 8-bit activations through the dot-product instruction
+//! (`sdot`, Armv8.2 and later: Apple M1 on, Graviton 2 on).
 //! The packed layout puts elements 4j..4j+3 of the group's 8 rows side by side (byte 4·row + i), which is
 //! exactly `sdot`'s shape: one instruction adds four 4-byte products into each row's i32 lane. The integer sums
 //! are exact, so the results equal the AVX2 kernel's and the portable one's up to the float scaling.
@@ -128,4 +129,56 @@ pub unsafe fn gemv_packed<const KIND: u8, const N: usize>(
         vst1q_f32(out[t].as_mut_ptr(), acc[t][0]);
         vst1q_f32(out[t].as_mut_ptr().add(4), acc[t][1]);
     }
+}
+
+/// Four halves → f32: f16 through `fcvtl` (its intrinsic is not stable in Rust), bf16 by a 16-bit shift.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn widen4<const BF: bool>(p: *const u16) -> float32x4_t {
+    let h = vld1_u16(p);
+    if BF {
+        vreinterpretq_f32_u32(vshll_n_u16(h, 16))
+    } else {
+        let out: float32x4_t;
+        asm!("fcvtl {o:v}.4s, {h:v}.4h", o = out(vreg) out, h = in(vreg) h, options(pure, nomem, nostack));
+        out
+    }
+}
+
+/// `R` rows of f16 (`BF = false`) or bf16 weights against `N` f32 rows of `cols` elements, as the AVX2 kernel of
+/// the same name: one accumulator per (row, token), the same operations for a pair whatever `R` and `N` are.
+#[target_feature(enable = "neon")]
+pub unsafe fn gemv_half<const BF: bool, const R: usize, const N: usize>(
+    rows: &[*const u8; R],
+    cols: usize,
+    x: &[*const u8; N],
+) -> [[f32; N]; R] {
+    let mut acc = [[vdupq_n_f32(0.0); N]; R];
+    let mut c = 0;
+    while c + 4 <= cols {
+        let mut w = [vdupq_n_f32(0.0); R];
+        for (r, w) in w.iter_mut().enumerate() {
+            *w = widen4::<BF>((rows[r] as *const u16).add(c));
+        }
+        for t in 0..N {
+            let xv = vld1q_f32((x[t] as *const f32).add(c));
+            for r in 0..R {
+                acc[r][t] = vfmaq_f32(acc[r][t], w[r], xv);
+            }
+        }
+        c += 4;
+    }
+    let mut out = [[0f32; N]; R];
+    for r in 0..R {
+        for t in 0..N {
+            let mut v = vaddvq_f32(acc[r][t]);
+            for k in c..cols {
+                let h = (rows[r] as *const u16).add(k).read_unaligned();
+                let wv = if BF { f32::from_bits((h as u32) << 16) } else { half::f16::from_bits(h).to_f32() };
+                v += wv * *(x[t] as *const f32).add(k);
+            }
+            out[r][t] = v;
+        }
+    }
+    out
 }
