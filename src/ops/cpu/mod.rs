@@ -127,6 +127,17 @@ fn kernel(kind: WeightKind) -> Kernel {
             WeightKind::F16 | WeightKind::BF16 => portable_kernel(kind),
         };
     }
+    // On ARM the K-quants' rows (the 32-wide types are packed into groups, see `group_kernel`).
+    #[cfg(target_arch = "aarch64")]
+    if simd() && neon::dotprod() {
+        use neon::*;
+        match kind {
+            WeightKind::Q4K => return Kernel { one: dot_q45k::<false, 1>, tile: dot_q45k::<false, TILE> },
+            WeightKind::Q5K => return Kernel { one: dot_q45k::<true, 1>, tile: dot_q45k::<true, TILE> },
+            WeightKind::Q6K => return Kernel { one: dot_q6k::<1>, tile: dot_q6k::<TILE> },
+            _ => {}
+        }
+    }
     portable_kernel(kind)
 }
 
@@ -588,6 +599,12 @@ mod tests {
                     for r in 0..rows {
                         let want = dot_row(kind, &bytes[r * rb..(r + 1) * rb], act);
                         let got = y[t * rows + r];
+                        // On ARM the K-quants' kernels take the portable float steps: the same bits.
+                        if cfg!(target_arch = "aarch64")
+                            && matches!(kind, WeightKind::Q4K | WeightKind::Q5K | WeightKind::Q6K)
+                        {
+                            assert_eq!(got.to_bits(), want.to_bits(), "{kind:?} n {n} t {t} r {r}: {got} vs {want}");
+                        }
                         assert!(
                             (got - want).abs() <= 1e-4 * want.abs().max(1.0),
                             "{kind:?} n {n} t {t} r {r}: {got} vs {want}"

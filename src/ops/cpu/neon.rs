@@ -1,6 +1,6 @@
-//! NEON kernels for ARM (aarch64): half-precision rows against f32 activations, and 8 rows of a packed
-//! 32-wide type (see `packed.rs`) against `N` rows of 8-bit activations through the dot-product instruction
-//! (`sdot`, Armv8.2 and later: Apple M1 on, Graviton 2 on).
+//! NEON kernels for ARM (aarch64): half-precision rows against f32 activations; 8 rows of a packed 32-wide
+//! type (see `packed.rs`) and rows of the K-quants against 8-bit activations through the dot-product
+//! instruction (`sdot`, Armv8.2 and later: Apple M1 on, Graviton 2 on).
 //! The packed layout puts elements 4j..4j+3 of the group's 8 rows side by side (byte 4·row + i), which is
 //! exactly `sdot`'s shape: one instruction adds four 4-byte products into each row's i32 lane. The integer sums
 //! are exact, so the results equal the AVX2 kernel's and the portable one's up to the float scaling.
@@ -9,7 +9,7 @@
 // Kernels index several arrays by the same lane/block number; iterator chains would hide that.
 #![allow(clippy::needless_range_loop)]
 
-use super::blocks::Q8Block;
+use super::blocks::{k_scales_mins, Q8Block, Q8KBlock, QK_K};
 use std::arch::aarch64::*;
 use std::arch::asm;
 
@@ -181,4 +181,115 @@ pub unsafe fn gemv_half<const BF: bool, const R: usize, const N: usize>(
         }
     }
     out
+}
+
+/// `Σ_i a[i] · b[i]` over 32 bytes as four i32 partial sums (signed bytes; the weights' unsigned values are below
+/// 64, so they read the same as signed).
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn dot32(a: [int8x16_t; 2], x: *const i8) -> int32x4_t {
+    let s = sdot(vdupq_n_s32(0), a[0], vld1q_s8(x));
+    sdot(s, a[1], vld1q_s8(x.add(16)))
+}
+
+/// A row of Q4_K (`FIVE = false`) or Q5_K super-blocks against `N` rows of [`Q8KBlock`]s: the integer sums
+/// through `sdot`, then per super-block the portable kernel's float steps, so the result is the portable
+/// kernel's to the bit.
+#[target_feature(enable = "neon,dotprod")]
+pub unsafe fn dot_q45k<const FIVE: bool, const N: usize>(
+    row: *const u8,
+    blocks: usize,
+    x: &[*const u8; N],
+) -> [f32; N] {
+    let bb = if FIVE { 176 } else { 144 };
+    let (m4, m1) = (vdupq_n_u8(0x0f), vdupq_n_u8(1));
+    let mut acc = [0f32; N];
+    for i in 0..blocks {
+        let b = row.add(i * bb);
+        let bytes = std::slice::from_raw_parts(b, 16);
+        let (d, dmin) = (super::blocks::f16_at(bytes, 0), super::blocks::f16_at(bytes, 2));
+        let (sc, mins) = k_scales_mins(std::slice::from_raw_parts(b.add(4), 12));
+        let qs = b.add(if FIVE { 48 } else { 16 });
+        let mut high = if FIVE { [vld1q_u8(b.add(16)), vld1q_u8(b.add(32))] } else { [vdupq_n_u8(0); 2] };
+        let mut sumi = [vdupq_n_s32(0); N];
+        for j in 0..4 {
+            let mut lo = [vdupq_n_s8(0); 2];
+            let mut hi = [vdupq_n_s8(0); 2];
+            for h in 0..2 {
+                let q4 = vld1q_u8(qs.add(32 * j + 16 * h));
+                let (mut l, mut u) = (vandq_u8(q4, m4), vshrq_n_u8(q4, 4));
+                if FIVE {
+                    l = vorrq_u8(l, vshlq_n_u8(vandq_u8(high[h], m1), 4));
+                    u = vorrq_u8(u, vshlq_n_u8(vandq_u8(vshrq_n_u8(high[h], 1), m1), 4));
+                    high[h] = vshrq_n_u8(high[h], 2);
+                }
+                lo[h] = vreinterpretq_s8_u8(l);
+                hi[h] = vreinterpretq_s8_u8(u);
+            }
+            for t in 0..N {
+                let q = (*(x[t] as *const Q8KBlock).add(i)).qs.as_ptr().add(64 * j);
+                sumi[t] = vmlaq_n_s32(sumi[t], dot32(lo, q), sc[2 * j] as i32);
+                sumi[t] = vmlaq_n_s32(sumi[t], dot32(hi, q.add(32)), sc[2 * j + 1] as i32);
+            }
+        }
+        for t in 0..N {
+            let a = &*(x[t] as *const Q8KBlock).add(i);
+            let mut summ = 0i32;
+            for s in 0..8 {
+                summ += mins[s] as i32 * (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32);
+            }
+            // The portable kernel's float steps on the same exact integers: the same bits.
+            acc[t] += d * a.d * vaddvq_s32(sumi[t]) as f32 - dmin * a.d * summ as f32;
+        }
+    }
+    acc
+}
+
+/// A row of Q6_K super-blocks against `N` rows of [`Q8KBlock`]s, equal to the portable kernel to the bit (as
+/// [`dot_q45k`]).
+#[target_feature(enable = "neon,dotprod")]
+pub unsafe fn dot_q6k<const N: usize>(row: *const u8, blocks: usize, x: &[*const u8; N]) -> [f32; N] {
+    let (m4, m3) = (vdupq_n_u8(0x0f), vdupq_n_u8(3));
+    let mut acc = [0f32; N];
+    for i in 0..blocks {
+        let b = row.add(i * 210);
+        let d = super::blocks::f16_at(std::slice::from_raw_parts(b, 210), 208);
+        let sc = std::slice::from_raw_parts(b.add(192) as *const i8, 16);
+        let mut sumi = [vdupq_n_s32(0); N];
+        for n in 0..2 {
+            // u[g][h]: elements 128n + 32g + 16h.. of the super-block, unsigned 0..63.
+            let mut u = [[vdupq_n_s8(0); 2]; 4];
+            for h in 0..2 {
+                let qa = vld1q_u8(b.add(64 * n + 16 * h));
+                let qb = vld1q_u8(b.add(64 * n + 32 + 16 * h));
+                let hb = vld1q_u8(b.add(128 + 32 * n + 16 * h));
+                let top = |s: uint8x16_t| vshlq_n_u8(vandq_u8(s, m3), 4);
+                u[0][h] = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(qa, m4), top(hb)));
+                u[1][h] = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(qb, m4), top(vshrq_n_u8(hb, 2))));
+                u[2][h] = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(qa, 4), top(vshrq_n_u8(hb, 4))));
+                u[3][h] = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(qb, 4), top(vshrq_n_u8(hb, 6))));
+            }
+            for (g, u) in u.iter().enumerate() {
+                let s = 8 * n + 2 * g;
+                for t in 0..N {
+                    let q = (*(x[t] as *const Q8KBlock).add(i)).qs.as_ptr().add(128 * n + 32 * g);
+                    // Each 16 elements have their own scale.
+                    let first = sdot(vdupq_n_s32(0), u[0], vld1q_s8(q));
+                    let second = sdot(vdupq_n_s32(0), u[1], vld1q_s8(q.add(16)));
+                    sumi[t] = vmlaq_n_s32(sumi[t], first, sc[s] as i32);
+                    sumi[t] = vmlaq_n_s32(sumi[t], second, sc[s + 1] as i32);
+                }
+            }
+        }
+        for t in 0..N {
+            let a = &*(x[t] as *const Q8KBlock).add(i);
+            let mut off = 0i32;
+            for s in 0..QK_K / 16 {
+                off += sc[s] as i32 * a.bsums[s] as i32;
+            }
+            // The stored values are u − 32: the offset in integers, then the portable kernel's float steps.
+            acc[t] += d * a.d * (vaddvq_s32(sumi[t]) - 32 * off) as f32;
+        }
+    }
+    acc
 }
