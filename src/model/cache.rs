@@ -491,11 +491,7 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<()> {
-        let needed = self.len + extra;
-        for layer in 0..self.layers.len() {
-            self.grow(layer, needed, (1, kv_heads, head_dim), dtype, device)?;
-        }
-        Ok(())
+        self.grow_all(extra, (1, kv_heads, head_dim), dtype, device)
     }
 
     /// [`KvCache::reserve`] for a batch of `rows` (`[rows, kv_heads, capacity, head_dim]` buffers); a batch of
@@ -512,9 +508,14 @@ impl KvCache {
         if self.starts.len() != rows {
             self.starts = vec![0; rows];
         }
+        self.grow_all(extra, (rows, kv_heads, head_dim), dtype, device)
+    }
+
+    /// [`KvCache::grow`] every layer for `extra` more tokens.
+    fn grow_all(&mut self, extra: usize, shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<()> {
         let needed = self.len + extra;
         for layer in 0..self.layers.len() {
-            self.grow(layer, needed, (rows, kv_heads, head_dim), dtype, device)?;
+            self.grow(layer, needed, shape, dtype, device)?;
         }
         Ok(())
     }

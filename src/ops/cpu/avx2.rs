@@ -10,6 +10,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::blocks::{k_scales_mins, Q8Block, Q8KBlock, QK_K};
+use super::packed::{column_layout, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 #[cfg(target_arch = "x86")]
 use std::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
@@ -53,12 +54,6 @@ unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
     let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
     _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
 }
-
-pub const Q4_0: u8 = 0;
-pub const Q4_1: u8 = 1;
-pub const Q5_0: u8 = 2;
-pub const Q5_1: u8 = 3;
-pub const Q8_0: u8 = 4;
 
 /// A row of a 32-block type (`KIND` one of the constants above) against `N` rows of [`Q8Block`]s.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -253,13 +248,7 @@ pub unsafe fn gemv_packed<const KIND: u8, const N: usize>(
     out: &mut [[f32; 8]; N],
 ) {
     // Bytes of one column of 8 blocks, and where its mins, fifth bits and quants start.
-    let (gb, m_at, qh_at, qs_at) = match KIND {
-        Q4_0 => (144, 0, 0, 16),
-        Q4_1 => (160, 16, 0, 32),
-        Q5_0 => (176, 0, 16, 48),
-        Q5_1 => (192, 16, 32, 64),
-        _ => (272, 0, 0, 16),
-    };
+    let (gb, m_at, qh_at, qs_at) = column_layout(KIND);
     let m4 = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];

@@ -274,29 +274,21 @@ fn gemm(a: &[f32], m: usize, k: usize, n: usize, c: &mut [f32], align: usize, fi
 type Micro = unsafe fn(*const f32, usize, *const f32, usize, *mut f32, usize, usize, bool);
 
 fn micro_kernels() -> [Micro; MR] {
+    // One micro-kernel per row count 1..=MR.
+    macro_rules! by_rows {
+        ($($m:ident)::+) => {
+            [$($m)::+::<1>, $($m)::+::<2>, $($m)::+::<3>, $($m)::+::<4>, $($m)::+::<5>, $($m)::+::<6>]
+        };
+    }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if super::simd() {
-        return [
-            avx2::micro::<1>,
-            avx2::micro::<2>,
-            avx2::micro::<3>,
-            avx2::micro::<4>,
-            avx2::micro::<5>,
-            avx2::micro::<6>,
-        ];
+        return by_rows!(avx2::micro);
     }
     #[cfg(target_arch = "aarch64")]
     if super::simd() {
-        return [
-            neon::micro::<1>,
-            neon::micro::<2>,
-            neon::micro::<3>,
-            neon::micro::<4>,
-            neon::micro::<5>,
-            neon::micro::<6>,
-        ];
+        return by_rows!(neon::micro);
     }
-    [micro::<1>, micro::<2>, micro::<3>, micro::<4>, micro::<5>, micro::<6>]
+    by_rows!(micro)
 }
 
 /// The portable micro-kernel (plain multiply-adds the compiler can vectorize).

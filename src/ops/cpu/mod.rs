@@ -110,32 +110,42 @@ macro_rules! portable_kernels {
 }
 portable_kernels!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K, F16, BF16);
 
+/// The K-quants' row kernels of a SIMD module (`dot_q45k`, `dot_q6k`), or `None` for another type.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! k_quant_kernels {
+    ($isa:ident, $kind:expr) => {
+        match $kind {
+            WeightKind::Q4K => Some(Kernel { one: $isa::dot_q45k::<false, 1>, tile: $isa::dot_q45k::<false, TILE> }),
+            WeightKind::Q5K => Some(Kernel { one: $isa::dot_q45k::<true, 1>, tile: $isa::dot_q45k::<true, TILE> }),
+            WeightKind::Q6K => Some(Kernel { one: $isa::dot_q6k::<1>, tile: $isa::dot_q6k::<TILE> }),
+            _ => None,
+        }
+    };
+}
+
 fn kernel(kind: WeightKind) -> Kernel {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if simd() {
-        use avx2::*;
+        use packed::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+        if let Some(k) = k_quant_kernels!(avx2, kind) {
+            return k;
+        }
+        use avx2::dot_q8;
         return match kind {
             WeightKind::Q4_0 => Kernel { one: dot_q8::<Q4_0, 1>, tile: dot_q8::<Q4_0, TILE> },
             WeightKind::Q4_1 => Kernel { one: dot_q8::<Q4_1, 1>, tile: dot_q8::<Q4_1, TILE> },
             WeightKind::Q5_0 => Kernel { one: dot_q8::<Q5_0, 1>, tile: dot_q8::<Q5_0, TILE> },
             WeightKind::Q5_1 => Kernel { one: dot_q8::<Q5_1, 1>, tile: dot_q8::<Q5_1, TILE> },
             WeightKind::Q8_0 => Kernel { one: dot_q8::<Q8_0, 1>, tile: dot_q8::<Q8_0, TILE> },
-            WeightKind::Q4K => Kernel { one: dot_q45k::<false, 1>, tile: dot_q45k::<false, TILE> },
-            WeightKind::Q5K => Kernel { one: dot_q45k::<true, 1>, tile: dot_q45k::<true, TILE> },
-            WeightKind::Q6K => Kernel { one: dot_q6k::<1>, tile: dot_q6k::<TILE> },
             // With SIMD, half weights go through `matmul_half` (several rows per tile), never this table.
-            WeightKind::F16 | WeightKind::BF16 => portable_kernel(kind),
+            _ => portable_kernel(kind),
         };
     }
     // On ARM the K-quants' rows (the 32-wide types are packed into groups, see `group_kernel`).
     #[cfg(target_arch = "aarch64")]
     if simd() && neon::dotprod() {
-        use neon::*;
-        match kind {
-            WeightKind::Q4K => return Kernel { one: dot_q45k::<false, 1>, tile: dot_q45k::<false, TILE> },
-            WeightKind::Q5K => return Kernel { one: dot_q45k::<true, 1>, tile: dot_q45k::<true, TILE> },
-            WeightKind::Q6K => return Kernel { one: dot_q6k::<1>, tile: dot_q6k::<TILE> },
-            _ => {}
+        if let Some(k) = k_quant_kernels!(neon, kind) {
+            return k;
         }
     }
     portable_kernel(kind)
@@ -328,30 +338,31 @@ fn with_activations<R>(kind: WeightKind, x: &[f32], n: usize, cols: usize, f: im
 type Group1 = unsafe fn(*const u8, usize, &[*const u8; 1], &mut [[f32; GROUP]; 1]);
 type GroupN = unsafe fn(*const u8, usize, &[*const u8; TILE], &mut [[f32; GROUP]; TILE]);
 
+/// The packed group kernels of a SIMD module (`gemv_packed`), or `None` for a type without a packed layout.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! group_kernels {
+    ($isa:ident, $kind:expr) => {{
+        use packed::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+        let pair: (Group1, GroupN) = match $kind {
+            WeightKind::Q4_0 => ($isa::gemv_packed::<Q4_0, 1>, $isa::gemv_packed::<Q4_0, TILE>),
+            WeightKind::Q4_1 => ($isa::gemv_packed::<Q4_1, 1>, $isa::gemv_packed::<Q4_1, TILE>),
+            WeightKind::Q5_0 => ($isa::gemv_packed::<Q5_0, 1>, $isa::gemv_packed::<Q5_0, TILE>),
+            WeightKind::Q5_1 => ($isa::gemv_packed::<Q5_1, 1>, $isa::gemv_packed::<Q5_1, TILE>),
+            WeightKind::Q8_0 => ($isa::gemv_packed::<Q8_0, 1>, $isa::gemv_packed::<Q8_0, TILE>),
+            _ => return None,
+        };
+        Some(pair)
+    }};
+}
+
 fn group_kernel(kind: WeightKind) -> Option<(Group1, GroupN)> {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if simd() {
-        use avx2::*;
-        return Some(match kind {
-            WeightKind::Q4_0 => (gemv_packed::<Q4_0, 1>, gemv_packed::<Q4_0, TILE>),
-            WeightKind::Q4_1 => (gemv_packed::<Q4_1, 1>, gemv_packed::<Q4_1, TILE>),
-            WeightKind::Q5_0 => (gemv_packed::<Q5_0, 1>, gemv_packed::<Q5_0, TILE>),
-            WeightKind::Q5_1 => (gemv_packed::<Q5_1, 1>, gemv_packed::<Q5_1, TILE>),
-            WeightKind::Q8_0 => (gemv_packed::<Q8_0, 1>, gemv_packed::<Q8_0, TILE>),
-            _ => return None,
-        });
+        return group_kernels!(avx2, kind);
     }
     #[cfg(target_arch = "aarch64")]
     if simd() && neon::dotprod() {
-        use neon::*;
-        return Some(match kind {
-            WeightKind::Q4_0 => (gemv_packed::<Q4_0, 1>, gemv_packed::<Q4_0, TILE>),
-            WeightKind::Q4_1 => (gemv_packed::<Q4_1, 1>, gemv_packed::<Q4_1, TILE>),
-            WeightKind::Q5_0 => (gemv_packed::<Q5_0, 1>, gemv_packed::<Q5_0, TILE>),
-            WeightKind::Q5_1 => (gemv_packed::<Q5_1, 1>, gemv_packed::<Q5_1, TILE>),
-            WeightKind::Q8_0 => (gemv_packed::<Q8_0, 1>, gemv_packed::<Q8_0, TILE>),
-            _ => return None,
-        });
+        return group_kernels!(neon, kind);
     }
     let _ = kind;
     None

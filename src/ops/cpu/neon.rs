@@ -10,14 +10,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::blocks::{k_scales_mins, Q8Block, Q8KBlock, QK_K};
+use super::packed::{column_layout, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use std::arch::aarch64::*;
 use std::arch::asm;
-
-pub const Q4_0: u8 = 0;
-pub const Q4_1: u8 = 1;
-pub const Q5_0: u8 = 2;
-pub const Q5_1: u8 = 3;
-pub const Q8_0: u8 = 4;
 
 /// Whether this CPU has the 8-bit dot-product instructions (read once by the caller's dispatch).
 pub fn dotprod() -> bool {
@@ -64,13 +59,7 @@ pub unsafe fn gemv_packed<const KIND: u8, const N: usize>(
     out: &mut [[f32; 8]; N],
 ) {
     // Bytes of one column of 8 blocks, and where its mins, fifth bits and quants start.
-    let (gb, m_at, qh_at, qs_at) = match KIND {
-        Q4_0 => (144, 0, 0, 16),
-        Q4_1 => (160, 16, 0, 32),
-        Q5_0 => (176, 0, 16, 48),
-        Q5_1 => (192, 16, 32, 64),
-        _ => (272, 0, 0, 16),
-    };
+    let (gb, m_at, qh_at, qs_at) = column_layout(KIND);
     let m4 = vdupq_n_u8(0x0f);
     let mut acc = [[vdupq_n_f32(0.0); 2]; N];
     for b in 0..blocks {

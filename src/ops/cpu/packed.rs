@@ -12,6 +12,27 @@ use super::blocks::{self, Q8Block, WeightKind};
 /// Rows per group.
 pub const GROUP: usize = 8;
 
+/// The 32-wide types as the SIMD kernels' const generic `KIND` (row kernels and group kernels alike).
+pub const Q4_0: u8 = 0;
+pub const Q4_1: u8 = 1;
+pub const Q5_0: u8 = 2;
+pub const Q5_1: u8 = 3;
+pub const Q8_0: u8 = 4;
+
+/// A group's column of 8 blocks for the kernels' type code `code`: (its bytes, and where its mins, fifth bits
+/// and quants start; 0 for a part the type does not have) — [`Parts::packed`], for the SIMD group kernels.
+pub(super) fn column_layout(code: u8) -> (usize, usize, usize, usize) {
+    let kind = match code {
+        Q4_0 => WeightKind::Q4_0,
+        Q4_1 => WeightKind::Q4_1,
+        Q5_0 => WeightKind::Q5_0,
+        Q5_1 => WeightKind::Q5_1,
+        _ => WeightKind::Q8_0,
+    };
+    let (m, qh, qs) = Parts::of(kind).packed();
+    (GROUP * kind.block_bytes(), m.unwrap_or(0), qh.unwrap_or(0), qs)
+}
+
 /// Where a block's parts lie: in the file's block, and in a group's column of 8 blocks.
 #[derive(Clone, Copy)]
 struct Parts {
