@@ -249,6 +249,23 @@ mod imp {
             launch(&self.stream, f, false, grid, block, 0, args)
         }
 
+        /// `y = x · [m_1 | m_2 | …]ᵀ` for `rows` rows of `x` (bf16 out, the matrices' outputs side by side in each
+        /// row of `y`): one GEMM where the matrices lie back to back in memory, else one per matrix into its
+        /// columns.
+        fn gemm_side_by_side(&self, mats: &[Mat], x: u64, rows: usize, y: u64) -> Result<()> {
+            let width: usize = mats.iter().map(|m| m.rows).sum();
+            let ldx = mats[0].cols;
+            if let Some(m) = joined(mats) {
+                return self.gemm(&m, x, ldx, rows, y, width, false, false);
+            }
+            let mut at = 0;
+            for m in mats {
+                self.gemm(m, x, ldx, rows, y + (at * 2) as u64, width, false, false)?;
+                at += m.rows;
+            }
+            Ok(())
+        }
+
         /// `act = silu(gate) · up` for `rows` rows of `gate_up` (`[rows, 2 · inter]`, gate then up).
         fn swiglu(&self, gate_up: u64, act: u64, rows: usize) -> Result<()> {
             use Arg::{I, P};
@@ -351,7 +368,6 @@ mod imp {
             let norm = |w: u64| {
                 self.launch("rms_rows", (r, 1, 1), 256, &[P(residual), P(w), F(self.eps), P(normed), I(h as i32)])
             };
-            let qkv_width = (nh + 2 * nkv) * hd;
             let q_scale = F(1.0 / (hd as f32).sqrt());
             // Tensor cores: one warp per (row, group, split). CUDA cores: one warp per query head of a group, and
             // enough threads to stage a tile of keys and values.
@@ -364,15 +380,7 @@ mod imp {
                 let (kc, vc) = (key[2 + 2 * i], key[3 + 2 * i]);
                 norm(l.attn_norm)?;
                 // q, k, v side by side in each row of `qkv`: one GEMM where the weights are too.
-                match joined(&[l.q, l.k, l.v]) {
-                    Some(m) => self.gemm(&m, normed, h, rows, qkv, qkv_width, false, false)?,
-                    None => {
-                        self.gemm(&l.q, normed, h, rows, qkv, qkv_width, false, false)?;
-                        self.gemm(&l.k, normed, h, rows, qkv + (nh * hd * 2) as u64, qkv_width, false, false)?;
-                        let v_at = qkv + ((nh + nkv) * hd * 2) as u64;
-                        self.gemm(&l.v, normed, h, rows, v_at, qkv_width, false, false)?;
-                    }
-                }
+                self.gemm_side_by_side(&[l.q, l.k, l.v], normed, rows, qkv)?;
                 let args = [P(qkv), P(lens), P(kc), P(vc), I(capacity as i32), I(nh as i32), I(nkv as i32)];
                 let partials = slice_ptr(&b.partials, s);
                 let args =
@@ -384,13 +392,7 @@ mod imp {
                 }
                 self.gemm(&l.o, attn, nh * hd, rows, residual, h, true, true)?;
                 norm(l.mlp_norm)?;
-                match joined(&[l.gate, l.up]) {
-                    Some(m) => self.gemm(&m, normed, h, rows, gate_up, 2 * inter, false, false)?,
-                    None => {
-                        self.gemm(&l.gate, normed, h, rows, gate_up, 2 * inter, false, false)?;
-                        self.gemm(&l.up, normed, h, rows, gate_up + (inter * 2) as u64, 2 * inter, false, false)?;
-                    }
-                }
+                self.gemm_side_by_side(&[l.gate, l.up], normed, rows, gate_up)?;
                 self.swiglu(gate_up, act, rows)?;
                 self.gemm(&l.down, act, inter, rows, residual, h, true, true)?;
             }
@@ -503,15 +505,7 @@ mod imp {
                 let cap = kb.dim(2)?;
                 let (kc, vc) = (storage_ptr(kb, s)?, storage_ptr(vb, s)?);
                 norm(l.attn_norm, residual, n)?;
-                match joined(&[l.q, l.k, l.v]) {
-                    Some(m) => self.gemm(&m, normed, h, n, qkv, qkv_width, false, false)?,
-                    None => {
-                        self.gemm(&l.q, normed, h, n, qkv, qkv_width, false, false)?;
-                        self.gemm(&l.k, normed, h, n, qkv + (nh * hd * 2) as u64, qkv_width, false, false)?;
-                        let v_at = qkv + ((nh + nkv) * hd * 2) as u64;
-                        self.gemm(&l.v, normed, h, n, v_at, qkv_width, false, false)?;
-                    }
-                }
+                self.gemm_side_by_side(&[l.q, l.k, l.v], normed, n, qkv)?;
                 let geometry = [I(t as i32), I(prev as i32), I(cap as i32), I(p as i32), I(nh as i32), I(nkv as i32)];
                 let rope = [P(qkv), P(starts_ptr), P(inv_freq), P(q), P(kc), P(vc)];
                 let rope_tail = [I(hd as i32), F(1.0 / (hd as f32).sqrt()), I(self.interleaved as i32)];
@@ -536,13 +530,7 @@ mod imp {
                 }
                 self.gemm(&l.o, a, nh * hd, m, x, h, true, true)?;
                 norm(l.mlp_norm, x, m)?;
-                match joined(&[l.gate, l.up]) {
-                    Some(w) => self.gemm(&w, normed, h, m, gate_up, 2 * inter, false, false)?,
-                    None => {
-                        self.gemm(&l.gate, normed, h, m, gate_up, 2 * inter, false, false)?;
-                        self.gemm(&l.up, normed, h, m, gate_up + (inter * 2) as u64, 2 * inter, false, false)?;
-                    }
-                }
+                self.gemm_side_by_side(&[l.gate, l.up], normed, m, gate_up)?;
                 self.swiglu(gate_up, act, m)?;
                 self.gemm(&l.down, act, inter, m, x, h, true, true)?;
                 if i == last {
