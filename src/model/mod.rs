@@ -162,8 +162,10 @@ impl Model {
                 return self.cast_logits(logits);
             }
         }
-        // A decode step of a batch (rows at their own columns, no shared prefix): each row as alone.
-        if ours && t == 1 && batch > 1 && matches!(positions, Positions::Last) && cache.prefix_len() == 0 {
+        // A decode step of a batch (rows at their own columns, no shared prefix): each row as alone. Also one
+        // row whose columns start past the first (a batch shrunk to its last live row): the tensor ops would
+        // give it other roundings than it gets alone.
+        if ours && t == 1 && matches!(positions, Positions::Last) && cache.prefix_len() == 0 {
             if let Some(logits) = self.cpu_forward.with(|| self.graph_parts(), &x, |e| e.run_rows(&x, cache))? {
                 return self.cast_logits(logits);
             }
