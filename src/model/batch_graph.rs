@@ -36,7 +36,7 @@ mod imp {
     use crate::model::decode_graph::imp::{graph_device, GraphWeights, LlamaLayer};
     use crate::model::decode_graph::{GraphEngine, GraphParts};
     use crate::model::linear::{Linear, LinearWeight};
-    use crate::ops::fused::cuda::{MODULE, PTX};
+    use crate::ops::fused::cuda::kernel;
     use crate::ops::fused::MMA_ATTENTION_ENV;
     use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
     use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -216,7 +216,7 @@ mod imp {
             let span = format!("span_attention_mma_{hd}");
             let span = (mma_attention && SPAN_HEAD_DIMS.contains(&hd)).then_some(span.as_str());
             for n in names.iter().copied().chain([attention.as_str()]).chain(pass).chain(span) {
-                let f = device.get_or_load_custom_func(n, MODULE, PTX)?.into_cuda_function();
+                let f = kernel(device, n)?;
                 funcs.insert(n.to_string(), f);
             }
             Ok(Some(Self {

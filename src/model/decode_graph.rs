@@ -194,7 +194,7 @@ pub(crate) mod imp {
     use half::bf16;
     use std::sync::Arc;
 
-    use crate::ops::fused::cuda::{MODULE, PTX};
+    use crate::ops::fused::cuda::kernel;
     use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
 
     const WARPS: u32 = 8;
@@ -729,7 +729,7 @@ pub(crate) mod imp {
                 }
             }
             for n in names {
-                let f = device.get_or_load_custom_func(&n, MODULE, PTX)?.into_cuda_function();
+                let f = kernel(device, &n)?;
                 engine.funcs.insert(n, f);
             }
             Ok(Some(engine))

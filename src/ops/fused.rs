@@ -545,14 +545,37 @@ impl CustomOp1 for ArgmaxLast {
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
     use candle_core::{DType, Layout, Result};
     use half::{bf16, f16};
+    use std::sync::{Arc, Mutex};
 
-    /// Our kernels, compiled to PTX by build.rs.
-    pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
-    pub const MODULE: &str = "billion_kernels";
+    /// Our kernels as build.rs compiled them: machine code for the build's compute capability and PTX for
+    /// newer cards. Loading machine code takes milliseconds; the driver's compile of the PTX took ~7 s on a
+    /// first run (it is cached per machine afterwards).
+    const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+
+    /// Our kernel `name` on `dev`'s context (the module is loaded once per context).
+    pub fn kernel(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+        static MODULES: Mutex<Vec<(usize, Arc<CudaModule>)>> = Mutex::new(Vec::new());
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        let key = ctx.cu_ctx() as usize;
+        let module = {
+            let mut modules = MODULES.lock().unwrap_or_else(|e| e.into_inner());
+            match modules.iter().find(|(k, _)| *k == key) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = ctx.load_module(Ptx::from_binary(FATBIN.to_vec())).map_err(candle_core::Error::wrap)?;
+                    modules.push((key, m.clone()));
+                    m
+                }
+            }
+        };
+        module.load_function(name).map_err(|e| candle_core::Error::Msg(format!("CUDA kernel {name}: {e}")))
+    }
 
     /// One warp per row, 8 warps per block.
     pub fn grid_for_warps(rows: usize) -> LaunchConfig {
@@ -610,13 +633,14 @@ pub(crate) mod cuda {
                 Some(v.slice(s1..s2))
             }
         };
-        let f = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(s.dtype())?), MODULE, PTX)?;
+        let f = kernel(dev, &format!("{name}_{}", suffix(s.dtype())?))?;
+        let stream = dev.cuda_stream();
         macro_rules! run {
             ($t:ty, $x:expr, $variant:ident) => {{
                 let x = $x.slice(o1..o2);
                 // SAFETY: the kernel writes every element of `y`.
                 let y: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
-                let mut b = f.builder();
+                let mut b = stream.launch_builder(&f);
                 b.arg(&x);
                 if let Some(side) = &side {
                     b.arg(side);
@@ -657,13 +681,14 @@ pub(crate) mod cuda {
         let CudaStorageSlice::U32(starts) = &st.slice else { candle_core::bail!("span_softmax_split: u32 starts") };
         let starts = starts.slice(t1..t2);
         let n = (s2 - s1) + (o2 - o1);
-        let f = dev.get_or_load_custom_func(&format!("span_softmax_split_{}", suffix(s.dtype())?), MODULE, PTX)?;
+        let f = kernel(dev, &format!("span_softmax_split_{}", suffix(s.dtype())?))?;
+        let stream = dev.cuda_stream();
         macro_rules! run {
             ($t:ty, $a:expr, $b:expr, $variant:ident) => {{
                 let (a, b) = ($a.slice(s1..s2), $b.slice(o1..o2));
                 // SAFETY: the kernel writes every element of `y` (both halves).
                 let y: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
-                let mut builder = f.builder();
+                let mut builder = stream.launch_builder(&f);
                 builder.arg(&a).arg(&b).arg(&starts).arg(&y);
                 for v in args {
                     builder.arg(v);
@@ -721,7 +746,7 @@ pub(crate) mod cuda {
         let ptr = |x: &Option<candle_core::Tensor>| x.as_ref().map_or(Ok(0), |x| storage_ptr(x, &stream));
         // SAFETY: the kernel writes every element of `out` (each query row of each head).
         let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * t * nh * d)? };
-        let f = dev.get_or_load_custom_func(&format!("span_attention_mma_{d}"), MODULE, PTX)?.into_cuda_function();
+        let f = kernel(dev, &format!("span_attention_mma_{d}"))?;
         use Arg::{I, P};
         let args = [
             P(storage_ptr(&q, &stream)?),
@@ -750,7 +775,8 @@ pub(crate) mod cuda {
         let bad = || candle_core::Error::Msg("swiglu: inputs not contiguous".into());
         let (g1, g2) = gl.contiguous_offsets().ok_or_else(bad)?;
         let (u1, u2) = ul.contiguous_offsets().ok_or_else(bad)?;
-        let f = dev.get_or_load_custom_func(&format!("swiglu_{}", suffix(g.dtype())?), MODULE, PTX)?;
+        let f = kernel(dev, &format!("swiglu_{}", suffix(g.dtype())?))?;
+        let stream = dev.cuda_stream();
         let cfg = LaunchConfig {
             grid_dim: ((n as u32).div_ceil(256).clamp(1, 65535), 1, 1),
             block_dim: (256, 1, 1),
@@ -762,7 +788,7 @@ pub(crate) mod cuda {
                 let (gv, uv) = ($g.slice(g1..g2), $u.slice(u1..u2));
                 // SAFETY: the kernel writes every element of `y`.
                 let y: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
-                let mut b = f.builder();
+                let mut b = stream.launch_builder(&f);
                 b.arg(&gv).arg(&uv).arg(&y).arg(&n64);
                 unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
                 wrap(dev, CudaStorageSlice::$variant(y))
@@ -792,12 +818,13 @@ pub(crate) mod cuda {
         let (CudaStorageSlice::F32(x), CudaStorageSlice::U32(w)) = (&s.slice, &p.slice) else {
             candle_core::bail!("sample_rows: expected f32 logits and u32 draws")
         };
-        let f = dev.get_or_load_custom_func("sample_rows", MODULE, PTX)?;
+        let f = kernel(dev, "sample_rows")?;
+        let stream = dev.cuda_stream();
         let (x, w) = (x.slice(o1..o2), w.slice(p1..p2));
         // SAFETY: one block per row writes each element of `y`.
         let y: CudaSlice<u32> = unsafe { dev.alloc::<u32>(rows)? };
         let n32 = n as i32;
-        let mut b = f.builder();
+        let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&w).arg(&y).arg(&n32);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
@@ -810,12 +837,13 @@ pub(crate) mod cuda {
         let (o1, o2) =
             l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("argmax: input not contiguous".into()))?;
         let CudaStorageSlice::F32(x) = &s.slice else { candle_core::bail!("argmax: expected f32") };
-        let f = dev.get_or_load_custom_func("argmax_f32", MODULE, PTX)?;
+        let f = kernel(dev, "argmax_f32")?;
+        let stream = dev.cuda_stream();
         let x = x.slice(o1..o2);
         // SAFETY: one block per row writes each element of `y`.
         let y: CudaSlice<u32> = unsafe { dev.alloc::<u32>(rows)? };
         let n32 = n as i32;
-        let mut b = f.builder();
+        let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&y).arg(&n32);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
