@@ -60,9 +60,6 @@ mod imp {
 
     /// Head dims of the span attention kernel (a pass of several tokens per row).
     const SPAN_HEAD_DIMS: [usize; 2] = [64, 128];
-    /// Query positions per block of the span attention kernel (`SPAN_ATT_WARPS` × 16), and its threads.
-    const SPAN_QUERIES: usize = 64;
-    const SPAN_THREADS: u32 = 128;
 
     /// A bf16 weight matrix `[rows, cols]` (row-major), read in place.
     #[derive(Clone, Copy)]
@@ -479,6 +476,7 @@ mod imp {
             let starts_ptr = storage_ptr(&starts, s)?;
             let inv_freq = slice_ptr(&self.inv_freq, s);
             let span = format!("span_attention_mma_{hd}");
+            let (span_heads, span_queries, span_threads) = crate::ops::fused::span_attention_blocks(nh, nkv);
             let elems = (n * h) as u32;
             self.launch(
                 "hidden_from_bf16",
@@ -517,8 +515,8 @@ mod imp {
                 )?;
                 let (kp, vp) = prefix_kv[i];
                 let att = [P(q), P(kc), P(vc), P(kp), P(vp), P(starts_ptr), P(attn)];
-                let grid = (t.div_ceil(SPAN_QUERIES) as u32, nh as u32, rows as u32);
-                self.launch(&span, grid, SPAN_THREADS, &[&att[..], &geometry].concat())?;
+                let grid = (t.div_ceil(span_queries) as u32, (nh / span_heads) as u32, rows as u32);
+                self.launch(&span, grid, span_threads, &[&att[..], &geometry, &[I(span_heads as i32)]].concat())?;
                 let (mut x, mut a, mut m) = (residual, attn, n);
                 if let (true, Some((res_tail, attn_tail))) = (i == last, &packed) {
                     let (res_tail, attn_tail) = (slice_ptr(res_tail, s), slice_ptr(attn_tail, s));

@@ -172,6 +172,15 @@ pub fn mma_attention_enabled() -> bool {
     *ON.get_or_init(|| !std::env::var(MMA_ATTENTION_ENV).is_ok_and(|v| v == "0"))
 }
 
+/// How the span attention kernel covers a pass: `(heads per block, query positions per block, threads)`. A block
+/// takes the query heads of one KV group together where the group has at most 8 (they share every staged key /
+/// value tile), with at least 4 warps of 16 query positions each; larger groups take one head per block.
+pub fn span_attention_blocks(heads: usize, kv_heads: usize) -> (usize, usize, u32) {
+    let group = heads / kv_heads.max(1);
+    let (hb, warps) = if (1..=8).contains(&group) { (group, group * 4usize.div_ceil(group)) } else { (1, 4) };
+    (hb, 16 * warps / hb, 32 * warps as u32)
+}
+
 /// Attention of `t` new tokens per row on tensor cores, written as `[b, t, heads · d]` (the O projection's
 /// layout): `q` `[b, heads, t, d]` (rotated and scaled), `k_buf` / `v_buf` the cache's whole buffers `[b, kv,
 /// capacity, d]` with this pass's keys and values at columns `prev..prev + t`, `starts` (u32 `[b]`) each row's
@@ -737,6 +746,7 @@ pub(crate) mod cuda {
             return Ok(None);
         }
         let stream = dev.cuda_stream();
+        let (hb, queries, threads) = super::span_attention_blocks(nh, nkv);
         let q = q.contiguous()?;
         let starts = starts.contiguous()?;
         let (kp, vp, p) = match prefix {
@@ -762,9 +772,10 @@ pub(crate) mod cuda {
             I(p as i32),
             I(nh as i32),
             I(nkv as i32),
+            I(hb as i32),
         ];
         // Inputs are freed in stream order, after the kernel has read them.
-        launch(&stream, &f, false, (t.div_ceil(64) as u32, nh as u32, b as u32), 128, 0, &args)?;
+        launch(&stream, &f, false, (t.div_ceil(queries) as u32, (nh / hb) as u32, b as u32), threads, 0, &args)?;
         let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
         Ok(Some(candle_core::Tensor::from_storage(storage, (b, t, nh * d), BackpropOp::none(), false)))
     }
@@ -890,6 +901,16 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn span_attention_blocks_take_a_group_together() {
+        // (heads per block, query positions per block, threads)
+        assert_eq!(span_attention_blocks(32, 4), (8, 16, 256)); // TinyLlama
+        assert_eq!(span_attention_blocks(32, 8), (4, 16, 128)); // Llama-3.2-1B
+        assert_eq!(span_attention_blocks(32, 32), (1, 64, 128)); // Llama-2-7B
+        assert_eq!(span_attention_blocks(9, 3), (3, 32, 192)); // SmolLM2-135M
+        assert_eq!(span_attention_blocks(64, 4), (1, 64, 128)); // a group of 16: one head a block
+    }
+
     /// The tensor-core span attention against a plain loop over the visible columns (where a GPU is present):
     /// rows with different starts, a row whose first queries see nothing (zeros), with and without a prefix.
     #[cfg(feature = "cuda")]
@@ -899,8 +920,9 @@ mod tests {
             eprintln!("skipping: no CUDA device");
             return Ok(());
         };
-        for d in [64usize, 128] {
-            let (b, nh, nkv, t, prev, cap, p) = (3usize, 4usize, 2usize, 37usize, 6usize, 48usize, 7usize);
+        // Groups of 2, 8, 1 and 3 query heads per KV head: blocks of 2, 8, 1 and 3 heads (4, 8, 4 and 6 warps).
+        for (d, nh, nkv) in [(64usize, 4usize, 2usize), (128, 4, 2), (64, 8, 1), (128, 8, 1), (64, 3, 3), (128, 6, 2)] {
+            let (b, t, prev, cap, p) = (3usize, 37usize, 6usize, 48usize, 7usize);
             let bf = |t: Tensor| t.to_dtype(DType::BF16).and_then(|t| t.to_dtype(DType::F32));
             let q = bf(seeded_randn(11, 0.0, 0.5, &[b, nh, t, d]))?;
             let k = bf(seeded_randn(12, 0.0, 1.0, &[b, nkv, cap, d]))?;

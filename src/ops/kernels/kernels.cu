@@ -1554,17 +1554,19 @@ ROW_ATTENTION_MMA_KERNEL(64)
 ROW_ATTENTION_MMA_KERNEL(128)
 
 // Attention of a pass of t new tokens per row on tensor cores, over an optional shared prefix and each row's own
-// span: grid (ceil(t / 64), heads, rows), 4 warps, each warp 16 query positions of one head. Query position i
+// span: grid (ceil(t / Q), heads / hb, rows), W warps; a block takes hb query heads of one KV group (hb divides W)
+// and Q = 16 · W / hb query positions, each warp 16 query positions of one head — the group's heads share every
+// staged tile (hb = 1: one head, 64 positions with 4 warps). Query position i
 // (column prev + i) sees every prefix column and its row's own columns start..prev + i. Key/value tiles of 32
 // columns (prefix first, then own) are staged once per block, two stages deep through asynchronous copies (the
 // next tile lands while this one is multiplied); the output is written as `[rows, t, heads * D]`,
 // the layout the O projection reads (no transposes). A query that sees nothing (left padding, no prefix) gets 0.
-#define SPAN_ATT_WARPS 4
+#define SPAN_ATT_WARPS 8  // the most warps a block has
 
 template <int D>
 __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,
                                    const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,
-                                   int nkv) {
+                                   int nkv, int hb) {
     constexpr int KS = D / 16, NB = D / 8, TW = D + 8;
     // Two stages of key and value tiles (the next tile's copy is in flight while this one is multiplied); the
     // queries pass through the same memory first, on their way to registers.
@@ -1573,12 +1575,14 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
     bf16* qs = smem;
     bf16* ks[2] = {smem, smem + 2 * MMA_TILE * TW};
     bf16* vs[2] = {smem + MMA_TILE * TW, smem + 3 * MMA_TILE * TW};
-    int b = blockIdx.z, h = blockIdx.y;
+    int b = blockIdx.z, warps = blockDim.x >> 5;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    int h = blockIdx.y * hb + warp % hb;
     int g = h / (nh / nkv);
-    int qbase = blockIdx.x * SPAN_ATT_WARPS * 16, qw = qbase + warp * 16;
+    int queries = 16 * (warps / hb);
+    int qbase = blockIdx.x * queries, qw = qbase + (warp / hb) * 16;
     int start = (int)starts[b];
-    int own_end = prev + min(qbase + SPAN_ATT_WARPS * 16, t);
+    int own_end = prev + min(qbase + queries, t);
     const bf16* qh = q + ((size_t)b * nh + h) * t * D;
     bf16* myq = qs + warp * 16 * TW;
     for (int idx = lane; idx < 16 * D / 8; idx += 32) {
@@ -1654,8 +1658,8 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
     extern "C" __global__ void __launch_bounds__(SPAN_ATT_WARPS * 32)                                               \
         span_attention_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,      \
                                const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,    \
-                               int nkv) {                                                                          \
-        span_attention_mma<D>(q, kc, vc, kp, vp, starts, out, t, prev, cap, prefix, nh, nkv);                     \
+                               int nkv, int hb) {                                                                  \
+        span_attention_mma<D>(q, kc, vc, kp, vp, starts, out, t, prev, cap, prefix, nh, nkv, hb);                 \
     }
 
 SPAN_ATTENTION_KERNEL(64)
