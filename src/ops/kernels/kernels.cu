@@ -1368,18 +1368,38 @@ __device__ __forceinline__ void mma_stage_async(const bf16* kb, const bf16* vb, 
     }
 }
 
+// Four 8 × 8 bf16 matrices from shared memory in one instruction: lane l gives the address of row l % 8 of
+// matrix l / 8 (16-byte aligned); lane t gets row t / 4, columns 2 · (t % 4) and the next of each matrix (with
+// `trans`, of each matrix transposed) — the B operand layout of m16n8k16.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 // S (16 query rows × one 32-column tile) = A operand `qa` (D / 16 steps) · the staged keys `ks` (rows padded to TW).
+// The keys' fragments come four 8 × 8 matrices at a time (two k-steps of one 8-key block) through ldmatrix.
 template <int D, int TW>
 __device__ __forceinline__ void mma_scores(const uint32_t (*qa)[4], const bf16* ks, int gid, int tig, float (*sc)[4]) {
+    int lane = (gid << 2) | tig;
+    const bf16* base = ks + (lane & 7) * TW + (lane >> 3) * 8;
 #pragma unroll
     for (int cb = 0; cb < 4; cb++) {
         sc[cb][0] = sc[cb][1] = sc[cb][2] = sc[cb][3] = 0.f;
-        const bf16* kr = ks + (cb * 8 + gid) * TW + tig * 2;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(kr + kk * 16),
-                             *reinterpret_cast<const uint32_t*>(kr + kk * 16 + 8)};
-            mma_16816(sc[cb], qa[kk], b);
+        for (int kk = 0; kk < D / 16; kk += 2) {
+            uint32_t r[4];
+            ldmatrix_x4(r, base + cb * 8 * TW + kk * 16);
+            uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+            mma_16816(sc[cb], qa[kk], b0);
+            mma_16816(sc[cb], qa[kk + 1], b1);
         }
     }
 }
@@ -1432,17 +1452,22 @@ __device__ __forceinline__ void mma_softmax_step(float (*sc)[4], float& m0, floa
 // O += P · V: the probabilities in `sc`, packed to bf16, are the A operand; the staged values `vs` the B operand.
 template <int D, int TW>
 __device__ __forceinline__ void mma_values(const float (*sc)[4], const bf16* vs, int gid, int tig, float (*o)[4]) {
+    // The values' fragments through ldmatrix.trans: matrices (keys 0-7, dims nb), (keys 8-15, nb), (0-7, nb + 1),
+    // (8-15, nb + 1) of each 16-key step.
+    int lane = (gid << 2) | tig;
+    const bf16* base = vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * TW + (lane >> 4) * 8;
 #pragma unroll
     for (int kk = 0; kk < 2; kk++) {
         uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
                           pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
                           pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-        const bf16* vq0 = vs + (kk * 16 + tig * 2) * TW + gid;
 #pragma unroll
-        for (int nb = 0; nb < D / 8; nb++) {
-            const bf16* vq = vq0 + nb * 8;
-            uint32_t b[2] = {pack_bf16(vq[0], vq[TW]), pack_bf16(vq[8 * TW], vq[9 * TW])};
-            mma_16816(o[nb], pa, b);
+        for (int nb = 0; nb < D / 8; nb += 2) {
+            uint32_t r[4];
+            ldmatrix_x4_trans(r, base + kk * 16 * TW + nb * 8);
+            uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+            mma_16816(o[nb], pa, b0);
+            mma_16816(o[nb + 1], pa, b1);
         }
     }
 }
