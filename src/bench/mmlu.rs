@@ -660,43 +660,55 @@ fn score_batched(
     let window = model.config().max_position_embeddings;
     let mut scorer = Scorer::new(loaded)?;
     let mut out = Scored::default();
-    for (si, s) in subjects.iter().enumerate() {
-        let questions = &s.test[..limit.unwrap_or(s.test.len()).min(s.test.len())];
-        let mut results: Vec<Option<QuestionResult>> = vec![None; questions.len()];
-        let n_chunks = questions.len().div_ceil(PLAN_CHUNK);
-        let owned: Vec<usize> = (0..n_chunks).filter(|&c| mine(si, c)).collect();
-        if owned.is_empty() || out.interrupted || interrupted.load(Ordering::Relaxed) {
-            out.interrupted |= !owned.is_empty();
-            out.per_subject.push(results);
-            continue;
-        }
-        // The first chunk with a question that keeps the prefix decides how many prefix tokens the subject's
-        // questions share, so a rank that scores only later chunks still plans the chunks before its first (and
-        // scores nothing of them).
-        let planned_chunks: Vec<usize> = (0..owned[0]).chain(owned.iter().copied()).collect();
-        let prefix_text = fewshot_prefix(s, shots);
-        let prefix = tok.encode(&prefix_text, false)?;
-        let contexts: Vec<String> = questions.iter().map(|q| prefix_text.clone() + &format_question(q)).collect();
-        let mut shared_len: Option<usize> = None;
-        let mut shared: Option<Arc<crate::model::cache::SharedPrefix>> = None;
-        // A few hundred questions at a time: tokenized on every core, then scored sorted by length (a subject
-        // of thousands shows progress, and stops on Ctrl-C, early).
-        // The next chunk is tokenized while this one is scored.
-        let chunks: Vec<&[String]> = contexts.chunks(PLAN_CHUNK).collect();
-        let chunks = &chunks;
-        let plan_chunk = move |c: usize| plan_all(tok, chunks[c], window, c * PLAN_CHUNK);
-        std::thread::scope(|scope| -> Result<()> {
-            let first = planned_chunks[0];
-            let mut pending = Some(scope.spawn(move || plan_chunk(first)));
-            for (k, &c) in planned_chunks.iter().enumerate() {
-                let planned = pending
-                    .take()
-                    .expect("spawned")
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("a tokenizer thread panicked"))??;
-                if let Some(&next) = planned_chunks.get(k + 1) {
-                    pending = Some(scope.spawn(move || plan_chunk(next)));
+    let questions_of = |si: usize| {
+        let s = &subjects[si];
+        &s.test[..limit.unwrap_or(s.test.len()).min(s.test.len())]
+    };
+    // Each subject's chunks to plan, in order. The first chunk with a question that keeps the prefix decides how
+    // many prefix tokens the subject's questions share, so a rank that scores only later chunks still plans the
+    // chunks before its first (and scores nothing of them).
+    let plans: Vec<Vec<usize>> = (0..subjects.len())
+        .map(|si| {
+            let owned: Vec<usize> = (0..questions_of(si).len().div_ceil(PLAN_CHUNK)).filter(|&c| mine(si, c)).collect();
+            owned.first().map_or(vec![], |&first| (0..first).chain(owned.iter().copied()).collect())
+        })
+        .collect();
+    // Tokenizing is a few seconds of the cores' time over all of MMLU: it runs a chunk ahead of the scoring, across
+    // subjects too, so the GPU does not wait for a subject's first chunk.
+    let (sender, planned_chunks) = std::sync::mpsc::sync_channel::<Result<Vec<(usize, Option<Planned>)>>>(1);
+    let planner = |sender: std::sync::mpsc::SyncSender<_>| {
+        for (si, chunks) in plans.iter().enumerate() {
+            if chunks.is_empty() {
+                continue;
+            }
+            let prefix_text = fewshot_prefix(&subjects[si], shots);
+            let questions = questions_of(si);
+            for &c in chunks {
+                let part = &questions[c * PLAN_CHUNK..((c + 1) * PLAN_CHUNK).min(questions.len())];
+                let contexts: Vec<String> = part.iter().map(|q| prefix_text.clone() + &format_question(q)).collect();
+                if sender.send(plan_all(tok, &contexts, window, c * PLAN_CHUNK)).is_err() {
+                    return; // the scoring stopped
                 }
+            }
+        }
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        scope.spawn(move || planner(sender));
+        let mut planned_chunks = planned_chunks.into_iter();
+        for (si, s) in subjects.iter().enumerate() {
+            let questions = questions_of(si);
+            let mut results: Vec<Option<QuestionResult>> = vec![None; questions.len()];
+            if plans[si].is_empty() || out.interrupted || interrupted.load(Ordering::Relaxed) {
+                out.interrupted |= !plans[si].is_empty();
+                out.per_subject.push(results);
+                continue;
+            }
+            let prefix_text = fewshot_prefix(s, shots);
+            let prefix = tok.encode(&prefix_text, false)?;
+            let mut shared_len: Option<usize> = None;
+            let mut shared: Option<Arc<crate::model::cache::SharedPrefix>> = None;
+            for &c in &plans[si] {
+                let planned = planned_chunks.next().ok_or_else(|| anyhow::anyhow!("the tokenizer thread stopped"))??;
                 if interrupted.load(Ordering::Relaxed) {
                     out.interrupted = true;
                     break;
@@ -766,13 +778,22 @@ fn score_batched(
                         scorer.restart(&prefix_text)?;
                         primed_alone = true;
                     }
-                    results[i] = Some(scorer.answer(&questions[i], &contexts[i])?);
+                    let context = prefix_text.clone() + &format_question(&questions[i]);
+                    results[i] = Some(scorer.answer(&questions[i], &context)?);
                     progress(1);
                 }
             }
-            Ok(())
-        })?;
-        out.per_subject.push(results);
+            out.per_subject.push(results);
+            if out.interrupted {
+                break;
+            }
+        }
+        Ok(())
+    })?;
+    // Subjects after an interruption are reported with nothing answered.
+    while out.per_subject.len() < subjects.len() {
+        let n = questions_of(out.per_subject.len()).len();
+        out.per_subject.push(vec![None; n]);
     }
     out.tokens_run += scorer.tokens_processed;
     Ok(out)
