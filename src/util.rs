@@ -311,10 +311,74 @@ pub fn items_per_thread(items: usize) -> usize {
 pub fn gpu_memory_free_bytes(device: &candle_core::Device) -> Option<usize> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = device {
-        return d.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free);
+        let (free, _) = d.cuda_stream().context().mem_get_info().ok()?;
+        // Memory the pool keeps mapped after it was freed (see `keep_freed_gpu_memory`) is ours to reuse.
+        let cached = match (pool_attribute(device, PoolFigure::Reserved), pool_attribute(device, PoolFigure::Used)) {
+            (Some(reserved), Some(used)) => reserved.saturating_sub(used) as usize,
+            _ => 0,
+        };
+        return Some(free + cached);
     }
     let _ = device;
     None
+}
+
+/// Figures of the CUDA memory pool that tensor allocations come from.
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy)]
+enum PoolFigure {
+    Reserved,
+    Used,
+    UsedHigh,
+}
+
+/// One figure of the default memory pool of `device`'s GPU (`None` off CUDA or if the driver refuses).
+#[cfg(feature = "cuda")]
+fn pool_attribute(device: &candle_core::Device, figure: PoolFigure) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(d) = device else { return None };
+    let attr = match figure {
+        PoolFigure::Reserved => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+        PoolFigure::Used => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        PoolFigure::UsedHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+    };
+    let dev = d.cuda_stream().context().cu_device();
+    let mut pool = std::mem::MaybeUninit::uninit();
+    let mut value: u64 = 0;
+    // SAFETY: out-pointers to locals; the pool handle comes from the driver.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev) != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+        let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
+        if sys::cuMemPoolGetAttribute(pool.assume_init(), attr, ptr) != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+    }
+    Some(value)
+}
+
+/// Let the CUDA memory pool keep up to a quarter of the card mapped after it is freed. By default the pool
+/// hands freed memory back to the driver at every synchronization, so each batch of a long run (an MMLU pass
+/// copies its scores to the host) mapped its buffers again.
+pub fn keep_freed_gpu_memory(device: &candle_core::Device) {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let ctx = d.cuda_stream().context().clone();
+        let Ok((_, total)) = ctx.mem_get_info() else { return };
+        let mut keep = (total / 4) as u64;
+        let mut pool = std::mem::MaybeUninit::uninit();
+        // SAFETY: out-pointer to a local; the pool handle comes from the driver; the value is a u64 as the
+        // attribute takes it. A refusal leaves the driver's default (slower, not wrong).
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
+                let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+                let _ = sys::cuMemPoolSetAttribute(pool.assume_init(), attr, &mut keep as *mut u64 as *mut _);
+            }
+        }
+    }
+    let _ = device;
 }
 
 /// Memory in use on the GPU behind `device` (the whole card, as the driver reports it), if it is a CUDA device.
@@ -333,23 +397,8 @@ pub fn gpu_memory_used_bytes(device: &candle_core::Device) -> Option<u64> {
 /// CUDA context and memory the pool keeps cached after it was freed.
 pub fn gpu_peak_allocated_bytes(device: &candle_core::Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(d) = device {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let dev = d.cuda_stream().context().cu_device();
-        let mut pool = std::mem::MaybeUninit::uninit();
-        let mut high: u64 = 0;
-        // SAFETY: out-pointers to locals; the pool handle comes from the driver.
-        unsafe {
-            if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev) != sys::CUresult::CUDA_SUCCESS {
-                return None;
-            }
-            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-            let ptr = &mut high as *mut u64 as *mut std::ffi::c_void;
-            if sys::cuMemPoolGetAttribute(pool.assume_init(), attr, ptr) != sys::CUresult::CUDA_SUCCESS {
-                return None;
-            }
-        }
-        return Some(high);
+    if device.is_cuda() {
+        return pool_attribute(device, PoolFigure::UsedHigh);
     }
     let _ = device;
     None

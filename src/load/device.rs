@@ -58,6 +58,7 @@ fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
         // SAFETY: every tensor of this device is created and used on its single stream.
         unsafe { c.disable_event_tracking() };
     }
+    crate::util::keep_freed_gpu_memory(&d);
     Ok(d)
 }
 
