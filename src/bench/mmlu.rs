@@ -708,7 +708,8 @@ fn score_batched(
             let mut shared_len: Option<usize> = None;
             let mut shared: Option<Arc<crate::model::cache::SharedPrefix>> = None;
             for &c in &plans[si] {
-                let planned = planned_chunks.next().ok_or_else(|| anyhow::anyhow!("the tokenizer thread stopped"))??;
+                let planned =
+                    planned_chunks.next().ok_or_else(|| anyhow::anyhow!("the tokenizer thread stopped"))??;
                 if interrupted.load(Ordering::Relaxed) {
                     out.interrupted = true;
                     break;
@@ -743,6 +744,7 @@ fn score_batched(
                 // the widest one fits. Cut contexts (no shared prefix) batch among themselves.
                 batched.sort_by_key(|p| (p.truncated, std::cmp::Reverse(p.suffix.len())));
                 let mut rest: &[Planned] = &batched;
+                let mut pending = vec![];
                 while !rest.is_empty() {
                     let truncated = rest[0].truncated;
                     let same = rest.iter().take_while(|p| p.truncated == truncated).count();
@@ -760,12 +762,15 @@ fn score_batched(
                     let (part, tail) = rest.split_at(rows.min(same));
                     rest = tail;
                     let prefix_kv = if truncated { None } else { shared.as_ref() };
-                    let lls = score_rows(loaded, prefix_kv, part)?;
-                    for (p, ll) in part.iter().zip(lls) {
+                    pending.push((part, score_rows(loaded, prefix_kv, part)?));
+                    out.batch_rows = out.batch_rows.max(part.len());
+                }
+                // The chunk's scores come back together: between its passes the host only queues work.
+                for (part, lls) in pending {
+                    for (p, ll) in part.iter().zip(read_scores(&lls)?) {
                         results[p.question] = Some(answer(&questions[p.question], ll));
                         out.tokens_run += p.suffix.len();
                     }
-                    out.batch_rows = out.batch_rows.max(part.len());
                     progress(part.len());
                 }
                 let mut primed_alone = false;
@@ -800,12 +805,13 @@ fn score_batched(
 }
 
 /// The four letters' log-likelihoods of each planned question, in one forward pass after the shared prefix
-/// (log-softmax on the device; only `[rows, 4]` values come back).
+/// (log-softmax on the device): `[rows, 4]` f32 on the model's device, read by [`read_scores`]. Nothing waits
+/// for the device here.
 fn score_rows(
     loaded: &LoadedModel,
     shared: Option<&Arc<crate::model::cache::SharedPrefix>>,
     rows: &[Planned],
-) -> Result<Vec<[f64; 4]>> {
+) -> Result<Tensor> {
     let model = &loaded.model;
     let longest = rows.iter().map(|p| p.suffix.len()).max().unwrap_or(1);
     let mut cache = model.new_cache().with_capacity(longest);
@@ -818,7 +824,12 @@ fn score_rows(
     let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
     let letters: Vec<u32> = rows.iter().flat_map(|p| p.letters).collect();
     let letters = Tensor::from_vec(letters, (rows.len(), 4), logits.device())?;
-    let ll = logits.gather(&letters, D::Minus1)?.broadcast_sub(&lse)?.to_vec2::<f32>()?;
+    Ok(logits.gather(&letters, D::Minus1)?.broadcast_sub(&lse)?)
+}
+
+/// The `[rows, 4]` scores of [`score_rows`] on the host.
+fn read_scores(lls: &Tensor) -> Result<Vec<[f64; 4]>> {
+    let ll = lls.to_vec2::<f32>()?;
     Ok(ll.into_iter().map(|r| [r[0] as f64, r[1] as f64, r[2] as f64, r[3] as f64]).collect())
 }
 
