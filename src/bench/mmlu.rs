@@ -744,6 +744,9 @@ fn score_batched(
                 // the widest one fits. Cut contexts (no shared prefix) batch among themselves.
                 batched.sort_by_key(|p| (p.truncated, std::cmp::Reverse(p.suffix.len())));
                 let mut rest: &[Planned] = &batched;
+                // On a GPU a chunk's scores come back together (between its passes the host only queues work); on
+                // the CPU, where each pass has finished when it returns, each as it is done (progress per pass).
+                let queue = model.device().is_cuda();
                 let mut pending = vec![];
                 while !rest.is_empty() {
                     let truncated = rest[0].truncated;
@@ -764,15 +767,11 @@ fn score_batched(
                     let prefix_kv = if truncated { None } else { shared.as_ref() };
                     pending.push((part, score_rows(loaded, prefix_kv, part)?));
                     out.batch_rows = out.batch_rows.max(part.len());
-                }
-                // The chunk's scores come back together: between its passes the host only queues work.
-                for (part, lls) in pending {
-                    for (p, ll) in part.iter().zip(read_scores(&lls)?) {
-                        results[p.question] = Some(answer(&questions[p.question], ll));
-                        out.tokens_run += p.suffix.len();
+                    if !queue {
+                        read_pending(&mut pending, questions, &mut results, &mut out.tokens_run, &mut progress)?;
                     }
-                    progress(part.len());
                 }
+                read_pending(&mut pending, questions, &mut results, &mut out.tokens_run, &mut progress)?;
                 let mut primed_alone = false;
                 for i in alone {
                     if interrupted.load(Ordering::Relaxed) {
@@ -802,6 +801,24 @@ fn score_batched(
     }
     out.tokens_run += scorer.tokens_processed;
     Ok(out)
+}
+
+/// Reads the scores of the passes in `pending` (in order) into `results`, counting their tokens and progress.
+fn read_pending(
+    pending: &mut Vec<(&[Planned], Tensor)>,
+    questions: &[Question],
+    results: &mut [Option<QuestionResult>],
+    tokens: &mut usize,
+    progress: &mut impl FnMut(usize),
+) -> Result<()> {
+    for (part, lls) in pending.drain(..) {
+        for (p, ll) in part.iter().zip(read_scores(&lls)?) {
+            results[p.question] = Some(answer(&questions[p.question], ll));
+            *tokens += p.suffix.len();
+        }
+        progress(part.len());
+    }
+    Ok(())
 }
 
 /// The four letters' log-likelihoods of each planned question, in one forward pass after the shared prefix
