@@ -359,16 +359,13 @@ mod neon {
                 }
             }
         }
-        for (i, acc) in acc.iter().enumerate() {
-            let row = c.add(i * ldc);
-            let mut tile = [0f32; NR];
+        let mut tile = [[0f32; NR]; M];
+        for (row, acc) in tile.iter_mut().zip(&acc) {
             for (j, v) in acc.iter().enumerate() {
-                vst1q_f32(tile.as_mut_ptr().add(4 * j), *v);
-            }
-            for (j, v) in tile.iter().take(nr).enumerate() {
-                *row.add(j) = if add { *row.add(j) + v } else { *v };
+                vst1q_f32(row.as_mut_ptr().add(4 * j), *v);
             }
         }
+        super::store(&tile, c, ldc, nr, add);
     }
 }
 
@@ -450,12 +447,10 @@ mod avx2 {
                 _mm256_storeu_ps(row, v0);
                 _mm256_storeu_ps(row.add(8), v1);
             } else {
-                let mut tile = [0f32; NR];
-                _mm256_storeu_ps(tile.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(tile.as_mut_ptr().add(8), acc[1]);
-                for (j, v) in tile.iter().take(nr).enumerate() {
-                    *row.add(j) = if add { *row.add(j) + v } else { *v };
-                }
+                let mut tile = [[0f32; NR]; 1];
+                _mm256_storeu_ps(tile[0].as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(tile[0].as_mut_ptr().add(8), acc[1]);
+                super::store(&tile, row, ldc, nr, add);
             }
         }
     }

@@ -244,6 +244,19 @@ fn spread(
     });
 }
 
+/// `v` plus `w[k] · x[k]` for the columns `from..cols` a SIMD loop over the half-precision row `row` left,
+/// added one by one in order.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+unsafe fn half_row_tail<const BF: bool>(row: *const u8, x: *const f32, from: usize, cols: usize, mut v: f32) -> f32 {
+    for k in from..cols {
+        let h = (row as *const u16).add(k).read_unaligned();
+        let wv = if BF { f32::from_bits((h as u32) << 16) } else { half::f16::from_bits(h).to_f32() };
+        v += wv * *x.add(k);
+    }
+    v
+}
+
 /// `R` half-precision rows against `N` f32 rows (4 × 1, 2 × 4, or one row against either); `put(r, t, value)`.
 #[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
 fn half_tile(bf: bool, rows: &[*const u8], cols: usize, x: &[*const u8], put: &mut impl FnMut(usize, usize, f32)) {

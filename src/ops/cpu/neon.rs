@@ -160,13 +160,7 @@ pub unsafe fn gemv_half<const BF: bool, const R: usize, const N: usize>(
     let mut out = [[0f32; N]; R];
     for r in 0..R {
         for t in 0..N {
-            let mut v = vaddvq_f32(acc[r][t]);
-            for k in c..cols {
-                let h = (rows[r] as *const u16).add(k).read_unaligned();
-                let wv = if BF { f32::from_bits((h as u32) << 16) } else { half::f16::from_bits(h).to_f32() };
-                v += wv * *(x[t] as *const f32).add(k);
-            }
-            out[r][t] = v;
+            out[r][t] = super::half_row_tail::<BF>(rows[r], x[t] as *const f32, c, cols, vaddvq_f32(acc[r][t]));
         }
     }
     out
