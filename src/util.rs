@@ -332,30 +332,35 @@ enum PoolFigure {
     UsedHigh,
 }
 
-/// One figure of the default memory pool of `device`'s GPU (`None` off CUDA or if the driver refuses).
+/// The default memory pool of `device`'s GPU, which tensor allocations come from (`None` off CUDA or if the
+/// driver refuses).
+#[cfg(feature = "cuda")]
+fn default_pool(device: &candle_core::Device) -> Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(d) = device else { return None };
+    let mut pool = std::mem::MaybeUninit::uninit();
+    // SAFETY: out-pointer to a local, written by the driver on success.
+    unsafe {
+        let dev = d.cuda_stream().context().cu_device();
+        (sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev) == sys::CUresult::CUDA_SUCCESS)
+            .then(|| pool.assume_init())
+    }
+}
+
+/// One figure of `device`'s default memory pool.
 #[cfg(feature = "cuda")]
 fn pool_attribute(device: &candle_core::Device, figure: PoolFigure) -> Option<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let candle_core::Device::Cuda(d) = device else { return None };
     let attr = match figure {
         PoolFigure::Reserved => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
         PoolFigure::Used => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
         PoolFigure::UsedHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
     };
-    let dev = d.cuda_stream().context().cu_device();
-    let mut pool = std::mem::MaybeUninit::uninit();
+    let pool = default_pool(device)?;
     let mut value: u64 = 0;
-    // SAFETY: out-pointers to locals; the pool handle comes from the driver.
-    unsafe {
-        if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev) != sys::CUresult::CUDA_SUCCESS {
-            return None;
-        }
-        let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
-        if sys::cuMemPoolGetAttribute(pool.assume_init(), attr, ptr) != sys::CUresult::CUDA_SUCCESS {
-            return None;
-        }
-    }
-    Some(value)
+    // SAFETY: the pool handle comes from the driver; the out-pointer is a local u64, as these attributes take.
+    let status = unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void) };
+    (status == sys::CUresult::CUDA_SUCCESS).then_some(value)
 }
 
 /// Let the CUDA memory pool keep up to a quarter of the card mapped after it is freed. By default the pool
@@ -363,20 +368,14 @@ fn pool_attribute(device: &candle_core::Device, figure: PoolFigure) -> Option<u6
 /// copies its scores to the host) mapped its buffers again.
 pub fn keep_freed_gpu_memory(device: &candle_core::Device) {
     #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(d) = device {
+    if let (candle_core::Device::Cuda(d), Some(pool)) = (device, default_pool(device)) {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let ctx = d.cuda_stream().context().clone();
-        let Ok((_, total)) = ctx.mem_get_info() else { return };
+        let Ok((_, total)) = d.cuda_stream().context().mem_get_info() else { return };
         let mut keep = (total / 4) as u64;
-        let mut pool = std::mem::MaybeUninit::uninit();
-        // SAFETY: out-pointer to a local; the pool handle comes from the driver; the value is a u64 as the
-        // attribute takes it. A refusal leaves the driver's default (slower, not wrong).
-        unsafe {
-            if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
-                let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-                let _ = sys::cuMemPoolSetAttribute(pool.assume_init(), attr, &mut keep as *mut u64 as *mut _);
-            }
-        }
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        // SAFETY: the pool handle comes from the driver; the value is a u64, as the attribute takes it. A
+        // refusal leaves the driver's default (slower, not wrong).
+        let _ = unsafe { sys::cuMemPoolSetAttribute(pool, attr, &mut keep as *mut u64 as *mut std::ffi::c_void) };
     }
     let _ = device;
 }
