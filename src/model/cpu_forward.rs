@@ -22,6 +22,7 @@ use super::config::Activation;
 use super::decode_graph::{GraphEngine, GraphLayer, GraphParts, QkvLinears};
 use super::layers::Norm;
 use super::linear::Linear;
+use crate::ops::cpu::attention::{scores_tile, values_tile, KEY_TILE};
 use crate::ops::cpu::{dot_rows, pool};
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor};
 use std::cell::RefCell;
@@ -631,64 +632,6 @@ impl Engine {
             });
         });
         Ok(())
-    }
-}
-
-/// Keys per score tile of [`scores_tile`].
-const KEY_TILE: usize = 16;
-
-/// `s[i][j] = q_i · k_j` for the query vectors `qs` (`[n, hd]`, n a multiple of 4) and keys `j < width`
-/// (a multiple of [`KEY_TILE`]) given transposed (`kt[d · stride + j]`); `s` is `[n, width]`. Four queries ×
-/// 16 keys accumulate in registers over the head dimension.
-fn scores_tile(qs: &[f32], kt: &[f32], stride: usize, hd: usize, width: usize, s: &mut [f32]) {
-    for (qi, q4) in qs.chunks_exact(4 * hd).enumerate() {
-        for j in (0..width).step_by(KEY_TILE) {
-            let mut acc = [[0f32; KEY_TILE]; 4];
-            for d in 0..hd {
-                let k: &[f32; KEY_TILE] = kt[d * stride + j..][..KEY_TILE].try_into().expect("tile");
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = q4[r * hd + d];
-                    for l in 0..KEY_TILE {
-                        acc[l] += a * k[l];
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                s[(qi * 4 + r) * width + j..][..KEY_TILE].copy_from_slice(acc);
-            }
-        }
-    }
-}
-
-/// `o[i] = Σ_{j < len} p[i][j] · v_j` for the rows of `p` (`[n, width]`, n a multiple of 4) and the values
-/// `v` (`[len, hd]`); `o` is `[n, hd]`. Four rows × 16 (or 8) dims accumulate in registers over the keys.
-fn values_tile(p: &[f32], width: usize, v: &[f32], hd: usize, len: usize, o: &mut [f32]) {
-    fn tile<const W: usize>(p: &[f32], width: usize, v: &[f32], hd: usize, len: usize, o: &mut [f32]) {
-        for (qi, o4) in o.chunks_exact_mut(4 * hd).enumerate() {
-            let p4 = &p[qi * 4 * width..(qi + 1) * 4 * width];
-            for d in (0..hd).step_by(W) {
-                let mut acc = [[0f32; W]; 4];
-                for j in 0..len {
-                    let vj: &[f32; W] = v[j * hd + d..][..W].try_into().expect("tile");
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let a = p4[r * width + j];
-                        for l in 0..W {
-                            acc[l] += a * vj[l];
-                        }
-                    }
-                }
-                for (r, acc) in acc.iter().enumerate() {
-                    o4[r * hd + d..][..W].copy_from_slice(acc);
-                }
-            }
-        }
-    }
-    if hd.is_multiple_of(16) {
-        tile::<16>(p, width, v, hd, len, o)
-    } else if hd.is_multiple_of(8) {
-        tile::<8>(p, width, v, hd, len, o)
-    } else {
-        tile::<1>(p, width, v, hd, len, o)
     }
 }
 

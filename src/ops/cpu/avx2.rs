@@ -366,3 +366,63 @@ pub unsafe fn gemv_half<const BF: bool, const R: usize, const N: usize>(
     }
     out
 }
+
+/// `attention::scores_tile` for `n` query vectors (a multiple of 4): 4 queries × 16 keys in 8 accumulators,
+/// one fused multiply-add per query, key vector and step of the head dimension.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn scores_tile(
+    qs: *const f32,
+    n: usize,
+    kt: *const f32,
+    stride: usize,
+    hd: usize,
+    width: usize,
+    s: *mut f32,
+) {
+    for qi in (0..n).step_by(4) {
+        let q4 = qs.add(qi * hd);
+        for j in (0..width).step_by(16) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            for d in 0..hd {
+                let k = kt.add(d * stride + j);
+                let (k0, k1) = (_mm256_loadu_ps(k), _mm256_loadu_ps(k.add(8)));
+                for r in 0..4 {
+                    let a = _mm256_broadcast_ss(&*q4.add(r * hd + d));
+                    acc[r][0] = _mm256_fmadd_ps(a, k0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(a, k1, acc[r][1]);
+                }
+            }
+            for r in 0..4 {
+                let row = s.add((qi + r) * width + j);
+                _mm256_storeu_ps(row, acc[r][0]);
+                _mm256_storeu_ps(row.add(8), acc[r][1]);
+            }
+        }
+    }
+}
+
+/// `attention::values_tile` for `n` rows (a multiple of 4) and a head dim that is a multiple of 16: 4 rows ×
+/// 16 dims in 8 accumulators over the keys.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn values_tile(p: *const f32, n: usize, width: usize, v: *const f32, hd: usize, len: usize, o: *mut f32) {
+    for qi in (0..n).step_by(4) {
+        let p4 = p.add(qi * width);
+        for d in (0..hd).step_by(16) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            for j in 0..len {
+                let vj = v.add(j * hd + d);
+                let (v0, v1) = (_mm256_loadu_ps(vj), _mm256_loadu_ps(vj.add(8)));
+                for r in 0..4 {
+                    let a = _mm256_broadcast_ss(&*p4.add(r * width + j));
+                    acc[r][0] = _mm256_fmadd_ps(a, v0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(a, v1, acc[r][1]);
+                }
+            }
+            for r in 0..4 {
+                let row = o.add((qi + r) * hd + d);
+                _mm256_storeu_ps(row, acc[r][0]);
+                _mm256_storeu_ps(row.add(8), acc[r][1]);
+            }
+        }
+    }
+}

@@ -85,7 +85,18 @@ impl Weights<'_> {
                 let row = &bytes[r * kind.row_bytes(cols)..][..kind.row_bytes(cols)];
                 let (b0, b1) = (c0 / kind.block_elems(), c1 / kind.block_elems());
                 let part = &row[b0 * kind.block_bytes()..b1 * kind.block_bytes()];
+                // SAFETY: every bit pattern is a valid u16; only the aligned middle is used.
+                let (before, halves, after) = unsafe { part.align_to::<u16>() };
+                let aligned = before.is_empty() && after.is_empty() && cfg!(target_endian = "little");
                 match kind {
+                    // Whole slices, so that the conversion is vectorized (F16C where the CPU has it).
+                    WeightKind::F16 if aligned => {
+                        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                        halves.reinterpret_cast::<half::f16>().convert_to_f32_slice(out);
+                    }
+                    WeightKind::BF16 if aligned => {
+                        out.iter_mut().zip(halves).for_each(|(o, &h)| *o = f32::from_bits((h as u32) << 16));
+                    }
                     WeightKind::F16 => {
                         for (o, h) in out.iter_mut().zip(part.chunks_exact(2)) {
                             *o = half::f16::from_le_bytes([h[0], h[1]]).to_f32();
@@ -126,7 +137,28 @@ pub fn matmul_wt(w: Weights<'_>, x: &[f32], m: usize, y: &mut [f32]) {
             }
             return;
         }
-        for j in j0..j1 {
+        // Eight rows at a time fill eight lanes of a micro-panel: each 8 × 8 square of them is transposed in
+        // registers rather than written a float at a time (tasks start at multiples of 16 rows).
+        let mut j = j0;
+        let kc8 = kc - kc % GROUP;
+        while j + GROUP <= j1 {
+            let rows8 = &mut row[..GROUP * kc];
+            for (c, r) in rows8.chunks_exact_mut(kc).enumerate() {
+                w.row_range(j + c, k0, k1, r);
+            }
+            let (s, lane) = ((j - j0) / NR, (j - j0) % NR);
+            let micro = &mut panel[s * kc * NR..(s + 1) * kc * NR];
+            for kk in (0..kc8).step_by(GROUP) {
+                transpose8(&rows8[kk..], kc, &mut micro[kk * NR + lane..], NR, GROUP);
+            }
+            for kk in kc8..kc {
+                for c in 0..GROUP {
+                    micro[kk * NR + lane + c] = rows8[c * kc + kk];
+                }
+            }
+            j += GROUP;
+        }
+        for j in j..j1 {
             w.row_range(j, k0, k1, row);
             let (s, lane) = ((j - j0) / NR, (j - j0) % NR);
             let micro = &mut panel[s * kc * NR..(s + 1) * kc * NR];
@@ -159,7 +191,7 @@ pub fn matmul_w(w: Weights<'_>, dy: &[f32], m: usize, dx: &mut [f32]) {
                         // 8 elements × 8 rows, transposed into 8 rows of 8 consecutive columns.
                         let j = b * blocks::QK + e0 - j0;
                         let at = ((j / NR) * kc + kk) * NR + j % NR;
-                        transpose8(&column[e0 * GROUP..(e0 + GROUP) * GROUP], &mut panel[at..], NR, lanes);
+                        transpose8(&column[e0 * GROUP..(e0 + GROUP) * GROUP], GROUP, &mut panel[at..], NR, lanes);
                     }
                 }
             }
@@ -174,18 +206,20 @@ pub fn matmul_w(w: Weights<'_>, dy: &[f32], m: usize, dx: &mut [f32]) {
     });
 }
 
-/// `out[r · stride + c] = block[c · 8 + r]` for the 8 × 8 `block`, rows `r < rows`.
-fn transpose8(block: &[f32], out: &mut [f32], stride: usize, rows: usize) {
-    assert!(block.len() >= 64 && out.len() > (rows.max(1) - 1) * stride + 7);
+/// `out[r · stride + c] = block[c · block_stride + r]` for an 8 × 8 square (8 runs of 8 floats, `block_stride`
+/// apart), rows `r < rows`.
+fn transpose8(block: &[f32], block_stride: usize, out: &mut [f32], stride: usize, rows: usize) {
+    assert!(block_stride >= GROUP && block.len() >= 7 * block_stride + GROUP);
+    assert!(out.len() > (rows.max(1) - 1) * stride + 7);
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if super::simd() && rows == GROUP {
         // SAFETY: bounds asserted above.
-        unsafe { avx2::transpose8(block.as_ptr(), out.as_mut_ptr(), stride) };
+        unsafe { avx2::transpose8(block.as_ptr(), block_stride, out.as_mut_ptr(), stride) };
         return;
     }
     for r in 0..rows {
         for c in 0..GROUP {
-            out[r * stride + c] = block[c * GROUP + r];
+            out[r * stride + c] = block[c * block_stride + r];
         }
     }
 }
@@ -238,7 +272,7 @@ fn gemm(a: &[f32], m: usize, k: usize, n: usize, c: &mut [f32], align: usize, fi
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             s.panel.resize(panels * KC * NR, 0.0);
-            s.row.resize(KC.max(nc), 0.0);
+            s.row.resize((GROUP * KC).max(nc), 0.0);
             for k0 in (0..k).step_by(KC) {
                 let k1 = (k0 + KC).min(k);
                 let kc = k1 - k0;
@@ -377,10 +411,10 @@ mod avx2 {
     #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
-    /// `out[r · stride + c] = block[c · 8 + r]` for an 8 × 8 block (unpack, shuffle, swap halves).
+    /// `out[r · stride + c] = block[c · block_stride + r]` for an 8 × 8 square (unpack, shuffle, swap halves).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn transpose8(block: *const f32, out: *mut f32, stride: usize) {
-        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(block.add(8 * i)));
+    pub unsafe fn transpose8(block: *const f32, block_stride: usize, out: *mut f32, stride: usize) {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(block.add(block_stride * i)));
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
         let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -514,6 +548,42 @@ mod tests {
 
     /// A packed group's column reads as candle's dequantization of the same blocks, bit for bit (the SIMD path
     /// where the CPU has it).
+    /// Half and f32 rows whose width is off the 8 × 8 squares the panels are filled by (a scalar tail), with
+    /// more rows than one square, and half rows at an odd byte offset (converted one by one).
+    #[test]
+    fn rows_off_the_squares_and_unaligned_halves_multiply_exactly() {
+        for (kind, g) in [(WeightKind::F16, GgmlDType::F16), (WeightKind::BF16, GgmlDType::BF16)] {
+            let (rows, cols, m) = (21, 100, 7);
+            let (bytes, dense) = weights(g, rows, cols, 3);
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(&bytes);
+            let x =
+                crate::testing::seeded_randn(4, 0.0, 1.0, &[m, cols]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut want = vec![0f64; m * rows];
+            for t in 0..m {
+                for r in 0..rows {
+                    want[t * rows + r] = (0..cols).map(|c| x[t * cols + c] as f64 * dense[r * cols + c] as f64).sum();
+                }
+            }
+            let forms = [
+                Weights::Rows { kind, bytes: &bytes, rows, cols },
+                Weights::Rows { kind, bytes: &shifted[1..], rows, cols },
+                Weights::F32 { values: &dense, rows, cols },
+            ];
+            let mut first: Option<Vec<f32>> = None;
+            for w in forms {
+                let mut y = vec![f32::NAN; m * rows];
+                matmul_wt(w, &x, m, &mut y);
+                close(&y, &want, &format!("{kind:?} {rows}×{cols}"));
+                // The same floats in, the same order of additions: equal to the bit whatever the storage.
+                match &first {
+                    Some(f) => assert!(f.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?}"),
+                    None => first = Some(y),
+                }
+            }
+        }
+    }
+
     #[test]
     fn packed_columns_dequantize_exactly() {
         for (kind, g) in KINDS.into_iter().filter(|(k, _)| PackedMatrix::packs(*k)) {
@@ -546,7 +616,7 @@ mod tests {
         let block: Vec<f32> = (0..64).map(|i| i as f32).collect();
         for rows in [8, 5] {
             let mut out = vec![-1f32; 8 * 10];
-            transpose8(&block, &mut out, 10, rows);
+            transpose8(&block, GROUP, &mut out, 10, rows);
             for r in 0..8 {
                 for c in 0..8 {
                     let want = if r < rows { block[c * 8 + r] } else { -1.0 };

@@ -10,6 +10,7 @@
 // `let out = out;` in the task closures captures the whole `Out` (Sync), not its raw pointer field.
 #![allow(clippy::redundant_locals)]
 
+pub mod attention;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod avx2;
 pub mod blocks;

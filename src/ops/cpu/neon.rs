@@ -276,3 +276,66 @@ pub unsafe fn dot_q6k<const N: usize>(row: *const u8, blocks: usize, x: &[*const
     }
     acc
 }
+
+/// `attention::scores_tile` for `n` query vectors (a multiple of 4): 4 queries × 16 keys in 16 accumulators.
+#[target_feature(enable = "neon")]
+pub unsafe fn scores_tile(
+    qs: *const f32,
+    n: usize,
+    kt: *const f32,
+    stride: usize,
+    hd: usize,
+    width: usize,
+    s: *mut f32,
+) {
+    for qi in (0..n).step_by(4) {
+        let q4 = qs.add(qi * hd);
+        for j in (0..width).step_by(16) {
+            let mut acc = [[vdupq_n_f32(0.0); 4]; 4];
+            for d in 0..hd {
+                let k = kt.add(d * stride + j);
+                let kv = [vld1q_f32(k), vld1q_f32(k.add(4)), vld1q_f32(k.add(8)), vld1q_f32(k.add(12))];
+                for r in 0..4 {
+                    let a = *q4.add(r * hd + d);
+                    for l in 0..4 {
+                        acc[r][l] = vfmaq_n_f32(acc[r][l], kv[l], a);
+                    }
+                }
+            }
+            for r in 0..4 {
+                let row = s.add((qi + r) * width + j);
+                for l in 0..4 {
+                    vst1q_f32(row.add(4 * l), acc[r][l]);
+                }
+            }
+        }
+    }
+}
+
+/// `attention::values_tile` for `n` rows (a multiple of 4) and a head dim that is a multiple of 16: 4 rows ×
+/// 16 dims in 16 accumulators over the keys.
+#[target_feature(enable = "neon")]
+pub unsafe fn values_tile(p: *const f32, n: usize, width: usize, v: *const f32, hd: usize, len: usize, o: *mut f32) {
+    for qi in (0..n).step_by(4) {
+        let p4 = p.add(qi * width);
+        for d in (0..hd).step_by(16) {
+            let mut acc = [[vdupq_n_f32(0.0); 4]; 4];
+            for j in 0..len {
+                let vj = v.add(j * hd + d);
+                let vv = [vld1q_f32(vj), vld1q_f32(vj.add(4)), vld1q_f32(vj.add(8)), vld1q_f32(vj.add(12))];
+                for r in 0..4 {
+                    let a = *p4.add(r * width + j);
+                    for l in 0..4 {
+                        acc[r][l] = vfmaq_n_f32(acc[r][l], vv[l], a);
+                    }
+                }
+            }
+            for r in 0..4 {
+                let row = o.add((qi + r) * hd + d);
+                for l in 0..4 {
+                    vst1q_f32(row.add(4 * l), acc[r][l]);
+                }
+            }
+        }
+    }
+}
