@@ -1,14 +1,15 @@
 //! The two small matrix products of a prefill's causal attention on the CPU (`model::cpu_forward`): query
 //! vectors against keys stored transposed ([`scores_tile`]), then softmax weights against the values
-//! ([`values_tile`]). Four query rows share every key / value vector loaded, 16 lanes side by side in
-//! registers. The SIMD versions (AVX2 + FMA, NEON) sum each output in the portable loop's order, with fused
-//! multiply-adds, so they differ from it by a rounding per step at most.
+//! ([`values_tile`]). Both run through the f32 GEMM's micro-kernels (`gemm::product_nr`: 6 rows × 16 lanes in
+//! registers, fused multiply-adds on AVX2 and NEON), which take the keys / values in place at their stride.
+
+use super::gemm::{self, NR};
 
 /// Keys per score tile: `width` in [`scores_tile`] is a multiple of it.
-pub const KEY_TILE: usize = 16;
+pub const KEY_TILE: usize = NR;
 
-/// `s[i][j] = q_i · k_j` for the query vectors `qs` (`[n, hd]`, n a multiple of 4) and keys `j < width`
-/// (a multiple of [`KEY_TILE`]) given transposed (`kt[d · stride + j]`); `s` is `[n, width]`.
+/// `s[i][j] = q_i · k_j` for the query vectors `qs` (`[n, hd]`, n a multiple of 4) and keys `j < width` (a
+/// multiple of [`KEY_TILE`]) given transposed (`kt[d · stride + j]`); `s` is `[n, width]`.
 pub fn scores_tile(qs: &[f32], kt: &[f32], stride: usize, hd: usize, width: usize, s: &mut [f32]) {
     let n = qs.len().checked_div(hd).unwrap_or(0);
     assert!(qs.len() == n * hd && n.is_multiple_of(4), "query vectors: a multiple of 4 of {hd} floats");
@@ -19,19 +20,11 @@ pub fn scores_tile(qs: &[f32], kt: &[f32], stride: usize, hd: usize, width: usiz
         s[..n * width].fill(0.0);
         return;
     }
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if super::simd() {
-        // SAFETY: the bounds are asserted above; the CPU has AVX2 and FMA (`simd`).
-        unsafe { super::avx2::scores_tile(qs.as_ptr(), n, kt.as_ptr(), stride, hd, width, s.as_mut_ptr()) };
-        return;
+    for j in (0..width).step_by(KEY_TILE) {
+        // SAFETY: n query rows of hd floats; hd key rows `stride` apart, each with KEY_TILE floats from j (j +
+        // KEY_TILE ≤ width ≤ stride, asserted with the keys' length); n score rows of `width` from j.
+        unsafe { gemm::product_nr(qs.as_ptr(), hd, kt.as_ptr().add(j), stride, hd, n, s.as_mut_ptr().add(j), width) };
     }
-    #[cfg(target_arch = "aarch64")]
-    if super::simd() {
-        // SAFETY: as above; NEON is part of every aarch64 CPU.
-        unsafe { super::neon::scores_tile(qs.as_ptr(), n, kt.as_ptr(), stride, hd, width, s.as_mut_ptr()) };
-        return;
-    }
-    scores_portable(qs, kt, stride, hd, width, s)
 }
 
 /// `o[i] = Σ_{j < len} p[i][j] · v_j` for the rows of `p` (`[n, width]`, n a multiple of 4, `len ≤ width`)
@@ -44,68 +37,40 @@ pub fn values_tile(p: &[f32], width: usize, v: &[f32], hd: usize, len: usize, o:
     if n == 0 {
         return;
     }
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    if super::simd() && hd.is_multiple_of(16) {
-        // SAFETY: the bounds are asserted above; the CPU has AVX2 and FMA (`simd`).
-        unsafe { super::avx2::values_tile(p.as_ptr(), n, width, v.as_ptr(), hd, len, o.as_mut_ptr()) };
-        return;
+    if !hd.is_multiple_of(NR) {
+        // Head dims off the micro-kernel's 16 lanes (stories260K's 8): a loop of 4 rows × 8 or 1 dims.
+        return if hd.is_multiple_of(8) {
+            values_narrow::<8>(p, width, v, hd, len, o)
+        } else {
+            values_narrow::<1>(p, width, v, hd, len, o)
+        };
     }
-    #[cfg(target_arch = "aarch64")]
-    if super::simd() && hd.is_multiple_of(16) {
-        // SAFETY: as above; NEON is part of every aarch64 CPU.
-        unsafe { super::neon::values_tile(p.as_ptr(), n, width, v.as_ptr(), hd, len, o.as_mut_ptr()) };
-        return;
+    for d in (0..hd).step_by(NR) {
+        // SAFETY: n weight rows of `width` ≥ len floats; len value rows `hd` apart, NR floats each from d (d + NR
+        // ≤ hd); n output rows of hd floats from d.
+        unsafe { gemm::product_nr(p.as_ptr(), width, v.as_ptr().add(d), hd, len, n, o.as_mut_ptr().add(d), hd) };
     }
-    values_portable(p, width, v, hd, len, o)
 }
 
-fn scores_portable(qs: &[f32], kt: &[f32], stride: usize, hd: usize, width: usize, s: &mut [f32]) {
-    for (qi, q4) in qs.chunks_exact(4 * hd).enumerate() {
-        for j in (0..width).step_by(KEY_TILE) {
-            let mut acc = [[0f32; KEY_TILE]; 4];
-            for d in 0..hd {
-                let k: &[f32; KEY_TILE] = kt[d * stride + j..][..KEY_TILE].try_into().expect("tile");
+/// [`values_tile`] for head dims that are not a multiple of 16: 4 rows × `W` dims accumulate over the keys.
+fn values_narrow<const W: usize>(p: &[f32], width: usize, v: &[f32], hd: usize, len: usize, o: &mut [f32]) {
+    for (qi, o4) in o.chunks_exact_mut(4 * hd).enumerate() {
+        let p4 = &p[qi * 4 * width..(qi + 1) * 4 * width];
+        for d in (0..hd).step_by(W) {
+            let mut acc = [[0f32; W]; 4];
+            for j in 0..len {
+                let vj: &[f32; W] = v[j * hd + d..][..W].try_into().expect("tile");
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = q4[r * hd + d];
-                    for l in 0..KEY_TILE {
-                        acc[l] += a * k[l];
+                    let a = p4[r * width + j];
+                    for l in 0..W {
+                        acc[l] += a * vj[l];
                     }
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                s[(qi * 4 + r) * width + j..][..KEY_TILE].copy_from_slice(acc);
+                o4[r * hd + d..][..W].copy_from_slice(acc);
             }
         }
-    }
-}
-
-fn values_portable(p: &[f32], width: usize, v: &[f32], hd: usize, len: usize, o: &mut [f32]) {
-    fn tile<const W: usize>(p: &[f32], width: usize, v: &[f32], hd: usize, len: usize, o: &mut [f32]) {
-        for (qi, o4) in o.chunks_exact_mut(4 * hd).enumerate() {
-            let p4 = &p[qi * 4 * width..(qi + 1) * 4 * width];
-            for d in (0..hd).step_by(W) {
-                let mut acc = [[0f32; W]; 4];
-                for j in 0..len {
-                    let vj: &[f32; W] = v[j * hd + d..][..W].try_into().expect("tile");
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let a = p4[r * width + j];
-                        for l in 0..W {
-                            acc[l] += a * vj[l];
-                        }
-                    }
-                }
-                for (r, acc) in acc.iter().enumerate() {
-                    o4[r * hd + d..][..W].copy_from_slice(acc);
-                }
-            }
-        }
-    }
-    if hd.is_multiple_of(16) {
-        tile::<16>(p, width, v, hd, len, o)
-    } else if hd.is_multiple_of(8) {
-        tile::<8>(p, width, v, hd, len, o)
-    } else {
-        tile::<1>(p, width, v, hd, len, o)
     }
 }
 
@@ -117,8 +82,8 @@ mod tests {
         crate::testing::seeded_randn(seed, 0.0, 1.0, &[n]).to_vec1::<f32>().unwrap()
     }
 
-    /// Each output within a few roundings of the plain f64 sum (the SIMD kernels fuse the multiply-adds the
-    /// portable loop rounds twice), for head dims on and off the 16-lane vectors.
+    /// Each output within a few roundings of the plain f64 sum (the SIMD kernels fuse the multiply-adds a plain
+    /// loop rounds twice), for head dims on and off the 16-lane vectors (12 rows: two 6-row tiles).
     #[test]
     fn tiles_equal_plain_sums() {
         for hd in [64, 48, 40, 7] {
@@ -144,11 +109,14 @@ mod tests {
                     assert!((o[i * hd + d] as f64 - want).abs() < 1e-5 * keys as f64, "values hd {hd} ({i}, {d})");
                 }
             }
-            // The kernel in use against the portable loop: a rounding per step apart at most.
-            let mut sp = vec![0.0; n * width];
-            scores_portable(&qs, &kt, stride, hd, width, &mut sp);
-            let mut op = vec![0.0; n * hd];
-            values_portable(&p, width, &v, hd, keys, &mut op);
+            // The kernel in use against the plain f32 loops (multiply, then add, in order): a rounding per step
+            // apart at most.
+            let sp: Vec<f32> = (0..n * width)
+                .map(|e| (0..hd).fold(0f32, |acc, d| acc + qs[e / width * hd + d] * kt[d * stride + e % width]))
+                .collect();
+            let op: Vec<f32> = (0..n * hd)
+                .map(|e| (0..keys).fold(0f32, |acc, j| acc + p[e / hd * width + j] * v[j * hd + e % hd]))
+                .collect();
             for (a, b) in s.iter().zip(&sp).chain(o.iter().zip(&op)) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()) * 8.0, "{a} vs portable {b}");
             }

@@ -20,7 +20,7 @@ use super::pool;
 use std::cell::RefCell;
 
 /// Outputs per micro-panel (two 8-lane vectors).
-const NR: usize = 16;
+pub(super) const NR: usize = 16;
 /// Activation rows per micro-kernel call.
 const MR: usize = 6;
 /// Reduction steps per panel: a micro-panel (KC × NR floats, 16 KiB) stays in L1 while the rows stream past.
@@ -293,7 +293,7 @@ fn gemm(a: &[f32], m: usize, k: usize, n: usize, c: &mut [f32], align: usize, fi
                         unsafe {
                             let ap = (a as *const f32).add(t * k + k0);
                             let cp = c.0.add(t * n + jp);
-                            micro[rows - 1](ap, k, b, kc, cp, n, nr, k0 > 0);
+                            micro[rows - 1](ap, k, b, NR, kc, cp, n, nr, k0 > 0);
                         }
                         t += rows;
                     }
@@ -303,9 +303,33 @@ fn gemm(a: &[f32], m: usize, k: usize, n: usize, c: &mut [f32], align: usize, fi
     });
 }
 
-/// `C[0..rows][0..nr] (+)= A[0..rows][0..kc] · B[0..kc][0..NR]`: A rows `lda` apart, B dense, C rows `ldc`
-/// apart; `add` accumulates into C instead of overwriting it.
-type Micro = unsafe fn(*const f32, usize, *const f32, usize, *mut f32, usize, usize, bool);
+/// `C[0..rows][0..nr] (+)= A[0..rows][0..kc] · B[0..kc][0..NR]`: A rows `lda` apart, B rows `ldb` apart, C rows
+/// `ldc` apart; `add` accumulates into C instead of overwriting it.
+type Micro = unsafe fn(*const f32, usize, *const f32, usize, usize, *mut f32, usize, usize, bool);
+
+/// `C[0..m][0..NR] = A[0..m][0..k] · B[0..k][0..NR]` through the micro-kernels, [`MR`] rows at a time: A rows
+/// `lda` apart, B rows `ldb` apart (`NR` floats each), C rows `ldc` apart. Each output is summed over `k` in
+/// order, as in the products above.
+///
+/// # Safety
+/// A's `m` rows hold `k` floats, B's `k` rows `NR`, C's `m` rows `NR`, at the strides given.
+#[allow(clippy::too_many_arguments)] // the micro-kernel's operands, with the row count
+pub(super) unsafe fn product_nr(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    k: usize,
+    m: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let micro = micro_kernels();
+    for t in (0..m).step_by(MR) {
+        let rows = MR.min(m - t);
+        micro[rows - 1](a.add(t * lda), lda, b, ldb, k, c.add(t * ldc), ldc, NR, false);
+    }
+}
 
 fn micro_kernels() -> [Micro; MR] {
     // One micro-kernel per row count 1..=MR.
@@ -331,6 +355,7 @@ unsafe fn micro<const M: usize>(
     a: *const f32,
     lda: usize,
     b: *const f32,
+    ldb: usize,
     kc: usize,
     c: *mut f32,
     ldc: usize,
@@ -339,7 +364,7 @@ unsafe fn micro<const M: usize>(
 ) {
     let mut acc = [[0f32; NR]; M];
     for kk in 0..kc {
-        let bk = std::slice::from_raw_parts(b.add(kk * NR), NR);
+        let bk = std::slice::from_raw_parts(b.add(kk * ldb), NR);
         for (i, acc) in acc.iter_mut().enumerate() {
             let av = *a.add(i * lda + kk);
             for (o, bv) in acc.iter_mut().zip(bk) {
@@ -376,6 +401,7 @@ mod neon {
         a: *const f32,
         lda: usize,
         b: *const f32,
+        ldb: usize,
         kc: usize,
         c: *mut f32,
         ldc: usize,
@@ -384,7 +410,7 @@ mod neon {
     ) {
         let mut acc = [[vdupq_n_f32(0.0); 4]; M];
         for kk in 0..kc {
-            let bp = b.add(kk * NR);
+            let bp = b.add(kk * ldb);
             let bv = [vld1q_f32(bp), vld1q_f32(bp.add(4)), vld1q_f32(bp.add(8)), vld1q_f32(bp.add(12))];
             for (i, acc) in acc.iter_mut().enumerate() {
                 let av = *a.add(i * lda + kk);
@@ -454,6 +480,7 @@ mod avx2 {
         a: *const f32,
         lda: usize,
         b: *const f32,
+        ldb: usize,
         kc: usize,
         c: *mut f32,
         ldc: usize,
@@ -462,8 +489,8 @@ mod avx2 {
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
         for kk in 0..kc {
-            let b0 = _mm256_loadu_ps(b.add(kk * NR));
-            let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
+            let b0 = _mm256_loadu_ps(b.add(kk * ldb));
+            let b1 = _mm256_loadu_ps(b.add(kk * ldb + 8));
             for (i, acc) in acc.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
                 acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
