@@ -380,6 +380,23 @@ pub fn dequantize_into(kind: WeightKind, row: &[u8], out: &mut Vec<f32>) {
 
 /// Writes the f32 values of whole blocks `row` to the start of `out` (which holds at least that many).
 pub fn dequantize_slice(kind: WeightKind, row: &[u8], out: &mut [f32]) {
+    if matches!(kind, WeightKind::F16 | WeightKind::BF16) && cfg!(target_endian = "little") {
+        // SAFETY: every bit pattern is a valid u16; only an aligned slice is used.
+        let (before, halves, after) = unsafe { row.align_to::<u16>() };
+        if before.is_empty() && after.is_empty() {
+            // Whole slices, so that the conversion is vectorized (F16C where the CPU has it); as many values as
+            // both hold, as below.
+            let n = halves.len().min(out.len());
+            let (halves, out) = (&halves[..n], &mut out[..n]);
+            if kind == WeightKind::F16 {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                halves.reinterpret_cast::<f16>().convert_to_f32_slice(out);
+            } else {
+                out.iter_mut().zip(halves).for_each(|(o, &h)| *o = f32::from_bits((h as u32) << 16));
+            }
+            return;
+        }
+    }
     let (bb, be) = (kind.block_bytes(), kind.block_elems());
     for (b, out) in row.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
         // `w = d·u + m` or `d·(u − o)` for the 32-wide types, rounded as llama.cpp rounds them (plain loops over

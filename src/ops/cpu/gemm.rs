@@ -85,30 +85,7 @@ impl Weights<'_> {
                 let row = &bytes[r * kind.row_bytes(cols)..][..kind.row_bytes(cols)];
                 let (b0, b1) = (c0 / kind.block_elems(), c1 / kind.block_elems());
                 let part = &row[b0 * kind.block_bytes()..b1 * kind.block_bytes()];
-                // SAFETY: every bit pattern is a valid u16; only the aligned middle is used.
-                let (before, halves, after) = unsafe { part.align_to::<u16>() };
-                let aligned = before.is_empty() && after.is_empty() && cfg!(target_endian = "little");
-                match kind {
-                    // Whole slices, so that the conversion is vectorized (F16C where the CPU has it).
-                    WeightKind::F16 if aligned => {
-                        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-                        halves.reinterpret_cast::<half::f16>().convert_to_f32_slice(out);
-                    }
-                    WeightKind::BF16 if aligned => {
-                        out.iter_mut().zip(halves).for_each(|(o, &h)| *o = f32::from_bits((h as u32) << 16));
-                    }
-                    WeightKind::F16 => {
-                        for (o, h) in out.iter_mut().zip(part.chunks_exact(2)) {
-                            *o = half::f16::from_le_bytes([h[0], h[1]]).to_f32();
-                        }
-                    }
-                    WeightKind::BF16 => {
-                        for (o, h) in out.iter_mut().zip(part.chunks_exact(2)) {
-                            *o = f32::from_bits((u16::from_le_bytes([h[0], h[1]]) as u32) << 16);
-                        }
-                    }
-                    _ => blocks::dequantize_slice(kind, part, out),
-                }
+                blocks::dequantize_slice(kind, part, out);
             }
             Weights::Packed(p) => p.dequantize_blocks(r, c0 / blocks::QK, c1 / blocks::QK, out),
             Weights::F32 { values, cols, .. } => out.copy_from_slice(&values[r * cols + c0..r * cols + c1]),
@@ -573,8 +550,6 @@ mod tests {
         }
     }
 
-    /// A packed group's column reads as candle's dequantization of the same blocks, bit for bit (the SIMD path
-    /// where the CPU has it).
     /// Half and f32 rows whose width is off the 8 × 8 squares the panels are filled by (a scalar tail), with
     /// more rows than one square, and half rows at an odd byte offset (converted one by one).
     #[test]
@@ -611,6 +586,8 @@ mod tests {
         }
     }
 
+    /// A packed group's column reads as candle's dequantization of the same blocks, bit for bit (the SIMD path
+    /// where the CPU has it).
     #[test]
     fn packed_columns_dequantize_exactly() {
         for (kind, g) in KINDS.into_iter().filter(|(k, _)| PackedMatrix::packs(*k)) {
