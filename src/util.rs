@@ -313,7 +313,9 @@ pub fn gpu_memory_free_bytes(device: &candle_core::Device) -> Option<usize> {
     if let candle_core::Device::Cuda(d) = device {
         let (free, _) = d.cuda_stream().context().mem_get_info().ok()?;
         // Memory the pool keeps mapped after it was freed (see `keep_freed_gpu_memory`) is ours to reuse.
-        let cached = match (pool_attribute(device, PoolFigure::Reserved), pool_attribute(device, PoolFigure::Used)) {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        let reserved = pool_attribute(device, A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT);
+        let cached = match (reserved, pool_attribute(device, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)) {
             (Some(reserved), Some(used)) => reserved.saturating_sub(used) as usize,
             _ => 0,
         };
@@ -321,15 +323,6 @@ pub fn gpu_memory_free_bytes(device: &candle_core::Device) -> Option<usize> {
     }
     let _ = device;
     None
-}
-
-/// Figures of the CUDA memory pool that tensor allocations come from.
-#[cfg(feature = "cuda")]
-#[derive(Clone, Copy)]
-enum PoolFigure {
-    Reserved,
-    Used,
-    UsedHigh,
 }
 
 /// The default memory pool of `device`'s GPU, which tensor allocations come from (`None` off CUDA or if the
@@ -347,15 +340,13 @@ fn default_pool(device: &candle_core::Device) -> Option<candle_core::cuda_backen
     }
 }
 
-/// One figure of `device`'s default memory pool.
+/// One figure (a byte count) of `device`'s default memory pool.
 #[cfg(feature = "cuda")]
-fn pool_attribute(device: &candle_core::Device, figure: PoolFigure) -> Option<u64> {
+fn pool_attribute(
+    device: &candle_core::Device,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+) -> Option<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let attr = match figure {
-        PoolFigure::Reserved => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
-        PoolFigure::Used => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
-        PoolFigure::UsedHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-    };
     let pool = default_pool(device)?;
     let mut value: u64 = 0;
     // SAFETY: the pool handle comes from the driver; the out-pointer is a local u64, as these attributes take.
@@ -397,7 +388,8 @@ pub fn gpu_memory_used_bytes(device: &candle_core::Device) -> Option<u64> {
 pub fn gpu_peak_allocated_bytes(device: &candle_core::Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        return pool_attribute(device, PoolFigure::UsedHigh);
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        return pool_attribute(device, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH);
     }
     let _ = device;
     None
