@@ -3,7 +3,7 @@
 //!
 //!   cargo bench --bench train_step -- --model CONFIG.json --random-weights [--batch 4] [--len 256]
 //!       [--rank 8] [--targets q_proj,v_proj|all] [--dropout 0.05] [--steps 10] [--quantize q8_0]
-//!       [--device cuda | --devices cuda:0,cuda:1] [--dtype bf16]
+//!       [--device cuda | --devices cuda:0,cuda:1] [--dtype bf16] [--checkpointing]
 //!
 //! Prints the mean step time over `--steps` after one warm-up step, tokens/s, and peak memory. With `--devices`,
 //! one data-parallel rank per GPU (each its own batch, gradients summed with NCCL when built with `nccl`): the
@@ -25,6 +25,7 @@ fn main() -> Result<()> {
     billion::ops::cpu::pool::settle_thread_count();
     let (mut model, mut opts) = (None, LoadOptions::default());
     let (mut batch, mut len, mut rank, mut steps, mut dropout) = (4usize, 256usize, 8usize, 10usize, 0.05f32);
+    let mut checkpointing = false;
     let mut targets = "q_proj,v_proj".to_string();
     let mut devices: Option<DeviceList> = None;
     let mut it = std::env::args().skip(1);
@@ -43,6 +44,7 @@ fn main() -> Result<()> {
             "--dtype" => opts.dtype = Some(billion::load::parse_dtype(&value()?).map_err(anyhow::Error::msg)?),
             "--devices" => devices = Some(value()?.parse().map_err(anyhow::Error::msg)?),
             "--random-weights" => opts.random_weights = true,
+            "--checkpointing" => checkpointing = true,
             "--bench" => {}
             other => bail!("unknown flag {other}"),
         }
@@ -52,7 +54,7 @@ fn main() -> Result<()> {
     let world = launch.world();
     let work = |group: &mut Group, device| -> Result<()> {
         let opts = LoadOptions { device, ..opts.clone() };
-        let run = Run { model: &model, batch, len, rank, steps, dropout, targets: &targets };
+        let run = Run { model: &model, batch, len, rank, steps, dropout, targets: &targets, checkpointing };
         train_on(&run, &opts, group, world)
     };
     billion::dist::run(&launch, &work)
@@ -66,10 +68,11 @@ struct Run<'a> {
     steps: usize,
     dropout: f32,
     targets: &'a str,
+    checkpointing: bool,
 }
 
 fn train_on(run: &Run, opts: &LoadOptions, group: &mut Group, world: usize) -> Result<()> {
-    let Run { model, batch, len, rank, steps, dropout, targets } = *run;
+    let Run { model, batch, len, rank, steps, dropout, targets, checkpointing } = *run;
     let mut loaded = load(model, opts)?;
     group.connect_devices(loaded.model.device())?;
     let vocab = loaded.config().vocab_size as u32;
@@ -128,6 +131,7 @@ fn train_on(run: &Run, opts: &LoadOptions, group: &mut Group, world: usize) -> R
     let out = tempfile::tempdir()?;
     let mut trainer = Trainer::new(&mut loaded.model, lora, examples, state, out.path())?;
     trainer.group = Some(&*group);
+    trainer.checkpointing = checkpointing;
     let mut hooks = Hooks {
         interrupt: Arc::new(AtomicBool::new(false)),
         on_step: Box::new(|_, _| {}),
@@ -141,12 +145,13 @@ fn train_on(run: &Run, opts: &LoadOptions, group: &mut Group, world: usize) -> R
     let sd = (secs.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / secs.len().max(2).saturating_sub(1) as f64).sqrt();
     // Each rank prints its own line; with several ranks a step trains `world` batches.
     println!(
-        "{model} on {}{} ({}), batch {batch} × {len}{}, r {rank}, targets {targets}, dropout {dropout}: {} trainable; \
+        "{model} on {}{} ({}), batch {batch} × {len}{}, r {rank}, targets {targets}, dropout {dropout}{}: {} trainable; \
          step {:.1} ± {:.1} ms, {:.0} training tok/s; peak RSS {}{}",
         device_name(&device),
         if world > 1 { format!(" (rank {} of {world})", group.rank()) } else { String::new() },
         dtype_name(dtype),
         if world > 1 { format!(" per rank, {} ranks", world) } else { String::new() },
+        if checkpointing { ", checkpointing" } else { "" },
         trainable,
         mean * 1e3,
         sd * 1e3,

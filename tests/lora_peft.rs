@@ -72,6 +72,27 @@ fn check(case: &str) {
         }
     }
 
+    // The fused head + loss the training loop runs (`nll_rows`), and the same with activation checkpointing.
+    let weight = 1.0 / targets.dim(0).unwrap() as f64;
+    let mut cache = loaded.model.new_cache();
+    let nll = loaded.model.nll_rows(&ids, &mut cache, &rows, &targets).unwrap();
+    let fused = (nll.sum_all().unwrap() * weight).unwrap();
+    let got_fused = fused.to_scalar::<f32>().unwrap();
+    assert!(((got_fused - want_loss) / want_loss).abs() < 1e-5, "{case}: fused loss {got_fused} vs peft {want_loss}");
+    let grads_fused = fused.backward().unwrap();
+    let vars = lora.vars();
+    let checkpointed = loaded.model.checkpointed_gradients(&ids, &rows, &targets, weight, &vars).unwrap();
+    let got_ckpt = checkpointed.loss as f32;
+    assert!(((got_ckpt - want_loss) / want_loss).abs() < 1e-5, "{case}: checkpointed loss {got_ckpt} vs {want_loss}");
+    let names = lora.params.iter().flat_map(|(m, _, _)| [format!("{m}.lora_A"), format!("{m}.lora_B")]);
+    for ((name, var), ckpt) in names.zip(&vars).zip(&checkpointed.grads) {
+        let want = &reference[&format!("grad.{name}.weight")];
+        let e = rel_err(grads_fused.get(var.as_tensor()).unwrap(), want);
+        assert!(e <= 1e-4, "{case}: fused-loss gradient of {name} off by {e:.2e} (relative)");
+        let e = rel_err(ckpt.as_ref().unwrap(), want);
+        assert!(e <= 1e-4, "{case}: checkpointed gradient of {name} off by {e:.2e} (relative)");
+    }
+
     // Our AdamW (the one `billion finetune` uses, with checkpointable state) against torch.optim.AdamW.
     let vars = lora.vars();
     let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()).collect();

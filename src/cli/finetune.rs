@@ -71,6 +71,10 @@ pub struct FinetuneArgs {
     pub max_grad_norm: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Activation checkpointing: keep each layer's input only and run the layer again in the backward pass
+    /// (less memory for long sequences and large batches, about a third more time per step)
+    #[arg(long)]
+    pub checkpointing: bool,
     /// Where the adapter goes (adapter_config.json + adapter_model.safetensors; checkpoint/ while training)
     #[arg(long, default_value = "lora-adapter")]
     pub out: PathBuf,
@@ -119,6 +123,7 @@ impl FinetuneArgs {
             },
             targets: self.targets.as_deref().map(Targets::from_names).unwrap_or_default(),
             max_steps: self.max_steps,
+            checkpointing: self.checkpointing,
             out: self.out.clone(),
             merge: self.merge,
             resume: self.resume.clone(),

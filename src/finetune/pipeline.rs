@@ -83,6 +83,9 @@ pub struct FinetuneParams {
     pub targets: Targets,
     /// Stop after this many optimizer steps (the schedule spans the shorter of this and the epochs).
     pub max_steps: Option<usize>,
+    /// Activation checkpointing: less memory for activations, one more forward pass of the layers per step
+    /// (the same gradients).
+    pub checkpointing: bool,
     /// Where the adapter goes (and `checkpoint/` while training, `merged/` or `merged.gguf` with `merge`).
     pub out: PathBuf,
     /// Also write the base model with the adapter merged in.
@@ -226,6 +229,9 @@ pub struct FinetuneRecord {
     pub train_examples: usize,
     pub eval_examples: usize,
     pub settings: TrainSettings,
+    /// Whether activation checkpointing was on (it changes memory and time, not the gradients).
+    #[serde(default)]
+    pub checkpointing: bool,
     pub steps: usize,
     pub trainable_parameters: usize,
     pub total_parameters: usize,
@@ -644,6 +650,7 @@ pub fn run_rank(p: &FinetuneParams, hooks: &mut dyn RunHooks, group: &mut Group)
     let mut trainer = Trainer::new(&mut loaded.model, lora, train, state, &p.out)?;
     trainer.pause_in_save = p.pause_in_save;
     trainer.group = Some(&*group);
+    trainer.checkpointing = p.checkpointing;
     if let Some(dir) = &p.resume {
         trainer.restore(dir).about(Input::Resume)?;
         hooks.note(&format!("resuming at step {} of {}", trainer.state.step, trainer.state.total_steps));
@@ -739,6 +746,7 @@ pub fn run_rank(p: &FinetuneParams, hooks: &mut dyn RunHooks, group: &mut Group)
         train_examples: data.train.len(),
         eval_examples: data.eval.len(),
         settings: state.settings,
+        checkpointing: p.checkpointing,
         steps: state.step,
         trainable_parameters: trainable,
         total_parameters: total_params,

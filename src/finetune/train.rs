@@ -4,13 +4,13 @@
 
 use super::data::{Example, Renderer, Tokenized, IGNORE};
 use super::files::publish;
-use super::loss::{labelled_rows, selected_rows_loss};
-use super::optim::{clip, grad_norm, AdamW, AdamWParams};
+use super::loss::labelled_rows;
+use super::optim::{clip_scale, grad_norm, AdamW, AdamWParams};
 use crate::dist::Group;
 use crate::generation::batch::{generate_batch, BatchParams, BatchRequest};
 use crate::generation::sampling::SamplingParams;
 use crate::model::adapter::Lora;
-use crate::model::{Model, Ops};
+use crate::model::{Gradients, Model, Ops};
 use crate::util::{save_safetensors_atomic, temp_path_beside, write_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -366,6 +366,9 @@ pub struct Trainer<'a> {
     /// micro-batches; the gradients are summed over the ranks before the (identical) optimizer step.
     pub group: Option<&'a Group>,
     pub totals: RankTotals,
+    /// Activation checkpointing (`--checkpointing`): keep each layer's input only and run the layer again in
+    /// the backward pass (see `Model::checkpointed_gradients`).
+    pub checkpointing: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -388,6 +391,7 @@ impl<'a> Trainer<'a> {
             pause_in_save: None,
             group: None,
             totals: RankTotals::default(),
+            checkpointing: false,
         })
     }
 
@@ -470,14 +474,23 @@ impl<'a> Trainer<'a> {
                     continue; // every answer was cut by --max-len
                 }
                 let (ids, labels) = batch_tensors(&refs, &device)?;
-                let mut cache = self.model.new_cache();
                 // Only the positions that predict an answer token go through the head.
                 let (rows, answer) = labelled_rows(&labels, self.model.config().vocab_size)?;
                 let rows = Tensor::new(rows.as_slice(), &device)?;
-                let logits = self.model.forward_rows(&ids, &mut cache, &rows)?;
                 let answer = Tensor::new(answer.as_slice(), &device)?;
-                let loss = (selected_rows_loss(&logits, &answer)? * (targets as f64 / step_targets as f64))?;
-                let mut value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                // The micro-batch's share of the step's token-weighted mean.
+                let weight = 1.0 / step_targets as f64;
+                let out = if self.checkpointing {
+                    self.model.checkpointed_gradients(&ids, &rows, &answer, weight, &vars)?
+                } else {
+                    let mut cache = self.model.new_cache();
+                    let loss = (self.model.nll_rows(&ids, &mut cache, &rows, &answer)?.sum_all()? * weight)?;
+                    let store = loss.backward()?;
+                    // Detached: a gradient carrying a graph would keep this step's activations alive.
+                    let grads = vars.iter().map(|v| store.get(v.as_tensor()).map(Tensor::detach)).collect();
+                    Gradients { loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads }
+                };
+                let mut value = out.loss;
                 if hooks.inject_nan_at_step == Some(step + 1) {
                     value = f64::NAN;
                 }
@@ -487,11 +500,9 @@ impl<'a> Trainer<'a> {
                 if !value.is_finite() {
                     break; // the ranks stop together, below
                 }
-                let grads = loss.backward()?;
                 (hooks.on_memory)();
-                for (slot, var) in acc.iter_mut().zip(&vars) {
-                    // Detached: a gradient carrying a graph would keep this step's activations alive.
-                    let g = grads.get(var.as_tensor()).context("an adapter parameter received no gradient")?.detach();
+                for (slot, g) in acc.iter_mut().zip(out.grads) {
+                    let g = g.context("an adapter parameter received no gradient")?;
                     *slot = Some(match slot.take() {
                         Some(prev) => (prev + &g)?,
                         None => g,
@@ -517,7 +528,7 @@ impl<'a> Trainer<'a> {
                 return Err(self.diverged(step, "gradient norm", grad_norm));
             }
             let lr = learning_rate(&s, step, total);
-            self.optimizer.step_flat(&clip(flat, grad_norm, s.max_grad_norm)?, lr)?;
+            self.optimizer.step_scaled(&flat, clip_scale(grad_norm, s.max_grad_norm), lr)?;
             let seconds = started.elapsed().as_secs_f64();
             self.totals.seconds += seconds;
             let rec = StepRecord {

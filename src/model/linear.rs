@@ -464,6 +464,17 @@ impl Linear {
         grad.reshape(x.dims())?.to_dtype(x.dtype())
     }
 
+    /// The frozen base product of training (see `frozen_training_value`) without gradient tracking, for ops
+    /// that fuse this layer with what follows it (the LM head with the loss).
+    pub fn frozen_forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.frozen_training_value(&x.detach())
+    }
+
+    /// `dy · W` for the frozen weight, shaped like `x`: the input gradient of [`Linear::frozen_forward`].
+    pub fn frozen_input_grad(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        Self::input_grad(&self.weight, x, g)
+    }
+
     /// The base product plus bias, no gradient tracking.
     fn frozen_value(&self, x: &Tensor) -> Result<Tensor> {
         self.with_bias(self.base_product(x)?)
@@ -501,11 +512,7 @@ impl Linear {
         let (in_f, out_f) = (self.in_features, self.out_features);
         let rows = x.elem_count() / in_f;
         let keep = 1.0 - l.dropout as f64;
-        let mask = if l.dropout > 0.0 {
-            Some(Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(l.dropout as f64)?)
-        } else {
-            None
-        };
+        let mask = if l.dropout > 0.0 { Some(dropout_tape::mask(x, l.dropout)?) } else { None };
         let cd = l.a.dtype();
         // The inverted-dropout factor 1/keep rides on the scale (fewer element-wise passes).
         let dropped = move |x: &Tensor, mask: &Option<Tensor>| -> Result<Tensor> {
@@ -580,6 +587,94 @@ impl Module for Linear {
             }
             None => Ok(y),
         }
+    }
+}
+
+/// The adapters' dropout masks, drawn in one pass and handed back in a later pass over the same layer:
+/// activation checkpointing recomputes a layer in the backward pass, and the recomputation must drop the
+/// inputs the first pass dropped. Per thread (each data-parallel rank is a thread of its own).
+pub mod dropout_tape {
+    use candle_core::{Result, Tensor};
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    /// Masks to hand out instead of drawing (a replay), and masks handed out so far (a recording).
+    #[derive(Default)]
+    struct Tape {
+        replay: Option<VecDeque<Tensor>>,
+        kept: Option<Vec<Tensor>>,
+    }
+
+    thread_local! {
+        static TAPE: RefCell<Tape> = RefCell::new(Tape::default());
+    }
+
+    /// Puts an enclosing recording back when a recording ends (also when it fails); the enclosing one keeps
+    /// the masks too.
+    struct EndRecording(Option<Vec<Tensor>>);
+
+    impl Drop for EndRecording {
+        fn drop(&mut self) {
+            let mut outer = self.0.take();
+            TAPE.with(|t| {
+                let mut t = t.borrow_mut();
+                if let (Some(outer), Some(inner)) = (&mut outer, &t.kept) {
+                    outer.extend(inner.iter().cloned());
+                }
+                t.kept = outer;
+            });
+        }
+    }
+
+    /// Puts an enclosing replay back when a replay ends (also when it fails).
+    struct EndReplay(Option<VecDeque<Tensor>>);
+
+    impl Drop for EndReplay {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            TAPE.with(|t| t.borrow_mut().replay = outer);
+        }
+    }
+
+    /// Run `f`, keeping every dropout mask it uses, in order.
+    pub fn record<R>(f: impl FnOnce() -> R) -> (R, Vec<Tensor>) {
+        let end = EndRecording(TAPE.with(|t| t.borrow_mut().kept.replace(vec![])));
+        let out = f();
+        let kept = TAPE.with(|t| t.borrow().kept.clone()).unwrap_or_default();
+        drop(end);
+        (out, kept)
+    }
+
+    /// Run `f` with the masks [`record`] kept for the same computation, in the order they were drawn; it
+    /// must use every one.
+    pub fn replay<R>(masks: Vec<Tensor>, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let end = EndReplay(TAPE.with(|t| t.borrow_mut().replay.replace(masks.into())));
+        let out = f()?;
+        let left = TAPE.with(|t| t.borrow().replay.as_ref().map_or(0, |q| q.len()));
+        drop(end);
+        if left > 0 {
+            candle_core::bail!("dropout replay: {left} masks were not used");
+        }
+        Ok(out)
+    }
+
+    /// A keep-mask (u8 1/0) for `x`, dropping with probability `p`: replayed, or drawn.
+    pub fn mask(x: &Tensor, p: f32) -> Result<Tensor> {
+        let replayed = TAPE.with(|t| t.borrow_mut().replay.as_mut().map(|q| q.pop_front()));
+        let m = match replayed {
+            Some(Some(m)) if m.shape() == x.shape() => m,
+            Some(Some(m)) => {
+                candle_core::bail!("dropout replay: a mask of shape {:?} for an input of {:?}", m.dims(), x.dims())
+            }
+            Some(None) => candle_core::bail!("dropout replay: more masks asked for than were recorded"),
+            None => Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p as f64)?,
+        };
+        TAPE.with(|t| {
+            if let Some(kept) = &mut t.borrow_mut().kept {
+                kept.push(m.clone());
+            }
+        });
+        Ok(m)
     }
 }
 

@@ -128,7 +128,6 @@ impl Model {
     fn run(&self, ids: &Tensor, cache: &mut KvCache, positions: Positions) -> candle_core::Result<Tensor> {
         let (batch, t) = ids.dims2()?;
         cache.check_room(t)?;
-        let offset = cache.len();
         let x = self.embed.forward(ids)?;
         if t == 1 && self.ops == Ops::Fused && x.device().is_cuda() {
             let logits = if batch == 1 && !cache.has_spans() {
@@ -170,6 +169,22 @@ impl Model {
                 return self.cast_logits(logits);
             }
         }
+        let x = self.trunk(x, cache, positions)?;
+        // The head sees only the selected rows; it takes the path the layers took for the whole pass, so a
+        // row's logits do not depend on how many rows were selected (or batched).
+        let logits = if Linear::many_rows(batch * t) {
+            self.lm_head.forward_as_many_rows(&x)?
+        } else {
+            self.lm_head.forward(&x)?
+        };
+        self.cast_logits(logits)
+    }
+
+    /// The layers through tensor ops, then the final norm at the `positions` asked for; the cache advances
+    /// once.
+    fn trunk(&self, x: Tensor, cache: &mut KvCache, positions: Positions) -> candle_core::Result<Tensor> {
+        let (batch, t, _) = x.dims3()?;
+        let offset = cache.len();
         // Rows of different lengths or a shared prefix: per-row positions and visible spans.
         let (mask, spans) = if cache.has_spans() {
             if self.ops == Ops::Differentiable || (!cache.starts().is_empty() && cache.starts().len() != batch) {
@@ -192,15 +207,19 @@ impl Model {
                 x.reshape((batch * t, hidden))?.index_select(rows, 0)?
             }
         };
-        let x = self.final_norm.forward(&x, self.ops)?;
-        // The head sees only the selected rows; it takes the path the layers took for the whole pass, so a
-        // row's logits do not depend on how many rows were selected (or batched).
-        let logits = if Linear::many_rows(batch * t) {
-            self.lm_head.forward_as_many_rows(&x)?
-        } else {
-            self.lm_head.forward(&x)?
-        };
-        self.cast_logits(logits)
+        self.final_norm.forward(&x, self.ops)
+    }
+
+    /// The per-row negative log-likelihood `[rows]` (f32) of `targets` at the positions `rows`.
+    fn head_loss(&self, x: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        let head = &self.lm_head;
+        crate::ops::autograd::head_cross_entropy(
+            x,
+            targets,
+            self.cfg.vocab_size,
+            |rows| head.frozen_forward(rows),
+            |rows, d| head.frozen_input_grad(rows, d),
+        )
     }
 
     fn cuda_pass(&self) -> bool {
@@ -261,6 +280,102 @@ impl Model {
         self.run(ids, cache, Positions::Rows(rows))
     }
 
+    /// The training loss of the positions `rows` (as for [`Model::forward_rows`]) against `targets` (u32, one
+    /// per row): each row's negative log-likelihood, `[rows]` f32. The head and the cross-entropy are one op
+    /// (`ops::autograd::head_cross_entropy`): the logits of all rows never exist at once and the graph keeps
+    /// none. Appends all of `ids` to `cache`.
+    pub fn nll_rows(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        rows: &Tensor,
+        targets: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        cache.check_room(ids.dim(1)?)?;
+        let x = self.trunk(self.embed.forward(ids)?, cache, Positions::Rows(rows))?;
+        self.head_loss(&x, targets)
+    }
+
+    /// One backward pass with activation checkpointing: the gradient of `weight · Σ nll_rows(ids, rows,
+    /// targets)` for each of `vars` (`None` where one gets none), and that loss. The forward pass keeps only
+    /// each layer's input (and the adapters' dropout masks); the backward pass runs each layer again, last
+    /// to first, with its graph, and takes that layer's gradients from it. Memory for activations drops
+    /// from every layer's intermediates to one layer's, for a second forward pass of the layers.
+    pub fn checkpointed_gradients(
+        &self,
+        ids: &Tensor,
+        rows: &Tensor,
+        targets: &Tensor,
+        weight: f64,
+        vars: &[candle_core::Var],
+    ) -> candle_core::Result<Gradients> {
+        use crate::model::linear::dropout_tape;
+        if self.ops != Ops::Differentiable {
+            candle_core::bail!("activation checkpointing needs the differentiable ops");
+        }
+        let (batch, t) = ids.dims2()?;
+        let x = self.embed.forward(ids)?;
+        let mask = causal_mask_for(t, 0, &x, self.ops)?;
+        // Each layer runs on a cache of its own: nothing of a pass outlives its layer.
+        let layer = |i: usize, x: Tensor| -> candle_core::Result<Tensor> {
+            let mut scratch = self.new_cache();
+            let mut step = Step {
+                cache: &mut scratch,
+                offset: 0,
+                mask: mask.clone(),
+                rotary: &self.rotary,
+                ops: self.ops,
+                spans: None,
+            };
+            self.layers.forward_layer(i, x, &mut step)
+        };
+        let layers = self.layers.num_layers();
+        let mut inputs = Vec::with_capacity(layers);
+        let mut x = x;
+        for i in 0..layers {
+            let (y, masks) = dropout_tape::record(|| layer(i, x.clone()));
+            inputs.push((x, masks));
+            // Detached: the layer's graph (its intermediates) goes now.
+            x = y?.detach();
+        }
+        let last = candle_core::Var::from_tensor(&x)?;
+        drop(x);
+        let hidden = last.as_tensor().dim(D::Minus1)?;
+        let selected = last.as_tensor().reshape((batch * t, hidden))?.index_select(rows, 0)?;
+        let loss = (self.head_loss(&self.final_norm.forward(&selected, self.ops)?, targets)?.sum_all()? * weight)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let store = loss.backward()?;
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut add = |store: &candle_core::backprop::GradStore| -> candle_core::Result<()> {
+            for (slot, var) in grads.iter_mut().zip(vars) {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    let g = g.detach();
+                    *slot = Some(match slot.take() {
+                        Some(prev) => (prev + g)?,
+                        None => g,
+                    });
+                }
+            }
+            Ok(())
+        };
+        add(&store)?;
+        let mut upstream = store.get(last.as_tensor()).map(|g| g.detach());
+        drop(store);
+        while let Some((input, masks)) = inputs.pop() {
+            let Some(g) = upstream.take() else { break };
+            let i = inputs.len();
+            // The first layer's input is the embedding, which learns nothing: no gradient for it.
+            let var = if i > 0 { Some(candle_core::Var::from_tensor(&input)?) } else { None };
+            let x = var.as_ref().map_or(input, |v| v.as_tensor().clone());
+            let y = dropout_tape::replay(masks, || layer(i, x))?;
+            // d(y · g)/dθ: the layer's share of the loss's gradient, with g the gradient of its output.
+            let store = (y * &g)?.sum_all()?.backward()?;
+            add(&store)?;
+            upstream = var.and_then(|v| store.get(v.as_tensor()).map(|g| g.detach()));
+        }
+        Ok(Gradients { loss: value, grads })
+    }
+
     /// Start a batch of prompts of different lengths in an empty `cache`: each is padded on the left to the
     /// longest (the padding is never attended to and positions count from each prompt's first token). Returns
     /// the logits at each prompt's last token, `[rows, vocab]`; later steps take `[rows, 1]` as usual.
@@ -316,6 +431,14 @@ impl Model {
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
     }
+}
+
+/// A training pass's loss and gradients (what [`Model::checkpointed_gradients`] gives back).
+pub struct Gradients {
+    /// The weighted loss.
+    pub loss: f64,
+    /// Each variable's gradient, in the order asked for; `None` where one got none.
+    pub grads: Vec<Option<Tensor>>,
 }
 
 /// Which positions of a pass go through the final norm and the head.
@@ -381,6 +504,56 @@ mod tests {
                 }
                 let ids = Tensor::from_vec(next, (prompts.len(), 1), device)?;
                 logits = m.forward_last(&ids, &mut cache)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Activation checkpointing gives the gradients of the whole graph: every architecture, adapters on every
+    /// linear layer with dropout (the layers run again must drop what the first pass dropped), f32, rows of
+    /// two sequences through the fused head + loss.
+    #[test]
+    fn checkpointed_gradients_equal_the_whole_graph() -> Result<()> {
+        use crate::model::adapter::{Lora, LoraConfig};
+        use crate::model::linear::dropout_tape;
+        let device = Device::Cpu;
+        for spec in arch::REGISTRY {
+            let cfg = ModelConfig::from_hf_json(&(spec.tiny_config)(320))?;
+            let mut m = Model::build(&cfg, &Weights::random(cfg.architecture, DType::F32, &device))?;
+            let config = LoraConfig {
+                r: 4,
+                lora_alpha: 8.0,
+                target_modules: vec!["all-linear".into()],
+                lora_dropout: 0.3,
+                base_model_name_or_path: None,
+            };
+            let lora = Lora::init(&mut m, config, 3)?;
+            // B starts at zero: give it values so that every gradient is non-zero.
+            for (i, (_, _, b)) in lora.params.iter().enumerate() {
+                b.set(&crate::testing::seeded_randn(300 + i as u64, 0.0, 0.1, b.dims()))?;
+            }
+            m.set_ops(Ops::Differentiable);
+            lora.attach_trainable(&mut m, 0.3)?;
+            let ids = Tensor::new(&[[3u32, 9, 27, 81, 243, 5, 15, 45], [2, 4, 8, 16, 32, 64, 128, 256]], &device)?;
+            let rows = Tensor::new(&[2u32, 5, 6, 9, 12, 15], &device)?;
+            let targets = Tensor::new(&[7u32, 1, 300, 42, 0, 99], &device)?;
+            let vars = lora.vars();
+            let (whole, masks) = dropout_tape::record(|| -> Result<(f64, Vec<Tensor>)> {
+                let loss = (m.nll_rows(&ids, &mut m.new_cache(), &rows, &targets)?.sum_all()? * 0.25)?;
+                let store = loss.backward()?;
+                let grads = vars.iter().map(|v| store.get(v.as_tensor()).expect("a gradient").clone()).collect();
+                Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+            });
+            let (loss, whole) = whole?;
+            assert_eq!(masks.len(), lora.params.len(), "one dropout mask per adapter");
+            let ours = dropout_tape::replay(masks, || m.checkpointed_gradients(&ids, &rows, &targets, 0.25, &vars))?;
+            assert!((ours.loss - loss).abs() <= 1e-6 * loss.abs(), "{}: loss {} vs {loss}", spec.name, ours.loss);
+            for (i, (a, b)) in ours.grads.iter().zip(&whole).enumerate() {
+                let a = a.as_ref().expect("every adapter gets a gradient");
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let largest = b.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(largest > 0.0, "{}: gradient {i} is zero", spec.name);
+                assert!(d <= 1e-5 * largest, "{}: gradient {i} off by {d} (largest {largest})", spec.name);
             }
         }
         Ok(())

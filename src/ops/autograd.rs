@@ -341,6 +341,53 @@ pub fn cross_entropy_rows(logits: &Tensor, rows: &Tensor, targets: &Tensor) -> R
     })
 }
 
+/// Bytes of f32 logits one chunk of [`head_cross_entropy`] holds at a time.
+const HEAD_CHUNK_BYTES: usize = 32 << 20;
+
+/// The LM head and the cross-entropy as one op: the per-row negative log-likelihood (`[n]`, f32) of
+/// `targets` (u32 `[n]`) under `head(x)` for `x` `[n, hidden]`, taken `HEAD_CHUNK_BYTES` of logits at a time
+/// (rows × vocabulary), so the logits of every row never exist at once (`n × 128k` of them for Llama-3's
+/// vocabulary). The head is frozen, so the gradient of each row's loss is known while its logits are at
+/// hand: `(softmax − onehot) · W` (through `input_grad(x rows, d logits)`) is kept per row (`[n, hidden]`
+/// f32) and the backward pass only scales it by the incoming gradient. No logits are computed again and
+/// the graph keeps no logits at all.
+pub fn head_cross_entropy(
+    x: &Tensor,
+    targets: &Tensor,
+    vocab: usize,
+    head: impl Fn(&Tensor) -> Result<Tensor>,
+    input_grad: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    if targets.dims() != [n] {
+        candle_core::bail!("head cross-entropy: {:?} targets for {n} rows", targets.dims());
+    }
+    let chunk = (HEAD_CHUNK_BYTES / (4 * vocab.max(1))).max(1);
+    let track = x.track_op();
+    let detached = x.detach();
+    let (mut losses, mut grads) = (vec![], vec![]);
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let rows = detached.narrow(0, start, len)?;
+        let t = targets.narrow(0, start, len)?.unsqueeze(1)?;
+        let logp = candle_nn::ops::log_softmax(&head(&rows)?.to_dtype(DType::F32)?, D::Minus1)?;
+        losses.push(logp.gather(&t, 1)?.squeeze(1)?.neg()?);
+        if track {
+            let ones = Tensor::ones((len, 1), DType::F32, x.device())?;
+            let d = logp.exp()?.scatter_add(&t, &ones.neg()?, 1)?;
+            grads.push(input_grad(&rows, &d.to_dtype(x.dtype())?)?.to_dtype(DType::F32)?);
+        }
+    }
+    let value = Tensor::cat(&losses, 0)?;
+    if !track {
+        return Ok(value);
+    }
+    let per_row = Tensor::cat(&grads, 0)?;
+    with_backward(x, value, "head-cross-entropy", move |x, _, g| {
+        per_row.broadcast_mul(&g.to_dtype(DType::F32)?.unsqueeze(1)?)?.to_dtype(x.dtype())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,5 +486,23 @@ mod tests {
         let lp = candle_nn::ops::log_softmax(&picked, D::Minus1).unwrap();
         let plain = lp.gather(&t.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap();
         check_all(&ours, &plain, &[&logits], "cross-entropy");
+    }
+
+    /// The fused head + loss against the head's logits through `cross_entropy_rows`, with more rows than one
+    /// chunk holds (a vocabulary of 300k makes chunks of 27 rows: 64 rows take three).
+    #[test]
+    fn head_cross_entropy_matches_logits_then_loss() {
+        let (n, hidden, vocab) = (64, 6, 300_000);
+        let w = crate::testing::seeded_randn(215, 0.0, 0.5, &[vocab, hidden]);
+        let x = Var::from_tensor(&crate::testing::seeded_randn(216, 0.0, 1.0, &[n, hidden])).unwrap();
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 4_099 + 17) % vocab as u32).collect();
+        let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let head = |x: &Tensor| x.matmul(&w.t()?);
+        let fused = head_cross_entropy(x.as_tensor(), &targets, vocab, head, |_, d: &Tensor| d.matmul(&w)).unwrap();
+        let rows = Tensor::arange(0u32, n as u32, &Device::Cpu).unwrap();
+        let plain = cross_entropy_rows(&head(x.as_tensor()).unwrap(), &rows, &targets).unwrap();
+        check_all(&fused, &plain, &[&x], "head cross-entropy");
+        let untracked = head_cross_entropy(&x.as_tensor().detach(), &targets, vocab, head, |_, _| unreachable!());
+        assert!(!untracked.unwrap().track_op(), "no gradient is prepared for an input that needs none");
     }
 }

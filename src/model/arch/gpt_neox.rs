@@ -149,31 +149,33 @@ impl GptNeoXLayers {
 }
 
 impl Layers for GptNeoXLayers {
-    fn forward(&self, mut x: Tensor, s: &mut Step) -> candle_core::Result<Tensor> {
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn forward_layer(&self, i: usize, x: Tensor, s: &mut Step) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, hd) = (self.cfg.num_heads, self.cfg.head_dim);
         let ops = s.ops;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let hs = blk.input_norm.forward(&x, ops)?;
-            // query_key_value rows are grouped per head as [q | k | v] of head_dim each.
-            let qkv = blk.qkv.forward(&hs)?.reshape((b, t, nh, 3 * hd))?.transpose(1, 2)?;
-            let q = s.rotate_query(&qkv.narrow(3, 0, hd)?)?;
-            let k = s.rotate_key(&qkv.narrow(3, hd, hd)?)?;
-            let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
-            let attn = blk.dense.forward(&s.attention(&q, &k, &v, i)?)?;
-            let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
-                blk.down.forward(&activation(&blk.up.forward(input)?, self.cfg.activation)?)
-            };
-            x = if self.cfg.parallel_residual {
-                let m = mlp(&blk.post_norm.forward(&x, ops)?)?;
-                ((&x + attn)? + m)?
-            } else {
-                let x1 = (&x + attn)?;
-                let m = mlp(&blk.post_norm.forward(&x1, ops)?)?;
-                (x1 + m)?
-            };
+        let blk = &self.blocks[i];
+        let hs = blk.input_norm.forward(&x, ops)?;
+        // query_key_value rows are grouped per head as [q | k | v] of head_dim each.
+        let qkv = blk.qkv.forward(&hs)?.reshape((b, t, nh, 3 * hd))?.transpose(1, 2)?;
+        let q = s.rotate_query(&qkv.narrow(3, 0, hd)?)?;
+        let k = s.rotate_key(&qkv.narrow(3, hd, hd)?)?;
+        let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
+        let attn = blk.dense.forward(&s.attention(&q, &k, &v, i)?)?;
+        let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
+            blk.down.forward(&activation(&blk.up.forward(input)?, self.cfg.activation)?)
+        };
+        if self.cfg.parallel_residual {
+            let m = mlp(&blk.post_norm.forward(&x, ops)?)?;
+            (&x + attn)? + m
+        } else {
+            let x1 = (&x + attn)?;
+            let m = mlp(&blk.post_norm.forward(&x1, ops)?)?;
+            x1 + m
         }
-        Ok(x)
     }
 
     fn graph_layers(&self) -> Option<Vec<GraphLayer<'_>>> {

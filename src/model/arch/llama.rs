@@ -172,20 +172,22 @@ impl LlamaLayers {
 }
 
 impl Layers for LlamaLayers {
-    fn forward(&self, mut x: Tensor, s: &mut Step) -> candle_core::Result<Tensor> {
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn forward_layer(&self, i: usize, x: Tensor, s: &mut Step) -> candle_core::Result<Tensor> {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let hs = blk.attn_norm.forward(&x, s.ops)?;
-            let q = s.rotate_query(&split_heads(&blk.q.forward(&hs)?, nh, hd)?)?;
-            let k = s.rotate_key(&split_heads(&blk.k.forward(&hs)?, nkv, hd)?)?;
-            let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
-            let attn = s.attention(&q, &k, &v, i)?;
-            x = (x + blk.o.forward(&attn)?)?;
-            let hs = blk.mlp_norm.forward(&x, s.ops)?;
-            let gated = gated(&blk.gate.forward(&hs)?, &blk.up.forward(&hs)?, self.cfg.activation, s.ops)?;
-            x = (x + blk.down.forward(&gated)?)?;
-        }
-        Ok(x)
+        let blk = &self.blocks[i];
+        let hs = blk.attn_norm.forward(&x, s.ops)?;
+        let q = s.rotate_query(&split_heads(&blk.q.forward(&hs)?, nh, hd)?)?;
+        let k = s.rotate_key(&split_heads(&blk.k.forward(&hs)?, nkv, hd)?)?;
+        let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
+        let attn = s.attention(&q, &k, &v, i)?;
+        let x = (x + blk.o.forward(&attn)?)?;
+        let hs = blk.mlp_norm.forward(&x, s.ops)?;
+        let gated = gated(&blk.gate.forward(&hs)?, &blk.up.forward(&hs)?, self.cfg.activation, s.ops)?;
+        x + blk.down.forward(&gated)?
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {

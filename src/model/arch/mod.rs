@@ -243,8 +243,19 @@ impl Step<'_> {
 
 /// An architecture's layers: everything between the embedding and the final norm.
 pub trait Layers: std::fmt::Debug + Send + Sync {
+    /// How many layers there are.
+    fn num_layers(&self) -> usize;
+
+    /// Run layer `i` over its input `[b, t, hidden]`; appends the layer's keys and values.
+    fn forward_layer(&self, i: usize, x: Tensor, step: &mut Step) -> candle_core::Result<Tensor>;
+
     /// Run every layer over the embedded input `[b, t, hidden]`; appends each layer's keys and values.
-    fn forward(&self, x: Tensor, step: &mut Step) -> candle_core::Result<Tensor>;
+    fn forward(&self, mut x: Tensor, step: &mut Step) -> candle_core::Result<Tensor> {
+        for i in 0..self.num_layers() {
+            x = self.forward_layer(i, x, step)?;
+        }
+        Ok(x)
+    }
 
     /// Every linear layer by its module name below the layers prefix (`{i}.self_attn.q_proj`).
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;

@@ -172,35 +172,37 @@ impl StableLmLayers {
 }
 
 impl Layers for StableLmLayers {
-    fn forward(&self, mut x: Tensor, s: &mut Step) -> candle_core::Result<Tensor> {
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn forward_layer(&self, i: usize, x: Tensor, s: &mut Step) -> candle_core::Result<Tensor> {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let ops = s.ops;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let hs = blk.input_norm.forward(&x, ops)?;
-            let mut q = split_heads(&blk.q.forward(&hs)?, nh, hd)?;
-            let mut k = split_heads(&blk.k.forward(&hs)?, nkv, hd)?;
-            if let (Some(qn), Some(kn)) = (&blk.q_norm, &blk.k_norm) {
-                q = qn.forward(&q, ops)?;
-                k = kn.forward(&k, ops)?;
-            }
-            let q = s.rotate_query(&q)?;
-            let k = s.rotate_key(&k)?;
-            let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
-            let attn = blk.o.forward(&s.attention(&q, &k, &v, i)?)?;
-            let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
-                let gated = gated(&blk.gate.forward(input)?, &blk.up.forward(input)?, self.cfg.activation, ops)?;
-                blk.down.forward(&gated)
-            };
-            x = match &blk.post_norm {
-                None => (&x + attn)?.add(&mlp(&hs)?)?,
-                Some(post) => {
-                    let x1 = (&x + attn)?;
-                    let m = mlp(&post.forward(&x1, ops)?)?;
-                    (x1 + m)?
-                }
-            };
+        let blk = &self.blocks[i];
+        let hs = blk.input_norm.forward(&x, ops)?;
+        let mut q = split_heads(&blk.q.forward(&hs)?, nh, hd)?;
+        let mut k = split_heads(&blk.k.forward(&hs)?, nkv, hd)?;
+        if let (Some(qn), Some(kn)) = (&blk.q_norm, &blk.k_norm) {
+            q = qn.forward(&q, ops)?;
+            k = kn.forward(&k, ops)?;
         }
-        Ok(x)
+        let q = s.rotate_query(&q)?;
+        let k = s.rotate_key(&k)?;
+        let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
+        let attn = blk.o.forward(&s.attention(&q, &k, &v, i)?)?;
+        let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
+            let gated = gated(&blk.gate.forward(input)?, &blk.up.forward(input)?, self.cfg.activation, ops)?;
+            blk.down.forward(&gated)
+        };
+        match &blk.post_norm {
+            None => (&x + attn)?.add(&mlp(&hs)?),
+            Some(post) => {
+                let x1 = (&x + attn)?;
+                let m = mlp(&post.forward(&x1, ops)?)?;
+                x1 + m
+            }
+        }
     }
 
     fn graph_layers(&self) -> Option<Vec<GraphLayer<'_>>> {

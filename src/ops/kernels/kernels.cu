@@ -919,6 +919,20 @@ FUSED_OPS(float, f32)
 FUSED_OPS(bf16, bf16)
 FUSED_OPS(__half, f16)
 
+// torch's AdamW over [theta | m | v] (3n f32, in place) from n f32 gradients scaled by gscale (clipping); the
+// same f32 operations as the CPU's loop (finetune/optim.rs).
+extern "C" __global__ void adamw_f32(float* state, const float* g, int n, float beta1, float beta2, float eps,
+                                     float decay, float step_size, float inv_sqrt_bc2, float gscale) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float gi = g[i] * gscale;
+        float m = beta1 * state[n + i] + (1.0f - beta1) * gi;
+        float v = beta2 * state[2 * n + i] + (1.0f - beta2) * (gi * gi);
+        state[n + i] = m;
+        state[2 * n + i] = v;
+        state[i] = state[i] * decay - step_size * (m / (sqrtf(v) * inv_sqrt_bc2 + eps));
+    }
+}
+
 // (value, index) argmax over the block, first index on ties; every thread gets the winner's index.
 __device__ __forceinline__ int block_argmax(float best, int idx, float* rv, int* ri) {
 #pragma unroll
