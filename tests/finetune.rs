@@ -1,6 +1,7 @@
 //! `billion finetune` end to end on self-made tiny models: a learnable task lowers held-out loss (dense,
 //! Q8_0-quantized and GGUF bases), merged models equal base + adapter, a forced NaN keeps the last good
-//! adapter, Ctrl-C checkpoints and the printed `--resume` command finishes the same run in place.
+//! adapter, Ctrl-C checkpoints and the printed `--resume` command finishes the same run in place, and
+//! `--checkpointing` trains the same adapter.
 
 mod common;
 
@@ -280,5 +281,45 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_same_run() {
     for (k, v) in &resumed {
         let d = (v - &straight[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d <= 1e-6, "{k}: the resumed run ends {d} away from the uninterrupted one");
+    }
+}
+
+/// `--checkpointing` trades memory for time only: the same run with it writes the same adapter (to rounding)
+/// and records that it was on.
+#[test]
+fn checkpointing_trains_the_same_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_chat_model(&model, 8).unwrap();
+    common::write_even_odd_task(&dir.path().join("train.jsonl"), 0, 24);
+    let steps = ["--epochs", "1", "--max-steps", "3", "--targets", "all", "--show", "0", "--json"];
+    let run = |out: &str, extra: &[&str]| {
+        let mut a = steps.to_vec();
+        a.extend_from_slice(extra);
+        let o = run_ok(&args(&model, dir.path(), out, &a));
+        let json: serde_json::Value = serde_json::from_str(&common::stdout(&o)).unwrap();
+        let t = candle_core::safetensors::load(
+            dir.path().join(out).join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        (json, t)
+    };
+    let (plain, a) = run("plain", &[]);
+    let (ckpt, b) = run("ckpt", &["--checkpointing"]);
+    assert_eq!(plain["checkpointing"], false);
+    assert_eq!(ckpt["checkpointing"], true);
+    let losses = |j: &serde_json::Value| -> Vec<f64> {
+        j["loss_curve"].as_array().unwrap().iter().map(|s| s["loss"].as_f64().unwrap()).collect()
+    };
+    for (x, y) in losses(&plain).iter().zip(losses(&ckpt)) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "step losses {x} vs {y}");
+    }
+    assert_eq!(a.len(), b.len());
+    for (name, x) in &a {
+        let y = &b[name];
+        let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let m = x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-4 * m, "{name}: adapters {d} apart (largest value {m})");
     }
 }
