@@ -517,6 +517,7 @@ impl Linear {
         // The inverted-dropout factor 1/keep rides on the scale (fewer element-wise passes).
         let dropped = move |x: &Tensor, mask: &Option<Tensor>| -> Result<Tensor> {
             match mask {
+                Some(m) if cd == DType::F32 => crate::ops::backward::masked_f32(x, m)?.reshape((rows, in_f)),
                 Some(m) => (x * m.to_dtype(x.dtype())?)?.reshape((rows, in_f))?.to_dtype(cd),
                 None => x.reshape((rows, in_f))?.to_dtype(cd),
             }
@@ -536,7 +537,10 @@ impl Linear {
             let dx = if needs[0] {
                 let mut lora_dx = gxa.matmul(a)?;
                 if let Some(m) = &mask {
-                    lora_dx = (lora_dx * m.reshape((rows, in_f))?.to_dtype(cd)?)?;
+                    lora_dx = match cd {
+                        DType::F32 => crate::ops::backward::masked_f32(&lora_dx, &m.reshape((rows, in_f))?)?,
+                        _ => (lora_dx * m.reshape((rows, in_f))?.to_dtype(cd)?)?,
+                    };
                 }
                 let base = Self::input_grad(&weight, x, g)?;
                 Some((base + lora_dx.reshape(x.dims())?.to_dtype(x.dtype())?)?)

@@ -207,12 +207,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let value = candle_nn::ops::rms_norm(&x.detach(), w, eps as f32)?;
     let w = w.clone();
     with_backward(x, value, "rms-norm", move |x, _, g| {
-        let x32 = x.to_dtype(DType::F32)?;
-        let rstd = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        let xhat = x32.broadcast_mul(&rstd)?;
-        let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
-        let proj = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
-        gw.broadcast_sub(&xhat.broadcast_mul(&proj)?)?.broadcast_mul(&rstd)?.to_dtype(x.dtype())
+        crate::ops::backward::rms_norm_backward(x, &w.to_dtype(x.dtype())?, &g.to_dtype(x.dtype())?, eps)
     })
 }
 
@@ -265,21 +260,13 @@ pub fn with_backward2(
     x.apply_op2(y, Precomputed2 { value: Value::new(value, name)?, bwd: Box::new(bwd) })
 }
 
-/// SwiGLU `silu(gate) · up`; the backward recomputes `silu` from `gate` instead of keeping it, in the compute
-/// dtype (as autograd frameworks do for bf16 activations).
+/// SwiGLU `silu(gate) · up`; the backward recomputes `silu` from `gate` instead of keeping it (one op,
+/// `ops::backward::swiglu_backward`, in f32 inside).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let value = (candle_nn::ops::silu(&gate.detach())? * up.detach())?;
     with_backward2(gate, up, value, "swiglu", |[x, up], [need_gate, need_up], g| {
-        let sig = candle_nn::ops::sigmoid(x)?;
-        let dgate = need_gate
-            .then(|| -> Result<Tensor> {
-                // silu'(x) = σ(x) · (1 + x · (1 - σ(x)))
-                let d = (&sig * ((x * (1.0 - &sig)?)? + 1.0)?)?;
-                (g * up)? * d
-            })
-            .transpose()?;
-        let dup = need_up.then(|| -> Result<Tensor> { g * (x * &sig)? }).transpose()?;
-        Ok((dgate, dup))
+        let (dgate, dup) = crate::ops::backward::swiglu_backward(x, up, &g.to_dtype(x.dtype())?)?;
+        Ok((need_gate.then_some(dgate), need_up.then_some(dup)))
     })
 }
 

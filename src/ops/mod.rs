@@ -2,6 +2,7 @@
 //! training ops with hand-written backward passes. They take and return tensors; no model types.
 
 pub mod autograd;
+pub mod backward;
 pub mod cpu;
 pub mod fused;
 #[cfg(feature = "cuda")]

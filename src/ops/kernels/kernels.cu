@@ -896,6 +896,47 @@ __device__ void swiglu(const T* g, const T* u, T* y, size_t n) {
     }
 }
 
+// RMSNorm's input gradient, one warp per row (weights frozen): dx = rstd·g·w − x·rstd³·Σ(g·w·x)/cols; the same
+// f32 steps as the CPU loop (ops/backward.rs).
+template <typename T>
+__device__ void rms_norm_backward(const T* x, const T* w, const T* g, T* dx, int rows, int cols, float eps) {
+    int row = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (size_t)row * cols;
+    const T* gr = g + (size_t)row * cols;
+    T* dr = dx + (size_t)row * cols;
+    float ss = 0.f, sgx = 0.f;
+    for (int j = lane; j < cols; j += 32) {
+        float xv = to_f(xr[j]), gw = to_f(gr[j]) * to_f(w[j]);
+        ss += xv * xv;
+        sgx += gw * xv;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        sgx += __shfl_xor_sync(0xffffffffu, sgx, o);
+    }
+    float rstd = 1.f / sqrtf(ss / cols + eps);
+    float c = rstd * rstd * rstd * sgx / cols;
+    for (int j = lane; j < cols; j += 32) dr[j] = from_f<T>(rstd * to_f(gr[j]) * to_f(w[j]) - c * to_f(xr[j]));
+}
+
+// SwiGLU's gradients: out[i] = d gate, out[n + i] = d up, with silu'(x) = σ(x)(1 + x(1 − σ(x))).
+template <typename T> __device__ void swiglu_backward(const T* x, const T* u, const T* g, T* out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float a = to_f(x[i]), gg = to_f(g[i]);
+        float s = 1.f / (1.f + expf(-a));
+        out[i] = from_f<T>(gg * to_f(u[i]) * (s * (1.f + a * (1.f - s))));
+        out[(size_t)n + i] = from_f<T>(gg * (a * s));
+    }
+}
+
+// x ⊙ mask widened to f32 (mask u8 1/0): the adapters' dropout.
+template <typename T> __device__ void masked_f32(const T* x, const unsigned char* m, float* out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        out[i] = m[i] ? to_f(x[i]) : 0.f;
+}
+
 #define FUSED_OPS(T, NAME)                                                                                          \
     extern "C" __global__ void causal_softmax_##NAME(const T* x, T* y, int rows, int total, int t, int offset) {  \
         causal_softmax<T>(x, y, rows, total, t, offset);                                                            \
@@ -913,6 +954,17 @@ __device__ void swiglu(const T* g, const T* u, T* y, size_t n) {
     }                                                                                                               \
     extern "C" __global__ void swiglu_##NAME(const T* g, const T* u, T* y, unsigned long long n) {                 \
         swiglu<T>(g, u, y, (size_t)n);                                                                              \
+    }                                                                                                               \
+    extern "C" __global__ void rms_norm_backward_##NAME(const T* x, const T* w, const T* g, T* dx, int rows,       \
+                                                       int cols, float eps) {                                     \
+        rms_norm_backward<T>(x, w, g, dx, rows, cols, eps);                                                         \
+    }                                                                                                               \
+    extern "C" __global__ void swiglu_backward_##NAME(const T* x, const T* u, const T* g, T* out, int n, int,       \
+                                                     float) {                                                     \
+        swiglu_backward<T>(x, u, g, out, n);                                                                        \
+    }                                                                                                               \
+    extern "C" __global__ void masked_f32_##NAME(const T* x, const unsigned char* m, float* out, int n) {            \
+        masked_f32<T>(x, m, out, n);                                                                                \
     }
 
 FUSED_OPS(float, f32)

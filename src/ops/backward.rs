@@ -1,0 +1,452 @@
+//! Training's element-wise and per-row steps as single ops (a loop on the CPU, one kernel on CUDA) instead of a
+//! handful to a dozen candle ops each: RMSNorm's input gradient, SwiGLU's two gradients, and the adapters'
+//! dropout (mask, widen to f32). Each is checked against the composition of candle ops it replaces, and on a
+//! GPU the kernels against the CPU loops.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+
+/// The input gradient of RMSNorm `y = x / rms(x) · w` (weights frozen): `x`, `g` `[.., cols]`, `w` `[cols]`,
+/// all of one float dtype; computed in f32, returned in that dtype.
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, g) = (x.contiguous()?, g.contiguous()?);
+    x.apply_op3_no_bwd(&w.contiguous()?, &g, &RmsNormBackward { eps: eps as f32 })
+}
+
+/// SwiGLU `silu(gate) · up`'s gradients `(d gate, d up)` for the output gradient `g` (all of one shape and
+/// float dtype), computed in f32.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (gate, up, g) = (gate.contiguous()?, up.contiguous()?, g.contiguous()?);
+    let n = gate.elem_count();
+    let both = gate.apply_op3_no_bwd(&up, &g, &SwiGluBackward)?;
+    Ok((both.narrow(0, 0, n)?.reshape(gate.shape())?, both.narrow(0, n, n)?.reshape(gate.shape())?))
+}
+
+/// `x ⊙ mask` in f32 (`mask` u8 1/0 of `x`'s shape, `x` f32, bf16 or f16): the adapters' dropped input, and
+/// the same mask on its gradient.
+pub fn masked_f32(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (x, mask) = (x.contiguous()?, mask.contiguous()?);
+    x.apply_op2_no_bwd(&mask, &MaskedF32)
+}
+
+struct MaskedF32;
+
+impl candle_core::CustomOp2 for MaskedF32 {
+    fn name(&self) -> &'static str {
+        "masked-f32"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, m: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
+        if xl.shape() != ml.shape() {
+            candle_core::bail!("masked-f32: input {:?}, mask {:?}", xl.dims(), ml.dims());
+        }
+        let CpuStorage::U8(m) = m else { candle_core::bail!("masked-f32: the mask must be u8") };
+        let m = contiguous(m, ml, self.name())?;
+        fn run<T: WithDType>(x: &[T], m: &[u8]) -> Vec<f32> {
+            x.iter().zip(m).map(|(x, &m)| if m != 0 { x.to_f64() as f32 } else { 0.0 }).collect()
+        }
+        let out = match x {
+            CpuStorage::F32(x) => run(contiguous(x, xl, self.name())?, m),
+            CpuStorage::BF16(x) => run(contiguous(x, xl, self.name())?, m),
+            CpuStorage::F16(x) => run(contiguous(x, xl, self.name())?, m),
+            _ => candle_core::bail!("masked-f32: unsupported dtype"),
+        };
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        m: &candle_core::CudaStorage,
+        ml: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if xl.shape() != ml.shape() {
+            candle_core::bail!("masked-f32: input {:?}, mask {:?}", xl.dims(), ml.dims());
+        }
+        Ok((cuda::masked_f32(x, xl, m, ml)?, xl.shape().clone()))
+    }
+}
+
+struct RmsNormBackward {
+    eps: f32,
+}
+
+struct SwiGluBackward;
+
+/// One row of RMSNorm's input gradient: `dx = rstd · g·w − x · rstd³ · Σ(g·w·x) / cols`.
+fn rms_row<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f32, dx: &mut [T]) {
+    let f = |v: T| v.to_f64() as f32;
+    let (mut ss, mut sgx) = (0f32, 0f32);
+    for ((x, w), g) in x.iter().zip(w).zip(g) {
+        let (xv, gw) = (f(*x), f(*g) * f(*w));
+        ss += xv * xv;
+        sgx += gw * xv;
+    }
+    let cols = x.len() as f32;
+    let rstd = 1.0 / (ss / cols + eps).sqrt();
+    let c = rstd * rstd * rstd * sgx / cols;
+    for (((d, x), w), g) in dx.iter_mut().zip(x).zip(w).zip(g) {
+        *d = T::from_f64((rstd * f(*g) * f(*w) - c * f(*x)) as f64);
+    }
+}
+
+/// `(d gate, d up)` of one element: `silu'(x) = σ(x)(1 + x(1 − σ(x)))`.
+fn swiglu_grads(x: f32, up: f32, g: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + (-x).exp());
+    (g * up * (s * (1.0 + x * (1.0 - s))), g * (x * s))
+}
+
+fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: input not contiguous"),
+    }
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = wl.shape().elem_count();
+        if cols == 0 || xl.shape().dims().last() != Some(&cols) || xl.shape() != gl.shape() {
+            candle_core::bail!("rms-norm-backward: x {:?}, w {:?}, g {:?}", xl.dims(), wl.dims(), gl.dims());
+        }
+        fn run<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f32, cols: usize) -> Vec<T> {
+            let mut dx = vec![T::zero(); x.len()];
+            for ((dx, x), g) in dx.chunks_mut(cols).zip(x.chunks(cols)).zip(g.chunks(cols)) {
+                rms_row(x, w, g, eps, dx);
+            }
+            dx
+        }
+        let name = self.name();
+        let out = match (x, w, g) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(run(
+                contiguous(x, xl, name)?,
+                contiguous(w, wl, name)?,
+                contiguous(g, gl, name)?,
+                self.eps,
+                cols,
+            )),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => CpuStorage::BF16(run(
+                contiguous(x, xl, name)?,
+                contiguous(w, wl, name)?,
+                contiguous(g, gl, name)?,
+                self.eps,
+                cols,
+            )),
+            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => CpuStorage::F16(run(
+                contiguous(x, xl, name)?,
+                contiguous(w, wl, name)?,
+                contiguous(g, gl, name)?,
+                self.eps,
+                cols,
+            )),
+            _ => candle_core::bail!("rms-norm-backward: unsupported or mismatched dtypes"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let cols = wl.shape().elem_count();
+        if cols == 0 || xl.shape().dims().last() != Some(&cols) || xl.shape() != gl.shape() {
+            candle_core::bail!("rms-norm-backward: x {:?}, w {:?}, g {:?}", xl.dims(), wl.dims(), gl.dims());
+        }
+        let rows = xl.shape().elem_count() / cols;
+        let args = cuda::Args { ints: [rows as i32, cols as i32], eps: self.eps };
+        let out = cuda::three_in(x, xl, w, wl, g, gl, "rms_norm_backward", xl.shape().elem_count(), rows, &args)?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if xl.shape() != ul.shape() || xl.shape() != gl.shape() {
+            candle_core::bail!("swiglu-backward: gate {:?}, up {:?}, g {:?}", xl.dims(), ul.dims(), gl.dims());
+        }
+        fn run<T: WithDType>(x: &[T], u: &[T], g: &[T]) -> Vec<T> {
+            let n = x.len();
+            let mut out = vec![T::zero(); 2 * n];
+            let (dgate, dup) = out.split_at_mut(n);
+            for i in 0..n {
+                let f = |v: T| v.to_f64() as f32;
+                let (a, b) = swiglu_grads(f(x[i]), f(u[i]), f(g[i]));
+                dgate[i] = T::from_f64(a as f64);
+                dup[i] = T::from_f64(b as f64);
+            }
+            out
+        }
+        let name = self.name();
+        let out = match (x, u, g) {
+            (CpuStorage::F32(x), CpuStorage::F32(u), CpuStorage::F32(g)) => {
+                CpuStorage::F32(run(contiguous(x, xl, name)?, contiguous(u, ul, name)?, contiguous(g, gl, name)?))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(u), CpuStorage::BF16(g)) => {
+                CpuStorage::BF16(run(contiguous(x, xl, name)?, contiguous(u, ul, name)?, contiguous(g, gl, name)?))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(u), CpuStorage::F16(g)) => {
+                CpuStorage::F16(run(contiguous(x, xl, name)?, contiguous(u, ul, name)?, contiguous(g, gl, name)?))
+            }
+            _ => candle_core::bail!("swiglu-backward: unsupported or mismatched dtypes"),
+        };
+        Ok((out, Shape::from(2 * xl.shape().elem_count())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if xl.shape() != ul.shape() || xl.shape() != gl.shape() {
+            candle_core::bail!("swiglu-backward: gate {:?}, up {:?}, g {:?}", xl.dims(), ul.dims(), gl.dims());
+        }
+        let n = xl.shape().elem_count();
+        let args = cuda::Args { ints: [n as i32, 0], eps: 0.0 };
+        let out = cuda::three_in(x, xl, u, ul, g, gl, "swiglu_backward", 2 * n, 0, &args)?;
+        Ok((out, Shape::from(2 * n)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::ops::fused::cuda::kernel;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice};
+    use candle_core::{DType, Layout, Result};
+    use half::{bf16, f16};
+
+    /// `masked_f32_{dtype}(x, mask, out, n)`.
+    pub fn masked_f32(x: &CudaStorage, xl: &Layout, m: &CudaStorage, ml: &Layout) -> Result<CudaStorage> {
+        let dev = x.device.clone();
+        let bad = || candle_core::Error::Msg("masked-f32: inputs not contiguous".into());
+        let (x1, x2) = xl.contiguous_offsets().ok_or_else(bad)?;
+        let (m1, m2) = ml.contiguous_offsets().ok_or_else(bad)?;
+        let CudaStorageSlice::U8(mask) = &m.slice else { candle_core::bail!("masked-f32: the mask must be u8") };
+        let mask = mask.slice(m1..m2);
+        let n = x2 - x1;
+        let f = kernel(&dev, &format!("masked_f32_{}", suffix(x.dtype())?))?;
+        let stream = dev.cuda_stream();
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(256).clamp(1, 65535), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n32 = n as i32;
+        // SAFETY: the kernel writes every element of `out`.
+        let out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(n)? };
+        macro_rules! run {
+            ($x:expr) => {{
+                let xv = $x.slice(x1..x2);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&xv).arg(&mask).arg(&out).arg(&n32);
+                // SAFETY: n elements of x, mask and out.
+                unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+            }};
+        }
+        match &x.slice {
+            CudaStorageSlice::F32(v) => run!(v),
+            CudaStorageSlice::BF16(v) => run!(v),
+            CudaStorageSlice::F16(v) => run!(v),
+            _ => candle_core::bail!("masked-f32: unsupported dtype"),
+        }
+        Ok(CudaStorage { slice: CudaStorageSlice::F32(out), device: dev })
+    }
+
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        Ok(match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            dt => candle_core::bail!("no kernel for {dt:?}"),
+        })
+    }
+
+    pub struct Args {
+        pub ints: [i32; 2],
+        pub eps: f32,
+    }
+
+    /// `name_{dtype}(a, b, c, out, ints.., [eps])` over contiguous inputs of one dtype, `out` of `n` elements:
+    /// with `rows > 0` one warp per row (8 per block) and `eps` passed, else a grid-stride loop.
+    #[allow(clippy::too_many_arguments)]
+    pub fn three_in(
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        c: &CudaStorage,
+        cl: &Layout,
+        name: &str,
+        n: usize,
+        rows: usize,
+        args: &Args,
+    ) -> Result<CudaStorage> {
+        let dev = a.device.clone();
+        let bad = || candle_core::Error::Msg(format!("{name}: inputs not contiguous"));
+        let (a1, a2) = al.contiguous_offsets().ok_or_else(bad)?;
+        let (b1, b2) = bl.contiguous_offsets().ok_or_else(bad)?;
+        let (c1, c2) = cl.contiguous_offsets().ok_or_else(bad)?;
+        let f = kernel(&dev, &format!("{name}_{}", suffix(a.dtype())?))?;
+        let stream = dev.cuda_stream();
+        let cfg = if rows > 0 {
+            LaunchConfig { grid_dim: ((rows as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+        } else {
+            let blocks = (n as u32).div_ceil(256).clamp(1, 65535);
+            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+        };
+        macro_rules! run {
+            ($t:ty, $a:expr, $b:expr, $c:expr, $variant:ident) => {{
+                let (av, bv, cv) = ($a.slice(a1..a2), $b.slice(b1..b2), $c.slice(c1..c2));
+                // SAFETY: the kernel writes every element of `out`.
+                let out: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
+                let mut builder = stream.launch_builder(&f);
+                builder.arg(&av).arg(&bv).arg(&cv).arg(&out).arg(&args.ints[0]).arg(&args.ints[1]).arg(&args.eps);
+                // SAFETY: argument types and counts are the kernel's; every index stays inside these slices.
+                unsafe { builder.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+                CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
+            }};
+        }
+        Ok(match (&a.slice, &b.slice, &c.slice) {
+            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(y), CudaStorageSlice::F32(z)) => run!(f32, x, y, z, F32),
+            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(y), CudaStorageSlice::BF16(z)) => {
+                run!(bf16, x, y, z, BF16)
+            }
+            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(y), CudaStorageSlice::F16(z)) => run!(f16, x, y, z, F16),
+            _ => candle_core::bail!("{name}: unsupported or mismatched dtypes"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::seeded_randn;
+    use candle_core::DType;
+    use candle_core::D;
+
+    /// Widened to f32 for comparisons.
+    fn f32s(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// The composed RMSNorm backward `ops::autograd::rms_norm` used before this op (f32 throughout).
+    fn rms_reference(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Tensor {
+        let rstd = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps).unwrap().sqrt().unwrap().recip().unwrap();
+        let xhat = x.broadcast_mul(&rstd).unwrap();
+        let gw = g.broadcast_mul(w).unwrap();
+        let proj = (&gw * &xhat).unwrap().mean_keepdim(D::Minus1).unwrap();
+        gw.broadcast_sub(&xhat.broadcast_mul(&proj).unwrap()).unwrap().broadcast_mul(&rstd).unwrap()
+    }
+
+    fn swiglu_reference(x: &Tensor, up: &Tensor, g: &Tensor) -> (Tensor, Tensor) {
+        let sig = candle_nn::ops::sigmoid(x).unwrap();
+        let d = (&sig * ((x * (1.0 - &sig).unwrap()).unwrap() + 1.0).unwrap()).unwrap();
+        (((g * up).unwrap() * d).unwrap(), (g * (x * &sig).unwrap()).unwrap())
+    }
+
+    /// Largest difference relative to the largest reference value.
+    fn off(got: &Tensor, want: &Tensor) -> f32 {
+        let (a, b) = (f32s(got), f32s(want));
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    #[test]
+    fn single_ops_equal_the_compositions() {
+        let x = seeded_randn(501, 0.3, 1.5, &[3, 5, 40]);
+        let w = seeded_randn(502, 1.0, 0.2, &[40]);
+        let g = seeded_randn(503, 0.0, 1.0, &[3, 5, 40]);
+        let d = off(&rms_norm_backward(&x, &w, &g, 1e-5).unwrap(), &rms_reference(&x, &w, &g, 1e-5));
+        assert!(d < 1e-5, "rms-norm backward off by {d}");
+        let up = seeded_randn(504, 0.0, 1.0, &[3, 5, 40]);
+        let (dg, du) = swiglu_backward(&x, &up, &g).unwrap();
+        let (wg, wu) = swiglu_reference(&x, &up, &g);
+        assert_eq!(dg.dims(), x.dims());
+        let (a, b) = (off(&dg, &wg), off(&du, &wu));
+        assert!(a < 1e-5 && b < 1e-5, "swiglu backward off by {a} (gate), {b} (up)");
+        // Half precision: the same values from inputs rounded to bf16, within bf16's rounding of the result.
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let (xb, wb, gb, ub) = (bf(&x), bf(&w), bf(&g), bf(&up));
+        let up32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let want = rms_reference(&up32(&xb), &up32(&wb), &up32(&gb), 1e-5);
+        let d = off(&rms_norm_backward(&xb, &wb, &gb, 1e-5).unwrap(), &want);
+        assert!(d < 1e-2, "bf16 rms-norm backward off by {d}");
+        let (wg, _) = swiglu_reference(&up32(&xb), &up32(&ub), &up32(&gb));
+        let d = off(&swiglu_backward(&xb, &ub, &gb).unwrap().0, &wg);
+        assert!(d < 1e-2, "bf16 swiglu backward off by {d}");
+        let mask =
+            candle_core::Tensor::rand(0f32, 1f32, x.shape(), &candle_core::Device::Cpu).unwrap().ge(0.3).unwrap();
+        for t in [&x, &xb] {
+            let want = (t.to_dtype(DType::F32).unwrap() * mask.to_dtype(DType::F32).unwrap()).unwrap();
+            assert_eq!(f32s(&masked_f32(t, &mask).unwrap()), f32s(&want), "masked input");
+        }
+    }
+
+    /// The kernels against the CPU loops, where a GPU is present.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn kernels_equal_the_cpu_loops() {
+        let Ok(gpu) = candle_core::Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return;
+        };
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let t = |seed, mean, std, shape: &[usize]| seeded_randn(seed, mean, std, shape).to_dtype(dtype).unwrap();
+            let (x, w, g, up) = (
+                t(511, 0.3, 1.5, &[7, 2048]),
+                t(512, 1.0, 0.2, &[2048]),
+                t(513, 0.0, 1.0, &[7, 2048]),
+                t(514, 0.0, 1.0, &[7, 2048]),
+            );
+            let on = |t: &Tensor| t.to_device(&gpu).unwrap();
+            let want = rms_norm_backward(&x, &w, &g, 1e-5).unwrap();
+            let d = off(&rms_norm_backward(&on(&x), &on(&w), &on(&g), 1e-5).unwrap(), &want);
+            assert!(d < tol, "{dtype:?} rms-norm backward kernel off by {d}");
+            let (wg, wu) = swiglu_backward(&x, &up, &g).unwrap();
+            let (dg, du) = swiglu_backward(&on(&x), &on(&up), &on(&g)).unwrap();
+            let (a, b) = (off(&dg, &wg), off(&du, &wu));
+            assert!(a < tol && b < tol, "{dtype:?} swiglu backward kernel off by {a} (gate), {b} (up)");
+            let mask =
+                candle_core::Tensor::rand(0f32, 1f32, x.shape(), &candle_core::Device::Cpu).unwrap().ge(0.3).unwrap();
+            let want = masked_f32(&x, &mask).unwrap();
+            assert_eq!(f32s(&masked_f32(&on(&x), &on(&mask)).unwrap()), f32s(&want), "{dtype:?} masked input");
+        }
+    }
+}
