@@ -223,8 +223,8 @@ impl candle_core::InplaceOp2 for Update {
         let mut state = state.slice_mut(s1..s2);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        let n32 = n as i32;
-        b.arg(&mut state).arg(&g).arg(&n32);
+        let n64 = n as i64;
+        b.arg(&mut state).arg(&g).arg(&n64);
         for a in
             [&self.beta1, &self.beta2, &self.eps, &self.decay, &self.step_size, &self.inv_sqrt_bc2, &self.grad_scale]
         {

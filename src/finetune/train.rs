@@ -486,6 +486,8 @@ impl<'a> Trainer<'a> {
                     let mut cache = self.model.new_cache();
                     let loss = (self.model.nll_rows(&ids, &mut cache, &rows, &answer)?.sum_all()? * weight)?;
                     let store = loss.backward()?;
+                    // Sampled while the graph and the gradients are alive.
+                    (hooks.on_memory)();
                     // Detached: a gradient carrying a graph would keep this step's activations alive.
                     let grads = vars.iter().map(|v| store.get(v.as_tensor()).map(Tensor::detach)).collect();
                     Gradients { loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads }
@@ -500,7 +502,9 @@ impl<'a> Trainer<'a> {
                 if !value.is_finite() {
                     break; // the ranks stop together, below
                 }
-                (hooks.on_memory)();
+                if self.checkpointing {
+                    (hooks.on_memory)();
+                }
                 for (slot, g) in acc.iter_mut().zip(out.grads) {
                     let g = g.context("an adapter parameter received no gradient")?;
                     *slot = Some(match slot.take() {

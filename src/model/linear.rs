@@ -505,22 +505,24 @@ impl Linear {
     }
 
     /// Training with an adapter: `W x + b + scale · B A (mask ⊙ x / keep)` as one op of (x, A, B). Its graph
-    /// node keeps only x (shared with the layer's other projections), A, B, the dropout mask as bytes and the
-    /// output; the backward recomputes the rank-r product instead of storing the dropped input, the adapter's
-    /// output or the base output.
+    /// node keeps only x (shared with the layer's other projections), A, B, the dropout mask's seed (the mask
+    /// is a hash of the seed and the element's index, drawn again where it is needed) and the output; the
+    /// backward recomputes the rank-r product instead of storing the dropped input, the adapter's output or
+    /// the base output.
     fn forward_lora_training(&self, x: &Tensor, l: &LoraAdapter) -> Result<Tensor> {
         let (in_f, out_f) = (self.in_features, self.out_features);
         let rows = x.elem_count() / in_f;
         let keep = 1.0 - l.dropout as f64;
-        let mask = if l.dropout > 0.0 { Some(dropout_tape::mask(x, l.dropout)?) } else { None };
+        let p = l.dropout;
+        let mask = if p > 0.0 { Some(dropout_tape::seed()?) } else { None };
         let cd = l.a.dtype();
         // The inverted-dropout factor 1/keep rides on the scale (fewer element-wise passes).
-        let dropped = move |x: &Tensor, mask: &Option<Tensor>| -> Result<Tensor> {
-            match mask {
-                Some(m) if cd == DType::F32 => crate::ops::backward::masked_f32(x, m)?.reshape((rows, in_f)),
-                Some(m) => (x * m.to_dtype(x.dtype())?)?.reshape((rows, in_f))?.to_dtype(cd),
-                None => x.reshape((rows, in_f))?.to_dtype(cd),
-            }
+        let dropped = move |x: &Tensor, mask: &Option<u64>| -> Result<Tensor> {
+            let x = match mask {
+                Some(seed) => crate::ops::backward::dropout_f32(x, *seed, p)?,
+                None => x.clone(),
+            };
+            x.reshape((rows, in_f))?.to_dtype(cd)
         };
         let scale = if mask.is_some() { l.scale / keep } else { l.scale };
         let xd = dropped(&x.detach(), &mask)?;
@@ -536,11 +538,8 @@ impl Linear {
             let da = needs[1].then(|| gxa.t()?.matmul(&xd)).transpose()?;
             let dx = if needs[0] {
                 let mut lora_dx = gxa.matmul(a)?;
-                if let Some(m) = &mask {
-                    lora_dx = match cd {
-                        DType::F32 => crate::ops::backward::masked_f32(&lora_dx, &m.reshape((rows, in_f))?)?,
-                        _ => (lora_dx * m.reshape((rows, in_f))?.to_dtype(cd)?)?,
-                    };
+                if let Some(seed) = mask {
+                    lora_dx = crate::ops::backward::dropout_f32(&lora_dx, seed, p)?.to_dtype(cd)?;
                 }
                 let base = Self::input_grad(&weight, x, g)?;
                 Some((base + lora_dx.reshape(x.dims())?.to_dtype(x.dtype())?)?)
@@ -596,17 +595,19 @@ impl Module for Linear {
 
 /// The adapters' dropout masks, drawn in one pass and handed back in a later pass over the same layer:
 /// activation checkpointing recomputes a layer in the backward pass, and the recomputation must drop the
-/// inputs the first pass dropped. Per thread (each data-parallel rank is a thread of its own).
+/// inputs the first pass dropped. A mask is a seed (`ops::backward::dropout_f32` hashes it with each element's
+/// index), so the tape holds one number per adapter. Per thread (each data-parallel rank is a thread of its
+/// own).
 pub mod dropout_tape {
-    use candle_core::{Result, Tensor};
+    use candle_core::Result;
     use std::cell::RefCell;
     use std::collections::VecDeque;
 
-    /// Masks to hand out instead of drawing (a replay), and masks handed out so far (a recording).
+    /// Seeds to hand out instead of drawing (a replay), and seeds handed out so far (a recording).
     #[derive(Default)]
     struct Tape {
-        replay: Option<VecDeque<Tensor>>,
-        kept: Option<Vec<Tensor>>,
+        replay: Option<VecDeque<u64>>,
+        kept: Option<Vec<u64>>,
     }
 
     thread_local! {
@@ -614,8 +615,8 @@ pub mod dropout_tape {
     }
 
     /// Puts an enclosing recording back when a recording ends (also when it fails); the enclosing one keeps
-    /// the masks too.
-    struct EndRecording(Option<Vec<Tensor>>);
+    /// the seeds too.
+    struct EndRecording(Option<Vec<u64>>);
 
     impl Drop for EndRecording {
         fn drop(&mut self) {
@@ -623,25 +624,30 @@ pub mod dropout_tape {
             TAPE.with(|t| {
                 let mut t = t.borrow_mut();
                 if let (Some(outer), Some(inner)) = (&mut outer, &t.kept) {
-                    outer.extend(inner.iter().cloned());
+                    outer.extend(inner.iter().copied());
                 }
                 t.kept = outer;
             });
         }
     }
 
-    /// Puts an enclosing replay back when a replay ends (also when it fails).
-    struct EndReplay(Option<VecDeque<Tensor>>);
+    /// Puts an enclosing replay and recording back when a replay ends (also when it fails). A replay records
+    /// nothing: what it hands out was recorded already.
+    struct EndReplay(Option<VecDeque<u64>>, Option<Vec<u64>>);
 
     impl Drop for EndReplay {
         fn drop(&mut self) {
-            let outer = self.0.take();
-            TAPE.with(|t| t.borrow_mut().replay = outer);
+            let (replay, kept) = (self.0.take(), self.1.take());
+            TAPE.with(|t| {
+                let mut t = t.borrow_mut();
+                t.replay = replay;
+                t.kept = kept;
+            });
         }
     }
 
-    /// Run `f`, keeping every dropout mask it uses, in order.
-    pub fn record<R>(f: impl FnOnce() -> R) -> (R, Vec<Tensor>) {
+    /// Run `f`, keeping every dropout seed it uses, in order.
+    pub fn record<R>(f: impl FnOnce() -> R) -> (R, Vec<u64>) {
         let end = EndRecording(TAPE.with(|t| t.borrow_mut().kept.replace(vec![])));
         let out = f();
         let kept = TAPE.with(|t| t.borrow().kept.clone()).unwrap_or_default();
@@ -649,10 +655,13 @@ pub mod dropout_tape {
         (out, kept)
     }
 
-    /// Run `f` with the masks [`record`] kept for the same computation, in the order they were drawn; it
+    /// Run `f` with the seeds [`record`] kept for the same computation, in the order they were drawn; it
     /// must use every one.
-    pub fn replay<R>(masks: Vec<Tensor>, f: impl FnOnce() -> Result<R>) -> Result<R> {
-        let end = EndReplay(TAPE.with(|t| t.borrow_mut().replay.replace(masks.into())));
+    pub fn replay<R>(seeds: Vec<u64>, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let end = TAPE.with(|t| {
+            let mut t = t.borrow_mut();
+            EndReplay(t.replay.replace(seeds.into()), t.kept.take())
+        });
         let out = f()?;
         let left = TAPE.with(|t| t.borrow().replay.as_ref().map_or(0, |q| q.len()));
         drop(end);
@@ -662,23 +671,20 @@ pub mod dropout_tape {
         Ok(out)
     }
 
-    /// A keep-mask (u8 1/0) for `x`, dropping with probability `p`: replayed, or drawn.
-    pub fn mask(x: &Tensor, p: f32) -> Result<Tensor> {
+    /// The seed of the next dropout mask: replayed, or drawn.
+    pub fn seed() -> Result<u64> {
         let replayed = TAPE.with(|t| t.borrow_mut().replay.as_mut().map(|q| q.pop_front()));
-        let m = match replayed {
-            Some(Some(m)) if m.shape() == x.shape() => m,
-            Some(Some(m)) => {
-                candle_core::bail!("dropout replay: a mask of shape {:?} for an input of {:?}", m.dims(), x.dims())
-            }
+        let seed = match replayed {
+            Some(Some(seed)) => seed,
             Some(None) => candle_core::bail!("dropout replay: more masks asked for than were recorded"),
-            None => Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p as f64)?,
+            None => rand::random(),
         };
         TAPE.with(|t| {
             if let Some(kept) = &mut t.borrow_mut().kept {
-                kept.push(m.clone());
+                kept.push(seed);
             }
         });
-        Ok(m)
+        Ok(seed)
     }
 }
 

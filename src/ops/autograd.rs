@@ -328,11 +328,18 @@ pub fn cross_entropy_rows(logits: &Tensor, rows: &Tensor, targets: &Tensor) -> R
     })
 }
 
-/// Bytes of f32 logits one chunk of [`head_cross_entropy`] holds at a time.
-const HEAD_CHUNK_BYTES: usize = 32 << 20;
+/// Bytes of f32 logits one chunk of [`head_cross_entropy`] holds at a time: on the GPU enough rows that each
+/// chunk's two head products stay compute-bound (512 rows of Llama-3's 128k vocabulary), on the CPU little.
+fn head_chunk_bytes(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        32 << 20
+    } else {
+        256 << 20
+    }
+}
 
 /// The LM head and the cross-entropy as one op: the per-row negative log-likelihood (`[n]`, f32) of
-/// `targets` (u32 `[n]`) under `head(x)` for `x` `[n, hidden]`, taken `HEAD_CHUNK_BYTES` of logits at a time
+/// `targets` (u32 `[n]`) under `head(x)` for `x` `[n, hidden]`, taken a bounded block of logits at a time
 /// (rows × vocabulary), so the logits of every row never exist at once (`n × 128k` of them for Llama-3's
 /// vocabulary). The head is frozen, so the gradient of each row's loss is known while its logits are at
 /// hand: `(softmax − onehot) · W` (through `input_grad(x rows, d logits)`) is kept per row (`[n, hidden]`
@@ -349,7 +356,7 @@ pub fn head_cross_entropy(
     if targets.dims() != [n] {
         candle_core::bail!("head cross-entropy: {:?} targets for {n} rows", targets.dims());
     }
-    let chunk = (HEAD_CHUNK_BYTES / (4 * vocab.max(1))).max(1);
+    let chunk = (head_chunk_bytes(x.device()) / (4 * vocab.max(1))).max(1);
     let track = x.track_op();
     let detached = x.detach();
     let (mut losses, mut grads) = (vec![], vec![]);

@@ -1,6 +1,6 @@
 //! Training's element-wise and per-row steps as single ops (a loop on the CPU, one kernel on CUDA) instead of a
 //! handful to a dozen candle ops each: RMSNorm's input gradient, SwiGLU's two gradients, and the adapters'
-//! dropout (mask, widen to f32). Each is checked against the composition of candle ops it replaces, and on a
+//! dropout (a seeded mask, widened to f32). Each is checked against the composition of candle ops it replaces, and on a
 //! GPU the kernels against the CPU loops.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
@@ -21,50 +21,60 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor
     Ok((both.narrow(0, 0, n)?.reshape(gate.shape())?, both.narrow(0, n, n)?.reshape(gate.shape())?))
 }
 
-/// `x ⊙ mask` in f32 (`mask` u8 1/0 of `x`'s shape, `x` f32, bf16 or f16): the adapters' dropped input, and
-/// the same mask on its gradient.
-pub fn masked_f32(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (x, mask) = (x.contiguous()?, mask.contiguous()?);
-    x.apply_op2_no_bwd(&mask, &MaskedF32)
+/// `x ⊙ mask` in f32 (`x` f32, bf16 or f16): the adapters' dropout, and the same mask on its gradient. The
+/// mask is no tensor: element `i` is kept when `dropout_keeps(seed, i, ·)`, on the CPU and in the kernel alike,
+/// so a layer run again (activation checkpointing) or a backward pass needs only the seed.
+pub fn dropout_f32(x: &Tensor, seed: u64, p: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&DropoutF32 { seed, threshold: drop_threshold(p) })
 }
 
-struct MaskedF32;
+/// `p` as the 24-bit threshold `dropout_keeps` compares with.
+fn drop_threshold(p: f32) -> u32 {
+    (p.clamp(0.0, 1.0) as f64 * (1u64 << 24) as f64).round() as u32
+}
 
-impl candle_core::CustomOp2 for MaskedF32 {
+/// splitmix64's output for step `i + 1` of the sequence seeded `seed`.
+fn splitmix(seed: u64, i: u64) -> u64 {
+    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Does element `i` of the dropout mask seeded `seed` keep its value? Its hash's top 24 bits, a uniform draw
+/// in [0, 2²⁴), against `threshold` (`p · 2²⁴`).
+fn dropout_keeps(seed: u64, i: u64, threshold: u32) -> bool {
+    (splitmix(seed, i) >> 40) as u32 >= threshold
+}
+
+struct DropoutF32 {
+    seed: u64,
+    threshold: u32,
+}
+
+impl candle_core::CustomOp1 for DropoutF32 {
     fn name(&self) -> &'static str {
-        "masked-f32"
+        "dropout-f32"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, m: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
-        if xl.shape() != ml.shape() {
-            candle_core::bail!("masked-f32: input {:?}, mask {:?}", xl.dims(), ml.dims());
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(x: &[T], seed: u64, threshold: u32) -> Vec<f32> {
+            let keep = |i: usize, v: T| if dropout_keeps(seed, i as u64, threshold) { v.to_f64() as f32 } else { 0.0 };
+            x.iter().enumerate().map(|(i, &v)| keep(i, v)).collect()
         }
-        let CpuStorage::U8(m) = m else { candle_core::bail!("masked-f32: the mask must be u8") };
-        let m = contiguous(m, ml, self.name())?;
-        fn run<T: WithDType>(x: &[T], m: &[u8]) -> Vec<f32> {
-            x.iter().zip(m).map(|(x, &m)| if m != 0 { x.to_f64() as f32 } else { 0.0 }).collect()
-        }
+        let (name, seed, th) = (self.name(), self.seed, self.threshold);
         let out = match x {
-            CpuStorage::F32(x) => run(contiguous(x, xl, self.name())?, m),
-            CpuStorage::BF16(x) => run(contiguous(x, xl, self.name())?, m),
-            CpuStorage::F16(x) => run(contiguous(x, xl, self.name())?, m),
-            _ => candle_core::bail!("masked-f32: unsupported dtype"),
+            CpuStorage::F32(x) => run(contiguous(x, xl, name)?, seed, th),
+            CpuStorage::BF16(x) => run(contiguous(x, xl, name)?, seed, th),
+            CpuStorage::F16(x) => run(contiguous(x, xl, name)?, seed, th),
+            _ => candle_core::bail!("dropout-f32: unsupported dtype"),
         };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        m: &candle_core::CudaStorage,
-        ml: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if xl.shape() != ml.shape() {
-            candle_core::bail!("masked-f32: input {:?}, mask {:?}", xl.dims(), ml.dims());
-        }
-        Ok((cuda::masked_f32(x, xl, m, ml)?, xl.shape().clone()))
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, xl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::dropout_f32(x, xl, self.seed, self.threshold)?, xl.shape().clone()))
     }
 }
 
@@ -172,7 +182,7 @@ impl CustomOp3 for RmsNormBackward {
             candle_core::bail!("rms-norm-backward: x {:?}, w {:?}, g {:?}", xl.dims(), wl.dims(), gl.dims());
         }
         let rows = xl.shape().elem_count() / cols;
-        let args = cuda::Args { ints: [rows as i32, cols as i32], eps: self.eps };
+        let args = cuda::Args { count: rows as i64, cols: cols as i32, eps: self.eps };
         let out = cuda::three_in(x, xl, w, wl, g, gl, "rms_norm_backward", xl.shape().elem_count(), rows, &args)?;
         Ok((out, xl.shape().clone()))
     }
@@ -237,7 +247,7 @@ impl CustomOp3 for SwiGluBackward {
             candle_core::bail!("swiglu-backward: gate {:?}, up {:?}, g {:?}", xl.dims(), ul.dims(), gl.dims());
         }
         let n = xl.shape().elem_count();
-        let args = cuda::Args { ints: [n as i32, 0], eps: 0.0 };
+        let args = cuda::Args { count: n as i64, cols: 0, eps: 0.0 };
         let out = cuda::three_in(x, xl, u, ul, g, gl, "swiglu_backward", 2 * n, 0, &args)?;
         Ok((out, Shape::from(2 * n)))
     }
@@ -252,31 +262,28 @@ mod cuda {
     use candle_core::{DType, Layout, Result};
     use half::{bf16, f16};
 
-    /// `masked_f32_{dtype}(x, mask, out, n)`.
-    pub fn masked_f32(x: &CudaStorage, xl: &Layout, m: &CudaStorage, ml: &Layout) -> Result<CudaStorage> {
+    /// `dropout_f32_{dtype}(x, out, n, seed, threshold)`.
+    pub fn dropout_f32(x: &CudaStorage, xl: &Layout, seed: u64, threshold: u32) -> Result<CudaStorage> {
         let dev = x.device.clone();
-        let bad = || candle_core::Error::Msg("masked-f32: inputs not contiguous".into());
+        let bad = || candle_core::Error::Msg("dropout-f32: input not contiguous".into());
         let (x1, x2) = xl.contiguous_offsets().ok_or_else(bad)?;
-        let (m1, m2) = ml.contiguous_offsets().ok_or_else(bad)?;
-        let CudaStorageSlice::U8(mask) = &m.slice else { candle_core::bail!("masked-f32: the mask must be u8") };
-        let mask = mask.slice(m1..m2);
         let n = x2 - x1;
-        let f = kernel(&dev, &format!("masked_f32_{}", suffix(x.dtype())?))?;
+        let f = kernel(&dev, &format!("dropout_f32_{}", suffix(x.dtype())?))?;
         let stream = dev.cuda_stream();
         let cfg = LaunchConfig {
             grid_dim: ((n as u32).div_ceil(256).clamp(1, 65535), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let n32 = n as i32;
+        let n64 = n as i64;
         // SAFETY: the kernel writes every element of `out`.
         let out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(n)? };
         macro_rules! run {
             ($x:expr) => {{
                 let xv = $x.slice(x1..x2);
                 let mut b = stream.launch_builder(&f);
-                b.arg(&xv).arg(&mask).arg(&out).arg(&n32);
-                // SAFETY: n elements of x, mask and out.
+                b.arg(&xv).arg(&out).arg(&n64).arg(&seed).arg(&threshold);
+                // SAFETY: n elements of x and out; the argument types are the kernel's.
                 unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
             }};
         }
@@ -284,7 +291,7 @@ mod cuda {
             CudaStorageSlice::F32(v) => run!(v),
             CudaStorageSlice::BF16(v) => run!(v),
             CudaStorageSlice::F16(v) => run!(v),
-            _ => candle_core::bail!("masked-f32: unsupported dtype"),
+            _ => candle_core::bail!("dropout-f32: unsupported dtype"),
         }
         Ok(CudaStorage { slice: CudaStorageSlice::F32(out), device: dev })
     }
@@ -298,13 +305,15 @@ mod cuda {
         })
     }
 
+    /// The scalar arguments after the buffers: a count (rows, or elements), a row width and an epsilon.
     pub struct Args {
-        pub ints: [i32; 2],
+        pub count: i64,
+        pub cols: i32,
         pub eps: f32,
     }
 
-    /// `name_{dtype}(a, b, c, out, ints.., [eps])` over contiguous inputs of one dtype, `out` of `n` elements:
-    /// with `rows > 0` one warp per row (8 per block) and `eps` passed, else a grid-stride loop.
+    /// `name_{dtype}(a, b, c, out, count, cols, eps)` over contiguous inputs of one dtype, `out` of `n`
+    /// elements: with `rows > 0` one warp per row (8 per block), else a grid-stride loop.
     #[allow(clippy::too_many_arguments)]
     pub fn three_in(
         a: &CudaStorage,
@@ -337,7 +346,7 @@ mod cuda {
                 // SAFETY: the kernel writes every element of `out`.
                 let out: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
                 let mut builder = stream.launch_builder(&f);
-                builder.arg(&av).arg(&bv).arg(&cv).arg(&out).arg(&args.ints[0]).arg(&args.ints[1]).arg(&args.eps);
+                builder.arg(&av).arg(&bv).arg(&cv).arg(&out).arg(&args.count).arg(&args.cols).arg(&args.eps);
                 // SAFETY: argument types and counts are the kernel's; every index stays inside these slices.
                 unsafe { builder.launch(cfg) }.map_err(candle_core::Error::wrap)?;
                 CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
@@ -411,12 +420,18 @@ mod tests {
         let (wg, _) = swiglu_reference(&up32(&xb), &up32(&ub), &up32(&gb));
         let d = off(&swiglu_backward(&xb, &ub, &gb).unwrap().0, &wg);
         assert!(d < 1e-2, "bf16 swiglu backward off by {d}");
-        let mask =
-            candle_core::Tensor::rand(0f32, 1f32, x.shape(), &candle_core::Device::Cpu).unwrap().ge(0.3).unwrap();
+        // Dropout: the values kept are the input's, the share dropped is p, a seed gives one mask.
         for t in [&x, &xb] {
-            let want = (t.to_dtype(DType::F32).unwrap() * mask.to_dtype(DType::F32).unwrap()).unwrap();
-            assert_eq!(f32s(&masked_f32(t, &mask).unwrap()), f32s(&want), "masked input");
+            let dropped = f32s(&dropout_f32(t, 7, 0.3).unwrap());
+            assert_eq!(dropped, f32s(&dropout_f32(t, 7, 0.3).unwrap()), "one seed, one mask");
+            let x32 = f32s(t);
+            assert!(dropped.iter().zip(&x32).all(|(d, x)| *d == 0.0 || d == x), "kept values are the input's");
+            assert_ne!(dropped, f32s(&dropout_f32(t, 8, 0.3).unwrap()), "another seed, another mask");
         }
+        let th = drop_threshold(0.3);
+        let dropped = (0..200_000u64).filter(|&i| !dropout_keeps(11, i, th)).count() as f64 / 200_000.0;
+        assert!((dropped - 0.3).abs() < 0.005, "{dropped} of the elements dropped, 0.3 asked for");
+        assert!((0..1000u64).all(|i| dropout_keeps(11, i, drop_threshold(0.0))), "p = 0 drops nothing");
     }
 
     /// The kernels against the CPU loops, where a GPU is present.
@@ -443,10 +458,8 @@ mod tests {
             let (dg, du) = swiglu_backward(&on(&x), &on(&up), &on(&g)).unwrap();
             let (a, b) = (off(&dg, &wg), off(&du, &wu));
             assert!(a < tol && b < tol, "{dtype:?} swiglu backward kernel off by {a} (gate), {b} (up)");
-            let mask =
-                candle_core::Tensor::rand(0f32, 1f32, x.shape(), &candle_core::Device::Cpu).unwrap().ge(0.3).unwrap();
-            let want = masked_f32(&x, &mask).unwrap();
-            assert_eq!(f32s(&masked_f32(&on(&x), &on(&mask)).unwrap()), f32s(&want), "{dtype:?} masked input");
+            let want = f32s(&dropout_f32(&x, 1234, 0.3).unwrap());
+            assert_eq!(f32s(&dropout_f32(&on(&x), 1234, 0.3).unwrap()), want, "{dtype:?} dropout: the CPU's mask");
         }
     }
 }

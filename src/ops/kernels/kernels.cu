@@ -899,8 +899,9 @@ __device__ void swiglu(const T* g, const T* u, T* y, size_t n) {
 // RMSNorm's input gradient, one warp per row (weights frozen): dx = rstd·g·w − x·rstd³·Σ(g·w·x)/cols; the same
 // f32 steps as the CPU loop (ops/backward.rs).
 template <typename T>
-__device__ void rms_norm_backward(const T* x, const T* w, const T* g, T* dx, int rows, int cols, float eps) {
-    int row = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+__device__ void rms_norm_backward(const T* x, const T* w, const T* g, T* dx, long long rows, int cols, float eps) {
+    long long row = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
     if (row >= rows) return;
     const T* xr = x + (size_t)row * cols;
     const T* gr = g + (size_t)row * cols;
@@ -922,19 +923,29 @@ __device__ void rms_norm_backward(const T* x, const T* w, const T* g, T* dx, int
 }
 
 // SwiGLU's gradients: out[i] = d gate, out[n + i] = d up, with silu'(x) = σ(x)(1 + x(1 − σ(x))).
-template <typename T> __device__ void swiglu_backward(const T* x, const T* u, const T* g, T* out, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+template <typename T> __device__ void swiglu_backward(const T* x, const T* u, const T* g, T* out, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         float a = to_f(x[i]), gg = to_f(g[i]);
         float s = 1.f / (1.f + expf(-a));
         out[i] = from_f<T>(gg * to_f(u[i]) * (s * (1.f + a * (1.f - s))));
-        out[(size_t)n + i] = from_f<T>(gg * (a * s));
+        out[n + i] = from_f<T>(gg * (a * s));
     }
 }
 
-// x ⊙ mask widened to f32 (mask u8 1/0): the adapters' dropout.
-template <typename T> __device__ void masked_f32(const T* x, const unsigned char* m, float* out, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        out[i] = m[i] ? to_f(x[i]) : 0.f;
+// The adapters' dropout, x ⊙ mask widened to f32: element i is kept when the top 24 bits of splitmix64's step
+// i + 1 from `seed` reach `threshold` (p · 2^24); the same test as the CPU's (ops/backward.rs).
+__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, unsigned long long i, unsigned threshold) {
+    unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (unsigned)(z >> 40) >= threshold;
+}
+
+template <typename T>
+__device__ void dropout_f32(const T* x, float* out, long long n, unsigned long long seed, unsigned threshold) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = dropout_keeps(seed, (unsigned long long)i, threshold) ? to_f(x[i]) : 0.f;
 }
 
 #define FUSED_OPS(T, NAME)                                                                                          \
@@ -955,16 +966,17 @@ template <typename T> __device__ void masked_f32(const T* x, const unsigned char
     extern "C" __global__ void swiglu_##NAME(const T* g, const T* u, T* y, unsigned long long n) {                 \
         swiglu<T>(g, u, y, (size_t)n);                                                                              \
     }                                                                                                               \
-    extern "C" __global__ void rms_norm_backward_##NAME(const T* x, const T* w, const T* g, T* dx, int rows,       \
+    extern "C" __global__ void rms_norm_backward_##NAME(const T* x, const T* w, const T* g, T* dx, long long rows, \
                                                        int cols, float eps) {                                     \
         rms_norm_backward<T>(x, w, g, dx, rows, cols, eps);                                                         \
     }                                                                                                               \
-    extern "C" __global__ void swiglu_backward_##NAME(const T* x, const T* u, const T* g, T* out, int n, int,       \
+    extern "C" __global__ void swiglu_backward_##NAME(const T* x, const T* u, const T* g, T* out, long long n, int, \
                                                      float) {                                                     \
         swiglu_backward<T>(x, u, g, out, n);                                                                        \
     }                                                                                                               \
-    extern "C" __global__ void masked_f32_##NAME(const T* x, const unsigned char* m, float* out, int n) {            \
-        masked_f32<T>(x, m, out, n);                                                                                \
+    extern "C" __global__ void dropout_f32_##NAME(const T* x, float* out, long long n, unsigned long long seed,      \
+                                                 unsigned threshold) {                                            \
+        dropout_f32<T>(x, out, n, seed, threshold);                                                                 \
     }
 
 FUSED_OPS(float, f32)
@@ -973,9 +985,9 @@ FUSED_OPS(__half, f16)
 
 // torch's AdamW over [theta | m | v] (3n f32, in place) from n f32 gradients scaled by gscale (clipping); the
 // same f32 operations as the CPU's loop (finetune/optim.rs).
-extern "C" __global__ void adamw_f32(float* state, const float* g, int n, float beta1, float beta2, float eps,
+extern "C" __global__ void adamw_f32(float* state, const float* g, long long n, float beta1, float beta2, float eps,
                                      float decay, float step_size, float inv_sqrt_bc2, float gscale) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         float gi = g[i] * gscale;
         float m = beta1 * state[n + i] + (1.0f - beta1) * gi;
         float v = beta2 * state[2 * n + i] + (1.0f - beta2) * (gi * gi);
