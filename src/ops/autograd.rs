@@ -216,17 +216,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     let value = candle_nn::ops::layer_norm(&x.detach(), w, b, eps as f32)?;
     let w = w.clone();
     with_backward(x, value, "layer-norm", move |x, _, g| {
-        let x32 = x.to_dtype(DType::F32)?;
-        let centered = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
-        let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        let xhat = centered.broadcast_mul(&rstd)?;
-        let gw = g.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
-        let mean_gw = gw.mean_keepdim(D::Minus1)?;
-        let proj = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
-        gw.broadcast_sub(&mean_gw)?
-            .broadcast_sub(&xhat.broadcast_mul(&proj)?)?
-            .broadcast_mul(&rstd)?
-            .to_dtype(x.dtype())
+        crate::ops::backward::layer_norm_backward(x, &w.to_dtype(x.dtype())?, &g.to_dtype(x.dtype())?, eps)
     })
 }
 

@@ -1,5 +1,5 @@
 //! Training's element-wise and per-row steps as single ops (a loop on the CPU, one kernel on CUDA) instead of a
-//! handful to a dozen candle ops each: RMSNorm's input gradient, SwiGLU's two gradients, and the adapters'
+//! handful to a dozen candle ops each: RMSNorm's and LayerNorm's input gradients, SwiGLU's two gradients, and the adapters'
 //! dropout (a seeded mask, widened to f32). Each is checked against the composition of candle ops it replaces, and on a
 //! GPU the kernels against the CPU loops.
 
@@ -9,7 +9,14 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDTyp
 /// all of one float dtype; computed in f32, returned in that dtype.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
     let (x, g) = (x.contiguous()?, g.contiguous()?);
-    x.apply_op3_no_bwd(&w.contiguous()?, &g, &RmsNormBackward { eps: eps as f32 })
+    x.apply_op3_no_bwd(&w.contiguous()?, &g, &NormBackward { eps: eps as f32, centered: false })
+}
+
+/// The input gradient of LayerNorm `y = (x − mean) / std · w + b` (weights and bias frozen), as
+/// [`rms_norm_backward`] takes its arguments.
+pub fn layer_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, g) = (x.contiguous()?, g.contiguous()?);
+    x.apply_op3_no_bwd(&w.contiguous()?, &g, &NormBackward { eps: eps as f32, centered: true })
 }
 
 /// SwiGLU `silu(gate) · up`'s gradients `(d gate, d up)` for the output gradient `g` (all of one shape and
@@ -78,8 +85,20 @@ impl candle_core::CustomOp1 for DropoutF32 {
     }
 }
 
-struct RmsNormBackward {
+/// RMSNorm's (`centered` false) or LayerNorm's input gradient.
+struct NormBackward {
     eps: f32,
+    centered: bool,
+}
+
+impl NormBackward {
+    fn row<T: WithDType>(&self, x: &[T], w: &[T], g: &[T], dx: &mut [T]) {
+        if self.centered {
+            layer_row(x, w, g, self.eps, dx)
+        } else {
+            rms_row(x, w, g, self.eps, dx)
+        }
+    }
 }
 
 struct SwiGluBackward;
@@ -101,6 +120,26 @@ fn rms_row<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f32, dx: &mut [T]) {
     }
 }
 
+/// One row of LayerNorm's input gradient: with `c = x − mean`, `dx = rstd · (g·w − Σ(g·w)/cols − c · rstd² ·
+/// Σ(g·w·c)/cols)`.
+fn layer_row<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f32, dx: &mut [T]) {
+    let f = |v: T| v.to_f64() as f32;
+    let cols = x.len() as f32;
+    let mean = x.iter().map(|v| f(*v)).sum::<f32>() / cols;
+    let (mut var, mut sg, mut sgc) = (0f32, 0f32, 0f32);
+    for ((x, w), g) in x.iter().zip(w).zip(g) {
+        let (c, gw) = (f(*x) - mean, f(*g) * f(*w));
+        var += c * c;
+        sg += gw;
+        sgc += gw * c;
+    }
+    let rstd = 1.0 / (var / cols + eps).sqrt();
+    let (mean_gw, k) = (sg / cols, rstd * rstd * sgc / cols);
+    for (((d, x), w), g) in dx.iter_mut().zip(x).zip(w).zip(g) {
+        *d = T::from_f64((rstd * (f(*g) * f(*w) - mean_gw - (f(*x) - mean) * k)) as f64);
+    }
+}
+
 /// `(d gate, d up)` of one element: `silu'(x) = σ(x)(1 + x(1 − σ(x)))`.
 fn swiglu_grads(x: f32, up: f32, g: f32) -> (f32, f32) {
     let s = 1.0 / (1.0 + (-x).exp());
@@ -114,9 +153,13 @@ fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     }
 }
 
-impl CustomOp3 for RmsNormBackward {
+impl CustomOp3 for NormBackward {
     fn name(&self) -> &'static str {
-        "rms-norm-backward"
+        if self.centered {
+            "layer-norm-backward"
+        } else {
+            "rms-norm-backward"
+        }
     }
 
     fn cpu_fwd(
@@ -130,39 +173,39 @@ impl CustomOp3 for RmsNormBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let cols = wl.shape().elem_count();
         if cols == 0 || xl.shape().dims().last() != Some(&cols) || xl.shape() != gl.shape() {
-            candle_core::bail!("rms-norm-backward: x {:?}, w {:?}, g {:?}", xl.dims(), wl.dims(), gl.dims());
+            candle_core::bail!("{}: x {:?}, w {:?}, g {:?}", self.name(), xl.dims(), wl.dims(), gl.dims());
         }
-        fn run<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f32, cols: usize) -> Vec<T> {
+        fn run<T: WithDType>(op: &NormBackward, x: &[T], w: &[T], g: &[T], cols: usize) -> Vec<T> {
             let mut dx = vec![T::zero(); x.len()];
             for ((dx, x), g) in dx.chunks_mut(cols).zip(x.chunks(cols)).zip(g.chunks(cols)) {
-                rms_row(x, w, g, eps, dx);
+                op.row(x, w, g, dx);
             }
             dx
         }
         let name = self.name();
         let out = match (x, w, g) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(run(
+                self,
                 contiguous(x, xl, name)?,
                 contiguous(w, wl, name)?,
                 contiguous(g, gl, name)?,
-                self.eps,
                 cols,
             )),
             (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => CpuStorage::BF16(run(
+                self,
                 contiguous(x, xl, name)?,
                 contiguous(w, wl, name)?,
                 contiguous(g, gl, name)?,
-                self.eps,
                 cols,
             )),
             (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => CpuStorage::F16(run(
+                self,
                 contiguous(x, xl, name)?,
                 contiguous(w, wl, name)?,
                 contiguous(g, gl, name)?,
-                self.eps,
                 cols,
             )),
-            _ => candle_core::bail!("rms-norm-backward: unsupported or mismatched dtypes"),
+            _ => candle_core::bail!("{name}: unsupported or mismatched dtypes"),
         };
         Ok((out, xl.shape().clone()))
     }
@@ -179,11 +222,12 @@ impl CustomOp3 for RmsNormBackward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let cols = wl.shape().elem_count();
         if cols == 0 || xl.shape().dims().last() != Some(&cols) || xl.shape() != gl.shape() {
-            candle_core::bail!("rms-norm-backward: x {:?}, w {:?}, g {:?}", xl.dims(), wl.dims(), gl.dims());
+            candle_core::bail!("{}: x {:?}, w {:?}, g {:?}", self.name(), xl.dims(), wl.dims(), gl.dims());
         }
         let rows = xl.shape().elem_count() / cols;
         let args = cuda::Args { count: rows as i64, cols: cols as i32, eps: self.eps };
-        let out = cuda::three_in(x, xl, w, wl, g, gl, "rms_norm_backward", xl.shape().elem_count(), rows, &args)?;
+        let kernel = if self.centered { "layer_norm_backward" } else { "rms_norm_backward" };
+        let out = cuda::three_in(x, xl, w, wl, g, gl, kernel, xl.shape().elem_count(), rows, &args)?;
         Ok((out, xl.shape().clone()))
     }
 }
@@ -384,6 +428,18 @@ mod tests {
         gw.broadcast_sub(&xhat.broadcast_mul(&proj).unwrap()).unwrap().broadcast_mul(&rstd).unwrap()
     }
 
+    /// The composed LayerNorm backward `ops::autograd::layer_norm` used before this op.
+    fn layer_reference(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Tensor {
+        let c = x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap()).unwrap();
+        let rstd = (c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps).unwrap().sqrt().unwrap().recip().unwrap();
+        let xhat = c.broadcast_mul(&rstd).unwrap();
+        let gw = g.broadcast_mul(w).unwrap();
+        let mean_gw = gw.mean_keepdim(D::Minus1).unwrap();
+        let proj = (&gw * &xhat).unwrap().mean_keepdim(D::Minus1).unwrap();
+        let d = gw.broadcast_sub(&mean_gw).unwrap().broadcast_sub(&xhat.broadcast_mul(&proj).unwrap()).unwrap();
+        d.broadcast_mul(&rstd).unwrap()
+    }
+
     fn swiglu_reference(x: &Tensor, up: &Tensor, g: &Tensor) -> (Tensor, Tensor) {
         let sig = candle_nn::ops::sigmoid(x).unwrap();
         let d = (&sig * ((x * (1.0 - &sig).unwrap()).unwrap() + 1.0).unwrap()).unwrap();
@@ -404,6 +460,8 @@ mod tests {
         let g = seeded_randn(503, 0.0, 1.0, &[3, 5, 40]);
         let d = off(&rms_norm_backward(&x, &w, &g, 1e-5).unwrap(), &rms_reference(&x, &w, &g, 1e-5));
         assert!(d < 1e-5, "rms-norm backward off by {d}");
+        let d = off(&layer_norm_backward(&x, &w, &g, 1e-5).unwrap(), &layer_reference(&x, &w, &g, 1e-5));
+        assert!(d < 1e-5, "layer-norm backward off by {d}");
         let up = seeded_randn(504, 0.0, 1.0, &[3, 5, 40]);
         let (dg, du) = swiglu_backward(&x, &up, &g).unwrap();
         let (wg, wu) = swiglu_reference(&x, &up, &g);
@@ -454,6 +512,9 @@ mod tests {
             let want = rms_norm_backward(&x, &w, &g, 1e-5).unwrap();
             let d = off(&rms_norm_backward(&on(&x), &on(&w), &on(&g), 1e-5).unwrap(), &want);
             assert!(d < tol, "{dtype:?} rms-norm backward kernel off by {d}");
+            let want = layer_norm_backward(&x, &w, &g, 1e-5).unwrap();
+            let d = off(&layer_norm_backward(&on(&x), &on(&w), &on(&g), 1e-5).unwrap(), &want);
+            assert!(d < tol, "{dtype:?} layer-norm backward kernel off by {d}");
             let (wg, wu) = swiglu_backward(&x, &up, &g).unwrap();
             let (dg, du) = swiglu_backward(&on(&x), &on(&up), &on(&g)).unwrap();
             let (a, b) = (off(&dg, &wg), off(&du, &wu));

@@ -922,6 +922,39 @@ __device__ void rms_norm_backward(const T* x, const T* w, const T* g, T* dx, lon
     for (int j = lane; j < cols; j += 32) dr[j] = from_f<T>(rstd * to_f(gr[j]) * to_f(w[j]) - c * to_f(xr[j]));
 }
 
+// LayerNorm's input gradient, one warp per row (weights and bias frozen): with c = x − mean,
+// dx = rstd·(g·w − Σ(g·w)/cols − c·rstd²·Σ(g·w·c)/cols); the same f32 steps as the CPU loop.
+template <typename T>
+__device__ void layer_norm_backward(const T* x, const T* w, const T* g, T* dx, long long rows, int cols, float eps) {
+    long long row = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (size_t)row * cols;
+    const T* gr = g + (size_t)row * cols;
+    T* dr = dx + (size_t)row * cols;
+    float sum = 0.f;
+    for (int j = lane; j < cols; j += 32) sum += to_f(xr[j]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    float mean = sum / cols, var = 0.f, sg = 0.f, sgc = 0.f;
+    for (int j = lane; j < cols; j += 32) {
+        float c = to_f(xr[j]) - mean, gw = to_f(gr[j]) * to_f(w[j]);
+        var += c * c;
+        sg += gw;
+        sgc += gw * c;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        var += __shfl_xor_sync(0xffffffffu, var, o);
+        sg += __shfl_xor_sync(0xffffffffu, sg, o);
+        sgc += __shfl_xor_sync(0xffffffffu, sgc, o);
+    }
+    float rstd = 1.f / sqrtf(var / cols + eps);
+    float mean_gw = sg / cols, k = rstd * rstd * sgc / cols;
+    for (int j = lane; j < cols; j += 32)
+        dr[j] = from_f<T>(rstd * (to_f(gr[j]) * to_f(w[j]) - mean_gw - (to_f(xr[j]) - mean) * k));
+}
+
 // SwiGLU's gradients: out[i] = d gate, out[n + i] = d up, with silu'(x) = σ(x)(1 + x(1 − σ(x))).
 template <typename T> __device__ void swiglu_backward(const T* x, const T* u, const T* g, T* out, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
@@ -969,6 +1002,10 @@ __device__ void dropout_f32(const T* x, float* out, long long n, unsigned long l
     extern "C" __global__ void rms_norm_backward_##NAME(const T* x, const T* w, const T* g, T* dx, long long rows, \
                                                        int cols, float eps) {                                     \
         rms_norm_backward<T>(x, w, g, dx, rows, cols, eps);                                                         \
+    }                                                                                                               \
+    extern "C" __global__ void layer_norm_backward_##NAME(const T* x, const T* w, const T* g, T* dx,               \
+                                                         long long rows, int cols, float eps) {                   \
+        layer_norm_backward<T>(x, w, g, dx, rows, cols, eps);                                                       \
     }                                                                                                               \
     extern "C" __global__ void swiglu_backward_##NAME(const T* x, const T* u, const T* g, T* out, long long n, int, \
                                                      float) {                                                     \
