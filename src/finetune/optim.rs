@@ -169,6 +169,22 @@ impl Update {
     }
 }
 
+/// The state's `3n` and the gradient's `n` elements in their storages: both contiguous, of matching sizes.
+fn ranges(
+    l: &candle_core::Layout,
+    gl: &candle_core::Layout,
+) -> candle_core::Result<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let ((s1, s2), (g1, g2)) = match (l.contiguous_offsets(), gl.contiguous_offsets()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => candle_core::bail!("adamw: contiguous state and gradient"),
+    };
+    let n = g2 - g1;
+    if s2 - s1 != 3 * n {
+        candle_core::bail!("adamw: state of {} for {n} parameters", s2 - s1);
+    }
+    Ok((s1..s2, g1..g2))
+}
+
 impl candle_core::InplaceOp2 for Update {
     fn name(&self) -> &'static str {
         "adamw"
@@ -183,17 +199,11 @@ impl candle_core::InplaceOp2 for Update {
     ) -> candle_core::Result<()> {
         use candle_core::CpuStorage::F32;
         let (F32(state), F32(g)) = (s, g) else { candle_core::bail!("adamw: f32 state and gradient") };
-        let ((s1, s2), (g1, g2)) = match (l.contiguous_offsets(), gl.contiguous_offsets()) {
-            (Some(a), Some(b)) => (a, b),
-            _ => candle_core::bail!("adamw: contiguous state and gradient"),
-        };
-        let n = g2 - g1;
-        if s2 - s1 != 3 * n {
-            candle_core::bail!("adamw: state of {} for {n} parameters", s2 - s1);
-        }
-        let (theta, rest) = state[s1..s2].split_at_mut(n);
+        let (state_range, g_range) = ranges(l, gl)?;
+        let n = g_range.len();
+        let (theta, rest) = state[state_range].split_at_mut(n);
         let (m, v) = rest.split_at_mut(n);
-        self.apply(theta, m, v, &g[g1..g2]);
+        self.apply(theta, m, v, &g[g_range]);
         Ok(())
     }
 
@@ -205,22 +215,16 @@ impl candle_core::InplaceOp2 for Update {
         g: &candle_core::CudaStorage,
         gl: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::CudaStorageSlice;
-        let ((s1, s2), (g1, g2)) = match (l.contiguous_offsets(), gl.contiguous_offsets()) {
-            (Some(a), Some(b)) => (a, b),
-            _ => candle_core::bail!("adamw: contiguous state and gradient"),
-        };
-        let n = g2 - g1;
-        if s2 - s1 != 3 * n {
-            candle_core::bail!("adamw: state of {} for {n} parameters", s2 - s1);
-        }
+        let (state_range, g_range) = ranges(l, gl)?;
+        let n = g_range.len();
         let dev = s.device.clone();
         let f = crate::ops::fused::cuda::kernel(&dev, "adamw_f32")?;
         let CudaStorageSlice::F32(g) = &g.slice else { candle_core::bail!("adamw: f32 gradient") };
         let CudaStorageSlice::F32(state) = &mut s.slice else { candle_core::bail!("adamw: f32 state") };
-        let g = g.slice(g1..g2);
-        let mut state = state.slice_mut(s1..s2);
+        let g = g.slice(g_range);
+        let mut state = state.slice_mut(state_range);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         let n64 = n as i64;
@@ -230,8 +234,7 @@ impl candle_core::InplaceOp2 for Update {
         {
             b.arg(a);
         }
-        let blocks = (n as u32).div_ceil(256).min(1024);
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = crate::ops::fused::cuda::grid_stride(n);
         // SAFETY: the kernel reads n gradients and rewrites the 3n state values, all inside these slices.
         unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
         Ok(())

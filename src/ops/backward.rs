@@ -92,52 +92,47 @@ struct NormBackward {
 }
 
 impl NormBackward {
+    /// The row width: `w`'s length, `x`'s last dim, `g` of `x`'s shape.
+    fn row_width(&self, xl: &Layout, wl: &Layout, gl: &Layout) -> Result<usize> {
+        let cols = wl.shape().elem_count();
+        if cols == 0 || xl.shape().dims().last() != Some(&cols) || xl.shape() != gl.shape() {
+            let name = candle_core::CustomOp3::name(self);
+            candle_core::bail!("{name}: x {:?}, w {:?}, g {:?}", xl.dims(), wl.dims(), gl.dims());
+        }
+        Ok(cols)
+    }
+
+    /// One row's input gradient. With `c = x − mean` (LayerNorm) or `c = x` (RMSNorm) and `rstd = 1 /
+    /// √(Σc²/cols + eps)`: `dx = rstd · (g·w − [Σ(g·w)/cols] − c · rstd² · Σ(g·w·c)/cols)`, the bracketed
+    /// term LayerNorm's only.
     fn row<T: WithDType>(&self, x: &[T], w: &[T], g: &[T], dx: &mut [T]) {
-        if self.centered {
-            layer_row(x, w, g, self.eps, dx)
-        } else {
-            rms_row(x, w, g, self.eps, dx)
+        let f = |v: T| v.to_f64() as f32;
+        let cols = x.len() as f32;
+        let mean = if self.centered { x.iter().map(|v| f(*v)).sum::<f32>() / cols } else { 0.0 };
+        let (mut var, mut sg, mut sgc) = (0f32, 0f32, 0f32);
+        for ((x, w), g) in x.iter().zip(w).zip(g) {
+            let (c, gw) = (f(*x) - mean, f(*g) * f(*w));
+            var += c * c;
+            sg += gw;
+            sgc += gw * c;
+        }
+        let rstd = 1.0 / (var / cols + self.eps).sqrt();
+        let mean_gw = if self.centered { sg / cols } else { 0.0 };
+        let k = rstd * rstd * sgc / cols;
+        for (((d, x), w), g) in dx.iter_mut().zip(x).zip(w).zip(g) {
+            *d = T::from_f64((rstd * (f(*g) * f(*w) - mean_gw - (f(*x) - mean) * k)) as f64);
         }
     }
 }
 
 struct SwiGluBackward;
 
-/// One row of RMSNorm's input gradient: `dx = rstd · g·w − x · rstd³ · Σ(g·w·x) / cols`.
-fn rms_row<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f32, dx: &mut [T]) {
-    let f = |v: T| v.to_f64() as f32;
-    let (mut ss, mut sgx) = (0f32, 0f32);
-    for ((x, w), g) in x.iter().zip(w).zip(g) {
-        let (xv, gw) = (f(*x), f(*g) * f(*w));
-        ss += xv * xv;
-        sgx += gw * xv;
+/// SwiGLU's gate, up and output gradient all of one shape.
+fn same_shapes(xl: &Layout, ul: &Layout, gl: &Layout) -> Result<()> {
+    if xl.shape() != ul.shape() || xl.shape() != gl.shape() {
+        candle_core::bail!("swiglu-backward: gate {:?}, up {:?}, g {:?}", xl.dims(), ul.dims(), gl.dims());
     }
-    let cols = x.len() as f32;
-    let rstd = 1.0 / (ss / cols + eps).sqrt();
-    let c = rstd * rstd * rstd * sgx / cols;
-    for (((d, x), w), g) in dx.iter_mut().zip(x).zip(w).zip(g) {
-        *d = T::from_f64((rstd * f(*g) * f(*w) - c * f(*x)) as f64);
-    }
-}
-
-/// One row of LayerNorm's input gradient: with `c = x − mean`, `dx = rstd · (g·w − Σ(g·w)/cols − c · rstd² ·
-/// Σ(g·w·c)/cols)`.
-fn layer_row<T: WithDType>(x: &[T], w: &[T], g: &[T], eps: f32, dx: &mut [T]) {
-    let f = |v: T| v.to_f64() as f32;
-    let cols = x.len() as f32;
-    let mean = x.iter().map(|v| f(*v)).sum::<f32>() / cols;
-    let (mut var, mut sg, mut sgc) = (0f32, 0f32, 0f32);
-    for ((x, w), g) in x.iter().zip(w).zip(g) {
-        let (c, gw) = (f(*x) - mean, f(*g) * f(*w));
-        var += c * c;
-        sg += gw;
-        sgc += gw * c;
-    }
-    let rstd = 1.0 / (var / cols + eps).sqrt();
-    let (mean_gw, k) = (sg / cols, rstd * rstd * sgc / cols);
-    for (((d, x), w), g) in dx.iter_mut().zip(x).zip(w).zip(g) {
-        *d = T::from_f64((rstd * (f(*g) * f(*w) - mean_gw - (f(*x) - mean) * k)) as f64);
-    }
+    Ok(())
 }
 
 /// `(d gate, d up)` of one element: `silu'(x) = σ(x)(1 + x(1 − σ(x)))`.
@@ -151,6 +146,22 @@ fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{what}: input not contiguous"),
     }
+}
+
+/// `$run(a, b, c, extra..)` (a generic fn returning `Vec<T>`) over three CPU inputs of one float dtype (f32,
+/// bf16 or f16), each as its contiguous slice; the result in that dtype's storage.
+macro_rules! three_same_dtype {
+    ($name:expr, $run:ident, ($a:expr, $al:expr), ($b:expr, $bl:expr), ($c:expr, $cl:expr) $(, $extra:expr)*) => {
+        match ($a, $b, $c) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32($run(
+                contiguous(a, $al, $name)?, contiguous(b, $bl, $name)?, contiguous(c, $cl, $name)? $(, $extra)*)),
+            (CpuStorage::BF16(a), CpuStorage::BF16(b), CpuStorage::BF16(c)) => CpuStorage::BF16($run(
+                contiguous(a, $al, $name)?, contiguous(b, $bl, $name)?, contiguous(c, $cl, $name)? $(, $extra)*)),
+            (CpuStorage::F16(a), CpuStorage::F16(b), CpuStorage::F16(c)) => CpuStorage::F16($run(
+                contiguous(a, $al, $name)?, contiguous(b, $bl, $name)?, contiguous(c, $cl, $name)? $(, $extra)*)),
+            _ => candle_core::bail!("{}: unsupported or mismatched dtypes", $name),
+        }
+    };
 }
 
 impl CustomOp3 for NormBackward {
@@ -171,42 +182,15 @@ impl CustomOp3 for NormBackward {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let cols = wl.shape().elem_count();
-        if cols == 0 || xl.shape().dims().last() != Some(&cols) || xl.shape() != gl.shape() {
-            candle_core::bail!("{}: x {:?}, w {:?}, g {:?}", self.name(), xl.dims(), wl.dims(), gl.dims());
-        }
-        fn run<T: WithDType>(op: &NormBackward, x: &[T], w: &[T], g: &[T], cols: usize) -> Vec<T> {
+        let cols = self.row_width(xl, wl, gl)?;
+        fn run<T: WithDType>(x: &[T], w: &[T], g: &[T], op: &NormBackward, cols: usize) -> Vec<T> {
             let mut dx = vec![T::zero(); x.len()];
             for ((dx, x), g) in dx.chunks_mut(cols).zip(x.chunks(cols)).zip(g.chunks(cols)) {
                 op.row(x, w, g, dx);
             }
             dx
         }
-        let name = self.name();
-        let out = match (x, w, g) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(run(
-                self,
-                contiguous(x, xl, name)?,
-                contiguous(w, wl, name)?,
-                contiguous(g, gl, name)?,
-                cols,
-            )),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => CpuStorage::BF16(run(
-                self,
-                contiguous(x, xl, name)?,
-                contiguous(w, wl, name)?,
-                contiguous(g, gl, name)?,
-                cols,
-            )),
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => CpuStorage::F16(run(
-                self,
-                contiguous(x, xl, name)?,
-                contiguous(w, wl, name)?,
-                contiguous(g, gl, name)?,
-                cols,
-            )),
-            _ => candle_core::bail!("{name}: unsupported or mismatched dtypes"),
-        };
+        let out = three_same_dtype!(self.name(), run, (x, xl), (w, wl), (g, gl), self, cols);
         Ok((out, xl.shape().clone()))
     }
 
@@ -220,10 +204,7 @@ impl CustomOp3 for NormBackward {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let cols = wl.shape().elem_count();
-        if cols == 0 || xl.shape().dims().last() != Some(&cols) || xl.shape() != gl.shape() {
-            candle_core::bail!("{}: x {:?}, w {:?}, g {:?}", self.name(), xl.dims(), wl.dims(), gl.dims());
-        }
+        let cols = self.row_width(xl, wl, gl)?;
         let rows = xl.shape().elem_count() / cols;
         let args = cuda::Args { count: rows as i64, cols: cols as i32, eps: self.eps };
         let kernel = if self.centered { "layer_norm_backward" } else { "rms_norm_backward" };
@@ -246,9 +227,7 @@ impl CustomOp3 for SwiGluBackward {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if xl.shape() != ul.shape() || xl.shape() != gl.shape() {
-            candle_core::bail!("swiglu-backward: gate {:?}, up {:?}, g {:?}", xl.dims(), ul.dims(), gl.dims());
-        }
+        same_shapes(xl, ul, gl)?;
         fn run<T: WithDType>(x: &[T], u: &[T], g: &[T]) -> Vec<T> {
             let n = x.len();
             let mut out = vec![T::zero(); 2 * n];
@@ -261,19 +240,7 @@ impl CustomOp3 for SwiGluBackward {
             }
             out
         }
-        let name = self.name();
-        let out = match (x, u, g) {
-            (CpuStorage::F32(x), CpuStorage::F32(u), CpuStorage::F32(g)) => {
-                CpuStorage::F32(run(contiguous(x, xl, name)?, contiguous(u, ul, name)?, contiguous(g, gl, name)?))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(u), CpuStorage::BF16(g)) => {
-                CpuStorage::BF16(run(contiguous(x, xl, name)?, contiguous(u, ul, name)?, contiguous(g, gl, name)?))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(u), CpuStorage::F16(g)) => {
-                CpuStorage::F16(run(contiguous(x, xl, name)?, contiguous(u, ul, name)?, contiguous(g, gl, name)?))
-            }
-            _ => candle_core::bail!("swiglu-backward: unsupported or mismatched dtypes"),
-        };
+        let out = three_same_dtype!(self.name(), run, (x, xl), (u, ul), (g, gl));
         Ok((out, Shape::from(2 * xl.shape().elem_count())))
     }
 
@@ -287,9 +254,7 @@ impl CustomOp3 for SwiGluBackward {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if xl.shape() != ul.shape() || xl.shape() != gl.shape() {
-            candle_core::bail!("swiglu-backward: gate {:?}, up {:?}, g {:?}", xl.dims(), ul.dims(), gl.dims());
-        }
+        same_shapes(xl, ul, gl)?;
         let n = xl.shape().elem_count();
         let args = cuda::Args { count: n as i64, cols: 0, eps: 0.0 };
         let out = cuda::three_in(x, xl, u, ul, g, gl, "swiglu_backward", 2 * n, 0, &args)?;
@@ -299,11 +264,11 @@ impl CustomOp3 for SwiGluBackward {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::ops::fused::cuda::kernel;
+    use crate::ops::fused::cuda::{grid_for_warps, grid_stride, kernel, suffix};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice};
-    use candle_core::{DType, Layout, Result};
+    use candle_core::{Layout, Result};
     use half::{bf16, f16};
 
     /// `dropout_f32_{dtype}(x, out, n, seed, threshold)`.
@@ -314,11 +279,7 @@ mod cuda {
         let n = x2 - x1;
         let f = kernel(&dev, &format!("dropout_f32_{}", suffix(x.dtype())?))?;
         let stream = dev.cuda_stream();
-        let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(256).clamp(1, 65535), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(n);
         let n64 = n as i64;
         // SAFETY: the kernel writes every element of `out`.
         let out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(n)? };
@@ -338,15 +299,6 @@ mod cuda {
             _ => candle_core::bail!("dropout-f32: unsupported dtype"),
         }
         Ok(CudaStorage { slice: CudaStorageSlice::F32(out), device: dev })
-    }
-
-    fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            dt => candle_core::bail!("no kernel for {dt:?}"),
-        })
     }
 
     /// The scalar arguments after the buffers: a count (rows, or elements), a row width and an epsilon.
@@ -378,12 +330,7 @@ mod cuda {
         let (c1, c2) = cl.contiguous_offsets().ok_or_else(bad)?;
         let f = kernel(&dev, &format!("{name}_{}", suffix(a.dtype())?))?;
         let stream = dev.cuda_stream();
-        let cfg = if rows > 0 {
-            LaunchConfig { grid_dim: ((rows as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-        } else {
-            let blocks = (n as u32).div_ceil(256).clamp(1, 65535);
-            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-        };
+        let cfg = if rows > 0 { grid_for_warps(rows) } else { grid_stride(n) };
         macro_rules! run {
             ($t:ty, $a:expr, $b:expr, $c:expr, $variant:ident) => {{
                 let (av, bv, cv) = ($a.slice(a1..a2), $b.slice(b1..b2), $c.slice(c1..c2));

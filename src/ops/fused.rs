@@ -586,12 +586,22 @@ pub(crate) mod cuda {
         module.load_function(name).map_err(|e| candle_core::Error::Msg(format!("CUDA kernel {name}: {e}")))
     }
 
+    /// A grid-stride loop over `n` elements: 256 threads a block, as many blocks as cover `n` (at most 65,535).
+    pub fn grid_stride(n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(256).clamp(1, 65535), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
     /// One warp per row, 8 warps per block.
     pub fn grid_for_warps(rows: usize) -> LaunchConfig {
         LaunchConfig { grid_dim: ((rows as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 
-    fn suffix(dt: DType) -> Result<&'static str> {
+    /// The kernel-name suffix of a float dtype.
+    pub fn suffix(dt: DType) -> Result<&'static str> {
         Ok(match dt {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
@@ -788,11 +798,7 @@ pub(crate) mod cuda {
         let (u1, u2) = ul.contiguous_offsets().ok_or_else(bad)?;
         let f = kernel(dev, &format!("swiglu_{}", suffix(g.dtype())?))?;
         let stream = dev.cuda_stream();
-        let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(256).clamp(1, 65535), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(n);
         let n64 = n as u64;
         macro_rules! run {
             ($t:ty, $g:expr, $u:expr, $variant:ident) => {{

@@ -896,47 +896,25 @@ __device__ void swiglu(const T* g, const T* u, T* y, size_t n) {
     }
 }
 
-// RMSNorm's input gradient, one warp per row (weights frozen): dx = rstd·g·w − x·rstd³·Σ(g·w·x)/cols; the same
-// f32 steps as the CPU loop (ops/backward.rs).
-template <typename T>
-__device__ void rms_norm_backward(const T* x, const T* w, const T* g, T* dx, long long rows, int cols, float eps) {
+// RMSNorm's (CENTERED false) or LayerNorm's input gradient, one warp per row (weights frozen): with c = x − mean
+// (LayerNorm) or c = x (RMSNorm), dx = rstd·(g·w − [Σ(g·w)/cols] − c·rstd²·Σ(g·w·c)/cols), the bracketed term
+// LayerNorm's only; the same f32 steps as the CPU loop (ops/backward.rs).
+template <typename T, bool CENTERED>
+__device__ void norm_backward(const T* x, const T* w, const T* g, T* dx, long long rows, int cols, float eps) {
     long long row = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
     const T* xr = x + (size_t)row * cols;
     const T* gr = g + (size_t)row * cols;
     T* dr = dx + (size_t)row * cols;
-    float ss = 0.f, sgx = 0.f;
-    for (int j = lane; j < cols; j += 32) {
-        float xv = to_f(xr[j]), gw = to_f(gr[j]) * to_f(w[j]);
-        ss += xv * xv;
-        sgx += gw * xv;
-    }
+    float mean = 0.f;
+    if (CENTERED) {
+        for (int j = lane; j < cols; j += 32) mean += to_f(xr[j]);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        sgx += __shfl_xor_sync(0xffffffffu, sgx, o);
+        for (int o = 16; o > 0; o >>= 1) mean += __shfl_xor_sync(0xffffffffu, mean, o);
+        mean /= cols;
     }
-    float rstd = 1.f / sqrtf(ss / cols + eps);
-    float c = rstd * rstd * rstd * sgx / cols;
-    for (int j = lane; j < cols; j += 32) dr[j] = from_f<T>(rstd * to_f(gr[j]) * to_f(w[j]) - c * to_f(xr[j]));
-}
-
-// LayerNorm's input gradient, one warp per row (weights and bias frozen): with c = x − mean,
-// dx = rstd·(g·w − Σ(g·w)/cols − c·rstd²·Σ(g·w·c)/cols); the same f32 steps as the CPU loop.
-template <typename T>
-__device__ void layer_norm_backward(const T* x, const T* w, const T* g, T* dx, long long rows, int cols, float eps) {
-    long long row = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const T* xr = x + (size_t)row * cols;
-    const T* gr = g + (size_t)row * cols;
-    T* dr = dx + (size_t)row * cols;
-    float sum = 0.f;
-    for (int j = lane; j < cols; j += 32) sum += to_f(xr[j]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    float mean = sum / cols, var = 0.f, sg = 0.f, sgc = 0.f;
+    float var = 0.f, sg = 0.f, sgc = 0.f;
     for (int j = lane; j < cols; j += 32) {
         float c = to_f(xr[j]) - mean, gw = to_f(gr[j]) * to_f(w[j]);
         var += c * c;
@@ -950,7 +928,7 @@ __device__ void layer_norm_backward(const T* x, const T* w, const T* g, T* dx, l
         sgc += __shfl_xor_sync(0xffffffffu, sgc, o);
     }
     float rstd = 1.f / sqrtf(var / cols + eps);
-    float mean_gw = sg / cols, k = rstd * rstd * sgc / cols;
+    float mean_gw = CENTERED ? sg / cols : 0.f, k = rstd * rstd * sgc / cols;
     for (int j = lane; j < cols; j += 32)
         dr[j] = from_f<T>(rstd * (to_f(gr[j]) * to_f(w[j]) - mean_gw - (to_f(xr[j]) - mean) * k));
 }
@@ -1001,11 +979,11 @@ __device__ void dropout_f32(const T* x, float* out, long long n, unsigned long l
     }                                                                                                               \
     extern "C" __global__ void rms_norm_backward_##NAME(const T* x, const T* w, const T* g, T* dx, long long rows, \
                                                        int cols, float eps) {                                     \
-        rms_norm_backward<T>(x, w, g, dx, rows, cols, eps);                                                         \
+        norm_backward<T, false>(x, w, g, dx, rows, cols, eps);                                                         \
     }                                                                                                               \
     extern "C" __global__ void layer_norm_backward_##NAME(const T* x, const T* w, const T* g, T* dx,               \
                                                          long long rows, int cols, float eps) {                   \
-        layer_norm_backward<T>(x, w, g, dx, rows, cols, eps);                                                       \
+        norm_backward<T, true>(x, w, g, dx, rows, cols, eps);                                                       \
     }                                                                                                               \
     extern "C" __global__ void swiglu_backward_##NAME(const T* x, const T* u, const T* g, T* out, long long n, int, \
                                                      float) {                                                     \
