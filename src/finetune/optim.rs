@@ -60,6 +60,17 @@ impl AdamW {
         Ok(flatten(&grads.iter().collect::<Vec<_>>())?)
     }
 
+    /// A flat f32 gradient vector for these parameters, zeros: made once, filled by
+    /// [`AdamW::gather_grads`] every step.
+    pub fn gradient_buffer(&self) -> Result<Tensor> {
+        Ok(Tensor::zeros(self.state.dim(1)?, DType::F32, self.state.device())?)
+    }
+
+    /// Writes (or with `add`, adds) `grads[i]` (for `vars[i]`; `None`: zeros) into `flat` in one pass.
+    pub fn gather_grads(&self, flat: &Tensor, grads: &[Option<Tensor>], add: bool) -> Result<()> {
+        Ok(crate::ops::flat::gather(flat, &self.vars, grads, add)?)
+    }
+
     /// One update from flat gradients with learning rate `lr`.
     pub fn step_flat(&mut self, g: &Tensor, lr: f64) -> Result<()> {
         self.step_scaled(g, 1.0, lr)
@@ -84,14 +95,7 @@ impl AdamW {
             grad_scale: scale as f32,
         };
         self.state.inplace_op2(&g.contiguous()?, &update)?;
-        let theta = self.row(0)?;
-        let mut offset = 0;
-        for var in &self.vars {
-            let n = var.elem_count();
-            let slice = theta.narrow(0, offset, n)?.reshape(var.shape())?.to_dtype(var.dtype())?;
-            var.set(&slice)?;
-            offset += n;
-        }
+        crate::ops::flat::scatter(&self.row(0)?, &self.vars)?;
         Ok(())
     }
 

@@ -458,12 +458,15 @@ impl<'a> Trainer<'a> {
         let device = self.model.device().clone();
         self.model.set_ops(Ops::Differentiable);
         self.lora.attach_trainable(self.model, s.dropout)?;
+        // Every micro-batch's gradients go straight into one flat vector, made once for the whole run.
+        let flat = self.optimizer.gradient_buffer()?;
         while self.state.step < total {
             let step = self.state.step;
             let started = Instant::now();
             let batches = step_batches(self.train.len(), &s, step, world);
             let step_targets: usize = batches.iter().flatten().map(|&i| self.train[i].trained_tokens()).sum();
-            let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+            // Whether `flat` holds this step's gradients yet (the first micro-batch writes, later ones add).
+            let mut filled = false;
             let mut loss_sum = 0.0;
             let mut tokens = 0;
             for batch in batches.iter().skip(rank).step_by(world) {
@@ -505,13 +508,15 @@ impl<'a> Trainer<'a> {
                 if self.checkpointing {
                     (hooks.on_memory)();
                 }
-                for (slot, g) in acc.iter_mut().zip(out.grads) {
-                    let g = g.context("an adapter parameter received no gradient")?;
-                    *slot = Some(match slot.take() {
-                        Some(prev) => (prev + &g)?,
-                        None => g,
-                    });
+                if out.grads.iter().any(Option::is_none) {
+                    bail!("an adapter parameter received no gradient");
                 }
+                self.optimizer.gather_grads(&flat, &out.grads, filled)?;
+                filled = true;
+            }
+            if !filled {
+                // No micro-batch of this rank had an answer token: it adds nothing to the step.
+                self.optimizer.gather_grads(&flat, &vec![None; vars.len()], false)?;
             }
             self.totals.tokens += tokens;
             // One exchange per step: the loss, the tokens run, and whether any rank was asked to stop.
@@ -521,18 +526,13 @@ impl<'a> Trainer<'a> {
             if !loss_sum.is_finite() {
                 return Err(self.diverged(step, "loss", loss_sum));
             }
-            let grads: Vec<Tensor> = acc
-                .into_iter()
-                .zip(&vars)
-                .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-                .collect::<candle_core::Result<_>>()?;
-            let flat = group.sum_tensor(&self.optimizer.flatten_grads(&grads)?)?;
-            let grad_norm = grad_norm(&flat)?;
+            let summed = group.sum_tensor(&flat)?;
+            let grad_norm = grad_norm(&summed)?;
             if !grad_norm.is_finite() {
                 return Err(self.diverged(step, "gradient norm", grad_norm));
             }
             let lr = learning_rate(&s, step, total);
-            self.optimizer.step_scaled(&flat, clip_scale(grad_norm, s.max_grad_norm), lr)?;
+            self.optimizer.step_scaled(&summed, clip_scale(grad_norm, s.max_grad_norm), lr)?;
             let seconds = started.elapsed().as_secs_f64();
             self.totals.seconds += seconds;
             let rec = StepRecord {

@@ -4,6 +4,7 @@
 pub mod autograd;
 pub mod backward;
 pub mod cpu;
+pub mod flat;
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod launch;

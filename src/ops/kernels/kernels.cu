@@ -1012,6 +1012,20 @@ extern "C" __global__ void adamw_f32(float* state, const float* g, long long n, 
     }
 }
 
+// Segments of f32 values copied (or, with add, added) from src to dst in one launch: table holds (src, dst,
+// count) per segment as 64-bit triples, one blockIdx.y each; src 0 stands for zeros. The optimizer's flat
+// vector and the adapter's many small tensors (ops/flat.rs).
+extern "C" __global__ void copy_segments_f32(const unsigned long long* table, int add) {
+    const unsigned long long* e = table + 3 * (size_t)blockIdx.y;
+    const float* src = (const float*)e[0];
+    float* dst = (float*)e[1];
+    long long n = (long long)e[2];
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float v = src ? src[i] : 0.0f;
+        dst[i] = add ? dst[i] + v : v;
+    }
+}
+
 // (value, index) argmax over the block, first index on ties; every thread gets the winner's index.
 __device__ __forceinline__ int block_argmax(float best, int idx, float* rv, int* ri) {
 #pragma unroll
