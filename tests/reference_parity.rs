@@ -40,7 +40,19 @@ fn check_case(case: &str) {
         next = billion::generation::sampling::argmax(&l.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
     }
     assert_eq!(greedy, want_greedy, "{case}: greedy tokens differ");
-    eprintln!("{case}: max |Δlogit| {diff:.2e} (subset), {diff_last:.2e} (last); 16 greedy tokens equal");
+
+    // The training path (differentiable ops; on the CPU the tiled attention where the head dim allows it).
+    let mut loaded = loaded;
+    loaded.model.set_ops(billion::model::Ops::Differentiable);
+    let model = &loaded.model;
+    let logits = model.forward(&model.input(&ids).unwrap(), &mut model.new_cache()).unwrap().squeeze(0).unwrap();
+    let got = logits.to_dtype(DType::F32).unwrap().index_select(&idx, 1).unwrap();
+    let diff_train = (got - want_subset).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff_train < 1e-4, "{case}: the training path's logits differ by {diff_train}");
+    eprintln!(
+        "{case}: max |Δlogit| {diff:.2e} (subset), {diff_last:.2e} (last), {diff_train:.2e} (training path); 16 \
+         greedy tokens equal"
+    );
 }
 
 #[test]

@@ -23,6 +23,7 @@ use super::decode_graph::{GraphEngine, GraphLayer, GraphParts, QkvLinears};
 use super::layers::Norm;
 use super::linear::Linear;
 use crate::ops::cpu::attention::{scores_tile, values_tile, KEY_TILE};
+use crate::ops::cpu::exp_nonpositive;
 use crate::ops::cpu::{dot_rows, pool};
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor};
 use std::cell::RefCell;
@@ -676,30 +677,6 @@ fn sum(v: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `e^x` for `x ≤ 0` (softmax after its maximum is taken out), to ~2 ulp, in operations the compiler
-/// vectorizes: `x = k·ln 2 + r` with |r| ≤ ln 2 / 2, `e^r` by its Taylor series to r⁶, `2^k` built in the
-/// exponent bits. Below −87 the result is 0 (f32 underflow).
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-    let x = x.max(-87.0);
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
-    let k = shifted - ROUND;
-    let r = x - k * LN2_HI - k * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // k as an integer from the bits (`shifted` keeps ROUND's exponent, so its mantissa counts k): integer
-    // operations the compiler vectorizes, where `k as i32` (a saturating cast) is done one lane at a time.
-    let ki = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
-    let scale = f32::from_bits(((ki + 127) as u32) << 23);
-    if x <= -87.0 {
-        0.0
-    } else {
-        p * scale
-    }
-}
-
 /// Rotates the first `dim` dims of one head: pairs (i, i + dim/2), or adjacent pairs when `interleaved`.
 fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], dim: usize, interleaved: bool) {
     let half = dim / 2;
@@ -727,28 +704,6 @@ fn activate(x: f32, act: Activation) -> f32 {
 mod tests {
     use super::*;
     use crate::model::layers::Ops;
-
-    /// `e^x` within 2 ulp of the exact value over the whole range, and its `2^k` taken from the bits equals the
-    /// saturating cast's to the bit.
-    #[test]
-    fn exp_nonpositive_is_exact_to_two_ulp() {
-        for i in 0..=200_000 {
-            let x = -88.0 * i as f32 / 200_000.0;
-            let got = exp_nonpositive(x);
-            if x <= -87.0 {
-                assert_eq!(got, 0.0);
-                continue;
-            }
-            let want = (x as f64).exp();
-            assert!(((got as f64 - want) / want).abs() < 2.5e-7, "e^{x}: {got} vs {want}");
-            let k = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
-            let by_cast = f32::from_bits(((k as i32 + 127) as u32) << 23);
-            let shifted = x * std::f32::consts::LOG2_E + 12_582_912.0;
-            let by_bits =
-                f32::from_bits(((shifted.to_bits() as i32 - 12_582_912f32.to_bits() as i32 + 127) as u32) << 23);
-            assert_eq!(by_cast.to_bits(), by_bits.to_bits(), "2^k at {x}");
-        }
-    }
 
     /// The step's norms equal the regular pass's to the bit: the 8-bit products after them would turn an
     /// ulp into a different rounding.

@@ -272,6 +272,21 @@ pub fn attention(
     groups: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    match tiled_cpu_attention(q, k, v, mask, groups, scale)? {
+        Some(out) => Ok(out),
+        None => tensor_attention(q, k, v, mask, groups, scale),
+    }
+}
+
+/// [`attention`] through tensor ops (a score matrix per call, forward and backward).
+fn tensor_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    groups: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, kv, gt, d) = q.dims4()?;
     let (t, h) = (gt / groups, kv * groups);
     let total = k.dim(2)?;
@@ -300,6 +315,69 @@ pub fn attention(
         Ok((dq, dk, dv))
     })
 }
+
+/// [`attention`] on the CPU in f32 through `ops::cpu::train_attention` (no score matrix, forward or
+/// backward; the graph keeps each query row's log-sum-exp), where the shapes suit it: `None` otherwise. The
+/// mask is the training pass's causal one (query `i` sees keys up to `total − t + i`), or none for a single
+/// query, which sees every key: the same rule.
+fn tiled_cpu_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    groups: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    use crate::ops::cpu::train_attention::{backward, forward, Dims};
+    let (batch, kv_heads, gt, head_dim) = q.dims4()?;
+    let (t, total) = (gt / groups, k.dim(2)?);
+    let dims = Dims { batch, kv_heads, groups, t, total, head_dim, scale: scale as f32 };
+    let on_cpu = [q, k, v].iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32);
+    let causal = match mask {
+        Some(m) => m.dims() == [t, total],
+        None => t == 1,
+    };
+    if !(on_cpu && causal && dims.supported() && gt == groups * t) || std::env::var_os(TENSOR_ATTENTION_ENV).is_some() {
+        return Ok(None);
+    }
+    let mut out = vec![0f32; q.elem_count()];
+    let mut lse = vec![0f32; batch * kv_heads * gt];
+    with_cpu_f32(&[q, k, v], |[qs, ks, vs]| forward(&dims, qs, ks, vs, &mut out, &mut lse))?;
+    let value = Tensor::from_vec(out, (batch, t, kv_heads * groups * head_dim), q.device())?;
+    let kept = value.clone();
+    let bwd = move |[q, k, v]: [&Tensor; 3], needs: [bool; 3], g: &Tensor| -> Result<Grads3> {
+        let (mut dq, mut dk, mut dv) =
+            (vec![0f32; q.elem_count()], vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);
+        with_cpu_f32(&[q, k, v, &kept, &g.to_dtype(DType::F32)?], |[qs, ks, vs, os, gs]| {
+            backward(&dims, qs, ks, vs, os, &lse, gs, &mut dq, &mut dk, &mut dv)
+        })?;
+        let grad = |need: bool, values: Vec<f32>, like: &Tensor| {
+            need.then(|| Tensor::from_vec(values, like.dims(), like.device())).transpose()
+        };
+        Ok((grad(needs[0], dq, q)?, grad(needs[1], dk, k)?, grad(needs[2], dv, v)?))
+    };
+    Ok(Some(with_backward3(q, k, v, value, "attention", bwd)?))
+}
+
+/// `f` over the f32 values of CPU tensors as they are stored (contiguous copies of those that are not).
+fn with_cpu_f32<const N: usize, R>(xs: &[&Tensor; N], f: impl FnOnce([&[f32]; N]) -> R) -> Result<R> {
+    let xs: Vec<Tensor> = xs.iter().map(|x| x.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = xs.iter().map(|x| x.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&**storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("tiled attention: contiguous f32 tensors on the CPU");
+        };
+        slices.push(&v[a..b]);
+    }
+    let slices: [&[f32]; N] = slices.try_into().map_err(|_| candle_core::Error::Msg("tiled attention".into()))?;
+    Ok(f(slices))
+}
+
+/// Set (to anything) to train through the tensor-op attention on the CPU too: the reference the tiled
+/// kernels are tested against.
+pub const TENSOR_ATTENTION_ENV: &str = "BILLION_TENSOR_ATTENTION";
 
 /// Mean-free per-row negative log-likelihood for the rows `rows` (u32 `[n]`) of `logits` (`[N, vocab]`, any
 /// float dtype) against `targets` (u32 `[n]`): `[n]` f32. Selecting, casting and the log-softmax happen inside
@@ -406,6 +484,43 @@ mod tests {
             assert!(!a.track_op(), "{what}: gradients carry no graph");
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-5, "{what}: gradient of input {i} off by {d}");
+        }
+    }
+
+    /// The CPU's tiled attention (no score matrix) against candle's primitive ops (and their backward passes)
+    /// and against the tensor-op attention, values and the gradients of q, k and v: blocks of query rows off and on the block size, keys cached before the new tokens, one and three
+    /// query heads per KV head, a single new token (no mask), head dims 16 and 64.
+    #[test]
+    fn tiled_attention_matches_the_tensor_ops() {
+        let dev = Device::Cpu;
+        for (case, &(b, kv, groups, t, total, d)) in
+            [(2, 2, 3, 37, 37, 16), (1, 3, 1, 70, 75, 64), (2, 1, 2, 1, 9, 64), (1, 2, 2, 32, 32, 16)]
+                .iter()
+                .enumerate()
+        {
+            let seed = 300 + 10 * case as u64;
+            let var = |s: u64, shape: &[usize]| Var::from_tensor(&crate::testing::seeded_randn(s, 0.0, 1.0, shape));
+            let q = var(seed, &[b, kv, groups * t, d]).unwrap();
+            let k = var(seed + 1, &[b, kv, total, d]).unwrap();
+            let v = var(seed + 2, &[b, kv, total, d]).unwrap();
+            let mask = (t > 1).then(|| crate::ops::fused::causal_mask(t, total - t, DType::F32, &dev).unwrap());
+            let scale = 1.0 / (d as f64).sqrt();
+            let args = (q.as_tensor(), k.as_tensor(), v.as_tensor(), mask.as_ref(), groups, scale);
+            let tiled = tiled_cpu_attention(args.0, args.1, args.2, args.3, args.4, args.5).unwrap();
+            let tiled = tiled.expect("these shapes take the tiled path");
+            // candle's own ops and their backward passes: softmax(q kᵀ · scale + mask) v.
+            let s = (q.as_tensor() * scale).unwrap().matmul(&k.as_tensor().t().unwrap()).unwrap();
+            let s = match &mask {
+                Some(m) => s.reshape((b, kv, groups, t, total)).unwrap().broadcast_add(m).unwrap(),
+                None => s,
+            };
+            let s = s.reshape((b, kv, groups * t, total)).unwrap();
+            let plain = candle_nn::ops::softmax(&s, D::Minus1).unwrap().matmul(v.as_tensor()).unwrap();
+            let plain = plain.reshape((b, kv * groups, t, d)).unwrap().transpose(1, 2).unwrap();
+            let plain = plain.reshape((b, t, kv * groups * d)).unwrap();
+            check_all(&tiled, &plain, &[&q, &k, &v], &format!("tiled attention, case {case}"));
+            let ops = tensor_attention(args.0, args.1, args.2, args.3, args.4, args.5).unwrap();
+            check_all(&tiled, &ops, &[&q, &k, &v], &format!("tiled against tensor-op attention, case {case}"));
         }
     }
 

@@ -308,6 +308,34 @@ pub(super) unsafe fn product_nr(
     }
 }
 
+/// `C[0..m][0..n] (+)= A[0..m][0..k] · B[0..k][0..n]` (`n` a multiple of [`NR`]) through the micro-kernels: A
+/// rows `lda` apart, B rows `ldb` apart, C rows `ldc` apart; `add` accumulates into C.
+///
+/// # Safety
+/// A's `m` rows hold `k` floats, B's `k` rows `n`, C's `m` rows `n`, at the strides given.
+#[allow(clippy::too_many_arguments)] // the product's operands, with the sizes
+pub(super) unsafe fn product_wide(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    k: usize,
+    m: usize,
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
+    debug_assert!(n.is_multiple_of(NR));
+    let micro = micro_kernels();
+    for j in (0..n).step_by(NR) {
+        for t in (0..m).step_by(MR) {
+            let rows = MR.min(m - t);
+            micro[rows - 1](a.add(t * lda), lda, b.add(j), ldb, k, c.add(t * ldc + j), ldc, NR, add);
+        }
+    }
+}
+
 fn micro_kernels() -> [Micro; MR] {
     // One micro-kernel per row count 1..=MR.
     macro_rules! by_rows {

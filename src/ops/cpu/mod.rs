@@ -19,6 +19,7 @@ pub mod gemm;
 mod neon;
 pub mod packed;
 pub mod pool;
+pub mod train_attention;
 
 pub use blocks::ActivationKind;
 pub use blocks::WeightKind;
@@ -514,10 +515,57 @@ fn quantize_rows<B: Send>(
     });
 }
 
+/// `e^x` for `x ≤ 0` (softmax after its maximum is taken out), to ~2 ulp, in operations the compiler
+/// vectorizes: `x = k·ln 2 + r` with |r| ≤ ln 2 / 2, `e^r` by its Taylor series to r⁶, `2^k` built in the
+/// exponent bits. Below −87 the result is 0 (f32 underflow).
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let x = x.max(-87.0);
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let k = shifted - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // k as an integer from the bits (`shifted` keeps ROUND's exponent, so its mantissa counts k): integer
+    // operations the compiler vectorizes, where `k as i32` (a saturating cast) is done one lane at a time.
+    let ki = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+    let scale = f32::from_bits(((ki + 127) as u32) << 23);
+    if x <= -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::blocks::*;
     use super::*;
+
+    /// `e^x` within 2 ulp of the exact value over the whole range, and its `2^k` taken from the bits equals the
+    /// saturating cast's to the bit.
+    #[test]
+    fn exp_nonpositive_is_exact_to_two_ulp() {
+        for i in 0..=200_000 {
+            let x = -88.0 * i as f32 / 200_000.0;
+            let got = exp_nonpositive(x);
+            if x <= -87.0 {
+                assert_eq!(got, 0.0);
+                continue;
+            }
+            let want = (x as f64).exp();
+            assert!(((got as f64 - want) / want).abs() < 2.5e-7, "e^{x}: {got} vs {want}");
+            let k = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let by_cast = f32::from_bits(((k as i32 + 127) as u32) << 23);
+            let shifted = x * std::f32::consts::LOG2_E + 12_582_912.0;
+            let by_bits =
+                f32::from_bits(((shifted.to_bits() as i32 - 12_582_912f32.to_bits() as i32 + 127) as u32) << 23);
+            assert_eq!(by_cast.to_bits(), by_bits.to_bits(), "2^k at {x}");
+        }
+    }
+
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
