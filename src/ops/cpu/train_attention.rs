@@ -234,11 +234,11 @@ pub fn backward(
                 let qb = &q[(first_row + i0) * d..][..n * d];
                 lse_block[..n].copy_from_slice(&lse[first_row + i0..][..n]);
                 // dO of the block's rows, contiguous, and D = rowsum(dO ⊙ O).
-                for r in 0..n {
+                for (r, dr) in delta[..n].iter_mut().enumerate() {
                     let at = ((bi * t + i0 + r) * heads + head) * d;
                     let (go, oo) = (&dout[at..at + d], &o[at..at + d]);
                     sc.rows[r * d..(r + 1) * d].copy_from_slice(go);
-                    delta[r] = go.iter().zip(oo).map(|(a, b)| a * b).sum();
+                    *dr = go.iter().zip(oo).map(|(a, b)| a * b).sum();
                 }
                 // SAFETY (each product below): operands inside the scratch rows / the head's slices at the
                 // strides given, n ≤ ROWS block rows, width ≤ stride, keys ≤ total.
@@ -266,10 +266,10 @@ pub fn backward(
                         false,
                     );
                 }
-                for r in 0..n {
+                for (r, &dr) in delta[..n].iter().enumerate() {
                     let (p, ds) = (&sc.s[r * stride..][..width], &mut sc.ds[r * stride..][..width]);
                     for (x, &p) in ds.iter_mut().zip(p) {
-                        *x = p * (*x - delta[r]);
+                        *x = p * (*x - dr);
                     }
                 }
                 // dQ = scale · dS · K (rows of this block only: written, not added).
