@@ -429,7 +429,7 @@ pub fn attention(
         }
         (Ops::Differentiable, None) => {
             let q = q.contiguous()?.reshape((b, kv_heads, groups * t, d))?;
-            crate::ops::autograd::attention(&q, &k_all.contiguous()?, &v_all.contiguous()?, mask, groups, scale)
+            crate::ops::autograd::attention(&q, &k_all.contiguous()?, &v_all.contiguous()?, groups, scale)
         }
     }
 }

@@ -530,7 +530,7 @@ impl Linear {
         let value =
             (self.frozen_training_value(&x.detach())? + delta.reshape(self.out_dims(x))?.to_dtype(x.dtype())?)?;
         let weight = self.weight.clone();
-        crate::ops::autograd::with_backward3(x, &l.a, &l.b, value, "lora-linear", move |[x, a, b], needs, g| {
+        crate::ops::autograd::with_backward3(x, &l.a, &l.b, value, "lora-linear", move |[x, a, b], needs, _, g| {
             let g32 = (g.reshape((rows, out_f))?.to_dtype(cd)? * scale)?;
             let xd = dropped(x, &mask)?;
             let gxa = g32.matmul(b)?; // [rows, r]

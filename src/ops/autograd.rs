@@ -15,7 +15,7 @@ type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send +
 pub type Grads2 = (Option<Tensor>, Option<Tensor>);
 type Backward2 = Box<dyn Fn([&Tensor; 2], [bool; 2], &Tensor) -> Result<Grads2> + Send + Sync>;
 pub type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-type Backward3 = Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync>;
+type Backward3 = Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
 
 /// A forward value computed ahead of time, handed over (copied) as the op's output exactly once.
 struct Value(Mutex<Option<Tensor>>, &'static str);
@@ -166,9 +166,9 @@ impl CustomOp3 for Precomputed3 {
         self.value.metal()
     }
 
-    fn bwd(&self, a1: &Tensor, a2: &Tensor, a3: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Grads3> {
+    fn bwd(&self, a1: &Tensor, a2: &Tensor, a3: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Grads3> {
         let needs = [a1.track_op(), a2.track_op(), a3.track_op()];
-        (self.bwd)([&a1.detach(), &a2.detach(), &a3.detach()], needs, &grad_res.detach())
+        (self.bwd)([&a1.detach(), &a2.detach(), &a3.detach()], needs, &res.detach(), &grad_res.detach())
     }
 }
 
@@ -180,7 +180,7 @@ pub fn with_backward3(
     b: &Tensor,
     value: Tensor,
     name: &'static str,
-    bwd: impl Fn([&Tensor; 3], [bool; 3], &Tensor) -> Result<Grads3> + Send + Sync + 'static,
+    bwd: impl Fn([&Tensor; 3], [bool; 3], &Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     if !(x.track_op() || a.track_op() || b.track_op()) {
         return Ok(value);
@@ -260,37 +260,28 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Grouped-query attention `softmax(q kᵀ · scale + mask) v` for `q` `[b, kv, groups·t, d]` and `k`, `v`
-/// `[b, kv, total, d]` (contiguous), softmax in f32, returned as `[b, t, heads·d]` (heads = kv · groups). The
-/// backward recomputes the probabilities from q and k rather than keeping the `[…, groups·t, total]` score
-/// matrices of every layer alive.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    groups: usize,
-    scale: f64,
-) -> Result<Tensor> {
-    match tiled_cpu_attention(q, k, v, mask, groups, scale)? {
+/// Causal grouped-query attention `softmax(q kᵀ · scale + mask) v` for `q` `[b, kv, groups·t, d]` (t new
+/// tokens) and `k`, `v` `[b, kv, total, d]` (the cached keys first): query `i` sees keys `j ≤ total − t + i`.
+/// Softmax in f32, returned as `[b, t, heads·d]` (heads = kv · groups). The backward recomputes the
+/// probabilities from q and k rather than keeping the `[…, groups·t, total]` score matrices of every layer
+/// alive; on the CPU no score matrix exists at all (`ops::cpu::train_attention`).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, scale: f64) -> Result<Tensor> {
+    match tiled_cpu_attention(q, k, v, groups, scale)? {
         Some(out) => Ok(out),
-        None => tensor_attention(q, k, v, mask, groups, scale),
+        None => tensor_attention(q, k, v, groups, scale),
     }
 }
 
 /// [`attention`] through tensor ops (a score matrix per call, forward and backward).
-fn tensor_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    groups: usize,
-    scale: f64,
-) -> Result<Tensor> {
+fn tensor_attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, scale: f64) -> Result<Tensor> {
     let (b, kv, gt, d) = q.dims4()?;
     let (t, h) = (gt / groups, kv * groups);
     let total = k.dim(2)?;
-    let mask = mask.map(|m| m.to_dtype(DType::F32)).transpose()?;
+    if total < t {
+        candle_core::bail!("attention: {t} new tokens but {total} keys");
+    }
+    // A single new token sees every key: nothing to mask.
+    let mask = (t > 1).then(|| crate::ops::fused::causal_mask(t, total - t, DType::F32, q.device())).transpose()?;
     let probs = move |q: &Tensor, k: &Tensor| -> Result<Tensor> {
         let s = (q * scale)?.matmul(&k.t()?)?.to_dtype(DType::F32)?;
         let s = match &mask {
@@ -303,7 +294,7 @@ fn tensor_attention(
     let out = p.to_dtype(v.dtype())?.matmul(&v.detach())?;
     drop(p);
     let value = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
-    with_backward3(q, k, v, value, "attention", move |[q, k, v], needs, g| {
+    with_backward3(q, k, v, value, "attention", move |[q, k, v], needs, _, g| {
         let dtype = q.dtype();
         let g = g.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?.reshape((b, kv, gt, d))?;
         let p = probs(q, k)?; // f32 [b, kv, gt, total]
@@ -317,38 +308,27 @@ fn tensor_attention(
 }
 
 /// [`attention`] on the CPU in f32 through `ops::cpu::train_attention` (no score matrix, forward or
-/// backward; the graph keeps each query row's log-sum-exp), where the shapes suit it: `None` otherwise. The
-/// mask is the training pass's causal one (query `i` sees keys up to `total − t + i`), or none for a single
-/// query, which sees every key: the same rule.
-fn tiled_cpu_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    groups: usize,
-    scale: f64,
-) -> Result<Option<Tensor>> {
+/// backward; the graph keeps each query row's log-sum-exp), where the shapes suit it: `None` otherwise.
+fn tiled_cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, scale: f64) -> Result<Option<Tensor>> {
     use crate::ops::cpu::train_attention::{backward, forward, Dims};
     let (batch, kv_heads, gt, head_dim) = q.dims4()?;
     let (t, total) = (gt / groups, k.dim(2)?);
     let dims = Dims { batch, kv_heads, groups, t, total, head_dim, scale: scale as f32 };
     let on_cpu = [q, k, v].iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32);
-    let causal = match mask {
-        Some(m) => m.dims() == [t, total],
-        None => t == 1,
-    };
-    if !(on_cpu && causal && dims.supported() && gt == groups * t) || std::env::var_os(TENSOR_ATTENTION_ENV).is_some() {
+    let kv_dims = (batch, kv_heads, total, head_dim);
+    let shapes = gt == groups * t && k.dims4()? == kv_dims && v.dims4()? == kv_dims;
+    if !(on_cpu && shapes && dims.supported()) || std::env::var_os(TENSOR_ATTENTION_ENV).is_some() {
         return Ok(None);
     }
     let mut out = vec![0f32; q.elem_count()];
     let mut lse = vec![0f32; batch * kv_heads * gt];
     with_cpu_f32(&[q, k, v], |[qs, ks, vs]| forward(&dims, qs, ks, vs, &mut out, &mut lse))?;
     let value = Tensor::from_vec(out, (batch, t, kv_heads * groups * head_dim), q.device())?;
-    let kept = value.clone();
-    let bwd = move |[q, k, v]: [&Tensor; 3], needs: [bool; 3], g: &Tensor| -> Result<Grads3> {
+    // The backward pass reads the forward's output from the graph (`out`), not from a copy kept here.
+    let bwd = move |[q, k, v]: [&Tensor; 3], needs: [bool; 3], out: &Tensor, g: &Tensor| -> Result<Grads3> {
         let (mut dq, mut dk, mut dv) =
             (vec![0f32; q.elem_count()], vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);
-        with_cpu_f32(&[q, k, v, &kept, &g.to_dtype(DType::F32)?], |[qs, ks, vs, os, gs]| {
+        with_cpu_f32(&[q, k, v, out, &g.to_dtype(DType::F32)?], |[qs, ks, vs, os, gs]| {
             backward(&dims, qs, ks, vs, os, &lse, gs, &mut dq, &mut dk, &mut dv)
         })?;
         let grad = |need: bool, values: Vec<f32>, like: &Tensor| {
@@ -505,8 +485,8 @@ mod tests {
             let v = var(seed + 2, &[b, kv, total, d]).unwrap();
             let mask = (t > 1).then(|| crate::ops::fused::causal_mask(t, total - t, DType::F32, &dev).unwrap());
             let scale = 1.0 / (d as f64).sqrt();
-            let args = (q.as_tensor(), k.as_tensor(), v.as_tensor(), mask.as_ref(), groups, scale);
-            let tiled = tiled_cpu_attention(args.0, args.1, args.2, args.3, args.4, args.5).unwrap();
+            let args = (q.as_tensor(), k.as_tensor(), v.as_tensor(), groups, scale);
+            let tiled = tiled_cpu_attention(args.0, args.1, args.2, args.3, args.4).unwrap();
             let tiled = tiled.expect("these shapes take the tiled path");
             // candle's own ops and their backward passes: softmax(q kᵀ · scale + mask) v.
             let s = (q.as_tensor() * scale).unwrap().matmul(&k.as_tensor().t().unwrap()).unwrap();
@@ -519,9 +499,16 @@ mod tests {
             let plain = plain.reshape((b, kv * groups, t, d)).unwrap().transpose(1, 2).unwrap();
             let plain = plain.reshape((b, t, kv * groups * d)).unwrap();
             check_all(&tiled, &plain, &[&q, &k, &v], &format!("tiled attention, case {case}"));
-            let ops = tensor_attention(args.0, args.1, args.2, args.3, args.4, args.5).unwrap();
+            let ops = tensor_attention(args.0, args.1, args.2, args.3, args.4).unwrap();
             check_all(&tiled, &ops, &[&q, &k, &v], &format!("tiled against tensor-op attention, case {case}"));
         }
+        // A diverging input shows in the output as NaN (as through the tensor ops), not as zeros.
+        let q = crate::testing::seeded_randn(390, 0.0, 1.0, &[1, 1, 4, 16]);
+        let q = q.slice_assign(&[0..1, 0..1, 2..3, 0..1], &Tensor::new(&[[[[f32::NAN]]]], &dev).unwrap()).unwrap();
+        let kv = crate::testing::seeded_randn(391, 0.0, 1.0, &[1, 1, 4, 16]);
+        let out = tiled_cpu_attention(&q, &kv, &kv, 1, 0.25).unwrap().expect("tiled");
+        let nan = out.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|x| x.is_nan()).count();
+        assert_eq!(nan, 16, "the row whose query is NaN is NaN, the others are not");
     }
 
     #[test]
@@ -564,7 +551,7 @@ mod tests {
         let k = Var::from_tensor(&crate::testing::seeded_randn(210, 0.0, 1.0, &[1, 2, 3, 8])).unwrap();
         let v = Var::from_tensor(&crate::testing::seeded_randn(211, 0.0, 1.0, &[1, 2, 3, 8])).unwrap();
         let mask = crate::ops::fused::causal_mask(3, 0, DType::F32, &dev).unwrap();
-        let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), 2, 0.5).unwrap();
+        let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 2, 0.5).unwrap();
         let s = (q.as_tensor() * 0.5).unwrap().matmul(&k.as_tensor().t().unwrap()).unwrap();
         let s = s.reshape((1, 2, 2, 3, 3)).unwrap().broadcast_add(&mask).unwrap().reshape((1, 2, 6, 3)).unwrap();
         let plain = candle_nn::ops::softmax(&s, D::Minus1).unwrap().matmul(v.as_tensor()).unwrap();

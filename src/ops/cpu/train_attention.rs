@@ -115,9 +115,16 @@ fn probabilities(dims: &Dims, s: &mut [f32], first: usize, n: usize, lse: &mut [
         if !known {
             let max = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * dims.scale));
             let sum: f32 = seen.iter().map(|&x| exp_nonpositive(x * dims.scale - max)).sum();
-            lse[r] = max + sum.ln();
+            // A score that is not finite (a diverging run) makes the row NaN, as the tensor ops would: the
+            // exponential below maps NaN to 0 and would hide it from the trainer's checks.
+            let finite = max.is_finite() && seen.iter().all(|x| x.is_finite());
+            lse[r] = if finite { max + sum.ln() } else { f32::NAN };
         }
         let l = lse[r];
+        if l.is_nan() {
+            seen.fill(f32::NAN);
+            continue;
+        }
         // At most a rounding above 0 (lse ≥ the maximum), where the exponential is still exact.
         for x in seen.iter_mut() {
             *x = exp_nonpositive(*x * dims.scale - l);
