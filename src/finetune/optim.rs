@@ -52,14 +52,6 @@ impl AdamW {
         self.state.get(i)
     }
 
-    /// The gradients (`grads[i]` for `vars[i]`) as one flat vector.
-    pub fn flatten_grads(&self, grads: &[Tensor]) -> Result<Tensor> {
-        if grads.len() != self.vars.len() {
-            bail!("AdamW: {} gradients for {} parameters", grads.len(), self.vars.len());
-        }
-        Ok(flatten(&grads.iter().collect::<Vec<_>>())?)
-    }
-
     /// A flat f32 gradient vector for these parameters, zeros: made once, filled by
     /// [`AdamW::gather_grads`] every step.
     pub fn gradient_buffer(&self) -> Result<Tensor> {
@@ -101,7 +93,8 @@ impl AdamW {
 
     /// One update with learning rate `lr`; `grads[i]` belongs to `vars[i]`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
-        let g = self.flatten_grads(grads)?;
+        let g = self.gradient_buffer()?;
+        self.gather_grads(&g, &grads.iter().cloned().map(Some).collect::<Vec<_>>(), false)?;
         self.step_flat(&g, lr)
     }
 

@@ -26,24 +26,14 @@ pub fn gather(flat: &Tensor, vars: &[Var], grads: &[Option<Tensor>], add: bool) 
     }
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = flat.device() {
-        let stream = dev.cuda_stream();
-        let base = crate::ops::launch::storage_ptr(flat, &stream)?;
-        let mut table = Vec::with_capacity(3 * parts.len());
-        let mut offset = 0u64;
-        for (p, &n) in parts.iter().zip(&sizes) {
-            let src = match p {
-                Some(p) => crate::ops::launch::storage_ptr(p, &stream)?,
-                None if add => {
-                    offset += n as u64;
-                    continue;
-                }
-                None => 0,
-            };
-            table.extend([src, base + 4 * offset, n as u64]);
-            offset += n as u64;
-        }
         // The parts stay alive (held in `parts`) until the kernel is queued; candle frees in stream order.
-        return cuda::copy_segments(dev, &table, add);
+        return cuda::copy_segments(dev, flat, &sizes, add, |stream, segment, i| {
+            Ok(match &parts[i] {
+                Some(p) => Some((crate::ops::launch::storage_ptr(p, stream)?, segment)),
+                None if add => None,
+                None => Some((0, segment)),
+            })
+        });
     }
     flat.inplace_op1(&Gather { parts, sizes, add })
 }
@@ -53,15 +43,9 @@ pub fn scatter(flat: &Tensor, vars: &[Var]) -> Result<()> {
     let sizes = check(flat, vars)?;
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = flat.device() {
-        let stream = dev.cuda_stream();
-        let base = crate::ops::launch::storage_ptr(flat, &stream)?;
-        let mut table = Vec::with_capacity(3 * vars.len());
-        let mut offset = 0u64;
-        for (v, &n) in vars.iter().zip(&sizes) {
-            table.extend([base + 4 * offset, crate::ops::launch::storage_ptr(v.as_tensor(), &stream)?, n as u64]);
-            offset += n as u64;
-        }
-        return cuda::copy_segments(dev, &table, false);
+        return cuda::copy_segments(dev, flat, &sizes, false, |stream, segment, i| {
+            Ok(Some((segment, crate::ops::launch::storage_ptr(vars[i].as_tensor(), stream)?)))
+        });
     }
     let mut offset = 0;
     for (v, n) in vars.iter().zip(sizes) {
@@ -133,11 +117,29 @@ impl candle_core::InplaceOp1 for Gather {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::{CudaDevice, Result};
+    use candle_core::cuda_backend::cudarc::driver::CudaStream;
+    use candle_core::{CudaDevice, Result, Tensor};
 
-    /// One launch of `copy_segments_f32` over `table` (source, destination, count per segment; source 0 is
-    /// zeros).
-    pub fn copy_segments(dev: &CudaDevice, table: &[u64], add: bool) -> Result<()> {
+    /// One launch of `copy_segments_f32` over the segments of `flat` (`sizes[i]` floats each, in order):
+    /// `pair(stream, address of segment i in flat, i)` gives its (source, destination) addresses — a source of
+    /// 0 is zeros — or `None` to leave it out.
+    pub fn copy_segments(
+        dev: &CudaDevice,
+        flat: &Tensor,
+        sizes: &[usize],
+        add: bool,
+        pair: impl Fn(&CudaStream, u64, usize) -> Result<Option<(u64, u64)>>,
+    ) -> Result<()> {
+        let stream = dev.cuda_stream();
+        let base = crate::ops::launch::storage_ptr(flat, &stream)?;
+        let mut table = Vec::with_capacity(3 * sizes.len());
+        let mut offset = 0u64;
+        for (i, &n) in sizes.iter().enumerate() {
+            if let Some((src, dst)) = pair(&stream, base + 4 * offset, i)? {
+                table.extend([src, dst, n as u64]);
+            }
+            offset += n as u64;
+        }
         let segments = table.len() / 3;
         if segments == 0 {
             return Ok(());
@@ -147,8 +149,7 @@ mod cuda {
         }
         let longest = table.chunks(3).map(|e| e[2]).max().unwrap_or(0) as u32;
         let mut on_device = dev.alloc_zeros::<u64>(table.len())?;
-        dev.memcpy_htod(table, &mut on_device)?;
-        let stream = dev.cuda_stream();
+        dev.memcpy_htod(&table, &mut on_device)?;
         let f = crate::ops::fused::cuda::kernel(dev, "copy_segments_f32")?;
         use crate::ops::launch::{launch, slice_ptr, Arg};
         let grid = (longest.div_ceil(256).clamp(1, 1024), segments as u32, 1);

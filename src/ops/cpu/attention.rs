@@ -1,6 +1,6 @@
 //! The two small matrix products of a prefill's causal attention on the CPU (`model::cpu_forward`): query
 //! vectors against keys stored transposed ([`scores_tile`]), then softmax weights against the values
-//! ([`values_tile`]). Both run through the f32 GEMM's micro-kernels (`gemm::product_nr`: 6 rows × 16 lanes in
+//! ([`values_tile`]). Both run through the f32 GEMM's micro-kernels (`gemm::product_wide`: 6 rows × 16 lanes in
 //! registers, fused multiply-adds on AVX2 and NEON), which take the keys / values in place at their stride.
 
 use super::gemm::{self, NR};
@@ -20,11 +20,9 @@ pub fn scores_tile(qs: &[f32], kt: &[f32], stride: usize, hd: usize, width: usiz
         s[..n * width].fill(0.0);
         return;
     }
-    for j in (0..width).step_by(KEY_TILE) {
-        // SAFETY: n query rows of hd floats; hd key rows `stride` apart, each with KEY_TILE floats from j (j +
-        // KEY_TILE ≤ width ≤ stride, asserted with the keys' length); n score rows of `width` from j.
-        unsafe { gemm::product_nr(qs.as_ptr(), hd, kt.as_ptr().add(j), stride, hd, n, s.as_mut_ptr().add(j), width) };
-    }
+    // SAFETY: n query rows of hd floats; hd key rows `stride` apart with `width ≤ stride` floats each (asserted
+    // with the keys' length); n score rows of `width`.
+    unsafe { gemm::product_wide(qs.as_ptr(), hd, kt.as_ptr(), stride, hd, n, width, s.as_mut_ptr(), width, false) };
 }
 
 /// `o[i] = Σ_{j < len} p[i][j] · v_j` for the rows of `p` (`[n, width]`, n a multiple of 4, `len ≤ width`)
@@ -45,11 +43,9 @@ pub fn values_tile(p: &[f32], width: usize, v: &[f32], hd: usize, len: usize, o:
             values_narrow::<1>(p, width, v, hd, len, o)
         };
     }
-    for d in (0..hd).step_by(NR) {
-        // SAFETY: n weight rows of `width` ≥ len floats; len value rows `hd` apart, NR floats each from d (d + NR
-        // ≤ hd); n output rows of hd floats from d.
-        unsafe { gemm::product_nr(p.as_ptr(), width, v.as_ptr().add(d), hd, len, n, o.as_mut_ptr().add(d), hd) };
-    }
+    // SAFETY: n weight rows of `width` ≥ len floats; len value rows of hd floats (a multiple of NR); n output
+    // rows of hd floats.
+    unsafe { gemm::product_wide(p.as_ptr(), width, v.as_ptr(), hd, len, n, hd, o.as_mut_ptr(), hd, false) };
 }
 
 /// [`values_tile`] for head dims that are not a multiple of 16: 4 rows × `W` dims accumulate over the keys.

@@ -284,32 +284,9 @@ fn gemm(a: &[f32], m: usize, k: usize, n: usize, c: &mut [f32], align: usize, fi
 /// `ldc` apart; `add` accumulates into C instead of overwriting it.
 type Micro = unsafe fn(*const f32, usize, *const f32, usize, usize, *mut f32, usize, usize, bool);
 
-/// `C[0..m][0..NR] = A[0..m][0..k] · B[0..k][0..NR]` through the micro-kernels, [`MR`] rows at a time: A rows
-/// `lda` apart, B rows `ldb` apart (`NR` floats each), C rows `ldc` apart. Each output is summed over `k` in
-/// order, as in the products above.
-///
-/// # Safety
-/// A's `m` rows hold `k` floats, B's `k` rows `NR`, C's `m` rows `NR`, at the strides given.
-#[allow(clippy::too_many_arguments)] // the micro-kernel's operands, with the row count
-pub(super) unsafe fn product_nr(
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
-    k: usize,
-    m: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
-    let micro = micro_kernels();
-    for t in (0..m).step_by(MR) {
-        let rows = MR.min(m - t);
-        micro[rows - 1](a.add(t * lda), lda, b, ldb, k, c.add(t * ldc), ldc, NR, false);
-    }
-}
-
-/// `C[0..m][0..n] (+)= A[0..m][0..k] · B[0..k][0..n]` (`n` a multiple of [`NR`]) through the micro-kernels: A
-/// rows `lda` apart, B rows `ldb` apart, C rows `ldc` apart; `add` accumulates into C.
+/// `C[0..m][0..n] (+)= A[0..m][0..k] · B[0..k][0..n]` (`n` a multiple of [`NR`]) through the micro-kernels,
+/// [`NR`] columns × [`MR`] rows at a time: A rows `lda` apart, B rows `ldb` apart, C rows `ldc` apart; `add`
+/// accumulates into C. Each output is summed over `k` in order, as in the products above.
 ///
 /// # Safety
 /// A's `m` rows hold `k` floats, B's `k` rows `n`, C's `m` rows `n`, at the strides given.

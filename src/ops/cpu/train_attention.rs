@@ -49,6 +49,41 @@ impl Dims {
     fn stride(&self) -> usize {
         self.total.next_multiple_of(NR)
     }
+
+    /// The sizes every call relies on: `q` (and the output, its gradient, `dq`) `[b, heads, t, d]` floats, `k`
+    /// and `v` `[b, kv, total, d]`.
+    fn check(&self, q: usize, k: usize, v: usize) {
+        assert!(self.supported(), "tiled attention: {self:?}");
+        let d = self.head_dim;
+        assert!(q == self.batch * self.heads() * self.t * d, "tiled attention: {q} query floats for {self:?}");
+        assert!(k == self.batch * self.kv_heads * self.total * d && v == k, "tiled attention: keys / values {k} / {v}");
+    }
+
+    /// The query head of task `task` (one per batch row and head).
+    fn head<'a>(&self, task: usize, k: &'a [f32], v: &'a [f32]) -> Head<'a> {
+        let heads = self.heads();
+        let (bi, head) = (task / heads, task % heads);
+        let (g, m) = (head / self.groups, head % self.groups);
+        let n = self.total * self.head_dim;
+        let at = (bi * self.kv_heads + g) * n;
+        Head {
+            bi,
+            head,
+            first_row: (bi * self.kv_heads + g) * self.groups * self.t + m * self.t,
+            k: &k[at..at + n],
+            v: &v[at..at + n],
+        }
+    }
+}
+
+/// One query head: its batch row, its index among the heads, its first row in `q` (and `lse`, `dq`), and its
+/// KV head's keys and values `[total, d]`.
+struct Head<'a> {
+    bi: usize,
+    head: usize,
+    first_row: usize,
+    k: &'a [f32],
+    v: &'a [f32],
 }
 
 /// A raw pointer written at disjoint places by the tasks of one call.
@@ -103,6 +138,28 @@ fn transpose_keys(kh: &[f32], dims: &Dims, out: &mut [f32]) {
     }
 }
 
+/// The softmax weights of query rows `first..first + n` of a head (`qb`, `[n, d]`) over its transposed keys
+/// `kt` (`[d, stride]`), in `s` (`[n, stride]`); see [`probabilities`].
+#[allow(clippy::too_many_arguments)] // the block's operands, its rows, and its log-sum-exps (given or made)
+fn block_probabilities(
+    dims: &Dims,
+    qb: &[f32],
+    kt: &[f32],
+    s: &mut [f32],
+    first: usize,
+    n: usize,
+    lse: &mut [f32],
+    known: bool,
+) {
+    let (d, stride) = (dims.head_dim, dims.stride());
+    let width = dims.visible(first + n - 1).next_multiple_of(NR);
+    assert!(qb.len() >= n * d && kt.len() >= d * stride && s.len() >= n * stride && n <= ROWS);
+    // SAFETY: n query rows of d floats; d transposed key rows of `stride ≥ width` floats; n score rows of
+    // `stride` floats (all asserted above).
+    unsafe { product_wide(qb.as_ptr(), d, kt.as_ptr(), stride, d, n, width, s.as_mut_ptr(), stride, false) };
+    probabilities(dims, s, first, n, lse, known);
+}
+
 /// Softmax weights of a block's scores in place: `s` `[n, stride]` holds `q · k`; on return `p = exp(scale ·
 /// s − lse)` for visible keys, 0 past them. With `lse` given (the backward pass) it is used; otherwise
 /// it is computed and written.
@@ -134,19 +191,14 @@ fn probabilities(dims: &Dims, s: &mut [f32], first: usize, n: usize, lse: &mut [
 
 /// The output `o` (`[b, t, heads · d]`) and each query row's log-sum-exp `lse` (`[b, kv, groups · t]`).
 pub fn forward(dims: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], lse: &mut [f32]) {
-    let Dims { batch, kv_heads, groups, t, total, head_dim: d, .. } = *dims;
+    let Dims { batch, t, head_dim: d, .. } = *dims;
     let heads = dims.heads();
-    assert!(dims.supported(), "tiled attention: {dims:?}");
-    assert!(q.len() == batch * heads * t * d && k.len() == batch * kv_heads * total * d && v.len() == k.len());
+    dims.check(q.len(), k.len(), v.len());
     assert!(o.len() == q.len() && lse.len() == batch * heads * t);
     let stride = dims.stride();
     let (out, lse_out) = (Shared(o.as_mut_ptr()), Shared(lse.as_mut_ptr()));
     pool::pool().run(batch * heads, &|task| {
-        let (bi, head) = (task / heads, task % heads);
-        let (g, m) = (head / groups, head % groups);
-        let kv = (bi * kv_heads + g) * total * d;
-        let (kh, vh) = (&k[kv..kv + total * d], &v[kv..kv + total * d]);
-        let first_row = (bi * kv_heads + g) * groups * t + m * t;
+        let Head { bi, head, first_row, k: kh, v: vh } = dims.head(task, k, v);
         SCRATCH.with(|sc| {
             let sc = &mut *sc.borrow_mut();
             sc.kt.resize(d * stride, 0.0);
@@ -155,16 +207,10 @@ pub fn forward(dims: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], lse:
             transpose_keys(kh, dims, &mut sc.kt);
             for i0 in (0..t).step_by(ROWS) {
                 let n = ROWS.min(t - i0);
-                let width = dims.visible(i0 + n - 1).next_multiple_of(NR);
                 let qb = &q[(first_row + i0) * d..][..n * d];
-                // SAFETY: n query rows of d floats; d transposed key rows of `stride ≥ width` floats; n score
-                // rows of `stride` floats in the scratch.
-                unsafe {
-                    product_wide(qb.as_ptr(), d, sc.kt.as_ptr(), stride, d, n, width, sc.s.as_mut_ptr(), stride, false)
-                };
                 // SAFETY: this task alone writes the log-sum-exps of its head's rows.
                 let lse = unsafe { std::slice::from_raw_parts_mut(lse_out.at(first_row + i0), n) };
-                probabilities(dims, &mut sc.s, i0, n, lse, false);
+                block_probabilities(dims, qb, &sc.kt, &mut sc.s, i0, n, lse, false);
                 // The block's outputs, gathered contiguous, then put at their place in [b, t, heads · d].
                 let keys = dims.visible(i0 + n - 1);
                 // SAFETY: n probability rows (`stride` apart) over `keys ≤ total` value rows of d floats.
@@ -200,8 +246,7 @@ pub fn backward(
 ) {
     let Dims { batch, kv_heads, groups, t, total, head_dim: d, scale } = *dims;
     let heads = dims.heads();
-    assert!(dims.supported(), "tiled attention: {dims:?}");
-    assert!(q.len() == batch * heads * t * d && k.len() == batch * kv_heads * total * d && v.len() == k.len());
+    dims.check(q.len(), k.len(), v.len());
     assert!(o.len() == q.len() && dout.len() == q.len() && lse.len() == batch * heads * t);
     assert!(dq.len() == q.len() && dk.len() == k.len() && dv.len() == k.len());
     let stride = dims.stride();
@@ -209,11 +254,7 @@ pub fn backward(
     let mut partial = vec![0f32; 2 * batch * heads * total * d];
     let (dq_out, part) = (Shared(dq.as_mut_ptr()), Shared(partial.as_mut_ptr()));
     pool::pool().run(batch * heads, &|task| {
-        let (bi, head) = (task / heads, task % heads);
-        let (g, m) = (head / groups, head % groups);
-        let kv = (bi * kv_heads + g) * total * d;
-        let (kh, vh) = (&k[kv..kv + total * d], &v[kv..kv + total * d]);
-        let first_row = (bi * kv_heads + g) * groups * t + m * t;
+        let Head { bi, head, first_row, k: kh, v: vh } = dims.head(task, k, v);
         // SAFETY: this task's own two `[total, d]` slices of `partial`.
         let (dk_h, dv_h) = unsafe {
             let base = part.at(task * 2 * total * d);
@@ -247,14 +288,11 @@ pub fn backward(
                     sc.rows[r * d..(r + 1) * d].copy_from_slice(go);
                     *dr = go.iter().zip(oo).map(|(a, b)| a * b).sum();
                 }
-                // SAFETY (each product below): operands inside the scratch rows / the head's slices at the
-                // strides given, n ≤ ROWS block rows, width ≤ stride, keys ≤ total.
-                unsafe {
-                    product_wide(qb.as_ptr(), d, sc.kt.as_ptr(), stride, d, n, width, sc.s.as_mut_ptr(), stride, false);
-                }
-                probabilities(dims, &mut sc.s, i0, n, &mut lse_block, true);
+                block_probabilities(dims, qb, &sc.kt, &mut sc.s, i0, n, &mut lse_block, true);
                 // dV += Pᵀ · dO.
                 transpose_into(&sc.s, n, stride, keys, &mut sc.tr, ROWS);
+                // SAFETY (each product below): operands inside the scratch rows / the head's slices at the
+                // strides given, n ≤ ROWS block rows, width ≤ stride, keys ≤ total.
                 unsafe {
                     product_wide(sc.tr.as_ptr(), ROWS, sc.rows.as_ptr(), d, n, keys, d, dv_h.as_mut_ptr(), d, true)
                 };
