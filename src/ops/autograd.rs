@@ -266,7 +266,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// probabilities from q and k rather than keeping the `[…, groups·t, total]` score matrices of every layer
 /// alive; on the CPU no score matrix exists at all (`ops::cpu::train_attention`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, scale: f64) -> Result<Tensor> {
-    match tiled_cpu_attention(q, k, v, groups, scale)? {
+    if let Some(out) = tiled_cpu_attention(q, k, v, groups, scale)? {
+        return Ok(out);
+    }
+    match tiled_cuda_attention(q, k, v, groups, scale)? {
         Some(out) => Ok(out),
         None => tensor_attention(q, k, v, groups, scale),
     }
@@ -337,6 +340,43 @@ fn tiled_cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, scale:
         Ok((grad(needs[0], dq, q)?, grad(needs[1], dk, k)?, grad(needs[2], dv, v)?))
     };
     Ok(Some(with_backward3(q, k, v, value, "attention", bwd)?))
+}
+
+/// [`attention`] on CUDA in bf16 through tensor-core kernels (`train_attention_forward` / `_backward` in
+/// `ops::fused`: no score matrix, forward or backward; the graph keeps each query row's log-sum-exp), for head dims
+/// 64 and 128: `None` otherwise.
+fn tiled_cuda_attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, scale: f64) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::ops::fused::cuda::{train_attention_backward, train_attention_forward};
+        let (batch, kv_heads, gt, head_dim) = q.dims4()?;
+        let (t, total) = (gt / groups, k.dim(2)?);
+        let on_cuda = [q, k, v].iter().all(|x| x.device().is_cuda() && x.dtype() == DType::BF16);
+        let kv_dims = (batch, kv_heads, total, head_dim);
+        let shapes =
+            groups > 0 && gt == groups * t && t > 0 && total >= t && k.dims4()? == kv_dims && v.dims4()? == kv_dims;
+        if !(on_cuda && shapes && [64, 128].contains(&head_dim)) || std::env::var_os(TENSOR_ATTENTION_ENV).is_some() {
+            return Ok(None);
+        }
+        // The kernels take the queries scaled (as the inference kernels do): the product records the scale's
+        // gradient, the op's own is the scaled queries'. `[b, kv, groups · t, d]` is `[b, heads, t, d]` in memory.
+        let heads = kv_heads * groups;
+        let q_scaled = (q * scale)?.contiguous()?;
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let by_head = move |x: &Tensor| x.reshape((batch, heads, t, head_dim));
+        let (value, lse) = train_attention_forward(&by_head(&q_scaled.detach())?, &k.detach(), &v.detach())?;
+        let bwd = move |[q, k, v]: [&Tensor; 3], needs: [bool; 3], out: &Tensor, g: &Tensor| -> Result<Grads3> {
+            let (dq, dk, dv) = train_attention_backward(&by_head(q)?, k, v, out, g, &lse)?;
+            let dq = dq.reshape(q.shape())?;
+            Ok((needs[0].then_some(dq), needs[1].then_some(dk), needs[2].then_some(dv)))
+        };
+        Ok(Some(with_backward3(&q_scaled, &k, &v, value, "attention", bwd)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, groups, scale);
+        Ok(None)
+    }
 }
 
 /// `f` over the f32 values of CPU tensors as they are stored (contiguous copies of those that are not).
@@ -411,8 +451,16 @@ pub fn head_cross_entropy(
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let rows = detached.narrow(0, start, len)?;
+        let logits = head(&rows)?;
+        if let Some((loss, d)) = fused_cross_entropy(&logits, &targets.narrow(0, start, len)?)? {
+            losses.push(loss);
+            if track {
+                grads.push(input_grad(&rows, &d.to_dtype(x.dtype())?)?.to_dtype(DType::F32)?);
+            }
+            continue;
+        }
         let t = targets.narrow(0, start, len)?.unsqueeze(1)?;
-        let logp = candle_nn::ops::log_softmax(&head(&rows)?.to_dtype(DType::F32)?, D::Minus1)?;
+        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
         losses.push(logp.gather(&t, 1)?.squeeze(1)?.neg()?);
         if track {
             let ones = Tensor::ones((len, 1), DType::F32, x.device())?;
@@ -428,6 +476,17 @@ pub fn head_cross_entropy(
     with_backward(x, value, "head-cross-entropy", move |x, _, g| {
         per_row.broadcast_mul(&g.to_dtype(DType::F32)?.unsqueeze(1)?)?.to_dtype(x.dtype())
     })
+}
+
+/// Each row's loss and the logits' gradient (`softmax - onehot`) in one kernel, for bf16 logits on CUDA;
+/// `None` elsewhere (the caller composes log_softmax, gather and scatter_add).
+fn fused_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && logits.dtype() == DType::BF16 && targets.dtype() == DType::U32 {
+        return crate::ops::fused::cuda::cross_entropy_rows(logits, targets).map(Some);
+    }
+    let _ = (logits, targets);
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -509,6 +568,87 @@ mod tests {
         let out = tiled_cpu_attention(&q, &kv, &kv, 1, 0.25).unwrap().expect("tiled");
         let nan = out.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|x| x.is_nan()).count();
         assert_eq!(nan, 16, "the row whose query is NaN is NaN, the others are not");
+    }
+
+    /// The CUDA training attention (tensor-core kernels, bf16) against the CPU's f32 attention on the same
+    /// bf16-rounded inputs, values and the gradients of q, k and v, relative to each one's largest magnitude:
+    /// tiles partly filled, keys cached before the new tokens, groups of 1, 4 and 3, head dims 64 and 128.
+    #[test]
+    fn tiled_cuda_attention_matches_the_cpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return;
+        };
+        for (case, &(b, kv, groups, t, total, d)) in
+            [(2, 2, 4, 100, 100, 64), (1, 3, 1, 70, 75, 64), (2, 1, 3, 1, 9, 128), (1, 2, 2, 65, 65, 128)]
+                .iter()
+                .enumerate()
+        {
+            let seed = 400 + 10 * case as u64;
+            let scale = 1.0 / (d as f64).sqrt();
+            let rounded = |s: u64, shape: &[usize]| {
+                crate::testing::seeded_randn(s, 0.0, 1.0, shape).to_dtype(DType::BF16).unwrap()
+            };
+            let inputs = [
+                rounded(seed, &[b, kv, groups * t, d]),
+                rounded(seed + 1, &[b, kv, total, d]),
+                rounded(seed + 2, &[b, kv, total, d]),
+            ];
+            let coef = crate::testing::seeded_randn(seed + 3, 0.0, 1.0, &[b, t, kv * groups * d]);
+            let run = |device: &Device, dtype: DType| {
+                let vars: Vec<Var> = inputs
+                    .iter()
+                    .map(|x| Var::from_tensor(&x.to_dtype(dtype)?.to_device(device)?))
+                    .collect::<Result<_>>()?;
+                let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
+                let out = attention(q, k, v, groups, scale)?;
+                let loss = (out.to_dtype(DType::F32)? * coef.to_device(device)?)?.sum_all()?;
+                let grads = loss.backward()?;
+                let mut all = vec![out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?];
+                for x in [q, k, v] {
+                    all.push(grads.get(x).expect("a gradient").to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+                }
+                Ok::<_, candle_core::Error>(all)
+            };
+            let want = run(&Device::Cpu, DType::F32).unwrap();
+            let got = run(&gpu, DType::BF16).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let size = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let diff = (g - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let what = ["output", "dq", "dk", "dv"][i];
+                assert!(diff <= 2e-2 * size, "case {case}: {what} off by {diff} (largest {size})");
+            }
+        }
+    }
+
+    /// The CUDA loss kernel against log_softmax, gather and softmax − onehot on the CPU in f32, on the same
+    /// bf16 logits: rows of a vocabulary wider than a block, targets at both ends.
+    #[test]
+    fn fused_cross_entropy_matches_the_composition() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return;
+        };
+        let (rows, n) = (5, 1000);
+        let logits = (crate::testing::seeded_randn(420, 0.0, 3.0, &[rows, n]).to_dtype(DType::BF16)).unwrap();
+        let targets = Tensor::new(&[0u32, 999, 17, 500, 3], &Device::Cpu).unwrap();
+        let (loss, d) = fused_cross_entropy(&logits.to_device(&gpu).unwrap(), &targets.to_device(&gpu).unwrap())
+            .unwrap()
+            .expect("bf16 logits on CUDA take the kernel");
+        let x = logits.to_dtype(DType::F32).unwrap();
+        let logp = candle_nn::ops::log_softmax(&x, D::Minus1).unwrap();
+        let want_loss = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap();
+        let onehot = Tensor::zeros((rows, n), DType::F32, &Device::Cpu)
+            .unwrap()
+            .scatter_add(&targets.unsqueeze(1).unwrap(), &Tensor::ones((rows, 1), DType::F32, &Device::Cpu).unwrap(), 1)
+            .unwrap();
+        let want_d = (logp.exp().unwrap() - onehot).unwrap();
+        let off = |a: &Tensor, b: &Tensor| {
+            let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(off(&loss, &want_loss) < 1e-3, "loss off by {}", off(&loss, &want_loss));
+        assert!(off(&d, &want_d) < 4e-3, "gradient off by {}", off(&d, &want_d));
     }
 
     #[test]

@@ -734,7 +734,6 @@ pub(crate) mod cuda {
         prev: usize,
     ) -> Result<Option<candle_core::Tensor>> {
         use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
-        use candle_core::op::BackpropOp;
         let candle_core::Device::Cuda(dev) = q.device() else { return Ok(None) };
         let (b, nh, t, d) = q.dims4()?;
         let (kb, nkv, cap, kd) = k_buf.dims4()?;
@@ -786,8 +785,167 @@ pub(crate) mod cuda {
         ];
         // Inputs are freed in stream order, after the kernel has read them.
         launch(&stream, &f, false, (t.div_ceil(queries) as u32, (nh / hb) as u32, b as u32), threads, 0, &args)?;
-        let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
-        Ok(Some(candle_core::Tensor::from_storage(storage, (b, t, nh * d), BackpropOp::none(), false)))
+        Ok(Some(tensor_of(out, dev, (b, t, nh * d))?))
+    }
+
+    /// The training attention's forward on tensor cores (`span_attention_lse_mma`, causal): `q` `[b, heads, t, d]`
+    /// already scaled, `k`, `v` `[b, kv, total, d]` (query i sees columns `0..=total - t + i`), all bf16 and
+    /// contiguous, d 64 or 128 → the output `[b, t, heads · d]` and each query row's log-sum-exp `[b, heads, t]`
+    /// (f32), which the backward pass rebuilds the probabilities from.
+    pub fn train_attention_forward(
+        q: &candle_core::Tensor,
+        k: &candle_core::Tensor,
+        v: &candle_core::Tensor,
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
+        let candle_core::Device::Cuda(dev) = q.device() else { candle_core::bail!("train attention: not on CUDA") };
+        let (b, nh, t, d) = q.dims4()?;
+        let (_, nkv, total, _) = k.dims4()?;
+        let stream = dev.cuda_stream();
+        let (hb, queries, threads) = super::span_attention_blocks(nh, nkv);
+        let starts = candle_core::Tensor::zeros(b, DType::U32, q.device())?;
+        // SAFETY: the kernel writes every element of both (each query row of each head).
+        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * t * nh * d)? };
+        let lse: CudaSlice<f32> = unsafe { dev.alloc::<f32>(b * nh * t)? };
+        use Arg::{I, P};
+        let args = [
+            P(storage_ptr(q, &stream)?),
+            P(storage_ptr(k, &stream)?),
+            P(storage_ptr(v, &stream)?),
+            P(storage_ptr(&starts, &stream)?),
+            P(slice_ptr(&out, &stream)),
+            I(t as i32),
+            I((total - t) as i32),
+            I(total as i32),
+            I(nh as i32),
+            I(nkv as i32),
+            I(hb as i32),
+            P(slice_ptr(&lse, &stream)),
+        ];
+        let f = kernel(dev, &format!("span_attention_lse_mma_{d}"))?;
+        launch(&stream, &f, false, (t.div_ceil(queries) as u32, (nh / hb) as u32, b as u32), threads, 0, &args)?;
+        Ok((tensor_of(out, dev, (b, t, nh * d))?, tensor_of(lse, dev, (b, nh, t))?))
+    }
+
+    /// The training attention's backward pass (`attention_delta`, `attention_dq_mma`, `attention_dkdv_mma`):
+    /// from the forward's inputs, its output `out` and lse, and the output's gradient `g` `[b, t, heads · d]`,
+    /// the gradients of `q` (the scaled queries), `k` and `v` in their shapes. No score matrix is stored.
+    pub fn train_attention_backward(
+        q: &candle_core::Tensor,
+        k: &candle_core::Tensor,
+        v: &candle_core::Tensor,
+        out: &candle_core::Tensor,
+        g: &candle_core::Tensor,
+        lse: &candle_core::Tensor,
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor, candle_core::Tensor)> {
+        use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
+        let candle_core::Device::Cuda(dev) = q.device() else { candle_core::bail!("train attention: not on CUDA") };
+        let (b, nh, t, d) = q.dims4()?;
+        let (_, nkv, total, _) = k.dims4()?;
+        let stream = dev.cuda_stream();
+        let (q, k, v, out) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, out.contiguous()?);
+        let g = g.to_dtype(DType::BF16)?.contiguous()?;
+        use Arg::{I, P};
+        let rows = b * t * nh;
+        // SAFETY: each kernel writes every element of its outputs.
+        let delta: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows)? };
+        let f = kernel(dev, "attention_delta")?;
+        let args = [
+            P(storage_ptr(&out, &stream)?),
+            P(storage_ptr(&g, &stream)?),
+            P(slice_ptr(&delta, &stream)),
+            I(rows as i32),
+            I(nh as i32),
+            I(t as i32),
+            I(d as i32),
+        ];
+        launch(&stream, &f, false, ((rows * 32).div_ceil(256) as u32, 1, 1), 256, 0, &args)?;
+        let dq: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * nh * t * d)? };
+        let dk: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * nkv * total * d)? };
+        let dv: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * nkv * total * d)? };
+        let common = [
+            P(storage_ptr(&q, &stream)?),
+            P(storage_ptr(&k, &stream)?),
+            P(storage_ptr(&v, &stream)?),
+            P(storage_ptr(&g, &stream)?),
+            P(storage_ptr(lse, &stream)?),
+            P(slice_ptr(&delta, &stream)),
+        ];
+        let sizes = [I(t as i32), I(total as i32), I(nh as i32), I(nkv as i32)];
+        let rows_per_block = 16 * TRAIN_ATTENTION_WARPS;
+        let f = kernel(dev, &format!("attention_dq_mma_{d}"))?;
+        let args: Vec<Arg> = common.iter().copied().chain([P(slice_ptr(&dq, &stream))]).chain(sizes).collect();
+        let grid = (t.div_ceil(rows_per_block) as u32, nh as u32, b as u32);
+        launch(&stream, &f, false, grid, 32 * TRAIN_ATTENTION_WARPS as u32, 0, &args)?;
+        // A block per query head; with groups, each head's share of dK / dV in f32, added up afterwards.
+        let groups = nh / nkv;
+        // SAFETY: with groups the key-value kernel writes every element (each head's share of each key row).
+        let part: Option<CudaSlice<f32>> =
+            if groups > 1 { Some(unsafe { dev.alloc::<f32>(2 * b * nh * total * d)? }) } else { None };
+        let part_ptr = part.as_ref().map_or(0, |p| slice_ptr(p, &stream));
+        let f = kernel(dev, &format!("attention_dkdv_mma_{d}"))?;
+        let outs = [P(slice_ptr(&dk, &stream)), P(slice_ptr(&dv, &stream)), P(part_ptr)];
+        let args: Vec<Arg> = common.iter().copied().chain(outs).chain(sizes).collect();
+        let grid = (total.div_ceil(rows_per_block) as u32, nh as u32, b as u32);
+        launch(&stream, &f, false, grid, 32 * TRAIN_ATTENTION_WARPS as u32, 0, &args)?;
+        if part.is_some() {
+            let n = b * nkv * total * d;
+            let f = kernel(dev, "attention_sum_groups")?;
+            let args = [
+                P(part_ptr),
+                P(slice_ptr(&dk, &stream)),
+                P(slice_ptr(&dv, &stream)),
+                Arg::P(n as u64), // a 64-bit count, in the 8-byte slot
+                I(groups as i32),
+                I((total * d) as i32),
+            ];
+            launch(&stream, &f, false, (n.div_ceil(256).min(65_535) as u32, 1, 1), 256, 0, &args)?;
+        }
+        let dq = tensor_of(dq, dev, (b, nh, t, d))?;
+        Ok((dq, tensor_of(dk, dev, (b, nkv, total, d))?, tensor_of(dv, dev, (b, nkv, total, d))?))
+    }
+
+    /// The training loss over bf16 logits `[rows, n]` and u32 targets `[rows]` in one kernel
+    /// (`cross_entropy_rows_bf16`): each row's negative log-likelihood (f32 `[rows]`) and the logits' gradient
+    /// `softmax - onehot` (bf16 `[rows, n]`).
+    pub fn cross_entropy_rows(
+        logits: &candle_core::Tensor,
+        targets: &candle_core::Tensor,
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
+        let candle_core::Device::Cuda(dev) = logits.device() else { candle_core::bail!("cross entropy: not on CUDA") };
+        let (rows, n) = logits.dims2()?;
+        if logits.dtype() != DType::BF16 || targets.dtype() != DType::U32 || targets.dims() != [rows] {
+            candle_core::bail!("cross entropy: bf16 logits [rows, n] and u32 targets [rows] expected");
+        }
+        let stream = dev.cuda_stream();
+        let (logits, targets) = (logits.contiguous()?, targets.contiguous()?);
+        // SAFETY: the kernel writes every element of both (one block per row).
+        let loss: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows)? };
+        let d: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(rows * n)? };
+        let args = [
+            Arg::P(storage_ptr(&logits, &stream)?),
+            Arg::P(storage_ptr(&targets, &stream)?),
+            Arg::P(slice_ptr(&loss, &stream)),
+            Arg::P(slice_ptr(&d, &stream)),
+            Arg::I(n as i32),
+        ];
+        let f = kernel(dev, "cross_entropy_rows_bf16")?;
+        launch(&stream, &f, false, (rows as u32, 1, 1), 256, 0, &args)?;
+        Ok((tensor_of(loss, dev, rows)?, tensor_of(d, dev, (rows, n))?))
+    }
+
+    /// Warps per block of the training attention's backward kernels (`TRAIN_ATT_WARPS` in kernels.cu).
+    const TRAIN_ATTENTION_WARPS: usize = 4;
+
+    /// A slice our kernel filled, as a tensor of `shape` outside any graph.
+    fn tensor_of<T: candle_core::cuda_backend::CudaDType>(
+        s: CudaSlice<T>,
+        dev: &CudaDevice,
+        shape: impl Into<candle_core::Shape>,
+    ) -> Result<candle_core::Tensor> {
+        let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
+        Ok(candle_core::Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false))
     }
 
     pub fn swiglu(g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout) -> Result<CudaStorage> {

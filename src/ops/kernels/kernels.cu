@@ -1698,7 +1698,7 @@ ROW_ATTENTION_MMA_KERNEL(128)
 template <int D>
 __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,
                                    const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,
-                                   int nkv, int hb) {
+                                   int nkv, int hb, float* lse) {
     constexpr int KS = D / 16, NB = D / 8, TW = D + 8;
     // Two stages of key and value tiles (the next tile's copy is in flight while this one is multiplied); the
     // queries pass through the same memory first, on their way to registers.
@@ -1784,6 +1784,11 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
         if (r0 < t) *reinterpret_cast<uint32_t*>(out + ((size_t)b * t + r0) * nh * D + d) = pack_bf16(o[nb][0] * i0, o[nb][1] * i0);
         if (r1 < t) *reinterpret_cast<uint32_t*>(out + ((size_t)b * t + r1) * nh * D + d) = pack_bf16(o[nb][2] * i1, o[nb][3] * i1);
     }
+    // Training keeps each query row's log-sum-exp (`[b, heads, t]`): the backward pass rebuilds P from it.
+    if (lse != nullptr && tig == 0) {
+        if (r0 < t) lse[((size_t)b * nh + h) * t + r0] = l0 > 0.f ? m0 + logf(l0) : -INFINITY;
+        if (r1 < t) lse[((size_t)b * nh + h) * t + r1] = l1 > 0.f ? m1 + logf(l1) : -INFINITY;
+    }
 }
 
 #define SPAN_ATTENTION_KERNEL(D)                                                                                    \
@@ -1791,11 +1796,257 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
         span_attention_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,      \
                                const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,    \
                                int nkv, int hb) {                                                                  \
-        span_attention_mma<D>(q, kc, vc, kp, vp, starts, out, t, prev, cap, prefix, nh, nkv, hb);                 \
+        span_attention_mma<D>(q, kc, vc, kp, vp, starts, out, t, prev, cap, prefix, nh, nkv, hb, nullptr);        \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(SPAN_ATT_WARPS * 32)                                               \
+        span_attention_lse_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const unsigned* starts, bf16* out, \
+                                   int t, int prev, int cap, int nh, int nkv, int hb, float* lse) {                \
+        span_attention_mma<D>(q, kc, vc, nullptr, nullptr, starts, out, t, prev, cap, 0, nh, nkv, hb, lse);       \
     }
 
 SPAN_ATTENTION_KERNEL(64)
 SPAN_ATTENTION_KERNEL(128)
+
+// ---- training attention's backward pass on tensor cores (FlashAttention-2's recipe, no score matrix) ----
+// The forward is span_attention_lse_mma (causal: no prefix, every row starting at 0) on queries already scaled,
+// keeping each row's log-sum-exp. Layouts: q and dq `[b, heads, t, D]`, k, v, dk, dv `[b, kv, total, D]` (the last
+// t columns are the pass's own; query i sees columns 0..=prev + i, prev = total - t), o and g (the output and its
+// gradient) `[b, t, heads · D]`, lse and delta `[b, heads, t]`. P = exp(S - lse) is rebuilt tile by tile; dS = P ∘
+// (dP - delta) with dP = dO·Vᵀ; dQ = dS·K (one pass over key tiles per query tile), dK = dSᵀ·Q and dV = Pᵀ·dO (one
+// pass over the group's query heads and query tiles per key tile): every output element has one writer, no atomics.
+
+// delta = Σ_d dO·O per query row and head, one warp each (rows = b · t · heads).
+extern "C" __global__ void attention_delta(const bf16* o, const bf16* g, float* delta, int rows, int nh, int t, int d) {
+    int w = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    if (w >= rows) return;
+    const bf16* op = o + (size_t)w * d;
+    const bf16* gp = g + (size_t)w * d;
+    float s = 0.f;
+    for (int i = lane; i < d; i += 32) s += __bfloat162float(op[i]) * __bfloat162float(gp[i]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) {
+        int h = w % nh, bi = w / nh;
+        delta[((size_t)(bi / t) * nh + h) * t + bi % t] = s;
+    }
+}
+
+#define TRAIN_ATT_WARPS 4
+
+// 16 rows of `src` (row r at `src + r · stride`, rows past `n` zero) into `dst` (rows padded to TW), by one warp.
+template <int D, int TW>
+__device__ __forceinline__ void warp_stage_rows(const bf16* src, size_t stride, int n, bf16* dst, int lane) {
+    for (int idx = lane; idx < 16 * D / 8; idx += 32) {
+        int rr = idx / (D / 8), w8 = (idx % (D / 8)) * 8;
+        uint4 v4 = rr < n ? *reinterpret_cast<const uint4*>(src + (size_t)rr * stride + w8) : make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(dst + rr * TW + w8) = v4;
+    }
+}
+
+// dQ: grid (ceil(t / 64), heads, b), 4 warps of 16 query rows of one head.
+template <int D>
+__device__ void attention_dq_mma(const bf16* q, const bf16* k, const bf16* v, const bf16* g, const float* lse,
+                                 const float* delta, bf16* dq, int t, int total, int nh, int nkv) {
+    constexpr int KS = D / 16, NB = D / 8, TW = D + 8;
+    static_assert(2 * MMA_TILE >= TRAIN_ATT_WARPS * 16, "each warp's rows fit in the tiles' memory");
+    __shared__ __align__(16) bf16 smem[2 * MMA_TILE * TW];
+    bf16* ks = smem;
+    bf16* vs = smem + MMA_TILE * TW;
+    int b = blockIdx.z, h = blockIdx.y;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    int kvh = h / (nh / nkv), prev = total - t;
+    int qbase = blockIdx.x * 16 * TRAIN_ATT_WARPS, qw = qbase + warp * 16;
+    bf16* mine = smem + warp * 16 * TW;
+    uint32_t qa[KS][4], ga[KS][4];
+    float acc[NB][4];
+    warp_stage_rows<D, TW>(q + (((size_t)b * nh + h) * t + qw) * D, D, t - qw, mine, lane);
+    __syncwarp();
+    mma_start<D, TW>(mine, gid, tig, qa, acc);
+    __syncwarp();
+    warp_stage_rows<D, TW>(g + (((size_t)b * t + qw) * nh + h) * D, (size_t)nh * D, t - qw, mine, lane);
+    __syncwarp();
+    mma_start<D, TW>(mine, gid, tig, ga, acc);
+    __syncthreads();  // every warp holds its fragments: the memory becomes the key / value tiles
+    int r0 = qw + gid, r1 = r0 + 8;
+    const float* lse_h = lse + ((size_t)b * nh + h) * t;
+    const float* delta_h = delta + ((size_t)b * nh + h) * t;
+    float lse0 = r0 < t ? lse_h[r0] : 0.f, lse1 = r1 < t ? lse_h[r1] : 0.f;
+    float del0 = r0 < t ? delta_h[r0] : 0.f, del1 = r1 < t ? delta_h[r1] : 0.f;
+    int block_last = prev + min(qbase + 16 * TRAIN_ATT_WARPS, t) - 1;
+    int warp_last = prev + min(qw + 15, t - 1);
+    const bf16* kr = k + ((size_t)b * nkv + kvh) * total * D;
+    const bf16* vr = v + ((size_t)b * nkv + kvh) * total * D;
+    for (int c0 = 0; c0 <= block_last; c0 += MMA_TILE) {
+        mma_stage<D, TW>(kr, vr, c0, min(MMA_TILE, total - c0), ks, vs, threadIdx.x, blockDim.x);
+        __syncthreads();
+        if (qw < t && c0 <= warp_last) {
+            float s[4][4], dp[4][4];
+            mma_scores<D, TW>(qa, ks, gid, tig, s);
+            mma_scores<D, TW>(ga, vs, gid, tig, dp);
+#pragma unroll
+            for (int cb = 0; cb < 4; cb++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int j = c0 + cb * 8 + tig * 2 + (e & 1);
+                    bool top = e < 2;
+                    bool seen = j < total && j <= prev + (top ? r0 : r1);
+                    float p = seen ? __expf(s[cb][e] - (top ? lse0 : lse1)) : 0.f;
+                    s[cb][e] = p * (dp[cb][e] - (top ? del0 : del1));
+                }
+            }
+            mma_values<D, TW>(s, ks, gid, tig, acc);
+        }
+        __syncthreads();  // every warp is done with the tiles before the next are staged
+    }
+    bf16* out = dq + ((size_t)b * nh + h) * t * D;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        int d = nb * 8 + tig * 2;
+        if (r0 < t) *reinterpret_cast<uint32_t*>(out + (size_t)r0 * D + d) = pack_bf16(acc[nb][0], acc[nb][1]);
+        if (r1 < t) *reinterpret_cast<uint32_t*>(out + (size_t)r1 * D + d) = pack_bf16(acc[nb][2], acc[nb][3]);
+    }
+}
+
+// dK and dV: grid (ceil(total / 64), heads, b), 4 warps of 16 key rows; a block takes one query head's share of
+// its KV head's gradients, walking the query tiles that see its keys. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ keep a key per
+// fragment row, so the products dV += Pᵀ·dO and dK += dSᵀ·Q take the staged query / gradient tiles as their
+// second operand. With one query head per KV head the block writes dk / dv; otherwise its f32 share goes to
+// `part` (`[2, b, heads, total, D]`, dK's then dV's) and attention_sum_groups adds a group's shares (a block per
+// head rather than per group: 8× the blocks for TinyLlama's groups of 8, whose grid was half the card).
+template <int D>
+__device__ void attention_dkdv_mma(const bf16* q, const bf16* k, const bf16* v, const bf16* g, const float* lse,
+                                   const float* delta, bf16* dk, bf16* dv, float* part, int t, int total, int nh,
+                                   int nkv) {
+    constexpr int KS = D / 16, NB = D / 8, TW = D + 8;
+    __shared__ __align__(16) bf16 smem[2 * MMA_TILE * TW];
+    __shared__ float lse_s[MMA_TILE], delta_s[MMA_TILE];
+    bf16* qs = smem;
+    bf16* gs = smem + MMA_TILE * TW;
+    int b = blockIdx.z, h = blockIdx.y;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    int kvh = h / (nh / nkv), prev = total - t;
+    int kbase = blockIdx.x * 16 * TRAIN_ATT_WARPS, kw = kbase + warp * 16;
+    const size_t kv_off = ((size_t)b * nkv + kvh) * total * D;
+    bf16* mine = smem + warp * 16 * TW;
+    uint32_t ka[KS][4], va[KS][4];
+    float dka[NB][4], dva[NB][4];
+    warp_stage_rows<D, TW>(k + kv_off + (size_t)kw * D, D, total - kw, mine, lane);
+    __syncwarp();
+    mma_start<D, TW>(mine, gid, tig, ka, dka);
+    __syncwarp();
+    warp_stage_rows<D, TW>(v + kv_off + (size_t)kw * D, D, total - kw, mine, lane);
+    __syncwarp();
+    mma_start<D, TW>(mine, gid, tig, va, dva);
+    __syncthreads();
+    int k0 = kw + gid, k1 = k0 + 8;
+    int q_first = max(0, kbase - prev) / MMA_TILE * MMA_TILE;  // the first query tile that sees a key of the block
+    int warp_first = max(0, kw - prev);                         // the first query that sees a key of the warp
+    {
+        const bf16* qh = q + ((size_t)b * nh + h) * t * D;
+        const float* lse_h = lse + ((size_t)b * nh + h) * t;
+        const float* delta_h = delta + ((size_t)b * nh + h) * t;
+        for (int q0 = q_first; q0 < t; q0 += MMA_TILE) {
+            int n = min(MMA_TILE, t - q0);
+            for (int idx = threadIdx.x; idx < MMA_TILE * D / 8; idx += blockDim.x) {
+                int j = idx / (D / 8), w8 = (idx % (D / 8)) * 8;
+                uint4 a = make_uint4(0, 0, 0, 0), c = make_uint4(0, 0, 0, 0);
+                if (j < n) {
+                    a = *reinterpret_cast<const uint4*>(qh + (size_t)(q0 + j) * D + w8);
+                    c = *reinterpret_cast<const uint4*>(g + (((size_t)b * t + q0 + j) * nh + h) * D + w8);
+                }
+                *reinterpret_cast<uint4*>(qs + j * TW + w8) = a;
+                *reinterpret_cast<uint4*>(gs + j * TW + w8) = c;
+            }
+            for (int j = threadIdx.x; j < MMA_TILE; j += blockDim.x) {
+                lse_s[j] = j < n ? lse_h[q0 + j] : 0.f;
+                delta_s[j] = j < n ? delta_h[q0 + j] : 0.f;
+            }
+            __syncthreads();
+            if (kw < total && q0 + MMA_TILE > warp_first) {
+                float s[4][4], dp[4][4];
+                mma_scores<D, TW>(ka, qs, gid, tig, s);
+                mma_scores<D, TW>(va, gs, gid, tig, dp);
+#pragma unroll
+                for (int cb = 0; cb < 4; cb++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int qc = cb * 8 + tig * 2 + (e & 1), i = q0 + qc, j = e < 2 ? k0 : k1;
+                        bool seen = i < t && j < total && j <= prev + i;
+                        float p = seen ? __expf(s[cb][e] - lse_s[qc]) : 0.f;
+                        s[cb][e] = p;
+                        dp[cb][e] = p * (dp[cb][e] - delta_s[qc]);
+                    }
+                }
+                mma_values<D, TW>(s, gs, gid, tig, dva);
+                mma_values<D, TW>(dp, qs, gid, tig, dka);
+            }
+            __syncthreads();  // every warp is done with the tiles before the next are staged
+        }
+    }
+    if (part != nullptr) {
+        float* pk = part + ((size_t)b * nh + h) * total * D;
+        float* pv = pk + (size_t)gridDim.z * nh * total * D;
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+            int d = nb * 8 + tig * 2;
+            if (k0 < total) {
+                *reinterpret_cast<float2*>(pk + (size_t)k0 * D + d) = make_float2(dka[nb][0], dka[nb][1]);
+                *reinterpret_cast<float2*>(pv + (size_t)k0 * D + d) = make_float2(dva[nb][0], dva[nb][1]);
+            }
+            if (k1 < total) {
+                *reinterpret_cast<float2*>(pk + (size_t)k1 * D + d) = make_float2(dka[nb][2], dka[nb][3]);
+                *reinterpret_cast<float2*>(pv + (size_t)k1 * D + d) = make_float2(dva[nb][2], dva[nb][3]);
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        int d = nb * 8 + tig * 2;
+        if (k0 < total) {
+            *reinterpret_cast<uint32_t*>(dk + kv_off + (size_t)k0 * D + d) = pack_bf16(dka[nb][0], dka[nb][1]);
+            *reinterpret_cast<uint32_t*>(dv + kv_off + (size_t)k0 * D + d) = pack_bf16(dva[nb][0], dva[nb][1]);
+        }
+        if (k1 < total) {
+            *reinterpret_cast<uint32_t*>(dk + kv_off + (size_t)k1 * D + d) = pack_bf16(dka[nb][2], dka[nb][3]);
+            *reinterpret_cast<uint32_t*>(dv + kv_off + (size_t)k1 * D + d) = pack_bf16(dva[nb][2], dva[nb][3]);
+        }
+    }
+}
+
+#define TRAIN_ATTENTION_KERNELS(D)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(TRAIN_ATT_WARPS * 32)                                              \
+        attention_dq_mma_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* g, const float* lse,         \
+                             const float* delta, bf16* dq, int t, int total, int nh, int nkv) {                    \
+        attention_dq_mma<D>(q, k, v, g, lse, delta, dq, t, total, nh, nkv);                                        \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(TRAIN_ATT_WARPS * 32)                                              \
+        attention_dkdv_mma_##D(const bf16* q, const bf16* k, const bf16* v, const bf16* g, const float* lse,       \
+                               const float* delta, bf16* dk, bf16* dv, float* part, int t, int total, int nh,      \
+                               int nkv) {                                                                          \
+        attention_dkdv_mma<D>(q, k, v, g, lse, delta, dk, dv, part, t, total, nh, nkv);                            \
+    }
+
+TRAIN_ATTENTION_KERNELS(64)
+TRAIN_ATTENTION_KERNELS(128)
+
+// dk / dv (`[b, kv, total, D]` bf16) = the sums of each group's per-head f32 shares in `part` (see above); n =
+// b · kv · total · D, a grid-stride loop.
+extern "C" __global__ void attention_sum_groups(const float* part, bf16* dk, bf16* dv, long long n, int groups,
+                                                int per_head) {
+    long long shares = n * groups;  // elements of dK's shares: dV's follow
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        long long kv_head = i / per_head, within = i % per_head;
+        const float* pk = part + kv_head * groups * per_head + within;
+        float sk = 0.f, sv = 0.f;
+        for (int g = 0; g < groups; g++) {
+            sk += pk[(size_t)g * per_head];
+            sv += pk[shares + (size_t)g * per_head];
+        }
+        dk[i] = __float2bfloat16(sk);
+        dv[i] = __float2bfloat16(sv);
+    }
+}
 
 // ---- sampling on the device: one block per row of `[rows, n]` f32 logits ----
 // Per row (u32 words): temperature (f32 bits), top-p (f32 bits), top-k (0: off), seed low, seed high, draw.
@@ -1893,4 +2144,35 @@ extern "C" __global__ void sample_rows(const float* x, const unsigned* params, u
     }
     int w = block_argmax(best, idx, red, red_i);
     if (threadIdx.x == 0) out[blockIdx.x] = (unsigned)w;
+}
+
+// ---- the training loss over the head's logits, one block per row ----
+// For bf16 logits `[rows, n]` and u32 targets: loss[r] = logsumexp(x_r) - x_r[target] (f32) and the logits'
+// gradient d[r] = softmax(x_r) - onehot(target) in bf16 — what log_softmax, gather, exp and scatter_add made
+// as six candle ops with an f32 copy of the logits. The row is read twice (the second time from L2). A target
+// out of range leaves d = softmax and the loss NaN.
+extern "C" __global__ void cross_entropy_rows_bf16(const bf16* x, const unsigned* targets, float* loss, bf16* d,
+                                                   int n) {
+    __shared__ float red[32];
+    const bf16* row = x + (size_t)blockIdx.x * n;
+    bf16* drow = d + (size_t)blockIdx.x * n;
+    float m = -INFINITY, s = 0.f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float v = __bfloat162float(row[j]);
+        if (v > m) {
+            s = s * __expf(m - v) + 1.f;
+            m = v;
+        } else {
+            s += __expf(v - m);
+        }
+    }
+    float bm = block_max(m, red);
+    float total = block_sum(m == -INFINITY ? 0.f : s * __expf(m - bm), red);
+    float lse = bm + logf(total);
+    unsigned target = targets[blockIdx.x];
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float p = __expf(__bfloat162float(row[j]) - lse);
+        drow[j] = __float2bfloat16((unsigned)j == target ? p - 1.f : p);
+    }
+    if (threadIdx.x == 0) loss[blockIdx.x] = target < (unsigned)n ? lse - __bfloat162float(row[target]) : NAN;
 }
