@@ -452,9 +452,9 @@ pub fn head_cross_entropy(
         let len = chunk.min(n - start);
         let rows = detached.narrow(0, start, len)?;
         let logits = head(&rows)?;
-        if let Some((loss, d)) = fused_cross_entropy(&logits, &targets.narrow(0, start, len)?)? {
+        if let Some((loss, d)) = fused_cross_entropy(&logits, &targets.narrow(0, start, len)?, track)? {
             losses.push(loss);
-            if track {
+            if let Some(d) = d {
                 grads.push(input_grad(&rows, &d.to_dtype(x.dtype())?)?.to_dtype(DType::F32)?);
             }
             continue;
@@ -478,14 +478,15 @@ pub fn head_cross_entropy(
     })
 }
 
-/// Each row's loss and the logits' gradient (`softmax - onehot`) in one kernel, for bf16 logits on CUDA;
-/// `None` elsewhere (the caller composes log_softmax, gather and scatter_add).
-fn fused_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+/// Each row's loss and, `with_grad`, the logits' gradient (`softmax - onehot`) in one kernel, for bf16 logits on
+/// CUDA; `None` elsewhere (the caller composes log_softmax, gather and scatter_add).
+type LossAndGrad = (Tensor, Option<Tensor>);
+fn fused_cross_entropy(logits: &Tensor, targets: &Tensor, with_grad: bool) -> Result<Option<LossAndGrad>> {
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() && logits.dtype() == DType::BF16 && targets.dtype() == DType::U32 {
-        return crate::ops::fused::cuda::cross_entropy_rows(logits, targets).map(Some);
+        return crate::ops::fused::cuda::cross_entropy_rows(logits, targets, with_grad).map(Some);
     }
-    let _ = (logits, targets);
+    let _ = (logits, targets, with_grad);
     Ok(None)
 }
 
@@ -632,9 +633,16 @@ mod tests {
         let (rows, n) = (5, 1000);
         let logits = (crate::testing::seeded_randn(420, 0.0, 3.0, &[rows, n]).to_dtype(DType::BF16)).unwrap();
         let targets = Tensor::new(&[0u32, 999, 17, 500, 3], &Device::Cpu).unwrap();
-        let (loss, d) = fused_cross_entropy(&logits.to_device(&gpu).unwrap(), &targets.to_device(&gpu).unwrap())
-            .unwrap()
-            .expect("bf16 logits on CUDA take the kernel");
+        let off = |a: &Tensor, b: &Tensor| {
+            let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        let (logits_gpu, targets_gpu) = (logits.to_device(&gpu).unwrap(), targets.to_device(&gpu).unwrap());
+        let (loss, d) = fused_cross_entropy(&logits_gpu, &targets_gpu, true).unwrap().expect("bf16 on CUDA");
+        let d = d.expect("a gradient when asked for");
+        let (eval_loss, none) = fused_cross_entropy(&logits_gpu, &targets_gpu, false).unwrap().expect("bf16 on CUDA");
+        assert!(none.is_none(), "no gradient when none is asked for");
+        assert!(off(&eval_loss, &loss.to_device(&Device::Cpu).unwrap()) == 0.0, "the same loss without the gradient");
         let x = logits.to_dtype(DType::F32).unwrap();
         let logp = candle_nn::ops::log_softmax(&x, D::Minus1).unwrap();
         let want_loss = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap();
@@ -643,10 +651,6 @@ mod tests {
             .scatter_add(&targets.unsqueeze(1).unwrap(), &Tensor::ones((rows, 1), DType::F32, &Device::Cpu).unwrap(), 1)
             .unwrap();
         let want_d = (logp.exp().unwrap() - onehot).unwrap();
-        let off = |a: &Tensor, b: &Tensor| {
-            let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
-            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-        };
         assert!(off(&loss, &want_loss) < 1e-3, "loss off by {}", off(&loss, &want_loss));
         assert!(off(&d, &want_d) < 4e-3, "gradient off by {}", off(&d, &want_d));
     }

@@ -808,10 +808,11 @@ pub(crate) mod cuda {
         let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * t * nh * d)? };
         let lse: CudaSlice<f32> = unsafe { dev.alloc::<f32>(b * nh * t)? };
         use Arg::{I, P};
+        let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
         let args = [
-            P(storage_ptr(q, &stream)?),
-            P(storage_ptr(k, &stream)?),
-            P(storage_ptr(v, &stream)?),
+            P(storage_ptr(&q, &stream)?),
+            P(storage_ptr(&k, &stream)?),
+            P(storage_ptr(&v, &stream)?),
             P(storage_ptr(&starts, &stream)?),
             P(slice_ptr(&out, &stream)),
             I(t as i32),
@@ -843,8 +844,8 @@ pub(crate) mod cuda {
         let (b, nh, t, d) = q.dims4()?;
         let (_, nkv, total, _) = k.dims4()?;
         let stream = dev.cuda_stream();
-        let (q, k, v, out) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, out.contiguous()?);
-        let g = g.to_dtype(DType::BF16)?.contiguous()?;
+        let (q, k, v, out) = (aligned(q)?, aligned(k)?, aligned(v)?, aligned(out)?);
+        let g = aligned(&g.to_dtype(DType::BF16)?)?;
         use Arg::{I, P};
         let rows = b * t * nh;
         // SAFETY: each kernel writes every element of its outputs.
@@ -906,12 +907,13 @@ pub(crate) mod cuda {
     }
 
     /// The training loss over bf16 logits `[rows, n]` and u32 targets `[rows]` in one kernel
-    /// (`cross_entropy_rows_bf16`): each row's negative log-likelihood (f32 `[rows]`) and the logits' gradient
-    /// `softmax - onehot` (bf16 `[rows, n]`).
+    /// (`cross_entropy_rows_bf16`): each row's negative log-likelihood (f32 `[rows]`) and, `with_grad`, the
+    /// logits' gradient `softmax - onehot` (bf16 `[rows, n]`).
     pub fn cross_entropy_rows(
         logits: &candle_core::Tensor,
         targets: &candle_core::Tensor,
-    ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        with_grad: bool,
+    ) -> Result<(candle_core::Tensor, Option<candle_core::Tensor>)> {
         use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
         let candle_core::Device::Cuda(dev) = logits.device() else { candle_core::bail!("cross entropy: not on CUDA") };
         let (rows, n) = logits.dims2()?;
@@ -922,21 +924,33 @@ pub(crate) mod cuda {
         let (logits, targets) = (logits.contiguous()?, targets.contiguous()?);
         // SAFETY: the kernel writes every element of both (one block per row).
         let loss: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows)? };
-        let d: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(rows * n)? };
+        let d: Option<CudaSlice<bf16>> = if with_grad { Some(unsafe { dev.alloc::<bf16>(rows * n)? }) } else { None };
         let args = [
-            Arg::P(storage_ptr(&logits, &stream)?),
+            Arg::P(storage_ptr(&aligned(&logits)?, &stream)?),
             Arg::P(storage_ptr(&targets, &stream)?),
             Arg::P(slice_ptr(&loss, &stream)),
-            Arg::P(slice_ptr(&d, &stream)),
+            Arg::P(d.as_ref().map_or(0, |d| slice_ptr(d, &stream))),
             Arg::I(n as i32),
         ];
         let f = kernel(dev, "cross_entropy_rows_bf16")?;
         launch(&stream, &f, false, (rows as u32, 1, 1), 256, 0, &args)?;
-        Ok((tensor_of(loss, dev, rows)?, tensor_of(d, dev, (rows, n))?))
+        let d = d.map(|d| tensor_of(d, dev, (rows, n))).transpose()?;
+        Ok((tensor_of(loss, dev, rows)?, d))
     }
 
     /// Warps per block of the training attention's backward kernels (`TRAIN_ATT_WARPS` in kernels.cu).
     const TRAIN_ATTENTION_WARPS: usize = 4;
+
+    /// `x` as it is when its data starts on a 16-byte boundary (our kernels load 8 bf16 at a time), else a
+    /// compact copy (a view into a larger tensor at an odd offset).
+    fn aligned(x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        let x = x.contiguous()?;
+        if (x.layout().start_offset() * x.dtype().size_in_bytes()) % 16 == 0 {
+            Ok(x)
+        } else {
+            x.copy()
+        }
+    }
 
     /// A slice our kernel filled, as a tensor of `shape` outside any graph.
     fn tensor_of<T: candle_core::cuda_backend::CudaDType>(

@@ -2150,7 +2150,7 @@ extern "C" __global__ void sample_rows(const float* x, const unsigned* params, u
 // For bf16 logits `[rows, n]` and u32 targets: loss[r] = logsumexp(x_r) - x_r[target] (f32) and the logits'
 // gradient d[r] = softmax(x_r) - onehot(target) in bf16 — what log_softmax, gather, exp and scatter_add made
 // as six candle ops with an f32 copy of the logits. The row is read twice (the second time from L2). A target
-// out of range leaves d = softmax and the loss NaN.
+// out of range leaves d = softmax and the loss NaN; with d null (evaluation) only the loss is written.
 extern "C" __global__ void cross_entropy_rows_bf16(const bf16* x, const unsigned* targets, float* loss, bf16* d,
                                                    int n) {
     __shared__ float red[32];
@@ -2162,7 +2162,7 @@ extern "C" __global__ void cross_entropy_rows_bf16(const bf16* x, const unsigned
         if (v > m) {
             s = s * __expf(m - v) + 1.f;
             m = v;
-        } else {
+        } else if (v != -INFINITY) {  // a -inf logit adds nothing (and -inf - -inf would be NaN)
             s += __expf(v - m);
         }
     }
@@ -2170,7 +2170,7 @@ extern "C" __global__ void cross_entropy_rows_bf16(const bf16* x, const unsigned
     float total = block_sum(m == -INFINITY ? 0.f : s * __expf(m - bm), red);
     float lse = bm + logf(total);
     unsigned target = targets[blockIdx.x];
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    for (int j = threadIdx.x; d != nullptr && j < n; j += blockDim.x) {
         float p = __expf(__bfloat162float(row[j]) - lse);
         drow[j] = __float2bfloat16((unsigned)j == target ? p - 1.f : p);
     }

@@ -692,6 +692,19 @@ impl GradStore {
                 e.insert(sum);
             }
             Entry::Vacant(e) => {
+                // What `zeros_like(tensor).add(grad)` checked.
+                if grad.dims() != tensor.dims()
+                    || grad.dtype() != tensor.dtype()
+                    || !grad.device().same_device(tensor.device())
+                {
+                    crate::bail!(
+                        "backward: gradient {:?} {:?} for a tensor {:?} {:?}",
+                        grad.dims(),
+                        grad.dtype(),
+                        tensor.dims(),
+                        tensor.dtype()
+                    )
+                }
                 e.insert(grad.contiguous()?);
             }
         }
