@@ -310,21 +310,35 @@ fn tensor_attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, scale: f6
     })
 }
 
+/// `(batch, kv_heads, t, total, head_dim)` of a causal attention's q `[b, kv, groups · t, d]` and k, v `[b, kv,
+/// total, d]` when the shapes agree and the tiled paths are not switched off (`BILLION_TENSOR_ATTENTION`); `None`
+/// sends the caller to the tensor ops.
+type AttentionShape = (usize, usize, usize, usize, usize);
+fn tiled_attention_shape(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize) -> Result<Option<AttentionShape>> {
+    let (batch, kv_heads, gt, head_dim) = q.dims4()?;
+    if groups == 0 || std::env::var_os(TENSOR_ATTENTION_ENV).is_some() {
+        return Ok(None);
+    }
+    let (t, total) = (gt / groups, k.dim(2)?);
+    let kv_dims = (batch, kv_heads, total, head_dim);
+    let agree = gt == groups * t && k.dims4()? == kv_dims && v.dims4()? == kv_dims;
+    Ok(agree.then_some((batch, kv_heads, t, total, head_dim)))
+}
+
 /// [`attention`] on the CPU in f32 through `ops::cpu::train_attention` (no score matrix, forward or
 /// backward; the graph keeps each query row's log-sum-exp), where the shapes suit it: `None` otherwise.
 fn tiled_cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, scale: f64) -> Result<Option<Tensor>> {
     use crate::ops::cpu::train_attention::{backward, forward, Dims};
-    let (batch, kv_heads, gt, head_dim) = q.dims4()?;
-    let (t, total) = (gt / groups, k.dim(2)?);
-    let dims = Dims { batch, kv_heads, groups, t, total, head_dim, scale: scale as f32 };
     let on_cpu = [q, k, v].iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32);
-    let kv_dims = (batch, kv_heads, total, head_dim);
-    let shapes = gt == groups * t && k.dims4()? == kv_dims && v.dims4()? == kv_dims;
-    if !(on_cpu && shapes && dims.supported()) || std::env::var_os(TENSOR_ATTENTION_ENV).is_some() {
+    let Some((batch, kv_heads, t, total, head_dim)) = tiled_attention_shape(q, k, v, groups)?.filter(|_| on_cpu) else {
+        return Ok(None);
+    };
+    let dims = Dims { batch, kv_heads, groups, t, total, head_dim, scale: scale as f32 };
+    if !dims.supported() {
         return Ok(None);
     }
     let mut out = vec![0f32; q.elem_count()];
-    let mut lse = vec![0f32; batch * kv_heads * gt];
+    let mut lse = vec![0f32; batch * kv_heads * groups * t];
     with_cpu_f32(&[q, k, v], |[qs, ks, vs]| forward(&dims, qs, ks, vs, &mut out, &mut lse))?;
     let value = Tensor::from_vec(out, (batch, t, kv_heads * groups * head_dim), q.device())?;
     // The backward pass reads the forward's output from the graph (`out`), not from a copy kept here.
@@ -349,13 +363,12 @@ fn tiled_cuda_attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, scale
     #[cfg(feature = "cuda")]
     {
         use crate::ops::fused::cuda::{train_attention_backward, train_attention_forward};
-        let (batch, kv_heads, gt, head_dim) = q.dims4()?;
-        let (t, total) = (gt / groups, k.dim(2)?);
         let on_cuda = [q, k, v].iter().all(|x| x.device().is_cuda() && x.dtype() == DType::BF16);
-        let kv_dims = (batch, kv_heads, total, head_dim);
-        let shapes =
-            groups > 0 && gt == groups * t && t > 0 && total >= t && k.dims4()? == kv_dims && v.dims4()? == kv_dims;
-        if !(on_cuda && shapes && [64, 128].contains(&head_dim)) || std::env::var_os(TENSOR_ATTENTION_ENV).is_some() {
+        let Some((batch, kv_heads, t, total, head_dim)) = tiled_attention_shape(q, k, v, groups)?.filter(|_| on_cuda)
+        else {
+            return Ok(None);
+        };
+        if t == 0 || total < t || ![64, 128].contains(&head_dim) {
             return Ok(None);
         }
         // The kernels take the queries scaled (as the inference kernels do): the product records the scale's

@@ -1695,6 +1695,16 @@ ROW_ATTENTION_MMA_KERNEL(128)
 // the layout the O projection reads (no transposes). A query that sees nothing (left padding, no prefix) gets 0.
 #define SPAN_ATT_WARPS 8  // the most warps a block has
 
+// 16 rows of `src` (row r at `src + r · stride`, rows past `n` zero) into `dst` (rows padded to TW), by one warp.
+template <int D, int TW>
+__device__ __forceinline__ void warp_stage_rows(const bf16* src, size_t stride, int n, bf16* dst, int lane) {
+    for (int idx = lane; idx < 16 * D / 8; idx += 32) {
+        int rr = idx / (D / 8), w8 = (idx % (D / 8)) * 8;
+        uint4 v4 = rr < n ? *reinterpret_cast<const uint4*>(src + (size_t)rr * stride + w8) : make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(dst + rr * TW + w8) = v4;
+    }
+}
+
 template <int D>
 __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,
                                    const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,
@@ -1717,11 +1727,7 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
     int own_end = prev + min(qbase + queries, t);
     const bf16* qh = q + ((size_t)b * nh + h) * t * D;
     bf16* myq = qs + warp * 16 * TW;
-    for (int idx = lane; idx < 16 * D / 8; idx += 32) {
-        int rr = idx / (D / 8), w8 = (idx % (D / 8)) * 8;
-        uint4 v4 = qw + rr < t ? *reinterpret_cast<const uint4*>(qh + (size_t)(qw + rr) * D + w8) : make_uint4(0, 0, 0, 0);
-        *reinterpret_cast<uint4*>(myq + rr * TW + w8) = v4;
-    }
+    warp_stage_rows<D, TW>(qh + (size_t)qw * D, D, t - qw, myq, lane);
     __syncwarp();
     uint32_t qa[KS][4];
     float o[NB][4];
@@ -1833,15 +1839,6 @@ extern "C" __global__ void attention_delta(const bf16* o, const bf16* g, float* 
 
 #define TRAIN_ATT_WARPS 4
 
-// 16 rows of `src` (row r at `src + r · stride`, rows past `n` zero) into `dst` (rows padded to TW), by one warp.
-template <int D, int TW>
-__device__ __forceinline__ void warp_stage_rows(const bf16* src, size_t stride, int n, bf16* dst, int lane) {
-    for (int idx = lane; idx < 16 * D / 8; idx += 32) {
-        int rr = idx / (D / 8), w8 = (idx % (D / 8)) * 8;
-        uint4 v4 = rr < n ? *reinterpret_cast<const uint4*>(src + (size_t)rr * stride + w8) : make_uint4(0, 0, 0, 0);
-        *reinterpret_cast<uint4*>(dst + rr * TW + w8) = v4;
-    }
-}
 
 // dQ: grid (ceil(t / 64), heads, b), 4 warps of 16 query rows of one head.
 template <int D>
