@@ -510,6 +510,20 @@ impl Linear {
     /// backward recomputes the rank-r product instead of storing the dropped input, the adapter's output or
     /// the base output.
     fn forward_lora_training(&self, x: &Tensor, l: &LoraAdapter) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda()
+            && std::env::var_os(TENSOR_LORA_ENV).is_none()
+            && l.b.dtype() == l.a.dtype()
+            && crate::ops::fused::cuda::lora_fits(
+                x.dtype(),
+                l.a.dtype(),
+                l.a.dim(0)?,
+                self.in_features,
+                self.out_features,
+            )
+        {
+            return self.forward_lora_fused(x, l);
+        }
         let (in_f, out_f) = (self.in_features, self.out_features);
         let rows = x.elem_count() / in_f;
         let keep = 1.0 - l.dropout as f64;
@@ -547,6 +561,39 @@ impl Linear {
                 None
             };
             Ok((dx, da, db))
+        })
+    }
+
+    /// The same layer through our CUDA kernels (`ops::fused::cuda::lora_forward`): the rank-r products
+    /// contract the bf16 activations and gradients directly (f32 accumulation, the mask re-derived from its
+    /// seed as they load), the base's output and input gradient take the update in the same pass, and the
+    /// graph node keeps the rank-r activations `u` (`[rows, r]` f32) instead of recomputing them.
+    #[cfg(feature = "cuda")]
+    fn forward_lora_fused(&self, x: &Tensor, l: &LoraAdapter) -> Result<Tensor> {
+        use crate::ops::fused::cuda::{lora_backward, lora_forward, LoraMask};
+        let (in_f, out_f) = (self.in_features, self.out_features);
+        let rows = x.elem_count() / in_f;
+        let p = l.dropout;
+        let mask = if p > 0.0 {
+            Some(LoraMask { seed: dropout_tape::seed()?, threshold: crate::ops::backward::drop_threshold(p) })
+        } else {
+            None
+        };
+        // The inverted-dropout factor 1/keep rides on the scale, as in the composed path.
+        let scale = if mask.is_some() { l.scale / (1.0 - p as f64) } else { l.scale } as f32;
+        let base = self.frozen_training_value(&x.detach())?.reshape((rows, out_f))?;
+        let xs = x.detach().reshape((rows, in_f))?;
+        let (y, u) = lora_forward(&xs, &base, &l.a.detach(), &l.b.detach(), scale, mask)?;
+        let value = y.reshape(self.out_dims(x))?;
+        let weight = self.weight.clone();
+        crate::ops::autograd::with_backward3(x, &l.a, &l.b, value, "lora-linear", move |[x, a, b], needs, _, g| {
+            let dx_base = match needs[0] {
+                true => Some(Self::input_grad(&weight, x, g)?.reshape((rows, in_f))?),
+                false => None,
+            };
+            let (xs, gs) = (x.reshape((rows, in_f))?, g.reshape((rows, out_f))?);
+            let grads = lora_backward(&xs, &gs, dx_base.as_ref(), a, b, &u, scale, mask, needs[1], needs[2])?;
+            Ok((grads.dx.map(|d| d.reshape(x.dims())).transpose()?, grads.da, grads.db))
         })
     }
 
@@ -592,6 +639,10 @@ impl Module for Linear {
         }
     }
 }
+
+/// Set (to anything) to train adapters on CUDA through the composed tensor ops instead of the fused LoRA
+/// kernels: the reference those kernels are tested against.
+pub const TENSOR_LORA_ENV: &str = "BILLION_TENSOR_LORA";
 
 /// The adapters' dropout masks, drawn in one pass and handed back in a later pass over the same layer:
 /// activation checkpointing recomputes a layer in the backward pass, and the recomputation must drop the
@@ -747,6 +798,78 @@ mod tests {
             for v in [&x, &a, &b] {
                 let s = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(s.is_finite() && s > 0.0);
+            }
+        }
+    }
+
+    /// The fused CUDA LoRA layer (f32 and bf16 activations, every built rank, with and without dropout,
+    /// widths that leave partial tiles and splits) against the composed ops on the CPU in f32 over the same
+    /// (rounded) inputs and the same dropout masks: output and the gradients of x, A and B.
+    #[test]
+    fn fused_lora_on_cuda_matches_the_cpu_composition() {
+        let Ok(gpu) = candle_core::Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return;
+        };
+        let cpu = candle_core::Device::Cpu;
+        let mut cases: Vec<(usize, usize, usize, usize)> = [4, 8, 16, 32, 64].map(|r| (37, 264, 136, r)).to_vec();
+        cases.push((300, 1032, 520, 8));
+        for (case, &(t, in_f, out_f, r)) in cases.iter().enumerate() {
+            for dtype in [DType::F32, DType::BF16] {
+                for dropout in [0.0, 0.25] {
+                    let s = 500 + 10 * case as u64;
+                    let rounded = |seed: u64, std: f32, shape: &[usize]| {
+                        crate::testing::seeded_randn(seed, 0.0, std, shape).to_dtype(dtype).unwrap()
+                    };
+                    let (w, bias, x) = (
+                        rounded(s, 0.1, &[out_f, in_f]),
+                        rounded(s + 1, 0.5, &[out_f]),
+                        rounded(s + 2, 1.0, &[2, t, in_f]),
+                    );
+                    let a = crate::testing::seeded_randn(s + 3, 0.0, 0.1, &[r, in_f]);
+                    let b = crate::testing::seeded_randn(s + 4, 0.0, 0.1, &[out_f, r]);
+                    let coef = crate::testing::seeded_randn(s + 5, 0.0, 1.0, &[2, t, out_f]);
+                    let run = |device: &candle_core::Device, dtype: DType, seeds: Option<Vec<u64>>| {
+                        let to = |x: &Tensor| x.to_dtype(dtype)?.to_device(device);
+                        let mut lin = Linear::dense(to(&w)?, Some(to(&bias)?))?;
+                        let (xv, av, bv) = (
+                            Var::from_tensor(&to(&x)?)?,
+                            Var::from_tensor(&a.to_device(device)?)?,
+                            Var::from_tensor(&b.to_device(device)?)?,
+                        );
+                        let adapter =
+                            LoraAdapter { a: av.as_tensor().clone(), b: bv.as_tensor().clone(), scale: 2.0, dropout };
+                        lin.set_lora(Some(adapter));
+                        let (y, seeds) = match seeds {
+                            Some(seeds) => (dropout_tape::replay(seeds, || lin.forward(xv.as_tensor()))?, vec![]),
+                            None => {
+                                let (y, seeds) = dropout_tape::record(|| lin.forward(xv.as_tensor()));
+                                (y?, seeds)
+                            }
+                        };
+                        let grads = (y.to_dtype(DType::F32)? * coef.to_device(device)?)?.sum_all()?.backward()?;
+                        let mut all = vec![y.to_dtype(DType::F32)?.to_device(&cpu)?];
+                        for v in [&xv, &av, &bv] {
+                            all.push(
+                                grads.get(v.as_tensor()).expect("a gradient").to_dtype(DType::F32)?.to_device(&cpu)?,
+                            );
+                        }
+                        Ok::<_, candle_core::Error>((all, seeds))
+                    };
+                    let (got, seeds) = run(&gpu, dtype, None).unwrap();
+                    assert_eq!(seeds.len(), usize::from(dropout > 0.0));
+                    let (want, _) = run(&cpu, DType::F32, Some(seeds)).unwrap();
+                    let tol = if dtype == DType::F32 { 1e-4 } else { 1.5e-2 };
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let size = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                        let diff = (g - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                        let what = ["output", "dx", "dA", "dB"][i];
+                        assert!(
+                            diff <= tol * size,
+                            "case {case} {dtype:?} p {dropout}: {what} off by {diff} (largest {size})"
+                        );
+                    }
+                }
             }
         }
     }

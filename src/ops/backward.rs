@@ -35,9 +35,9 @@ pub fn dropout_f32(x: &Tensor, seed: u64, p: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&DropoutF32 { seed, threshold: drop_threshold(p) })
 }
 
-/// `p` as the 24-bit threshold `dropout_keeps` compares with.
-fn drop_threshold(p: f32) -> u32 {
-    (p.clamp(0.0, 1.0) as f64 * (1u64 << 24) as f64).round() as u32
+/// `p` as the 16-bit threshold `dropout_keeps` compares with (2¹⁶ for p = 1: nothing kept).
+pub(crate) fn drop_threshold(p: f32) -> u32 {
+    (p.clamp(0.0, 1.0) as f64 * (1u64 << 16) as f64).round() as u32
 }
 
 /// splitmix64's output for step `i + 1` of the sequence seeded `seed`.
@@ -48,10 +48,12 @@ fn splitmix(seed: u64, i: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Does element `i` of the dropout mask seeded `seed` keep its value? Its hash's top 24 bits, a uniform draw
-/// in [0, 2²⁴), against `threshold` (`p · 2²⁴`).
+/// Does element `i` of the dropout mask seeded `seed` keep its value? Its 16 bits of the hash of `i / 4`
+/// (bits `16 · (i mod 4)` up), a uniform draw in [0, 2¹⁶), against `threshold` (`p · 2¹⁶`): one hash serves
+/// four elements, which the GPU kernels that re-derive masks as they load feel (a 64-bit hash is ~30
+/// instructions there).
 fn dropout_keeps(seed: u64, i: u64, threshold: u32) -> bool {
-    (splitmix(seed, i) >> 40) as u32 >= threshold
+    ((splitmix(seed, i / 4) >> (16 * (i % 4))) & 0xFFFF) as u32 >= threshold
 }
 
 struct DropoutF32 {

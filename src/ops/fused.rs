@@ -938,6 +938,267 @@ pub(crate) mod cuda {
         Ok((tensor_of(loss, dev, rows)?, d))
     }
 
+    /// Adapter ranks the fused LoRA kernels are built for (`LORA_RANKS` in kernels.cu).
+    pub const LORA_RANKS: [usize; 5] = [4, 8, 16, 32, 64];
+
+    /// Columns a thread owns in the column-wise LoRA kernels (`LORA_COLS` in kernels.cu).
+    fn lora_cols_per_thread(r: usize) -> usize {
+        (32 / r).clamp(1, 8)
+    }
+
+    /// Rows a lane owns in `lora_rows` (`LORA_ROWS_PER_LANE` in kernels.cu).
+    fn lora_rows_per_lane(r: usize) -> usize {
+        match r {
+            16.. => 1,
+            8.. => 2,
+            _ => 4,
+        }
+    }
+
+    /// Rows of a block in `lora_expand` (`LORA_EXPAND_ROWS` in kernels.cu).
+    const LORA_EXPAND_ROWS: usize = 16;
+
+    /// Blocks (of 4 warps) a LoRA pass aims for: eight per SM of an H100 / H200. These passes stream small
+    /// contractions; with two blocks per SM they ran at 0.4–1.1 TB/s (too few loads in flight).
+    const LORA_BLOCKS: usize = 1056;
+
+    /// The dropout mask of a fused LoRA pass: the seed of `ops::backward::dropout_f32` and its 16-bit
+    /// threshold (0: no dropout).
+    #[derive(Clone, Copy)]
+    pub struct LoraMask {
+        pub seed: u64,
+        pub threshold: u32,
+    }
+
+    const NO_MASK: LoraMask = LoraMask { seed: 0, threshold: 0 };
+
+    /// The rank-r contraction of the rows: `scale · Σ_i keep(t, i) · x[t, i] · M(k, i)` for `x` `[rows, cols]`,
+    /// M `a` `[r, cols]` (`a_layout`) or `b` `[cols, r]`, as `splits` partial sums over column ranges: f32
+    /// `[splits, rows, r]` (the passes that read it add them).
+    fn lora_rows(
+        x: &candle_core::Tensor,
+        m: &candle_core::Tensor,
+        a_layout: bool,
+        mask: LoraMask,
+        scale: f32,
+    ) -> Result<(candle_core::Tensor, usize)> {
+        use crate::ops::launch::{launch, storage_ptr, Arg};
+        let candle_core::Device::Cuda(dev) = x.device() else { candle_core::bail!("lora: not on CUDA") };
+        let (rows, cols) = x.dims2()?;
+        let r = if a_layout { m.dim(0)? } else { m.dim(1)? };
+        let stream = dev.cuda_stream();
+        let row_blocks = rows.div_ceil(32 * lora_rows_per_lane(r));
+        let splits = LORA_BLOCKS.div_ceil(row_blocks).clamp(1, (cols / 128).max(1));
+        let split = cols.div_ceil(splits).next_multiple_of(8);
+        let splits = cols.div_ceil(split);
+        let part = uninit(dev, DType::F32, (splits * rows, r))?;
+        let args = [
+            Arg::P(storage_ptr(x, &stream)?),
+            Arg::P(storage_ptr(m, &stream)?),
+            Arg::P(storage_ptr(&part, &stream)?),
+            Arg::I(rows as i32),
+            Arg::I(cols as i32),
+            Arg::I(split as i32),
+            Arg::F(scale),
+            Arg::P(mask.seed),
+            Arg::I(mask.threshold as i32),
+        ];
+        let layout = if a_layout { "a" } else { "b" };
+        let f = kernel(dev, &format!("lora_rows_{layout}_{}_{r}", suffix(x.dtype())?))?;
+        launch(&stream, &f, false, (row_blocks as u32, splits as u32, 1), 128, 0, &args)?;
+        Ok((part, splits))
+    }
+
+    /// The rank-r contraction of the columns: `Σ_t keep(t, i) · x[t, i] · u[t, k]` for `x` `[rows, cols]`, `u`
+    /// the sum of `splits` runs of f32 `[rows, r]` → f32 `[cols, r]`, or `[r, cols]` with `transpose`.
+    fn lora_cols(
+        x: &candle_core::Tensor,
+        (u, u_splits): (&candle_core::Tensor, usize),
+        mask: LoraMask,
+        transpose: bool,
+    ) -> Result<candle_core::Tensor> {
+        use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
+        let candle_core::Device::Cuda(dev) = x.device() else { candle_core::bail!("lora: not on CUDA") };
+        let (rows, cols) = x.dims2()?;
+        let r = u.dim(1)?;
+        let stream = dev.cuda_stream();
+        let c = lora_cols_per_thread(r);
+        let col_blocks = cols.div_ceil(32 * c);
+        // Shared memory: the warps' sums, and the split's rows of u (within the 48 KB a launch may ask for).
+        let red_bytes = 4 * 32 * (c * r + 1) * 4;
+        let max_split = (48 * 1024 - red_bytes) / (4 * r);
+        // Half the blocks of the other passes: each split's partial sums are written and read once more.
+        let splits = (LORA_BLOCKS / 2).div_ceil(col_blocks).clamp(1, rows.div_ceil(32)).max(rows.div_ceil(max_split));
+        let split = rows.div_ceil(splits);
+        let splits = rows.div_ceil(split);
+        let smem = (red_bytes + split * r * 4) as u32;
+        // SAFETY: the kernel writes every element of its splits (each column of each split).
+        let part: CudaSlice<f32> = unsafe { dev.alloc::<f32>(splits * cols * r)? };
+        let args = [
+            Arg::P(storage_ptr(x, &stream)?),
+            Arg::P(storage_ptr(u, &stream)?),
+            Arg::I(u_splits as i32),
+            Arg::P(slice_ptr(&part, &stream)),
+            Arg::I(rows as i32),
+            Arg::I(cols as i32),
+            Arg::I(split as i32),
+            Arg::P(mask.seed),
+            Arg::I(mask.threshold as i32),
+        ];
+        let f = kernel(dev, &format!("lora_cols_{}_{r}", suffix(x.dtype())?))?;
+        launch(&stream, &f, false, (col_blocks as u32, splits as u32, 1), 128, smem, &args)?;
+        let shape = if transpose { (r, cols) } else { (cols, r) };
+        lora_sum(dev, &part, splits, (cols * r, r), transpose, shape)
+    }
+
+    /// `Σ_s part[s]` over `splits` runs of `n` values laid out `[cols][r]`, as a new f32 tensor of `shape`;
+    /// `transpose` lays it out `[r][cols]`.
+    fn lora_sum(
+        dev: &CudaDevice,
+        part: &CudaSlice<f32>,
+        splits: usize,
+        (n, r): (usize, usize),
+        transpose: bool,
+        shape: (usize, usize),
+    ) -> Result<candle_core::Tensor> {
+        use crate::ops::launch::{launch, slice_ptr, Arg};
+        let stream = dev.cuda_stream();
+        // SAFETY: the kernel writes every element.
+        let out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(n)? };
+        let args = [
+            Arg::P(slice_ptr(part, &stream)),
+            Arg::P(slice_ptr(&out, &stream)),
+            Arg::P(n as u64),
+            Arg::I(splits as i32),
+            Arg::I(r as i32),
+            Arg::I(transpose as i32),
+            Arg::F(1.0),
+        ];
+        let f = kernel(dev, "lora_sum")?;
+        launch(&stream, &f, false, (n.div_ceil(256).min(65_535) as u32, 1, 1), 256, 0, &args)?;
+        tensor_of(out, dev, shape)
+    }
+
+    /// `base + keep ⊙ (p · Mᵀ)` for `base` `[rows, cols]`, `p` the sum of `splits` runs of f32 `[rows, r]`, M
+    /// `a` `[r, cols]` (`a_layout`) or `b` `[cols, r]`, in base's dtype; and p summed, f32 `[rows, r]`.
+    fn lora_expand(
+        base: &candle_core::Tensor,
+        (p, splits): (&candle_core::Tensor, usize),
+        m: &candle_core::Tensor,
+        a_layout: bool,
+        mask: LoraMask,
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        use crate::ops::launch::{launch, storage_ptr, Arg};
+        let candle_core::Device::Cuda(dev) = base.device() else { candle_core::bail!("lora: not on CUDA") };
+        let (rows, cols) = base.dims2()?;
+        let r = p.dim(1)?;
+        let stream = dev.cuda_stream();
+        let y = uninit(dev, base.dtype(), (rows, cols))?;
+        let p_sum = uninit(dev, DType::F32, (rows, r))?;
+        let threads = 128;
+        let col_blocks = cols.div_ceil(threads * lora_cols_per_thread(r));
+        let args = [
+            Arg::P(storage_ptr(base, &stream)?),
+            Arg::P(storage_ptr(p, &stream)?),
+            Arg::I(splits as i32),
+            Arg::P(storage_ptr(m, &stream)?),
+            Arg::P(storage_ptr(&y, &stream)?),
+            Arg::P(storage_ptr(&p_sum, &stream)?),
+            Arg::I(rows as i32),
+            Arg::I(cols as i32),
+            Arg::P(mask.seed),
+            Arg::I(mask.threshold as i32),
+        ];
+        let layout = if a_layout { "a" } else { "b" };
+        let f = kernel(dev, &format!("lora_expand_{layout}_{}_{r}", suffix(base.dtype())?))?;
+        let grid = (col_blocks as u32, rows.div_ceil(LORA_EXPAND_ROWS) as u32, 1);
+        launch(&stream, &f, false, grid, threads as u32, 0, &args)?;
+        Ok((y, p_sum))
+    }
+
+    /// A tensor of `shape` whose every element the caller's kernel writes.
+    fn uninit(dev: &CudaDevice, dtype: DType, shape: (usize, usize)) -> Result<candle_core::Tensor> {
+        let n = shape.0 * shape.1;
+        // SAFETY: the caller's kernel writes every element before anything reads them.
+        unsafe {
+            match dtype {
+                DType::F32 => tensor_of(dev.alloc::<f32>(n)?, dev, shape),
+                DType::BF16 => tensor_of(dev.alloc::<bf16>(n)?, dev, shape),
+                DType::F16 => tensor_of(dev.alloc::<f16>(n)?, dev, shape),
+                dt => candle_core::bail!("no fused CUDA kernel for {dt:?}"),
+            }
+        }
+    }
+
+    /// Can the fused LoRA kernels take this layer: x `[rows, in]` in f32 / bf16 / f16, the adapter f32 of a
+    /// built rank, both widths multiples of 8.
+    pub fn lora_fits(x_dtype: DType, adapter_dtype: DType, rank: usize, in_f: usize, out_f: usize) -> bool {
+        matches!(x_dtype, DType::F32 | DType::BF16 | DType::F16)
+            && adapter_dtype == DType::F32
+            && LORA_RANKS.contains(&rank)
+            && in_f.is_multiple_of(8)
+            && out_f.is_multiple_of(8)
+    }
+
+    /// The LoRA layer's forward pass over the frozen base's product `base` `[rows, out]`: `y = base + scale ·
+    /// (keep ⊙ x) Aᵀ Bᵀ` and the rank-r activations `u = scale · (keep ⊙ x) Aᵀ` (f32 `[rows, r]`, kept for
+    /// the backward pass). `x` `[rows, in]`, `a` `[r, in]`, `b` `[out, r]` f32.
+    pub fn lora_forward(
+        x: &candle_core::Tensor,
+        base: &candle_core::Tensor,
+        a: &candle_core::Tensor,
+        b: &candle_core::Tensor,
+        scale: f32,
+        mask: Option<LoraMask>,
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        let (x, base) = (aligned(x)?, aligned(&base.to_dtype(x.dtype())?)?);
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let (parts, splits) = lora_rows(&x, &a, true, mask.unwrap_or(NO_MASK), scale)?;
+        lora_expand(&base, (&parts, splits), &b, false, NO_MASK)
+    }
+
+    /// The LoRA layer's backward pass from the output's gradient `g` `[rows, out]` and the forward's `u`:
+    /// `dx = dx_base + keep ⊙ (h A)` with `h = scale · g B`, `dA = hᵀ (keep ⊙ x)`, `dB = gᵀ u`, each only
+    /// when asked for (`dx_base`: the frozen base's input gradient, given when dx is wanted).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_backward(
+        x: &candle_core::Tensor,
+        g: &candle_core::Tensor,
+        dx_base: Option<&candle_core::Tensor>,
+        a: &candle_core::Tensor,
+        b: &candle_core::Tensor,
+        u: &candle_core::Tensor,
+        scale: f32,
+        mask: Option<LoraMask>,
+        need_da: bool,
+        need_db: bool,
+    ) -> Result<LoraGrads> {
+        let mask = mask.unwrap_or(NO_MASK);
+        let (x, g) = (aligned(x)?, aligned(&g.to_dtype(x.dtype())?)?);
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let db = if need_db { Some(lora_cols(&g, (u, 1), NO_MASK, false)?) } else { None };
+        if !need_da && dx_base.is_none() {
+            return Ok(LoraGrads { dx: None, da: None, db });
+        }
+        let (h_parts, splits) = lora_rows(&g, &b, false, NO_MASK, scale)?;
+        let (dx, h) = match dx_base {
+            Some(base) => {
+                let (dx, h) = lora_expand(&aligned(&base.to_dtype(x.dtype())?)?, (&h_parts, splits), &a, true, mask)?;
+                (Some(dx), (h, 1))
+            }
+            None => (None, (h_parts, splits)),
+        };
+        let da = if need_da { Some(lora_cols(&x, (&h.0, h.1), mask, true)?) } else { None };
+        Ok(LoraGrads { dx, da, db })
+    }
+
+    /// What [`lora_backward`] computed: the input's, A's and B's gradients.
+    pub struct LoraGrads {
+        pub dx: Option<candle_core::Tensor>,
+        pub da: Option<candle_core::Tensor>,
+        pub db: Option<candle_core::Tensor>,
+    }
+
     /// Warps per block of the training attention's backward kernels (`TRAIN_ATT_WARPS` in kernels.cu).
     const TRAIN_ATTENTION_WARPS: usize = 4;
 

@@ -32,6 +32,7 @@ pub fn storage_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     let base = match t.dtype() {
         DType::BF16 => cs.as_cuda_slice::<bf16>()?.device_ptr(stream).0,
         DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
+        DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0,
         DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(stream).0,
         dt => candle_core::bail!("graph decode: unexpected dtype {dt:?}"),
     };

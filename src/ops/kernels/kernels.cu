@@ -943,14 +943,18 @@ template <typename T> __device__ void swiglu_backward(const T* x, const T* u, co
     }
 }
 
-// The adapters' dropout, x ⊙ mask widened to f32: element i is kept when the top 24 bits of splitmix64's step
-// i + 1 from `seed` reach `threshold` (p · 2^24); the same test as the CPU's (ops/backward.rs).
-__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, unsigned long long i, unsigned threshold) {
-    unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+// The adapters' dropout, x ⊙ mask widened to f32: element i is kept when its 16 bits of splitmix64's step
+// i / 4 + 1 from `seed` (bits 16 · (i mod 4) up) reach `threshold` (p · 2^16); one hash serves four
+// elements. The same test as the CPU's (ops/backward.rs).
+__device__ __forceinline__ unsigned long long dropout_bits(unsigned long long seed, unsigned long long g) {
+    unsigned long long z = seed + (g + 1) * 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (unsigned)(z >> 40) >= threshold;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, unsigned long long i, unsigned threshold) {
+    return ((dropout_bits(seed, i >> 2) >> (16 * (i & 3))) & 0xFFFF) >= threshold;
 }
 
 template <typename T>
@@ -997,6 +1001,313 @@ __device__ void dropout_f32(const T* x, float* out, long long n, unsigned long l
 FUSED_OPS(float, f32)
 FUSED_OPS(bf16, bf16)
 FUSED_OPS(__half, f16)
+
+// ---- The LoRA layer of training: y = base + c · (keep ⊙ x) Aᵀ Bᵀ ----
+// A [R, in] and B [out, R] are f32 (the trained copy), x, the base product and the gradients arriving from
+// above are the model's dtype. Every product with A or B is a rank-R contraction: memory-bound passes over
+// the [rows, in] or [rows, out] tensors with the small factor in registers or read warp-uniformly, f32
+// accumulation, the dropout mask re-derived from its seed where it is needed (the same hash as dropout_f32).
+// A contraction split over blocks writes its splits apart and the next pass adds them in a fixed order, so
+// results do not depend on timing (no atomics).
+
+template <int BYTES> struct VecOf;
+template <> struct VecOf<2> { typedef unsigned short t; };
+template <> struct VecOf<4> { typedef unsigned int t; };
+template <> struct VecOf<8> { typedef uint2 t; };
+template <> struct VecOf<16> { typedef uint4 t; };
+
+// C consecutive values of T at p (aligned to their size, up to 16 bytes a load) as floats.
+template <typename T, int C>
+__device__ __forceinline__ void load_f(const T* p, float* f) {
+    constexpr int V = C * (int)sizeof(T) > 16 ? 16 : C * (int)sizeof(T);
+    constexpr int E = V / (int)sizeof(T);
+    typedef typename VecOf<V>::t Vec;
+#pragma unroll
+    for (int q = 0; q < C / E; q++) {
+        Vec v = reinterpret_cast<const Vec*>(p)[q];
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int j = 0; j < E; j++) f[q * E + j] = to_f(e[j]);
+    }
+}
+
+template <typename T, int C>
+__device__ __forceinline__ void store_f(T* p, const float* f) {
+    constexpr int V = C * (int)sizeof(T) > 16 ? 16 : C * (int)sizeof(T);
+    constexpr int E = V / (int)sizeof(T);
+    typedef typename VecOf<V>::t Vec;
+#pragma unroll
+    for (int q = 0; q < C / E; q++) {
+        Vec v;
+        T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+        for (int j = 0; j < E; j++) e[j] = from_f<T>(f[q * E + j]);
+        reinterpret_cast<Vec*>(p)[q] = v;
+    }
+}
+
+// Columns a thread owns in the column-wise passes: its C × R products stay at 32 registers (64 at R = 64), so
+// that many warps fit an SM: these passes are bound by how many loads are in flight.
+#define LORA_COLS(R) ((R) >= 32 ? 1 : ((R) >= 16 ? 2 : ((R) >= 8 ? 4 : 8)))
+// Rows a lane owns in lora_rows: M's values, read warp-uniformly, serve that many rows.
+#define LORA_ROWS_PER_LANE(R) ((R) >= 16 ? 1 : ((R) >= 8 ? 2 : 4))
+#define LORA_WARPS 4
+// Rows of a block in lora_expand.
+#define LORA_EXPAND_ROWS 16
+
+// Zero the dropped ones of the n values of flat indices index, index + 1, ...: one hash per 4 elements.
+__device__ __forceinline__ void lora_drop(float* v, int n, long long index, unsigned long long seed,
+                                          unsigned threshold) {
+    if (threshold == 0) return;
+    unsigned long long h = dropout_bits(seed, (unsigned long long)index >> 2);
+#pragma unroll
+    for (int j = 0; j < n; j++) {
+        unsigned long long i = (unsigned long long)(index + j);
+        if (j > 0 && (i & 3) == 0) h = dropout_bits(seed, i >> 2);
+        if (((h >> (16 * (i & 3))) & 0xFFFF) < threshold) v[j] = 0.f;
+    }
+}
+
+// Rows t0 .. t0 + n of p (the sum of `splits` runs of [rows, R]) into shared memory, by the whole block; rows
+// past `rows` are zero.
+template <int R>
+__device__ __forceinline__ void lora_stage_rows(const float* p, int splits, int rows, int t0, int n, float* dst) {
+    for (int e = threadIdx.x; e < n * R; e += blockDim.x) {
+        int t = t0 + e / R;
+        float s = 0.f;
+        if (t < rows)
+            for (int q = 0; q < splits; q++) s += p[((size_t)q * rows + t) * R + e % R];
+        dst[e] = s;
+    }
+    __syncthreads();
+}
+
+// part[s][t][k] = scale · Σ over split s of the columns of keep(t, i) · x[t, i] · M(k, i), with M(k, i) =
+// m[k · cols + i] (MT false: A) or m[i · R + k] (MT true: B, so that the contraction is g · B). A block:
+// 32 · RL rows (RL a lane, 32 apart) × one split, its warps taking the split's 8-column chunks in turn (so the
+// block reads each row's 64 bytes at a time), M's values read warp-uniformly and used for the lane's RL rows;
+// the warps' sums added in shared memory.
+template <typename T, int R, bool MT>
+__device__ void lora_rows(const T* x, const float* m, float* part, int rows, int cols, int split, float scale,
+                          unsigned long long seed, unsigned threshold) {
+    constexpr int RL = LORA_ROWS_PER_LANE(R);
+    __shared__ float red[LORA_WARPS][32 * RL][R + 1];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int c0 = blockIdx.y * split, c1 = min(cols, c0 + split);
+    float acc[RL][R];
+#pragma unroll
+    for (int l = 0; l < RL; l++)
+#pragma unroll
+        for (int k = 0; k < R; k++) acc[l][k] = 0.f;
+    int row0 = blockIdx.x * 32 * RL + lane;
+#pragma unroll 1
+    for (int c = c0 + warp * 8; c < c1; c += 8 * LORA_WARPS) {
+        float xv[RL][8];
+#pragma unroll
+        for (int l = 0; l < RL; l++) {
+            int row = row0 + 32 * l;
+            if (row < rows) {
+                load_f<T, 8>(x + (size_t)row * cols + c, xv[l]);
+                lora_drop(xv[l], 8, (long long)row * cols + c, seed, threshold);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; j++) xv[l][j] = 0.f;
+            }
+        }
+        if (MT) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float4* mp = reinterpret_cast<const float4*>(m + (size_t)(c + j) * R);
+#pragma unroll
+                for (int r = 0; r < R / 4; r++) {
+                    float4 w = mp[r];
+#pragma unroll
+                    for (int l = 0; l < RL; l++) {
+                        acc[l][4 * r] = fmaf(xv[l][j], w.x, acc[l][4 * r]);
+                        acc[l][4 * r + 1] = fmaf(xv[l][j], w.y, acc[l][4 * r + 1]);
+                        acc[l][4 * r + 2] = fmaf(xv[l][j], w.z, acc[l][4 * r + 2]);
+                        acc[l][4 * r + 3] = fmaf(xv[l][j], w.w, acc[l][4 * r + 3]);
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < R; k++) {
+                const float4* mp = reinterpret_cast<const float4*>(m + (size_t)k * cols + c);
+                float4 w0 = mp[0], w1 = mp[1];
+#pragma unroll
+                for (int l = 0; l < RL; l++) {
+                    float s = acc[l][k];
+                    s = fmaf(xv[l][0], w0.x, s); s = fmaf(xv[l][1], w0.y, s); s = fmaf(xv[l][2], w0.z, s);
+                    s = fmaf(xv[l][3], w0.w, s); s = fmaf(xv[l][4], w1.x, s); s = fmaf(xv[l][5], w1.y, s);
+                    s = fmaf(xv[l][6], w1.z, s); s = fmaf(xv[l][7], w1.w, s);
+                    acc[l][k] = s;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int l = 0; l < RL; l++)
+#pragma unroll
+        for (int k = 0; k < R; k++) red[warp][lane + 32 * l][k] = acc[l][k];
+    __syncthreads();
+    for (int o = threadIdx.x; o < 32 * RL * R; o += blockDim.x) {
+        int l = o / R, k = o % R, r = blockIdx.x * 32 * RL + l;
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < LORA_WARPS; w++) s += red[w][l][k];
+        if (r < rows) part[((size_t)blockIdx.y * rows + r) * R + k] = s * scale;
+    }
+}
+
+// part[s][i][k] = Σ over split s of the rows of keep(t, i) · x[t, i] · u[t, k], u the sum of `splits` runs
+// of [rows, R] (the split's rows of it staged in shared memory first): a lane owns C columns, the warps take
+// the split's rows in turn; their sums added in shared memory.
+template <typename T, int R>
+__device__ void lora_cols(const T* x, const float* u, int splits, float* part, int rows, int cols, int split,
+                          unsigned long long seed, unsigned threshold) {
+    constexpr int C = LORA_COLS(R);
+    constexpr int CR = C * R;
+    extern __shared__ float4 lora_smem[];
+    float* us = reinterpret_cast<float*>(lora_smem);  // [split][R]
+    float* red = us + (size_t)split * R;              // [LORA_WARPS · 32][CR + 1]
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int col = (blockIdx.x * 32 + lane) * C;
+    int r0 = blockIdx.y * split, r1 = min(rows, r0 + split);
+    lora_stage_rows<R>(u, splits, rows, r0, split, us);
+    float acc[C][R];
+#pragma unroll
+    for (int j = 0; j < C; j++)
+#pragma unroll
+        for (int k = 0; k < R; k++) acc[j][k] = 0.f;
+    if (col < cols) {
+#pragma unroll 2
+        for (int t = r0 + warp; t < r1; t += LORA_WARPS) {
+            float xv[C];
+            load_f<T, C>(x + (size_t)t * cols + col, xv);
+            lora_drop(xv, C, (long long)t * cols + col, seed, threshold);
+            const float4* up = reinterpret_cast<const float4*>(us + (size_t)(t - r0) * R);
+#pragma unroll
+            for (int q = 0; q < R / 4; q++) {
+                float4 w = up[q];
+#pragma unroll
+                for (int j = 0; j < C; j++) {
+                    acc[j][4 * q] = fmaf(xv[j], w.x, acc[j][4 * q]);
+                    acc[j][4 * q + 1] = fmaf(xv[j], w.y, acc[j][4 * q + 1]);
+                    acc[j][4 * q + 2] = fmaf(xv[j], w.z, acc[j][4 * q + 2]);
+                    acc[j][4 * q + 3] = fmaf(xv[j], w.w, acc[j][4 * q + 3]);
+                }
+            }
+        }
+    }
+    float* mine = red + (warp * 32 + lane) * (CR + 1);
+#pragma unroll
+    for (int j = 0; j < C; j++)
+#pragma unroll
+        for (int k = 0; k < R; k++) mine[j * R + k] = acc[j][k];
+    __syncthreads();
+    // The block's 32 · C columns are consecutive, so its outputs are one contiguous run of part.
+    size_t first = (size_t)blockIdx.x * 32 * CR;
+    size_t n = (size_t)cols * R;
+    for (int o = threadIdx.x; o < 32 * CR; o += blockDim.x) {
+        int l = o / CR, e = o % CR;
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < LORA_WARPS; w++) s += red[(w * 32 + l) * (CR + 1) + e];
+        if (first + o < n) part[(size_t)blockIdx.y * n + first + o] = s;
+    }
+}
+
+// y[t, i] = base[t, i] + keep(t, i) · Σ_k p[t, k] · M(k, i) (M as in lora_rows; p the sum of `splits` runs of
+// [rows, R], the block's rows of it staged in shared memory first): a thread holds M for its C columns and
+// walks the block's LORA_EXPAND_ROWS rows. With p_sum, the first block column also writes p's rows there.
+template <typename T, int R, bool MT>
+__device__ void lora_expand(const T* base, const float* p, int splits, const float* m, T* y, float* p_sum,
+                            int rows, int cols, unsigned long long seed, unsigned threshold) {
+    constexpr int C = LORA_COLS(R);
+    __shared__ __align__(16) float ps[LORA_EXPAND_ROWS * R];
+    int r0 = blockIdx.y * LORA_EXPAND_ROWS, r1 = min(rows, r0 + LORA_EXPAND_ROWS);
+    lora_stage_rows<R>(p, splits, rows, r0, LORA_EXPAND_ROWS, ps);
+    if (p_sum != nullptr && blockIdx.x == 0)
+        for (int e = threadIdx.x; e < (r1 - r0) * R; e += blockDim.x) p_sum[(size_t)r0 * R + e] = ps[e];
+    int col = (blockIdx.x * blockDim.x + threadIdx.x) * C;
+    if (col >= cols) return;
+    float w[C][R];
+#pragma unroll
+    for (int j = 0; j < C; j++)
+#pragma unroll
+        for (int k = 0; k < R; k++) w[j][k] = MT ? m[(size_t)(col + j) * R + k] : m[(size_t)k * cols + col + j];
+#pragma unroll 2
+    for (int t = r0; t < r1; t++) {
+        float b[C], d[C];
+        load_f<T, C>(base + (size_t)t * cols + col, b);
+        const float4* pp = reinterpret_cast<const float4*>(ps + (t - r0) * R);
+#pragma unroll
+        for (int j = 0; j < C; j++) d[j] = 0.f;
+#pragma unroll
+        for (int q = 0; q < R / 4; q++) {
+            float4 v = pp[q];
+#pragma unroll
+            for (int j = 0; j < C; j++) {
+                d[j] = fmaf(v.x, w[j][4 * q], d[j]);
+                d[j] = fmaf(v.y, w[j][4 * q + 1], d[j]);
+                d[j] = fmaf(v.z, w[j][4 * q + 2], d[j]);
+                d[j] = fmaf(v.w, w[j][4 * q + 3], d[j]);
+            }
+        }
+        lora_drop(d, C, (long long)t * cols + col, seed, threshold);
+#pragma unroll
+        for (int j = 0; j < C; j++) b[j] += d[j];
+        store_f<T, C>(y + (size_t)t * cols + col, b);
+    }
+}
+
+// out = scale · Σ_s part[s] over `splits` runs of n = cols · R values laid out [cols][R]; `transpose` writes
+// out as [R][cols] (A's layout).
+extern "C" __global__ void lora_sum(const float* part, float* out, long long n, int splits, int r, int transpose,
+                                    float scale) {
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (int q = 0; q < splits; q++) s += part[q * n + e];
+        long long i = e / r, k = e % r;
+        out[transpose ? k * (n / r) + i : e] = s * scale;
+    }
+}
+
+#define LORA_KERNELS(T, NAME, R)                                                                                   \
+    extern "C" __global__ void lora_rows_a_##NAME##_##R(const T* x, const float* m, float* part, int rows, int cols, \
+                                                       int split, float scale, unsigned long long seed,           \
+                                                       unsigned threshold) {                                      \
+        lora_rows<T, R, false>(x, m, part, rows, cols, split, scale, seed, threshold);                             \
+    }                                                                                                              \
+    extern "C" __global__ void lora_rows_b_##NAME##_##R(const T* x, const float* m, float* part, int rows, int cols, \
+                                                       int split, float scale, unsigned long long seed,           \
+                                                       unsigned threshold) {                                      \
+        lora_rows<T, R, true>(x, m, part, rows, cols, split, scale, seed, threshold);                              \
+    }                                                                                                              \
+    extern "C" __global__ void lora_cols_##NAME##_##R(const T* x, const float* u, int splits, float* part, int rows, \
+                                                     int cols, int split, unsigned long long seed,                 \
+                                                     unsigned threshold) {                                        \
+        lora_cols<T, R>(x, u, splits, part, rows, cols, split, seed, threshold);                                   \
+    }                                                                                                              \
+    extern "C" __global__ void lora_expand_a_##NAME##_##R(const T* base, const float* p, int splits, const float* m, \
+                                                         T* y, float* p_sum, int rows, int cols,                   \
+                                                         unsigned long long seed, unsigned threshold) {            \
+        lora_expand<T, R, false>(base, p, splits, m, y, p_sum, rows, cols, seed, threshold);                      \
+    }                                                                                                              \
+    extern "C" __global__ void lora_expand_b_##NAME##_##R(const T* base, const float* p, int splits, const float* m, \
+                                                         T* y, float* p_sum, int rows, int cols,                   \
+                                                         unsigned long long seed, unsigned threshold) {            \
+        lora_expand<T, R, true>(base, p, splits, m, y, p_sum, rows, cols, seed, threshold);                       \
+    }
+
+#define LORA_RANKS(T, NAME)                                                                                        \
+    LORA_KERNELS(T, NAME, 4) LORA_KERNELS(T, NAME, 8) LORA_KERNELS(T, NAME, 16) LORA_KERNELS(T, NAME, 32)          \
+    LORA_KERNELS(T, NAME, 64)
+
+LORA_RANKS(float, f32)
+LORA_RANKS(bf16, bf16)
+LORA_RANKS(__half, f16)
 
 // torch's AdamW over [theta | m | v] (3n f32, in place) from n f32 gradients scaled by gscale (clipping); the
 // same f32 operations as the CPU's loop (finetune/optim.rs).
