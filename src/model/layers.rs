@@ -4,6 +4,7 @@
 
 use super::cache::KvCache;
 use super::config::{Activation, ModelConfig, RopeScaling};
+use super::linear::Linear;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use std::sync::{Arc, Mutex};
@@ -103,6 +104,21 @@ pub fn gated(gate: &Tensor, up: &Tensor, act: Activation, ops: Ops) -> Result<Te
         (Activation::Silu, Ops::Differentiable) => crate::ops::autograd::swiglu(gate, up),
         (Activation::Silu, Ops::Fused) => crate::ops::fused::swiglu(gate, up),
         _ => activation(gate, act)? * up,
+    }
+}
+
+/// `residual + down(act(gate) · up)`: in training a SiLU model's frozen `down` takes gate and up itself
+/// (`Linear::forward_swiglu_residual`), so the activation is not kept for the backward pass.
+pub fn gated_down_residual(
+    down: &Linear,
+    (gate, up): (&Tensor, &Tensor),
+    act: Activation,
+    ops: Ops,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    match (act, ops) {
+        (Activation::Silu, Ops::Differentiable) => down.forward_swiglu_residual(gate, up, residual),
+        _ => residual + down.forward(&gated(gate, up, act, ops)?)?,
     }
 }
 

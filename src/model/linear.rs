@@ -437,9 +437,34 @@ impl HalfBits for half::bf16 {}
 
 impl Linear {
     /// `dy · W` for the frozen weight, shaped like `x` (a quantized W is dequantized just for this).
+    /// A quantized GPU weight dequantized for one training product, in the half-precision activations'
+    /// dtype (as QLoRA does: the base stays quantized in memory, each product runs on tensor cores over a
+    /// transient copy of one layer's weight). candle's quantized product of many rows runs integer kernels
+    /// over 8-bit activations, four times slower in a training step and not the dequantized model's product.
+    fn half_weight_for_training(weight: &LinearWeight, x: &Tensor) -> Result<Option<Tensor>> {
+        match weight {
+            LinearWeight::Quantized(q) if x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16) => {
+                #[cfg(feature = "cuda")]
+                if x.dtype() == DType::BF16 {
+                    if let Some(w) = crate::ops::fused::cuda::dequantize_bf16(q)? {
+                        return Ok(Some(w));
+                    }
+                }
+                // Other formats through candle's f16 kernels (dequantized weights are far inside f16's range).
+                Ok(Some(q.dequantize_f16(x.device())?.to_dtype(x.dtype())?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn input_grad(weight: &LinearWeight, x: &Tensor, g: &Tensor) -> Result<Tensor> {
         let in_f = *x.dims().last().unwrap_or(&0);
         let rows = x.elem_count() / in_f.max(1);
+        if let Some(w) = Self::half_weight_for_training(weight, x)? {
+            let out_f = w.dim(0)?;
+            let grad = g.to_dtype(x.dtype())?.reshape((rows, out_f))?.matmul(&w)?;
+            return grad.reshape(x.dims());
+        }
         // Quantized or half-precision CPU weights: dequantized tile by tile inside the product.
         if !matches!(weight, LinearWeight::Dense(w) if w.dtype() == x.dtype()) {
             let tiled = with_cpu_weights(weight, g, |w, gs| {
@@ -484,6 +509,11 @@ impl Linear {
     /// multiplied with the activations as they are (as QLoRA does), not through the inference kernels'
     /// 8-bit activations, so the loss and gradients are those of the dequantized model.
     fn frozen_training_value(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(w) = Self::half_weight_for_training(&self.weight, x)? {
+            let rows = x.elem_count() / self.in_features;
+            let y = x.reshape((rows, self.in_features))?.matmul(&w.t()?)?;
+            return self.with_bias(y.reshape(self.out_dims(x))?);
+        }
         let widened = x.device().is_cpu()
             && match &self.weight {
                 LinearWeight::Packed(_) => true,
@@ -502,6 +532,48 @@ impl Linear {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// `residual + self(x)`, the residual stream's update. A frozen layer in training is one graph node of
+    /// (x, residual) whose backward is `dx = dy · W`, `d residual = dy`: the layer's own output never outlives
+    /// the addition (candle's addition node would hold it, though its backward needs no values).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if self.lora.is_some() || !(x.track_op() || residual.track_op()) {
+            return residual + self.forward(x)?;
+        }
+        let value = (residual.detach() + self.frozen_training_value(&x.detach())?)?;
+        let weight = self.weight.clone();
+        crate::ops::autograd::with_backward2(x, residual, value, "frozen-linear-residual", move |[x, _], need, g| {
+            let dx = need[0].then(|| Self::input_grad(&weight, x, g)).transpose()?;
+            Ok((dx, need[1].then(|| g.clone())))
+        })
+    }
+
+    /// `residual + self(silu(gate) · up)`, the gated MLP's last product. A frozen layer in training is one
+    /// graph node of (gate, up, residual): its backward takes `d act = dy · W` and SwiGLU's gradients from gate
+    /// and up, so the activation (`[tokens, intermediate]`, the widest tensor of a layer) is not kept for the
+    /// backward pass as the frozen product's input.
+    pub fn forward_swiglu_residual(&self, gate: &Tensor, up: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if self.lora.is_some() || !(gate.track_op() || up.track_op() || residual.track_op()) {
+            return self.forward_residual(&crate::ops::autograd::swiglu(gate, up)?, residual);
+        }
+        let act = crate::ops::fused::swiglu(&gate.detach(), &up.detach())?;
+        let value = (residual.detach() + self.frozen_training_value(&act)?)?;
+        drop(act);
+        let weight = self.weight.clone();
+        crate::ops::autograd::with_backward3(
+            gate,
+            up,
+            residual,
+            value,
+            "frozen-swiglu-residual",
+            move |[gate, up, _], need, _, g| {
+                // The activation has gate's shape and dtype: `input_grad` reads only those from its input.
+                let dact = Self::input_grad(&weight, gate, g)?;
+                let (dgate, dup) = crate::ops::backward::swiglu_backward(gate, up, &dact)?;
+                Ok((need[0].then_some(dgate), need[1].then_some(dup), need[2].then(|| g.clone())))
+            },
+        )
     }
 
     /// Training with an adapter: `W x + b + scale · B A (mask ⊙ x / keep)` as one op of (x, A, B). Its graph
@@ -798,6 +870,96 @@ mod tests {
             for v in [&x, &a, &b] {
                 let s = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(s.is_finite() && s > 0.0);
+            }
+        }
+    }
+
+    /// On CUDA a quantized layer's training product (value and input gradient, bf16 activations) is the
+    /// dequantized weight's: against the CPU's f32 product of the same dequantized weight.
+    #[test]
+    fn quantized_training_product_on_cuda_is_the_dequantized_one() {
+        let Ok(gpu) = candle_core::Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return;
+        };
+        let w = crate::testing::seeded_randn(130, 0.0, 0.3, &[64, 256]);
+        let x = crate::testing::seeded_randn(131, 0.0, 1.0, &[2, 9, 256]).to_dtype(DType::BF16).unwrap();
+        let coef = crate::testing::seeded_randn(132, 0.0, 1.0, &[2, 9, 64]);
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q4_0, GgmlDType::Q6K, GgmlDType::Q5K] {
+            let lin = Linear::quantize(&w.to_device(&gpu).unwrap(), None, dtype).unwrap();
+            let wd = lin.dense_weight(DType::F32).unwrap().to_device(&candle_core::Device::Cpu).unwrap();
+            let xv = Var::from_tensor(&x.to_device(&gpu).unwrap()).unwrap();
+            let y = lin.forward(xv.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+            let gx = (&y * coef.to_device(&gpu).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            let gx = gx
+                .get(xv.as_tensor())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&candle_core::Device::Cpu)
+                .unwrap();
+            let x32 = x.to_dtype(DType::F32).unwrap();
+            let want_y = x32.broadcast_matmul(&wd.t().unwrap()).unwrap();
+            let want_gx = coef.broadcast_matmul(&wd).unwrap();
+            for (what, got, want) in
+                [("value", y.to_device(&candle_core::Device::Cpu).unwrap(), want_y), ("input gradient", gx, want_gx)]
+            {
+                let size = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d <= 1e-2 * size, "{dtype:?}: {what} off by {d} (largest {size})");
+            }
+        }
+    }
+
+    /// The residual forms of a frozen layer (`forward_residual`, `forward_swiglu_residual`) give the values
+    /// and gradients of the plain composition `r + W x` and `r + W (silu(g) · u)`, on dense and quantized
+    /// weights; with an adapter they are that composition.
+    #[test]
+    fn residual_forms_match_the_composition() {
+        let w = crate::testing::seeded_randn(120, 0.0, 0.3, &[32, 64]);
+        for quantized in [false, true] {
+            let mut lin = match quantized {
+                true => Linear::quantize(&w, None, GgmlDType::Q8_0).unwrap(),
+                false => Linear::dense(w.clone(), None).unwrap(),
+            };
+            let wd = lin.dense_weight(DType::F32).unwrap();
+            for adapter in [false, true] {
+                if adapter {
+                    let a = crate::testing::seeded_randn(125, 0.0, 0.2, &[4, 64]);
+                    let b = crate::testing::seeded_randn(126, 0.0, 0.2, &[32, 4]);
+                    lin.set_lora(Some(LoraAdapter { a, b, scale: 2.0, dropout: 0.0 }));
+                }
+                let plain_of = |x: &Tensor| {
+                    let mut y = x.broadcast_matmul(&wd.t()?)?;
+                    if let Some(l) = lin.lora() {
+                        y = (y + x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?.affine(l.scale, 0.0)?)?;
+                    }
+                    Ok::<_, candle_core::Error>(y)
+                };
+                let var = |seed: u64, shape: &[usize]| {
+                    Var::from_tensor(&crate::testing::seeded_randn(seed, 0.0, 1.0, shape)).unwrap()
+                };
+                let (x, gate, up, r) =
+                    (var(121, &[2, 5, 64]), var(122, &[2, 5, 64]), var(123, &[2, 5, 64]), var(124, &[2, 5, 32]));
+                let coef = crate::testing::seeded_randn(127, 0.0, 1.0, &[2, 5, 32]);
+                let check = |ours: Tensor, plain: Tensor, vars: &[&Var], what: &str| {
+                    let dv = (&ours - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(dv < 1e-4, "{what} (quantized {quantized}, adapter {adapter}): value off by {dv}");
+                    let g1 = (&ours * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = (&plain * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+                    for v in vars {
+                        let (p, q) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                        let d = (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                        assert!(d < 1e-4, "{what} (quantized {quantized}, adapter {adapter}): gradient off by {d}");
+                    }
+                };
+                let ours = lin.forward_residual(x.as_tensor(), r.as_tensor()).unwrap();
+                let plain = (r.as_tensor() + plain_of(x.as_tensor()).unwrap()).unwrap();
+                check(ours, plain, &[&x, &r], "residual");
+                let ours = lin.forward_swiglu_residual(gate.as_tensor(), up.as_tensor(), r.as_tensor()).unwrap();
+                let act = (candle_nn::ops::silu(gate.as_tensor()).unwrap() * up.as_tensor()).unwrap();
+                let plain = (r.as_tensor() + plain_of(&act).unwrap()).unwrap();
+                check(ours, plain, &[&gate, &up, &r], "swiglu residual");
             }
         }
     }

@@ -1130,6 +1130,29 @@ pub(crate) mod cuda {
         }
     }
 
+    /// A quantized weight `[rows, cols]` on the GPU dequantized to bf16 by our kernels (`dequantize_bf16_*`:
+    /// Q8_0, Q4_0, Q4_K, Q6_K); `None` for other formats.
+    pub fn dequantize_bf16(q: &candle_core::quantized::QTensor) -> Result<Option<candle_core::Tensor>> {
+        use crate::ops::launch::{launch, storage_ptr, Arg};
+        use candle_core::quantized::GgmlDType;
+        let name = match q.dtype() {
+            GgmlDType::Q8_0 => "q8_0",
+            GgmlDType::Q4_0 => "q4_0",
+            GgmlDType::Q4K => "q4k",
+            GgmlDType::Q6K => "q6k",
+            _ => return Ok(None),
+        };
+        let candle_core::Device::Cuda(dev) = q.device() else { return Ok(None) };
+        let (rows, cols) = q.shape().dims2()?;
+        let groups = rows * cols / 32;
+        let stream = dev.cuda_stream();
+        let out = uninit(&dev, DType::BF16, (rows, cols))?;
+        let args = [Arg::P(q.device_ptr()? as u64), Arg::P(storage_ptr(&out, &stream)?), Arg::P(groups as u64)];
+        let f = kernel(&dev, &format!("dequantize_bf16_{name}"))?;
+        launch(&stream, &f, false, (groups.div_ceil(256).min(65_535) as u32, 1, 1), 256, 0, &args)?;
+        Ok(Some(out))
+    }
+
     /// Can the fused LoRA kernels take this layer: x `[rows, in]` in f32 / bf16 / f16, the adapter f32 of a
     /// built rank, both widths multiples of 8.
     pub fn lora_fits(x_dtype: DType, adapter_dtype: DType, rank: usize, in_f: usize, out_f: usize) -> bool {
@@ -1307,6 +1330,28 @@ mod tests {
     use candle_core::{DType, Device};
 
     use crate::testing::seeded_randn;
+
+    /// Our bf16 dequantization kernels give candle's f32 dequantization rounded to bf16.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn dequantize_bf16_rounds_candles_dequantization() -> Result<()> {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return Ok(());
+        };
+        let w = seeded_randn(140, 0.0, 0.5, &[48, 512]);
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let q = QTensor::quantize_onto(&w, dtype, &gpu)?;
+            let ours = cuda::dequantize_bf16(&q)?.expect("a kernel for this format").to_dtype(DType::F32)?;
+            let want = q.dequantize(&gpu)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            // Equal but for a rounding tie the two compilers' fused multiply-adds may break apart: one bf16 step.
+            let size = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = (ours - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d <= size / 128.0, "{dtype:?}: differs by {d} (largest {size})");
+        }
+        Ok(())
+    }
 
     /// The split softmax equals the span softmax over the joined scores (CPU), and its kernel the CPU (CUDA).
     #[test]

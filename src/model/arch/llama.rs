@@ -4,7 +4,7 @@
 use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step, TrunkNames};
 use crate::model::config::{Activation, HfConfig, ModelConfig, NormKind};
 use crate::model::decode_graph::{GraphLayer, QkvLinears};
-use crate::model::layers::{gated, split_heads, Norm};
+use crate::model::layers::{gated_down_residual, split_heads, Norm};
 use crate::model::linear::Linear;
 use crate::model::weights::Weights;
 use anyhow::Result;
@@ -184,10 +184,10 @@ impl Layers for LlamaLayers {
         let k = s.rotate_key(&split_heads(&blk.k.forward(&hs)?, nkv, hd)?)?;
         let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
         let attn = s.attention(&q, &k, &v, i)?;
-        let x = (x + blk.o.forward(&attn)?)?;
+        let x = blk.o.forward_residual(&attn, &x)?;
         let hs = blk.mlp_norm.forward(&x, s.ops)?;
-        let gated = gated(&blk.gate.forward(&hs)?, &blk.up.forward(&hs)?, self.cfg.activation, s.ops)?;
-        x + blk.down.forward(&gated)?
+        let (gate, up) = (blk.gate.forward(&hs)?, blk.up.forward(&hs)?);
+        gated_down_residual(&blk.down, (&gate, &up), self.cfg.activation, s.ops, &x)
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {

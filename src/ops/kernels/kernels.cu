@@ -2484,3 +2484,86 @@ extern "C" __global__ void cross_entropy_rows_bf16(const bf16* x, const unsigned
     }
     if (threadIdx.x == 0) loss[blockIdx.x] = target < (unsigned)n ? lse - __bfloat162float(row[target]) : NAN;
 }
+
+// ---- Quantized weights dequantized to bf16 for training's products (QLoRA) ----
+// One thread per 32 consecutive values (a 32-block, or a 32-value sub-block of a K-quant super-block), written
+// as four 16-byte stores.
+__device__ __forceinline__ void store32_bf16(bf16* out, const float* v) {
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        uint4 w;
+        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&w);
+#pragma unroll
+        for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(v[8 * q + 2 * j], v[8 * q + 2 * j + 1]);
+        reinterpret_cast<uint4*>(out)[q] = w;
+    }
+}
+
+#define GROUPS_LOOP(groups) \
+    for (long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x; g < (groups); g += (long long)gridDim.x * blockDim.x)
+
+// Q8_0: {f16 d; i8 qs[32]}.
+extern "C" __global__ void dequantize_bf16_q8_0(const uint8_t* q, bf16* out, long long groups) {
+    GROUPS_LOOP(groups) {
+        const uint8_t* blk = q + g * 34;
+        float d = __half2float(*reinterpret_cast<const __half*>(blk)), v[32];
+#pragma unroll
+        for (int l = 0; l < 32; l++) v[l] = d * (float)(int8_t)blk[2 + l];
+        store32_bf16(out + g * 32, v);
+    }
+}
+
+// Q4_0: {f16 d; u8 qs[16]}: value l is d · (low nibble of qs[l] − 8), value l + 16 the high nibble's.
+extern "C" __global__ void dequantize_bf16_q4_0(const uint8_t* q, bf16* out, long long groups) {
+    GROUPS_LOOP(groups) {
+        const uint8_t* blk = q + g * 18;
+        float d = __half2float(*reinterpret_cast<const __half*>(blk)), v[32];
+#pragma unroll
+        for (int l = 0; l < 16; l++) {
+            v[l] = d * (float)((int)(blk[2 + l] & 0xF) - 8);
+            v[l + 16] = d * (float)((int)(blk[2 + l] >> 4) - 8);
+        }
+        store32_bf16(out + g * 32, v);
+    }
+}
+
+// Q4_K: sub-block s of a super-block {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]} is the low (s even) or
+// high (s odd) nibbles of qs[32 (s / 2) ..][32], at d · scale_s · q − dmin · min_s.
+extern "C" __global__ void dequantize_bf16_q4k(const uint8_t* q, bf16* out, long long groups) {
+    GROUPS_LOOP(groups) {
+        long long b = g >> 3;
+        int s = (int)(g & 7);
+        const uint8_t* blk = q + b * 144;
+        float d = __half2float(*reinterpret_cast<const __half*>(blk));
+        float dmin = __half2float(*reinterpret_cast<const __half*>(blk + 2));
+        float sc, m, v[32];
+        q4k_scale_min(s, blk + 4, sc, m);
+        const uint8_t* qs = blk + 16 + 32 * (s >> 1);
+        float ds = d * sc, dm = dmin * m;
+#pragma unroll
+        for (int l = 0; l < 32; l++) v[l] = ds * (float)((s & 1) ? (qs[l] >> 4) : (qs[l] & 0xF)) - dm;
+        store32_bf16(out + g * 32, v);
+    }
+}
+
+// Q6_K: {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}; sub-block s = 4n + k holds values 128n + 32k + l: the
+// low (k even) or high (k odd) nibble of ql[64n + l (+ 32 for k = 1, 3)] with bits 2k, 2k + 1 of qh[32n + l]
+// as bits 4 and 5, minus 32, times d · scales[8n + 2k + l / 16].
+extern "C" __global__ void dequantize_bf16_q6k(const uint8_t* q, bf16* out, long long groups) {
+    GROUPS_LOOP(groups) {
+        long long b = g >> 3;
+        int s = (int)(g & 7), n = s >> 2, k = s & 3;
+        const uint8_t* blk = q + b * 210;
+        const uint8_t* ql = blk + 64 * n + ((k & 1) ? 32 : 0);
+        const uint8_t* qh = blk + 128 + 32 * n;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * n + 2 * k;
+        float d = __half2float(*reinterpret_cast<const __half*>(blk + 208)), v[32];
+#pragma unroll
+        for (int l = 0; l < 32; l++) {
+            int lo = (k >> 1) ? (ql[l] >> 4) : (ql[l] & 0xF);
+            int hi = (qh[l] >> (2 * k)) & 3;
+            v[l] = d * (float)sc[l >> 4] * (float)((lo | (hi << 4)) - 32);
+        }
+        store32_bf16(out + g * 32, v);
+    }
+}
