@@ -164,17 +164,16 @@ impl Layers for GptNeoXLayers {
         let q = s.rotate_query(&qkv.narrow(3, 0, hd)?)?;
         let k = s.rotate_key(&qkv.narrow(3, hd, hd)?)?;
         let v = qkv.narrow(3, 2 * hd, hd)?.contiguous()?;
-        let attn = blk.dense.forward(&s.attention(&q, &k, &v, i)?)?;
-        let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
-            blk.down.forward(&activation(&blk.up.forward(input)?, self.cfg.activation)?)
+        // The residual additions go through the frozen layers' residual form (their outputs are not kept for
+        // the backward pass); the same sums as `x + attn + mlp`.
+        let x1 = blk.dense.forward_residual(&s.attention(&q, &k, &v, i)?, &x)?;
+        let mlp_residual = |input: &Tensor, residual: &Tensor| -> candle_core::Result<Tensor> {
+            blk.down.forward_residual(&activation(&blk.up.forward(input)?, self.cfg.activation)?, residual)
         };
         if self.cfg.parallel_residual {
-            let m = mlp(&blk.post_norm.forward(&x, ops)?)?;
-            (&x + attn)? + m
+            mlp_residual(&blk.post_norm.forward(&x, ops)?, &x1)
         } else {
-            let x1 = (&x + attn)?;
-            let m = mlp(&blk.post_norm.forward(&x1, ops)?)?;
-            x1 + m
+            mlp_residual(&blk.post_norm.forward(&x1, ops)?, &x1)
         }
     }
 

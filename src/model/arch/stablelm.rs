@@ -5,7 +5,7 @@ use super::llama::LLAMA_LINEARS;
 use super::{named_linears, ArchSpec, ArchTraits, Architecture, GgufMeta, Layers, Step};
 use crate::model::config::{Activation, HfConfig, ModelConfig, NormKind};
 use crate::model::decode_graph::{GraphLayer, QkvLinears};
-use crate::model::layers::{gated, split_heads, Norm, Ops};
+use crate::model::layers::{gated_down_residual, split_heads, Norm, Ops};
 use crate::model::linear::Linear;
 use crate::model::weights::{Init, Weights};
 use anyhow::Result;
@@ -190,18 +190,16 @@ impl Layers for StableLmLayers {
         let q = s.rotate_query(&q)?;
         let k = s.rotate_key(&k)?;
         let v = split_heads(&blk.v.forward(&hs)?, nkv, hd)?;
-        let attn = blk.o.forward(&s.attention(&q, &k, &v, i)?)?;
-        let mlp = |input: &Tensor| -> candle_core::Result<Tensor> {
-            let gated = gated(&blk.gate.forward(input)?, &blk.up.forward(input)?, self.cfg.activation, ops)?;
-            blk.down.forward(&gated)
+        // The residual additions go through the frozen layers' residual forms (their outputs are not kept
+        // for the backward pass); the same sums as `x + attn (+ mlp)`.
+        let x1 = blk.o.forward_residual(&s.attention(&q, &k, &v, i)?, &x)?;
+        let mlp_residual = |input: &Tensor, residual: &Tensor| -> candle_core::Result<Tensor> {
+            let (gate, up) = (blk.gate.forward(input)?, blk.up.forward(input)?);
+            gated_down_residual(&blk.down, (&gate, &up), self.cfg.activation, ops, residual)
         };
         match &blk.post_norm {
-            None => (&x + attn)?.add(&mlp(&hs)?),
-            Some(post) => {
-                let x1 = (&x + attn)?;
-                let m = mlp(&post.forward(&x1, ops)?)?;
-                x1 + m
-            }
+            None => mlp_residual(&hs, &x1),
+            Some(post) => mlp_residual(&post.forward(&x1, ops)?, &x1),
         }
     }
 
