@@ -118,7 +118,7 @@ pub fn gated_down_residual(
 ) -> Result<Tensor> {
     match (act, ops) {
         (Activation::Silu, Ops::Differentiable) => down.forward_swiglu_residual(gate, up, residual),
-        _ => residual + down.forward(&gated(gate, up, act, ops)?)?,
+        _ => down.forward_residual(&gated(gate, up, act, ops)?, residual),
     }
 }
 

@@ -436,7 +436,6 @@ impl HalfBits for half::f16 {}
 impl HalfBits for half::bf16 {}
 
 impl Linear {
-    /// `dy · W` for the frozen weight, shaped like `x` (a quantized W is dequantized just for this).
     /// A quantized GPU weight dequantized for one training product, in the half-precision activations'
     /// dtype (as QLoRA does: the base stays quantized in memory, each product runs on tensor cores over a
     /// transient copy of one layer's weight). candle's quantized product of many rows runs integer kernels
@@ -457,6 +456,7 @@ impl Linear {
         }
     }
 
+    /// `dy · W` for the frozen weight, shaped like `x` (a quantized W is dequantized just for this).
     fn input_grad(weight: &LinearWeight, x: &Tensor, g: &Tensor) -> Result<Tensor> {
         let in_f = *x.dims().last().unwrap_or(&0);
         let rows = x.elem_count() / in_f.max(1);
@@ -506,8 +506,9 @@ impl Linear {
     }
 
     /// The base product for training: quantized or half-precision CPU weights are widened to f32 and
-    /// multiplied with the activations as they are (as QLoRA does), not through the inference kernels'
-    /// 8-bit activations, so the loss and gradients are those of the dequantized model.
+    /// multiplied with the activations as they are (as QLoRA does), and quantized GPU weights dequantized to
+    /// the half-precision activations' dtype for the product (`half_weight_for_training`), not through the
+    /// inference kernels' 8-bit activations, so the loss and gradients are those of the dequantized model.
     fn frozen_training_value(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(w) = Self::half_weight_for_training(&self.weight, x)? {
             let rows = x.elem_count() / self.in_features;
@@ -568,10 +569,14 @@ impl Linear {
             value,
             "frozen-swiglu-residual",
             move |[gate, up, _], need, _, g| {
-                // The activation has gate's shape and dtype: `input_grad` reads only those from its input.
-                let dact = Self::input_grad(&weight, gate, g)?;
-                let (dgate, dup) = crate::ops::backward::swiglu_backward(gate, up, &dact)?;
-                Ok((need[0].then_some(dgate), need[1].then_some(dup), need[2].then(|| g.clone())))
+                let (mut dgate, mut dup) = (None, None);
+                if need[0] || need[1] {
+                    // The activation has gate's shape and dtype: `input_grad` reads only those from its input.
+                    let dact = Self::input_grad(&weight, gate, g)?;
+                    let (dg, du) = crate::ops::backward::swiglu_backward(gate, up, &dact)?;
+                    (dgate, dup) = (need[0].then_some(dg), need[1].then_some(du));
+                }
+                Ok((dgate, dup, need[2].then(|| g.clone())))
             },
         )
     }
@@ -590,8 +595,7 @@ impl Linear {
                 x.dtype(),
                 l.a.dtype(),
                 l.a.dim(0)?,
-                self.in_features,
-                self.out_features,
+                (x.elem_count() / self.in_features, self.in_features, self.out_features),
             )
         {
             return self.forward_lora_fused(x, l);
@@ -686,7 +690,7 @@ impl Module for Linear {
         let y = if x.track_op() {
             // Training. candle's matmul backward computes the gradient of both operands, so a frozen weight
             // would still get a weight-sized gradient (a full extra GEMM per layer, held until the step ends),
-            // and its quantized matmul records no backward at all. The product comes from the inference path
+            // and its quantized matmul records no backward at all. The product is `frozen_training_value`
             // instead, with a backward for the input only: `dx = dy · W`, a quantized W dequantized just for
             // that moment, so the base stays quantized in memory (QLoRA).
             let weight = self.weight.clone();

@@ -253,7 +253,8 @@ pub fn with_backward2(
 /// SwiGLU `silu(gate) · up`; the backward recomputes `silu` from `gate` instead of keeping it (one op,
 /// `ops::backward::swiglu_backward`, in f32 inside).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let value = (candle_nn::ops::silu(&gate.detach())? * up.detach())?;
+    // The inference op: one kernel on CUDA (f32 inside, one rounding), candle's silu · up elsewhere.
+    let value = crate::ops::fused::swiglu(&gate.detach(), &up.detach())?;
     with_backward2(gate, up, value, "swiglu", |[x, up], [need_gate, need_up], g| {
         let (dgate, dup) = crate::ops::backward::swiglu_backward(x, up, &g.to_dtype(x.dtype())?)?;
         Ok((need_gate.then_some(dgate), need_up.then_some(dup)))

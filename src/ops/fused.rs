@@ -1153,10 +1153,16 @@ pub(crate) mod cuda {
         Ok(Some(out))
     }
 
-    /// Can the fused LoRA kernels take this layer: x `[rows, in]` in f32 / bf16 / f16, the adapter f32 of a
-    /// built rank, both widths multiples of 8.
-    pub fn lora_fits(x_dtype: DType, adapter_dtype: DType, rank: usize, in_f: usize, out_f: usize) -> bool {
-        matches!(x_dtype, DType::F32 | DType::BF16 | DType::F16)
+    /// Can the fused LoRA kernels take this layer: x `[rows, in]` in f32 / bf16 / f16 with rows in `lora_expand`'s
+    /// grid, the adapter f32 of a built rank, both widths multiples of 8.
+    pub fn lora_fits(
+        x_dtype: DType,
+        adapter_dtype: DType,
+        rank: usize,
+        (rows, in_f, out_f): (usize, usize, usize),
+    ) -> bool {
+        (1..=65_535 * LORA_EXPAND_ROWS).contains(&rows)
+            && matches!(x_dtype, DType::F32 | DType::BF16 | DType::F16)
             && adapter_dtype == DType::F32
             && LORA_RANKS.contains(&rank)
             && in_f.is_multiple_of(8)
@@ -1175,7 +1181,7 @@ pub(crate) mod cuda {
         mask: Option<LoraMask>,
     ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
         let (x, base) = (aligned(x)?, aligned(&base.to_dtype(x.dtype())?)?);
-        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let (a, b) = (aligned(a)?, aligned(b)?);
         let (parts, splits) = lora_rows(&x, &a, true, mask.unwrap_or(NO_MASK), scale)?;
         lora_expand(&base, (&parts, splits), &b, false, NO_MASK)
     }
@@ -1198,7 +1204,7 @@ pub(crate) mod cuda {
     ) -> Result<LoraGrads> {
         let mask = mask.unwrap_or(NO_MASK);
         let (x, g) = (aligned(x)?, aligned(&g.to_dtype(x.dtype())?)?);
-        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let (a, b) = (aligned(a)?, aligned(b)?);
         let db = if need_db { Some(lora_cols(&g, (u, 1), NO_MASK, false)?) } else { None };
         if !need_da && dx_base.is_none() {
             return Ok(LoraGrads { dx: None, da: None, db });

@@ -2547,7 +2547,7 @@ extern "C" __global__ void dequantize_bf16_q4k(const uint8_t* q, bf16* out, long
 }
 
 // Q6_K: {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}; sub-block s = 4n + k holds values 128n + 32k + l: the
-// low (k even) or high (k odd) nibble of ql[64n + l (+ 32 for k = 1, 3)] with bits 2k, 2k + 1 of qh[32n + l]
+// low (k < 2) or high (k ≥ 2) nibble of ql[64n + l (+ 32 for k = 1, 3)] with bits 2k, 2k + 1 of qh[32n + l]
 // as bits 4 and 5, minus 32, times d · scales[8n + 2k + l / 16].
 extern "C" __global__ void dequantize_bf16_q6k(const uint8_t* q, bf16* out, long long groups) {
     GROUPS_LOOP(groups) {
