@@ -183,6 +183,7 @@ impl Model {
     /// The layers through tensor ops, then the final norm at the `positions` asked for; the cache advances
     /// once.
     fn trunk(&self, x: Tensor, cache: &mut KvCache, positions: Positions) -> candle_core::Result<Tensor> {
+        let _training = (self.ops == Ops::Differentiable).then(crate::model::linear::TrainingProducts::hold);
         let (batch, t, _) = x.dims3()?;
         let offset = cache.len();
         // Rows of different lengths or a shared prefix: per-row positions and visible spans.
@@ -313,6 +314,7 @@ impl Model {
         if self.ops != Ops::Differentiable {
             candle_core::bail!("activation checkpointing needs the differentiable ops");
         }
+        let _training = crate::model::linear::TrainingProducts::hold();
         let (batch, t) = ids.dims2()?;
         let x = self.embed.forward(ids)?;
         let mask = causal_mask_for(t, 0, &x, self.ops)?;
@@ -555,6 +557,38 @@ mod tests {
                 assert!(largest > 0.0, "{}: gradient {i} is zero", spec.name);
                 assert!(d <= 1e-5 * largest, "{}: gradient {i} off by {d} (largest {largest})", spec.name);
             }
+        }
+        Ok(())
+    }
+
+    /// On quantized weights too the checkpointed pass's loss is the whole graph's: every frozen product is the
+    /// dequantized model's, tracked input or not (`TrainingProducts`; the inference kernels' 8-bit activations
+    /// took the projections of untracked inputs — every layer's first pass under checkpointing — before).
+    #[test]
+    fn checkpointed_loss_equals_the_whole_graphs_on_quantized_weights() -> Result<()> {
+        use crate::model::adapter::{Lora, LoraConfig};
+        let device = Device::Cpu;
+        let cfg = ModelConfig::from_hf_json(&(arch::REGISTRY[0].tiny_config)(320))?;
+        for q in [quant::Quantize::Q4_0, quant::Quantize::Q8_0] {
+            let weights = Weights::random(cfg.architecture, DType::F32, &device).with_quantize(Some(q));
+            let mut m = Model::build(&cfg, &weights)?;
+            let config = LoraConfig {
+                r: 4,
+                lora_alpha: 8.0,
+                target_modules: vec!["q_proj".into(), "v_proj".into()],
+                lora_dropout: 0.0,
+                base_model_name_or_path: None,
+            };
+            let lora = Lora::init(&mut m, config, 3)?;
+            m.set_ops(Ops::Differentiable);
+            lora.attach_trainable(&mut m, 0.0)?;
+            let ids = Tensor::new(&[[3u32, 9, 27, 81, 243, 5, 15, 45], [2, 4, 8, 16, 32, 64, 128, 256]], &device)?;
+            let rows = Tensor::new(&[2u32, 5, 6, 9, 12, 15], &device)?;
+            let targets = Tensor::new(&[7u32, 1, 300, 42, 0, 99], &device)?;
+            let whole = m.nll_rows(&ids, &mut m.new_cache(), &rows, &targets)?.sum_all()?.to_scalar::<f32>()? as f64;
+            let ours = m.checkpointed_gradients(&ids, &rows, &targets, 1.0, &lora.vars())?;
+            // The same products in the same order: equal to the bit (the 8-bit activations moved it by ~1e-7).
+            assert_eq!(ours.loss, whole, "{q:?}: checkpointed vs whole");
         }
         Ok(())
     }
