@@ -679,13 +679,13 @@ impl Linear {
         let (in_f, out_f) = (self.in_features, self.out_features);
         let rows = x.elem_count() / in_f;
         let p = l.dropout;
-        let mask = if p > 0.0 {
-            Some(LoraMask { seed: dropout_tape::seed()?, threshold: crate::ops::backward::drop_threshold(p) })
+        let (mask, scale) = if p > 0.0 {
+            let mask = LoraMask { seed: dropout_tape::seed()?, threshold: crate::ops::backward::drop_threshold(p) };
+            // The inverted-dropout factor 1/keep rides on the scale, as in the composed path.
+            (mask, (l.scale / (1.0 - p as f64)) as f32)
         } else {
-            None
+            (LoraMask::NONE, l.scale as f32)
         };
-        // The inverted-dropout factor 1/keep rides on the scale, as in the composed path.
-        let scale = if mask.is_some() { l.scale / (1.0 - p as f64) } else { l.scale } as f32;
         let base = self.frozen_training_value(&x.detach())?.reshape((rows, out_f))?;
         let xs = x.detach().reshape((rows, in_f))?;
         let (y, u) = lora_forward(&xs, &base, &l.a.detach(), &l.b.detach(), scale, mask)?;

@@ -963,14 +963,16 @@ pub(crate) mod cuda {
     const LORA_BLOCKS: usize = 1056;
 
     /// The dropout mask of a fused LoRA pass: the seed of `ops::backward::dropout_f32` and its 16-bit
-    /// threshold (0: no dropout).
+    /// threshold (0: no dropout, [`LoraMask::NONE`]).
     #[derive(Clone, Copy)]
     pub struct LoraMask {
         pub seed: u64,
         pub threshold: u32,
     }
 
-    const NO_MASK: LoraMask = LoraMask { seed: 0, threshold: 0 };
+    impl LoraMask {
+        pub const NONE: LoraMask = LoraMask { seed: 0, threshold: 0 };
+    }
 
     /// The rank-r contraction of the rows: `scale · Σ_i keep(t, i) · x[t, i] · M(k, i)` for `x` `[rows, cols]`,
     /// M `a` `[r, cols]` (`a_layout`) or `b` `[cols, r]`, as `splits` partial sums over column ranges: f32
@@ -1017,7 +1019,7 @@ pub(crate) mod cuda {
         mask: LoraMask,
         transpose: bool,
     ) -> Result<candle_core::Tensor> {
-        use crate::ops::launch::{launch, slice_ptr, storage_ptr, Arg};
+        use crate::ops::launch::{launch, storage_ptr, Arg};
         let candle_core::Device::Cuda(dev) = x.device() else { candle_core::bail!("lora: not on CUDA") };
         let (rows, cols) = x.dims2()?;
         let r = u.dim(1)?;
@@ -1032,13 +1034,12 @@ pub(crate) mod cuda {
         let split = rows.div_ceil(splits);
         let splits = rows.div_ceil(split);
         let smem = (red_bytes + split * r * 4) as u32;
-        // SAFETY: the kernel writes every element of its splits (each column of each split).
-        let part: CudaSlice<f32> = unsafe { dev.alloc::<f32>(splits * cols * r)? };
+        let part = uninit(dev, DType::F32, (splits * cols, r))?;
         let args = [
             Arg::P(storage_ptr(x, &stream)?),
             Arg::P(storage_ptr(u, &stream)?),
             Arg::I(u_splits as i32),
-            Arg::P(slice_ptr(&part, &stream)),
+            Arg::P(storage_ptr(&part, &stream)?),
             Arg::I(rows as i32),
             Arg::I(cols as i32),
             Arg::I(split as i32),
@@ -1055,19 +1056,18 @@ pub(crate) mod cuda {
     /// `transpose` lays it out `[r][cols]`.
     fn lora_sum(
         dev: &CudaDevice,
-        part: &CudaSlice<f32>,
+        part: &candle_core::Tensor,
         splits: usize,
         (n, r): (usize, usize),
         transpose: bool,
         shape: (usize, usize),
     ) -> Result<candle_core::Tensor> {
-        use crate::ops::launch::{launch, slice_ptr, Arg};
+        use crate::ops::launch::{launch, storage_ptr, Arg};
         let stream = dev.cuda_stream();
-        // SAFETY: the kernel writes every element.
-        let out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(n)? };
+        let out = uninit(dev, DType::F32, shape)?;
         let args = [
-            Arg::P(slice_ptr(part, &stream)),
-            Arg::P(slice_ptr(&out, &stream)),
+            Arg::P(storage_ptr(part, &stream)?),
+            Arg::P(storage_ptr(&out, &stream)?),
             Arg::P(n as u64),
             Arg::I(splits as i32),
             Arg::I(r as i32),
@@ -1076,7 +1076,7 @@ pub(crate) mod cuda {
         ];
         let f = kernel(dev, "lora_sum")?;
         launch(&stream, &f, false, (n.div_ceil(256).min(65_535) as u32, 1, 1), 256, 0, &args)?;
-        tensor_of(out, dev, shape)
+        Ok(out)
     }
 
     /// `base + keep ⊙ (p · Mᵀ)` for `base` `[rows, cols]`, `p` the sum of `splits` runs of f32 `[rows, r]`, M
@@ -1178,12 +1178,12 @@ pub(crate) mod cuda {
         a: &candle_core::Tensor,
         b: &candle_core::Tensor,
         scale: f32,
-        mask: Option<LoraMask>,
+        mask: LoraMask,
     ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
         let (x, base) = (aligned(x)?, aligned(&base.to_dtype(x.dtype())?)?);
         let (a, b) = (aligned(a)?, aligned(b)?);
-        let (parts, splits) = lora_rows(&x, &a, true, mask.unwrap_or(NO_MASK), scale)?;
-        lora_expand(&base, (&parts, splits), &b, false, NO_MASK)
+        let (parts, splits) = lora_rows(&x, &a, true, mask, scale)?;
+        lora_expand(&base, (&parts, splits), &b, false, LoraMask::NONE)
     }
 
     /// The LoRA layer's backward pass from the output's gradient `g` `[rows, out]` and the forward's `u`:
@@ -1198,18 +1198,17 @@ pub(crate) mod cuda {
         b: &candle_core::Tensor,
         u: &candle_core::Tensor,
         scale: f32,
-        mask: Option<LoraMask>,
+        mask: LoraMask,
         need_da: bool,
         need_db: bool,
     ) -> Result<LoraGrads> {
-        let mask = mask.unwrap_or(NO_MASK);
         let (x, g) = (aligned(x)?, aligned(&g.to_dtype(x.dtype())?)?);
         let (a, b) = (aligned(a)?, aligned(b)?);
-        let db = if need_db { Some(lora_cols(&g, (u, 1), NO_MASK, false)?) } else { None };
+        let db = if need_db { Some(lora_cols(&g, (u, 1), LoraMask::NONE, false)?) } else { None };
         if !need_da && dx_base.is_none() {
             return Ok(LoraGrads { dx: None, da: None, db });
         }
-        let (h_parts, splits) = lora_rows(&g, &b, false, NO_MASK, scale)?;
+        let (h_parts, splits) = lora_rows(&g, &b, false, LoraMask::NONE, scale)?;
         let (dx, h) = match dx_base {
             Some(base) => {
                 let (dx, h) = lora_expand(&aligned(&base.to_dtype(x.dtype())?)?, (&h_parts, splits), &a, true, mask)?;
