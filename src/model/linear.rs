@@ -1124,4 +1124,22 @@ mod tests {
         let fast = max_diff(&lin.forward(&x).unwrap());
         assert!(fast < 2e-2 * scale, "generation: 8-bit activations, {fast} of {scale}");
     }
+
+    /// While a training pass holds `TrainingProducts`, a frozen product of an input that tracks no gradient
+    /// (the first layer's projections of the embeddings) is the training product, the dequantized weight's,
+    /// not the 8-bit kernels' that the same rows take at inference.
+    #[test]
+    fn training_products_hold_untracked_inputs_to_the_dequantized_weight() {
+        let w = crate::testing::seeded_randn(113, 0.0, 0.5, &[64, 128]);
+        let lin = Linear::quantize(&w, None, GgmlDType::Q4_0).unwrap();
+        let x = crate::testing::seeded_randn(114, 0.0, 1.0, &[1, 24, 128]);
+        let reference = x.broadcast_matmul(&lin.dense_weight(DType::F32).unwrap().t().unwrap()).unwrap();
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let training = {
+            let _training = TrainingProducts::hold();
+            lin.forward(&x).unwrap()
+        };
+        let d = (training - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-5 * scale, "untracked input in training: off the dequantized product by {d} of {scale}");
+    }
 }
