@@ -240,6 +240,10 @@ impl candle_core::InplaceOp2 for Update {
 
 /// The global L2 norm of a flat gradient (one host read).
 pub fn grad_norm(g: &Tensor) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if g.device().is_cuda() && g.dtype() == candle_core::DType::F32 {
+        return Ok((crate::ops::fused::cuda::sum_squares(g)?.to_scalar::<f32>()? as f64).sqrt());
+    }
     Ok((g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64).sqrt())
 }
 
@@ -257,6 +261,22 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The gradient norm on CUDA (our two-pass sum of squares) equals the CPU's.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn grad_norm_on_cuda_equals_the_cpu() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return Ok(());
+        };
+        for n in [1usize, 1000, 300_001] {
+            let g = crate::testing::seeded_randn(n as u64, 0.0, 1.0, &[n]);
+            let (want, got) = (grad_norm(&g)?, grad_norm(&g.to_device(&gpu)?)?);
+            assert!((got - want).abs() <= 1e-5 * want, "{n} values: {got} vs {want}");
+        }
+        Ok(())
+    }
 
     /// torch.optim.AdamW's step in f64, for `theta`, moments `m`, `v` and gradient `g` (already scaled).
     fn reference(theta: &mut [f64], m: &mut [f64], v: &mut [f64], g: &[f64], step: i32, lr: f64, p: AdamWParams) {

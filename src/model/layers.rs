@@ -321,6 +321,11 @@ impl Rotary {
         }
         let t = x.dim(2)?;
         let (cos, sin) = self.cos_sin(offset, t, scaled)?;
+        if ops == Ops::Differentiable {
+            if let Some(y) = crate::ops::autograd::rope_heads(x, &cos, &sin, self.rotary_dim, self.interleaved)? {
+                return Ok(y);
+            }
+        }
         self.rotate_leading(x, |x| match (self.interleaved, ops) {
             (false, Ops::Fused) => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
             (true, Ops::Fused) => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin),
@@ -369,7 +374,9 @@ pub fn attention(
     // themselves (after any cached prefix, which is constant for training).
     let (k_all, v_all) = match ops {
         Ops::Fused => (k_all, v_all),
-        Ops::Differentiable if prev == 0 => (k.contiguous()?, v.contiguous()?),
+        Ops::Differentiable if prev == 0 => {
+            (crate::ops::autograd::heads_contiguous(k)?, crate::ops::autograd::heads_contiguous(v)?)
+        }
         Ops::Differentiable => {
             (Tensor::cat(&[&k_all.narrow(2, 0, prev)?, k], 2)?, Tensor::cat(&[&v_all.narrow(2, 0, prev)?, v], 2)?)
         }

@@ -1010,7 +1010,9 @@ mod tests {
         };
         let cpu = candle_core::Device::Cpu;
         let mut cases: Vec<(usize, usize, usize, usize)> = [4, 8, 16, 32, 64].map(|r| (37, 264, 136, r)).to_vec();
-        cases.push((300, 1032, 520, 8));
+        // Many rows (several row splits summed by the last block), few (one split), a wide output (64-row
+        // expand blocks).
+        cases.extend([(300, 1032, 520, 8), (8, 264, 136, 8), (40, 136, 2056, 8)]);
         for (case, &(t, in_f, out_f, r)) in cases.iter().enumerate() {
             for dtype in [DType::F32, DType::BF16] {
                 for dropout in [0.0, 0.25] {

@@ -205,7 +205,7 @@ impl Model {
             Positions::Tail(n) => x.narrow(1, t - n, n)?.contiguous()?,
             Positions::Rows(rows) => {
                 let hidden = x.dim(D::Minus1)?;
-                x.reshape((batch * t, hidden))?.index_select(rows, 0)?
+                crate::ops::autograd::select_rows(&x.reshape((batch * t, hidden))?, rows)?
             }
         };
         self.final_norm.forward(&x, self.ops)

@@ -235,6 +235,59 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result
     with_backward(x, value, "rope", move |_, _, g| apply(&g.contiguous()?, &cos, &neg_sin))
 }
 
+/// `x.index_select(rows, 0)` for `x` `[N, cols]`, whose gradient on CUDA is one kernel's scatter of the rows'
+/// gradients (candle's index_add took a millisecond over a training batch's rows).
+pub fn select_rows(x: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    let value = x.detach().index_select(rows, 0)?;
+    let rows = rows.clone();
+    with_backward(x, value, "select-rows", move |x, _, g| {
+        #[cfg(feature = "cuda")]
+        if g.device().is_cuda() && g.dim(1)?.is_multiple_of(2) && g.dtype() != DType::F64 {
+            return crate::ops::fused::cuda::scatter_add_rows(&g.to_dtype(x.dtype())?, &rows, x.dim(0)?);
+        }
+        x.zeros_like()?.index_add(&rows, &g.to_dtype(x.dtype())?, 0)
+    })
+}
+
+/// `x` `[b, heads, t, d]` as a contiguous tensor. On CUDA a transposed view (the projection's `[b, t, heads, d]`
+/// output) goes through one kernel whose backward writes the gradient back in that layout, where candle's copy
+/// and the copy of the gradient the projection's backward would make were strided copies.
+pub fn heads_contiguous(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.rank() == 4 && !x.is_contiguous() && x.layout().stride()[3] == 1 {
+        use crate::ops::fused::cuda::rope_strided;
+        let (_, h, t, d) = x.dims4()?;
+        let value = rope_strided(&x.detach(), None, 0, false, 1.0, 1.0, false)?;
+        let token_major = x.layout().stride() == [t * h * d, d, h * d, 1];
+        return with_backward(x, value, "heads-contiguous", move |_, _, g| {
+            let g = if g.layout().stride()[3] == 1 { g.clone() } else { g.contiguous()? };
+            rope_strided(&g, None, 0, false, 1.0, 1.0, token_major)
+        });
+    }
+    x.contiguous()
+}
+
+/// Rotary embedding over whole heads on CUDA (the first `rot` dims rotate, the rest pass): `x` `[b, heads, t,
+/// d]` is read through its strides (the projection's `[b, t, heads, d]` output, transposed) and its gradient
+/// written back in the layout `x` has, so neither direction makes a transposing copy. `None` off CUDA.
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize, interleaved: bool) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.rank() == 4 && x.layout().stride()[3] == 1 {
+        use crate::ops::fused::cuda::rope_strided;
+        let (_, h, t, d) = x.dims4()?;
+        let value = rope_strided(&x.detach(), Some((cos, sin)), rot, interleaved, 1.0, 1.0, false)?;
+        let token_major = x.layout().stride() == [t * h * d, d, h * d, 1];
+        let (cos, sin) = (cos.clone(), sin.clone());
+        let y = with_backward(x, value, "rope", move |_, _, g| {
+            let g = if g.layout().stride()[3] == 1 { g.clone() } else { g.contiguous()? };
+            rope_strided(&g, Some((&cos, &sin)), rot, interleaved, 1.0, -1.0, token_major)
+        })?;
+        return Ok(Some(y));
+    }
+    let _ = (x, cos, sin, rot, interleaved);
+    Ok(None)
+}
+
 /// `value` (computed from `x` and `y` without tracking) as a node of their graph, with
 /// `bwd([x, y] detached, [which need a gradient], d value)`.
 pub fn with_backward2(
@@ -509,6 +562,49 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// The strided rotary kernel against the composed rotation (contiguous copy, candle's rope on the leading
+    /// dims, the rest concatenated; CPU f32): values and the gradient reaching the projection's output, for
+    /// whole and partial rotation, halves and interleaved pairs, f32 and bf16.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn rope_heads_on_cuda_matches_the_composed_rotation() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return Ok(());
+        };
+        let (b, t, h, d) = (2usize, 5usize, 3usize, 16usize);
+        for (rot, interleaved) in [(16usize, false), (8, false), (16, true)] {
+            let x = crate::testing::seeded_randn(500, 0.0, 1.0, &[b, t, h * d]);
+            let coef = crate::testing::seeded_randn(501, 0.0, 1.0, &[b, h, t, d]);
+            let angles = crate::testing::seeded_randn(502, 0.0, 2.0, &[t, rot / 2]);
+            let (cos, sin) = (angles.cos()?, angles.sin()?);
+            let heads = |x: &Tensor| x.reshape((b, t, h, d))?.transpose(1, 2);
+            let run = |dev: &Device, dtype: DType, strided: bool| -> Result<(Tensor, Tensor)> {
+                let v = Var::from_tensor(&x.to_dtype(dtype)?.to_device(dev)?)?;
+                let (c, s) = (cos.to_dtype(dtype)?.to_device(dev)?, sin.to_dtype(dtype)?.to_device(dev)?);
+                let xh = heads(v.as_tensor())?;
+                let y = if strided {
+                    rope_heads(&xh, &c, &s, rot, interleaved)?.expect("a CUDA tensor")
+                } else {
+                    let r = rope(&xh.narrow(3, 0, rot)?, &c, &s, interleaved)?;
+                    Tensor::cat(&[&r, &xh.narrow(3, rot, d - rot)?], 3)?
+                };
+                let loss = (y.to_dtype(DType::F32)? * coef.to_device(dev)?)?.sum_all()?;
+                let g = loss.backward()?.get(v.as_tensor()).expect("a gradient").clone();
+                let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+                Ok((cpu(y)?, cpu(g)?))
+            };
+            let (want_y, want_g) = run(&Device::Cpu, DType::F32, false)?;
+            for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 3e-2)] {
+                let (y, g) = run(&gpu, dtype, true)?;
+                let dy = (y - &want_y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let dg = (g - &want_g)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(dy < tol && dg < tol, "rot {rot}, interleaved {interleaved}, {dtype:?}: {dy} / {dg}");
+            }
+        }
+        Ok(())
+    }
+
     /// Gradient of `sum(f(x) · coef)` for each implementation; both must agree.
     fn grads(f: impl Fn(&Tensor) -> Tensor, reference: impl Fn(&Tensor) -> Tensor, x: &Tensor) -> f32 {
         let coef = crate::testing::seeded_randn(201, 0.0, 1.0, f(x).dims());
@@ -644,29 +740,102 @@ mod tests {
             eprintln!("skipping: no CUDA device");
             return;
         };
-        let (rows, n) = (5, 1000);
-        let logits = (crate::testing::seeded_randn(420, 0.0, 3.0, &[rows, n]).to_dtype(DType::BF16)).unwrap();
-        let targets = Tensor::new(&[0u32, 999, 17, 500, 3], &Device::Cpu).unwrap();
-        let off = |a: &Tensor, b: &Tensor| {
-            let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
-            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        // 1,000 logits a row take the kernel's 8-wide loads, 1,001 its one-at-a-time loop.
+        for (rows, n) in [(5, 1000), (5, 1001)] {
+            let logits = (crate::testing::seeded_randn(420, 0.0, 3.0, &[rows, n]).to_dtype(DType::BF16)).unwrap();
+            let targets = Tensor::new(&[0u32, 999, 17, 500, 3], &Device::Cpu).unwrap();
+            let off = |a: &Tensor, b: &Tensor| {
+                let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+                (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            };
+            let (logits_gpu, targets_gpu) = (logits.to_device(&gpu).unwrap(), targets.to_device(&gpu).unwrap());
+            let (loss, d) = fused_cross_entropy(&logits_gpu, &targets_gpu, true).unwrap().expect("bf16 on CUDA");
+            let d = d.expect("a gradient when asked for");
+            let (eval_loss, none) =
+                fused_cross_entropy(&logits_gpu, &targets_gpu, false).unwrap().expect("bf16 on CUDA");
+            assert!(none.is_none(), "no gradient when none is asked for");
+            assert!(
+                off(&eval_loss, &loss.to_device(&Device::Cpu).unwrap()) == 0.0,
+                "the same loss without the gradient"
+            );
+            let x = logits.to_dtype(DType::F32).unwrap();
+            let logp = candle_nn::ops::log_softmax(&x, D::Minus1).unwrap();
+            let want_loss = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap();
+            let onehot = Tensor::zeros((rows, n), DType::F32, &Device::Cpu)
+                .unwrap()
+                .scatter_add(
+                    &targets.unsqueeze(1).unwrap(),
+                    &Tensor::ones((rows, 1), DType::F32, &Device::Cpu).unwrap(),
+                    1,
+                )
+                .unwrap();
+            let want_d = (logp.exp().unwrap() - onehot).unwrap();
+            assert!(off(&loss, &want_loss) < 1e-3, "loss off by {}", off(&loss, &want_loss));
+            assert!(off(&d, &want_d) < 4e-3, "gradient off by {}", off(&d, &want_d));
+        }
+    }
+
+    /// The heads relayout on CUDA (one kernel each way) against a plain contiguous copy on the CPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn heads_contiguous_on_cuda_matches_a_copy() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return Ok(());
         };
-        let (logits_gpu, targets_gpu) = (logits.to_device(&gpu).unwrap(), targets.to_device(&gpu).unwrap());
-        let (loss, d) = fused_cross_entropy(&logits_gpu, &targets_gpu, true).unwrap().expect("bf16 on CUDA");
-        let d = d.expect("a gradient when asked for");
-        let (eval_loss, none) = fused_cross_entropy(&logits_gpu, &targets_gpu, false).unwrap().expect("bf16 on CUDA");
-        assert!(none.is_none(), "no gradient when none is asked for");
-        assert!(off(&eval_loss, &loss.to_device(&Device::Cpu).unwrap()) == 0.0, "the same loss without the gradient");
-        let x = logits.to_dtype(DType::F32).unwrap();
-        let logp = candle_nn::ops::log_softmax(&x, D::Minus1).unwrap();
-        let want_loss = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap();
-        let onehot = Tensor::zeros((rows, n), DType::F32, &Device::Cpu)
-            .unwrap()
-            .scatter_add(&targets.unsqueeze(1).unwrap(), &Tensor::ones((rows, 1), DType::F32, &Device::Cpu).unwrap(), 1)
-            .unwrap();
-        let want_d = (logp.exp().unwrap() - onehot).unwrap();
-        assert!(off(&loss, &want_loss) < 1e-3, "loss off by {}", off(&loss, &want_loss));
-        assert!(off(&d, &want_d) < 4e-3, "gradient off by {}", off(&d, &want_d));
+        let (b, t, h, d) = (2usize, 5usize, 3usize, 8usize);
+        // bf16 values, so that the bf16 relayout (the 16-byte kernel) is exact too.
+        let rounded = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let x = rounded(crate::testing::seeded_randn(440, 0.0, 1.0, &[b, t, h * d]))?;
+        let coef = rounded(crate::testing::seeded_randn(441, 0.0, 1.0, &[b, h, t, d]))?;
+        let run = |dev: &Device, dtype: DType, ours: bool| -> Result<(Tensor, Tensor)> {
+            let v = Var::from_tensor(&x.to_dtype(dtype)?.to_device(dev)?)?;
+            let heads = v.as_tensor().reshape((b, t, h, d))?.transpose(1, 2)?;
+            let y = if ours { heads_contiguous(&heads)? } else { heads.contiguous()? };
+            assert!(y.is_contiguous());
+            let loss = (y.to_dtype(DType::F32)? * coef.to_device(dev)?)?.sum_all()?;
+            let g = loss.backward()?.get(v.as_tensor()).expect("a gradient").clone();
+            let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+            Ok((cpu(y)?, cpu(g)?))
+        };
+        let (want_y, want_g) = run(&Device::Cpu, DType::F32, false)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let (y, g) = run(&gpu, dtype, true)?;
+            let dy = (y - &want_y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let dg = (g - &want_g)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(dy == 0.0 && dg == 0.0, "{dtype:?}: {dy} / {dg}");
+        }
+        Ok(())
+    }
+
+    /// The row selection's gradient on CUDA (one kernel's scatter) against candle's index_add on the CPU, with
+    /// distinct rows and with a repeated one (whose gradients add).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn select_rows_gradient_on_cuda_matches_index_add() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return Ok(());
+        };
+        let x = crate::testing::seeded_randn(430, 0.0, 1.0, &[9, 6]);
+        let coef = crate::testing::seeded_randn(431, 0.0, 1.0, &[4, 6]);
+        for rows in [[7u32, 0, 3, 8], [2, 5, 2, 1]] {
+            let run = |dev: &Device, dtype: DType| -> Result<(Tensor, Tensor)> {
+                let v = Var::from_tensor(&x.to_dtype(dtype)?.to_device(dev)?)?;
+                let y = select_rows(v.as_tensor(), &Tensor::new(&rows, dev)?)?;
+                let loss = (y.to_dtype(DType::F32)? * coef.to_device(dev)?)?.sum_all()?;
+                let g = loss.backward()?.get(v.as_tensor()).expect("a gradient").clone();
+                Ok((y.to_dtype(DType::F32)?.to_device(&Device::Cpu)?, g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?))
+            };
+            let (want_y, want_g) = run(&Device::Cpu, DType::F32)?;
+            for (dtype, tol) in [(DType::F32, 1e-6f32), (DType::BF16, 2e-2)] {
+                let (y, g) = run(&gpu, dtype)?;
+                let dy = (y - &want_y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let dg = (g - &want_g)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(dy < tol && dg < tol, "rows {rows:?}, {dtype:?}: {dy} / {dg}");
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -39,6 +39,19 @@ pub fn storage_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
 }
 
+/// The device address of `t`'s first element whatever its layout (the kernel it goes to takes the strides).
+pub fn view_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else { candle_core::bail!("kernel argument: tensor is not on CUDA") };
+    let base = match t.dtype() {
+        DType::BF16 => cs.as_cuda_slice::<bf16>()?.device_ptr(stream).0,
+        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
+        DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0,
+        dt => candle_core::bail!("kernel argument: unexpected dtype {dt:?}"),
+    };
+    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+}
+
 pub fn slice_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     s.device_ptr(stream).0
 }

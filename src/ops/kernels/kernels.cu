@@ -806,6 +806,42 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ bf16 from_f<bf16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
+template <int BYTES> struct VecOf;
+template <> struct VecOf<2> { typedef unsigned short t; };
+template <> struct VecOf<4> { typedef unsigned int t; };
+template <> struct VecOf<8> { typedef uint2 t; };
+template <> struct VecOf<16> { typedef uint4 t; };
+
+// C consecutive values of T at p (aligned to their size, up to 16 bytes a load) as floats.
+template <typename T, int C>
+__device__ __forceinline__ void load_f(const T* p, float* f) {
+    constexpr int V = C * (int)sizeof(T) > 16 ? 16 : C * (int)sizeof(T);
+    constexpr int E = V / (int)sizeof(T);
+    typedef typename VecOf<V>::t Vec;
+#pragma unroll
+    for (int q = 0; q < C / E; q++) {
+        Vec v = reinterpret_cast<const Vec*>(p)[q];
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int j = 0; j < E; j++) f[q * E + j] = to_f(e[j]);
+    }
+}
+
+template <typename T, int C>
+__device__ __forceinline__ void store_f(T* p, const float* f) {
+    constexpr int V = C * (int)sizeof(T) > 16 ? 16 : C * (int)sizeof(T);
+    constexpr int E = V / (int)sizeof(T);
+    typedef typename VecOf<V>::t Vec;
+#pragma unroll
+    for (int q = 0; q < C / E; q++) {
+        Vec v;
+        T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+        for (int j = 0; j < E; j++) e[j] = from_f<T>(f[q * E + j]);
+        reinterpret_cast<Vec*>(p)[q] = v;
+    }
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -1002,6 +1038,17 @@ FUSED_OPS(float, f32)
 FUSED_OPS(bf16, bf16)
 FUSED_OPS(__half, f16)
 
+
+// Asynchronous 16-byte copies global -> shared (cp.async; `valid` false zero-fills the 16 bytes instead): the
+// caller commits each group and waits for it before reading what it copied.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
 // ---- The LoRA layer of training: y = base + c · (keep ⊙ x) Aᵀ Bᵀ ----
 // A [R, in] and B [out, R] are f32 (the trained copy), x, the base product and the gradients arriving from
 // above are the model's dtype. Every product with A or B is a rank-R contraction: memory-bound passes over
@@ -1010,41 +1057,49 @@ FUSED_OPS(__half, f16)
 // A contraction split over blocks writes its splits apart and the next pass adds them in a fixed order, so
 // results do not depend on timing (no atomics).
 
-template <int BYTES> struct VecOf;
-template <> struct VecOf<2> { typedef unsigned short t; };
-template <> struct VecOf<4> { typedef unsigned int t; };
-template <> struct VecOf<8> { typedef uint2 t; };
-template <> struct VecOf<16> { typedef uint4 t; };
 
-// C consecutive values of T at p (aligned to their size, up to 16 bytes a load) as floats.
-template <typename T, int C>
-__device__ __forceinline__ void load_f(const T* p, float* f) {
-    constexpr int V = C * (int)sizeof(T) > 16 ? 16 : C * (int)sizeof(T);
-    constexpr int E = V / (int)sizeof(T);
-    typedef typename VecOf<V>::t Vec;
-#pragma unroll
-    for (int q = 0; q < C / E; q++) {
-        Vec v = reinterpret_cast<const Vec*>(p)[q];
-        const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-        for (int j = 0; j < E; j++) f[q * E + j] = to_f(e[j]);
+// Rotary embedding of training between the projections' [b, t, heads, d] and attention's [b, heads, t, d]:
+// y = scale · R(sign · θ) x over the first `rot` dims of each head (pairs (i, i + rot/2), or (2i, 2i + 1)
+// interleaved; θ from the [t, rot/2] tables), the rest copied times scale. x and y are addressed through
+// their strides for b, heads and t (d contiguous), so the forward reads the projection's output where it is
+// and the backward (sign −1: R is orthogonal) writes the gradient in that layout — no transposing copies.
+template <typename T>
+__device__ void rope_strided(const T* x, long long xb, long long xh, long long xt, const T* cos, const T* sin, T* y,
+                             long long yb, long long yh, long long yt, int b, int h, int t, int d, int rot,
+                             int interleaved, float scale, float sign) {
+    int half = rot / 2, units = half + (d - rot);
+    long long n = (long long)b * h * t * units;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        int u = (int)(i % units);
+        long long r = i / units;
+        int tt = (int)(r % t);
+        r /= t;
+        int hh = (int)(r % h), bb = (int)(r / h);
+        const T* xr = x + bb * xb + hh * xh + tt * xt;
+        T* yr = y + bb * yb + hh * yh + tt * yt;
+        if (u < half) {
+            int i1 = interleaved ? 2 * u : u, i2 = interleaved ? 2 * u + 1 : u + half;
+            float c = to_f(cos[(size_t)tt * half + u]), s = sign * to_f(sin[(size_t)tt * half + u]);
+            float a = to_f(xr[i1]), v = to_f(xr[i2]);
+            yr[i1] = from_f<T>(scale * (a * c - v * s));
+            yr[i2] = from_f<T>(scale * (a * s + v * c));
+        } else {
+            int j = rot + (u - half);
+            yr[j] = from_f<T>(scale * to_f(xr[j]));
+        }
     }
 }
 
-template <typename T, int C>
-__device__ __forceinline__ void store_f(T* p, const float* f) {
-    constexpr int V = C * (int)sizeof(T) > 16 ? 16 : C * (int)sizeof(T);
-    constexpr int E = V / (int)sizeof(T);
-    typedef typename VecOf<V>::t Vec;
-#pragma unroll
-    for (int q = 0; q < C / E; q++) {
-        Vec v;
-        T* e = reinterpret_cast<T*>(&v);
-#pragma unroll
-        for (int j = 0; j < E; j++) e[j] = from_f<T>(f[q * E + j]);
-        reinterpret_cast<Vec*>(p)[q] = v;
+#define ROPE_STRIDED(T, NAME)                                                                                      \
+    extern "C" __global__ void rope_strided_##NAME(const T* x, long long xb, long long xh, long long xt,          \
+                                                  const T* cos, const T* sin, T* y, long long yb, long long yh,    \
+                                                  long long yt, int b, int h, int t, int d, int rot,              \
+                                                  int interleaved, float scale, float sign) {                     \
+        rope_strided<T>(x, xb, xh, xt, cos, sin, y, yb, yh, yt, b, h, t, d, rot, interleaved, scale, sign);       \
     }
-}
+ROPE_STRIDED(float, f32)
+ROPE_STRIDED(bf16, bf16)
+ROPE_STRIDED(__half, f16)
 
 // Columns a thread owns in the column-wise passes: its C × R products stay at 32 registers (64 at R = 64), so
 // that many warps fit an SM: these passes are bound by how many loads are in flight.
@@ -1052,8 +1107,6 @@ __device__ __forceinline__ void store_f(T* p, const float* f) {
 // Rows a lane owns in lora_rows: M's values, read warp-uniformly, serve that many rows.
 #define LORA_ROWS_PER_LANE(R) ((R) >= 16 ? 1 : ((R) >= 8 ? 2 : 4))
 #define LORA_WARPS 4
-// Rows of a block in lora_expand.
-#define LORA_EXPAND_ROWS 16
 
 // Zero the dropped ones of the n values of flat indices index, index + 1, ...: one hash per 4 elements.
 __device__ __forceinline__ void lora_drop(float* v, int n, long long index, unsigned long long seed,
@@ -1084,75 +1137,104 @@ __device__ __forceinline__ void lora_stage_rows(const float* p, int splits, int 
 
 // part[s][t][k] = scale · Σ over split s of the columns of keep(t, i) · x[t, i] · M(k, i), with M(k, i) =
 // m[k · cols + i] (MT false: A) or m[i · R + k] (MT true: B, so that the contraction is g · B). A block:
-// 32 · RL rows (RL a lane, 32 apart) × one split, its warps taking the split's 8-column chunks in turn (so the
-// block reads each row's 64 bytes at a time), M's values read warp-uniformly and used for the lane's RL rows;
-// the warps' sums added in shared memory.
+// 32 · RL rows × one split. The split's columns pass through shared memory 128 bytes of each row at a time
+// (two stages of coalesced asynchronous copies: read lane-per-row from global memory, the rows' 16-byte
+// pieces were 32 separate lines a load, 0.5–0.9 TB/s), then each lane takes its RL rows (32 apart), the warps
+// the stage's 8-column chunks in turn, M's values read warp-uniformly; the warps' sums added in shared memory.
 template <typename T, int R, bool MT>
 __device__ void lora_rows(const T* x, const float* m, float* part, int rows, int cols, int split, float scale,
                           unsigned long long seed, unsigned threshold) {
     constexpr int RL = LORA_ROWS_PER_LANE(R);
-    __shared__ float red[LORA_WARPS][32 * RL][R + 1];
+    constexpr int RB = 32 * RL;
+    constexpr int E16 = 16 / (int)sizeof(T);  // values a 16-byte piece
+    constexpr int SW = 128 / (int)sizeof(T);  // values of a row a stage
+    constexpr int PITCH = SW + E16;           // padded, so the lanes' 16-byte reads fall in distinct banks
+    constexpr int CHUNKS = SW / 8;
+    __shared__ __align__(16) T tile[2][RB * PITCH];
+    __shared__ float red[LORA_WARPS][RB][R + 1];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int c0 = blockIdx.y * split, c1 = min(cols, c0 + split);
+    int row0 = blockIdx.x * RB;
+    int stages = (c1 - c0 + SW - 1) / SW;
+    auto stage = [&](int s) {
+        int cs = c0 + s * SW;
+        T* dst = tile[s & 1];
+        for (int e = threadIdx.x; e < RB * 8; e += blockDim.x) {
+            int r = e >> 3, q = e & 7;
+            int row = row0 + r, col = cs + q * E16;
+            bool valid = row < rows && col < c1;
+            cp_async16(dst + r * PITCH + q * E16, valid ? x + (size_t)row * cols + col : x, valid);
+        }
+        cp_async_commit();
+    };
     float acc[RL][R];
 #pragma unroll
     for (int l = 0; l < RL; l++)
 #pragma unroll
         for (int k = 0; k < R; k++) acc[l][k] = 0.f;
-    int row0 = blockIdx.x * 32 * RL + lane;
+    stage(0);
 #pragma unroll 1
-    for (int c = c0 + warp * 8; c < c1; c += 8 * LORA_WARPS) {
-        float xv[RL][8];
+    for (int s = 0; s < stages; s++) {
+        if (s + 1 < stages) {
+            stage(s + 1);
+            cp_async_wait_1();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+        const T* buf = tile[s & 1];
+#pragma unroll 1
+        for (int ch = warp; ch < CHUNKS; ch += LORA_WARPS) {
+            int c = c0 + s * SW + ch * 8;
+            if (c >= c1) break;
+            float xv[RL][8];
 #pragma unroll
-        for (int l = 0; l < RL; l++) {
-            int row = row0 + 32 * l;
-            if (row < rows) {
-                load_f<T, 8>(x + (size_t)row * cols + c, xv[l]);
-                lora_drop(xv[l], 8, (long long)row * cols + c, seed, threshold);
+            for (int l = 0; l < RL; l++) {
+                int r = lane + 32 * l;
+                load_f<T, 8>(buf + r * PITCH + ch * 8, xv[l]);
+                lora_drop(xv[l], 8, (long long)(row0 + r) * cols + c, seed, threshold);
+            }
+            if (MT) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    const float4* mp = reinterpret_cast<const float4*>(m + (size_t)(c + j) * R);
+#pragma unroll
+                    for (int q = 0; q < R / 4; q++) {
+                        float4 w = mp[q];
+#pragma unroll
+                        for (int l = 0; l < RL; l++) {
+                            acc[l][4 * q] = fmaf(xv[l][j], w.x, acc[l][4 * q]);
+                            acc[l][4 * q + 1] = fmaf(xv[l][j], w.y, acc[l][4 * q + 1]);
+                            acc[l][4 * q + 2] = fmaf(xv[l][j], w.z, acc[l][4 * q + 2]);
+                            acc[l][4 * q + 3] = fmaf(xv[l][j], w.w, acc[l][4 * q + 3]);
+                        }
+                    }
+                }
             } else {
 #pragma unroll
-                for (int j = 0; j < 8; j++) xv[l][j] = 0.f;
-            }
-        }
-        if (MT) {
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const float4* mp = reinterpret_cast<const float4*>(m + (size_t)(c + j) * R);
-#pragma unroll
-                for (int r = 0; r < R / 4; r++) {
-                    float4 w = mp[r];
+                for (int k = 0; k < R; k++) {
+                    const float4* mp = reinterpret_cast<const float4*>(m + (size_t)k * cols + c);
+                    float4 w0 = mp[0], w1 = mp[1];
 #pragma unroll
                     for (int l = 0; l < RL; l++) {
-                        acc[l][4 * r] = fmaf(xv[l][j], w.x, acc[l][4 * r]);
-                        acc[l][4 * r + 1] = fmaf(xv[l][j], w.y, acc[l][4 * r + 1]);
-                        acc[l][4 * r + 2] = fmaf(xv[l][j], w.z, acc[l][4 * r + 2]);
-                        acc[l][4 * r + 3] = fmaf(xv[l][j], w.w, acc[l][4 * r + 3]);
+                        float v = acc[l][k];
+                        v = fmaf(xv[l][0], w0.x, v); v = fmaf(xv[l][1], w0.y, v); v = fmaf(xv[l][2], w0.z, v);
+                        v = fmaf(xv[l][3], w0.w, v); v = fmaf(xv[l][4], w1.x, v); v = fmaf(xv[l][5], w1.y, v);
+                        v = fmaf(xv[l][6], w1.z, v); v = fmaf(xv[l][7], w1.w, v);
+                        acc[l][k] = v;
                     }
                 }
             }
-        } else {
-#pragma unroll
-            for (int k = 0; k < R; k++) {
-                const float4* mp = reinterpret_cast<const float4*>(m + (size_t)k * cols + c);
-                float4 w0 = mp[0], w1 = mp[1];
-#pragma unroll
-                for (int l = 0; l < RL; l++) {
-                    float s = acc[l][k];
-                    s = fmaf(xv[l][0], w0.x, s); s = fmaf(xv[l][1], w0.y, s); s = fmaf(xv[l][2], w0.z, s);
-                    s = fmaf(xv[l][3], w0.w, s); s = fmaf(xv[l][4], w1.x, s); s = fmaf(xv[l][5], w1.y, s);
-                    s = fmaf(xv[l][6], w1.z, s); s = fmaf(xv[l][7], w1.w, s);
-                    acc[l][k] = s;
-                }
-            }
         }
+        __syncthreads();  // the buffer is refilled two stages on
     }
 #pragma unroll
     for (int l = 0; l < RL; l++)
 #pragma unroll
         for (int k = 0; k < R; k++) red[warp][lane + 32 * l][k] = acc[l][k];
     __syncthreads();
-    for (int o = threadIdx.x; o < 32 * RL * R; o += blockDim.x) {
-        int l = o / R, k = o % R, r = blockIdx.x * 32 * RL + l;
+    for (int o = threadIdx.x; o < RB * R; o += blockDim.x) {
+        int l = o / R, k = o % R, r = row0 + l;
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < LORA_WARPS; w++) s += red[w][l][k];
@@ -1160,17 +1242,25 @@ __device__ void lora_rows(const T* x, const float* m, float* part, int rows, int
     }
 }
 
-// part[s][i][k] = Σ over split s of the rows of keep(t, i) · x[t, i] · u[t, k], u the sum of `splits` runs
-// of [rows, R] (the split's rows of it staged in shared memory first): a lane owns C columns, the warps take
-// the split's rows in turn; their sums added in shared memory.
+// Rows of x whose loads lora_cols and lora_expand issue before using them (a wave of these short kernels is
+// bound by each warp's chain of load latencies).
+#define LORA_AHEAD 8
+
+// out = scale · Σ_t keep(t, i) · x[t, i] · u[t, k] as [cols][R] (or [R][cols] with `transpose`), u the sum of
+// `splits` runs of [rows, R] (the split's rows of it staged in shared memory first): a lane owns C columns,
+// the warps take the split's rows in turn; their sums added in shared memory. With several row splits
+// (gridDim.y) each block writes its sums to `part` and the last block of a column range to finish (counted
+// in `done`, which it resets) adds them in split order, so no second kernel and no atomics on the values.
 template <typename T, int R>
-__device__ void lora_cols(const T* x, const float* u, int splits, float* part, int rows, int cols, int split,
-                          unsigned long long seed, unsigned threshold) {
+__device__ void lora_cols(const T* x, const float* u, int splits, float* part, float* out, unsigned* done, int rows,
+                          int cols, int split, int transpose, float scale, unsigned long long seed,
+                          unsigned threshold) {
     constexpr int C = LORA_COLS(R);
     constexpr int CR = C * R;
     extern __shared__ float4 lora_smem[];
     float* us = reinterpret_cast<float*>(lora_smem);  // [split][R]
     float* red = us + (size_t)split * R;              // [LORA_WARPS · 32][CR + 1]
+    __shared__ bool last;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int col = (blockIdx.x * 32 + lane) * C;
     int r0 = blockIdx.y * split, r1 = min(rows, r0 + split);
@@ -1181,21 +1271,35 @@ __device__ void lora_cols(const T* x, const float* u, int splits, float* part, i
 #pragma unroll
         for (int k = 0; k < R; k++) acc[j][k] = 0.f;
     if (col < cols) {
-#pragma unroll 2
-        for (int t = r0 + warp; t < r1; t += LORA_WARPS) {
-            float xv[C];
-            load_f<T, C>(x + (size_t)t * cols + col, xv);
-            lora_drop(xv, C, (long long)t * cols + col, seed, threshold);
-            const float4* up = reinterpret_cast<const float4*>(us + (size_t)(t - r0) * R);
+#pragma unroll 1
+        for (int t0 = r0 + warp; t0 < r1; t0 += LORA_WARPS * LORA_AHEAD) {
+            float xv[LORA_AHEAD][C];
 #pragma unroll
-            for (int q = 0; q < R / 4; q++) {
-                float4 w = up[q];
+            for (int q = 0; q < LORA_AHEAD; q++) {
+                int t = t0 + LORA_WARPS * q;
+                if (t < r1) {
+                    load_f<T, C>(x + (size_t)t * cols + col, xv[q]);
+                } else {
 #pragma unroll
-                for (int j = 0; j < C; j++) {
-                    acc[j][4 * q] = fmaf(xv[j], w.x, acc[j][4 * q]);
-                    acc[j][4 * q + 1] = fmaf(xv[j], w.y, acc[j][4 * q + 1]);
-                    acc[j][4 * q + 2] = fmaf(xv[j], w.z, acc[j][4 * q + 2]);
-                    acc[j][4 * q + 3] = fmaf(xv[j], w.w, acc[j][4 * q + 3]);
+                    for (int j = 0; j < C; j++) xv[q][j] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < LORA_AHEAD; q++) {
+                int t = t0 + LORA_WARPS * q;
+                if (t >= r1) break;
+                lora_drop(xv[q], C, (long long)t * cols + col, seed, threshold);
+                const float4* up = reinterpret_cast<const float4*>(us + (size_t)(t - r0) * R);
+#pragma unroll
+                for (int g = 0; g < R / 4; g++) {
+                    float4 w = up[g];
+#pragma unroll
+                    for (int j = 0; j < C; j++) {
+                        acc[j][4 * g] = fmaf(xv[q][j], w.x, acc[j][4 * g]);
+                        acc[j][4 * g + 1] = fmaf(xv[q][j], w.y, acc[j][4 * g + 1]);
+                        acc[j][4 * g + 2] = fmaf(xv[q][j], w.z, acc[j][4 * g + 2]);
+                        acc[j][4 * g + 3] = fmaf(xv[q][j], w.w, acc[j][4 * g + 3]);
+                    }
                 }
             }
         }
@@ -1206,28 +1310,51 @@ __device__ void lora_cols(const T* x, const float* u, int splits, float* part, i
 #pragma unroll
         for (int k = 0; k < R; k++) mine[j * R + k] = acc[j][k];
     __syncthreads();
-    // The block's 32 · C columns are consecutive, so its outputs are one contiguous run of part.
+    // The block's 32 · C columns are consecutive, so its outputs are one contiguous run.
     size_t first = (size_t)blockIdx.x * 32 * CR;
     size_t n = (size_t)cols * R;
+    auto put = [&](size_t e, float s) {
+        size_t i = e / R, k = e % R;
+        out[transpose ? k * cols + i : e] = s * scale;
+    };
     for (int o = threadIdx.x; o < 32 * CR; o += blockDim.x) {
         int l = o / CR, e = o % CR;
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < LORA_WARPS; w++) s += red[(w * 32 + l) * (CR + 1) + e];
-        if (first + o < n) part[(size_t)blockIdx.y * n + first + o] = s;
+        if (first + o >= n) continue;
+        if (gridDim.y == 1) put(first + o, s);
+        else part[(size_t)blockIdx.y * n + first + o] = s;
+    }
+    if (gridDim.y == 1) return;
+    __threadfence();  // this block's sums are visible before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(&done[blockIdx.x], 1u) == gridDim.y - 1;
+        if (last) done[blockIdx.x] = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int o = threadIdx.x; o < 32 * CR && first + o < n; o += blockDim.x) {
+        float s = 0.f;
+        for (unsigned q = 0; q < gridDim.y; q++) s += __ldcg(part + (size_t)q * n + first + o);
+        put(first + o, s);
     }
 }
 
 // y[t, i] = base[t, i] + keep(t, i) · Σ_k p[t, k] · M(k, i) (M as in lora_rows; p the sum of `splits` runs of
-// [rows, R], the block's rows of it staged in shared memory first): a thread holds M for its C columns and
-// walks the block's LORA_EXPAND_ROWS rows. With p_sum, the first block column also writes p's rows there.
+// [rows, R], the block's `block_rows` rows of it staged in shared memory first): a thread holds M for its C
+// columns and walks the block's rows, LORA_AHEAD rows' loads at a time. With p_sum, the first block column
+// also writes p's rows there.
 template <typename T, int R, bool MT>
 __device__ void lora_expand(const T* base, const float* p, int splits, const float* m, T* y, float* p_sum,
-                            int rows, int cols, unsigned long long seed, unsigned threshold) {
+                            int rows, int cols, int block_rows, unsigned long long seed, unsigned threshold) {
     constexpr int C = LORA_COLS(R);
-    __shared__ __align__(16) float ps[LORA_EXPAND_ROWS * R];
-    int r0 = blockIdx.y * LORA_EXPAND_ROWS, r1 = min(rows, r0 + LORA_EXPAND_ROWS);
-    lora_stage_rows<R>(p, splits, rows, r0, LORA_EXPAND_ROWS, ps);
+    extern __shared__ float4 lora_smem[];
+    float* ps = reinterpret_cast<float*>(lora_smem);  // [block_rows][R]
+    int r0 = blockIdx.y * block_rows, r1 = min(rows, r0 + block_rows);
+    lora_stage_rows<R>(p, splits, rows, r0, block_rows, ps);
     if (p_sum != nullptr && blockIdx.x == 0)
         for (int e = threadIdx.x; e < (r1 - r0) * R; e += blockDim.x) p_sum[(size_t)r0 * R + e] = ps[e];
     int col = (blockIdx.x * blockDim.x + threadIdx.x) * C;
@@ -1237,40 +1364,36 @@ __device__ void lora_expand(const T* base, const float* p, int splits, const flo
     for (int j = 0; j < C; j++)
 #pragma unroll
         for (int k = 0; k < R; k++) w[j][k] = MT ? m[(size_t)(col + j) * R + k] : m[(size_t)k * cols + col + j];
-#pragma unroll 2
-    for (int t = r0; t < r1; t++) {
-        float b[C], d[C];
-        load_f<T, C>(base + (size_t)t * cols + col, b);
-        const float4* pp = reinterpret_cast<const float4*>(ps + (t - r0) * R);
+#pragma unroll 1
+    for (int t0 = r0; t0 < r1; t0 += LORA_AHEAD) {
+        float b[LORA_AHEAD][C];
 #pragma unroll
-        for (int j = 0; j < C; j++) d[j] = 0.f;
+        for (int q = 0; q < LORA_AHEAD; q++)
+            if (t0 + q < r1) load_f<T, C>(base + (size_t)(t0 + q) * cols + col, b[q]);
 #pragma unroll
-        for (int q = 0; q < R / 4; q++) {
-            float4 v = pp[q];
+        for (int q = 0; q < LORA_AHEAD; q++) {
+            int t = t0 + q;
+            if (t >= r1) break;
+            float d[C];
+            const float4* pp = reinterpret_cast<const float4*>(ps + (t - r0) * R);
 #pragma unroll
-            for (int j = 0; j < C; j++) {
-                d[j] = fmaf(v.x, w[j][4 * q], d[j]);
-                d[j] = fmaf(v.y, w[j][4 * q + 1], d[j]);
-                d[j] = fmaf(v.z, w[j][4 * q + 2], d[j]);
-                d[j] = fmaf(v.w, w[j][4 * q + 3], d[j]);
+            for (int j = 0; j < C; j++) d[j] = 0.f;
+#pragma unroll
+            for (int g = 0; g < R / 4; g++) {
+                float4 v = pp[g];
+#pragma unroll
+                for (int j = 0; j < C; j++) {
+                    d[j] = fmaf(v.x, w[j][4 * g], d[j]);
+                    d[j] = fmaf(v.y, w[j][4 * g + 1], d[j]);
+                    d[j] = fmaf(v.z, w[j][4 * g + 2], d[j]);
+                    d[j] = fmaf(v.w, w[j][4 * g + 3], d[j]);
+                }
             }
-        }
-        lora_drop(d, C, (long long)t * cols + col, seed, threshold);
+            lora_drop(d, C, (long long)t * cols + col, seed, threshold);
 #pragma unroll
-        for (int j = 0; j < C; j++) b[j] += d[j];
-        store_f<T, C>(y + (size_t)t * cols + col, b);
-    }
-}
-
-// out = scale · Σ_s part[s] over `splits` runs of n = cols · R values laid out [cols][R]; `transpose` writes
-// out as [R][cols] (A's layout).
-extern "C" __global__ void lora_sum(const float* part, float* out, long long n, int splits, int r, int transpose,
-                                    float scale) {
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
-        float s = 0.f;
-        for (int q = 0; q < splits; q++) s += part[q * n + e];
-        long long i = e / r, k = e % r;
-        out[transpose ? k * (n / r) + i : e] = s * scale;
+            for (int j = 0; j < C; j++) b[q][j] += d[j];
+            store_f<T, C>(y + (size_t)t * cols + col, b[q]);
+        }
     }
 }
 
@@ -1285,20 +1408,21 @@ extern "C" __global__ void lora_sum(const float* part, float* out, long long n, 
                                                        unsigned threshold) {                                      \
         lora_rows<T, R, true>(x, m, part, rows, cols, split, scale, seed, threshold);                              \
     }                                                                                                              \
-    extern "C" __global__ void lora_cols_##NAME##_##R(const T* x, const float* u, int splits, float* part, int rows, \
-                                                     int cols, int split, unsigned long long seed,                 \
+    extern "C" __global__ void lora_cols_##NAME##_##R(const T* x, const float* u, int splits, float* part,         \
+                                                     float* out, unsigned* done, int rows, int cols, int split,    \
+                                                     int transpose, float scale, unsigned long long seed,          \
                                                      unsigned threshold) {                                        \
-        lora_cols<T, R>(x, u, splits, part, rows, cols, split, seed, threshold);                                   \
+        lora_cols<T, R>(x, u, splits, part, out, done, rows, cols, split, transpose, scale, seed, threshold);     \
     }                                                                                                              \
     extern "C" __global__ void lora_expand_a_##NAME##_##R(const T* base, const float* p, int splits, const float* m, \
-                                                         T* y, float* p_sum, int rows, int cols,                   \
+                                                         T* y, float* p_sum, int rows, int cols, int block_rows,   \
                                                          unsigned long long seed, unsigned threshold) {            \
-        lora_expand<T, R, false>(base, p, splits, m, y, p_sum, rows, cols, seed, threshold);                      \
+        lora_expand<T, R, false>(base, p, splits, m, y, p_sum, rows, cols, block_rows, seed, threshold);          \
     }                                                                                                              \
     extern "C" __global__ void lora_expand_b_##NAME##_##R(const T* base, const float* p, int splits, const float* m, \
-                                                         T* y, float* p_sum, int rows, int cols,                   \
+                                                         T* y, float* p_sum, int rows, int cols, int block_rows,   \
                                                          unsigned long long seed, unsigned threshold) {            \
-        lora_expand<T, R, true>(base, p, splits, m, y, p_sum, rows, cols, seed, threshold);                       \
+        lora_expand<T, R, true>(base, p, splits, m, y, p_sum, rows, cols, block_rows, seed, threshold);           \
     }
 
 #define LORA_RANKS(T, NAME)                                                                                        \
@@ -1765,14 +1889,8 @@ __device__ __forceinline__ void mma_stage(const bf16* kb, const bf16* vb, int c0
     }
 }
 
-// The same through asynchronous copies (cp.async, 16 bytes each; columns past n are zero-filled): the caller
-// commits the group and waits for it before reading the tile.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+// The same through asynchronous copies (cp_async16 above): the caller commits the group and waits for it
+// before reading the tile.
 
 template <int D, int TW>
 __device__ __forceinline__ void mma_stage_async(const bf16* kb, const bf16* vb, int c0, int n, bf16* ks, bf16* vs,
@@ -2464,13 +2582,35 @@ extern "C" __global__ void cross_entropy_rows_bf16(const bf16* x, const unsigned
     __shared__ float red[32];
     const bf16* row = x + (size_t)blockIdx.x * n;
     bf16* drow = d + (size_t)blockIdx.x * n;
+    // Eight logits a load where every row starts on a 16-byte boundary: one 2-byte load per thread at a time
+    // kept too few bytes in flight (0.5 TB/s on a 128k vocabulary).
+    bool vec = n % 8 == 0 && ((size_t)x & 15) == 0 && ((size_t)d & 15) == 0;
     float m = -INFINITY, s = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    if (vec) {
+        for (int j = threadIdx.x * 8; j < n; j += blockDim.x * 8) {
+            uint4 w = *reinterpret_cast<const uint4*>(row + j);
+            const bf16* e = reinterpret_cast<const bf16*>(&w);
+            float v[8], lm = -INFINITY;
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                v[k] = __bfloat162float(e[k]);
+                lm = fmaxf(lm, v[k]);
+            }
+            if (lm == -INFINITY) continue;  // -inf logits add nothing (and -inf - -inf would be NaN)
+            if (lm > m) {
+                s *= __expf(m - lm);
+                m = lm;
+            }
+#pragma unroll
+            for (int k = 0; k < 8; k++) s += __expf(v[k] - m);
+        }
+    }
+    for (int j = vec ? n : threadIdx.x; j < n; j += blockDim.x) {
         float v = __bfloat162float(row[j]);
         if (v > m) {
             s = s * __expf(m - v) + 1.f;
             m = v;
-        } else if (v != -INFINITY) {  // a -inf logit adds nothing (and -inf - -inf would be NaN)
+        } else if (v != -INFINITY) {
             s += __expf(v - m);
         }
     }
@@ -2478,11 +2618,73 @@ extern "C" __global__ void cross_entropy_rows_bf16(const bf16* x, const unsigned
     float total = block_sum(m == -INFINITY ? 0.f : s * __expf(m - bm), red);
     float lse = bm + logf(total);
     unsigned target = targets[blockIdx.x];
-    for (int j = threadIdx.x; d != nullptr && j < n; j += blockDim.x) {
-        float p = __expf(__bfloat162float(row[j]) - lse);
-        drow[j] = __float2bfloat16((unsigned)j == target ? p - 1.f : p);
+    if (d != nullptr && vec) {
+        for (int j = threadIdx.x * 8; j < n; j += blockDim.x * 8) {
+            uint4 w = *reinterpret_cast<const uint4*>(row + j), o;
+            const bf16* e = reinterpret_cast<const bf16*>(&w);
+            bf16* f = reinterpret_cast<bf16*>(&o);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                float p = __expf(__bfloat162float(e[k]) - lse);
+                f[k] = __float2bfloat16((unsigned)(j + k) == target ? p - 1.f : p);
+            }
+            *reinterpret_cast<uint4*>(drow + j) = o;
+        }
+    } else if (d != nullptr) {
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            float p = __expf(__bfloat162float(row[j]) - lse);
+            drow[j] = __float2bfloat16((unsigned)j == target ? p - 1.f : p);
+        }
     }
     if (threadIdx.x == 0) loss[blockIdx.x] = target < (unsigned)n ? lse - __bfloat162float(row[target]) : NAN;
+}
+
+// out[rows[i], :] += g[i, :] for g [n, cols] (cols even), pairs of values at a time: the gradient of selecting
+// rows. Atomic adds, so a repeated row sums its gradients; rows that are all distinct (the labelled positions
+// of a training batch) each receive one add onto zero, which is exact.
+__device__ __forceinline__ void add_pair(float* p, float a, float b) { atomicAdd(p, a); atomicAdd(p + 1, b); }
+__device__ __forceinline__ void add_pair(bf16* p, float a, float b) {
+    atomicAdd(reinterpret_cast<__nv_bfloat162*>(p), __floats2bfloat162_rn(a, b));
+}
+__device__ __forceinline__ void add_pair(__half* p, float a, float b) {
+    atomicAdd(reinterpret_cast<__half2*>(p), __floats2half2_rn(a, b));
+}
+template <typename T>
+__device__ void scatter_add_rows(const T* g, const unsigned* rows, T* out, long long n, int cols) {
+    int pairs = cols / 2;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n * pairs;
+         e += (long long)gridDim.x * blockDim.x) {
+        long long i = e / pairs;
+        int c = 2 * (int)(e % pairs);
+        const T* src = g + i * cols + c;
+        add_pair(out + (size_t)rows[i] * cols + c, to_f(src[0]), to_f(src[1]));
+    }
+}
+#define SCATTER_ADD_ROWS(T, NAME)                                                                                  \
+    extern "C" __global__ void scatter_add_rows_##NAME(const T* g, const unsigned* rows, T* out, long long n,     \
+                                                      int cols) {                                                 \
+        scatter_add_rows<T>(g, rows, out, n, cols);                                                                \
+    }
+SCATTER_ADD_ROWS(float, f32)
+SCATTER_ADD_ROWS(bf16, bf16)
+SCATTER_ADD_ROWS(__half, f16)
+
+// Σ x² over n f32 values in two passes: each block's sum into partial[block], then one block adds those in
+// order (deterministic; candle's sum of a long vector ran on a single block: 0.55 ms for 5.6 M values).
+extern "C" __global__ void sum_squares_f32(const float* x, long long n, float* partial) {
+    __shared__ float red[32];
+    float s = 0.f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        s = fmaf(x[i], x[i], s);
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+extern "C" __global__ void sum_partials_f32(const float* partial, int n, float* out) {
+    __shared__ float red[32];
+    float s = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) *out = s;
 }
 
 // ---- Quantized weights dequantized to bf16 for training's products (QLoRA) ----
