@@ -1106,17 +1106,24 @@ mod tests {
         }
     }
 
+    /// A Q4_0 layer of 64 × 128 random weights (seed `seed`), 24 rows of input (seed `seed + 1`), their product
+    /// with the dequantized weight in f32 and that product's largest magnitude.
+    fn q4_0_rows(seed: u64) -> (Linear, Tensor, Tensor, f32) {
+        let w = crate::testing::seeded_randn(seed, 0.0, 0.5, &[64, 128]);
+        let lin = Linear::quantize(&w, None, GgmlDType::Q4_0).unwrap();
+        let x = crate::testing::seeded_randn(seed + 1, 0.0, 1.0, &[1, 24, 128]);
+        let reference = x.broadcast_matmul(&lin.dense_weight(DType::F32).unwrap().t().unwrap()).unwrap();
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        (lin, x, reference, scale)
+    }
+
     /// Many rows of a 32-wide quantized weight: generation's pass runs the 8-bit kernels (close to the
     /// dequantized product); while `ExactScoring` is held the pass is the dequantized product itself.
     #[test]
     fn exact_scoring_holds_many_row_products_to_the_dequantized_weight() {
-        let w = crate::testing::seeded_randn(111, 0.0, 0.5, &[64, 128]);
-        let lin = Linear::quantize(&w, None, GgmlDType::Q4_0).unwrap();
-        let x = crate::testing::seeded_randn(112, 0.0, 1.0, &[1, 24, 128]);
-        let reference = x.broadcast_matmul(&lin.dense_weight(DType::F32).unwrap().t().unwrap()).unwrap();
+        let (lin, x, reference, scale) = q4_0_rows(111);
         let max_diff =
             |a: &Tensor| (a - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let exact = {
             let _scoring = ExactScoring::hold();
             lin.forward(&x).unwrap()
@@ -1132,11 +1139,7 @@ mod tests {
     /// not the 8-bit kernels' that the same rows take at inference.
     #[test]
     fn training_products_hold_untracked_inputs_to_the_dequantized_weight() {
-        let w = crate::testing::seeded_randn(113, 0.0, 0.5, &[64, 128]);
-        let lin = Linear::quantize(&w, None, GgmlDType::Q4_0).unwrap();
-        let x = crate::testing::seeded_randn(114, 0.0, 1.0, &[1, 24, 128]);
-        let reference = x.broadcast_matmul(&lin.dense_weight(DType::F32).unwrap().t().unwrap()).unwrap();
-        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let (lin, x, reference, scale) = q4_0_rows(113);
         let training = {
             let _training = TrainingProducts::hold();
             lin.forward(&x).unwrap()

@@ -27,16 +27,7 @@ pub fn storage_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     if !t.is_contiguous() {
         candle_core::bail!("kernel argument: tensor is not contiguous");
     }
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else { candle_core::bail!("kernel argument: tensor is not on CUDA") };
-    let base = match t.dtype() {
-        DType::BF16 => cs.as_cuda_slice::<bf16>()?.device_ptr(stream).0,
-        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
-        DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0,
-        DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(stream).0,
-        dt => candle_core::bail!("kernel argument: unexpected dtype {dt:?}"),
-    };
-    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+    view_ptr(t, stream)
 }
 
 /// The device address of `t`'s first element whatever its layout (the kernel it goes to takes the strides).
@@ -47,6 +38,7 @@ pub fn view_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
         DType::BF16 => cs.as_cuda_slice::<bf16>()?.device_ptr(stream).0,
         DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
         DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0,
+        DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(stream).0,
         dt => candle_core::bail!("kernel argument: unexpected dtype {dt:?}"),
     };
     Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)

@@ -1054,8 +1054,8 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // above are the model's dtype. Every product with A or B is a rank-R contraction: memory-bound passes over
 // the [rows, in] or [rows, out] tensors with the small factor in registers or read warp-uniformly, f32
 // accumulation, the dropout mask re-derived from its seed where it is needed (the same hash as dropout_f32).
-// A contraction split over blocks writes its splits apart and the next pass adds them in a fixed order, so
-// results do not depend on timing (no atomics).
+// A contraction split over blocks writes its splits apart and the next pass (in lora_cols, the last block to
+// finish) adds them in a fixed order, so results do not depend on timing (no atomics on values).
 
 
 // Rotary embedding of training between the projections' [b, t, heads, d] and attention's [b, heads, t, d]:
@@ -1119,6 +1119,14 @@ __device__ __forceinline__ void lora_drop(float* v, int n, long long index, unsi
         if (j > 0 && (i & 3) == 0) h = dropout_bits(seed, i >> 2);
         if (((h >> (16 * (i & 3))) & 0xFFFF) < threshold) v[j] = 0.f;
     }
+}
+
+// acc[0..4] += x · (w.x, w.y, w.z, w.w): the rank-R outer-product step of lora_rows (B layout) and lora_cols.
+__device__ __forceinline__ void fma4(float* acc, float x, float4 w) {
+    acc[0] = fmaf(x, w.x, acc[0]);
+    acc[1] = fmaf(x, w.y, acc[1]);
+    acc[2] = fmaf(x, w.z, acc[2]);
+    acc[3] = fmaf(x, w.w, acc[3]);
 }
 
 // Rows t0 .. t0 + n of p (the sum of `splits` runs of [rows, R]) into shared memory, by the whole block; rows
@@ -1202,12 +1210,7 @@ __device__ void lora_rows(const T* x, const float* m, float* part, int rows, int
                     for (int q = 0; q < R / 4; q++) {
                         float4 w = mp[q];
 #pragma unroll
-                        for (int l = 0; l < RL; l++) {
-                            acc[l][4 * q] = fmaf(xv[l][j], w.x, acc[l][4 * q]);
-                            acc[l][4 * q + 1] = fmaf(xv[l][j], w.y, acc[l][4 * q + 1]);
-                            acc[l][4 * q + 2] = fmaf(xv[l][j], w.z, acc[l][4 * q + 2]);
-                            acc[l][4 * q + 3] = fmaf(xv[l][j], w.w, acc[l][4 * q + 3]);
-                        }
+                        for (int l = 0; l < RL; l++) fma4(&acc[l][4 * q], xv[l][j], w);
                     }
                 }
             } else {
@@ -1294,12 +1297,7 @@ __device__ void lora_cols(const T* x, const float* u, int splits, float* part, f
                 for (int g = 0; g < R / 4; g++) {
                     float4 w = up[g];
 #pragma unroll
-                    for (int j = 0; j < C; j++) {
-                        acc[j][4 * g] = fmaf(xv[q][j], w.x, acc[j][4 * g]);
-                        acc[j][4 * g + 1] = fmaf(xv[q][j], w.y, acc[j][4 * g + 1]);
-                        acc[j][4 * g + 2] = fmaf(xv[q][j], w.z, acc[j][4 * g + 2]);
-                        acc[j][4 * g + 3] = fmaf(xv[q][j], w.w, acc[j][4 * g + 3]);
-                    }
+                    for (int j = 0; j < C; j++) fma4(&acc[j][4 * g], xv[q][j], w);
                 }
             }
         }
