@@ -106,109 +106,263 @@ pub unsafe fn dot_q8<const KIND: u8, const N: usize>(row: *const u8, blocks: usi
     out
 }
 
-/// A row of Q4_K (`FIVE = false`) or Q5_K super-blocks against `N` rows of [`Q8KBlock`]s.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q45k<const FIVE: bool, const N: usize>(
-    row: *const u8,
-    blocks: usize,
-    x: &[*const u8; N],
-) -> [f32; N] {
-    let bb = if FIVE { 176 } else { 144 };
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m1 = _mm256_set1_epi8(1);
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut offset = [0f32; N];
-    for i in 0..blocks {
-        let b = row.add(i * bb);
-        let (d, dmin) = (half(b), half(b.add(2)));
-        let (sc, mins) = k_scales_mins(std::slice::from_raw_parts(b.add(4), 12));
-        let qs = b.add(if FIVE { 48 } else { 16 });
-        let mut high = if FIVE { _mm256_loadu_si256(b.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
-        let mut sumi = [_mm256_setzero_si256(); N];
-        for j in 0..4 {
-            let q4 = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
-            let mut lo = _mm256_and_si256(q4, m4);
-            let mut hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-            if FIVE {
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(high, m1), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 1), m1), 4));
-                high = _mm256_srli_epi16(high, 2);
-            }
-            let (s_lo, s_hi) = (_mm256_set1_epi16(sc[2 * j] as i16), _mm256_set1_epi16(sc[2 * j + 1] as i16));
-            for t in 0..N {
-                let a = (x[t] as *const Q8KBlock).add(i);
-                let q = (*a).qs.as_ptr().add(64 * j);
-                let pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q as *const __m256i));
-                let ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(q.add(32) as *const __m256i));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(pl, s_lo));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(ph, s_hi));
-            }
-        }
-        for t in 0..N {
-            let a = &*(x[t] as *const Q8KBlock).add(i);
-            let mut summ = 0i32;
-            for s in 0..8 {
-                summ += mins[s] as i32 * (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32);
-            }
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-            offset[t] -= dmin * a.d * summ as f32;
-        }
-    }
-    let mut out = [0f32; N];
-    for t in 0..N {
-        out[t] = hsum(acc[t]) + offset[t];
-    }
-    out
-}
+/// The kernels whose inner sums are integer products of weight and activation bytes — the packed 32-wide
+/// groups and the K-quants' rows — for one instruction set. `$vnni` false: AVX2, byte pairs summed by
+/// `maddubs` into i16 and widened by `madd`; true: the VNNI instructions `$dpbusd` (4 byte products added
+/// straight into an i32 lane) and `$dpwssd` (`madd` and its addition in one). The AVX2 module instantiates it
+/// with the VNNI names only in branches that are never taken.
+macro_rules! integer_kernels {
+    ($features:literal, $vnni:literal, $dpbusd:ident, $dpwssd:ident) => {
+        const VNNI: bool = $vnni;
 
-/// A row of Q6_K super-blocks against `N` rows of [`Q8KBlock`]s.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q6k<const N: usize>(row: *const u8, blocks: usize, x: &[*const u8; N]) -> [f32; N] {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m3 = _mm256_set1_epi8(3);
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut offset = [0f32; N];
-    for i in 0..blocks {
-        let b = row.add(i * 210);
-        let d = half(b.add(208));
-        let sc = std::slice::from_raw_parts(b.add(192) as *const i8, 16);
-        let mut sumi = [_mm256_setzero_si256(); N];
-        for n in 0..2 {
-            let qa = _mm256_loadu_si256(b.add(64 * n) as *const __m256i);
-            let qb = _mm256_loadu_si256(b.add(64 * n + 32) as *const __m256i);
-            let h = _mm256_loadu_si256(b.add(128 + 32 * n) as *const __m256i);
-            let top = |s: __m256i| _mm256_slli_epi16(_mm256_and_si256(s, m3), 4);
-            let u = [
-                _mm256_or_si256(_mm256_and_si256(qa, m4), top(h)),
-                _mm256_or_si256(_mm256_and_si256(qb, m4), top(_mm256_srli_epi16(h, 2))),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), top(_mm256_srli_epi16(h, 4))),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), top(_mm256_srli_epi16(h, 6))),
-            ];
-            for (g, u) in u.iter().enumerate() {
-                let s = 8 * n + 2 * g;
-                let scale = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1] as i16), _mm_set1_epi16(sc[s] as i16));
+        /// `acc + Σ pairs(p) · s`: i16 pairs times i16 scales, summed into the i32 lanes.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn madd_add(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
+            if VNNI {
+                $dpwssd(acc, p, s)
+            } else {
+                _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
+            }
+        }
+
+        /// A row of Q4_K (`FIVE = false`) or Q5_K super-blocks against `N` rows of [`Q8KBlock`]s.
+        #[target_feature(enable = $features)]
+        pub unsafe fn dot_q45k<const FIVE: bool, const N: usize>(
+            row: *const u8,
+            blocks: usize,
+            x: &[*const u8; N],
+        ) -> [f32; N] {
+            let bb = if FIVE { 176 } else { 144 };
+            let m4 = _mm256_set1_epi8(0x0f);
+            let m1 = _mm256_set1_epi8(1);
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut offset = [0f32; N];
+            for i in 0..blocks {
+                let b = row.add(i * bb);
+                let (d, dmin) = (half(b), half(b.add(2)));
+                let (sc, mins) = k_scales_mins(std::slice::from_raw_parts(b.add(4), 12));
+                let qs = b.add(if FIVE { 48 } else { 16 });
+                let mut high =
+                    if FIVE { _mm256_loadu_si256(b.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
+                let mut sumi = [_mm256_setzero_si256(); N];
+                for j in 0..4 {
+                    let q4 = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+                    let mut lo = _mm256_and_si256(q4, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+                    if FIVE {
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(high, m1), 4));
+                        hi =
+                            _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 1), m1), 4));
+                        high = _mm256_srli_epi16(high, 2);
+                    }
+                    let (s_lo, s_hi) = (_mm256_set1_epi16(sc[2 * j] as i16), _mm256_set1_epi16(sc[2 * j + 1] as i16));
+                    for t in 0..N {
+                        let a = (x[t] as *const Q8KBlock).add(i);
+                        let q = (*a).qs.as_ptr().add(64 * j);
+                        let pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q as *const __m256i));
+                        let ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(q.add(32) as *const __m256i));
+                        sumi[t] = madd_add(madd_add(sumi[t], pl, s_lo), ph, s_hi);
+                    }
+                }
                 for t in 0..N {
-                    let a = (x[t] as *const Q8KBlock).add(i);
-                    let q = _mm256_loadu_si256((*a).qs.as_ptr().add(128 * n + 32 * g) as *const __m256i);
-                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(*u, q), scale));
+                    let a = &*(x[t] as *const Q8KBlock).add(i);
+                    let mut summ = 0i32;
+                    for s in 0..8 {
+                        summ += mins[s] as i32 * (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32);
+                    }
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+                    offset[t] -= dmin * a.d * summ as f32;
                 }
             }
-        }
-        for t in 0..N {
-            let a = &*(x[t] as *const Q8KBlock).add(i);
-            let mut off = 0i32;
-            for s in 0..QK_K / 16 {
-                off += sc[s] as i32 * a.bsums[s] as i32;
+            let mut out = [0f32; N];
+            for t in 0..N {
+                out[t] = hsum(acc[t]) + offset[t];
             }
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-            offset[t] -= 32.0 * d * a.d * off as f32;
+            out
         }
+
+        /// A row of Q6_K super-blocks against `N` rows of [`Q8KBlock`]s.
+        #[target_feature(enable = $features)]
+        pub unsafe fn dot_q6k<const N: usize>(row: *const u8, blocks: usize, x: &[*const u8; N]) -> [f32; N] {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let m3 = _mm256_set1_epi8(3);
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut offset = [0f32; N];
+            for i in 0..blocks {
+                let b = row.add(i * 210);
+                let d = half(b.add(208));
+                let sc = std::slice::from_raw_parts(b.add(192) as *const i8, 16);
+                let mut sumi = [_mm256_setzero_si256(); N];
+                for n in 0..2 {
+                    let qa = _mm256_loadu_si256(b.add(64 * n) as *const __m256i);
+                    let qb = _mm256_loadu_si256(b.add(64 * n + 32) as *const __m256i);
+                    let h = _mm256_loadu_si256(b.add(128 + 32 * n) as *const __m256i);
+                    let top = |s: __m256i| _mm256_slli_epi16(_mm256_and_si256(s, m3), 4);
+                    let u = [
+                        _mm256_or_si256(_mm256_and_si256(qa, m4), top(h)),
+                        _mm256_or_si256(_mm256_and_si256(qb, m4), top(_mm256_srli_epi16(h, 2))),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), top(_mm256_srli_epi16(h, 4))),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), top(_mm256_srli_epi16(h, 6))),
+                    ];
+                    for (g, u) in u.iter().enumerate() {
+                        let s = 8 * n + 2 * g;
+                        let scale = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1] as i16), _mm_set1_epi16(sc[s] as i16));
+                        for t in 0..N {
+                            let a = (x[t] as *const Q8KBlock).add(i);
+                            let q = _mm256_loadu_si256((*a).qs.as_ptr().add(128 * n + 32 * g) as *const __m256i);
+                            sumi[t] = madd_add(sumi[t], _mm256_maddubs_epi16(*u, q), scale);
+                        }
+                    }
+                }
+                for t in 0..N {
+                    let a = &*(x[t] as *const Q8KBlock).add(i);
+                    let mut off = 0i32;
+                    for s in 0..QK_K / 16 {
+                        off += sc[s] as i32 * a.bsums[s] as i32;
+                    }
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+                    offset[t] -= 32.0 * d * a.d * off as f32;
+                }
+            }
+            let mut out = [0f32; N];
+            for t in 0..N {
+                out[t] = hsum(acc[t]) + offset[t];
+            }
+            out
+        }
+
+        /// 8 rows of a packed 32-wide type (one group, see `packed.rs`) against `N` rows of [`Q8Block`]s; the
+        /// results of row `lane` for token `t` in `out[t][lane]`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn gemv_packed<const KIND: u8, const N: usize>(
+            group: *const u8,
+            blocks: usize,
+            x: &[*const u8; N],
+            out: &mut [[f32; 8]; N],
+        ) {
+            // Bytes of one column of 8 blocks, and where its mins, fifth bits and quants start.
+            let (gb, m_at, qh_at, qs_at) = column_layout(KIND);
+            let m4 = _mm256_set1_epi8(0x0f);
+            let ones = _mm256_set1_epi16(1);
+            let zero = _mm256_setzero_si256();
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..blocks {
+                let p = group.add(b * gb);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                // The offset per unit of Σq. VNNI multiplies unsigned weight bytes only, so Q8_0's signed
+                // weights are taken as w + 128 (the sign bit flipped) and 128·d·Σq taken back off.
+                let m = match KIND {
+                    Q4_1 | Q5_1 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(m_at) as *const __m128i)),
+                    Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+                    Q5_0 => _mm256_mul_ps(d, _mm256_set1_ps(-16.0)),
+                    _ if VNNI => _mm256_mul_ps(d, _mm256_set1_ps(-128.0)),
+                    _ => _mm256_setzero_ps(),
+                };
+                // u[j]: elements 4j..4j+3 of the block for the 8 rows (byte 4·row + i).
+                let mut u = [_mm256_setzero_si256(); 8];
+                if KIND == Q8_0 {
+                    for (j, u) in u.iter_mut().enumerate() {
+                        *u = _mm256_loadu_si256(p.add(qs_at + 32 * j) as *const __m256i);
+                        if VNNI {
+                            *u = _mm256_xor_si256(*u, _mm256_set1_epi8(-128));
+                        }
+                    }
+                } else {
+                    for k in 0..4 {
+                        let q = _mm256_loadu_si256(p.add(qs_at + 32 * k) as *const __m256i);
+                        u[k] = _mm256_and_si256(q, m4);
+                        u[k + 4] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                    }
+                    if KIND == Q5_0 || KIND == Q5_1 {
+                        let qh = _mm256_loadu_si256(p.add(qh_at) as *const __m256i);
+                        for k in 0..4 {
+                            u[k] = _mm256_or_si256(u[k], fifth_bits(qh, 4 * k as i32));
+                            u[k + 4] = _mm256_or_si256(u[k + 4], fifth_bits(qh, 16 + 4 * k as i32));
+                        }
+                    }
+                }
+                for t in 0..N {
+                    let a = &*(x[t] as *const Q8Block).add(b);
+                    let xq = a.qs.as_ptr() as *const i32;
+                    let bx = |j: usize| _mm256_set1_epi32(xq.add(j).read_unaligned());
+                    let sum = if VNNI {
+                        // Two chains, so that one token's sums are not one long dependency chain.
+                        let (mut even, mut odd) = ($dpbusd(zero, u[0], bx(0)), $dpbusd(zero, u[1], bx(1)));
+                        for j in (2..8).step_by(2) {
+                            even = $dpbusd(even, u[j], bx(j));
+                            odd = $dpbusd(odd, u[j + 1], bx(j + 1));
+                        }
+                        _mm256_add_epi32(even, odd)
+                    } else {
+                        match KIND {
+                            // 4-bit values: 8 pair sums of at most 2·15·127 each fit an i16.
+                            Q4_0 | Q4_1 => {
+                                let mut s = _mm256_maddubs_epi16(u[0], bx(0));
+                                for j in 1..8 {
+                                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(u[j], bx(j)));
+                                }
+                                _mm256_madd_epi16(s, ones)
+                            }
+                            // 5-bit values: 4 at a time fit.
+                            Q5_0 | Q5_1 => {
+                                let mut lo = _mm256_maddubs_epi16(u[0], bx(0));
+                                let mut hi = _mm256_maddubs_epi16(u[4], bx(4));
+                                for j in 1..4 {
+                                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(u[j], bx(j)));
+                                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(u[j + 4], bx(j + 4)));
+                                }
+                                _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones))
+                            }
+                            // Signed 8-bit: |w|·sign(x, w), each product pair widened at once.
+                            _ => {
+                                let mut s = zero;
+                                for (j, u) in u.iter().enumerate() {
+                                    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(*u, *u), _mm256_sign_epi8(bx(j), *u));
+                                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                                }
+                                s
+                            }
+                        }
+                    };
+                    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.d)), _mm256_cvtepi32_ps(sum), acc[t]);
+                    if KIND != Q8_0 || VNNI {
+                        acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.ds), acc[t]);
+                    }
+                }
+            }
+            for t in 0..N {
+                _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+            }
+        }
+    };
+}
+
+integer_kernels!("avx2,fma,f16c", false, _mm256_dpbusd_epi32, _mm256_dpwssd_epi32);
+
+/// The integer kernels through AVX-512 VNNI's 256-bit forms (AVX512VL): Intel server cores since Ice Lake,
+/// AMD since Zen 4. 256 bits rather than 512: on Zen 4 a 512-bit operation is two 256-bit halves, and a group
+/// of 8 rows is one 256-bit register.
+pub mod avx512_vnni {
+    use super::*;
+
+    pub fn available() -> bool {
+        super::available() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
     }
-    let mut out = [0f32; N];
-    for t in 0..N {
-        out[t] = hsum(acc[t]) + offset[t];
+
+    integer_kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", true, _mm256_dpbusd_epi32, _mm256_dpwssd_epi32);
+}
+
+/// The same through AVX-VNNI, the VEX-encoded 256-bit VNNI of client cores without AVX-512 (Intel since Alder
+/// Lake).
+pub mod avx_vnni {
+    use super::*;
+
+    pub fn available() -> bool {
+        super::available() && is_x86_feature_detected!("avxvnni")
     }
-    out
+
+    integer_kernels!("avx2,fma,f16c,avxvnni", true, _mm256_dpbusd_avx_epi32, _mm256_dpwssd_avx_epi32);
 }
 
 /// 8 half-precision weights as f32 (`BF = true`: bfloat16).
@@ -238,96 +392,9 @@ unsafe fn fifth_bits(qh: __m256i, first: i32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-/// 8 rows of a packed 32-wide type (one group, see `packed.rs`) against `N` rows of [`Q8Block`]s; the
-/// results of row `lane` for token `t` in `out[t][lane]`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemv_packed<const KIND: u8, const N: usize>(
-    group: *const u8,
-    blocks: usize,
-    x: &[*const u8; N],
-    out: &mut [[f32; 8]; N],
-) {
-    // Bytes of one column of 8 blocks, and where its mins, fifth bits and quants start.
-    let (gb, m_at, qh_at, qs_at) = column_layout(KIND);
-    let m4 = _mm256_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); N];
-    for b in 0..blocks {
-        let p = group.add(b * gb);
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-        let m = match KIND {
-            Q4_1 | Q5_1 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(m_at) as *const __m128i)),
-            Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
-            Q5_0 => _mm256_mul_ps(d, _mm256_set1_ps(-16.0)),
-            _ => _mm256_setzero_ps(),
-        };
-        // u[j]: elements 4j..4j+3 of the block for the 8 rows (byte 4·row + i).
-        let mut u = [_mm256_setzero_si256(); 8];
-        if KIND == Q8_0 {
-            for (j, u) in u.iter_mut().enumerate() {
-                *u = _mm256_loadu_si256(p.add(qs_at + 32 * j) as *const __m256i);
-            }
-        } else {
-            for k in 0..4 {
-                let q = _mm256_loadu_si256(p.add(qs_at + 32 * k) as *const __m256i);
-                u[k] = _mm256_and_si256(q, m4);
-                u[k + 4] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            }
-            if KIND == Q5_0 || KIND == Q5_1 {
-                let qh = _mm256_loadu_si256(p.add(qh_at) as *const __m256i);
-                for k in 0..4 {
-                    u[k] = _mm256_or_si256(u[k], fifth_bits(qh, 4 * k as i32));
-                    u[k + 4] = _mm256_or_si256(u[k + 4], fifth_bits(qh, 16 + 4 * k as i32));
-                }
-            }
-        }
-        for t in 0..N {
-            let a = &*(x[t] as *const Q8Block).add(b);
-            let xq = a.qs.as_ptr() as *const i32;
-            let bx = |j: usize| _mm256_set1_epi32(xq.add(j).read_unaligned());
-            let sum = match KIND {
-                // 4-bit values: 8 pair sums of at most 2·15·127 each fit an i16.
-                Q4_0 | Q4_1 => {
-                    let mut s = _mm256_maddubs_epi16(u[0], bx(0));
-                    for j in 1..8 {
-                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(u[j], bx(j)));
-                    }
-                    _mm256_madd_epi16(s, ones)
-                }
-                // 5-bit values: 4 at a time fit.
-                Q5_0 | Q5_1 => {
-                    let mut lo = _mm256_maddubs_epi16(u[0], bx(0));
-                    let mut hi = _mm256_maddubs_epi16(u[4], bx(4));
-                    for j in 1..4 {
-                        lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(u[j], bx(j)));
-                        hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(u[j + 4], bx(j + 4)));
-                    }
-                    _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones))
-                }
-                // Signed 8-bit: |w|·sign(x, w), each product pair widened at once.
-                _ => {
-                    let mut s = _mm256_setzero_si256();
-                    for (j, u) in u.iter().enumerate() {
-                        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(*u, *u), _mm256_sign_epi8(bx(j), *u));
-                        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
-                    }
-                    s
-                }
-            };
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.d)), _mm256_cvtepi32_ps(sum), acc[t]);
-            if KIND != Q8_0 {
-                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.ds), acc[t]);
-            }
-        }
-    }
-    for t in 0..N {
-        _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
-    }
-}
-
 /// `R` rows of f16 (`BF = false`) or bf16 weights against `N` f32 rows of `cols` elements: one accumulator per
 /// (row, token), the same sequence of operations for a pair whatever `R` and `N` are (so a token's result
-/// does not depend on its batch). Decode runs 4 rows × 1 token, prefill 2 rows × 4 tokens: enough chains to
+/// does not depend on its batch). Decode runs 2 rows × 1 token, prefill 2 rows × 4 tokens: enough chains to
 /// hide the FMA latency, few enough loads per FMA.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemv_half<const BF: bool, const R: usize, const N: usize>(
@@ -338,13 +405,12 @@ pub unsafe fn gemv_half<const BF: bool, const R: usize, const N: usize>(
     let mut acc = [[_mm256_setzero_ps(); N]; R];
     let mut c = 0;
     while c + 8 <= cols {
-        if N == 1 && c % 32 == 0 {
-            // Decode streams each weight once: ask for the same line of the next R rows (the next tile's, where
-            // rows lie back to back) while this one is multiplied — rows of a few KiB end before the hardware
-            // prefetcher has ramped up. A prefetch past the matrix is dropped, never a fault.
-            for r in 0..R {
-                _mm_prefetch::<_MM_HINT_T0>((rows[r] as *const i8).wrapping_add(2 * c + R * cols * 2));
-            }
+        if N == 1 && c % (32 / R.min(4)) == 0 {
+            // Decode streams each weight once, R rows side by side: R short streams that the hardware prefetcher
+            // of some cores (Zen 4: half the bandwidth of one row at a time) does not follow. So the next tile's
+            // bytes (its rows lie right after this tile's) are asked for in address order, as fast as this
+            // tile's are read: one line per 64 bytes read. A prefetch past the matrix is dropped, never a fault.
+            _mm_prefetch::<_MM_HINT_T0>((rows[0] as *const i8).wrapping_add(R * cols * 2 + R * 2 * c));
         }
         let mut w = [_mm256_setzero_ps(); R];
         for (r, w) in w.iter_mut().enumerate() {

@@ -46,18 +46,22 @@ struct Kernel {
     tile: TileN,
 }
 
-/// Which kernels this process runs: `avx2`, `neon` (with `+dotprod` where the packed 8-bit products use it)
-/// or `portable`.
+/// Which kernels this process runs: `avx512-vnni` or `avx-vnni` (the AVX2 kernels with their integer sums
+/// through VNNI), `avx2`, `neon` (with `+dotprod` where the packed 8-bit products use it) or `portable`.
 pub fn isa() -> &'static str {
     #[cfg(target_arch = "aarch64")]
     if simd() {
         return if neon::dotprod() { "neon+dotprod" } else { "neon" };
     }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if simd() {
-        "avx2"
-    } else {
-        "portable"
+        return match vnni() {
+            Vnni::Avx512 => "avx512-vnni",
+            Vnni::Avx => "avx-vnni",
+            Vnni::None => "avx2",
+        };
     }
+    "portable"
 }
 
 fn simd() -> bool {
@@ -80,6 +84,45 @@ fn simd() -> bool {
             false
         }
     })
+}
+
+/// The x86 integer dot-product instructions the kernels use on top of AVX2.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Vnni {
+    Avx512,
+    Avx,
+    None,
+}
+
+/// VNNI where the CPU has it and `BILLION_CPU_KERNELS` does not ask for `avx2` (or `portable`).
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn vnni() -> Vnni {
+    static VNNI: OnceLock<Vnni> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        if !simd() || std::env::var("BILLION_CPU_KERNELS").is_ok_and(|v| v == "avx2") {
+            Vnni::None
+        } else if avx2::avx512_vnni::available() {
+            Vnni::Avx512
+        } else if avx2::avx_vnni::available() {
+            Vnni::Avx
+        } else {
+            Vnni::None
+        }
+    })
+}
+
+/// Are the 8-bit kernels' products fast enough that a prefill of Q8_0 weights is better through them than
+/// through the f32 GEMM over dequantized tiles? With VNNI (one instruction per 4 byte products).
+pub fn fast_integer_products() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        vnni() != Vnni::None
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
 }
 
 /// The portable kernel with the SIMD kernels' signature.
@@ -129,7 +172,7 @@ fn kernel(kind: WeightKind) -> Kernel {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if simd() {
         use packed::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
-        if let Some(k) = k_quant_kernels!(avx2, kind) {
+        if let Some(k) = x86_k_quant_kernel(kind, vnni()) {
             return k;
         }
         use avx2::dot_q8;
@@ -259,7 +302,7 @@ unsafe fn half_row_tail<const BF: bool>(row: *const u8, x: *const f32, from: usi
     v
 }
 
-/// `R` half-precision rows against `N` f32 rows (4 × 1, 2 × 4, or one row against either); `put(r, t, value)`.
+/// `R` half-precision rows against `N` f32 rows (2 × 1, 2 × 4, or one row against either); `put(r, t, value)`.
 #[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
 fn half_tile(bf: bool, rows: &[*const u8], cols: usize, x: &[*const u8], put: &mut impl FnMut(usize, usize, f32)) {
     macro_rules! tile {
@@ -286,7 +329,7 @@ fn half_tile(bf: bool, rows: &[*const u8], cols: usize, x: &[*const u8], put: &m
         }};
     }
     match (rows.len(), x.len()) {
-        (4, 1) => tile!(4, 1),
+        (2, 1) => tile!(2, 1),
         (2, 4) => tile!(2, 4),
         (1, 4) => tile!(1, 4),
         (1, 1) => tile!(1, 1),
@@ -294,8 +337,8 @@ fn half_tile(bf: bool, rows: &[*const u8], cols: usize, x: &[*const u8], put: &m
     }
 }
 
-/// [`matmul`] for f16 / bf16 weights with the SIMD kernels: decode 4 rows at a time, prefill 2 rows × 4
-/// tokens.
+/// [`matmul`] for f16 / bf16 weights with the SIMD kernels: 2 rows at a time against 1 token (decode) or 4
+/// (prefill).
 #[cfg(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))]
 fn matmul_half(bf: bool, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
     let out = Out(y.as_mut_ptr());
@@ -309,15 +352,15 @@ fn matmul_half(bf: bool, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize
             unsafe { *out.0.add((t0 + t) * rows + r0 + i) = v };
         }
     };
-    // Decode 4 rows × 1 token at a time, prefill 2 rows × 4 tokens; single rows where fewer are left.
+    // Two rows at a time against 1 or 4 tokens; single rows where fewer are left. Decode also measured with 4 rows
+    // side by side and with 1 (2-core Zen 4, SmolLM2 F16): 54–56 and 57–59 tok/s on one thread against 70–73.
     spread(rows, n, 8, PREFILL_ROWS, &|rs, t, count| {
         let xs = [xrow(t), xrow(t + 1.min(count - 1)), xrow(t + 2.min(count - 1)), xrow(t + 3.min(count - 1))];
-        let step = if count == 1 { 4 } else { 2 };
         let mut r = rs.start;
         while r < rs.end {
-            let k = if r + step <= rs.end { step } else { 1 };
-            let rs4 = [row(r), row(r + 1.min(k - 1)), row(r + 2.min(k - 1)), row(r + 3.min(k - 1))];
-            half_tile(bf, &rs4[..k], cols, &xs[..count], &mut put(r, t));
+            let k = if r + 2 <= rs.end { 2 } else { 1 };
+            let pair = [row(r), row(r + k - 1)];
+            half_tile(bf, &pair[..k], cols, &xs[..count], &mut put(r, t));
             r += k;
         }
     });
@@ -373,7 +416,7 @@ macro_rules! group_kernels {
 fn group_kernel(kind: WeightKind) -> Option<(Group1, GroupN)> {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if simd() {
-        return group_kernels!(avx2, kind);
+        return x86_group_kernel(kind, vnni());
     }
     #[cfg(target_arch = "aarch64")]
     if simd() && neon::dotprod() {
@@ -381,6 +424,28 @@ fn group_kernel(kind: WeightKind) -> Option<(Group1, GroupN)> {
     }
     let _ = kind;
     None
+}
+
+/// The x86 kernels of the integer products at one VNNI level: the packed groups' (none for a type without a
+/// packed layout), and the K-quants' rows (none for another type). The CPU must have that level.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn x86_group_kernel(kind: WeightKind, level: Vnni) -> Option<(Group1, GroupN)> {
+    use avx2::{avx512_vnni, avx_vnni};
+    match level {
+        Vnni::Avx512 => group_kernels!(avx512_vnni, kind),
+        Vnni::Avx => group_kernels!(avx_vnni, kind),
+        Vnni::None => group_kernels!(avx2, kind),
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn x86_k_quant_kernel(kind: WeightKind, level: Vnni) -> Option<Kernel> {
+    use avx2::{avx512_vnni, avx_vnni};
+    match level {
+        Vnni::Avx512 => k_quant_kernels!(avx512_vnni, kind),
+        Vnni::Avx => k_quant_kernels!(avx_vnni, kind),
+        Vnni::None => k_quant_kernels!(avx2, kind),
+    }
 }
 
 /// `y[r] = Σ_c W[r, c] · x[c]` for an f32 `W` (`rows × cols`, row-major): one row of activations, the
@@ -774,6 +839,77 @@ mod tests {
                     assert_eq!(got_one[0], got_tile[t], "{kind:?}: one token against the tile");
                     for (a, b) in got_tile[t].iter().zip(&want[t]) {
                         assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{kind:?} group {gi} token {t}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The VNNI kernels (every level this CPU has) give the AVX2 kernels' results: the same bits for the types
+    /// whose integer sums are the same (4- and 5-bit groups, K-quants); for Q8_0, whose weights VNNI takes as
+    /// w + 128 with 128·d·Σq taken back off in f32, within float rounding of that offset.
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    #[test]
+    fn vnni_kernels_give_the_avx2_results() {
+        let levels: Vec<Vnni> =
+            [(Vnni::Avx512, avx2::avx512_vnni::available()), (Vnni::Avx, avx2::avx_vnni::available())]
+                .into_iter()
+                .filter_map(|(level, present)| present.then_some(level))
+                .collect();
+        if !avx2::available() || levels.is_empty() {
+            eprintln!("no VNNI on this CPU: the AVX2 kernels are the ones in use");
+            return;
+        }
+        let cols = 512;
+        let x = crate::testing::seeded_randn(21, 0.0, 1.0, &[TILE, cols]).flatten_all().unwrap();
+        let x = x.to_vec1::<f32>().unwrap();
+        let mut xq = vec![Q8Block::default(); TILE * cols / QK];
+        let mut xk = vec![Q8KBlock::default(); TILE * cols / QK_K];
+        for (t, xr) in x.chunks_exact(cols).enumerate() {
+            quantize_q8(xr, &mut xq[t * cols / QK..(t + 1) * cols / QK]);
+            quantize_q8k(xr, &mut xk[t * cols / QK_K..(t + 1) * cols / QK_K]);
+        }
+        let q8: [*const u8; TILE] = std::array::from_fn(|t| xq[t * cols / QK..].as_ptr() as *const u8);
+        let q8k: [*const u8; TILE] = std::array::from_fn(|t| xk[t * cols / QK_K..].as_ptr() as *const u8);
+        for level in levels {
+            for (kind, g) in KINDS {
+                let (bytes, _) = weights(g, 16, cols, 22);
+                if let Some((one, tile)) = x86_group_kernel(kind, level) {
+                    let (ref_one, ref_tile) = x86_group_kernel(kind, Vnni::None).unwrap();
+                    let p = PackedMatrix::pack(kind, &bytes, 16, cols);
+                    let group_bytes = p.blocks() * GROUP * kind.block_bytes();
+                    for gi in 0..2 {
+                        let gp = p.data()[gi * group_bytes..].as_ptr();
+                        let (mut got, mut want) = ([[0f32; GROUP]; TILE], [[0f32; GROUP]; TILE]);
+                        let (mut got1, mut want1) = ([[0f32; GROUP]; 1], [[0f32; GROUP]; 1]);
+                        // SAFETY: one whole group, and TILE activation rows of the matrix's width.
+                        unsafe {
+                            tile(gp, p.blocks(), &q8, &mut got);
+                            ref_tile(gp, p.blocks(), &q8, &mut want);
+                            one(gp, p.blocks(), &[q8[1]], &mut got1);
+                            ref_one(gp, p.blocks(), &[q8[1]], &mut want1);
+                        }
+                        assert_eq!(got1[0], got[1], "{level:?} {kind:?}: one token against the tile");
+                        for (a, b) in got.iter().flatten().chain(&got1[0]).zip(want.iter().flatten().chain(&want1[0])) {
+                            if kind == WeightKind::Q8_0 {
+                                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{level:?} {kind:?}: {a} vs {b}");
+                            } else {
+                                assert_eq!(a.to_bits(), b.to_bits(), "{level:?} {kind:?}: {a} vs {b}");
+                            }
+                        }
+                    }
+                }
+                if let Some(k) = x86_k_quant_kernel(kind, level) {
+                    let r = x86_k_quant_kernel(kind, Vnni::None).unwrap();
+                    let rb = kind.row_bytes(cols);
+                    for row in 0..16 {
+                        let w = bytes[row * rb..].as_ptr();
+                        // SAFETY: one row of `cols` elements, and TILE activation rows of that width.
+                        let (got, want) = unsafe { ((k.tile)(w, cols / QK_K, &q8k), (r.tile)(w, cols / QK_K, &q8k)) };
+                        let (got1, want1) =
+                            unsafe { ((k.one)(w, cols / QK_K, &[q8k[2]]), (r.one)(w, cols / QK_K, &[q8k[2]])) };
+                        assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits), "{level:?} {kind:?} row {row}");
+                        assert_eq!(got1[0].to_bits(), want1[0].to_bits(), "{level:?} {kind:?} row {row}");
                     }
                 }
             }
