@@ -9,7 +9,7 @@
 // Kernels index several arrays by the same lane/block number; iterator chains would hide that.
 #![allow(clippy::needless_range_loop)]
 
-use super::blocks::{k_scales_mins, Q8Block, Q8KBlock, QK_K};
+use super::blocks::{Q8Block, Q8KBlock};
 use super::packed::{column_layout, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 #[cfg(target_arch = "x86")]
 use std::arch::x86::*;
@@ -34,6 +34,27 @@ unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
+}
+
+/// The sum of the 4 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_i32(v: __m128i) -> i32 {
+    let v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
+    _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32(v, 0b10_11_00_01)))
+}
+
+/// A K-quant super-block's 8 six-bit scales and 8 mins (the 12 bytes at `s`, as `blocks::k_scales_mins`
+/// reads them) as one byte each, by 32-bit operations: (scales, mins), element j in byte j.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_scales_mins_bytes(s: *const u8) -> (u64, u64) {
+    let [u0, u1, u2] = [0, 4, 8].map(|at| (s.add(at) as *const u32).read_unaligned());
+    let low6 = 0x3f3f_3f3f;
+    let (top2, nibble) = (0x0303_0303, 0x0f0f_0f0f);
+    let scales_hi = (u2 & nibble) | (((u0 >> 6) & top2) << 4);
+    let mins_hi = ((u2 >> 4) & nibble) | (((u1 >> 6) & top2) << 4);
+    ((u0 & low6) as u64 | (scales_hi as u64) << 32, (u1 & low6) as u64 | (mins_hi as u64) << 32)
 }
 
 /// 16 bytes of packed nibbles → 32 bytes in element order (low nibbles first, then high nibbles).
@@ -141,11 +162,13 @@ macro_rules! integer_kernels {
             for i in 0..blocks {
                 let b = row.add(i * bb);
                 let (d, dmin) = (half(b), half(b.add(2)));
-                let (sc, mins) = k_scales_mins(std::slice::from_raw_parts(b.add(4), 12));
+                let (sc, mins) = k_scales_mins_bytes(b.add(4));
+                let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
                 let qs = b.add(if FIVE { 48 } else { 16 });
                 let mut high =
                     if FIVE { _mm256_loadu_si256(b.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
-                let mut sumi = [_mm256_setzero_si256(); N];
+                // Two chains per token (the low and the high nibbles' products), added at the end of the block.
+                let mut sumi = [[_mm256_setzero_si256(); 2]; N];
                 for j in 0..4 {
                     let q4 = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
                     let mut lo = _mm256_and_si256(q4, m4);
@@ -156,22 +179,24 @@ macro_rules! integer_kernels {
                             _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 1), m1), 4));
                         high = _mm256_srli_epi16(high, 2);
                     }
-                    let (s_lo, s_hi) = (_mm256_set1_epi16(sc[2 * j] as i16), _mm256_set1_epi16(sc[2 * j + 1] as i16));
+                    let scale = |k: usize| _mm256_set1_epi16((sc >> (8 * k) & 0xff) as i16);
+                    let (s_lo, s_hi) = (scale(2 * j), scale(2 * j + 1));
                     for t in 0..N {
                         let a = (x[t] as *const Q8KBlock).add(i);
                         let q = (*a).qs.as_ptr().add(64 * j);
                         let pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q as *const __m256i));
                         let ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(q.add(32) as *const __m256i));
-                        sumi[t] = madd_add(madd_add(sumi[t], pl, s_lo), ph, s_hi);
+                        sumi[t] = [madd_add(sumi[t][0], pl, s_lo), madd_add(sumi[t][1], ph, s_hi)];
                     }
                 }
                 for t in 0..N {
                     let a = &*(x[t] as *const Q8KBlock).add(i);
-                    let mut summ = 0i32;
-                    for s in 0..8 {
-                        summ += mins[s] as i32 * (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32);
-                    }
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+                    // Σ_s mins[s] · (the activations' sum over sub-block s of 32) — the sums of each 16, paired.
+                    let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+                    let pairs = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256(bsums, 1));
+                    let summ = hsum_i32(_mm_madd_epi16(mins, pairs));
+                    let sumi = _mm256_add_epi32(sumi[t][0], sumi[t][1]);
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi), acc[t]);
                     offset[t] -= dmin * a.d * summ as f32;
                 }
             }
@@ -193,6 +218,7 @@ macro_rules! integer_kernels {
                 let b = row.add(i * 210);
                 let d = half(b.add(208));
                 let sc = std::slice::from_raw_parts(b.add(192) as *const i8, 16);
+                let scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192) as *const __m128i));
                 let mut sumi = [_mm256_setzero_si256(); N];
                 for n in 0..2 {
                     let qa = _mm256_loadu_si256(b.add(64 * n) as *const __m256i);
@@ -217,10 +243,10 @@ macro_rules! integer_kernels {
                 }
                 for t in 0..N {
                     let a = &*(x[t] as *const Q8KBlock).add(i);
-                    let mut off = 0i32;
-                    for s in 0..QK_K / 16 {
-                        off += sc[s] as i32 * a.bsums[s] as i32;
-                    }
+                    // Σ_s scale[s] · (the activations' sum over sub-block s of 16).
+                    let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+                    let off = _mm256_madd_epi16(scales16, bsums);
+                    let off = hsum_i32(_mm_add_epi32(_mm256_castsi256_si128(off), _mm256_extracti128_si256(off, 1)));
                     acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
                     offset[t] -= 32.0 * d * a.d * off as f32;
                 }
