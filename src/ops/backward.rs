@@ -210,7 +210,7 @@ impl CustomOp3 for NormBackward {
         let rows = xl.shape().elem_count() / cols;
         let args = cuda::Args { count: rows as i64, cols: cols as i32, eps: self.eps };
         let kernel = if self.centered { "layer_norm_backward" } else { "rms_norm_backward" };
-        let out = cuda::three_in(x, xl, w, wl, g, gl, kernel, xl.shape().elem_count(), rows, &args)?;
+        let out = cuda::three_in(x, xl, w, wl, g, gl, kernel, xl.shape().elem_count(), (rows, 1), &args)?;
         Ok((out, xl.shape().clone()))
     }
 }
@@ -259,7 +259,8 @@ impl CustomOp3 for SwiGluBackward {
         same_shapes(xl, ul, gl)?;
         let n = xl.shape().elem_count();
         let args = cuda::Args { count: n as i64, cols: 0, eps: 0.0 };
-        let out = cuda::three_in(x, xl, u, ul, g, gl, "swiglu_backward", 2 * n, 0, &args)?;
+        // The kernel takes 8 inputs (16 outputs) a thread where it can.
+        let out = cuda::three_in(x, xl, u, ul, g, gl, "swiglu_backward", 2 * n, (0, 16), &args)?;
         Ok((out, Shape::from(2 * n)))
     }
 }
@@ -311,7 +312,8 @@ mod cuda {
     }
 
     /// `name_{dtype}(a, b, c, out, count, cols, eps)` over contiguous inputs of one dtype, `out` of `n`
-    /// elements: with `rows > 0` one warp per row (8 per block), else a grid-stride loop.
+    /// elements: with `rows > 0` one warp per row (8 per block), else a grid-stride loop of threads that take
+    /// `per_thread` outputs each.
     #[allow(clippy::too_many_arguments)]
     pub fn three_in(
         a: &CudaStorage,
@@ -322,7 +324,7 @@ mod cuda {
         cl: &Layout,
         name: &str,
         n: usize,
-        rows: usize,
+        (rows, per_thread): (usize, usize),
         args: &Args,
     ) -> Result<CudaStorage> {
         let dev = a.device.clone();
@@ -332,7 +334,7 @@ mod cuda {
         let (c1, c2) = cl.contiguous_offsets().ok_or_else(bad)?;
         let f = kernel(&dev, &format!("{name}_{}", suffix(a.dtype())?))?;
         let stream = dev.cuda_stream();
-        let cfg = if rows > 0 { grid_for_warps(rows) } else { grid_stride(n) };
+        let cfg = if rows > 0 { grid_for_warps(rows) } else { grid_stride(n.div_ceil(per_thread.max(1))) };
         macro_rules! run {
             ($t:ty, $a:expr, $b:expr, $c:expr, $variant:ident) => {{
                 let (av, bv, cv) = ($a.slice(a1..a2), $b.slice(b1..b2), $c.slice(c1..c2));

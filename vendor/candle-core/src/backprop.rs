@@ -675,6 +675,33 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
+/// An addition of two gradients of the same tensor that the program using this crate may provide (a faster
+/// kernel for some devices and dtypes); `None` from it means "not these", and `Tensor::add` runs.
+pub type GradAdd = fn(&Tensor, &Tensor) -> Result<Option<Tensor>>;
+
+static GRAD_ADD: std::sync::OnceLock<GradAdd> = std::sync::OnceLock::new();
+
+/// Install the gradient addition the backward passes use (the first call wins).
+pub fn set_grad_add(add: GradAdd) {
+    let _ = GRAD_ADD.set(add);
+}
+
+/// Does the layout cover its storage span densely (a permutation of a contiguous layout: no broadcast, no
+/// gaps)? Such a view costs nothing to keep.
+fn dense(layout: &crate::Layout) -> bool {
+    let mut dims: Vec<(usize, usize)> =
+        layout.dims().iter().zip(layout.stride()).filter(|(&d, _)| d != 1).map(|(&d, &s)| (s, d)).collect();
+    dims.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    let mut expect = 1;
+    for &(stride, dim) in dims.iter().rev() {
+        if stride != expect {
+            return false;
+        }
+        expect *= dim;
+    }
+    true
+}
+
 impl GradStore {
     /// Create a new gradient store
     fn new() -> Self {
@@ -688,7 +715,13 @@ impl GradStore {
         use std::collections::hash_map::Entry;
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut e) => {
-                let sum = e.get().add(grad)?;
+                let sum = match GRAD_ADD.get() {
+                    Some(add) => match add(e.get(), grad)? {
+                        Some(sum) => sum,
+                        None => e.get().add(grad)?,
+                    },
+                    None => e.get().add(grad)?,
+                };
                 e.insert(sum);
             }
             Entry::Vacant(e) => {
@@ -705,7 +738,10 @@ impl GradStore {
                         tensor.dtype()
                     )
                 }
-                e.insert(grad.contiguous()?);
+                // A transposed view of a dense tensor is kept as it is (the ops it feeds read strides, and a
+                // later transpose may make it contiguous again); gapped or broadcast views are copied.
+                let grad = if dense(grad.layout()) { grad.clone() } else { grad.contiguous()? };
+                e.insert(grad);
             }
         }
         Ok(())
