@@ -315,6 +315,10 @@ impl Model {
         vars: &[candle_core::Var],
     ) -> candle_core::Result<Gradients> {
         use crate::model::linear::dropout_tape;
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            crate::ops::fused::cuda::install_grad_add();
+        }
         if self.ops != Ops::Differentiable {
             candle_core::bail!("activation checkpointing needs the differentiable ops");
         }

@@ -1395,6 +1395,10 @@ pub(crate) mod cuda {
         let whole = |t: &candle_core::Tensor| {
             t.is_contiguous() && (t.layout().start_offset() * dtype.size_in_bytes()).is_multiple_of(16)
         };
+        // Sums that are themselves differentiated (second-order gradients) keep candle's tracked addition.
+        if a.track_op() || b.track_op() {
+            return Ok(None);
+        }
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
             || b.dtype() != dtype
             || a.shape() != b.shape()

@@ -401,6 +401,8 @@ impl Tensor {
                         grads.accumulate(lhs, &lhs_grad)?
                     }
                     Op::Gather(arg, indexes, dim) => {
+                        // A stored gradient may be a dense view (`accumulate`); scatter_add wants it contiguous.
+                        let grad = grad.contiguous()?;
                         let sum_grad = grads.or_insert(arg)?;
                         *sum_grad = sum_grad.scatter_add(indexes, &grad, *dim)?;
                     }
@@ -425,6 +427,8 @@ impl Tensor {
                         grads.accumulate(src, &src_grad)?;
                     }
                     Op::IndexSelect(arg, indexes, dim) => {
+                        // As for Gather: index_add wants a contiguous source.
+                        let grad = grad.contiguous()?;
                         let sum_grad = grads.or_insert(arg)?;
                         // index_select accepts strided ids but index_add requires contiguous ones.
                         let indexes = indexes.contiguous()?;
@@ -433,6 +437,8 @@ impl Tensor {
                     Op::Matmul(lhs, rhs) => {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
+                        // A stored gradient may be a dense view (`accumulate`) that matmul cannot take.
+                        let grad = grad.contiguous()?;
 
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
@@ -708,9 +714,10 @@ impl GradStore {
         Self::default()
     }
 
-    /// Add `grad` to the gradient of `tensor`. The first contribution is kept as it is (made contiguous)
-    /// rather than added to a fresh tensor of zeros: a zero fill and a full-size addition saved per edge
-    /// of the graph.
+    /// Add `grad` to the gradient of `tensor`. The first contribution is kept as it is (a dense view as a
+    /// view, anything else made contiguous) rather than added to a fresh tensor of zeros: a zero fill and a
+    /// full-size addition saved per edge of the graph. Later ones are added through the installed addition
+    /// (`set_grad_add`) where it takes them.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         use std::collections::hash_map::Entry;
         match self.0.entry(tensor.id()) {
