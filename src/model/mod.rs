@@ -184,6 +184,10 @@ impl Model {
     /// once.
     fn trunk(&self, x: Tensor, cache: &mut KvCache, positions: Positions) -> candle_core::Result<Tensor> {
         let _training = (self.ops == Ops::Differentiable).then(crate::model::linear::TrainingProducts::hold);
+        #[cfg(feature = "cuda")]
+        if self.ops == Ops::Differentiable && self.device.is_cuda() {
+            crate::ops::fused::cuda::install_grad_add();
+        }
         let (batch, t, _) = x.dims3()?;
         let offset = cache.len();
         // Rows of different lengths or a shared prefix: per-row positions and visible spans.
@@ -311,6 +315,10 @@ impl Model {
         vars: &[candle_core::Var],
     ) -> candle_core::Result<Gradients> {
         use crate::model::linear::dropout_tape;
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            crate::ops::fused::cuda::install_grad_add();
+        }
         if self.ops != Ops::Differentiable {
             candle_core::bail!("activation checkpointing needs the differentiable ops");
         }

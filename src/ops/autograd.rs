@@ -572,8 +572,12 @@ mod tests {
             eprintln!("skipping: no CUDA device");
             return Ok(());
         };
-        let (b, t, h, d) = (2usize, 5usize, 3usize, 16usize);
-        for (rot, interleaved) in [(16usize, false), (8, false), (16, true)] {
+        let (b, t, h) = (2usize, 5usize, 3usize);
+        // Whole and partial rotation, halves and interleaved pairs; 2-byte types take the 16-byte kernel where
+        // rot / 2 (halves) or rot (pairs) and d − rot are multiples of 8, the one-value kernel otherwise.
+        for (d, rot, interleaved) in
+            [(16usize, 16usize, false), (16, 8, false), (16, 16, true), (32, 16, false), (32, 16, true), (16, 8, true)]
+        {
             let x = crate::testing::seeded_randn(500, 0.0, 1.0, &[b, t, h * d]);
             let coef = crate::testing::seeded_randn(501, 0.0, 1.0, &[b, h, t, d]);
             let angles = crate::testing::seeded_randn(502, 0.0, 2.0, &[t, rot / 2]);
@@ -595,11 +599,11 @@ mod tests {
                 Ok((cpu(y)?, cpu(g)?))
             };
             let (want_y, want_g) = run(&Device::Cpu, DType::F32, false)?;
-            for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 3e-2)] {
+            for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 3e-2), (DType::F16, 1e-2)] {
                 let (y, g) = run(&gpu, dtype, true)?;
                 let dy = (y - &want_y)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 let dg = (g - &want_g)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(dy < tol && dg < tol, "rot {rot}, interleaved {interleaved}, {dtype:?}: {dy} / {dg}");
+                assert!(dy < tol && dg < tol, "d {d}, rot {rot}, interleaved {interleaved}, {dtype:?}: {dy} / {dg}");
             }
         }
         Ok(())

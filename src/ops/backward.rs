@@ -210,7 +210,7 @@ impl CustomOp3 for NormBackward {
         let rows = xl.shape().elem_count() / cols;
         let args = cuda::Args { count: rows as i64, cols: cols as i32, eps: self.eps };
         let kernel = if self.centered { "layer_norm_backward" } else { "rms_norm_backward" };
-        let out = cuda::three_in(x, xl, w, wl, g, gl, kernel, xl.shape().elem_count(), rows, &args)?;
+        let out = cuda::three_in(x, xl, w, wl, g, gl, kernel, xl.shape().elem_count(), (rows, 1), &args)?;
         Ok((out, xl.shape().clone()))
     }
 }
@@ -259,7 +259,8 @@ impl CustomOp3 for SwiGluBackward {
         same_shapes(xl, ul, gl)?;
         let n = xl.shape().elem_count();
         let args = cuda::Args { count: n as i64, cols: 0, eps: 0.0 };
-        let out = cuda::three_in(x, xl, u, ul, g, gl, "swiglu_backward", 2 * n, 0, &args)?;
+        // The kernel takes 8 inputs (16 outputs) a thread where it can.
+        let out = cuda::three_in(x, xl, u, ul, g, gl, "swiglu_backward", 2 * n, (0, 16), &args)?;
         Ok((out, Shape::from(2 * n)))
     }
 }
@@ -311,7 +312,8 @@ mod cuda {
     }
 
     /// `name_{dtype}(a, b, c, out, count, cols, eps)` over contiguous inputs of one dtype, `out` of `n`
-    /// elements: with `rows > 0` one warp per row (8 per block), else a grid-stride loop.
+    /// elements: with `rows > 0` one warp per row (8 per block), else a grid-stride loop of threads that take
+    /// `per_thread` outputs each.
     #[allow(clippy::too_many_arguments)]
     pub fn three_in(
         a: &CudaStorage,
@@ -322,7 +324,7 @@ mod cuda {
         cl: &Layout,
         name: &str,
         n: usize,
-        rows: usize,
+        (rows, per_thread): (usize, usize),
         args: &Args,
     ) -> Result<CudaStorage> {
         let dev = a.device.clone();
@@ -332,7 +334,7 @@ mod cuda {
         let (c1, c2) = cl.contiguous_offsets().ok_or_else(bad)?;
         let f = kernel(&dev, &format!("{name}_{}", suffix(a.dtype())?))?;
         let stream = dev.cuda_stream();
-        let cfg = if rows > 0 { grid_for_warps(rows) } else { grid_stride(n) };
+        let cfg = if rows > 0 { grid_for_warps(rows) } else { grid_stride(n.div_ceil(per_thread.max(1))) };
         macro_rules! run {
             ($t:ty, $a:expr, $b:expr, $c:expr, $variant:ident) => {{
                 let (av, bv, cv) = ($a.slice(a1..a2), $b.slice(b1..b2), $c.slice(c1..c2));
@@ -470,6 +472,46 @@ mod tests {
             assert!(a < tol && b < tol, "{dtype:?} swiglu backward kernel off by {a} (gate), {b} (up)");
             let want = f32s(&dropout_f32(&x, 1234, 0.3).unwrap());
             assert_eq!(f32s(&dropout_f32(&on(&x), 1234, 0.3).unwrap()), want, "{dtype:?} dropout: the CPU's mask");
+            // 21 values: the kernel's one-value loop (the 8-wide one needs a multiple of 8), on a grid sized for
+            // the 8-wide one.
+            let (x, up, g) = (t(515, 0.3, 1.5, &[3, 7]), t(516, 0.0, 1.0, &[3, 7]), t(517, 0.0, 1.0, &[3, 7]));
+            let (wg, wu) = swiglu_backward(&x, &up, &g).unwrap();
+            let (dg, du) = swiglu_backward(&on(&x), &on(&up), &on(&g)).unwrap();
+            let (a, b) = (off(&dg, &wg), off(&du, &wu));
+            assert!(a < tol && b < tol, "{dtype:?} swiglu backward, 21 values: off by {a} (gate), {b} (up)");
+            let want = crate::ops::fused::swiglu(&x, &up).unwrap();
+            let d = off(&crate::ops::fused::swiglu(&on(&x), &on(&up)).unwrap(), &want);
+            assert!(d < tol, "{dtype:?} swiglu, 21 values: off by {d}");
         }
+    }
+
+    /// The 16-byte gradient addition equals candle's addition, and declines what it cannot take (a view that
+    /// starts off a 16-byte boundary, sizes that are not whole vectors, mixed dtypes).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn grad_add_equals_candles_addition() {
+        use crate::ops::fused::cuda::add_same;
+        let Ok(gpu) = candle_core::Device::new_cuda(0) else {
+            eprintln!("skipping: no CUDA device");
+            return;
+        };
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let t = |seed, shape: &[usize]| {
+                seeded_randn(seed, 0.0, 1.0, shape).to_dtype(dtype).unwrap().to_device(&gpu).unwrap()
+            };
+            let (a, b) = (t(520, &[5, 64]), t(521, &[5, 64]));
+            let sum = add_same(&a, &b).unwrap().expect("whole vectors, aligned");
+            assert_eq!(f32s(&sum), f32s(&(&a + &b).unwrap()), "{dtype:?}: not candle's sum");
+            let (a1, b1) = (
+                a.flatten_all().unwrap().narrow(0, 1, 64).unwrap(),
+                b.flatten_all().unwrap().narrow(0, 1, 64).unwrap(),
+            );
+            assert!(add_same(&a1, &b1).unwrap().is_none(), "{dtype:?}: a misaligned view taken");
+            let (a2, b2) = (t(522, &[3, 3]), t(523, &[3, 3]));
+            assert!(add_same(&a2, &b2).unwrap().is_none(), "{dtype:?}: a partial vector taken");
+        }
+        let (a, b) = (seeded_randn(524, 0.0, 1.0, &[64]).to_device(&gpu).unwrap(), seeded_randn(525, 0.0, 1.0, &[64]));
+        let b = b.to_dtype(DType::BF16).unwrap().to_device(&gpu).unwrap();
+        assert!(add_same(&a, &b).unwrap().is_none(), "mixed dtypes taken");
     }
 }

@@ -1041,8 +1041,13 @@ pub(crate) mod cuda {
         // Shared memory: the warps' sums, and the split's rows of u (within the 48 KB a launch may ask for).
         let red_bytes = 4 * 32 * (c * r + 1) * 4;
         let max_split = (48 * 1024 - red_bytes) / (4 * r);
-        // Half the blocks of the other passes: each split's partial sums are written and read once more.
-        let splits = (LORA_BLOCKS / 2).div_ceil(col_blocks).clamp(1, rows.div_ceil(32)).max(rows.div_ceil(max_split));
+        // Half the blocks of the other passes: each split's partial sums are written and read once more, by
+        // the last block of their columns (so at most 32 splits where the rows allow: that block's tail grows
+        // with them).
+        let splits = (LORA_BLOCKS / 2)
+            .div_ceil(col_blocks)
+            .clamp(1, rows.div_ceil(32).min(LORA_MAX_COL_SPLITS))
+            .max(rows.div_ceil(max_split));
         let split = rows.div_ceil(splits);
         let splits = rows.div_ceil(split);
         let smem = (red_bytes + split * r * 4) as u32;
@@ -1070,6 +1075,9 @@ pub(crate) mod cuda {
         launch(&stream, &f, false, (col_blocks as u32, splits as u32, 1), 128, smem, &args)?;
         Ok(out)
     }
+
+    /// Row splits a `lora_cols` launch aims at most for.
+    const LORA_MAX_COL_SPLITS: usize = 32;
 
     /// Column ranges a `lora_cols` launch may count its finished splits in (a pass over 131,072 columns at
     /// one column a lane).
@@ -1279,7 +1287,19 @@ pub(crate) mod cuda {
             (uninit4(dev, x.dtype(), (b, h, t, d))?, [h * t * d, t * d, d])
         };
         let x_ptr = view_ptr(x, &stream)?;
-        let units = rot / 2 + (d - rot);
+        // 16 bytes a load where every row, pair half and table row starts on a 16-byte boundary (2-byte types).
+        let aligned16 = |p: u64| p.is_multiple_of(16);
+        let vec = x.dtype().size_in_bytes() == 2
+            && (if interleaved { rot.is_multiple_of(8) } else { (rot / 2).is_multiple_of(8) })
+            && (d - rot).is_multiple_of(8)
+            && stride[..3].iter().all(|s| s.is_multiple_of(8))
+            && aligned16(x_ptr)
+            && (rot == 0 || (aligned16(cos_ptr) && aligned16(sin_ptr)));
+        let units = match (vec, interleaved) {
+            (true, true) => rot / 8 + (d - rot) / 8,
+            (true, false) => rot / 16 + (d - rot) / 8,
+            (false, _) => rot / 2 + (d - rot),
+        };
         let n = b * h * t * units;
         use Arg::{F, I, P};
         let args = [
@@ -1302,7 +1322,8 @@ pub(crate) mod cuda {
             F(scale),
             F(sign),
         ];
-        let f = kernel(dev, &format!("rope_strided_{}", suffix(x.dtype())?))?;
+        let name = if vec { "rope_strided_vec" } else { "rope_strided" };
+        let f = kernel(dev, &format!("{name}_{}", suffix(x.dtype())?))?;
         launch(&stream, &f, false, (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), 256, 0, &args)?;
         if token_major {
             y.transpose(1, 2)
@@ -1363,6 +1384,51 @@ pub(crate) mod cuda {
         out.reshape(())
     }
 
+    /// `a + b` through one 16-byte-wide kernel when both are contiguous CUDA tensors of one float dtype and
+    /// shape whose data start on 16-byte boundaries and whose size is whole 16-byte vectors; `None` otherwise.
+    /// The backward pass's gradient sums take it (`install_grad_add`).
+    pub fn add_same(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<Option<candle_core::Tensor>> {
+        use crate::ops::launch::{launch, storage_ptr, Arg};
+        let candle_core::Device::Cuda(dev) = a.device() else { return Ok(None) };
+        let dtype = a.dtype();
+        let n = a.elem_count();
+        let whole = |t: &candle_core::Tensor| {
+            t.is_contiguous() && (t.layout().start_offset() * dtype.size_in_bytes()).is_multiple_of(16)
+        };
+        // Sums that are themselves differentiated (second-order gradients) keep candle's tracked addition.
+        if a.track_op() || b.track_op() {
+            return Ok(None);
+        }
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+            || b.dtype() != dtype
+            || a.shape() != b.shape()
+            || !b.device().same_device(a.device())
+            || !(n * dtype.size_in_bytes()).is_multiple_of(16)
+            || n == 0
+            || !whole(a)
+            || !whole(b)
+        {
+            return Ok(None);
+        }
+        let stream = dev.cuda_stream();
+        let y = uninit(dev, dtype, (n, 1))?;
+        let args = [
+            Arg::P(storage_ptr(a, &stream)?),
+            Arg::P(storage_ptr(b, &stream)?),
+            Arg::P(storage_ptr(&y, &stream)?),
+            Arg::P(n as u64),
+        ];
+        let vectors = n * dtype.size_in_bytes() / 16;
+        let f = kernel(dev, &format!("add_vec_{}", suffix(dtype)?))?;
+        launch(&stream, &f, false, (vectors.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), 256, 0, &args)?;
+        Ok(Some(y.reshape(a.shape())?))
+    }
+
+    /// Route the backward pass's sums of two gradients through [`add_same`] where it applies.
+    pub fn install_grad_add() {
+        candle_core::backprop::set_grad_add(add_same);
+    }
+
     /// A 4-d tensor of `shape` whose every element the caller's kernel writes.
     fn uninit4(dev: &CudaDevice, dtype: DType, shape: (usize, usize, usize, usize)) -> Result<candle_core::Tensor> {
         let (a, b, c, d) = shape;
@@ -1408,7 +1474,8 @@ pub(crate) mod cuda {
         let (u1, u2) = ul.contiguous_offsets().ok_or_else(bad)?;
         let f = kernel(dev, &format!("swiglu_{}", suffix(g.dtype())?))?;
         let stream = dev.cuda_stream();
-        let cfg = grid_stride(n);
+        // Eight values a thread where the kernel can (16-byte loads).
+        let cfg = grid_stride(n.div_ceil(8));
         let n64 = n as u64;
         macro_rules! run {
             ($t:ty, $g:expr, $u:expr, $variant:ident) => {{

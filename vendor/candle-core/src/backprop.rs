@@ -401,6 +401,8 @@ impl Tensor {
                         grads.accumulate(lhs, &lhs_grad)?
                     }
                     Op::Gather(arg, indexes, dim) => {
+                        // A stored gradient may be a dense view (`accumulate`); scatter_add wants it contiguous.
+                        let grad = grad.contiguous()?;
                         let sum_grad = grads.or_insert(arg)?;
                         *sum_grad = sum_grad.scatter_add(indexes, &grad, *dim)?;
                     }
@@ -425,6 +427,8 @@ impl Tensor {
                         grads.accumulate(src, &src_grad)?;
                     }
                     Op::IndexSelect(arg, indexes, dim) => {
+                        // As for Gather: index_add wants a contiguous source.
+                        let grad = grad.contiguous()?;
                         let sum_grad = grads.or_insert(arg)?;
                         // index_select accepts strided ids but index_add requires contiguous ones.
                         let indexes = indexes.contiguous()?;
@@ -433,6 +437,8 @@ impl Tensor {
                     Op::Matmul(lhs, rhs) => {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
+                        // A stored gradient may be a dense view (`accumulate`) that matmul cannot take.
+                        let grad = grad.contiguous()?;
 
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
@@ -675,20 +681,54 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
+/// An addition of two gradients of the same tensor that the program using this crate may provide (a faster
+/// kernel for some devices and dtypes); `None` from it means "not these", and `Tensor::add` runs.
+pub type GradAdd = fn(&Tensor, &Tensor) -> Result<Option<Tensor>>;
+
+static GRAD_ADD: std::sync::OnceLock<GradAdd> = std::sync::OnceLock::new();
+
+/// Install the gradient addition the backward passes use (the first call wins).
+pub fn set_grad_add(add: GradAdd) {
+    let _ = GRAD_ADD.set(add);
+}
+
+/// Does the layout cover its storage span densely (a permutation of a contiguous layout: no broadcast, no
+/// gaps)? Such a view costs nothing to keep.
+fn dense(layout: &crate::Layout) -> bool {
+    let mut dims: Vec<(usize, usize)> =
+        layout.dims().iter().zip(layout.stride()).filter(|(&d, _)| d != 1).map(|(&d, &s)| (s, d)).collect();
+    dims.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    let mut expect = 1;
+    for &(stride, dim) in dims.iter().rev() {
+        if stride != expect {
+            return false;
+        }
+        expect *= dim;
+    }
+    true
+}
+
 impl GradStore {
     /// Create a new gradient store
     fn new() -> Self {
         Self::default()
     }
 
-    /// Add `grad` to the gradient of `tensor`. The first contribution is kept as it is (made contiguous)
-    /// rather than added to a fresh tensor of zeros: a zero fill and a full-size addition saved per edge
-    /// of the graph.
+    /// Add `grad` to the gradient of `tensor`. The first contribution is kept as it is (a dense view as a
+    /// view, anything else made contiguous) rather than added to a fresh tensor of zeros: a zero fill and a
+    /// full-size addition saved per edge of the graph. Later ones are added through the installed addition
+    /// (`set_grad_add`) where it takes them.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         use std::collections::hash_map::Entry;
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut e) => {
-                let sum = e.get().add(grad)?;
+                let sum = match GRAD_ADD.get() {
+                    Some(add) => match add(e.get(), grad)? {
+                        Some(sum) => sum,
+                        None => e.get().add(grad)?,
+                    },
+                    None => e.get().add(grad)?,
+                };
                 e.insert(sum);
             }
             Entry::Vacant(e) => {
@@ -705,7 +745,10 @@ impl GradStore {
                         tensor.dtype()
                     )
                 }
-                e.insert(grad.contiguous()?);
+                // A transposed view of a dense tensor is kept as it is (the ops it feeds read strides, and a
+                // later transpose may make it contiguous again); gapped or broadcast views are copied.
+                let grad = if dense(grad.layout()) { grad.clone() } else { grad.contiguous()? };
+                e.insert(grad);
             }
         }
         Ok(())
