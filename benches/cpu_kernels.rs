@@ -7,7 +7,7 @@
 //!   cargo bench --bench cpu_kernels -- [q4_1,q8_0,f16,...] [--tokens 512]
 //!
 //! Threads: `BILLION_THREADS` (default one per core). Kernels: `BILLION_CPU_KERNELS=portable` forces the
-//! portable ones.
+//! portable ones, `avx2` the AVX2 ones on a CPU with VNNI / AVX-512 (for a side-by-side run).
 
 use billion::ops::cpu::{self, WeightKind};
 use candle_core::quantized::{GgmlDType, QTensor};
