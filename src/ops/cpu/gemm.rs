@@ -336,7 +336,7 @@ fn micro_kernels() -> &'static [Micro] {
     }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if super::simd() {
-        if avx512::available() {
+        if super::avx512() {
             use avx512::micro;
             return &[
                 micro::<1>,
@@ -544,10 +544,6 @@ mod avx512 {
     #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx512f") && std::env::var("BILLION_CPU_KERNELS").map_or(true, |v| v != "avx2")
-    }
-
     #[target_feature(enable = "avx2,fma,avx512f")]
     #[allow(clippy::too_many_arguments)] // the micro-kernel's operands, as BLIS passes them
     pub unsafe fn micro<const M: usize>(
@@ -589,8 +585,8 @@ mod tests {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     #[test]
     fn avx512_tiles_equal_the_avx2_ones() {
-        if !(super::super::simd() && avx512::available()) {
-            eprintln!("no AVX-512 on this CPU: the AVX2 micro-kernel is the one in use");
+        if !super::super::avx512() {
+            eprintln!("AVX-512 not in use (not on this CPU, or BILLION_CPU_KERNELS): the AVX2 micro-kernel is");
             return;
         }
         let (m, k) = (12, 300);

@@ -64,10 +64,16 @@ pub fn isa() -> &'static str {
     "portable"
 }
 
+/// Does `BILLION_CPU_KERNELS` (read once) ask for these kernels: `portable`, or `avx2` on a CPU with more?
+fn kernels_asked(name: &str) -> bool {
+    static ASKED: OnceLock<Option<String>> = OnceLock::new();
+    ASKED.get_or_init(|| std::env::var("BILLION_CPU_KERNELS").ok()).as_deref() == Some(name)
+}
+
 fn simd() -> bool {
     static SIMD: OnceLock<bool> = OnceLock::new();
     *SIMD.get_or_init(|| {
-        if std::env::var("BILLION_CPU_KERNELS").is_ok_and(|v| v == "portable") {
+        if kernels_asked("portable") {
             return false;
         }
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
@@ -100,7 +106,7 @@ enum Vnni {
 fn vnni() -> Vnni {
     static VNNI: OnceLock<Vnni> = OnceLock::new();
     *VNNI.get_or_init(|| {
-        if !simd() || std::env::var("BILLION_CPU_KERNELS").is_ok_and(|v| v == "avx2") {
+        if !simd() || kernels_asked("avx2") {
             Vnni::None
         } else if avx2::avx512_vnni::available() {
             Vnni::Avx512
@@ -110,6 +116,14 @@ fn vnni() -> Vnni {
             Vnni::None
         }
     })
+}
+
+/// The f32 GEMM's AVX-512 micro-kernel, where the CPU has it and `BILLION_CPU_KERNELS` does not ask for `avx2`
+/// (or `portable`).
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn avx512() -> bool {
+    static AVX512: OnceLock<bool> = OnceLock::new();
+    *AVX512.get_or_init(|| simd() && !kernels_asked("avx2") && is_x86_feature_detected!("avx512f"))
 }
 
 /// Are the 8-bit kernels' products fast enough that a prefill of Q8_0 weights is better through them than
