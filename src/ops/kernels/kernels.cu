@@ -1094,6 +1094,21 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // interleaved; θ from the [t, rot/2] tables), the rest copied times scale. x and y are addressed through
 // their strides for b, heads and t (d contiguous), so the forward reads the projection's output where it is
 // and the backward (sign −1: R is orthogonal) writes the gradient in that layout — no transposing copies.
+// Unit i of a walk over [b, h, t, units]: its place u in the row, its position tt, and the rows of x and y
+// it falls in (through their strides for b, h and t).
+template <typename T>
+__device__ __forceinline__ void strided_unit(long long i, int units, int h, int t, const T* x, long long xb,
+                                             long long xh, long long xt, T* y, long long yb, long long yh,
+                                             long long yt, int& u, int& tt, const T*& xr, T*& yr) {
+    u = (int)(i % units);
+    long long r = i / units;
+    tt = (int)(r % t);
+    r /= t;
+    int hh = (int)(r % h), bb = (int)(r / h);
+    xr = x + bb * xb + hh * xh + tt * xt;
+    yr = y + bb * yb + hh * yh + tt * yt;
+}
+
 template <typename T>
 __device__ void rope_strided(const T* x, long long xb, long long xh, long long xt, const T* cos, const T* sin, T* y,
                              long long yb, long long yh, long long yt, int b, int h, int t, int d, int rot,
@@ -1101,13 +1116,10 @@ __device__ void rope_strided(const T* x, long long xb, long long xh, long long x
     int half = rot / 2, units = half + (d - rot);
     long long n = (long long)b * h * t * units;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        int u = (int)(i % units);
-        long long r = i / units;
-        int tt = (int)(r % t);
-        r /= t;
-        int hh = (int)(r % h), bb = (int)(r / h);
-        const T* xr = x + bb * xb + hh * xh + tt * xt;
-        T* yr = y + bb * yb + hh * yh + tt * yt;
+        int u, tt;
+        const T* xr;
+        T* yr;
+        strided_unit(i, units, h, t, x, xb, xh, xt, y, yb, yh, yt, u, tt, xr, yr);
         if (u < half) {
             int i1 = interleaved ? 2 * u : u, i2 = interleaved ? 2 * u + 1 : u + half;
             float c = to_f(cos[(size_t)tt * half + u]), s = sign * to_f(sin[(size_t)tt * half + u]);
@@ -1132,13 +1144,10 @@ __device__ void rope_strided_vec(const T* x, long long xb, long long xh, long lo
     int rotating = interleaved ? rot / 8 : half / 8, units = rotating + (d - rot) / 8;
     long long n = (long long)b * h * t * units;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        int u = (int)(i % units);
-        long long r = i / units;
-        int tt = (int)(r % t);
-        r /= t;
-        int hh = (int)(r % h), bb = (int)(r / h);
-        const T* xr = x + bb * xb + hh * xh + tt * xt;
-        T* yr = y + bb * yb + hh * yh + tt * yt;
+        int u, tt;
+        const T* xr;
+        T* yr;
+        strided_unit(i, units, h, t, x, xb, xh, xt, y, yb, yh, yt, u, tt, xr, yr);
         float a[8], v[8], c[8], s[8];
         if (u >= rotating) {
             int j = rot + 8 * (u - rotating);
