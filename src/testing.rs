@@ -13,6 +13,16 @@ use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The first CUDA device, or `None` with a note on stderr that the calling GPU test is skipped (machines
+/// without a GPU, and builds without the `cuda` feature, run the rest of the suite).
+pub fn cuda_device() -> Option<Device> {
+    let device = candle_core::utils::cuda_is_available().then(|| Device::new_cuda(0).ok()).flatten();
+    if device.is_none() {
+        eprintln!("skipping: no CUDA device");
+    }
+    device
+}
+
 /// config.json for a tiny model of `arch` (hidden 64, 2 layers, 4 heads, vocab `vocab`).
 pub fn tiny_config(arch: Architecture, vocab: usize) -> serde_json::Value {
     (arch.spec().tiny_config)(vocab)

@@ -266,10 +266,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn grad_norm_on_cuda_equals_the_cpu() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return Ok(());
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         for n in [1usize, 1000, 300_001] {
             let g = crate::testing::seeded_randn(n as u64, 0.0, 1.0, &[n]);
             let (want, got) = (grad_norm(&g)?, grad_norm(&g.to_device(&gpu)?)?);

@@ -617,8 +617,7 @@ mod tests {
 
     #[test]
     fn batch_graph_steps_match_the_regular_forward_pass() {
-        if !candle_core::utils::cuda_is_available() || candle_core::Device::new_cuda(0).is_err() {
-            eprintln!("skipping: no CUDA device");
+        if crate::testing::cuda_device().is_none() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -685,8 +684,7 @@ mod tests {
     /// a shared prefix (MMLU's passes). Head dims 64 and 128; 2, 8 and 1 query heads per KV group.
     #[test]
     fn passes_match_the_f32_path() {
-        if !candle_core::utils::cuda_is_available() || candle_core::Device::new_cuda(0).is_err() {
-            eprintln!("skipping: no CUDA device");
+        if crate::testing::cuda_device().is_none() {
             return;
         }
         let cpu_dev = candle_core::Device::Cpu;

@@ -939,11 +939,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     fn cuda() -> bool {
-        let ok = candle_core::utils::cuda_is_available() && Device::new_cuda(0).is_ok();
-        if !ok {
-            eprintln!("skipping: no CUDA device");
-        }
-        ok
+        crate::testing::cuda_device().is_some()
     }
 
     fn on(device: DeviceSpec, dtype: DType) -> LoadOptions {

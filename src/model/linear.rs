@@ -914,10 +914,7 @@ mod tests {
     /// dequantized weight's: against the CPU's f32 product of the same dequantized weight.
     #[test]
     fn quantized_training_product_on_cuda_is_the_dequantized_one() {
-        let Ok(gpu) = candle_core::Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return;
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return };
         let w = crate::testing::seeded_randn(130, 0.0, 0.3, &[64, 256]);
         let x = crate::testing::seeded_randn(131, 0.0, 1.0, &[2, 9, 256]).to_dtype(DType::BF16).unwrap();
         let coef = crate::testing::seeded_randn(132, 0.0, 1.0, &[2, 9, 64]);
@@ -1005,10 +1002,7 @@ mod tests {
     /// (rounded) inputs and the same dropout masks: output and the gradients of x, A and B.
     #[test]
     fn fused_lora_on_cuda_matches_the_cpu_composition() {
-        let Ok(gpu) = candle_core::Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return;
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return };
         let cpu = candle_core::Device::Cpu;
         let mut cases: Vec<(usize, usize, usize, usize)> = [4, 8, 16, 32, 64].map(|r| (37, 264, 136, r)).to_vec();
         // Many rows (several row splits summed by the last block), few (one split), a wide output (64-row

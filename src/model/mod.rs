@@ -479,12 +479,9 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn rows_of_different_lengths_on_cuda() -> Result<()> {
-        match Device::new_cuda(0) {
-            Ok(gpu) => rows_of_different_lengths(&gpu, DType::BF16, 0.1),
-            Err(_) => {
-                eprintln!("skipping: no CUDA device");
-                Ok(())
-            }
+        match crate::testing::cuda_device() {
+            Some(gpu) => rows_of_different_lengths(&gpu, DType::BF16, 0.1),
+            None => Ok(()),
         }
     }
 
@@ -717,10 +714,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn rows_after_a_shared_prefix_on_cuda() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return Ok(());
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         for spec in arch::REGISTRY {
             let cfg = ModelConfig::from_hf_json(&(spec.tiny_config)(320))?;
             let m = Model::build(&cfg, &Weights::random(cfg.architecture, DType::BF16, &gpu))?;

@@ -568,10 +568,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn rope_heads_on_cuda_matches_the_composed_rotation() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return Ok(());
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         let (b, t, h) = (2usize, 5usize, 3usize);
         // Whole and partial rotation, halves and interleaved pairs; 2-byte types take the 16-byte kernel where
         // rot / 2 (halves) or rot (pairs) and d − rot are multiples of 8, the one-value kernel otherwise.
@@ -690,10 +687,7 @@ mod tests {
     /// tiles partly filled, keys cached before the new tokens, groups of 1, 4 and 3, head dims 64 and 128.
     #[test]
     fn tiled_cuda_attention_matches_the_cpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return;
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return };
         for (case, &(b, kv, groups, t, total, d)) in
             [(2, 2, 4, 100, 100, 64), (1, 3, 1, 70, 75, 64), (2, 1, 3, 1, 9, 128), (1, 2, 2, 65, 65, 128)]
                 .iter()
@@ -740,10 +734,7 @@ mod tests {
     /// bf16 logits: rows of a vocabulary wider than a block, targets at both ends.
     #[test]
     fn fused_cross_entropy_matches_the_composition() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return;
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return };
         // 1,000 logits a row take the kernel's 8-wide loads, 1,001 its one-at-a-time loop.
         for (rows, n) in [(5, 1000), (5, 1001)] {
             let logits = (crate::testing::seeded_randn(420, 0.0, 3.0, &[rows, n]).to_dtype(DType::BF16)).unwrap();
@@ -783,10 +774,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn heads_contiguous_on_cuda_matches_a_copy() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return Ok(());
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         let (b, t, h, d) = (2usize, 5usize, 3usize, 8usize);
         // bf16 values, so that the bf16 relayout (the 16-byte kernel) is exact too.
         let rounded = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
@@ -817,10 +805,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn select_rows_gradient_on_cuda_matches_index_add() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return Ok(());
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         let x = crate::testing::seeded_randn(430, 0.0, 1.0, &[9, 6]);
         let coef = crate::testing::seeded_randn(431, 0.0, 1.0, &[4, 6]);
         for rows in [[7u32, 0, 3, 8], [2, 5, 2, 1]] {

@@ -447,10 +447,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn kernels_equal_the_cpu_loops() {
-        let Ok(gpu) = candle_core::Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return;
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return };
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
             let t = |seed, mean, std, shape: &[usize]| seeded_randn(seed, mean, std, shape).to_dtype(dtype).unwrap();
             let (x, w, g, up) = (
@@ -491,10 +488,7 @@ mod tests {
     #[test]
     fn grad_add_equals_candles_addition() {
         use crate::ops::fused::cuda::add_same;
-        let Ok(gpu) = candle_core::Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return;
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return };
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let t = |seed, shape: &[usize]| {
                 seeded_randn(seed, 0.0, 1.0, shape).to_dtype(dtype).unwrap().to_device(&gpu).unwrap()

@@ -222,10 +222,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn segments_gather_and_scatter_on_cuda() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return Ok(());
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         round_trip(&gpu)
     }
 }

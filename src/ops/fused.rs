@@ -1557,10 +1557,7 @@ mod tests {
     #[test]
     fn dequantize_bf16_rounds_candles_dequantization() -> Result<()> {
         use candle_core::quantized::{GgmlDType, QTensor};
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return Ok(());
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         let w = seeded_randn(140, 0.0, 0.5, &[48, 512]);
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q6K] {
             let q = QTensor::quantize_onto(&w, dtype, &gpu)?;
@@ -1621,10 +1618,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn span_attention_on_cuda_matches_a_plain_loop() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return Ok(());
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         // Groups of 2, 8, 1 and 3 query heads per KV head: blocks of 2, 8, 1 and 3 heads (4, 8, 4 and 6 warps).
         for (d, nh, nkv) in [(64usize, 4usize, 2usize), (128, 4, 2), (64, 8, 1), (128, 8, 1), (64, 3, 3), (128, 6, 2)] {
             let (b, t, prev, cap, p) = (3usize, 37usize, 6usize, 48usize, 7usize);
@@ -1721,10 +1715,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn sample_rows_on_cuda_matches_the_cpu() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return Ok(());
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         let rows = 96;
         let x = seeded_randn(5, 0.0, 3.0, &[rows, 32000]);
         let draws: Vec<RowDraw> = (0..rows)
@@ -1824,10 +1815,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_kernels_match_the_cpu() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("skipping: no CUDA device");
-            return Ok(());
-        };
+        let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             (a.to_dtype(DType::F32)?.to_device(&Device::Cpu)? - b.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar()
         };
