@@ -1392,9 +1392,7 @@ pub(crate) mod cuda {
         let candle_core::Device::Cuda(dev) = a.device() else { return Ok(None) };
         let dtype = a.dtype();
         let n = a.elem_count();
-        let whole = |t: &candle_core::Tensor| {
-            t.is_contiguous() && (t.layout().start_offset() * dtype.size_in_bytes()).is_multiple_of(16)
-        };
+        let whole = |t: &candle_core::Tensor| t.is_contiguous() && starts_on_16_bytes(t);
         // Sums that are themselves differentiated (second-order gradients) keep candle's tracked addition.
         if a.track_op() || b.track_op() {
             return Ok(None);
@@ -1445,11 +1443,16 @@ pub(crate) mod cuda {
     /// Warps per block of the training attention's backward kernels (`TRAIN_ATT_WARPS` in kernels.cu).
     const TRAIN_ATTENTION_WARPS: usize = 4;
 
+    /// Does `t`'s data start on a 16-byte boundary of its storage (our kernels load 16 bytes at a time)?
+    fn starts_on_16_bytes(t: &candle_core::Tensor) -> bool {
+        (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16)
+    }
+
     /// `x` as it is when its data starts on a 16-byte boundary (our kernels load 8 bf16 at a time), else a
     /// compact copy (a view into a larger tensor at an odd offset).
     fn aligned(x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
         let x = x.contiguous()?;
-        if (x.layout().start_offset() * x.dtype().size_in_bytes()) % 16 == 0 {
+        if starts_on_16_bytes(&x) {
             Ok(x)
         } else {
             x.copy()

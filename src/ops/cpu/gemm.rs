@@ -242,6 +242,7 @@ fn gemm(a: &[f32], m: usize, k: usize, n: usize, c: &mut [f32], align: usize, fi
     let out = Out(c.as_mut_ptr());
     let a = a.as_ptr() as usize;
     let micro = micro_kernels();
+    let tile = tile_rows(micro.len(), k);
     pool.run(n.div_ceil(nc), &|task| {
         let c = out;
         let (j0, j1) = (task * nc, ((task + 1) * nc).min(n));
@@ -265,7 +266,7 @@ fn gemm(a: &[f32], m: usize, k: usize, n: usize, c: &mut [f32], align: usize, fi
                     let b = panel[p * kc * NR..].as_ptr();
                     let mut t = t0;
                     while t < t1 {
-                        let rows = tile_rows(micro.len(), k).min(t1 - t);
+                        let rows = tile.min(t1 - t);
                         // SAFETY: rows t..t + rows of A have k ≥ k1 columns; the tile of C at (t, jp) of `rows ×
                         // nr` is inside C and written by this task only; the micro-panel holds kc × NR floats.
                         unsafe {
@@ -306,9 +307,10 @@ pub(super) unsafe fn product_wide(
 ) {
     debug_assert!(n.is_multiple_of(NR));
     let micro = micro_kernels();
+    let tile = tile_rows(micro.len(), lda);
     for j in (0..n).step_by(NR) {
-        for t in (0..m).step_by(tile_rows(micro.len(), lda)) {
-            let rows = tile_rows(micro.len(), lda).min(m - t);
+        for t in (0..m).step_by(tile) {
+            let rows = tile.min(m - t);
             micro[rows - 1](a.add(t * lda), lda, b.add(j), ldb, k, c.add(t * ldc + j), ldc, NR, add);
         }
     }

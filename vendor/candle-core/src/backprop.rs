@@ -722,11 +722,12 @@ impl GradStore {
         use std::collections::hash_map::Entry;
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut e) => {
-                let sum = match GRAD_ADD.get() {
-                    Some(add) => match add(e.get(), grad)? {
-                        Some(sum) => sum,
-                        None => e.get().add(grad)?,
-                    },
+                let installed = match GRAD_ADD.get() {
+                    Some(add) => add(e.get(), grad)?,
+                    None => None,
+                };
+                let sum = match installed {
+                    Some(sum) => sum,
                     None => e.get().add(grad)?,
                 };
                 e.insert(sum);
