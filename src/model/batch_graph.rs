@@ -17,9 +17,15 @@
 //! and separate norm / rotary kernels (TinyLlama shapes on an H100: pp512 94k → 150k tokens/s, a full MMLU
 //! 34.0 → 19.9 s).
 //!
-//! Used for one new token per row, inference ops, on CUDA, bf16 weights and activations, llama-shaped layers
-//! (RMSNorm, SwiGLU, full rotary) without bias or adapters, no shared prefix, head dim 64, 128 or 256. Anything else takes the regular forward
-//! pass, which stays the reference.
+//! Quantized weights (`--quantize`, GGUF blocks) take the same path: before each GEMM its matrices are
+//! dequantized to bf16 into one scratch buffer (the head in slices of it), so the GEMMs run on tensor cores
+//! over the dequantized model's weights. Through candle's ops a pass over quantized weights runs integer
+//! kernels over 8-bit activations and a batch's decode step is ~470 launches; dequantizing the whole model
+//! costs about what reading it as bf16 once does.
+//!
+//! Used for one new token per row, inference ops, on CUDA, bf16 or quantized weights, bf16 activations, llama-shaped layers
+//! (RMSNorm, SwiGLU, full rotary) without bias or adapters, no shared prefix, head dim 64, 128 or 256. Anything
+//! else takes the regular forward pass, which stays the reference.
 
 /// The batched decode graph engine (built lazily by a `decode_graph::GraphSlot`).
 pub type BatchEngine = imp::Engine;
@@ -61,26 +67,50 @@ mod imp {
     /// Head dims of the span attention kernel (a pass of several tokens per row).
     const SPAN_HEAD_DIMS: [usize; 2] = [64, 128];
 
-    /// A bf16 weight matrix `[rows, cols]` (row-major), read in place.
+    /// A weight matrix `[rows, cols]` (row-major): bf16 read in place by the GEMMs, or quantized blocks
+    /// dequantized before each product.
     #[derive(Clone, Copy)]
     struct Mat {
         ptr: u64,
         rows: usize,
         cols: usize,
+        quantized: Option<Quantized>,
     }
 
-    /// The matrices as one, if each directly follows the previous in memory (`Linear::place_side_by_side`).
+    /// How a quantized matrix becomes bf16: its dequantization kernel and the bytes of one row's blocks.
+    #[derive(Clone, Copy)]
+    struct Quantized {
+        kernel: &'static str,
+        row_bytes: usize,
+    }
+
+    impl Mat {
+        fn dense(ptr: u64, rows: usize, cols: usize) -> Self {
+            Mat { ptr, rows, cols, quantized: None }
+        }
+
+        fn elems(&self) -> usize {
+            self.rows * self.cols
+        }
+    }
+
+    /// The matrices as one, if each is bf16 and directly follows the previous in memory
+    /// (`Linear::place_side_by_side`).
     fn joined(mats: &[Mat]) -> Option<Mat> {
         let first = *mats.first()?;
         let mut end = first.ptr;
         for m in mats {
-            if m.ptr != end || m.cols != first.cols {
+            if m.ptr != end || m.cols != first.cols || m.quantized.is_some() {
                 return None;
             }
             end += (m.rows * m.cols * 2) as u64;
         }
-        Some(Mat { ptr: first.ptr, rows: mats.iter().map(|m| m.rows).sum(), cols: first.cols })
+        Some(Mat::dense(first.ptr, mats.iter().map(|m| m.rows).sum(), first.cols))
     }
+
+    /// Elements of the scratch buffer that holds dequantized weights: the largest launch's quantized matrices
+    /// (q/k/v, o, gate/up, down) and at least 32 Mi of a quantized head's (dequantized in slices of rows).
+    const HEAD_SLICE_ELEMS: usize = 32 << 20;
 
     type Layer = LlamaLayer<Mat>;
 
@@ -119,6 +149,8 @@ mod imp {
         layers: Vec<Layer>,
         final_norm: u64,
         lm_head: Mat,
+        /// Dequantized weights of the launch at hand (quantized models only; the stream orders its reuse).
+        scratch: Option<CudaSlice<bf16>>,
         hidden: usize,
         inter: usize,
         heads: usize,
@@ -141,9 +173,17 @@ mod imp {
         if l.bias().is_some() || l.lora().is_some() {
             return Ok(None);
         }
+        let (rows, cols) = (l.out_features(), l.in_features());
         Ok(match l.weight() {
             LinearWeight::Dense(w) if w.dtype() == DType::BF16 && w.is_contiguous() => {
-                Some(Mat { ptr: storage_ptr(w, stream)?, rows: l.out_features(), cols: l.in_features() })
+                Some(Mat::dense(storage_ptr(w, stream)?, rows, cols))
+            }
+            LinearWeight::Quantized(q) if q.device().is_cuda() => {
+                let Some(kernel) = crate::ops::fused::cuda::dequantize_bf16_kernel(q.dtype()) else {
+                    return Ok(None);
+                };
+                let row_bytes = cols / q.dtype().block_size() * q.dtype().type_size();
+                Some(Mat { ptr: q.device_ptr()? as u64, rows, cols, quantized: Some(Quantized { kernel, row_bytes }) })
             }
             _ => None,
         })
@@ -185,6 +225,33 @@ mod imp {
             }
             let final_norm = final_norm.weight;
             let inter = layers[0].gate.rows;
+            // Quantized weights: a scratch buffer for the largest launch's dequantized matrices.
+            let quantized_elems =
+                |ms: &[Mat]| -> usize { ms.iter().filter(|m| m.quantized.is_some()).map(Mat::elems).sum() };
+            let mut scratch_elems: usize = layers
+                .iter()
+                .flat_map(|l| [&[l.q, l.k, l.v][..], &[l.o], &[l.gate, l.up], &[l.down]].map(quantized_elems))
+                .max()
+                .unwrap_or(0);
+            let any_quantized = lm_head.quantized.is_some()
+                || layers
+                    .iter()
+                    .any(|l| [l.q, l.k, l.v, l.o, l.gate, l.up, l.down].iter().any(|m| m.quantized.is_some()));
+            if lm_head.quantized.is_some() {
+                scratch_elems = scratch_elems.max(lm_head.elems().min(HEAD_SLICE_ELEMS)).max(lm_head.cols);
+            }
+            let scratch = if any_quantized {
+                // SAFETY: every element a GEMM reads is written by a dequantization kernel before it.
+                Some(unsafe { device.alloc::<bf16>(scratch_elems)? })
+            } else {
+                None
+            };
+            let dequantizers: Vec<&str> = layers
+                .iter()
+                .flat_map(|l| [l.q, l.k, l.v, l.o, l.gate, l.up, l.down])
+                .chain([lm_head])
+                .filter_map(|m| m.quantized.map(|q| q.kernel))
+                .collect();
             let blas = CudaBlas::new(stream.clone()).map_err(candle_core::Error::wrap)?;
             let workspace = device.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
             // SAFETY: the workspace outlives the handle (field order) and is used by nothing else.
@@ -212,7 +279,7 @@ mod imp {
             let pass = ["rope_qkv_rows", "gather_tail_rows", "swiglu_rows8"];
             let span = format!("span_attention_mma_{hd}");
             let span = (mma_attention && SPAN_HEAD_DIMS.contains(&hd)).then_some(span.as_str());
-            for n in names.iter().copied().chain([attention.as_str()]).chain(pass).chain(span) {
+            for n in names.iter().copied().chain([attention.as_str()]).chain(pass).chain(span).chain(dequantizers) {
                 let f = kernel(device, n)?;
                 funcs.insert(n.to_string(), f);
             }
@@ -225,6 +292,7 @@ mod imp {
                 layers,
                 final_norm,
                 lm_head,
+                scratch,
                 hidden: cfg.hidden_size,
                 inter,
                 heads: nh,
@@ -250,6 +318,7 @@ mod imp {
         /// row of `y`): one GEMM where the matrices lie back to back in memory, else one per matrix into its
         /// columns.
         fn gemm_side_by_side(&self, mats: &[Mat], x: u64, rows: usize, y: u64) -> Result<()> {
+            let mats = &self.dequantized(mats)?;
             let width: usize = mats.iter().map(|m| m.rows).sum();
             let ldx = mats[0].cols;
             if let Some(m) = joined(mats) {
@@ -259,6 +328,60 @@ mod imp {
             for m in mats {
                 self.gemm(m, x, ldx, rows, y + (at * 2) as u64, width, false, false)?;
                 at += m.rows;
+            }
+            Ok(())
+        }
+
+        /// The matrices as bf16 the GEMMs read: quantized ones dequantized back to back into the scratch buffer
+        /// (so q/k/v and gate/up stay one GEMM), bf16 ones as they are. The scratch is reused by the next
+        /// launch's matrices: the stream runs this GEMM before their dequantization.
+        fn dequantized(&self, mats: &[Mat]) -> Result<Vec<Mat>> {
+            let mut at = 0;
+            mats.iter()
+                .map(|m| {
+                    if m.quantized.is_none() {
+                        return Ok(*m);
+                    }
+                    let dst = self.scratch_ptr()? + (at * 2) as u64;
+                    at += m.elems();
+                    self.dequantize(m, 0, m.rows, dst)?;
+                    Ok(Mat::dense(dst, m.rows, m.cols))
+                })
+                .collect()
+        }
+
+        fn scratch_ptr(&self) -> Result<u64> {
+            let scratch =
+                self.scratch.as_ref().ok_or_else(|| candle_core::Error::Msg("batch graph: no scratch".into()))?;
+            Ok(slice_ptr(scratch, &self.stream))
+        }
+
+        /// Rows `[first, first + rows)` of a quantized matrix as bf16 at `dst`.
+        fn dequantize(&self, m: &Mat, first: usize, rows: usize, dst: u64) -> Result<()> {
+            let q = m.quantized.ok_or_else(|| candle_core::Error::Msg("batch graph: not quantized".into()))?;
+            let groups = rows * m.cols / 32;
+            let src = m.ptr + (first * q.row_bytes) as u64;
+            let grid = crate::ops::fused::cuda::dequantize_grid(groups);
+            self.launch(q.kernel, grid, 256, &[Arg::P(src), Arg::P(dst), Arg::P(groups as u64)])
+        }
+
+        /// `y = x · wᵀ` (f32 out, row stride `ldy`) for one matrix, dequantized first if it is quantized: the
+        /// head, whose bf16 form may be large, in slices of rows the scratch buffer holds.
+        #[allow(clippy::too_many_arguments)]
+        fn gemm_any(&self, w: &Mat, x: u64, ldx: usize, rows: usize, y: u64, ldy: usize, add: bool) -> Result<()> {
+            if w.quantized.is_none() {
+                return self.gemm(w, x, ldx, rows, y, ldy, true, add);
+            }
+            let scratch_elems = self.scratch.as_ref().map_or(0, |s| s.len());
+            let slice = (scratch_elems / w.cols).min(w.rows).max(1);
+            let dst = self.scratch_ptr()?;
+            let mut first = 0;
+            while first < w.rows {
+                let n = slice.min(w.rows - first);
+                self.dequantize(w, first, n, dst)?;
+                let part = Mat::dense(dst, n, w.cols);
+                self.gemm(&part, x, ldx, rows, y + (first * 4) as u64, ldy, true, add)?;
+                first += n;
             }
             Ok(())
         }
@@ -298,6 +421,9 @@ mod imp {
             add: bool,
         ) -> Result<()> {
             use blas_sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
+            if w.quantized.is_some() {
+                candle_core::bail!("batch graph: a GEMM over quantized blocks (dequantize them first)");
+            }
             let (alpha, beta) = (1f32, if add { 1f32 } else { 0f32 });
             // SAFETY: every pointer is a live device buffer of the stated shape (weights held by the model and
             // this engine, activations by the captured graph's buffers); the scalars are host f32 values.
@@ -387,14 +513,14 @@ mod imp {
                     let args = [P(partials), P(attn), I(nh as i32), I(splits as i32), I(hd as i32)];
                     self.launch("attention_rows_combine", (nh as u32, r, 1), hd as u32, &args)?;
                 }
-                self.gemm(&l.o, attn, nh * hd, rows, residual, h, true, true)?;
+                self.gemm_any(&l.o, attn, nh * hd, rows, residual, h, true)?;
                 norm(l.mlp_norm)?;
                 self.gemm_side_by_side(&[l.gate, l.up], normed, rows, gate_up)?;
                 self.swiglu(gate_up, act, rows)?;
-                self.gemm(&l.down, act, inter, rows, residual, h, true, true)?;
+                self.gemm_any(&l.down, act, inter, rows, residual, h, true)?;
             }
             norm(self.final_norm)?;
-            self.gemm(&self.lm_head, normed, h, rows, slice_ptr(&b.logits, s), self.vocab, true, false)
+            self.gemm_any(&self.lm_head, normed, h, rows, slice_ptr(&b.logits, s), self.vocab, false)
         }
 
         fn capture(&self, key: Vec<u64>) -> Result<Captured> {
@@ -526,17 +652,17 @@ mod imp {
                     }
                     (x, a, m) = (res_tail, attn_tail, selected);
                 }
-                self.gemm(&l.o, a, nh * hd, m, x, h, true, true)?;
+                self.gemm_any(&l.o, a, nh * hd, m, x, h, true)?;
                 norm(l.mlp_norm, x, m)?;
                 self.gemm_side_by_side(&[l.gate, l.up], normed, m, gate_up)?;
                 self.swiglu(gate_up, act, m)?;
-                self.gemm(&l.down, act, inter, m, x, h, true, true)?;
+                self.gemm_any(&l.down, act, inter, m, x, h, true)?;
                 if i == last {
                     norm(self.final_norm, x, m)?;
                 }
             }
             cache.advance(t);
-            self.gemm(&self.lm_head, normed, h, selected, slice_ptr(&logits, s), self.vocab, true, false)?;
+            self.gemm_any(&self.lm_head, normed, h, selected, slice_ptr(&logits, s), self.vocab, false)?;
             let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(logits, self.device.clone()));
             Ok(Some(Tensor::from_storage(storage, (rows, tail, self.vocab), BackpropOp::none(), false)))
         }
@@ -781,6 +907,89 @@ mod tests {
                 assert!(ours < bound, "{name}: pass logits differ from the f32 path by {ours} (> {bound})");
             }
             assert!(m.batch_graph.is_built(), "the pass engine was not built");
+        }
+    }
+
+    /// Passes over quantized weights (every GGUF type with a dequantization kernel) against the same passes
+    /// over the file's weights dequantized at load: equal within bf16 rounding (the GEMMs read the same bf16
+    /// values), and no farther from the f32 path on the CPU than the regular GPU path (candle's products over
+    /// 8-bit activations). One prompt (every position), a later pass (its last 3 positions), rows of
+    /// different lengths and six decode steps of that batch (the captured step graph).
+    #[test]
+    fn quantized_passes_equal_the_dequantized_model() {
+        use candle_core::quantized::GgmlDType;
+        if crate::testing::cuda_device().is_none() {
+            return;
+        }
+        let cpu_dev = candle_core::Device::Cpu;
+        let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::testing::tiny_config(crate::model::Architecture::Llama, 512);
+        config["hidden_size"] = 256.into();
+        config["num_attention_heads"] = 4.into();
+        config["num_key_value_heads"] = 2.into();
+        config["intermediate_size"] = 768.into();
+        let seq = |n: usize, r: usize| -> Vec<u32> { (0..n).map(|i| ((i * 37 + r * 11) % 500 + 3) as u32).collect() };
+        let whole = seq(97, 0);
+        let prompts: Vec<Vec<u32>> = [3usize, 40, 1, 17, 90].iter().enumerate().map(|(r, &n)| seq(n, r + 1)).collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let cases = |m: &crate::model::Model| -> Vec<Tensor> {
+            let all = m.forward(&m.input(&whole[..90]).unwrap(), &mut m.new_cache()).unwrap();
+            let mut cache = m.new_cache();
+            m.forward_last(&m.input(&whole[..90]).unwrap(), &mut cache).unwrap();
+            let later = m.forward_tail(&m.input(&whole[90..]).unwrap(), &mut cache, 3).unwrap();
+            // Rows of different lengths, then six decode steps of the batch (the same tokens for every model).
+            let mut cache = m.new_cache();
+            let mut rows = vec![m.prefill_rows(&refs, &mut cache).unwrap()];
+            for step in 0..6u32 {
+                let next: Vec<u32> = (0..refs.len() as u32).map(|r| (r * 53 + step * 29) % 500 + 3).collect();
+                let ids = Tensor::from_vec(next, (refs.len(), 1), m.device()).unwrap();
+                rows.push(m.forward_last(&ids, &mut cache).unwrap());
+            }
+            let rows = Tensor::stack(&rows, 1).unwrap();
+            [all, later, rows].map(|t| t.to_device(&cpu_dev).unwrap().to_dtype(DType::F32).unwrap()).to_vec()
+        };
+        let names =
+            ["one prompt, every position", "a later pass, last 3 positions", "rows of different lengths, 6 steps"];
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let path = dir.path().join(format!("{dtype:?}.gguf"));
+            crate::testing::write_llama_gguf(&path, &config, 29, dtype).unwrap();
+            let on = |device, dtype, dequantize| LoadOptions {
+                device: Some(device),
+                dtype: Some(dtype),
+                dequantize,
+                ..Default::default()
+            };
+            let path = path.to_str().unwrap();
+            let quantized = load(path, &on(DeviceSpec::Cuda(0), DType::BF16, false)).unwrap().model;
+            let dense = load(path, &on(DeviceSpec::Cuda(0), DType::BF16, true)).unwrap().model;
+            let f32_model = load(path, &on(DeviceSpec::Cpu, DType::F32, true)).unwrap().model;
+            let (ours, dequantized, reference) = (cases(&quantized), cases(&dense), cases(&f32_model));
+            quantized.set_cuda_pass(false);
+            let regular = cases(&quantized);
+            quantized.set_cuda_pass(true);
+            assert!(quantized.batch_graph.is_built(), "{dtype:?}: the pass engine was not built");
+            for (i, name) in names.iter().enumerate() {
+                let same = rms(&(&ours[i] - &dequantized[i]).unwrap()) / rms(&dequantized[i]);
+                let from_f32 = rms(&(&ours[i] - &reference[i]).unwrap()) / rms(&reference[i]);
+                let regular_from_f32 = rms(&(&regular[i] - &reference[i]).unwrap()) / rms(&reference[i]);
+                eprintln!(
+                    "{dtype:?} {name}: relative RMS difference from the dequantized model's pass {same:.5}; from \
+                     the f32 path: pass {from_f32:.4}, regular GPU path {regular_from_f32:.4}"
+                );
+                assert!(same < 0.005, "{dtype:?} {name}: differs from the dequantized model's pass by {same}");
+                let bound = 0.03f32.max(1.1 * regular_from_f32);
+                assert!(from_f32 < bound, "{dtype:?} {name}: differs from the f32 path by {from_f32} (> {bound})");
+            }
         }
     }
 }

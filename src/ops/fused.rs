@@ -1153,26 +1153,41 @@ pub(crate) mod cuda {
         }
     }
 
-    /// A quantized weight `[rows, cols]` on the GPU dequantized to bf16 by our kernels (`dequantize_bf16_*`:
-    /// Q8_0, Q4_0, Q4_K, Q6_K); `None` for other formats.
+    /// The kernel that dequantizes weights of this GGUF type to bf16 (`dequantize_bf16_*`), if there is one.
+    /// It takes (blocks in, bf16 out, 32-value groups): one thread per 32 consecutive values.
+    pub fn dequantize_bf16_kernel(dtype: candle_core::quantized::GgmlDType) -> Option<&'static str> {
+        use candle_core::quantized::GgmlDType;
+        Some(match dtype {
+            GgmlDType::Q8_0 => "dequantize_bf16_q8_0",
+            GgmlDType::Q4_0 => "dequantize_bf16_q4_0",
+            GgmlDType::Q4_1 => "dequantize_bf16_q4_1",
+            GgmlDType::Q5_0 => "dequantize_bf16_q5_0",
+            GgmlDType::Q5_1 => "dequantize_bf16_q5_1",
+            GgmlDType::Q4K => "dequantize_bf16_q4k",
+            GgmlDType::Q5K => "dequantize_bf16_q5k",
+            GgmlDType::Q6K => "dequantize_bf16_q6k",
+            _ => return None,
+        })
+    }
+
+    /// The grid of a dequantization kernel over `groups` 32-value groups (256 threads a block).
+    pub fn dequantize_grid(groups: usize) -> (u32, u32, u32) {
+        (groups.div_ceil(256).min(65_535) as u32, 1, 1)
+    }
+
+    /// A quantized weight `[rows, cols]` on the GPU dequantized to bf16 by our kernels (see
+    /// [`dequantize_bf16_kernel`]); `None` for other formats.
     pub fn dequantize_bf16(q: &candle_core::quantized::QTensor) -> Result<Option<candle_core::Tensor>> {
         use crate::ops::launch::{launch, storage_ptr, Arg};
-        use candle_core::quantized::GgmlDType;
-        let name = match q.dtype() {
-            GgmlDType::Q8_0 => "q8_0",
-            GgmlDType::Q4_0 => "q4_0",
-            GgmlDType::Q4K => "q4k",
-            GgmlDType::Q6K => "q6k",
-            _ => return Ok(None),
-        };
+        let Some(name) = dequantize_bf16_kernel(q.dtype()) else { return Ok(None) };
         let candle_core::Device::Cuda(dev) = q.device() else { return Ok(None) };
         let (rows, cols) = q.shape().dims2()?;
         let groups = rows * cols / 32;
         let stream = dev.cuda_stream();
         let out = uninit(&dev, DType::BF16, (rows, cols))?;
         let args = [Arg::P(q.device_ptr()? as u64), Arg::P(storage_ptr(&out, &stream)?), Arg::P(groups as u64)];
-        let f = kernel(&dev, &format!("dequantize_bf16_{name}"))?;
-        launch(&stream, &f, false, (groups.div_ceil(256).min(65_535) as u32, 1, 1), 256, 0, &args)?;
+        let f = kernel(&dev, name)?;
+        launch(&stream, &f, false, dequantize_grid(groups), 256, 0, &args)?;
         Ok(Some(out))
     }
 
@@ -1562,7 +1577,16 @@ mod tests {
         use candle_core::quantized::{GgmlDType, QTensor};
         let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         let w = seeded_randn(140, 0.0, 0.5, &[48, 512]);
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
             let q = QTensor::quantize_onto(&w, dtype, &gpu)?;
             let ours = cuda::dequantize_bf16(&q)?.expect("a kernel for this format").to_dtype(DType::F32)?;
             let want = q.dequantize(&gpu)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;

@@ -2866,6 +2866,66 @@ extern "C" __global__ void dequantize_bf16_q4_0(const uint8_t* q, bf16* out, lon
     }
 }
 
+// Q4_1, Q5_0, Q5_1 (`q32_part`'s layouts): {f16 d; [f16 m;] [u32 qh;] u8 qs[16]}: value l < 16 is the low
+// nibble of qs[l], value l + 16 its high nibble, the 5-bit types adding bit l (l + 16) of qh as the fifth bit;
+// d · (q − 16) without a min (Q5_0), d · q + m with one.
+template <int BYTES, bool MIN, bool HIGH>
+__device__ __forceinline__ void dequantize_bf16_q32(const uint8_t* q, bf16* out, long long groups) {
+    GROUPS_LOOP(groups) {
+        const uint8_t* blk = q + g * BYTES;
+        float d = __half2float(*reinterpret_cast<const __half*>(blk));
+        float m = MIN ? __half2float(*reinterpret_cast<const __half*>(blk + 2)) : (HIGH ? -16.f * d : -8.f * d);
+        const uint8_t* after = blk + (MIN ? 4 : 2);
+        uint32_t qh = 0;
+        if (HIGH) qh = (uint32_t)after[0] | ((uint32_t)after[1] << 8) | ((uint32_t)after[2] << 16) | ((uint32_t)after[3] << 24);
+        const uint8_t* qs = after + (HIGH ? 4 : 0);
+        float v[32];
+#pragma unroll
+        for (int l = 0; l < 16; l++) {
+            int lo = qs[l] & 0xF, hi = qs[l] >> 4;
+            if (HIGH) {
+                lo |= ((qh >> l) & 1) << 4;
+                hi |= ((qh >> (l + 16)) & 1) << 4;
+            }
+            v[l] = fmaf(d, (float)lo, m);
+            v[l + 16] = fmaf(d, (float)hi, m);
+        }
+        store32_bf16(out + g * 32, v);
+    }
+}
+extern "C" __global__ void dequantize_bf16_q4_1(const uint8_t* q, bf16* out, long long groups) {
+    dequantize_bf16_q32<20, true, false>(q, out, groups);
+}
+extern "C" __global__ void dequantize_bf16_q5_0(const uint8_t* q, bf16* out, long long groups) {
+    dequantize_bf16_q32<22, false, true>(q, out, groups);
+}
+extern "C" __global__ void dequantize_bf16_q5_1(const uint8_t* q, bf16* out, long long groups) {
+    dequantize_bf16_q32<24, true, true>(q, out, groups);
+}
+
+// Q5_K: Q4_K's sub-blocks over {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}, with bit s of qh[l] as
+// the fifth bit of value l of sub-block s.
+extern "C" __global__ void dequantize_bf16_q5k(const uint8_t* q, bf16* out, long long groups) {
+    GROUPS_LOOP(groups) {
+        long long b = g >> 3;
+        int s = (int)(g & 7);
+        const uint8_t* blk = q + b * 176;
+        float d = __half2float(*reinterpret_cast<const __half*>(blk));
+        float dmin = __half2float(*reinterpret_cast<const __half*>(blk + 2));
+        float sc, m, v[32];
+        q4k_scale_min(s, blk + 4, sc, m);
+        const uint8_t* qh = blk + 16;
+        const uint8_t* qs = blk + 48 + 32 * (s >> 1);
+        float ds = d * sc, dm = dmin * m;
+#pragma unroll
+        for (int l = 0; l < 32; l++) {
+            int v4 = (s & 1) ? (qs[l] >> 4) : (qs[l] & 0xF);
+            v[l] = ds * (float)(v4 | (((qh[l] >> s) & 1) << 4)) - dm;
+        }
+        store32_bf16(out + g * 32, v);
+    }
+}
+
 // Q4_K: sub-block s of a super-block {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]} is the low (s even) or
 // high (s odd) nibbles of qs[32 (s / 2) ..][32], at d · scale_s · q − dmin · min_s.
 extern "C" __global__ void dequantize_bf16_q4k(const uint8_t* q, bf16* out, long long groups) {
