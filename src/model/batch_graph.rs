@@ -233,25 +233,24 @@ mod imp {
                 .flat_map(|l| [&[l.q, l.k, l.v][..], &[l.o], &[l.gate, l.up], &[l.down]].map(quantized_elems))
                 .max()
                 .unwrap_or(0);
-            let any_quantized = lm_head.quantized.is_some()
-                || layers
-                    .iter()
-                    .any(|l| [l.q, l.k, l.v, l.o, l.gate, l.up, l.down].iter().any(|m| m.quantized.is_some()));
-            if lm_head.quantized.is_some() {
-                scratch_elems = scratch_elems.max(lm_head.elems().min(HEAD_SLICE_ELEMS)).max(lm_head.cols);
-            }
-            let scratch = if any_quantized {
-                // SAFETY: every element a GEMM reads is written by a dequantization kernel before it.
-                Some(unsafe { device.alloc::<bf16>(scratch_elems)? })
-            } else {
-                None
-            };
-            let dequantizers: Vec<&str> = layers
+            // The dequantization kernels the weights need (none for a bf16 model).
+            let mut dequantizers: Vec<&str> = layers
                 .iter()
                 .flat_map(|l| [l.q, l.k, l.v, l.o, l.gate, l.up, l.down])
                 .chain([lm_head])
                 .filter_map(|m| m.quantized.map(|q| q.kernel))
                 .collect();
+            dequantizers.sort_unstable();
+            dequantizers.dedup();
+            if lm_head.quantized.is_some() {
+                scratch_elems = scratch_elems.max(lm_head.elems().min(HEAD_SLICE_ELEMS)).max(lm_head.cols);
+            }
+            let scratch = if dequantizers.is_empty() {
+                None
+            } else {
+                // SAFETY: every element a GEMM reads is written by a dequantization kernel before it.
+                Some(unsafe { device.alloc::<bf16>(scratch_elems)? })
+            };
             let blas = CudaBlas::new(stream.clone()).map_err(candle_core::Error::wrap)?;
             let workspace = device.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
             // SAFETY: the workspace outlives the handle (field order) and is used by nothing else.
