@@ -137,6 +137,48 @@ mod imp {
         bufs: Buffers,
     }
 
+    /// The most rows of a product our small-GEMM kernel takes (two tiles of 8 input rows); more go to cuBLAS.
+    const SMALL_GEMM_ROWS: usize = 16;
+
+    /// Passes of at most this many tokens (rows × new tokens: a speculative verification, a short prompt) are
+    /// captured as CUDA graphs once their shape repeats: launched op by op, their ~10 launches a layer cost more
+    /// than their kernels' own time.
+    const CAPTURED_PASS_TOKENS: usize = 16;
+    /// Captured passes kept per model (one per shape: each k + 1 of an adaptive speculation, each cache size).
+    const MAX_PASS_GRAPHS: usize = 8;
+
+    /// The shape of a pass: rows, new tokens per row, positions whose logits it returns, cache columns, prefix.
+    struct PassShape {
+        rows: usize,
+        t: usize,
+        tail: usize,
+        cap: usize,
+        prefix: usize,
+    }
+
+    /// A pass's activations (`packed`: the last layer's residual and attention rows at the `tail` positions).
+    struct PassBuffers {
+        residual: CudaSlice<f32>,
+        normed: CudaSlice<bf16>,
+        qkv: CudaSlice<bf16>,
+        q: CudaSlice<bf16>,
+        attn: CudaSlice<bf16>,
+        gate_up: CudaSlice<bf16>,
+        act: CudaSlice<bf16>,
+        logits: CudaSlice<f32>,
+        packed: Option<(CudaSlice<f32>, CudaSlice<bf16>)>,
+    }
+
+    /// A small pass as a graph: `key` = its shape, then the prefix's and the cache's buffers by layer (the
+    /// graph reads and writes them); `input` and `pos` are written before each replay.
+    struct CapturedPass {
+        key: Vec<u64>,
+        graph: CudaGraph,
+        bufs: PassBuffers,
+        input: CudaSlice<bf16>,
+        pos: CudaSlice<u32>,
+    }
+
     pub struct Engine {
         device: CudaDevice,
         stream: Arc<CudaStream>,
@@ -165,7 +207,14 @@ mod imp {
         sms: usize,
         /// Attention on tensor cores (head dims 64 and 128), else the CUDA-core tile kernel.
         mma_attention: bool,
+        /// Products of at most [`SMALL_GEMM_ROWS`] rows through our kernel rather than cuBLAS.
+        small_gemm: bool,
         graphs: Vec<Captured>,
+        passes: Vec<CapturedPass>,
+        /// Keys of small passes run once, uncaptured: the next pass of the same shape is captured.
+        pass_shapes_seen: Vec<Vec<u64>>,
+        /// Whether small passes are captured (tests compare them with passes launched as they go).
+        capture_passes: bool,
     }
 
     /// The weight as the GEMMs read it, or `None` if this linear layer needs the regular path.
@@ -274,11 +323,21 @@ mod imp {
             let mma_attention = hd <= 128 && !std::env::var(MMA_ATTENTION_ENV).is_ok_and(|v| v == "0");
             let attention =
                 if mma_attention { format!("attention_rows_mma_{hd}") } else { format!("attention_rows_{hd}") };
+            let small_gemm = !std::env::var(crate::ops::fused::SMALL_GEMM_ENV).is_ok_and(|v| v == "0");
             let names = ["hidden_from_bf16", "rms_rows", "swiglu_rows", "attention_rows_combine"];
+            let small = ["small_gemm_bf16_1", "small_gemm_bf16_2"];
             let pass = ["rope_qkv_rows", "gather_tail_rows", "swiglu_rows8"];
             let span = format!("span_attention_mma_{hd}");
             let span = (mma_attention && SPAN_HEAD_DIMS.contains(&hd)).then_some(span.as_str());
-            for n in names.iter().copied().chain([attention.as_str()]).chain(pass).chain(span).chain(dequantizers) {
+            for n in names
+                .iter()
+                .copied()
+                .chain([attention.as_str()])
+                .chain(pass)
+                .chain(span)
+                .chain(dequantizers)
+                .chain(small)
+            {
                 let f = kernel(device, n)?;
                 funcs.insert(n.to_string(), f);
             }
@@ -304,8 +363,24 @@ mod imp {
                 funcs,
                 sms,
                 mma_attention,
+                small_gemm,
                 graphs: vec![],
+                passes: vec![],
+                pass_shapes_seen: vec![],
+                capture_passes: true,
             }))
+        }
+
+        /// Small passes captured as graphs so far (tests).
+        #[cfg(test)]
+        pub fn captured_passes(&self) -> usize {
+            self.passes.len()
+        }
+
+        /// Capture small passes (the default) or launch every pass as it goes (tests compare the two).
+        #[cfg(test)]
+        pub fn set_capture_passes(&mut self, on: bool) {
+            self.capture_passes = on;
         }
 
         fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
@@ -423,6 +498,27 @@ mod imp {
             if w.quantized.is_some() {
                 candle_core::bail!("batch graph: a GEMM over quantized blocks (dequantize them first)");
             }
+            if self.small_gemm
+                && rows <= SMALL_GEMM_ROWS
+                && w.cols.is_multiple_of(64)
+                && ldx.is_multiple_of(8)
+                && x.is_multiple_of(16)
+            {
+                use Arg::{I, P};
+                let mode = match (y_f32, add) {
+                    (true, false) => Some(0),
+                    (true, true) => Some(1),
+                    (false, false) => Some(2),
+                    (false, true) => None,
+                };
+                if let Some(mode) = mode {
+                    let name = if rows <= 8 { "small_gemm_bf16_1" } else { "small_gemm_bf16_2" };
+                    let (n, k) = (w.rows as i32, w.cols as i32);
+                    let args =
+                        [P(w.ptr), I(n), I(k), P(x), I(ldx as i32), I(rows as i32), P(y), I(ldy as i32), I(mode)];
+                    return self.launch(name, (w.rows.div_ceil(16) as u32, 1, 1), 256, &args);
+                }
+            }
             let (alpha, beta) = (1f32, if add { 1f32 } else { 0f32 });
             // SAFETY: every pointer is a live device buffer of the stated shape (weights held by the model and
             // this engine, activations by the captured graph's buffers); the scalars are host f32 values.
@@ -539,17 +635,16 @@ mod imp {
             Ok(Captured { key, graph, rows, bufs })
         }
 
-        /// One pass of `t` new tokens per row (prefill, MMLU scoring, a speculative verification), launched
-        /// as it goes (its shapes change from pass to pass): the step's kernels and GEMMs over all `rows · t`
-        /// tokens, with rotary, the head split and the KV write as one kernel and attention as one tensor-core
-        /// kernel over the shared prefix and each row's span; the final norm and head only for the last `tail`
-        /// positions of each row. Returns their logits `[rows, tail, vocab]` (f32), or `None` where the pass does
-        /// not apply (head dim 256, attention on CUDA cores, a cache of another shape or type) and the regular
-        /// forward pass runs instead.
+        /// One pass of `t` new tokens per row (prefill, MMLU scoring, a speculative verification): the step's
+        /// kernels and GEMMs over all `rows · t` tokens, with rotary, the head split and the KV write as one
+        /// kernel and attention as one tensor-core kernel over the shared prefix and each row's span; the final
+        /// norm and head only for the last `tail` positions of each row. Returns their logits `[rows, tail,
+        /// vocab]` (f32), or `None` where the pass does not apply (head dim 256, attention on CUDA cores, a cache
+        /// of another shape or type) and the regular forward pass runs instead. Small passes whose shape repeats
+        /// replay a captured graph (`captured_pass`); the rest are launched as they go.
         fn prefill(&mut self, embedded: &Tensor, cache: &mut KvCache, tail: usize) -> Result<Option<Tensor>> {
-            use Arg::{F, I, P};
             let (rows, t, _) = embedded.dims3()?;
-            let (h, hd, nh, nkv, inter) = (self.hidden, self.head_dim, self.heads, self.kv_heads, self.inter);
+            let (nkv, hd) = (self.kv_heads, self.head_dim);
             if !self.mma_attention || !SPAN_HEAD_DIMS.contains(&hd) || tail == 0 || tail > t {
                 return Ok(None);
             }
@@ -561,44 +656,168 @@ mod imp {
             if !cache.starts().is_empty() && cache.starts().len() != rows {
                 return Ok(None);
             }
+            let s = self.stream.clone();
             let prefix = cache.prefix().cloned();
             let p = prefix.as_ref().map_or(0, |p| p.len());
-            // The prefix's keys and values by layer, contiguous bf16 (as `share_prefix` makes them).
-            let mut prefix_kv = Vec::with_capacity(self.layers.len());
+            // Every layer's buffers the pass reads or writes outside its own: the cache's keys and values, the
+            // prefix's (contiguous bf16, as `share_prefix` makes them).
+            let mut outside = Vec::with_capacity(4 * self.layers.len());
             for i in 0..self.layers.len() {
-                prefix_kv.push(match &prefix {
+                match &prefix {
                     Some(pre) => {
                         let (k, v) =
                             pre.layer(i).ok_or_else(|| candle_core::Error::Msg("prefix layer missing".into()))?;
                         if k.dtype() != DType::BF16 || !k.is_contiguous() || !v.is_contiguous() {
                             return Ok(None);
                         }
-                        (storage_ptr(k, &self.stream)?, storage_ptr(v, &self.stream)?)
+                        outside.extend([storage_ptr(k, &s)?, storage_ptr(v, &s)?]);
                     }
-                    None => (0, 0),
-                });
+                    None => outside.extend([0, 0]),
+                }
             }
             let prev = cache.len();
             cache.reserve_rows(rows, t, nkv, hd, DType::BF16, embedded.device())?;
-            let starts = cache.starts_tensor(rows, embedded.device())?;
-            let s = &*self.stream.clone();
-            let n = rows * t;
-            let d = &self.device;
-            let qkv_width = (nh + 2 * nkv) * hd;
-            // SAFETY (all the allocations below): every element is written by a kernel or GEMM before it is read.
-            let residual = unsafe { d.alloc::<f32>(n * h)? };
-            let normed = unsafe { d.alloc::<bf16>(n * h)? };
-            let qkv = unsafe { d.alloc::<bf16>(n * qkv_width)? };
-            let q = unsafe { d.alloc::<bf16>(n * nh * hd)? };
-            let attn = unsafe { d.alloc::<bf16>(n * nh * hd)? };
-            let gate_up = unsafe { d.alloc::<bf16>(n * 2 * inter)? };
-            let act = unsafe { d.alloc::<bf16>(n * inter)? };
-            let logits = unsafe { d.alloc::<f32>(rows * tail * self.vocab)? };
-            let (residual, normed) = (slice_ptr(&residual, s), slice_ptr(&normed, s));
-            let (qkv, q, attn) = (slice_ptr(&qkv, s), slice_ptr(&q, s), slice_ptr(&attn, s));
-            let (gate_up, act) = (slice_ptr(&gate_up, s), slice_ptr(&act, s));
+            for i in 0..self.layers.len() {
+                let (kb, vb) =
+                    cache.layer_buffers(i).ok_or_else(|| candle_core::Error::Msg("cache layer missing".into()))?;
+                outside.extend([storage_ptr(kb, &s)?, storage_ptr(vb, &s)?]);
+            }
+            let cap = cache.layer_buffers(0).expect("reserved").0.dim(2)?;
+            let shape = PassShape { rows, t, tail, cap, prefix: p };
+            // The cache's length, then each row's first column: read by the kernels from device memory.
+            let mut pos = Vec::with_capacity(rows + 1);
+            pos.push(prev as u32);
+            pos.extend((0..rows).map(|r| cache.starts().get(r).copied().unwrap_or(0) as u32));
             let emb = embedded.contiguous()?;
-            let starts_ptr = storage_ptr(&starts, s)?;
+            let input = storage_ptr(&emb, &s)?;
+            let captured = if self.capture_passes && rows * t <= CAPTURED_PASS_TOKENS {
+                self.captured_pass(&shape, outside.clone(), input, &pos)?
+            } else {
+                None
+            };
+            let logits = match captured {
+                Some(logits) => logits,
+                None => {
+                    let bufs = self.pass_buffers(&shape)?;
+                    let pos = s.clone_htod(&pos).map_err(candle_core::Error::wrap)?;
+                    self.record_pass(&shape, &outside, input, slice_ptr(&pos, &s), &bufs)?;
+                    bufs.logits
+                }
+            };
+            cache.advance(t);
+            let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(logits, self.device.clone()));
+            Ok(Some(Tensor::from_storage(storage, (rows, tail, self.vocab), BackpropOp::none(), false)))
+        }
+
+        /// A small pass through its captured graph, captured on the second pass of its shape (a one-off
+        /// prompt is not worth a capture): the input and the positions are copied into the graph's buffers,
+        /// the logits out of them. `None`: the shape is new, launch it as it goes.
+        fn captured_pass(
+            &mut self,
+            shape: &PassShape,
+            outside: Vec<u64>,
+            input: u64,
+            pos: &[u32],
+        ) -> Result<Option<CudaSlice<f32>>> {
+            let mut key: Vec<u64> =
+                [shape.rows, shape.t, shape.tail, shape.cap, shape.prefix].map(|v| v as u64).to_vec();
+            key.extend(outside);
+            let idx = match self.passes.iter().position(|g| g.key == key) {
+                Some(i) => i,
+                None if self.pass_shapes_seen.contains(&key) => {
+                    let g = self.capture_pass(shape, key)?;
+                    if self.passes.len() == MAX_PASS_GRAPHS {
+                        self.passes.remove(0);
+                    }
+                    self.passes.push(g);
+                    self.passes.len() - 1
+                }
+                None => {
+                    if self.pass_shapes_seen.len() == MAX_PASS_GRAPHS {
+                        self.pass_shapes_seen.remove(0);
+                    }
+                    self.pass_shapes_seen.push(key);
+                    return Ok(None);
+                }
+            };
+            let s = self.stream.clone();
+            let g = &self.passes[idx];
+            let n = shape.rows * shape.tail * self.vocab;
+            // SAFETY: `out` is fully written by the copy below before anything reads it (same stream).
+            let out = unsafe { self.device.alloc::<f32>(n)? };
+            // SAFETY: the destinations are this graph's own buffers of these sizes (the host source is copied
+            // before the call returns: pageable memory); the input tensor is freed in stream order, after the
+            // copy; `out` holds `n` values.
+            unsafe {
+                result::memcpy_htod_async(slice_ptr(&g.pos, &s), pos, s.cu_stream())
+                    .map_err(candle_core::Error::wrap)?;
+                let bytes = shape.rows * shape.t * self.hidden * 2;
+                result::memcpy_dtod_async(slice_ptr(&g.input, &s), input, bytes, s.cu_stream())
+                    .map_err(candle_core::Error::wrap)?;
+                g.graph.launch().map_err(candle_core::Error::wrap)?;
+                // The logits buffer is overwritten by the next replay: hand out a copy.
+                result::memcpy_dtod_async(slice_ptr(&out, &s), slice_ptr(&g.bufs.logits, &s), n * 4, s.cu_stream())
+                    .map_err(candle_core::Error::wrap)?;
+            }
+            Ok(Some(out))
+        }
+
+        fn capture_pass(&self, shape: &PassShape, key: Vec<u64>) -> Result<CapturedPass> {
+            let bufs = self.pass_buffers(shape)?;
+            let input = self.device.alloc_zeros::<bf16>(shape.rows * shape.t * self.hidden)?;
+            let pos = self.device.alloc_zeros::<u32>(shape.rows + 1)?;
+            let s = &self.stream;
+            s.begin_capture(candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(candle_core::Error::wrap)?;
+            let recorded = self.record_pass(shape, &key[5..], slice_ptr(&input, s), slice_ptr(&pos, s), &bufs);
+            let graph = s
+                .end_capture(candle_core::cuda_backend::cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                .map_err(candle_core::Error::wrap)?;
+            recorded?;
+            let graph = graph.ok_or_else(|| candle_core::Error::Msg("batch graph: empty pass capture".into()))?;
+            graph.upload().map_err(candle_core::Error::wrap)?;
+            Ok(CapturedPass { key, graph, bufs, input, pos })
+        }
+
+        fn pass_buffers(&self, shape: &PassShape) -> Result<PassBuffers> {
+            let d = &self.device;
+            let (h, hd, nh, nkv, inter) = (self.hidden, self.head_dim, self.heads, self.kv_heads, self.inter);
+            let n = shape.rows * shape.t;
+            let selected = shape.rows * shape.tail;
+            // SAFETY (all): every element is written by a kernel or GEMM before it is read.
+            unsafe {
+                Ok(PassBuffers {
+                    residual: d.alloc::<f32>(n * h)?,
+                    normed: d.alloc::<bf16>(n * h)?,
+                    qkv: d.alloc::<bf16>(n * (nh + 2 * nkv) * hd)?,
+                    q: d.alloc::<bf16>(n * nh * hd)?,
+                    attn: d.alloc::<bf16>(n * nh * hd)?,
+                    gate_up: d.alloc::<bf16>(n * 2 * inter)?,
+                    act: d.alloc::<bf16>(n * inter)?,
+                    logits: d.alloc::<f32>(selected * self.vocab)?,
+                    packed: if shape.tail < shape.t {
+                        Some((d.alloc::<f32>(selected * h)?, d.alloc::<bf16>(selected * nh * hd)?))
+                    } else {
+                        None
+                    },
+                })
+            }
+        }
+
+        /// Launch a pass on the stream (captured or not). `outside` holds every layer's prefix key and value
+        /// buffers (0 without a prefix), then every layer's cache key and value buffers; `input` the embedded
+        /// tokens `[rows · t, hidden]` (bf16); `pos` the cache's length, then each row's first column (u32).
+        fn record_pass(&self, shape: &PassShape, outside: &[u64], input: u64, pos: u64, b: &PassBuffers) -> Result<()> {
+            use Arg::{F, I, P};
+            let &PassShape { rows, t, tail, cap, prefix: p } = shape;
+            let (h, hd, nh, nkv, inter) = (self.hidden, self.head_dim, self.heads, self.kv_heads, self.inter);
+            let s = &*self.stream;
+            let n = rows * t;
+            let layers = self.layers.len();
+            let (residual, normed) = (slice_ptr(&b.residual, s), slice_ptr(&b.normed, s));
+            let (qkv, q, attn) = (slice_ptr(&b.qkv, s), slice_ptr(&b.q, s), slice_ptr(&b.attn, s));
+            let (gate_up, act) = (slice_ptr(&b.gate_up, s), slice_ptr(&b.act, s));
+            let (prev_at, starts) = (pos, pos + 4);
             let inv_freq = slice_ptr(&self.inv_freq, s);
             let span = format!("span_attention_mma_{hd}");
             let (span_heads, span_queries, span_threads) = crate::ops::fused::span_attention_blocks(nh, nkv);
@@ -607,7 +826,7 @@ mod imp {
                 "hidden_from_bf16",
                 (elems.div_ceil(256), 1, 1),
                 256,
-                &[P(storage_ptr(&emb, s)?), P(residual), I(elems as i32)],
+                &[P(input), P(residual), I(elems as i32)],
             )?;
             let norm = |w: u64, x: u64, n: usize| {
                 self.launch("rms_rows", (n as u32, 1, 1), 256, &[P(x), P(w), F(self.eps), P(normed), I(h as i32)])
@@ -615,35 +834,28 @@ mod imp {
             // The last layer's output is needed only at the `tail` positions: after its attention (every key and
             // value is cached) the rest of it runs on those rows alone, packed.
             let selected = rows * tail;
-            let packed = if tail < t {
-                // SAFETY: written by `gather_tail_rows` before they are read.
-                Some(unsafe { (d.alloc::<f32>(selected * h)?, d.alloc::<bf16>(selected * nh * hd)?) })
-            } else {
-                None
-            };
-            let last = self.layers.len() - 1;
+            let last = layers - 1;
             for (i, l) in self.layers.iter().enumerate() {
-                let (kb, vb) =
-                    cache.layer_buffers(i).ok_or_else(|| candle_core::Error::Msg("cache layer missing".into()))?;
-                let cap = kb.dim(2)?;
-                let (kc, vc) = (storage_ptr(kb, s)?, storage_ptr(vb, s)?);
+                let (kp, vp) = (outside[2 * i], outside[2 * i + 1]);
+                let (kc, vc) = (outside[2 * (layers + i)], outside[2 * (layers + i) + 1]);
                 norm(l.attn_norm, residual, n)?;
                 self.gemm_side_by_side(&[l.q, l.k, l.v], normed, n, qkv)?;
-                let geometry = [I(t as i32), I(prev as i32), I(cap as i32), I(p as i32), I(nh as i32), I(nkv as i32)];
-                let rope = [P(qkv), P(starts_ptr), P(inv_freq), P(q), P(kc), P(vc)];
-                let rope_tail = [I(hd as i32), F(1.0 / (hd as f32).sqrt()), I(self.interleaved as i32)];
+                // The cache's length (0 here) is read from `prev_at`, so a captured pass serves every length.
+                let geometry = [I(t as i32), I(0), I(cap as i32), I(p as i32), I(nh as i32), I(nkv as i32)];
+                let rope = [P(qkv), P(starts), P(inv_freq), P(q), P(kc), P(vc)];
+                let rope_tail = [I(hd as i32), F(1.0 / (hd as f32).sqrt()), I(self.interleaved as i32), P(prev_at)];
                 self.launch(
                     "rope_qkv_rows",
                     (t as u32, rows as u32, 1),
                     128,
                     &[&rope[..], &geometry, &rope_tail].concat(),
                 )?;
-                let (kp, vp) = prefix_kv[i];
-                let att = [P(q), P(kc), P(vc), P(kp), P(vp), P(starts_ptr), P(attn)];
+                let att = [P(q), P(kc), P(vc), P(kp), P(vp), P(starts), P(attn)];
                 let grid = (t.div_ceil(span_queries) as u32, (nh / span_heads) as u32, rows as u32);
-                self.launch(&span, grid, span_threads, &[&att[..], &geometry, &[I(span_heads as i32)]].concat())?;
+                let att_tail = [I(span_heads as i32), P(prev_at)];
+                self.launch(&span, grid, span_threads, &[&att[..], &geometry, &att_tail].concat())?;
                 let (mut x, mut a, mut m) = (residual, attn, n);
-                if let (true, Some((res_tail, attn_tail))) = (i == last, &packed) {
+                if let (true, Some((res_tail, attn_tail))) = (i == last, &b.packed) {
                     let (res_tail, attn_tail) = (slice_ptr(res_tail, s), slice_ptr(attn_tail, s));
                     for (src, dst, words) in [(residual, res_tail, h), (attn, attn_tail, nh * hd / 2)] {
                         let args = [P(src), P(dst), I(words as i32), I(t as i32), I(tail as i32)];
@@ -660,10 +872,7 @@ mod imp {
                     norm(self.final_norm, x, m)?;
                 }
             }
-            cache.advance(t);
-            self.gemm_any(&self.lm_head, normed, h, selected, slice_ptr(&logits, s), self.vocab, false)?;
-            let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(logits, self.device.clone()));
-            Ok(Some(Tensor::from_storage(storage, (rows, tail, self.vocab), BackpropOp::none(), false)))
+            self.gemm_any(&self.lm_head, normed, h, selected, slice_ptr(&b.logits, s), self.vocab, false)
         }
 
         fn run_step(&mut self, embedded: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -745,12 +954,13 @@ mod tests {
         if crate::testing::cuda_device().is_none() {
             return;
         }
+        let _env = crate::testing::gpu_env_lock();
         let dir = tempfile::tempdir().unwrap();
         // Head dims 64 and 128; 2, 8 and 1 query heads per KV group.
         let llama = crate::model::Architecture::Llama;
         let layouts = [(llama, 256, 4, 2), (llama, 512, 8, 1), (llama, 512, 4, 4)];
-        // Both attention kernels: tensor cores (the default) and CUDA cores. (Another test running meanwhile
-        // may pick up the switch: both kernels are correct.)
+        // Both attention kernels: tensor cores (the default) and CUDA cores (the environment switch, read when an
+        // engine is built; `gpu_env_lock` keeps the tests that need the default out of the way meanwhile).
         for ((arch, hidden, heads, kv_heads), cuda_cores) in layouts.iter().flat_map(|l| [(*l, false), (*l, true)]) {
             if cuda_cores {
                 std::env::set_var(crate::ops::fused::MMA_ATTENTION_ENV, "0");
@@ -812,6 +1022,7 @@ mod tests {
         if crate::testing::cuda_device().is_none() {
             return;
         }
+        let _env = crate::testing::gpu_env_lock();
         let cpu_dev = candle_core::Device::Cpu;
         let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -909,6 +1120,131 @@ mod tests {
         }
     }
 
+    /// The small-GEMM kernel (products of at most 16 rows) against f32 products of the same bf16 values on the
+    /// CPU: row counts that leave a tile part empty, a weight whose rows do not fill the last block, a reduction
+    /// its warps split unevenly, an input row stride wider than the reduction, and each epilogue (f32 store,
+    /// f32 add, bf16 store).
+    #[test]
+    fn small_gemm_matches_the_cpu_product() {
+        use crate::ops::launch::{launch, storage_ptr, Arg};
+        let Some(device) = crate::testing::cuda_device() else { return };
+        let candle_core::Device::Cuda(dev) = &device else { unreachable!() };
+        let stream = dev.cuda_stream();
+        let (n, k, ldx) = (100usize, 576usize, 584usize);
+        let values = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len).map(|i| (((i * 7919 + seed * 104_729) % 2001) as f32 / 1000.0 - 1.0) * 0.5).collect()
+        };
+        let cpu = candle_core::Device::Cpu;
+        let w = Tensor::from_vec(values(n * k, 1), (n, k), &cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let w32 = w.to_dtype(DType::F32).unwrap();
+        let wd = w.to_device(&device).unwrap();
+        for rows in [1usize, 5, 8, 9, 16] {
+            let x = Tensor::from_vec(values(rows * ldx, rows + 2), (rows, ldx), &cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let x32 = x.to_dtype(DType::F32).unwrap().narrow(1, 0, k).unwrap();
+            let product = x32.matmul(&w32.t().unwrap()).unwrap();
+            let xd = x.to_device(&device).unwrap();
+            let start = Tensor::from_vec(values(rows * n, rows + 9), (rows, n), &cpu).unwrap();
+            let name = if rows <= 8 { "small_gemm_bf16_1" } else { "small_gemm_bf16_2" };
+            let f = crate::ops::fused::cuda::kernel(dev, name).unwrap();
+            for mode in 0..3 {
+                let (y, expected) = match mode {
+                    0 => (Tensor::zeros((rows, n), DType::F32, &device).unwrap(), product.clone()),
+                    1 => (start.to_device(&device).unwrap(), (&product + &start).unwrap()),
+                    _ => (Tensor::zeros((rows, n), DType::BF16, &device).unwrap(), product.clone()),
+                };
+                let args = [
+                    Arg::P(storage_ptr(&wd, &stream).unwrap()),
+                    Arg::I(n as i32),
+                    Arg::I(k as i32),
+                    Arg::P(storage_ptr(&xd, &stream).unwrap()),
+                    Arg::I(ldx as i32),
+                    Arg::I(rows as i32),
+                    Arg::P(storage_ptr(&y, &stream).unwrap()),
+                    Arg::I(n as i32),
+                    Arg::I(mode),
+                ];
+                launch(&stream, &f, false, (n.div_ceil(16) as u32, 1, 1), 256, 0, &args).unwrap();
+                let got = y.to_dtype(DType::F32).unwrap().to_device(&cpu).unwrap();
+                let diff = (&got - &expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                // f32 sums in another order; bf16 output rounds to 8 bits of mantissa.
+                let bound = if mode == 2 { scale / 128.0 } else { 1e-4 * scale };
+                assert!(diff <= bound, "{rows} rows, mode {mode}: max |difference| {diff} (> {bound})");
+            }
+        }
+    }
+
+    /// Small passes of one shape, as speculative decoding makes them (k + 1 new tokens, the logits of each,
+    /// a rollback of the rejected ones before the next): the first is launched as it goes, the second captured
+    /// as a graph, the rest replay it. The replays equal the same passes launched as they go (the same kernels
+    /// on the same values), and each pass is about as far from the f32 path on the CPU as the regular GPU
+    /// path. Head dims 64 and 128.
+    #[test]
+    fn small_passes_replay_their_graph() {
+        if crate::testing::cuda_device().is_none() {
+            return;
+        }
+        let _env = crate::testing::gpu_env_lock();
+        let cpu_dev = candle_core::Device::Cpu;
+        let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for (hidden, heads, kv_heads) in [(256, 4, 2), (512, 4, 4)] {
+            let mut config = crate::testing::tiny_config(crate::model::Architecture::Llama, 512);
+            config["hidden_size"] = hidden.into();
+            config["num_attention_heads"] = heads.into();
+            config["num_key_value_heads"] = kv_heads.into();
+            config["intermediate_size"] = 768.into();
+            let path = dir.path().join(format!("verify-{hidden}-{heads}-{kv_heads}"));
+            crate::testing::write_hf_model(&path, &config, 29).unwrap();
+            let on = |device, dtype| LoadOptions { device: Some(device), dtype: Some(dtype), ..Default::default() };
+            let m = load(path.to_str().unwrap(), &on(DeviceSpec::Cuda(0), DType::BF16)).unwrap().model;
+            let cpu = load(path.to_str().unwrap(), &on(DeviceSpec::Cpu, DType::F32)).unwrap().model;
+            let ids: Vec<u32> = (0..90).map(|i| ((i * 41 + 7) % 500 + 3) as u32).collect();
+            let f32_all = cpu.forward(&cpu.input(&ids).unwrap(), &mut cpu.new_cache()).unwrap();
+            // (where the pass starts, tokens kept of it before the next): 5 new tokens each.
+            let passes = [(40usize, 5usize), (45, 2), (47, 5), (52, 0), (52, 3), (55, 5)];
+            // `capture`: None takes the regular path; Some(on) the engine, its small passes captured or not.
+            let run = |capture: Option<bool>| -> Vec<Tensor> {
+                m.set_cuda_pass(capture.is_some());
+                let mut cache = m.new_cache();
+                m.forward_last(&m.input(&ids[..40]).unwrap(), &mut cache).unwrap();
+                if let Some(on) = capture {
+                    m.batch_graph.built_mut(|e| e.set_capture_passes(on)).expect("the pass engine is built");
+                }
+                passes
+                    .iter()
+                    .map(|&(at, keep)| {
+                        let logits = m.forward_tail(&m.input(&ids[at..at + 5]).unwrap(), &mut cache, 5).unwrap();
+                        cache.truncate(at + keep);
+                        logits.to_device(&cpu_dev).unwrap()
+                    })
+                    .collect()
+            };
+            let (launched, captured, regular) = (run(Some(false)), run(Some(true)), run(None));
+            m.set_cuda_pass(true);
+            for (i, &(at, _)) in passes.iter().enumerate() {
+                let same = (&captured[i] - &launched[i]).unwrap().abs().unwrap().max_all().unwrap();
+                let same = same.to_scalar::<f32>().unwrap();
+                assert_eq!(same, 0.0, "pass {i}: the captured pass differs from the launched one by {same}");
+                let reference = f32_all.narrow(1, at, 5).unwrap();
+                let rel = |got: &Tensor| rms(&(got - &reference).unwrap()) / rms(&reference);
+                let (d_ours, d_regular) = (rel(&captured[i]), rel(&regular[i]));
+                eprintln!(
+                    "{hidden}/{heads}/{kv_heads} pass {i} at {at}: relative RMS difference from the f32 path: \
+                     {d_ours:.4}, regular GPU path {d_regular:.4}"
+                );
+                // bf16 rounding of random weights costs 2-4% either way; a wrong position or a stale input is ~100%.
+                let bound = 0.04f32.max(1.2 * d_regular);
+                assert!(d_ours < bound, "pass {i}: logits differ from the f32 path by {d_ours} (> {bound})");
+            }
+            let captured = m.batch_graph.built(|e| e.captured_passes());
+            assert_eq!(captured, Some(1), "one shape, one captured pass");
+        }
+    }
+
     /// Passes over quantized weights (every GGUF type with a dequantization kernel) against the same passes
     /// over the file's weights dequantized at load: equal within bf16 rounding (the GEMMs read the same bf16
     /// values), and no farther from the f32 path on the CPU than the regular GPU path (candle's products over
@@ -920,6 +1256,7 @@ mod tests {
         if crate::testing::cuda_device().is_none() {
             return;
         }
+        let _env = crate::testing::gpu_env_lock();
         let cpu_dev = candle_core::Device::Cpu;
         let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
         let dir = tempfile::tempdir().unwrap();

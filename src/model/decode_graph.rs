@@ -118,6 +118,24 @@ impl<E: GraphEngine> GraphSlot<E> {
         *self.state.get_mut().expect("graph slot lock") = SlotState::Unavailable;
     }
 
+    /// `f(engine)` if one was built (tests look inside it).
+    #[cfg(test)]
+    pub fn built<R>(&self, f: impl FnOnce(&E) -> R) -> Option<R> {
+        match &*self.state.lock().expect("graph slot lock") {
+            SlotState::Ready(engine) => Some(f(engine)),
+            _ => None,
+        }
+    }
+
+    /// `f(engine)` if one was built, mutably (tests switch its choices).
+    #[cfg(test)]
+    pub fn built_mut<R>(&self, f: impl FnOnce(&mut E) -> R) -> Option<R> {
+        match &mut *self.state.lock().expect("graph slot lock") {
+            SlotState::Ready(engine) => Some(f(engine)),
+            _ => None,
+        }
+    }
+
     /// Forget the built graph (the weights it points at may change).
     pub fn reset(&mut self) {
         *self.state.get_mut().expect("graph slot lock") = SlotState::Unbuilt;

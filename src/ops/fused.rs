@@ -166,6 +166,10 @@ impl candle_core::CustomOp3 for SpanSoftmaxSplit {
 /// of the tensor-core kernels (for comparisons).
 pub const MMA_ATTENTION_ENV: &str = "BILLION_CUDA_MMA_ATTENTION";
 
+/// Set `BILLION_CUDA_SMALL_GEMM=0` to run the batch engine's products of at most 16 rows (a speculative
+/// verification, a small batch's step) through cuBLAS instead of our tensor-core kernel (for comparisons).
+pub const SMALL_GEMM_ENV: &str = "BILLION_CUDA_SMALL_GEMM";
+
 /// Whether the tensor-core attention kernels are on (read once per process).
 pub fn mma_attention_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -782,6 +786,7 @@ pub(crate) mod cuda {
             I(nh as i32),
             I(nkv as i32),
             I(hb as i32),
+            P(0),
         ];
         // Inputs are freed in stream order, after the kernel has read them.
         launch(&stream, &f, false, (t.div_ceil(queries) as u32, (nh / hb) as u32, b as u32), threads, 0, &args)?;

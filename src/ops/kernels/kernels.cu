@@ -1673,11 +1673,13 @@ extern "C" __global__ void rms_rows(const float* x, const bf16* w, float eps, bf
 // Rotate each token's query heads (scaled by q_scale) into q `[rows, nh, t, D]` (the span attention's layout) and
 // its key heads into the cache at column prev + i, its value heads beside them (`kc` / `vc` `[rows, nkv, cap, D]`).
 // Token i of row b sits at position prefix + (prev + i - start_b) (left padding, before the start, at 0: it is
-// never attended to). Grid (t, rows); `qkv` holds each token's q | k | v heads side by side.
+// never attended to). Grid (t, rows); `qkv` holds each token's q | k | v heads side by side. A captured pass reads
+// `prev` from `prev_at` (null: the argument).
 extern "C" __global__ void rope_qkv_rows(const bf16* qkv, const unsigned* starts, const float* inv_freq, bf16* q,
                                          bf16* kc, bf16* vc, int t, int prev, int cap, int prefix, int nh, int nkv,
-                                         int d, float q_scale, int interleaved) {
+                                         int d, float q_scale, int interleaved, const int* prev_at) {
     __shared__ float cs[128], sn[128];
+    if (prev_at) prev = *prev_at;
     int i = blockIdx.x, b = blockIdx.y, half = d / 2, col = prev + i;
     int pos = prefix + max(col - (int)starts[b], 0);
     for (int j = threadIdx.x; j < half; j += blockDim.x) sincosf((float)pos * inv_freq[j], &sn[j], &cs[j]);
@@ -2345,8 +2347,9 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
     extern "C" __global__ void __launch_bounds__(SPAN_ATT_WARPS * 32)                                               \
         span_attention_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,      \
                                const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,    \
-                               int nkv, int hb) {                                                                  \
-        span_attention_mma<D>(q, kc, vc, kp, vp, starts, out, t, prev, cap, prefix, nh, nkv, hb, nullptr);        \
+                               int nkv, int hb, const int* prev_at) {                                              \
+        span_attention_mma<D>(q, kc, vc, kp, vp, starts, out, t, prev_at ? *prev_at : prev, cap, prefix, nh, nkv, \
+                              hb, nullptr);                                                                        \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(SPAN_ATT_WARPS * 32)                                               \
         span_attention_lse_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const unsigned* starts, bf16* out, \
@@ -2356,6 +2359,111 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
 
 SPAN_ATTENTION_KERNEL(64)
 SPAN_ATTENTION_KERNEL(128)
+
+// ---- y = x · Wᵀ for a few rows of x (≤ 16: a speculative verification, a small batch's step) on tensor cores ----
+// cuBLAS's products of so few rows read the weights well below the card's bandwidth. Here a block takes 16 weight
+// rows and its warps split the reduction in chunks of 64: lane (gid, tig) streams values tig·16 .. tig·16 + 15 of
+// the chunk for weight rows gid and gid + 8 (four lanes read 128 contiguous bytes of a row) and the same values of
+// input row gid (of each 8-row tile), and feeds them to m16n8k16 MMAs with the reduction index permuted alike on
+// both operands (a dot product does not care about order): step s takes the lane's values 4s .. 4s + 3 as its
+// k = 2tig, 2tig + 1, 2tig + 8, 2tig + 9. The warps' partial sums meet in shared memory.
+#define SMALL_GEMM_WARPS 8
+#define SMALL_GEMM_STORE_F32 0
+#define SMALL_GEMM_ADD_F32 1
+#define SMALL_GEMM_STORE_BF16 2
+
+// NT: tiles of 8 input rows (1 or 2). w `[n, K]` (K a multiple of 64), x `[rows, K]` (row stride ldx, a multiple
+// of 8), y `[rows, n]` (row stride ldy): f32 stored, f32 added to, or bf16 stored (`mode`).
+template <int NT>
+__device__ void small_gemm(const bf16* w, int n, int K, const bf16* x, int ldx, int rows, void* y, int ldy, int mode) {
+    __shared__ float red[SMALL_GEMM_WARPS][NT][32][4];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    int row0 = blockIdx.x * 16;
+    // Weight rows past n read the last row (their sums are dropped); input rows past `rows` are zeros.
+    const bf16* wl = w + (size_t)min(row0 + gid, n - 1) * K + tig * 16;
+    const bf16* wh = w + (size_t)min(row0 + gid + 8, n - 1) * K + tig * 16;
+    const bf16* xr[NT];
+    bool has[NT];
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        has[j] = j * 8 + gid < rows;
+        xr[j] = x + (size_t)(has[j] ? j * 8 + gid : 0) * ldx + tig * 16;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][e] = 0.f;
+    struct Chunk {
+        uint4 a[4];
+        uint4 b[NT][2];
+    };
+    auto load = [&](int c, Chunk& ch) {
+        size_t off = (size_t)c * 64;
+        ch.a[0] = ld_stream(wl + off);
+        ch.a[1] = ld_stream(wl + off + 8);
+        ch.a[2] = ld_stream(wh + off);
+        ch.a[3] = ld_stream(wh + off + 8);
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            const uint4 zero = make_uint4(0, 0, 0, 0);
+            ch.b[j][0] = has[j] ? *reinterpret_cast<const uint4*>(xr[j] + off) : zero;
+            ch.b[j][1] = has[j] ? *reinterpret_cast<const uint4*>(xr[j] + off + 8) : zero;
+        }
+    };
+    auto use = [&](const Chunk& ch) {
+        const uint32_t* lo = reinterpret_cast<const uint32_t*>(&ch.a[0]);  // 8 words: values 0..15, row gid
+        const uint32_t* hi = reinterpret_cast<const uint32_t*>(&ch.a[2]);  // row gid + 8
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            uint32_t a[4] = {lo[2 * s], hi[2 * s], lo[2 * s + 1], hi[2 * s + 1]};
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                const uint32_t* xw = reinterpret_cast<const uint32_t*>(&ch.b[j][0]);
+                uint32_t b[2] = {xw[2 * s], xw[2 * s + 1]};
+                mma_16816(acc[j], a, b);
+            }
+        }
+    };
+    int chunks = K / 64;
+    Chunk cur, nxt;
+    int c = warp;
+    if (c < chunks) load(c, cur);
+    for (; c < chunks; c += SMALL_GEMM_WARPS) {
+        if (c + SMALL_GEMM_WARPS < chunks) load(c + SMALL_GEMM_WARPS, nxt);
+        use(cur);
+        cur = nxt;
+    }
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) red[warp][j][lane][e] = acc[j][e];
+    __syncthreads();
+    // Output (r, t): weight row row0 + r, input row t; its fragment value sits in lane (r % 8) · 4 + (t % 8) / 2,
+    // element (r / 8) · 2 + t % 2 of tile t / 8.
+    for (int o = threadIdx.x; o < 16 * 8 * NT; o += blockDim.x) {
+        int r = o & 15, t = o >> 4, j = t >> 3, tk = t & 7;
+        int l = (r & 7) * 4 + (tk >> 1), e = (r >> 3) * 2 + (tk & 1);
+        float sum = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < SMALL_GEMM_WARPS; wi++) sum += red[wi][j][l][e];
+        int row = row0 + r;
+        if (row >= n || t >= rows) continue;
+        size_t at = (size_t)t * ldy + row;
+        if (mode == SMALL_GEMM_STORE_F32) reinterpret_cast<float*>(y)[at] = sum;
+        else if (mode == SMALL_GEMM_ADD_F32) reinterpret_cast<float*>(y)[at] += sum;
+        else reinterpret_cast<bf16*>(y)[at] = __float2bfloat16(sum);
+    }
+}
+
+#define SMALL_GEMM_KERNEL(NT)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(SMALL_GEMM_WARPS * 32)                                           \
+        small_gemm_bf16_##NT(const bf16* w, int n, int K, const bf16* x, int ldx, int rows, void* y, int ldy,     \
+                             int mode) {                                                                          \
+        small_gemm<NT>(w, n, K, x, ldx, rows, y, ldy, mode);                                                      \
+    }
+SMALL_GEMM_KERNEL(1)
+SMALL_GEMM_KERNEL(2)
 
 // ---- training attention's backward pass on tensor cores (FlashAttention-2's recipe, no score matrix) ----
 // The forward is span_attention_lse_mma (causal: no prefix, every row starting at 0) on queries already scaled,
