@@ -25,9 +25,9 @@ pub fn cuda_device() -> Option<Device> {
 
 /// Held by GPU tests that switch a kernel choice through the environment (read when an engine is built) and
 /// by those whose checks need the default choice: tests run in parallel threads of one process.
-pub static GPU_ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static GPU_ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// [`GPU_ENV_LOCK`], also after a test that held it failed.
+/// The lock above, also after a test that held it failed.
 pub fn gpu_env_lock() -> std::sync::MutexGuard<'static, ()> {
     GPU_ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }

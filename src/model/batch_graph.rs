@@ -39,7 +39,7 @@ mod imp {
 mod imp {
     use crate::model::cache::KvCache;
     use crate::model::config::Activation;
-    use crate::model::decode_graph::imp::{graph_device, GraphWeights, LlamaLayer};
+    use crate::model::decode_graph::imp::{capture_graph, graph_device, logits_copy, GraphWeights, LlamaLayer};
     use crate::model::decode_graph::{GraphEngine, GraphParts};
     use crate::model::linear::{Linear, LinearWeight};
     use crate::ops::fused::cuda::kernel;
@@ -622,16 +622,7 @@ mod imp {
             let (rows, capacity) = (key[0] as usize, key[1] as usize);
             let splits = self.splits(rows, capacity);
             let bufs = self.buffers(rows, splits)?;
-            let s = &self.stream;
-            s.begin_capture(candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(candle_core::Error::wrap)?;
-            let recorded = self.record(&key, &bufs, splits);
-            let graph = s
-                .end_capture(candle_core::cuda_backend::cudarc::driver::sys::CUgraphInstantiate_flags(0))
-                .map_err(candle_core::Error::wrap)?;
-            recorded?;
-            let graph = graph.ok_or_else(|| candle_core::Error::Msg("batch graph: empty capture".into()))?;
-            graph.upload().map_err(candle_core::Error::wrap)?;
+            let graph = capture_graph(&self.stream, "batch graph", || self.record(&key, &bufs, splits))?;
             Ok(Captured { key, graph, rows, bufs })
         }
 
@@ -701,12 +692,12 @@ mod imp {
                     let bufs = self.pass_buffers(&shape)?;
                     let pos = s.clone_htod(&pos).map_err(candle_core::Error::wrap)?;
                     self.record_pass(&shape, &outside, input, slice_ptr(&pos, &s), &bufs)?;
-                    bufs.logits
+                    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(bufs.logits, self.device.clone()));
+                    Tensor::from_storage(storage, (rows, tail, self.vocab), BackpropOp::none(), false)
                 }
             };
             cache.advance(t);
-            let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(logits, self.device.clone()));
-            Ok(Some(Tensor::from_storage(storage, (rows, tail, self.vocab), BackpropOp::none(), false)))
+            Ok(Some(logits))
         }
 
         /// A small pass through its captured graph, captured on the second pass of its shape (a one-off
@@ -718,7 +709,7 @@ mod imp {
             outside: Vec<u64>,
             input: u64,
             pos: &[u32],
-        ) -> Result<Option<CudaSlice<f32>>> {
+        ) -> Result<Option<Tensor>> {
             let mut key: Vec<u64> =
                 [shape.rows, shape.t, shape.tail, shape.cap, shape.prefix].map(|v| v as u64).to_vec();
             key.extend(outside);
@@ -742,24 +733,20 @@ mod imp {
             };
             let s = self.stream.clone();
             let g = &self.passes[idx];
-            let n = shape.rows * shape.tail * self.vocab;
-            // SAFETY: `out` is fully written by the copy below before anything reads it (same stream).
-            let out = unsafe { self.device.alloc::<f32>(n)? };
             // SAFETY: the destinations are this graph's own buffers of these sizes (the host source is copied
             // before the call returns: pageable memory); the input tensor is freed in stream order, after the
-            // copy; `out` holds `n` values.
+            // copy.
             unsafe {
                 result::memcpy_htod_async(slice_ptr(&g.pos, &s), pos, s.cu_stream())
                     .map_err(candle_core::Error::wrap)?;
                 let bytes = shape.rows * shape.t * self.hidden * 2;
                 result::memcpy_dtod_async(slice_ptr(&g.input, &s), input, bytes, s.cu_stream())
                     .map_err(candle_core::Error::wrap)?;
-                g.graph.launch().map_err(candle_core::Error::wrap)?;
-                // The logits buffer is overwritten by the next replay: hand out a copy.
-                result::memcpy_dtod_async(slice_ptr(&out, &s), slice_ptr(&g.bufs.logits, &s), n * 4, s.cu_stream())
-                    .map_err(candle_core::Error::wrap)?;
             }
-            Ok(Some(out))
+            g.graph.launch().map_err(candle_core::Error::wrap)?;
+            let logits =
+                logits_copy(&self.device, &s, slice_ptr(&g.bufs.logits, &s), (shape.rows, shape.tail, self.vocab))?;
+            Ok(Some(logits))
         }
 
         fn capture_pass(&self, shape: &PassShape, key: Vec<u64>) -> Result<CapturedPass> {
@@ -767,15 +754,9 @@ mod imp {
             let input = self.device.alloc_zeros::<bf16>(shape.rows * shape.t * self.hidden)?;
             let pos = self.device.alloc_zeros::<u32>(shape.rows + 1)?;
             let s = &self.stream;
-            s.begin_capture(candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(candle_core::Error::wrap)?;
-            let recorded = self.record_pass(shape, &key[5..], slice_ptr(&input, s), slice_ptr(&pos, s), &bufs);
-            let graph = s
-                .end_capture(candle_core::cuda_backend::cudarc::driver::sys::CUgraphInstantiate_flags(0))
-                .map_err(candle_core::Error::wrap)?;
-            recorded?;
-            let graph = graph.ok_or_else(|| candle_core::Error::Msg("batch graph: empty pass capture".into()))?;
-            graph.upload().map_err(candle_core::Error::wrap)?;
+            let (input_ptr, pos_ptr) = (slice_ptr(&input, s), slice_ptr(&pos, s));
+            let graph =
+                capture_graph(s, "batch graph pass", || self.record_pass(shape, &key[5..], input_ptr, pos_ptr, &bufs))?;
             Ok(CapturedPass { key, graph, bufs, input, pos })
         }
 
@@ -926,17 +907,7 @@ mod imp {
             }
             g.graph.launch().map_err(candle_core::Error::wrap)?;
             cache.advance(1);
-            let n = g.rows * self.vocab;
-            // The logits buffer is overwritten by the next replay: hand out a copy.
-            // SAFETY: `out` is fully written by the copy below before anything reads it (same stream).
-            let out = unsafe { self.device.alloc::<f32>(n)? };
-            // SAFETY: `n` f32 values from the graph's logits buffer into `out`, in stream order.
-            unsafe {
-                result::memcpy_dtod_async(slice_ptr(&out, &s), slice_ptr(&g.bufs.logits, &s), n * 4, s.cu_stream())
-                    .map_err(candle_core::Error::wrap)?;
-            }
-            let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, self.device.clone()));
-            Ok(Tensor::from_storage(storage, (rows, 1, self.vocab), BackpropOp::none(), false))
+            logits_copy(&self.device, &s, slice_ptr(&g.bufs.logits, &s), (g.rows, 1, self.vocab))
         }
     }
 }
@@ -949,6 +920,22 @@ mod tests {
     use crate::load::{load, DeviceSpec, LoadOptions};
     use candle_core::{DType, Tensor};
 
+    /// config.json of a tiny llama of `hidden` wide with `heads` query and `kv_heads` key/value heads (head dim
+    /// hidden / heads), an MLP 768 wide and a vocabulary of 512.
+    fn llama_config(hidden: usize, heads: usize, kv_heads: usize) -> serde_json::Value {
+        let mut config = crate::testing::tiny_config(crate::model::Architecture::Llama, 512);
+        config["hidden_size"] = hidden.into();
+        config["num_attention_heads"] = heads.into();
+        config["num_key_value_heads"] = kv_heads.into();
+        config["intermediate_size"] = 768.into();
+        config
+    }
+
+    /// Root mean square of a tensor's values.
+    fn rms(t: &Tensor) -> f32 {
+        t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap()
+    }
+
     #[test]
     fn batch_graph_steps_match_the_regular_forward_pass() {
         if crate::testing::cuda_device().is_none() {
@@ -957,19 +944,14 @@ mod tests {
         let _env = crate::testing::gpu_env_lock();
         let dir = tempfile::tempdir().unwrap();
         // Head dims 64 and 128; 2, 8 and 1 query heads per KV group.
-        let llama = crate::model::Architecture::Llama;
-        let layouts = [(llama, 256, 4, 2), (llama, 512, 8, 1), (llama, 512, 4, 4)];
+        let layouts = [(256, 4, 2), (512, 8, 1), (512, 4, 4)];
         // Both attention kernels: tensor cores (the default) and CUDA cores (the environment switch, read when an
         // engine is built; `gpu_env_lock` keeps the tests that need the default out of the way meanwhile).
-        for ((arch, hidden, heads, kv_heads), cuda_cores) in layouts.iter().flat_map(|l| [(*l, false), (*l, true)]) {
+        for ((hidden, heads, kv_heads), cuda_cores) in layouts.iter().flat_map(|l| [(*l, false), (*l, true)]) {
             if cuda_cores {
                 std::env::set_var(crate::ops::fused::MMA_ATTENTION_ENV, "0");
             }
-            let mut config = crate::testing::tiny_config(arch, 512);
-            config["hidden_size"] = hidden.into();
-            config["num_attention_heads"] = heads.into();
-            config["num_key_value_heads"] = kv_heads.into();
-            config["intermediate_size"] = 768.into();
+            let config = llama_config(hidden, heads, kv_heads);
             let path = dir.path().join(format!("bf16-{hidden}-{heads}-{kv_heads}-{cuda_cores}"));
             crate::testing::write_hf_model(&path, &config, 17).unwrap();
             let opts =
@@ -996,7 +978,6 @@ mod tests {
                 next = logits.argmax(1).unwrap().to_vec1::<u32>().unwrap();
                 steps.push(logits);
             }
-            let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
             for (r, seq) in seqs.iter().enumerate() {
                 let graph =
                     Tensor::cat(&steps.iter().map(|s| s.narrow(0, r, 1).unwrap()).collect::<Vec<_>>(), 0).unwrap();
@@ -1024,15 +1005,9 @@ mod tests {
         }
         let _env = crate::testing::gpu_env_lock();
         let cpu_dev = candle_core::Device::Cpu;
-        let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let llama = crate::model::Architecture::Llama;
         for (hidden, heads, kv_heads) in [(256, 4, 2), (512, 8, 1), (512, 4, 4)] {
-            let mut config = crate::testing::tiny_config(llama, 512);
-            config["hidden_size"] = hidden.into();
-            config["num_attention_heads"] = heads.into();
-            config["num_key_value_heads"] = kv_heads.into();
-            config["intermediate_size"] = 768.into();
+            let config = llama_config(hidden, heads, kv_heads);
             let path = dir.path().join(format!("pass-{hidden}-{heads}-{kv_heads}"));
             crate::testing::write_hf_model(&path, &config, 23).unwrap();
             let on = |device, dtype| LoadOptions { device: Some(device), dtype: Some(dtype), ..Default::default() };
@@ -1189,14 +1164,9 @@ mod tests {
         }
         let _env = crate::testing::gpu_env_lock();
         let cpu_dev = candle_core::Device::Cpu;
-        let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
         let dir = tempfile::tempdir().unwrap();
         for (hidden, heads, kv_heads) in [(256, 4, 2), (512, 4, 4)] {
-            let mut config = crate::testing::tiny_config(crate::model::Architecture::Llama, 512);
-            config["hidden_size"] = hidden.into();
-            config["num_attention_heads"] = heads.into();
-            config["num_key_value_heads"] = kv_heads.into();
-            config["intermediate_size"] = 768.into();
+            let config = llama_config(hidden, heads, kv_heads);
             let path = dir.path().join(format!("verify-{hidden}-{heads}-{kv_heads}"));
             crate::testing::write_hf_model(&path, &config, 29).unwrap();
             let on = |device, dtype| LoadOptions { device: Some(device), dtype: Some(dtype), ..Default::default() };
@@ -1252,19 +1222,13 @@ mod tests {
     /// different lengths and six decode steps of that batch (the captured step graph).
     #[test]
     fn quantized_passes_equal_the_dequantized_model() {
-        use candle_core::quantized::GgmlDType;
         if crate::testing::cuda_device().is_none() {
             return;
         }
         let _env = crate::testing::gpu_env_lock();
         let cpu_dev = candle_core::Device::Cpu;
-        let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut config = crate::testing::tiny_config(crate::model::Architecture::Llama, 512);
-        config["hidden_size"] = 256.into();
-        config["num_attention_heads"] = 4.into();
-        config["num_key_value_heads"] = 2.into();
-        config["intermediate_size"] = 768.into();
+        let config = llama_config(256, 4, 2);
         let seq = |n: usize, r: usize| -> Vec<u32> { (0..n).map(|i| ((i * 37 + r * 11) % 500 + 3) as u32).collect() };
         let whole = seq(97, 0);
         let prompts: Vec<Vec<u32>> = [3usize, 40, 1, 17, 90].iter().enumerate().map(|(r, &n)| seq(n, r + 1)).collect();
@@ -1287,16 +1251,7 @@ mod tests {
         };
         let names =
             ["one prompt, every position", "a later pass, last 3 positions", "rows of different lengths, 6 steps"];
-        for dtype in [
-            GgmlDType::Q8_0,
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
+        for (dtype, _) in crate::ops::fused::cuda::DEQUANTIZE_BF16_KERNELS {
             let path = dir.path().join(format!("{dtype:?}.gguf"));
             crate::testing::write_llama_gguf(&path, &config, 29, dtype).unwrap();
             let on = |device, dtype, dequantize| LoadOptions {

@@ -612,6 +612,44 @@ pub(crate) mod imp {
         }
     }
 
+    /// Capture what `record` launches on `stream` as a graph, instantiated and uploaded (both engines' steps and
+    /// the batch engine's small passes). `what` names it in the error of an empty capture.
+    pub(crate) fn capture_graph(
+        stream: &Arc<CudaStream>,
+        what: &str,
+        record: impl FnOnce() -> Result<()>,
+    ) -> Result<CudaGraph> {
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(candle_core::Error::wrap)?;
+        let recorded = record();
+        // The capture ends even when recording failed, so that the stream is usable again.
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(candle_core::Error::wrap)?;
+        recorded?;
+        let graph = graph.ok_or_else(|| candle_core::Error::Msg(format!("{what}: empty capture")))?;
+        graph.upload().map_err(candle_core::Error::wrap)?;
+        Ok(graph)
+    }
+
+    /// A copy of `shape`'s f32 logits at `src` (a graph's buffer, overwritten by its next replay), as a tensor.
+    pub(crate) fn logits_copy(
+        device: &CudaDevice,
+        stream: &CudaStream,
+        src: u64,
+        shape: (usize, usize, usize),
+    ) -> Result<Tensor> {
+        let n = shape.0 * shape.1 * shape.2;
+        // SAFETY: `out` is fully written by the copy below before anything reads it (same stream).
+        let out = unsafe { device.alloc::<f32>(n)? };
+        // SAFETY: `n` f32 values from a live buffer of at least that many into `out`, in stream order.
+        unsafe {
+            result::memcpy_dtod_async(slice_ptr(&out, stream), src, n * 4, stream.cu_stream())
+                .map_err(candle_core::Error::wrap)?;
+        }
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device.clone()));
+        Ok(Tensor::from_storage(storage, shape, BackpropOp::none(), false))
+    }
+
     /// The CUDA device `embedded` lives on, if the graph engines apply to this model and input at all (not
     /// turned off, bf16, one of the engine's `head_dims`, at most `max_group` query heads per KV head, a hidden
     /// size of whole 16-byte rows).
@@ -885,13 +923,7 @@ pub(crate) mod imp {
             let partials = self.device.alloc_zeros::<f32>(self.heads * splits * (self.head_dim + 2))?;
             let s = &self.stream;
             let part = slice_ptr(&partials, s);
-            s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(candle_core::Error::wrap)?;
-            let recorded = self.record(&key, part);
-            let graph = s.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(candle_core::Error::wrap)?;
-            recorded?;
-            let graph = graph.ok_or_else(|| candle_core::Error::Msg("graph decode: empty capture".into()))?;
-            graph.upload().map_err(candle_core::Error::wrap)?;
+            let graph = capture_graph(s, "graph decode", || self.record(&key, part))?;
             Ok(Captured { key, graph, _partials: partials })
         }
 
@@ -934,16 +966,7 @@ pub(crate) mod imp {
             }
             self.graphs[idx].graph.launch().map_err(candle_core::Error::wrap)?;
             cache.advance(1);
-            // The logits buffer is overwritten by the next replay: hand out a copy.
-            // SAFETY: `out` is fully written by the copy below before anything reads it (same stream).
-            let out = unsafe { self.device.alloc::<f32>(self.vocab)? };
-            // SAFETY: `vocab` f32 values from the engine's logits buffer into `out`, in stream order.
-            unsafe {
-                result::memcpy_dtod_async(slice_ptr(&out, &s), self.ptr.logits, self.vocab * 4, s.cu_stream())
-                    .map_err(candle_core::Error::wrap)?;
-            }
-            let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, self.device.clone()));
-            Ok(Tensor::from_storage(storage, (1, 1, self.vocab), BackpropOp::none(), false))
+            logits_copy(&self.device, &s, self.ptr.logits, (1, 1, self.vocab))
         }
     }
 }

@@ -1158,21 +1158,26 @@ pub(crate) mod cuda {
         }
     }
 
-    /// The kernel that dequantizes weights of this GGUF type to bf16 (`dequantize_bf16_*`), if there is one.
-    /// It takes (blocks in, bf16 out, 32-value groups): one thread per 32 consecutive values.
-    pub fn dequantize_bf16_kernel(dtype: candle_core::quantized::GgmlDType) -> Option<&'static str> {
+    /// The GGUF types our kernels dequantize to bf16, with each one's kernel (`dequantize_bf16_*`): it takes
+    /// (blocks in, bf16 out, 32-value groups), one thread per 32 consecutive values.
+    pub const DEQUANTIZE_BF16_KERNELS: [(candle_core::quantized::GgmlDType, &str); 8] = {
         use candle_core::quantized::GgmlDType;
-        Some(match dtype {
-            GgmlDType::Q8_0 => "dequantize_bf16_q8_0",
-            GgmlDType::Q4_0 => "dequantize_bf16_q4_0",
-            GgmlDType::Q4_1 => "dequantize_bf16_q4_1",
-            GgmlDType::Q5_0 => "dequantize_bf16_q5_0",
-            GgmlDType::Q5_1 => "dequantize_bf16_q5_1",
-            GgmlDType::Q4K => "dequantize_bf16_q4k",
-            GgmlDType::Q5K => "dequantize_bf16_q5k",
-            GgmlDType::Q6K => "dequantize_bf16_q6k",
-            _ => return None,
-        })
+        [
+            (GgmlDType::Q8_0, "dequantize_bf16_q8_0"),
+            (GgmlDType::Q4_0, "dequantize_bf16_q4_0"),
+            (GgmlDType::Q4_1, "dequantize_bf16_q4_1"),
+            (GgmlDType::Q5_0, "dequantize_bf16_q5_0"),
+            (GgmlDType::Q5_1, "dequantize_bf16_q5_1"),
+            (GgmlDType::Q4K, "dequantize_bf16_q4k"),
+            (GgmlDType::Q5K, "dequantize_bf16_q5k"),
+            (GgmlDType::Q6K, "dequantize_bf16_q6k"),
+        ]
+    };
+
+    /// The kernel that dequantizes weights of this GGUF type to bf16, if there is one
+    /// ([`DEQUANTIZE_BF16_KERNELS`]).
+    pub fn dequantize_bf16_kernel(dtype: candle_core::quantized::GgmlDType) -> Option<&'static str> {
+        DEQUANTIZE_BF16_KERNELS.iter().find(|(t, _)| *t == dtype).map(|&(_, name)| name)
     }
 
     /// The grid of a dequantization kernel over `groups` 32-value groups (256 threads a block).
@@ -1579,19 +1584,10 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn dequantize_bf16_rounds_candles_dequantization() -> Result<()> {
-        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::quantized::QTensor;
         let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         let w = seeded_randn(140, 0.0, 0.5, &[48, 512]);
-        for dtype in [
-            GgmlDType::Q8_0,
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
+        for (dtype, _) in cuda::DEQUANTIZE_BF16_KERNELS {
             let q = QTensor::quantize_onto(&w, dtype, &gpu)?;
             let ours = cuda::dequantize_bf16(&q)?.expect("a kernel for this format").to_dtype(DType::F32)?;
             let want = q.dequantize(&gpu)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;

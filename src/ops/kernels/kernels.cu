@@ -3011,46 +3011,37 @@ extern "C" __global__ void dequantize_bf16_q5_1(const uint8_t* q, bf16* out, lon
     dequantize_bf16_q32<24, true, true>(q, out, groups);
 }
 
-// Q5_K: Q4_K's sub-blocks over {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}, with bit s of qh[l] as
-// the fifth bit of value l of sub-block s.
-extern "C" __global__ void dequantize_bf16_q5k(const uint8_t* q, bf16* out, long long groups) {
+// Q4_K: sub-block s of a super-block {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]} is the low (s even) or
+// high (s odd) nibbles of qs[32 (s / 2) ..][32], at d · scale_s · q − dmin · min_s. Q5_K (FIVE) has the same
+// sub-blocks over {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}, with bit s of qh[l] as the fifth bit
+// of value l of sub-block s.
+template <bool FIVE>
+__device__ __forceinline__ void dequantize_bf16_q45k(const uint8_t* q, bf16* out, long long groups) {
     GROUPS_LOOP(groups) {
         long long b = g >> 3;
         int s = (int)(g & 7);
-        const uint8_t* blk = q + b * 176;
+        const uint8_t* blk = q + b * (FIVE ? 176 : 144);
         float d = __half2float(*reinterpret_cast<const __half*>(blk));
         float dmin = __half2float(*reinterpret_cast<const __half*>(blk + 2));
         float sc, m, v[32];
         q4k_scale_min(s, blk + 4, sc, m);
         const uint8_t* qh = blk + 16;
-        const uint8_t* qs = blk + 48 + 32 * (s >> 1);
+        const uint8_t* qs = blk + (FIVE ? 48 : 16) + 32 * (s >> 1);
         float ds = d * sc, dm = dmin * m;
 #pragma unroll
         for (int l = 0; l < 32; l++) {
             int v4 = (s & 1) ? (qs[l] >> 4) : (qs[l] & 0xF);
-            v[l] = ds * (float)(v4 | (((qh[l] >> s) & 1) << 4)) - dm;
+            if (FIVE) v4 |= ((qh[l] >> s) & 1) << 4;
+            v[l] = ds * (float)v4 - dm;
         }
         store32_bf16(out + g * 32, v);
     }
 }
-
-// Q4_K: sub-block s of a super-block {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]} is the low (s even) or
-// high (s odd) nibbles of qs[32 (s / 2) ..][32], at d · scale_s · q − dmin · min_s.
 extern "C" __global__ void dequantize_bf16_q4k(const uint8_t* q, bf16* out, long long groups) {
-    GROUPS_LOOP(groups) {
-        long long b = g >> 3;
-        int s = (int)(g & 7);
-        const uint8_t* blk = q + b * 144;
-        float d = __half2float(*reinterpret_cast<const __half*>(blk));
-        float dmin = __half2float(*reinterpret_cast<const __half*>(blk + 2));
-        float sc, m, v[32];
-        q4k_scale_min(s, blk + 4, sc, m);
-        const uint8_t* qs = blk + 16 + 32 * (s >> 1);
-        float ds = d * sc, dm = dmin * m;
-#pragma unroll
-        for (int l = 0; l < 32; l++) v[l] = ds * (float)((s & 1) ? (qs[l] >> 4) : (qs[l] & 0xF)) - dm;
-        store32_bf16(out + g * 32, v);
-    }
+    dequantize_bf16_q45k<false>(q, out, groups);
+}
+extern "C" __global__ void dequantize_bf16_q5k(const uint8_t* q, bf16* out, long long groups) {
+    dequantize_bf16_q45k<true>(q, out, groups);
 }
 
 // Q6_K: {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}; sub-block s = 4n + k holds values 128n + 32k + l: the
