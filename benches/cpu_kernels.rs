@@ -5,6 +5,7 @@
 //! candle's f32 GEMM.
 //!
 //!   cargo bench --bench cpu_kernels -- [q4_1,q8_0,f16,...] [--tokens 512]
+//!   cargo bench --bench cpu_kernels -- --memory     (the machine's read rate: what decode can stream at most)
 //!
 //! Threads: `BILLION_THREADS` (default one per core). Kernels: `BILLION_CPU_KERNELS=portable` forces the
 //! portable ones, `avx2` the AVX2 ones on a CPU with VNNI / AVX-512 (for a side-by-side run).
@@ -36,7 +37,9 @@ fn main() -> anyhow::Result<()> {
     let mut names = vec!["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4k", "q5k", "q6k", "f16", "bf16"];
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        if a == "--tokens" {
+        if a == "--memory" {
+            return memory_read_rate();
+        } else if a == "--tokens" {
             tokens = it.next().map(|v| v.parse()).transpose()?.unwrap_or(512);
         } else {
             names = a.split(',').collect::<Vec<_>>().leak().to_vec();
@@ -112,5 +115,44 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The rate at which the kernel threads can read memory: each sums its share of a 1 GiB buffer (far larger than
+/// the caches), best of 8 passes. A decode step streams its weights once, so this bounds tokens/s at
+/// rate ÷ weight bytes.
+fn memory_read_rate() -> anyhow::Result<()> {
+    let threads = billion::ops::cpu::pool::pool().threads();
+    // The pool's workers are idle (asleep) from here on; the readers are threads of their own.
+    let words = (1usize << 30) / 8;
+    let buffer: Vec<u64> = (0..words as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    let mut best = 0f64;
+    let mut check = 0u64;
+    for _ in 0..8 {
+        let t = Instant::now();
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = buffer
+                .chunks(words.div_ceil(threads))
+                .map(|part| {
+                    s.spawn(move || {
+                        // Eight independent lanes: the compiler keeps them in vector registers.
+                        let mut acc = [0u64; 8];
+                        let mut i = 0;
+                        while i + 8 <= part.len() {
+                            for k in 0..8 {
+                                acc[k] = acc[k].wrapping_add(part[i + k]);
+                            }
+                            i += 8;
+                        }
+                        acc.iter().fold(0u64, |x, y| x.wrapping_add(*y))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("reader thread")).collect()
+        });
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        check = sums.iter().fold(check, |x, y| x.wrapping_add(*y));
+    }
+    println!("memory read rate, {threads} threads over 1 GiB: {best:.1} GB/s (checksum {check:x})");
     Ok(())
 }
