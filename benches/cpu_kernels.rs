@@ -122,37 +122,32 @@ fn main() -> anyhow::Result<()> {
 /// the caches), best of 8 passes. A decode step streams its weights once, so this bounds tokens/s at
 /// rate ÷ weight bytes.
 fn memory_read_rate() -> anyhow::Result<()> {
-    let threads = billion::ops::cpu::pool::pool().threads();
-    // The pool's workers are idle (asleep) from here on; the readers are threads of their own.
+    let pool = billion::ops::cpu::pool::pool();
+    let threads = pool.threads();
     let words = (1usize << 30) / 8;
     let buffer: Vec<u64> = (0..words as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    let share = words.div_ceil(threads);
+    let check = std::sync::atomic::AtomicU64::new(0);
     let mut best = 0f64;
-    let mut check = 0u64;
     for _ in 0..8 {
         let t = Instant::now();
-        let sums: Vec<u64> = std::thread::scope(|s| {
-            let handles: Vec<_> = buffer
-                .chunks(words.div_ceil(threads))
-                .map(|part| {
-                    s.spawn(move || {
-                        // Eight independent lanes: the compiler keeps them in vector registers.
-                        let mut acc = [0u64; 8];
-                        let mut i = 0;
-                        while i + 8 <= part.len() {
-                            for k in 0..8 {
-                                acc[k] = acc[k].wrapping_add(part[i + k]);
-                            }
-                            i += 8;
-                        }
-                        acc.iter().fold(0u64, |x, y| x.wrapping_add(*y))
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("reader thread")).collect()
+        pool.run(threads, &|task| {
+            let part = &buffer[(task * share).min(words)..((task + 1) * share).min(words)];
+            // Eight independent lanes: the compiler keeps them in vector registers.
+            let mut acc = [0u64; 8];
+            let mut i = 0;
+            while i + 8 <= part.len() {
+                for k in 0..8 {
+                    acc[k] = acc[k].wrapping_add(part[i + k]);
+                }
+                i += 8;
+            }
+            let sum = acc.iter().fold(0u64, |x, y| x.wrapping_add(*y));
+            check.fetch_add(sum, std::sync::atomic::Ordering::Relaxed);
         });
         best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
-        check = sums.iter().fold(check, |x, y| x.wrapping_add(*y));
     }
+    let check = check.into_inner();
     println!("memory read rate, {threads} threads over 1 GiB: {best:.1} GB/s (checksum {check:x})");
     Ok(())
 }
