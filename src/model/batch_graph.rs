@@ -931,6 +931,22 @@ mod tests {
         config
     }
 
+    /// A random llama of this layout written to `path`, loaded twice: bf16 on the GPU and the f32 reference on
+    /// the CPU.
+    fn gpu_and_f32_models(
+        path: &std::path::Path,
+        (hidden, heads, kv_heads): (usize, usize, usize),
+        seed: u64,
+    ) -> (crate::model::Model, crate::model::Model) {
+        crate::testing::write_hf_model(path, &llama_config(hidden, heads, kv_heads), seed).unwrap();
+        let on = |device, dtype| LoadOptions { device: Some(device), dtype: Some(dtype), ..Default::default() };
+        let path = path.to_str().unwrap();
+        (
+            load(path, &on(DeviceSpec::Cuda(0), DType::BF16)).unwrap().model,
+            load(path, &on(DeviceSpec::Cpu, DType::F32)).unwrap().model,
+        )
+    }
+
     /// Root mean square of a tensor's values.
     fn rms(t: &Tensor) -> f32 {
         t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap()
@@ -1007,12 +1023,8 @@ mod tests {
         let cpu_dev = candle_core::Device::Cpu;
         let dir = tempfile::tempdir().unwrap();
         for (hidden, heads, kv_heads) in [(256, 4, 2), (512, 8, 1), (512, 4, 4)] {
-            let config = llama_config(hidden, heads, kv_heads);
             let path = dir.path().join(format!("pass-{hidden}-{heads}-{kv_heads}"));
-            crate::testing::write_hf_model(&path, &config, 23).unwrap();
-            let on = |device, dtype| LoadOptions { device: Some(device), dtype: Some(dtype), ..Default::default() };
-            let m = load(path.to_str().unwrap(), &on(DeviceSpec::Cuda(0), DType::BF16)).unwrap().model;
-            let cpu = load(path.to_str().unwrap(), &on(DeviceSpec::Cpu, DType::F32)).unwrap().model;
+            let (m, cpu) = gpu_and_f32_models(&path, (hidden, heads, kv_heads), 23);
             let seq =
                 |n: usize, r: usize| -> Vec<u32> { (0..n).map(|i| ((i * 37 + r * 11) % 500 + 3) as u32).collect() };
             // Each case: the logits of the GPU model (`[rows, positions, vocab]`) and the f32 reference's.
@@ -1166,12 +1178,8 @@ mod tests {
         let cpu_dev = candle_core::Device::Cpu;
         let dir = tempfile::tempdir().unwrap();
         for (hidden, heads, kv_heads) in [(256, 4, 2), (512, 4, 4)] {
-            let config = llama_config(hidden, heads, kv_heads);
             let path = dir.path().join(format!("verify-{hidden}-{heads}-{kv_heads}"));
-            crate::testing::write_hf_model(&path, &config, 29).unwrap();
-            let on = |device, dtype| LoadOptions { device: Some(device), dtype: Some(dtype), ..Default::default() };
-            let m = load(path.to_str().unwrap(), &on(DeviceSpec::Cuda(0), DType::BF16)).unwrap().model;
-            let cpu = load(path.to_str().unwrap(), &on(DeviceSpec::Cpu, DType::F32)).unwrap().model;
+            let (m, cpu) = gpu_and_f32_models(&path, (hidden, heads, kv_heads), 29);
             let ids: Vec<u32> = (0..90).map(|i| ((i * 41 + 7) % 500 + 3) as u32).collect();
             let f32_all = cpu.forward(&cpu.input(&ids).unwrap(), &mut cpu.new_cache()).unwrap();
             // (where the pass starts, tokens kept of it before the next): 5 new tokens each.
