@@ -692,17 +692,34 @@ fn score_batched(
             }
         }
     };
+    // Every subject's answers, filled as the scores come back (subjects after an interruption stay empty).
+    out.per_subject = (0..subjects.len()).map(|si| vec![None; questions_of(si).len()]).collect();
+    // On a GPU a chunk's passes are only queued; their scores are read after the next chunk's passes are queued,
+    // so the device always has a chunk of work ahead while the host reads, plans and launches (reading them at
+    // the end of their own chunk left it idle at every chunk's start). On the CPU, where each pass has finished
+    // when it returns, each is read as it is done (progress per pass).
+    let queue = model.device().is_cuda();
+    let mut pending: Vec<Pending> = vec![];
+    let read = |pending: &mut Vec<Pending>, out: &mut Scored, progress: &mut dyn FnMut(usize)| -> Result<()> {
+        for p in pending.drain(..) {
+            let questions = questions_of(p.subject);
+            for (&(qi, tokens), ll) in p.questions.iter().zip(read_scores(&p.scores)?) {
+                out.per_subject[p.subject][qi] = Some(answer(&questions[qi], ll));
+                out.tokens_run += tokens;
+            }
+            progress(p.questions.len());
+        }
+        Ok(())
+    };
     std::thread::scope(|scope| -> Result<()> {
         scope.spawn(move || planner(sender));
         let mut planned_chunks = planned_chunks.into_iter();
         for (si, s) in subjects.iter().enumerate() {
-            let questions = questions_of(si);
-            let mut results: Vec<Option<QuestionResult>> = vec![None; questions.len()];
             if plans[si].is_empty() || out.interrupted || interrupted.load(Ordering::Relaxed) {
                 out.interrupted |= !plans[si].is_empty();
-                out.per_subject.push(results);
                 continue;
             }
+            let questions = questions_of(si);
             let prefix_text = fewshot_prefix(s, shots);
             let prefix = tok.encode(&prefix_text, false)?;
             let mut shared_len: Option<usize> = None;
@@ -744,10 +761,7 @@ fn score_batched(
                 // the widest one fits. Cut contexts (no shared prefix) batch among themselves.
                 batched.sort_by_key(|p| (p.truncated, std::cmp::Reverse(p.suffix.len())));
                 let mut rest: &[Planned] = &batched;
-                // On a GPU a chunk's scores come back together (between its passes the host only queues work); on
-                // the CPU, where each pass has finished when it returns, each as it is done (progress per pass).
-                let queue = model.device().is_cuda();
-                let mut pending = vec![];
+                let earlier = pending.len();
                 while !rest.is_empty() {
                     let truncated = rest[0].truncated;
                     let same = rest.iter().take_while(|p| p.truncated == truncated).count();
@@ -765,13 +779,18 @@ fn score_batched(
                     let (part, tail) = rest.split_at(rows.min(same));
                     rest = tail;
                     let prefix_kv = if truncated { None } else { shared.as_ref() };
-                    pending.push((part, score_rows(loaded, prefix_kv, part)?));
+                    let scores = score_rows(loaded, prefix_kv, part)?;
+                    let questions = part.iter().map(|p| (p.question, p.suffix.len())).collect();
+                    pending.push(Pending { subject: si, questions, scores });
                     out.batch_rows = out.batch_rows.max(part.len());
                     if !queue {
-                        read_pending(&mut pending, questions, &mut results, &mut out.tokens_run, &mut progress)?;
+                        read(&mut pending, &mut out, &mut progress)?;
                     }
                 }
-                read_pending(&mut pending, questions, &mut results, &mut out.tokens_run, &mut progress)?;
+                // The chunks before this one are done once this one's passes are queued behind them.
+                let this_chunk = pending.split_off(earlier);
+                read(&mut pending, &mut out, &mut progress)?;
+                pending = this_chunk;
                 let mut primed_alone = false;
                 for i in alone {
                     if interrupted.load(Ordering::Relaxed) {
@@ -783,42 +802,30 @@ fn score_batched(
                         primed_alone = true;
                     }
                     let context = prefix_text.clone() + &format_question(&questions[i]);
-                    results[i] = Some(scorer.answer(&questions[i], &context)?);
+                    out.per_subject[si][i] = Some(scorer.answer(&questions[i], &context)?);
                     progress(1);
                 }
+                if out.interrupted {
+                    break;
+                }
             }
-            out.per_subject.push(results);
             if out.interrupted {
                 break;
             }
         }
-        Ok(())
+        // What was queued before an interruption is kept.
+        read(&mut pending, &mut out, &mut progress)
     })?;
-    // Subjects after an interruption are reported with nothing answered.
-    while out.per_subject.len() < subjects.len() {
-        let n = questions_of(out.per_subject.len()).len();
-        out.per_subject.push(vec![None; n]);
-    }
     out.tokens_run += scorer.tokens_processed;
     Ok(out)
 }
 
-/// Reads the scores of the passes in `pending` (in order) into `results`, counting their tokens and progress.
-fn read_pending(
-    pending: &mut Vec<(&[Planned], Tensor)>,
-    questions: &[Question],
-    results: &mut [Option<QuestionResult>],
-    tokens: &mut usize,
-    progress: &mut impl FnMut(usize),
-) -> Result<()> {
-    for (part, lls) in pending.drain(..) {
-        for (p, ll) in part.iter().zip(read_scores(&lls)?) {
-            results[p.question] = Some(answer(&questions[p.question], ll));
-            *tokens += p.suffix.len();
-        }
-        progress(part.len());
-    }
-    Ok(())
+/// The scores of one queued pass: its subject, its questions (index, tokens run) and their `[rows, 4]` scores
+/// on the device.
+struct Pending {
+    subject: usize,
+    questions: Vec<(usize, usize)>,
+    scores: Tensor,
 }
 
 /// The four letters' log-likelihoods of each planned question, in one forward pass after the shared prefix
