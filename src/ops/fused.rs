@@ -1648,15 +1648,18 @@ mod tests {
     fn span_attention_on_cuda_matches_a_plain_loop() -> Result<()> {
         let Some(gpu) = crate::testing::cuda_device() else { return Ok(()) };
         // Groups of 2, 8, 1 and 3 query heads per KV head: blocks of 2, 8, 1 and 3 heads (4, 8, 4 and 6 warps).
-        for (d, nh, nkv) in [(64usize, 4usize, 2usize), (128, 4, 2), (64, 8, 1), (128, 8, 1), (64, 3, 3), (128, 6, 2)] {
-            let (b, t, prev, cap, p) = (3usize, 37usize, 6usize, 48usize, 7usize);
+        // The second geometry crosses several key / value stages, of the prefix and of the rows' own columns, with
+        // partly filled halves.
+        let geometries = [(3usize, 37usize, 6usize, 48usize, 7usize), (2, 100, 6, 120, 90)];
+        let heads = [(64usize, 4usize, 2usize), (128, 4, 2), (64, 8, 1), (128, 8, 1), (64, 3, 3), (128, 6, 2)];
+        for ((d, nh, nkv), (b, t, prev, cap, p)) in heads.into_iter().flat_map(|h| geometries.map(|g| (h, g))) {
             let bf = |t: Tensor| t.to_dtype(DType::BF16).and_then(|t| t.to_dtype(DType::F32));
             let q = bf(seeded_randn(11, 0.0, 0.5, &[b, nh, t, d]))?;
             let k = bf(seeded_randn(12, 0.0, 1.0, &[b, nkv, cap, d]))?;
             let v = bf(seeded_randn(13, 0.0, 1.0, &[b, nkv, cap, d]))?;
             let kp = bf(seeded_randn(14, 0.0, 1.0, &[1, nkv, p, d]))?;
             let vp = bf(seeded_randn(15, 0.0, 1.0, &[1, nkv, p, d]))?;
-            let starts = [0u32, 3, 8];
+            let starts = [0u32, 3, 8][..b].to_vec();
             let (qv, kv, vv) = (
                 q.flatten_all()?.to_vec1::<f32>()?,
                 k.flatten_all()?.to_vec1::<f32>()?,
@@ -1665,7 +1668,7 @@ mod tests {
             let (kpv, vpv) = (kp.flatten_all()?.to_vec1::<f32>()?, vp.flatten_all()?.to_vec1::<f32>()?);
             for with_prefix in [false, true] {
                 let g16 = |x: &Tensor| x.to_dtype(DType::BF16).and_then(|x| x.to_device(&gpu));
-                let st = Tensor::new(&starts, &gpu)?;
+                let st = Tensor::new(starts.as_slice(), &gpu)?;
                 let (gkp, gvp) = (g16(&kp)?, g16(&vp)?);
                 let prefix = with_prefix.then_some((&gkp, &gvp));
                 let got = span_attention(&g16(&q)?, &g16(&k)?, &g16(&v)?, &st, prefix, prev)?.expect("applies");
@@ -1704,7 +1707,7 @@ mod tests {
                         }
                     }
                 }
-                assert!(worst < 0.03, "head dim {d}, prefix {with_prefix}: worst difference {worst}");
+                assert!(worst < 0.03, "head dim {d}, {t} queries, prefix {with_prefix}: worst difference {worst}");
             }
         }
         Ok(())

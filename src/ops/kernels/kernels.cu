@@ -2009,10 +2009,10 @@ __device__ __forceinline__ void mma_stage(const bf16* kb, const bf16* vb, int c0
 // The same through asynchronous copies (cp_async16 above): the caller commits the group and waits for it
 // before reading the tile.
 
-template <int D, int TW>
+template <int D, int TW, int ROWS = MMA_TILE>
 __device__ __forceinline__ void mma_stage_async(const bf16* kb, const bf16* vb, int c0, int n, bf16* ks, bf16* vs,
                                                 int first, int step) {
-    for (int idx = first; idx < MMA_TILE * D / 8; idx += step) {
+    for (int idx = first; idx < ROWS * D / 8; idx += step) {
         int j = idx / (D / 8), w = (idx % (D / 8)) * 8;
         bool valid = j < n;
         size_t src = valid ? (size_t)(c0 + j) * D + w : 0;
@@ -2251,18 +2251,20 @@ __device__ __forceinline__ void warp_stage_rows(const bf16* src, size_t stride, 
     }
 }
 
-template <int D>
+template <int D, int SUB>
 __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,
                                    const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,
                                    int nkv, int hb, float* lse) {
-    constexpr int KS = D / 16, NB = D / 8, TW = D + 8;
-    // Two stages of key and value tiles (the next tile's copy is in flight while this one is multiplied); the
-    // queries pass through the same memory first, on their way to registers.
-    static_assert(4 * MMA_TILE >= SPAN_ATT_WARPS * 16, "the queries fit in the stages' memory");
-    __shared__ __align__(16) bf16 smem[4 * MMA_TILE * TW];
+    constexpr int KS = D / 16, NB = D / 8, TW = D + 8, COLS = SUB * MMA_TILE;
+    // Two stages of key and value tiles of SUB · 32 columns (the next tile's copy is in flight while this one is
+    // multiplied; each tile's columns are taken 32 at a time between its barriers); the queries pass through the
+    // same memory first, on their way to registers.
+    static_assert(4 * COLS >= SPAN_ATT_WARPS * 16, "the queries fit in the stages' memory");
+    __shared__ __align__(16) bf16 smem[4 * COLS * TW];
     bf16* qs = smem;
-    bf16* ks[2] = {smem, smem + 2 * MMA_TILE * TW};
-    bf16* vs[2] = {smem + MMA_TILE * TW, smem + 3 * MMA_TILE * TW};
+    // Stage i's keys and values (computed, not a pointer array: that would sit in local memory).
+    auto ks = [&](int i) { return smem + i * 2 * COLS * TW; };
+    auto vs = [&](int i) { return smem + (i * 2 + 1) * COLS * TW; };
     int b = blockIdx.z, warps = blockDim.x >> 5;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     int h = blockIdx.y * hb + warp % hb;
@@ -2286,21 +2288,21 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
     const bf16* vpre = vp + (size_t)g * prefix * D;
     const bf16* krow = kc + ((size_t)b * nkv + g) * cap * D;
     const bf16* vrow = vc + ((size_t)b * nkv + g) * cap * D;
-    int pre_tiles = (prefix + MMA_TILE - 1) / MMA_TILE;
-    int own_tiles = own_end > start ? (own_end - start + MMA_TILE - 1) / MMA_TILE : 0;
+    int pre_tiles = (prefix + COLS - 1) / COLS;
+    int own_tiles = own_end > start ? (own_end - start + COLS - 1) / COLS : 0;
     int tiles = pre_tiles + own_tiles;
     // Tile `tile`: its first column, width, and whether it is the prefix's.
     auto at = [&](int tile, int& c0, int& n) {
         bool pre = tile < pre_tiles;
-        c0 = pre ? tile * MMA_TILE : start + (tile - pre_tiles) * MMA_TILE;
-        n = pre ? min(MMA_TILE, prefix - c0) : min(MMA_TILE, own_end - c0);
+        c0 = pre ? tile * COLS : start + (tile - pre_tiles) * COLS;
+        n = pre ? min(COLS, prefix - c0) : min(COLS, own_end - c0);
         return pre;
     };
     auto stage = [&](int tile) {
         int c0, n;
         bool pre = at(tile, c0, n);
-        mma_stage_async<D, TW>(pre ? kpre : krow, pre ? vpre : vrow, c0, n, ks[tile & 1], vs[tile & 1], threadIdx.x,
-                               blockDim.x);
+        mma_stage_async<D, TW, COLS>(pre ? kpre : krow, pre ? vpre : vrow, c0, n, ks(tile & 1), vs(tile & 1),
+                                     threadIdx.x, blockDim.x);
     };
     if (tiles > 0) stage(0);
     cp_async_commit();
@@ -2311,20 +2313,24 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
         __syncthreads();  // this tile's copies, from every thread, have landed
         int c0, n;
         bool pre = at(tile, c0, n);
-        if (pre || c0 <= last) {
-            float sc[4][4];
-            mma_scores<D, TW>(qa, ks[tile & 1], gid, tig, sc);
 #pragma unroll
-            for (int cb = 0; cb < 4; cb++) {
+        for (int sub = 0; sub < SUB; sub++) {
+            int cs = c0 + sub * MMA_TILE, ns = n - sub * MMA_TILE;
+            if (ns > 0 && (pre || cs <= last)) {
+                float sc[4][4];
+                mma_scores<D, TW>(qa, ks(tile & 1) + sub * MMA_TILE * TW, gid, tig, sc);
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int j = cb * 8 + tig * 2 + (e & 1);
-                    bool ok = j < n && (pre || c0 + j <= (e < 2 ? lim0 : lim1));
-                    if (!ok) sc[cb][e] = -INFINITY;
+                for (int cb = 0; cb < 4; cb++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int j = cb * 8 + tig * 2 + (e & 1);
+                        bool ok = j < ns && (pre || cs + j <= (e < 2 ? lim0 : lim1));
+                        if (!ok) sc[cb][e] = -INFINITY;
+                    }
                 }
+                mma_softmax_step<NB>(sc, m0, m1, l0, l1, o);
+                mma_values<D, TW>(sc, vs(tile & 1) + sub * MMA_TILE * TW, gid, tig, o);
             }
-            mma_softmax_step<NB>(sc, m0, m1, l0, l1, o);
-            mma_values<D, TW>(sc, vs[tile & 1], gid, tig, o);
         }
         __syncthreads();  // every warp is done with this stage before the copy after next overwrites it
     }
@@ -2343,18 +2349,24 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
     }
 }
 
-#define SPAN_ATTENTION_KERNEL(D)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(SPAN_ATT_WARPS * 32)                                               \
-        span_attention_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,      \
-                               const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,    \
-                               int nkv, int hb, const int* prev_at) {                                              \
-        span_attention_mma<D>(q, kc, vc, kp, vp, starts, out, t, prev_at ? *prev_at : prev, cap, prefix, nh, nkv, \
-                              hb, nullptr);                                                                        \
-    }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(SPAN_ATT_WARPS * 32)                                               \
+// Columns per stage: 64 for head dim 64 (two 32-column halves between barriers: half the barriers and waits of
+// 32-column stages), 32 for 128 (64 would not fit in 48 KB).
+#define SPAN_SUB(D) ((D) == 64 ? 2 : 1)
+// Two blocks of 8 warps per SM for head dim 64 (at most 128 registers a thread).
+#define SPAN_BLOCKS(D) ((D) == 64 ? 2 : 1)
+#define SPAN_ATTENTION_KERNEL(D)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(SPAN_ATT_WARPS * 32, SPAN_BLOCKS(D))                                \
+        span_attention_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,        \
+                               const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,      \
+                               int nkv, int hb, const int* prev_at) {                                                \
+        span_attention_mma<D, SPAN_SUB(D)>(q, kc, vc, kp, vp, starts, out, t, prev_at ? *prev_at : prev, cap,        \
+                                           prefix, nh, nkv, hb, nullptr);                                            \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(SPAN_ATT_WARPS * 32, SPAN_BLOCKS(D))                                \
         span_attention_lse_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const unsigned* starts, bf16* out, \
-                                   int t, int prev, int cap, int nh, int nkv, int hb, float* lse) {                \
-        span_attention_mma<D>(q, kc, vc, nullptr, nullptr, starts, out, t, prev, cap, 0, nh, nkv, hb, lse);       \
+                                   int t, int prev, int cap, int nh, int nkv, int hb, float* lse) {                  \
+        span_attention_mma<D, SPAN_SUB(D)>(q, kc, vc, nullptr, nullptr, starts, out, t, prev, cap, 0, nh, nkv, hb,   \
+                                           lse);                                                                     \
     }
 
 SPAN_ATTENTION_KERNEL(64)
