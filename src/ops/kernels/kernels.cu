@@ -2235,8 +2235,8 @@ ROW_ATTENTION_MMA_KERNEL(128)
 // span: grid (ceil(t / Q), heads / hb, rows), W warps; a block takes hb query heads of one KV group (hb divides W)
 // and Q = 16 · W / hb query positions, each warp 16 query positions of one head — the group's heads share every
 // staged tile (hb = 1: one head, 64 positions with 4 warps). Query position i
-// (column prev + i) sees every prefix column and its row's own columns start..prev + i. Key/value tiles of 32
-// columns (prefix first, then own) are staged once per block, two stages deep through asynchronous copies (the
+// (column prev + i) sees every prefix column and its row's own columns start..prev + i. Key/value tiles of 64
+// columns for head dim 64, 32 for 128 (prefix first, then own) are staged once per block, two stages deep through asynchronous copies (the
 // next tile lands while this one is multiplied); the output is written as `[rows, t, heads * D]`,
 // the layout the O projection reads (no transposes). A query that sees nothing (left padding, no prefix) gets 0.
 #define SPAN_ATT_WARPS 8  // the most warps a block has
