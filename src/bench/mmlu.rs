@@ -780,8 +780,8 @@ fn score_batched(
                     rest = tail;
                     let prefix_kv = if truncated { None } else { shared.as_ref() };
                     let scores = score_rows(loaded, prefix_kv, part)?;
-                    let questions = part.iter().map(|p| (p.question, p.suffix.len())).collect();
-                    pending.push(Pending { subject: si, questions, scores });
+                    let asked = part.iter().map(|p| (p.question, p.suffix.len())).collect();
+                    pending.push(Pending { subject: si, questions: asked, scores });
                     out.batch_rows = out.batch_rows.max(part.len());
                     if !queue {
                         read(&mut pending, &mut out, &mut progress)?;

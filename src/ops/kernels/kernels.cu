@@ -2236,9 +2236,10 @@ ROW_ATTENTION_MMA_KERNEL(128)
 // and Q = 16 · W / hb query positions, each warp 16 query positions of one head — the group's heads share every
 // staged tile (hb = 1: one head, 64 positions with 4 warps). Query position i
 // (column prev + i) sees every prefix column and its row's own columns start..prev + i. Key/value tiles of 64
-// columns for head dim 64, 32 for 128 (prefix first, then own) are staged once per block, two stages deep through asynchronous copies (the
-// next tile lands while this one is multiplied); the output is written as `[rows, t, heads * D]`,
-// the layout the O projection reads (no transposes). A query that sees nothing (left padding, no prefix) gets 0.
+// columns for head dim 64, 32 for 128 (prefix first, then own) are staged once per block, two stages deep through
+// asynchronous copies (the next tile lands while this one is multiplied); the output is written as
+// `[rows, t, heads * D]`, the layout the O projection reads (no transposes). A query that sees nothing (left
+// padding, no prefix) gets 0.
 #define SPAN_ATT_WARPS 8  // the most warps a block has
 
 // 16 rows of `src` (row r at `src + r · stride`, rows past `n` zero) into `dst` (rows padded to TW), by one warp.
@@ -2251,10 +2252,13 @@ __device__ __forceinline__ void warp_stage_rows(const bf16* src, size_t stride, 
     }
 }
 
-template <int D, int SUB>
+template <int D>
 __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,
                                    const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,
                                    int nkv, int hb, float* lse) {
+    // Columns per stage: 64 for head dim 64 (two 32-column halves between barriers: half the barriers and waits of
+    // 32-column stages), 32 for 128 (64 would not fit in 48 KB).
+    constexpr int SUB = D == 64 ? 2 : 1;
     constexpr int KS = D / 16, NB = D / 8, TW = D + 8, COLS = SUB * MMA_TILE;
     // Two stages of key and value tiles of SUB · 32 columns (the next tile's copy is in flight while this one is
     // multiplied; each tile's columns are taken 32 at a time between its barriers); the queries pass through the
@@ -2349,9 +2353,6 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
     }
 }
 
-// Columns per stage: 64 for head dim 64 (two 32-column halves between barriers: half the barriers and waits of
-// 32-column stages), 32 for 128 (64 would not fit in 48 KB).
-#define SPAN_SUB(D) ((D) == 64 ? 2 : 1)
 // Two blocks of 8 warps per SM for head dim 64 (at most 128 registers a thread).
 #define SPAN_BLOCKS(D) ((D) == 64 ? 2 : 1)
 #define SPAN_ATTENTION_KERNEL(D)                                                                                     \
@@ -2359,14 +2360,13 @@ __device__ void span_attention_mma(const bf16* q, const bf16* kc, const bf16* vc
         span_attention_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const bf16* kp, const bf16* vp,        \
                                const unsigned* starts, bf16* out, int t, int prev, int cap, int prefix, int nh,      \
                                int nkv, int hb, const int* prev_at) {                                                \
-        span_attention_mma<D, SPAN_SUB(D)>(q, kc, vc, kp, vp, starts, out, t, prev_at ? *prev_at : prev, cap,        \
-                                           prefix, nh, nkv, hb, nullptr);                                            \
+        span_attention_mma<D>(q, kc, vc, kp, vp, starts, out, t, prev_at ? *prev_at : prev, cap, prefix, nh, nkv,    \
+                              hb, nullptr);                                                                          \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(SPAN_ATT_WARPS * 32, SPAN_BLOCKS(D))                                \
         span_attention_lse_mma_##D(const bf16* q, const bf16* kc, const bf16* vc, const unsigned* starts, bf16* out, \
                                    int t, int prev, int cap, int nh, int nkv, int hb, float* lse) {                  \
-        span_attention_mma<D, SPAN_SUB(D)>(q, kc, vc, nullptr, nullptr, starts, out, t, prev, cap, 0, nh, nkv, hb,   \
-                                           lse);                                                                     \
+        span_attention_mma<D>(q, kc, vc, nullptr, nullptr, starts, out, t, prev, cap, 0, nh, nkv, hb, lse);          \
     }
 
 SPAN_ATTENTION_KERNEL(64)
